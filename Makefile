@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo` (the main job) and `make test` (the test suite).
+# Each first creates .venv if missing and installs the project into it (offline-pinned torch).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# torch 2.14.1 + torchvision 0.29.1 install from this project's machines' local package cache;
+# PyPI's torchvision does not import beside the CPU-only torch 2.13 wheel.
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup test demo compare bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py Makefile
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check $(TORCH_PIN)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/avpt demo
+
+compare: $(STAMP)
+	$(BIN)/python -m avpt_kernels.compare
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,21 @@
+"""avpt-kernels: fused ops for Anatomy-guided Visual Prompt Tuning (A-VPT).
+
+Ops: ``region_pool`` (Eq. 2), ``prompt_bank`` (Eq. 4), ``pim`` (Eqs. 5-10); modules
+``RegionPool``, ``LowRankPromptBank``, ``PromptTokenInteraction``. Backend switch in
+``avpt_kernels.backend`` (``set_backend``, ``use_backend``); ground truth in
+``avpt_kernels.reference``.
+"""
+from .backend import get_backend, set_backend, use_backend
+from .modules import LowRankPromptBank, PromptTokenInteraction, RegionPool, contiguous_stages
+from .pim import pim
+from .prompt_bank import prompt_bank
+from .reference import PIMParams
+from .region_pool import region_pool
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "region_pool", "prompt_bank", "pim", "PIMParams",
+    "RegionPool", "LowRankPromptBank", "PromptTokenInteraction", "contiguous_stages",
+    "get_backend", "set_backend", "use_backend", "__version__",
+]

@@ -1,0 +1,131 @@
+"""Drop-in ``nn.Module`` wrappers over the ops; each takes ``backend=`` (None: process-wide)."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .pim import pim
+from .prompt_bank import prompt_bank
+from .reference import PIMParams
+from .region_pool import region_pool
+
+
+def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype active for ``device``, or None: the fused ops are not autocast-aware
+    by themselves, so the modules cast inputs and weights the way ``F.linear`` would."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+class RegionPool(nn.Module):
+    """Soft region pooling, Eq. 2. ``forward(features [B,T|N,D], maps [B,N,R] | [B,R,H,W]) -> [B,R,D]``."""
+
+    def __init__(self, eps: float = 1e-6, backend: Optional[str] = None):
+        super().__init__()
+        self.eps, self.backend = eps, backend
+
+    def forward(self, features: Tensor, maps: Tensor) -> Tensor:
+        return region_pool(features, maps, self.eps, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+
+def contiguous_stages(num_layers: int, num_stages: int) -> list:
+    """Stage of each layer when ``num_layers`` are split into ``num_stages`` contiguous groups."""
+    return [layer * num_stages // num_layers for layer in range(num_layers)]
+
+
+class LowRankPromptBank(nn.Module):
+    """Eq. 4 for all layers: region embeddings [B,R,D] -> prompts [L,B,K,D], K = R * tokens_per_region.
+
+    Parameters: ``token_offset`` [K,D]; stage-shared factors ``U`` [S,D,r], ``V`` [S,r,D];
+    per-layer ``layer_bias``, ``ln_weight``, ``ln_bias`` [L,D]. ``layer_stage`` gives the stage
+    of each layer (default: ``num_stages`` contiguous groups).
+    """
+
+    def __init__(self, dim: int, num_regions: int, tokens_per_region: int, rank: int,
+                 num_layers: int, num_stages: int = 1, layer_stage: Optional[Sequence[int]] = None,
+                 eps: float = 1e-5, backend: Optional[str] = None):
+        super().__init__()
+        for name, value in dict(dim=dim, num_regions=num_regions, rank=rank, num_layers=num_layers,
+                                tokens_per_region=tokens_per_region, num_stages=num_stages).items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.num_regions, self.num_tokens = num_regions, num_regions * tokens_per_region
+        self.layer_stage = list(layer_stage) if layer_stage is not None \
+            else contiguous_stages(num_layers, num_stages)
+        self.eps, self.backend = eps, backend
+        self.token_offset = nn.Parameter(torch.empty(self.num_tokens, dim))
+        self.U = nn.Parameter(torch.empty(num_stages, dim, rank))
+        self.V = nn.Parameter(torch.empty(num_stages, rank, dim))
+        self.layer_bias = nn.Parameter(torch.zeros(num_layers, dim))
+        self.ln_weight = nn.Parameter(torch.ones(num_layers, dim))
+        self.ln_bias = nn.Parameter(torch.zeros(num_layers, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.token_offset, std=0.02)
+        nn.init.normal_(self.U, std=1.0 / math.sqrt(self.U.shape[1]))
+        nn.init.normal_(self.V, std=1.0 / math.sqrt(self.V.shape[1]))
+        nn.init.zeros_(self.layer_bias)
+        nn.init.ones_(self.ln_weight)
+        nn.init.zeros_(self.ln_bias)
+
+    def forward(self, region_emb: Tensor) -> Tensor:
+        weights = (self.token_offset, self.U, self.V, self.layer_bias, self.ln_weight, self.ln_bias)
+        cast = _autocast_dtype(region_emb.device)
+        if cast is not None:
+            region_emb, weights = region_emb.to(cast), tuple(w.to(cast) for w in weights)
+        return prompt_bank(region_emb, *weights, self.layer_stage, self.eps, backend=self.backend)
+
+
+class PromptTokenInteraction(nn.Module):
+    """PIM, Eqs. 5-10: ``forward(z [B,T,D], p [B,K,D]) -> (z_out [B,T,D], p_tilde [B,K,D])``.
+
+    Submodules ``t2p_q, t2p_k, t2p_v`` (Linear D->A), ``t2p_o`` (A->D), the same four ``p2t_*``,
+    and ``gate = Sequential(Linear(2D, G), GELU(), Linear(G, 1))``; A = num_heads * head_dim.
+    ``p2t_o`` starts at zero, so a new layer leaves the tokens unchanged (z_out == z) until it
+    is trained: inserting it into a frozen backbone does not disturb the backbone.
+    """
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, gate_hidden: int,
+                 t2p_reduce: str = "sum", backend: Optional[str] = None):
+        super().__init__()
+        for name, value in dict(dim=dim, num_heads=num_heads, head_dim=head_dim,
+                                gate_hidden=gate_hidden).items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if t2p_reduce not in ("sum", "mean"):
+            raise ValueError(f"t2p_reduce must be 'sum' or 'mean', got {t2p_reduce!r}")
+        width = num_heads * head_dim
+        self.num_heads, self.head_dim, self.t2p_reduce, self.backend = \
+            num_heads, head_dim, t2p_reduce, backend
+        self.t2p_q, self.t2p_k, self.t2p_v = (nn.Linear(dim, width) for _ in range(3))
+        self.t2p_o = nn.Linear(width, dim)
+        self.p2t_q, self.p2t_k, self.p2t_v = (nn.Linear(dim, width) for _ in range(3))
+        self.p2t_o = nn.Linear(width, dim)
+        self.gate = nn.Sequential(nn.Linear(2 * dim, gate_hidden), nn.GELU(), nn.Linear(gate_hidden, 1))
+        nn.init.zeros_(self.p2t_o.weight)
+        nn.init.zeros_(self.p2t_o.bias)
+
+    def params(self) -> PIMParams:
+        """The weights in the order of ``PIMParams`` (for the functional ``pim``)."""
+        linears = (self.t2p_q, self.t2p_k, self.t2p_v, self.t2p_o,
+                   self.p2t_q, self.p2t_k, self.p2t_v, self.p2t_o, self.gate[0], self.gate[2])
+        return PIMParams(*(t for lin in linears for t in (lin.weight, lin.bias)))
+
+    def forward(self, z: Tensor, p: Tensor, return_attn: bool = False):
+        """z [B,T,D], p [B,K,D] -> (z_out [B,T,D], p_tilde [B,K,D][, attn_p2t [B,H,K,T]])."""
+        params = self.params()
+        cast = _autocast_dtype(z.device)
+        if cast is not None:
+            z, p, params = z.to(cast), p.to(cast), PIMParams(*(w.to(cast) for w in params))
+        return pim(z, p, params, self.num_heads, self.t2p_reduce, return_attn, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, t2p_reduce={self.t2p_reduce!r}"

@@ -1,0 +1,23 @@
+"""Test setup: without a CUDA device, Triton kernels run on CPU tensors through the interpreter.
+TRITON_INTERPRET must be set before triton is first imported, hence here, before any import."""
+import os
+import shutil
+import subprocess
+
+
+def _has_cuda() -> bool:
+    # Decided without importing torch (which may import triton) and without touching a GPU.
+    return shutil.which("nvidia-smi") is not None and subprocess.run(
+        ["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
+if not _has_cuda():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

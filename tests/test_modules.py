@@ -1,0 +1,104 @@
+"""The nn.Module wrappers: forward and every gradient against the independent composition,
+weight-loading names, layouts (non-contiguous, channels-last), autocast and the backend switch."""
+import pytest
+import torch
+
+import avpt_kernels as ak
+from avpt_kernels import backend
+from avpt_kernels.testing import assert_close, assert_grads_close
+
+from . import independent
+
+
+def _randomise(module):
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (p.shape[-1] ** -0.5 if p.dim() > 1 else 0.1))
+    return module
+
+
+@pytest.mark.parametrize("b,t,d,k,h,dh", [(1, 197, 768, 6, 12, 8), (2, 197, 64, 5, 4, 16)])
+def test_pim_module_forward_and_grads(b, t, d, k, h, dh):
+    m = _randomise(ak.PromptTokenInteraction(d, h, dh, gate_hidden=32))
+    z = torch.randn(b, t, d, requires_grad=True)
+    p = torch.randn(b, k, d, requires_grad=True)
+    z_out, p_tilde, attn = m(z, p, return_attn=True)
+    inputs = (z, p, *m.params())
+    truth_in = [t.detach().double().requires_grad_(True) for t in inputs]  # fp64 truth
+    want = independent.pim(truth_in[0], truth_in[1], ak.PIMParams(*truth_in[2:]), h, m.t2p_reduce)
+    for name, x, y in zip(("z_out", "p_tilde", "attn"), (z_out, p_tilde, attn), want):
+        assert_close(x, y, dtype=torch.float32, name=name)
+    g = torch.randn_like(z_out)
+    got_g = torch.autograd.grad((z_out * g).sum() + p_tilde.sum(), inputs)
+    want_g = torch.autograd.grad((want[0] * g.double()).sum() + want[1].sum(), truth_in)
+    assert_grads_close(("z", "p", *ak.PIMParams._fields), got_g, want_g, dtype=torch.float32)
+
+
+def test_pim_module_has_the_contract_names_and_starts_as_identity():
+    m = ak.PromptTokenInteraction(32, 2, 8, 16, t2p_reduce="mean")
+    names = {n for n, _ in m.named_children()}
+    assert names == {"t2p_q", "t2p_k", "t2p_v", "t2p_o", "p2t_q", "p2t_k", "p2t_v", "p2t_o", "gate"}
+    assert m.num_heads == 2 and m.t2p_reduce == "mean"
+    assert tuple(m.t2p_q.weight.shape) == (16, 32) and tuple(m.gate[0].weight.shape) == (16, 64)
+    z = torch.randn(2, 9, 32)
+    assert_close(m(z, torch.randn(2, 3, 32))[0], z, name="z_out of a new layer")  # p2t_o = 0
+    m2 = ak.PromptTokenInteraction(32, 2, 8, 16, t2p_reduce="mean")
+    m2.load_state_dict(_randomise(m).state_dict())  # loads by name
+
+
+def test_region_pool_module_and_layouts():
+    f = torch.randn(2, 197, 40)[:, :, ::2]  # non-contiguous features, D=20
+    pix = torch.rand(2, 224, 224, 3).permute(0, 3, 1, 2)  # channels-last pixel maps
+    assert not f.is_contiguous()
+    out = ak.RegionPool()(f, pix)
+    want = independent.region_pool(f, independent.area_downsample(pix.contiguous(), 16), 1e-6)
+    assert_close(out, want, name="pooled")
+    tok = torch.rand(2, 3, 196).transpose(1, 2)  # non-contiguous token maps
+    assert_close(ak.RegionPool()(f, tok), independent.region_pool(f, tok, 1e-6), name="token maps")
+
+
+def test_prompt_bank_module_forward_and_grads():
+    m = _randomise(ak.LowRankPromptBank(dim=48, num_regions=3, tokens_per_region=2, rank=8,
+                                        num_layers=12, num_stages=3))
+    assert m.layer_stage == [0] * 4 + [1] * 4 + [2] * 4
+    e = torch.randn(2, 3, 48, requires_grad=True)
+    out = m(e)
+    assert out.shape == (12, 2, 6, 48)
+    args = (e, m.token_offset, m.U, m.V, m.layer_bias, m.ln_weight, m.ln_bias)
+    want = independent.prompt_bank(*args, m.layer_stage, m.eps)
+    assert_close(out, want, name="prompts")
+    got_g = torch.autograd.grad(out.square().sum(), args)
+    want_g = torch.autograd.grad(want.square().sum(), args)
+    assert_grads_close(("region_emb", "token_offset", "U", "V", "layer_bias", "ln_weight", "ln_bias"),
+                       got_g, want_g)
+
+
+def test_modules_under_cpu_autocast():
+    m = ak.PromptTokenInteraction(32, 2, 8, 16)
+    z, p = torch.randn(2, 9, 32), torch.randn(2, 3, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z_out, p_tilde = m(z, p)
+        prompts = ak.LowRankPromptBank(32, 3, 1, 4, 2)(torch.randn(2, 3, 32))
+    assert z_out.dtype == p_tilde.dtype == prompts.dtype == torch.bfloat16
+
+
+def test_backend_switch():
+    assert backend.get_backend() in backend.BACKENDS
+    with backend.use_backend("torch"):
+        assert backend.get_backend() == "torch"
+        assert backend.resolve("pim", torch.device("cpu"), None, has_triton=True) == "torch"
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backend.set_backend("cuda")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ak.region_pool(torch.randn(1, 5, 4), torch.rand(1, 4, 2), backend="fast")
+    cpu = torch.device("cpu")
+    # auto: Triton only where the op has a kernel and the device can run it.
+    assert backend.resolve("x", cpu, "auto", has_triton=False) == "torch"
+    assert backend.resolve("x", cpu, "auto", has_triton=True) == (
+        "triton" if backend.interpreter_enabled() else "torch")
+    with pytest.raises(NotImplementedError, match="no Triton kernel"):
+        backend.resolve("x", cpu, "triton", has_triton=False)
+    meta = torch.device("meta")
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        backend.resolve("x", meta, "triton", has_triton=True)

@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo compare bench clean
+.PHONY: setup test demo compare aot clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,11 @@ demo: $(STAMP)
 
 compare: $(STAMP)
 	$(BIN)/python -m avpt_kernels.compare
+
+# Ahead-of-time compile of every kernel configuration for sm_80 and sm_90a (no GPU needed):
+# registers, spills and shared memory per config -> benchmarks/results/aot.json
+aot: $(STAMP)
+	env -u TRITON_INTERPRET $(BIN)/python -m avpt_kernels.aot --out benchmarks/results/aot.json
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

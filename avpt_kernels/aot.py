@@ -1,0 +1,140 @@
+"""Ahead-of-time compile check of every shippable kernel configuration, without a GPU.
+
+Each op module that has Triton kernels defines ``aot_configs() -> list[KernelConfig]``: every
+configuration its launchers (and autotuners) can select. This module compiles each one with
+``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` for sm_80 and sm_90a, runs
+the ``ptxas -v`` bundled with triton over the PTX, and records registers, spill bytes and shared
+memory. That catches what the interpreter forgives (dot shapes < 16, non-power-of-2 ranges,
+shared-memory overflow).
+
+``python -m avpt_kernels.aot [--out benchmarks/results/aot.json]`` writes the table and exits
+non-zero if any configuration fails to compile, spills, or overflows shared memory. It must run
+without ``TRITON_INTERPRET=1`` (under the interpreter ``@triton.jit`` yields no compilable
+function), so tests call it in a subprocess.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from typing import Any, Dict, List
+
+OP_MODULES = ("avpt_kernels.pim", "avpt_kernels.region_pool", "avpt_kernels.prompt_bank")
+
+# target name -> (compute capability, max shared memory per block in bytes, opt-in)
+TARGETS = {"sm_80": (80, 163 * 1024), "sm_90a": (90, 227 * 1024)}
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """One compilable configuration: ``signature`` maps every argument name to a triton type
+    ("*fp32", "i32", "fp32", ... or "constexpr"); ``constexprs`` gives the constexpr values."""
+    fn: Any
+    signature: Dict[str, str]
+    constexprs: Dict[str, Any]
+    num_warps: int = 4
+    num_stages: int = 2
+
+    @property
+    def kernel(self) -> str:
+        return getattr(self.fn, "__name__", None) or self.fn.fn.__name__
+
+    @property
+    def label(self) -> str:
+        parts = [f"{k}={v}" for k, v in sorted(self.constexprs.items())]
+        return ",".join(parts + [f"num_warps={self.num_warps}", f"num_stages={self.num_stages}"])
+
+
+def collect() -> List[KernelConfig]:
+    """Every configuration of every op module that defines ``aot_configs``."""
+    configs = []
+    for name in OP_MODULES:
+        module = importlib.import_module(name)
+        if hasattr(module, "aot_configs"):
+            configs.extend(module.aot_configs())
+    return configs
+
+
+def _ptxas(ptx: str, arch: str) -> Dict[str, int]:
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "kernel.ptx")
+        with open(src, "w") as fh:
+            fh.write(ptx)
+        run = subprocess.run([ptxas, "-v", f"--gpu-name={arch}", src, "-o",
+                              os.path.join(tmp, "kernel.cubin")], capture_output=True, text=True)
+    if run.returncode:
+        raise RuntimeError(f"ptxas failed for {arch}: {run.stderr.strip()[-2000:]}")
+    regs = re.search(r"Used (\d+) registers", run.stderr)
+    spills = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", run.stderr)
+    return {"registers": int(regs.group(1)) if regs else -1,
+            "spill_bytes": sum(int(a) + int(b) for a, b in spills)}
+
+
+def compile_one(cfg: KernelConfig, target: str) -> Dict[str, Any]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cc, smem_limit = TARGETS[target]
+    row = {"kernel": cfg.kernel, "config": cfg.label, "target": target}
+    try:
+        src = ASTSource(cfg.fn, cfg.signature, constexprs=cfg.constexprs)
+        compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
+                                  options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+        row.update(_ptxas(compiled.asm["ptx"], target))
+        row["shared_bytes"] = int(compiled.metadata.shared)
+        row["ok"] = row["spill_bytes"] == 0 and row["shared_bytes"] <= smem_limit
+        if not row["ok"]:
+            row["error"] = (f"spills {row['spill_bytes']} bytes" if row["spill_bytes"] else
+                            f"shared memory {row['shared_bytes']} > {smem_limit}")
+    except Exception as exc:  # report every failing config, not just the first
+        row.update(ok=False, error=f"{type(exc).__name__}: {str(exc).strip()[-1500:]}")
+    return row
+
+
+def run(configs: List[KernelConfig], targets=tuple(TARGETS)) -> List[Dict[str, Any]]:
+    return [compile_one(cfg, t) for cfg in configs for t in targets]
+
+
+def format_table(rows: List[Dict[str, Any]]) -> str:
+    lines = [f"{'kernel':<32} {'target':<7} {'regs':>5} {'spill':>6} {'smem':>7}  config"]
+    for r in rows:
+        if "registers" in r and "shared_bytes" in r:
+            lines.append(f"{r['kernel']:<32} {r['target']:<7} {r['registers']:>5} "
+                         f"{r['spill_bytes']:>6} {r['shared_bytes']:>7}  {r['config']}"
+                         + ("" if r["ok"] else f"  FAIL: {r['error']}"))
+        else:
+            lines.append(f"{r['kernel']:<32} {r['target']:<7} FAIL {r['config']}: {r['error']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        print("avpt_kernels.aot: unset TRITON_INTERPRET (the interpreter cannot compile)",
+              file=sys.stderr)
+        return 2
+    ap = argparse.ArgumentParser(description="AOT-compile every kernel configuration")
+    ap.add_argument("--out", default=os.path.join("benchmarks", "results", "aot.json"))
+    args = ap.parse_args(argv)
+    import triton
+
+    rows = run(collect())
+    print(format_table(rows) if rows else "no Triton kernel configurations to compile")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump({"triton": triton.__version__, "targets": list(TARGETS), "rows": rows}, fh, indent=1)
+    print(f"wrote {args.out}: {len(rows)} rows, {sum(not r['ok'] for r in rows)} failing")
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

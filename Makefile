@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo compare aot clean
+.PHONY: setup test demo compare aot bench clean
 
 setup: $(STAMP)
 
@@ -18,8 +18,15 @@ $(STAMP): pyproject.toml setup.py Makefile
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 
+# The unit tests, then the benchmarks as a smoke run (every row produced, nothing timed; the
+# JSON goes to a temporary folder so a test run leaves the tree clean).
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+	AVPT_BENCH_RESULTS=$$(mktemp -d) $(BIN)/python -m pytest -q -p no:cacheprovider benchmarks --benchmark-disable
+
+# Latency and memory of the ops (and, as they land, the model): JSON under benchmarks/results/.
+bench: $(STAMP)
+	$(BIN)/python -m pytest -q benchmarks
 
 demo: $(STAMP)
 	$(BIN)/avpt demo

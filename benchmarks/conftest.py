@@ -1,0 +1,30 @@
+"""``pytest benchmarks/``: without a CUDA device, Triton kernels run through the interpreter on
+small CPU shapes (a smoke run: every row is produced, no time is asserted). One JSON file per run
+is written to benchmarks/results/ at the end of the session."""
+import os
+import shutil
+import subprocess
+
+if not (shutil.which("nvidia-smi") and subprocess.run(["nvidia-smi", "-L"],
+                                                      capture_output=True).returncode == 0):
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported
+
+import pytest  # noqa: E402
+
+from benchmarks.harness import Results  # noqa: E402
+
+_RESULTS = None
+
+
+@pytest.fixture(scope="session")
+def results():
+    global _RESULTS
+    if _RESULTS is None:
+        _RESULTS = Results()
+    return _RESULTS
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _RESULTS is not None and _RESULTS.rows:
+        path = _RESULTS.write()
+        print(f"\nbenchmarks: {len(_RESULTS.rows)} rows -> {path}")

@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo compare aot bench clean
+.PHONY: setup test demo compare aot bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -38,6 +38,12 @@ compare: $(STAMP)
 # registers, spills and shared memory per config -> benchmarks/results/aot.json
 aot: $(STAMP)
 	env -u TRITON_INTERPRET $(BIN)/python -m avpt_kernels.aot --out benchmarks/results/aot.json
+
+# On a CUDA machine that brings its own torch/triton (no venv, no registry): the GPU test suite
+# and the full benchmarks from the source tree; JSON lands in benchmarks/results/.
+gpu-check:
+	PYTHONPATH=. $(PYTHON) -m pytest -q tests
+	PYTHONPATH=. $(PYTHON) -m pytest -q benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,170 @@
+"""Anatomical region encoder (ARE): where region maps come from, and the Anatomy MLP (Eq. 3).
+
+Three sources of region confidence maps ``A in [0,1]^{B x R x H x W}`` (R = 3 by default:
+glandular, fatty, ductal):
+
+* ``"given"``   maps from the dataset (segmentations or tissue probability maps);
+* ``"prior"``   classical tissue priors computed from the image on CPU with scikit-image
+                (``tissue_prior_maps``), outside autograd;
+* ``"learned"`` a small convolutional extractor trained end to end (``LearnedRegionExtractor``).
+
+The maps are pooled over the frozen patch features with ``avpt_kernels.region_pool`` (Eq. 2) and
+the pooled region features go through ``AnatomyMLP`` (Eq. 3).
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+REGION_NAMES = ("glandular", "fatty", "ductal")
+MODALITIES = ("MG", "US", "MRI")
+REGION_SOURCES = ("given", "prior", "learned")
+
+# Which tissues touch (glandular-fatty, glandular-ductal; ducts run inside glandular tissue):
+# the default region graph of the Laplacian smoothing (Eq. 16) when no maps define one.
+DEFAULT_ADJACENCY = ((0.0, 1.0, 1.0),
+                     (1.0, 0.0, 0.0),
+                     (1.0, 0.0, 0.0))
+
+
+# ----------------------------------------------------------------------------------------------
+# Classical tissue priors (scikit-image, CPU numpy, no gradients)
+# ----------------------------------------------------------------------------------------------
+def _normalize01(img: np.ndarray) -> np.ndarray:
+    lo, hi = np.percentile(img, (1.0, 99.0))
+    if hi - lo < 1e-8:
+        return np.zeros_like(img, dtype=np.float64)
+    return np.clip((img - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def tissue_prior_single(gray: np.ndarray, modality: str) -> np.ndarray:
+    """Soft glandular / fatty / ductal maps [3, H, W] in [0, 1] for one grayscale image [H, W].
+
+    Intensity: a soft Otsu split of the smoothed image. Which side is fat depends on the physics:
+    fat is radiolucent (dark) in mammography, hypoechoic (darker) in ultrasound and bright on
+    non-fat-suppressed T1 MRI. Texture: local entropy (fibroglandular tissue is heterogeneous,
+    fat homogeneous). Ducts: the Sato tubeness filter (bright ridges in MG/MRI, anechoic dark
+    ridges in US).
+    """
+    from skimage import filters, morphology, util
+    from skimage.filters import rank
+
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+    img = _normalize01(np.asarray(gray, dtype=np.float64))
+    smooth = filters.gaussian(img, sigma=1.0)
+    if smooth.max() - smooth.min() < 1e-6:  # flat image: no evidence for any tissue
+        return np.zeros((3,) + img.shape, dtype=np.float32)
+    split = filters.threshold_otsu(smooth)
+    bright = _sigmoid((smooth - split) / 0.05)
+    entropy = rank.entropy(util.img_as_ubyte(img), morphology.disk(3)).astype(np.float64)
+    texture = entropy / max(entropy.max(), 1e-8)
+    body = _sigmoid((smooth - 0.05) / 0.02)  # excludes the black background outside the breast
+    if modality == "MRI":
+        fatty = bright
+        glandular = (1.0 - bright) * body * (0.5 + 0.5 * texture)
+    else:
+        glandular = bright * (0.5 + 0.5 * texture)
+        fatty = (1.0 - bright) * body * (1.0 - 0.5 * texture)
+    tube = filters.sato(img, sigmas=(1, 2, 3), black_ridges=(modality == "US"))
+    ductal = tube / max(tube.max(), 1e-8)
+    maps = np.stack([glandular, fatty, ductal]).astype(np.float32)
+    return np.clip(maps, 0.0, 1.0)
+
+
+def tissue_prior_maps(images: Union[Tensor, np.ndarray],
+                      modality: Union[str, Sequence[str]] = "MG") -> Tensor:
+    """Classical tissue-prior maps for a batch: images [B, C, H, W] (any normalisation; channels
+    are averaged to grayscale) -> maps [B, 3, H, W] float32 in [0, 1] (glandular, fatty, ductal),
+    on the images' device. ``modality``: one of ``MODALITIES`` or one per image."""
+    arr = images.detach().float().cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
+    if arr.ndim != 4:
+        raise ValueError(f"images must be [B, C, H, W], got shape {arr.shape}")
+    mods = [modality] * arr.shape[0] if isinstance(modality, str) else list(modality)
+    if len(mods) != arr.shape[0]:
+        raise ValueError(f"modality must be one name or {arr.shape[0]} names (one per image), "
+                         f"got {len(mods)}")
+    out = np.stack([tissue_prior_single(a.mean(axis=0), m) for a, m in zip(arr, mods)])
+    maps = torch.from_numpy(out)
+    return maps.to(images.device) if isinstance(images, Tensor) else maps
+
+
+# ----------------------------------------------------------------------------------------------
+# Learned extractor and the Anatomy MLP
+# ----------------------------------------------------------------------------------------------
+class LearnedRegionExtractor(nn.Module):
+    """A small conv net: images [B, 3, H, W] -> region maps [B, R, Hg, Wg] in (0, 1) on the patch
+    grid (two stride-2 3x3 convs, area pooling to the grid, 1x1 conv, sigmoid)."""
+
+    def __init__(self, num_regions: int, in_channels: int = 3, hidden: int = 16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, hidden, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(hidden, hidden, 3, stride=2, padding=1)
+        self.head = nn.Conv2d(hidden, num_regions, 1)
+
+    def forward(self, images: Tensor, grid: Tuple[int, int]) -> Tensor:
+        x = F.gelu(self.conv2(F.gelu(self.conv1(images))))
+        x = F.adaptive_avg_pool2d(x, grid)
+        return torch.sigmoid(self.head(x))
+
+
+class AnatomyMLP(nn.Module):
+    """g_theta of Eq. 3: LayerNorm, Linear(D, h), GELU, Linear(h, D). [B, R, D] -> [B, R, D]."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        return self.fc2(F.gelu(self.fc1(self.norm(pooled))))
+
+
+# ----------------------------------------------------------------------------------------------
+# Map checks and region adjacency
+# ----------------------------------------------------------------------------------------------
+def check_maps(maps, batch: int, num_regions: int, image_size: Tuple[int, int],
+               grid: Tuple[int, int]) -> None:
+    """Maps must be [B, R, H, W] with H, W the image size or an integer multiple of the patch grid
+    (same factor in both directions)."""
+    h, w = image_size
+    expected = (f"[{batch}, {num_regions}, {h}, {w}] (image size) or [{batch}, {num_regions}, "
+                f"f*{grid[0]}, f*{grid[1]}] (a multiple f of the patch grid), values in [0, 1]")
+    if not isinstance(maps, Tensor):
+        raise TypeError(f"maps must be a torch.Tensor {expected}, got {type(maps).__name__}")
+    if maps.dim() != 4:
+        raise ValueError(f"maps must be {expected}, got shape {tuple(maps.shape)}")
+    if maps.shape[0] != batch or maps.shape[1] != num_regions:
+        raise ValueError(f"maps must be {expected}, got shape {tuple(maps.shape)} "
+                         f"(batch {batch}, {num_regions} regions expected)")
+    mh, mw = maps.shape[2:]
+    factor_ok = mh % grid[0] == 0 and mw % grid[1] == 0 and mh // grid[0] == mw // grid[1] \
+        and mh >= grid[0]
+    if not factor_ok:
+        raise ValueError(f"maps must be {expected}; got size {mh}x{mw}, which does not match the "
+                         f"image")
+
+
+def region_adjacency(maps: Tensor, eps: float = 1e-6) -> Tensor:
+    """Soft region adjacency [B, R, R] in [0, 1] from maps [B, R, H, W]: the overlap of region i,
+    dilated by one pixel, with region j, over the smaller region's mass; symmetric, zero
+    diagonal. No gradient (a graph for Eq. 16, not a training signal)."""
+    with torch.no_grad():
+        a = maps.float()
+        dil = F.max_pool2d(a, 3, stride=1, padding=1)
+        overlap = torch.einsum("bihw,bjhw->bij", dil, a)
+        mass = a.sum(dim=(2, 3))
+        denom = torch.minimum(mass[:, :, None], mass[:, None, :]) + eps
+        adj = (overlap / denom).clamp(0.0, 1.0)
+        adj = torch.maximum(adj, adj.transpose(1, 2))
+        eye = torch.eye(adj.shape[1], dtype=torch.bool, device=adj.device)
+        return adj.masked_fill(eye, 0.0)

@@ -1,0 +1,254 @@
+"""A-VPT losses (Eqs. 11-17), each a function plus ``AVPTLoss``, which weights and switches them.
+
+* CLS (Eq. 14): cross-entropy on the class-token logits.
+* SEG (Eq. 15): soft Dice on sigmoid(mask logits) + beta * BCE.
+* RCL (Eqs. 11-12): supervised contrast of region embeddings r = h_phi(E)/||.||: positives are
+  the same region type from other images (other modalities or views), negatives the other types,
+  plus entries of per-modality memory queues (detached region embeddings of earlier batches) as
+  extra negatives. Region types come from the atlas order (slot k is type k) or from EMA-updated
+  centroids. Eq. 12 writes only negatives in the denominator; we use the usual InfoNCE /
+  SupCon denominator (positives + negatives), which keeps the loss >= 0, and average over anchors.
+* TXT (Eq. 13): CLIP-style cross-entropy of region embeddings in the frozen CLIP space against the
+  frozen text tower's embeddings of the anatomy phrases.
+* LAP (Eq. 16): tr(P^T L P) over prompt tokens with the region-adjacency Laplacian (tokens of one
+  region are linked too), averaged over layers and images and divided by D (LayerNorm'd prompts
+  have squared norm ~ D, so the raw trace would swamp the other terms).
+Total (Eq. 17): CLS + l_seg SEG + l_rcl RCL + l_txt TXT + l_lap LAP; a weight of 0 switches a
+term off (Tables 5-7 ablations), and a term whose inputs are absent is skipped.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .anatomy import DEFAULT_ADJACENCY, MODALITIES, region_adjacency
+
+
+def cls_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """Eq. 14: logits [B, C], labels [B] (class indices)."""
+    return F.cross_entropy(logits, labels)
+
+
+def seg_loss(mask_logits: Tensor, masks: Tensor, bce_weight: float = 1.0, eps: float = 1.0) -> Tensor:
+    """Eq. 15: 1 - (2<M^, M> + eps) / (|M^|_1 + |M|_1 + eps) + beta BCE, per image, averaged.
+    mask_logits, masks: [B, 1, H, W] (masks in [0, 1])."""
+    if masks.shape != mask_logits.shape:
+        raise ValueError(f"masks must have shape {tuple(mask_logits.shape)} [B, 1, H, W] to match "
+                         f"the mask logits, got {tuple(masks.shape)}")
+    masks = masks.to(mask_logits.dtype)
+    prob = torch.sigmoid(mask_logits).flatten(1)
+    target = masks.flatten(1)
+    dice = 1.0 - (2.0 * (prob * target).sum(1) + eps) / (prob.sum(1) + target.sum(1) + eps)
+    bce = F.binary_cross_entropy_with_logits(mask_logits, masks)
+    return dice.mean() + bce_weight * bce
+
+
+class RegionQueue(nn.Module):
+    """Per-modality FIFO memory of detached region embeddings and their types.
+
+    Buffers: ``emb`` [M, S, d_c], ``types`` [M, S] (-1 = empty slot), ``ptr`` [M]."""
+
+    def __init__(self, num_modalities: int, size: int, dim: int):
+        super().__init__()
+        self.size = size
+        self.register_buffer("emb", torch.zeros(num_modalities, size, dim))
+        self.register_buffer("types", torch.full((num_modalities, size), -1, dtype=torch.long))
+        self.register_buffer("ptr", torch.zeros(num_modalities, dtype=torch.long))
+
+    @torch.no_grad()
+    def push(self, r: Tensor, types: Tensor, modality: Tensor) -> None:
+        """r [B, R, d_c], types [B, R], modality [B]."""
+        for m in modality.unique().tolist():
+            sel = modality == m
+            e, t = r[sel].reshape(-1, r.shape[-1]), types[sel].reshape(-1)
+            e, t = e[-self.size:], t[-self.size:]
+            idx = (self.ptr[m] + torch.arange(e.shape[0], device=e.device)) % self.size
+            self.emb[m, idx] = e.to(self.emb.dtype)
+            self.types[m, idx] = t
+            self.ptr[m] = (self.ptr[m] + e.shape[0]) % self.size
+
+    def entries(self):
+        """(embeddings [Q, d_c], types [Q]) of the filled slots of every modality."""
+        filled = self.types >= 0
+        return self.emb[filled], self.types[filled]
+
+
+class EMACentroids(nn.Module):
+    """Region-type centroids [R, d_c], EMA-updated; a region's type is its nearest centroid.
+    Initialised from the first batch in atlas order (slot k -> centroid k)."""
+
+    def __init__(self, num_types: int, dim: int, momentum: float = 0.99):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("centroids", torch.zeros(num_types, dim))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+
+    @torch.no_grad()
+    def assign(self, r: Tensor) -> Tensor:
+        """Types [B, R] of the normalised embeddings r [B, R, d_c]."""
+        if not bool(self.initialized):
+            return torch.arange(r.shape[1], device=r.device).expand(r.shape[0], -1).clone()
+        return torch.einsum("brd,cd->brc", r, self.centroids.to(r.dtype)).argmax(-1)
+
+    @torch.no_grad()
+    def update(self, r: Tensor, types: Tensor) -> None:
+        if not bool(self.initialized):
+            self.centroids.copy_(F.normalize(r.float().mean(0), dim=-1))
+            self.initialized.fill_(True)
+            return
+        flat, t = r.reshape(-1, r.shape[-1]).float(), types.reshape(-1)
+        for c in t.unique().tolist():
+            mean = flat[t == c].mean(0)
+            new = self.momentum * self.centroids[c] + (1 - self.momentum) * mean
+            self.centroids[c] = F.normalize(new, dim=-1)
+
+
+def rcl_loss(r: Tensor, types: Tensor, modality: Tensor, tau: float = 0.07,
+             queue_emb: Optional[Tensor] = None, queue_types: Optional[Tensor] = None,
+             cross_modal_only: bool = False) -> Tensor:
+    """Eq. 12 over anchors (i, k): r [B, R, d_c] normalised, types [B, R], modality [B].
+
+    Positives: same type, another image (another modality only when ``cross_modal_only``).
+    Negatives: other types in the batch, plus queue entries of another type. Anchors without a
+    positive are skipped; with none at all the loss is 0 (and keeps the graph)."""
+    b, n_reg, dc = r.shape
+    flat = r.reshape(b * n_reg, dc)
+    t = types.reshape(-1)
+    img = torch.arange(b, device=r.device).repeat_interleave(n_reg)
+    mod = modality.to(r.device).repeat_interleave(n_reg)
+    logits = flat @ flat.t() / tau
+    same_type = t[:, None] == t[None, :]
+    other_img = img[:, None] != img[None, :]
+    pos = same_type & other_img
+    if cross_modal_only:
+        pos = pos & (mod[:, None] != mod[None, :])
+    neg = ~same_type
+    if queue_emb is not None and queue_emb.numel():
+        q_logits = flat @ queue_emb.to(flat.dtype).t() / tau
+        q_neg = t[:, None] != queue_types[None, :].to(t.device)
+        logits = torch.cat([logits, q_logits], dim=1)
+        pos = torch.cat([pos, torch.zeros_like(q_neg)], dim=1)
+        neg = torch.cat([neg, q_neg], dim=1)
+    has_pos = pos.any(dim=1)
+    if not bool(has_pos.any()):
+        return r.sum() * 0.0
+    ninf = torch.finfo(logits.dtype).min
+    log_num = torch.logsumexp(logits.masked_fill(~pos, ninf), dim=1)
+    log_den = torch.logsumexp(logits.masked_fill(~(pos | neg), ninf), dim=1)
+    return (log_den - log_num)[has_pos].mean()
+
+
+def txt_loss(t: Tensor, text: Tensor, types: Tensor, tau: float = 0.07) -> Tensor:
+    """Eq. 13: t [B, R, E] normalised region vectors, text [C, E] normalised phrase vectors,
+    types [B, R] the phrase index c(i, k) of each region."""
+    logits = t.reshape(-1, t.shape[-1]) @ text.to(t.dtype).t() / tau
+    return F.cross_entropy(logits, types.reshape(-1))
+
+
+def token_laplacian(adjacency: Tensor, tokens_per_region: int) -> Tensor:
+    """Laplacian over K = R*m prompt tokens from a region adjacency [.., R, R]: tokens of adjacent
+    regions are linked with the regions' weight, tokens of one region with weight 1."""
+    eye = torch.eye(adjacency.shape[-1], dtype=adjacency.dtype, device=adjacency.device)
+    w = (adjacency * (1 - eye) + eye).repeat_interleave(tokens_per_region, -1)
+    w = w.repeat_interleave(tokens_per_region, -2)
+    k_eye = torch.eye(w.shape[-1], dtype=w.dtype, device=w.device)
+    w = w * (1 - k_eye)
+    return torch.diag_embed(w.sum(-1)) - w
+
+
+def lap_loss(prompts: Tensor, adjacency: Tensor, tokens_per_region: int) -> Tensor:
+    """Eq. 16: prompts [L, B, K, D]; adjacency [R, R] or [B, R, R]. Mean over layers and images
+    of tr(P^T L P) / D."""
+    lap = token_laplacian(adjacency.to(prompts.dtype), tokens_per_region)  # [K,K] or [B,K,K]
+    if lap.dim() == 2:
+        lap = lap.expand(prompts.shape[1], -1, -1)
+    trace = torch.einsum("lbkd,bkj,lbjd->lb", prompts, lap, prompts)
+    return trace.mean() / prompts.shape[-1]
+
+
+class AVPTLoss(nn.Module):
+    """Eq. 17 for an A-VPT model: ``loss(out, labels=, masks=, modality=) -> dict`` with the total
+    under ``"loss"`` and every active term. Text vectors of the anatomy phrases are computed once
+    by the frozen text tower. ``update_state=True`` (training) pushes region embeddings to the
+    queues and updates the EMA centroids after the loss is formed."""
+
+    def __init__(self, model, text_tokenizer=None):
+        super().__init__()
+        import open_clip
+        c = self.config = model.config
+        self.model = [model]  # not a submodule: the loss owns no trainable parameters
+        self.tokens_per_region = c.num_prompts // c.num_regions
+        self.queue = RegionQueue(len(MODALITIES), c.queue_size, c.contrast_dim) if c.queue_size else None
+        self.centroids = EMACentroids(c.num_regions, c.contrast_dim, c.ema_momentum) \
+            if c.region_types == "ema" else None
+        if c.region_types not in ("atlas", "ema"):
+            raise ValueError(f"region_types must be 'atlas' or 'ema', got {c.region_types!r}")
+        self.register_buffer("default_adjacency", torch.tensor(DEFAULT_ADJACENCY)
+                             if c.num_regions == 3 else 1 - torch.eye(c.num_regions))
+        text = torch.zeros(0)
+        if c.lambda_txt:
+            tokenizer = text_tokenizer or open_clip.get_tokenizer(c.model_name)
+            with torch.no_grad():
+                text = model.backbone.encode_text(tokenizer(list(c.text_phrases)), normalize=True)
+        self.register_buffer("text", text)
+
+    def region_types(self, r: Tensor) -> Tensor:
+        if self.centroids is not None:
+            return self.centroids.assign(r.detach())
+        return torch.arange(r.shape[1], device=r.device).expand(r.shape[0], -1)
+
+    def forward(self, out, labels: Optional[Tensor] = None, masks: Optional[Tensor] = None,
+                modality=None, update_state: bool = False) -> Dict[str, Tensor]:
+        from .model import modality_indices
+
+        c, model = self.config, self.model[0]
+        terms: Dict[str, Tensor] = {}
+        if labels is not None and out.logits is not None:
+            terms["cls"] = cls_loss(out.logits, labels)
+        if c.lambda_seg and masks is not None and out.seg_logits is not None:
+            terms["seg"] = seg_loss(out.seg_logits, masks, c.seg_bce_weight)
+        b = out.features.shape[0]
+        mod = modality_indices(modality, b, out.features.device)
+        r = types = None
+        if out.region_emb is not None and (c.lambda_rcl or c.lambda_txt):
+            r = model.region_contrast(out.region_emb)
+            types = self.region_types(r)
+        if c.lambda_rcl and r is not None:
+            q_emb = q_types = None
+            if self.queue is not None:
+                q_emb, q_types = self.queue.entries()
+            terms["rcl"] = rcl_loss(r, types, mod, c.tau, q_emb, q_types)
+        if c.lambda_txt and r is not None:
+            terms["txt"] = txt_loss(model.region_text_space(out.region_emb), self.text, types, c.tau_txt)
+        if c.lambda_lap and out.prompts is not None:
+            adj = region_adjacency(out.maps) if out.maps is not None else self.default_adjacency
+            terms["lap"] = lap_loss(out.prompts, adj, self.tokens_per_region)
+        weights = dict(cls=1.0, seg=c.lambda_seg, rcl=c.lambda_rcl, txt=c.lambda_txt, lap=c.lambda_lap)
+        if not terms:
+            raise ValueError("no loss term is active: pass labels and/or masks, or enable a "
+                             "regulariser")
+        total = sum(weights[k] * v for k, v in terms.items())
+        if update_state and r is not None:
+            if self.queue is not None:
+                self.queue.push(r.detach(), types, mod)
+            if self.centroids is not None:
+                self.centroids.update(r.detach(), types)
+        terms["loss"] = total
+        return terms
+
+
+def method_loss(method, out, labels=None, masks=None) -> Dict[str, Tensor]:
+    """CLS + lambda_seg SEG for any method (the baselines' objective)."""
+    c = method.config
+    terms = {}
+    if labels is not None:
+        terms["cls"] = cls_loss(out.logits, labels)
+    if c.lambda_seg and masks is not None and out.seg_logits is not None:
+        terms["seg"] = seg_loss(out.seg_logits, masks, c.seg_bce_weight)
+    if not terms:
+        raise ValueError("pass labels and/or masks")
+    terms["loss"] = terms.get("cls", 0.0) + c.lambda_seg * terms.get("seg", 0.0)
+    return terms

@@ -1,0 +1,232 @@
+"""A-VPT (Anatomy-guided Visual Prompt Tuning) on a frozen open_clip ViT.
+
+Forward, for images [B, 3, H, W]:
+  1. region maps [B, R, h, w]: given, classical tissue priors, or a learned extractor (anatomy.py);
+  2. ARE: Eq. 2 pooling of the frozen Eq. 1 patch features (``region_pool``), Anatomy MLP (Eq. 3)
+     -> region embeddings E [B, R, D];
+  3. prompt bank (Eq. 4): E -> prompts P [L_inj, B, K, D] for every injected layer in one call;
+  4. the frozen blocks, with a PIM (Eqs. 5-10) before each injected block;
+  5. heads: classification on the final class token (Eq. 14), segmentation decoder (Eq. 15).
+
+Injection schedules (Table 8) on a backbone of L blocks split into three contiguous stages
+(for L = 12: blocks 1-4, 5-8, 9-12): ``early`` / ``middle`` / ``late`` inject before the blocks of
+one stage, ``all`` before every block with one shared prompt map, ``hierarchical`` before every
+block with a stage-specific prompt map (U, V per stage) and the refined prompts carried from
+layer to layer: the prompts entering layer l are ``P[l] + sum_{j<l} (p_tilde[j] - p_in[j])``,
+the fresh anatomy prompt plus everything the earlier PIMs gathered from the tokens.
+
+Parameter budget: the PIM projections are shared by the layers of a stage (``pim_sharing="stage"``,
+the default; ``"layer"`` gives every injected layer its own). ``avpt.params`` prints the breakdown.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+import avpt_kernels as ak
+
+from . import vit
+from .anatomy import (MODALITIES, REGION_NAMES, REGION_SOURCES, AnatomyMLP,
+                      LearnedRegionExtractor, check_maps, tissue_prior_maps)
+from .methods.base import Method, MethodConfig, register
+
+SCHEDULES = ("early", "middle", "late", "all", "hierarchical")
+NUM_STAGES = 3
+
+
+@dataclass
+class AVPTConfig(MethodConfig):
+    """A-VPT hyper-parameters (paper defaults: K=6, R=3, r=8; Eq. 17 weights)."""
+    num_regions: int = 3            # R: glandular, fatty, ductal
+    num_prompts: int = 6            # K = R * tokens per region
+    rank: int = 8                   # r of the low-rank prompt maps (Eq. 4)
+    schedule: str = "hierarchical"  # Table 8: early | middle | late | all | hierarchical
+    pim_heads: int = 4              # PIM attention: heads x head width = A = 64
+    pim_head_dim: int = 16
+    gate_hidden: int = 16           # G of the gate MLP (Eq. 9)
+    pim_sharing: str = "stage"      # "stage": one PIM per stage; "layer": one per injected layer
+    t2p_reduce: str = "mean"        # Eq. 6 token reduction: "mean" keeps P~ at the scale of P
+    region_source: str = "given"    # given | prior | learned
+    prior_modality: str = "MG"      # modality for tissue priors when forward gets none
+    anatomy_hidden: int = 64        # hidden width of the Anatomy MLP (Eq. 3)
+    extractor_hidden: int = 16      # channels of the learned region extractor
+    contrast_dim: int = 128         # d_c of the contrastive projector h_phi (Eq. 11)
+    region_names: Tuple[str, ...] = REGION_NAMES
+    text_phrases: Tuple[str, ...] = ("glandular tissue", "fatty tissue", "ductal structure")
+    lambda_rcl: float = 0.2
+    lambda_txt: float = 0.1
+    lambda_lap: float = 0.05
+    tau: float = 0.07               # RCL temperature (Eq. 12)
+    tau_txt: float = 0.07           # TXT temperature (Eq. 13)
+    region_types: str = "atlas"     # "atlas": slot k is type k; "ema": nearest EMA centroid
+    ema_momentum: float = 0.99
+    queue_size: int = 256           # per-modality memory queue of region embeddings (0: none)
+    gate_shut: bool = False         # force every PIM gate alpha = 0 (drop-in check)
+    rollout_gamma: float = 1.0      # gamma of Eq. 18
+    backend: Optional[str] = None   # avpt_kernels backend of the ops (None: process-wide)
+
+
+def stage_of_layers(num_layers: int, num_stages: int = NUM_STAGES) -> List[int]:
+    """Contiguous stage index of each backbone block (12 blocks: 0,0,0,0,1,1,1,1,2,2,2,2)."""
+    return [layer * num_stages // num_layers for layer in range(num_layers)]
+
+
+def injection_plan(schedule: str, num_layers: int) -> Tuple[List[int], List[int], List[int]]:
+    """(injected block indices, prompt-map stage of each, PIM-group stage of each) for a schedule."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+    stages = stage_of_layers(num_layers)
+    if schedule in ("early", "middle", "late"):
+        wanted = SCHEDULES.index(schedule)
+        layers = [i for i, s in enumerate(stages) if s == wanted]
+        if not layers:
+            raise ValueError(f"schedule {schedule!r} selects no block of a {num_layers}-block backbone")
+    else:
+        layers = list(range(num_layers))
+    used = sorted({stages[i] for i in layers})
+    group = [used.index(stages[i]) for i in layers]
+    bank_stage = group if schedule == "hierarchical" else [0] * len(layers)
+    return layers, bank_stage, group
+
+
+@register("avpt")
+class AVPT(Method):
+    """A-VPT: anatomy-guided prompts and a PIM before each injected frozen block."""
+
+    config_class = AVPTConfig
+
+    def __init__(self, config: AVPTConfig):
+        super().__init__(config)
+        c = config
+        if c.region_source not in REGION_SOURCES:
+            raise ValueError(f"region_source must be one of {REGION_SOURCES}, got {c.region_source!r}")
+        if c.pim_sharing not in ("stage", "layer"):
+            raise ValueError(f"pim_sharing must be 'stage' or 'layer', got {c.pim_sharing!r}")
+        if c.num_prompts % c.num_regions:
+            raise ValueError(f"num_prompts={c.num_prompts} must be a multiple of num_regions="
+                             f"{c.num_regions} (each region expands to K/R prompt tokens)")
+        if len(c.text_phrases) != c.num_regions or len(c.region_names) != c.num_regions:
+            raise ValueError(f"text_phrases and region_names need one entry per region "
+                             f"({c.num_regions})")
+        if c.region_source == "prior" and c.num_regions != 3:
+            raise ValueError("region_source='prior' computes 3 maps (glandular, fatty, ductal); "
+                             f"num_regions must be 3, got {c.num_regions}")
+        dim = vit.width(self.visual)
+        num_layers = vit.num_layers(self.visual)
+        self.layers, bank_stage, group = injection_plan(c.schedule, num_layers)
+        self.group = group if c.pim_sharing == "stage" else list(range(len(self.layers)))
+
+        self.extractor = (LearnedRegionExtractor(c.num_regions, hidden=c.extractor_hidden)
+                          if c.region_source == "learned" else None)
+        self.region_pool = ak.RegionPool(backend=c.backend)
+        self.anatomy_mlp = AnatomyMLP(dim, c.anatomy_hidden)
+        self.prompt_bank = ak.LowRankPromptBank(
+            dim, c.num_regions, c.num_prompts // c.num_regions, c.rank, num_layers=len(self.layers),
+            num_stages=max(bank_stage) + 1, layer_stage=bank_stage, backend=c.backend)
+        self.pims = nn.ModuleList(
+            ak.PromptTokenInteraction(dim, c.pim_heads, c.pim_head_dim, c.gate_hidden,
+                                      t2p_reduce=c.t2p_reduce, backend=c.backend)
+            for _ in range(max(self.group) + 1))
+        self.contrast_proj = nn.Linear(dim, c.contrast_dim)  # h_phi of Eq. 11
+        self._gate_shut = False
+
+    # -- region maps ---------------------------------------------------------------------------
+    def region_maps(self, images: Tensor, maps: Optional[Tensor], modality) -> Tensor:
+        c, visual = self.config, self.visual
+        b = images.shape[0]
+        if c.region_source == "learned":
+            if maps is not None:
+                raise ValueError("maps were given but region_source='learned' computes its own; "
+                                 "use region_source='given' to supply maps")
+            return self.extractor(images, visual.grid_size)
+        if maps is None:
+            if c.region_source == "given":
+                raise ValueError(
+                    f"maps is required with region_source='given': expected [B={b}, "
+                    f"R={c.num_regions}, {visual.image_size[0]}, {visual.image_size[1]}] region "
+                    f"confidences in [0, 1] ({', '.join(c.region_names)}); or use "
+                    f"region_source='prior' / 'learned'")
+            names = _modality_names(modality, b, c.prior_modality)
+            maps = tissue_prior_maps(images, names)
+        check_maps(maps, b, c.num_regions, visual.image_size, visual.grid_size)
+        return maps.to(images.dtype)
+
+    # -- gates ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def gates_shut(self):
+        """``with model.gates_shut(): ...`` forces alpha = 0 in every PIM (Eq. 10 -> z_out = z)."""
+        previous, self._gate_shut = self._gate_shut, True
+        try:
+            yield self
+        finally:
+            self._gate_shut = previous
+
+    def _pim(self, module: ak.PromptTokenInteraction, z: Tensor, p: Tensor, return_attn: bool):
+        if not (self._gate_shut or self.config.gate_shut):
+            return module(z, p, return_attn=True) if return_attn else module(z, p) + (None,)
+        # A gate bias of -inf gives sigmoid(-inf) = 0 exactly, hence z_out = z exactly.
+        params = module.params()
+        params = params._replace(gate_b2=torch.full_like(params.gate_b2, float("-inf")))
+        out = ak.pim(z, p, params, module.num_heads, module.t2p_reduce, return_attn=True,
+                     backend=module.backend)
+        return out if return_attn else (out[0], out[1], None)
+
+    # -- forward -------------------------------------------------------------------------------
+    def encode(self, images: Tensor, maps=None, modality=None, return_attn: bool = False) -> Dict:
+        visual = self.visual
+        region_maps = self.region_maps(images, maps, modality)
+        patches = vit.patch_embed(visual, images)
+        pooled_regions = self.region_pool(vit.eq1_patch_features(visual, patches), region_maps)
+        region_emb = self.anatomy_mlp(pooled_regions)          # E, Eq. 3   [B, R, D]
+        prompts = self.prompt_bank(region_emb)                 # P, Eq. 4   [L_inj, B, K, D]
+        hierarchical = self.config.schedule == "hierarchical"
+        z = vit.embed(visual, patches)
+        attns, carry, j = [], None, 0
+        for layer in range(vit.num_layers(visual)):
+            if j < len(self.layers) and self.layers[j] == layer:
+                p_in = prompts[j] if carry is None else prompts[j] + carry
+                z, p_tilde, attn = self._pim(self.pims[self.group[j]], z, p_in, return_attn)
+                if hierarchical:
+                    carry = p_tilde - prompts[j]
+                if return_attn:
+                    attns.append(attn)
+                j += 1
+            z = vit.block(visual, layer, z)
+        return dict(z=z, region_emb=region_emb, prompts=prompts, maps=region_maps,
+                    attn=attns if return_attn else None)
+
+    def region_contrast(self, region_emb: Tensor) -> Tensor:
+        """Eq. 11: r = h_phi(E) / ||h_phi(E)||, [B, R, D] -> [B, R, d_c]."""
+        return nn.functional.normalize(self.contrast_proj(region_emb), dim=-1)
+
+    def region_text_space(self, region_emb: Tensor) -> Tensor:
+        """Region embeddings in the frozen CLIP image-text space (ln_post, proj), normalised:
+        [B, R, D] -> [B, R, E]; the t_k of Eq. 13, with no extra parameters."""
+        v = self.visual
+        return nn.functional.normalize(v.ln_post(region_emb) @ v.proj, dim=-1)
+
+
+def _modality_names(modality, batch: int, default: str) -> List[str]:
+    """Modality per image as names: None (default), a name, names, or indices into MODALITIES."""
+    if modality is None:
+        return [default] * batch
+    if isinstance(modality, str):
+        names = [modality] * batch
+    elif isinstance(modality, Tensor):
+        names = [MODALITIES[int(i)] for i in modality.reshape(-1)]
+    else:
+        names = [m if isinstance(m, str) else MODALITIES[int(m)] for m in modality]
+    if len(names) != batch or any(n not in MODALITIES for n in names):
+        raise ValueError(f"modality must be one of {MODALITIES} or one per image ({batch}), "
+                         f"got {modality!r}")
+    return names
+
+
+def modality_indices(modality, batch: int, device=None) -> Tensor:
+    """Modality per image as a long tensor [B] of indices into MODALITIES."""
+    names = _modality_names(modality, batch, MODALITIES[0])
+    return torch.tensor([MODALITIES.index(n) for n in names], dtype=torch.long, device=device)

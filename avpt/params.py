@@ -1,0 +1,100 @@
+"""Parameter accounting: trainable and total parameters of a method, and the trainable share of
+the visual tower (the paper's "% of full fine-tuning" denominator: the ViT's parameters).
+
+``python -m avpt.params [--model ViT-B-16] [--methods avpt lora ...]`` prints the table and the
+A-VPT breakdown (the lead wires this to ``avpt params``)."""
+from __future__ import annotations
+
+import argparse
+import gc
+import warnings
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+from torch import nn
+
+from .backbone import VIT_B16, visual_param_count
+
+BUDGET_PERCENT = 2.0
+
+
+@dataclass
+class ParamReport:
+    method: str
+    trainable: int
+    total: int          # every parameter of the method (both towers, heads, extras)
+    visual: int         # parameters of the frozen visual tower alone
+    breakdown: Dict[str, int]  # trainable parameters per top-level part
+
+    @property
+    def percent_of_visual(self) -> float:
+        return 100.0 * self.trainable / self.visual
+
+
+def _part(name: str) -> str:
+    parts = name.split(".")
+    if parts[0] == "backbone":
+        return "backbone." + parts[1]
+    return parts[0]
+
+
+def parameter_report(method: nn.Module) -> ParamReport:
+    """Trainable/total parameters of ``method`` and its share of the visual tower."""
+    breakdown: Dict[str, int] = {}
+    trainable = total = 0
+    for name, p in method.named_parameters():
+        total += p.numel()
+        if p.requires_grad:
+            trainable += p.numel()
+            key = _part(name)
+            breakdown[key] = breakdown.get(key, 0) + p.numel()
+    return ParamReport(getattr(method, "name", type(method).__name__), trainable, total,
+                       visual_param_count(method.backbone), breakdown)
+
+
+def format_reports(reports: List[ParamReport]) -> str:
+    lines = [f"{'method':<10} {'trainable':>12} {'total':>12} {'% of visual':>12}"]
+    for r in reports:
+        lines.append(f"{r.method:<10} {r.trainable:>12,} {r.total:>12,} {r.percent_of_visual:>11.3f}%")
+    if reports:
+        lines.append(f"(visual tower: {reports[0].visual:,} parameters)")
+    for r in reports:
+        if r.method == "avpt":
+            lines.append("\nA-VPT trainable breakdown:")
+            for k, v in r.breakdown.items():
+                lines.append(f"  {k:<16} {v:>10,}  ({100.0 * v / r.visual:.3f}%)")
+    return "\n".join(lines)
+
+
+def report_methods(model_name: str = VIT_B16, methods: Optional[List[str]] = None,
+                   **overrides) -> List[ParamReport]:
+    """Build each method on ``model_name`` (random weights suffice to count) and report it."""
+    from .methods import build_method, method_names
+
+    reports = []
+    for name in methods or method_names():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            method = build_method(name, model_name=model_name, **overrides)
+        reports.append(parameter_report(method))
+        del method
+        gc.collect()
+    return reports
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="avpt params", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=VIT_B16, help="open_clip model config (default ViT-B-16)")
+    parser.add_argument("--methods", nargs="*", default=None, help="methods (default: all)")
+    args = parser.parse_args(argv)
+    reports = report_methods(args.model, args.methods)
+    print(format_reports(reports))
+    avpt = [r for r in reports if r.method == "avpt"]
+    if avpt and args.model == VIT_B16 and avpt[0].percent_of_visual > BUDGET_PERCENT:
+        print(f"A-VPT exceeds the {BUDGET_PERCENT}% budget")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,21 +1,73 @@
-"""Prompt-token interaction, PIM (Eqs. 5-10): public entry point, checks and dispatch.
+"""Prompt-token interaction, PIM (Eqs. 5-10): public entry point, checks, dispatch, and the fused
+Triton forward/backward kernels with their custom-op registration.
 
 ``pim(z[B,T,D], p[B,K,D], params, num_heads) -> (z_out[B,T,D], p_tilde[B,K,D])``
+
+Triton path (``backend="triton"``). The products are reassociated so that the token tensor Z
+(T x D per image) is only ever multiplied by small per-image matrices. Columns ``c = h*KP + k``
+index (head, prompt) pairs, padded to ``HKP = HP*KP`` (powers of two, >= 16; padding is masked):
+
+  logits1[t,c] = Z_t . Mq[:,c] + cq[c]     Mq = scale * Wq_h^T k1[k,h]  [D,HKP],  cq = scale bq_h.k1[k,h]
+  S1 = softmax over k inside each head (per token, local to a row block)
+  G = S1^T Z [HKP,D], colsum = sum_t S1 [HKP]   ->  msg_h = G_h Wv_h^T + colsum bv_h  (tiny)
+  logits2[t,c] = Z_t . Mk[:,c]             Mk = scale * W'k_h^T q2[k,h]  (b'k only shifts a softmax
+                                           row over T, so it drops out exactly)
+  S2 = softmax over t per column c;  z_out_t = Z_t + alpha * (sum_c S2[c,t] Nv[c] + b'o),
+                                           Nv[c] = v2[k,h] W'o_h^T  [HKP,D]
+
+Forward, 3 launches over Z plus tiny torch algebra on [B,K,D]/[D,A]-sized matrices:
+  1. ``_t2p_reduce_kernel``   reads Z once: G, colsum (fp32 atomics across T blocks)
+  2. ``_p2t_stats_kernel``    reads Z once: per-column max / sum-exp partials of logits2
+  3. ``_p2t_update_kernel``   reads Z once, writes z_out once (and the attention if asked)
+  => Z is read 3 times from DRAM and z_out written once. (Reading Z only twice would require
+  either storing k2 = Z W'k^T [T,A] or the logits in pass 1, which cannot be formed before the
+  whole-image reduction G exists; the stats pass is the price of the softmax over T.)
+
+Backward, 2 launches over (Z, dZ_out) and nothing of size T x A or T x K saved:
+  A. ``_p2t_grad_reduce_kernel`` reads Z, dY once: E = S2^T dY, F1 = (S2*dS2)^T Z, F2 = S2^T Z,
+     sum_t dY (all [HKP,D] / [D], fp32 atomics); from them dNv, dMk, dalpha in closed form
+     (delta[c] = Nv[c].E[c] is the softmax-backward row sum, so no extra pass is needed).
+  B. ``_grad_z_kernel`` reads Z, dY once, writes dZ once, and accumulates dMq, dcq.
+  The small per-image algebra (P, weights -> Mq, cq, Mk, Nv, alpha, p_tilde) is recomputed in
+  backward and differentiated with ``torch.func.vjp``. Saved for backward: z, p, weights (inputs)
+  and G [B,HKP,D], colsum, softmax stats [B,HKP]: O(B*K*D) per layer.
+
+Supported by the Triton path: fp32/fp16/bf16, D a multiple of 16 up to 1024, 1 <= K <= 16, head
+width 8..64, HP*KP <= 256 (HP = heads padded to a power of two, KP = 8 for K <= 8 else 16, e.g.
+up to 16 heads with K = 16, 32 heads with K <= 8). Anything else: ``ValueError`` for
+``backend="triton"``, the torch path for ``"auto"``.
 """
 from __future__ import annotations
 
-from typing import Optional
+import math
+from typing import List, Optional, Tuple
 
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
 from torch import Tensor
 
 from . import _checks, reference
-from .backend import resolve
+from .backend import get_backend, resolve
 from .reference import PIMParams
 
-# Set to True by the kernel issue that adds this op's Triton kernels.
-HAS_TRITON = False
+HAS_TRITON = True
 
 T2P_REDUCE = ("sum", "mean")
+
+MAX_DIM = 1024
+MAX_PROMPTS = 16
+HEAD_WIDTHS = (8, 64)
+MAX_COLUMNS = 256  # HP * KP
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_DOT_MODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _dot_mode(dtype: torch.dtype, device: torch.device) -> int:
+    if dtype == torch.bfloat16 and device.type == "cpu":
+        return 3  # interpreter: see _mm
+    return _DOT_MODE[dtype]
 
 
 def check_args(z: Tensor, p: Tensor, params: PIMParams, num_heads: int, t2p_reduce: str) -> None:
@@ -57,6 +109,551 @@ def check_args(z: Tensor, p: Tensor, params: PIMParams, num_heads: int, t2p_redu
                                               for n in PIMParams._fields})
 
 
+# --------------------------------------------------------------------------------------------
+# Shapes, padding and launch configuration
+# --------------------------------------------------------------------------------------------
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def num_columns(num_heads: int, num_prompts: int) -> int:
+    """HKP: the (head, prompt) column axis c = h*K + k padded to a power of two >= 16."""
+    return max(16, _next_pow2(num_heads * num_prompts))
+
+
+def launch_config(columns: int, dtype: torch.dtype) -> Tuple[int, int, int]:
+    """(BLOCK_T, BLOCK_D, num_warps) for HKP = ``columns`` and the input dtype: row blocks shrink
+    as the [BLOCK_T, HKP] fp32 tiles widen, so the widest kernel (the dZ kernel, ~7 such tiles)
+    does not spill; fp32 (IEEE FMA dots) needs smaller tiles than the tensor-core dtypes."""
+    return _LAUNCH[(columns, dtype == torch.float32)]
+
+
+# (HKP, fp32?) -> (BLOCK_T, BLOCK_D, num_warps); every entry is in aot_configs (num_stages=1:
+# the D loops are short and software pipelining only adds registers here).
+_LAUNCH = {
+    (16, True): (16, 32, 4), (32, True): (16, 32, 8), (64, True): (16, 16, 8),
+    (128, True): (16, 16, 8), (256, True): (16, 16, 8),
+    (16, False): (32, 32, 4), (32, False): (32, 32, 4), (64, False): (16, 32, 4),
+    (128, False): (16, 32, 8), (256, False): (16, 16, 8),
+}
+NUM_STAGES = 1
+
+
+def triton_unsupported_reason(z: Tensor, p: Tensor, params: PIMParams, num_heads: int) -> Optional[str]:
+    """Why the Triton path cannot run these (already validated) arguments, or None."""
+    d, k, a = z.shape[2], p.shape[1], params.t2p_q_w.shape[0]
+    head_dim = a // num_heads
+    if z.dtype not in TRITON_DTYPES:
+        return f"dtype {z.dtype} (the kernels take float32, float16 or bfloat16)"
+    if d % 16 or d > MAX_DIM:
+        return f"D={d} (the kernels need D a multiple of 16, at most {MAX_DIM})"
+    if k > MAX_PROMPTS:
+        return f"K={k} prompts (the kernels take 1 to {MAX_PROMPTS})"
+    if not HEAD_WIDTHS[0] <= head_dim <= HEAD_WIDTHS[1]:
+        return f"head width {head_dim} (the kernels take {HEAD_WIDTHS[0]} to {HEAD_WIDTHS[1]})"
+    if num_heads * k > MAX_COLUMNS:
+        return (f"num_heads={num_heads} with K={k} ({num_heads * k} head-prompt columns, the "
+                f"kernels take at most {MAX_COLUMNS})")
+    return None
+
+
+def pim_min_bytes(B: int, T: int, D: int, K: int, A: int, dtype: torch.dtype,
+                  backward: bool = False) -> int:
+    """Traffic floor of one PIM layer (the DESIGN.md target): forward reads Z twice and writes
+    z_out once; backward reads Z and dZ_out twice each and writes dZ once. The K- and A-sized
+    operands (P, P~, weights) are added once. The kernels here read Z three times in the forward
+    (see the module docstring), i.e. ``pim_achieved_bytes``."""
+    e = torch.empty((), dtype=dtype).element_size()
+    big = B * T * D * e
+    small = (2 * B * K * D + 8 * A * D) * e
+    return (5 if backward else 3) * big + small
+
+
+def pim_achieved_bytes(B: int, T: int, D: int, K: int, A: int, dtype: torch.dtype,
+                       backward: bool = False) -> int:
+    """DRAM traffic model of these kernels (Z-sized streams only plus the small operands):
+    forward 3 reads of Z + 1 write; backward 2 x (Z + dY) reads + 1 dZ write."""
+    e = torch.empty((), dtype=dtype).element_size()
+    big = B * T * D * e
+    small = (2 * B * K * D + 8 * A * D) * e
+    return (5 if backward else 4) * big + small
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _mm(a, b, DOT_MODE: tl.constexpr):
+    """a @ b with fp32 accumulation: fp32 operands in IEEE precision (no TF32), or both operands
+    rounded to the input's 16-bit type (tensor cores). Mode 3 is mode 2 for TRITON_INTERPRET=1,
+    whose tl.dot on bfloat16 operands returns garbage (triton 3.8); it is never compiled."""
+    if DOT_MODE == 0:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif DOT_MODE == 1:
+        return tl.dot(a.to(tl.float16), b.to(tl.float16))
+    elif DOT_MODE == 2:
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    else:  # bf16-rounded operands, exact fp32 products: what mode 2 computes, for the interpreter
+        return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32),
+                      input_precision="ieee")
+
+
+@triton.jit
+def _columns(K, H, HKP: tl.constexpr):
+    """Column indices c = h*K + k, the head of each column, and which columns are real."""
+    cols = tl.arange(0, HKP)
+    return cols, cols // K, cols < H * K
+
+
+@triton.jit
+def _head_softmax(logits, head, col_ok, H, BLOCK_T: tl.constexpr, HKP: tl.constexpr):
+    """Softmax over the K prompt columns of each head, per row; padded columns give 0.
+    (A loop over heads with masks: the column axis is h*K + k for any K, no reshape needed.)"""
+    x = tl.where(col_ok[None, :], logits, -1.0e30)
+    m = tl.zeros((BLOCK_T, HKP), dtype=tl.float32)
+    for h in range(H):
+        sel = (head == h)[None, :]
+        m = tl.where(sel, tl.max(tl.where(sel, x, -1.0e30), axis=1)[:, None], m)
+    e = tl.where(col_ok[None, :], tl.exp(x - m), 0.0)
+    return e / _head_sum(e, head, H, BLOCK_T, HKP)
+
+
+@triton.jit
+def _head_sum(x, head, H, BLOCK_T: tl.constexpr, HKP: tl.constexpr):
+    """Sum over the prompt columns of each head, broadcast back to every column of the head
+    (padded columns get 1, so that dividing by it is safe)."""
+    s = tl.full((BLOCK_T, HKP), 1.0, dtype=tl.float32)
+    for h in range(H):
+        sel = (head == h)[None, :]
+        s = tl.where(sel, tl.sum(tl.where(sel, x, 0.0), axis=1)[:, None], s)
+    return s
+
+
+@triton.jit
+def _t2p_reduce_kernel(z_ptr, mq_ptr, cq_ptr, g_ptr, colsum_ptr, T, D, K, H,
+                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HKP: tl.constexpr,
+                       DOT_MODE: tl.constexpr):
+    """Token->prompt pass. Grid (B, cdiv(T, BLOCK_T)).
+    z [B,T,D], mq [B,D,HKP] fp32, cq [B,HKP] fp32 -> g [B,HKP,D] += S1^T Z, colsum [B,HKP] += sum_t S1."""
+    b = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    cols, head, col_ok = _columns(K, H, HKP)
+    z_img = z_ptr + b * T * D
+    logits = tl.zeros((BLOCK_T, HKP), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dd < D
+        zt = tl.load(z_img + rows[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        mq = tl.load(mq_ptr + b * D * HKP + dd[:, None] * HKP + cols[None, :], mask=d_ok[:, None], other=0.0)
+        logits += _mm(zt, mq, DOT_MODE)
+    logits += tl.load(cq_ptr + b * HKP + cols)[None, :]
+    s1 = tl.where(row_ok[:, None], _head_softmax(logits, head, col_ok, H, BLOCK_T, HKP), 0.0)
+    tl.atomic_add(colsum_ptr + b * HKP + cols, tl.sum(s1, axis=0), sem="relaxed")
+    s1t = tl.trans(s1)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dd < D
+        zt = tl.load(z_img + rows[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        tl.atomic_add(g_ptr + b * HKP * D + cols[:, None] * D + dd[None, :], _mm(s1t, zt, DOT_MODE),
+                      mask=d_ok[None, :], sem="relaxed")
+
+
+@triton.jit
+def _p2t_logits(z_img, mk_img, rows, row_ok, D, HKP: tl.constexpr, BLOCK_T: tl.constexpr,
+                BLOCK_D: tl.constexpr, DOT_MODE: tl.constexpr):
+    """[BLOCK_T, HKP] fp32 logits2 = Z_rows Mk."""
+    cols = tl.arange(0, HKP)
+    acc = tl.zeros((BLOCK_T, HKP), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dd < D
+        zt = tl.load(z_img + rows[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        mk = tl.load(mk_img + dd[:, None] * HKP + cols[None, :], mask=d_ok[:, None], other=0.0)
+        acc += _mm(zt, mk, DOT_MODE)
+    return acc
+
+
+@triton.jit
+def _p2t_stats_kernel(z_ptr, mk_ptr, mpart_ptr, lpart_ptr, T, D,
+                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HKP: tl.constexpr,
+                      DOT_MODE: tl.constexpr):
+    """Softmax-over-T statistics, per row block. Grid (B, NTB).
+    z [B,T,D], mk [B,D,HKP] -> mpart, lpart [B,NTB,HKP] (block max and sum of exp(logit - max))."""
+    b = tl.program_id(0).to(tl.int64)
+    tb = tl.program_id(1)
+    rows = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    cols = tl.arange(0, HKP)
+    logits = _p2t_logits(z_ptr + b * T * D, mk_ptr + b * D * HKP, rows, row_ok, D, HKP,
+                         BLOCK_T, BLOCK_D, DOT_MODE)
+    logits = tl.where(row_ok[:, None], logits, float("-inf"))
+    m = tl.max(logits, axis=0)  # every block holds at least one valid row: finite
+    l = tl.sum(tl.exp(logits - m[None, :]), axis=0)
+    out = (b * tl.num_programs(1) + tb) * HKP + cols
+    tl.store(mpart_ptr + out, m)
+    tl.store(lpart_ptr + out, l)
+
+
+@triton.jit
+def _p2t_probs(logits, m2_ptr, l2_ptr, b, row_ok, HKP: tl.constexpr):
+    cols = tl.arange(0, HKP)
+    m = tl.load(m2_ptr + b * HKP + cols)
+    inv_l = 1.0 / tl.load(l2_ptr + b * HKP + cols)
+    s2 = tl.exp(logits - m[None, :]) * inv_l[None, :]
+    return tl.where(row_ok[:, None], s2, 0.0)
+
+
+@triton.jit
+def _p2t_update_kernel(z_ptr, mk_ptr, m2_ptr, l2_ptr, nv_ptr, bo_ptr, alpha_ptr, out_ptr, attn_ptr,
+                       T, D, HK, return_attn,
+                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HKP: tl.constexpr,
+                       DOT_MODE: tl.constexpr):
+    """Prompt->token update and gated residual. Grid (B, cdiv(T, BLOCK_T)).
+    z_out = Z + alpha * (S2^T Nv + b'o); nv [B,HKP,D] fp32, bo [D] fp32, alpha [B] fp32;
+    attn [B,H,K,T] = [B,HK,T] fp32 written when return_attn != 0."""
+    b = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    cols = tl.arange(0, HKP)
+    z_img = z_ptr + b * T * D
+    logits = _p2t_logits(z_img, mk_ptr + b * D * HKP, rows, row_ok, D, HKP, BLOCK_T, BLOCK_D, DOT_MODE)
+    s2 = _p2t_probs(logits, m2_ptr, l2_ptr, b, row_ok, HKP)
+    if return_attn:
+        dst = attn_ptr + b * HK * T + cols[None, :] * T + rows[:, None]
+        tl.store(dst, s2, mask=row_ok[:, None] & (cols < HK)[None, :])
+    alpha = tl.load(alpha_ptr + b)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dd < D
+        nv = tl.load(nv_ptr + b * HKP * D + cols[:, None] * D + dd[None, :], mask=d_ok[None, :], other=0.0)
+        upd = _mm(s2, nv, DOT_MODE) + tl.load(bo_ptr + dd, mask=d_ok, other=0.0)[None, :]
+        ptrs = rows[:, None] * D + dd[None, :]
+        mask = row_ok[:, None] & d_ok[None, :]
+        zt = tl.load(z_img + ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + b * T * D + ptrs, (zt + alpha * upd).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _p2t_grad_reduce_kernel(z_ptr, y_ptr, mk_ptr, nv_ptr, m2_ptr, l2_ptr, e_ptr, f1_ptr, f2_ptr,
+                            ysum_ptr, T, D,
+                            BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HKP: tl.constexpr,
+                            DOT_MODE: tl.constexpr):
+    """Backward reductions of the prompt->token side. Grid (B, cdiv(T, BLOCK_T)).
+    y = dL/dz_out [B,T,D]; with yn[t,c] = y_t . Nv[c]:
+    e += S2^T y, f1 += (S2*yn)^T Z, f2 += S2^T Z  ([B,HKP,D] fp32), ysum += sum_t y ([B,D])."""
+    b = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    cols = tl.arange(0, HKP)
+    z_img = z_ptr + b * T * D
+    y_img = y_ptr + b * T * D
+    nv_img = nv_ptr + b * HKP * D
+    logits = tl.zeros((BLOCK_T, HKP), dtype=tl.float32)
+    yn = tl.zeros((BLOCK_T, HKP), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dd < D
+        tile = rows[:, None] * D + dd[None, :]
+        mask = row_ok[:, None] & d_ok[None, :]
+        zt = tl.load(z_img + tile, mask=mask, other=0.0)
+        yt = tl.load(y_img + tile, mask=mask, other=0.0)
+        mk = tl.load(mk_ptr + b * D * HKP + dd[:, None] * HKP + cols[None, :], mask=d_ok[:, None], other=0.0)
+        nvt = tl.load(nv_img + cols[None, :] * D + dd[:, None], mask=d_ok[:, None], other=0.0)
+        logits += _mm(zt, mk, DOT_MODE)
+        yn += _mm(yt, nvt, DOT_MODE)
+    s2 = _p2t_probs(logits, m2_ptr, l2_ptr, b, row_ok, HKP)
+    s2t = tl.trans(s2)
+    ws2t = tl.trans(s2 * yn)
+    out = b * HKP * D + cols[:, None] * D
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dd < D
+        tile = rows[:, None] * D + dd[None, :]
+        mask = row_ok[:, None] & d_ok[None, :]
+        zt = tl.load(z_img + tile, mask=mask, other=0.0)
+        yt = tl.load(y_img + tile, mask=mask, other=0.0)
+        dst = out + dd[None, :]
+        tl.atomic_add(e_ptr + dst, _mm(s2t, yt, DOT_MODE), mask=d_ok[None, :], sem="relaxed")
+        tl.atomic_add(f1_ptr + dst, _mm(ws2t, zt, DOT_MODE), mask=d_ok[None, :], sem="relaxed")
+        tl.atomic_add(f2_ptr + dst, _mm(s2t, zt, DOT_MODE), mask=d_ok[None, :], sem="relaxed")
+        tl.atomic_add(ysum_ptr + b * D + dd, tl.sum(yt.to(tl.float32), axis=0), mask=d_ok, sem="relaxed")
+
+
+@triton.jit
+def _grad_z_kernel(z_ptr, y_ptr, mq_ptr, cq_ptr, mk_ptr, nv_ptr, m2_ptr, l2_ptr, alpha_ptr,
+                   delta_ptr, dg_ptr, dcolsum_ptr, dz_ptr, dmq_ptr, dcq_ptr, T, D, K, H,
+                   BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HKP: tl.constexpr,
+                   DOT_MODE: tl.constexpr):
+    """dZ through both attentions, and the token-side reductions of the token->prompt backward.
+    Grid (B, cdiv(T, BLOCK_T)). With dG [B,HKP,D], dcolsum [B,HKP] (gradients of G, colsum),
+    delta [B,HKP] = Nv.E, alpha [B]:
+      dS1 = Z dG^T + dcolsum; dl1 = S1 * (dS1 - headsum(S1*dS1))
+      dl2 = alpha * S2^T * (y Nv^T - delta)
+      dz = y + dl2 Mk^T + S1 dG + dl1 Mq^T;   dmq [B,D,HKP] += Z^T dl1;  dcq [B,HKP] += sum_t dl1."""
+    b = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    cols, head, col_ok = _columns(K, H, HKP)
+    z_img = z_ptr + b * T * D
+    y_img = y_ptr + b * T * D
+    mq_img = mq_ptr + b * D * HKP
+    mk_img = mk_ptr + b * D * HKP
+    nv_img = nv_ptr + b * HKP * D
+    dg_img = dg_ptr + b * HKP * D
+    logits1 = tl.zeros((BLOCK_T, HKP), dtype=tl.float32)
+    logits2 = tl.zeros((BLOCK_T, HKP), dtype=tl.float32)
+    yn = tl.zeros((BLOCK_T, HKP), dtype=tl.float32)
+    ds1 = tl.zeros((BLOCK_T, HKP), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dd < D
+        tile = rows[:, None] * D + dd[None, :]
+        mask = row_ok[:, None] & d_ok[None, :]
+        zt = tl.load(z_img + tile, mask=mask, other=0.0)
+        yt = tl.load(y_img + tile, mask=mask, other=0.0)
+        small = dd[:, None] * HKP + cols[None, :]  # [BLOCK_D, HKP] of a [D, HKP] matrix
+        small_t = cols[None, :] * D + dd[:, None]  # [BLOCK_D, HKP] of a [HKP, D] matrix
+        logits1 += _mm(zt, tl.load(mq_img + small, mask=d_ok[:, None], other=0.0), DOT_MODE)
+        logits2 += _mm(zt, tl.load(mk_img + small, mask=d_ok[:, None], other=0.0), DOT_MODE)
+        yn += _mm(yt, tl.load(nv_img + small_t, mask=d_ok[:, None], other=0.0), DOT_MODE)
+        ds1 += _mm(zt, tl.load(dg_img + small_t, mask=d_ok[:, None], other=0.0), DOT_MODE)
+    logits1 += tl.load(cq_ptr + b * HKP + cols)[None, :]
+    s1 = tl.where(row_ok[:, None], _head_softmax(logits1, head, col_ok, H, BLOCK_T, HKP), 0.0)
+    ds1 += tl.load(dcolsum_ptr + b * HKP + cols)[None, :]
+    dl1 = s1 * (ds1 - _head_sum(s1 * ds1, head, H, BLOCK_T, HKP))
+    alpha = tl.load(alpha_ptr + b)
+    delta = tl.load(delta_ptr + b * HKP + cols)
+    s2 = _p2t_probs(logits2, m2_ptr, l2_ptr, b, row_ok, HKP)
+    dl2 = alpha * s2 * (yn - delta[None, :])
+    tl.atomic_add(dcq_ptr + b * HKP + cols, tl.sum(dl1, axis=0), sem="relaxed")
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dd < D
+        tile = rows[:, None] * D + dd[None, :]
+        mask = row_ok[:, None] & d_ok[None, :]
+        zt = tl.load(z_img + tile, mask=mask, other=0.0)
+        yt = tl.load(y_img + tile, mask=mask, other=0.0).to(tl.float32)
+        small_t = dd[None, :] * HKP + cols[:, None]  # [HKP, BLOCK_D] of a [D, HKP] matrix
+        big = cols[:, None] * D + dd[None, :]  # [HKP, BLOCK_D] of a [HKP, D] matrix
+        dz = yt + _mm(dl2, tl.load(mk_img + small_t, mask=d_ok[None, :], other=0.0), DOT_MODE)
+        dz += _mm(s1, tl.load(dg_img + big, mask=d_ok[None, :], other=0.0), DOT_MODE)
+        dz += _mm(dl1, tl.load(mq_img + small_t, mask=d_ok[None, :], other=0.0), DOT_MODE)
+        tl.store(dz_ptr + b * T * D + tile, dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        tl.atomic_add(dmq_ptr + b * D * HKP + dd[:, None] * HKP + cols[None, :],
+                      _mm(tl.trans(zt), dl1, DOT_MODE), mask=d_ok[:, None], sem="relaxed")
+
+
+# --------------------------------------------------------------------------------------------
+# Small per-image algebra (torch, fp32): [B,K,D]- and [D,A]-sized, differentiated by torch.func
+# --------------------------------------------------------------------------------------------
+def _pad_columns(x: Tensor, hkp: int) -> Tensor:
+    """[..., H, K] -> [..., HKP] (c = h*K + k), zero-padded."""
+    x = x.flatten(-2)
+    return F.pad(x, (0, hkp - x.shape[-1]))
+
+
+def _unpad_columns(x: Tensor, h: int, k: int, dim: int) -> Tensor:
+    """[.., HKP, ..] at ``dim`` -> [.., H, K, ..]."""
+    x = x.narrow(dim, 0, h * k)
+    return x.reshape(x.shape[:dim] + (h, k) + x.shape[dim + 1:])
+
+
+def _t2p_small(p: Tensor, wq: Tensor, bq: Tensor, wk: Tensor, bk: Tensor, num_heads: int,
+               hkp: int) -> Tuple[Tensor, Tensor]:
+    """P [B,K,D] -> Mq [B,D,HKP], cq [B,HKP] (scale folded in)."""
+    b, k, d = p.shape
+    a = wq.shape[0]
+    dh = a // num_heads
+    scale = 1.0 / math.sqrt(dh)
+    k1 = F.linear(p, wk, bk).reshape(b, k, num_heads, dh)
+    mq = torch.einsum("hjd,bkhj->bdhk", wq.reshape(num_heads, dh, d), k1) * scale
+    cq = torch.einsum("hj,bkhj->bhk", bq.reshape(num_heads, dh), k1) * scale
+    return _pad_columns(mq, hkp), _pad_columns(cq, hkp)
+
+
+def _p2t_small(g: Tensor, colsum: Tensor, p: Tensor, z0: Tensor, w: List[Tensor], num_heads: int,
+               hkp: int, inv_tokens: float):
+    """(G [B,HKP,D], colsum [B,HKP], P [B,K,D], Z[:,0] [B,D], fp32 weights) ->
+    p_tilde [B,K,D], Mk [B,D,HKP], Nv [B,HKP,D], alpha [B]."""
+    b, k, d = p.shape
+    a = w[0].shape[0]
+    dh = a // num_heads
+    scale = 1.0 / math.sqrt(dh)
+    P = PIMParams(*w)
+    gh = _unpad_columns(g, num_heads, k, 1)  # [B,H,K,D]
+    ch = _unpad_columns(colsum, num_heads, k, 1)  # [B,H,K]
+    msg = (torch.einsum("bhkd,hjd->bkhj", gh, P.t2p_v_w.reshape(num_heads, dh, d))
+           + ch.transpose(1, 2)[..., None] * P.t2p_v_b.reshape(num_heads, dh)) * inv_tokens
+    p_tilde = p + F.linear(msg.reshape(b, k, a), P.t2p_o_w, P.t2p_o_b)
+    q2 = F.linear(p_tilde, P.p2t_q_w, P.p2t_q_b).reshape(b, k, num_heads, dh)
+    mk = torch.einsum("hjd,bkhj->bdhk", P.p2t_k_w.reshape(num_heads, dh, d), q2) * scale
+    v2 = F.linear(p_tilde, P.p2t_v_w, P.p2t_v_b).reshape(b, k, num_heads, dh)
+    nv = torch.einsum("bkhj,ehj->bhke", v2, P.p2t_o_w.reshape(d, num_heads, dh))
+    gate_in = torch.cat([p_tilde.mean(dim=1), z0], dim=-1)
+    hidden = F.gelu(F.linear(gate_in, P.gate_w1, P.gate_b1))
+    alpha = torch.sigmoid(F.linear(hidden, P.gate_w2, P.gate_b2))[:, 0]
+    nv = F.pad(nv.reshape(b, num_heads * k, d), (0, 0, 0, hkp - num_heads * k))
+    return p_tilde, _pad_columns(mk, hkp), nv, alpha
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+def _layout(z: Tensor, p: Tensor, num_heads: int):
+    b, t, d = z.shape
+    hkp = num_columns(num_heads, p.shape[1])
+    block_t, block_d, warps = launch_config(hkp, z.dtype)
+    return b, t, d, p.shape[1], hkp, block_t, block_d, warps
+
+
+def _forward(z: Tensor, p: Tensor, weights: List[Tensor], num_heads: int, mean_reduce: bool,
+             return_attn: bool):
+    z = z.contiguous()
+    b, t, d, k, hkp, block_t, block_d, warps = _layout(z, p, num_heads)
+    ntb = triton.cdiv(t, block_t)
+    mode = _dot_mode(z.dtype, z.device)
+    w = [x.float() for x in weights]
+    P = PIMParams(*w)
+    pf = p.float()
+    mq, cq = _t2p_small(pf, P.t2p_q_w, P.t2p_q_b, P.t2p_k_w, P.t2p_k_b, num_heads, hkp)
+    mq, cq = mq.contiguous(), cq.contiguous()
+    g = torch.zeros(b, hkp, d, device=z.device, dtype=torch.float32)
+    colsum = torch.zeros(b, hkp, device=z.device, dtype=torch.float32)
+    _t2p_reduce_kernel[(b, ntb)](z, mq, cq, g, colsum, t, d, k, num_heads, BLOCK_T=block_t,
+                                 BLOCK_D=block_d, HKP=hkp, DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES)
+    p_tilde, mk, nv, alpha = _p2t_small(g, colsum, pf, z[:, 0].float(), w, num_heads, hkp,
+                                        1.0 / t if mean_reduce else 1.0)
+    mk, nv = mk.contiguous(), nv.contiguous()
+    mpart = torch.empty(b, ntb, hkp, device=z.device, dtype=torch.float32)
+    lpart = torch.empty_like(mpart)
+    _p2t_stats_kernel[(b, ntb)](z, mk, mpart, lpart, t, d, BLOCK_T=block_t, BLOCK_D=block_d,
+                                HKP=hkp, DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES)
+    m2 = mpart.amax(dim=1)
+    l2 = (lpart * torch.exp(mpart - m2[:, None])).sum(dim=1)
+    out = torch.empty_like(z)
+    attn = torch.empty((b, num_heads, k, t) if return_attn else (0,), device=z.device,
+                       dtype=torch.float32)
+    _p2t_update_kernel[(b, ntb)](z, mk, m2, l2, nv, P.p2t_o_b.contiguous(), alpha.contiguous(), out,
+                                 attn, t, d, num_heads * k, int(return_attn), BLOCK_T=block_t,
+                                 BLOCK_D=block_d, HKP=hkp, DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES)
+    return out, p_tilde.to(p.dtype), attn, g, colsum, m2, l2
+
+
+def _backward(grad_out: Tensor, grad_p_tilde: Tensor, z: Tensor, p: Tensor, weights: List[Tensor],
+              g: Tensor, colsum: Tensor, m2: Tensor, l2: Tensor, num_heads: int, mean_reduce: bool):
+    z, y = z.contiguous(), grad_out.contiguous()
+    b, t, d, k, hkp, block_t, block_d, warps = _layout(z, p, num_heads)
+    ntb = triton.cdiv(t, block_t)
+    mode = _dot_mode(z.dtype, z.device)
+    w = [x.float() for x in weights]
+    pf, z0 = p.float(), z[:, 0].float()
+    inv_tokens = 1.0 / t if mean_reduce else 1.0
+
+    def t2p_small(p_, wq, bq, wk, bk):
+        return _t2p_small(p_, wq, bq, wk, bk, num_heads, hkp)
+
+    def p2t_small(g_, colsum_, p_, z0_, *w_):
+        return _p2t_small(g_, colsum_, p_, z0_, list(w_), num_heads, hkp, inv_tokens)
+
+    t2p_idx = [PIMParams._fields.index(n) for n in ("t2p_q_w", "t2p_q_b", "t2p_k_w", "t2p_k_b")]
+    (mq, cq), t2p_vjp = torch.func.vjp(t2p_small, pf, *(w[i] for i in t2p_idx))
+    (p_tilde, mk, nv, alpha), p2t_vjp = torch.func.vjp(p2t_small, g, colsum, pf, z0, *w)
+    mq, cq, mk, nv, alpha = (x.detach().contiguous() for x in (mq, cq, mk, nv, alpha))
+
+    # Pass A: prompt->token reductions.
+    e = torch.zeros(b, hkp, d, device=z.device, dtype=torch.float32)
+    f1, f2 = torch.zeros_like(e), torch.zeros_like(e)
+    ysum = torch.zeros(b, d, device=z.device, dtype=torch.float32)
+    _p2t_grad_reduce_kernel[(b, ntb)](z, y, mk, nv, m2, l2, e, f1, f2, ysum, t, d, BLOCK_T=block_t,
+                                      BLOCK_D=block_d, HKP=hkp, DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES)
+    delta = (nv * e).sum(dim=-1)  # [B,HKP]: sum_t S2[c,t] (y_t . Nv[c])
+    grad_nv = alpha[:, None, None] * e
+    grad_mk = (alpha[:, None, None] * (f1 - delta[..., None] * f2)).transpose(1, 2)
+    bo2 = w[PIMParams._fields.index("p2t_o_b")]
+    grad_alpha = delta.sum(dim=1) + ysum @ bo2
+    grad_g, grad_colsum, grad_p, grad_z0, *grad_w = p2t_vjp(
+        (grad_p_tilde.float(), grad_mk, grad_nv, grad_alpha))
+    grad_w[PIMParams._fields.index("p2t_o_b")] = grad_w[PIMParams._fields.index("p2t_o_b")] \
+        + (alpha[:, None] * ysum).sum(dim=0)
+
+    # Pass B: dZ, and the token-side reductions of the token->prompt backward.
+    dz = torch.empty_like(z)
+    grad_mq = torch.zeros_like(mq)
+    grad_cq = torch.zeros_like(cq)
+    _grad_z_kernel[(b, ntb)](z, y, mq, cq, mk, nv, m2, l2, alpha, delta.contiguous(),
+                             grad_g.contiguous(), grad_colsum.contiguous(), dz, grad_mq, grad_cq,
+                             t, d, k, num_heads, BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp,
+                             DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES)
+    dz[:, 0] += grad_z0.to(dz.dtype)  # the gate reads the class token
+    grad_p2, *grad_t2p = t2p_vjp((grad_mq, grad_cq))
+    for i, gw in zip(t2p_idx, grad_t2p):
+        grad_w[i] = grad_w[i] + gw
+    grad_p = grad_p + grad_p2
+    return [dz, grad_p.to(p.dtype)] + [gw.to(x.dtype) for gw, x in zip(grad_w, weights)]
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops + autograd
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("avpt::pim_forward", mutates_args=())
+def pim_forward_op(z: Tensor, p: Tensor, weights: List[Tensor], num_heads: int, mean_reduce: bool,
+                   return_attn: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """-> z_out [B,T,D], p_tilde [B,K,D], attn [B,H,K,T] fp32 (or [0]), and what backward needs:
+    G [B,HKP,D], colsum [B,HKP], softmax-over-T max and sum m2, l2 [B,HKP] (all fp32)."""
+    return _forward(z, p, weights, num_heads, mean_reduce, return_attn)
+
+
+@pim_forward_op.register_fake
+def _(z, p, weights, num_heads, mean_reduce, return_attn):
+    b, t, d = z.shape
+    k = p.shape[1]
+    hkp = num_columns(num_heads, k)
+    f32 = dict(device=z.device, dtype=torch.float32)
+    attn = z.new_empty((b, num_heads, k, t) if return_attn else (0,), dtype=torch.float32)
+    return (torch.empty_like(z), torch.empty_like(p), attn, z.new_empty(b, hkp, d, **f32),
+            z.new_empty(b, hkp, **f32), z.new_empty(b, hkp, **f32),
+            z.new_empty(b, hkp, **f32))
+
+
+@torch.library.custom_op("avpt::pim_backward", mutates_args=())
+def pim_backward_op(grad_out: Tensor, grad_p_tilde: Tensor, z: Tensor, p: Tensor,
+                    weights: List[Tensor], g: Tensor, colsum: Tensor, m2: Tensor, l2: Tensor,
+                    num_heads: int, mean_reduce: bool) -> List[Tensor]:
+    """-> [dz, dp, d(each weight)] of pim_forward_op."""
+    return _backward(grad_out, grad_p_tilde, z, p, weights, g, colsum, m2, l2, num_heads, mean_reduce)
+
+
+@pim_backward_op.register_fake
+def _(grad_out, grad_p_tilde, z, p, weights, g, colsum, m2, l2, num_heads, mean_reduce):
+    return [torch.empty_like(z), torch.empty_like(p)] + [torch.empty_like(w) for w in weights]
+
+
+def _setup_context(ctx, inputs, output):
+    z, p, weights, num_heads, mean_reduce, _ = inputs
+    _, _, attn, g, colsum, m2, l2 = output
+    ctx.save_for_backward(z, p, g, colsum, m2, l2, *weights)
+    ctx.num_heads, ctx.mean_reduce = num_heads, mean_reduce
+    ctx.mark_non_differentiable(attn, g, colsum, m2, l2)
+
+
+def _backward_formula(ctx, grad_out, grad_p_tilde, *unused):
+    z, p, g, colsum, m2, l2, *weights = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(z)
+    if grad_p_tilde is None:
+        grad_p_tilde = torch.zeros_like(p)
+    grads = pim_backward_op(grad_out, grad_p_tilde, z, p, weights, g, colsum, m2, l2,
+                            ctx.num_heads, ctx.mean_reduce)
+    return grads[0], grads[1], grads[2:], None, None, None
+
+
+pim_forward_op.register_autograd(_backward_formula, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------
 def pim(z: Tensor, p: Tensor, params: PIMParams, num_heads: int, t2p_reduce: str = "sum",
         return_attn: bool = False, *, backend: Optional[str] = None):
     """PIM, Eqs. 5-10: token->prompt then prompt->token cross-attention and a gated residual.
@@ -65,8 +662,58 @@ def pim(z: Tensor, p: Tensor, params: PIMParams, num_heads: int, t2p_reduce: str
     (nn.Linear layout), ``num_heads`` heads of width A / num_heads, scale 1/sqrt(head width).
     ``t2p_reduce``: "sum" (Eq. 6 as written) or "mean" (divide the token sum by T).
     Returns ``(z_out [B,T,D], p_tilde [B,K,D])`` and, with ``return_attn``, the prompt->token
-    attention ``[B,H,K,T]`` (for rollout, Eq. 18).
+    attention ``[B,H,K,T]`` (for rollout, Eq. 18; fp32, and not differentiated on the Triton path).
     """
     check_args(z, p, params, num_heads, t2p_reduce)
-    resolve("pim", z.device, backend, has_triton=HAS_TRITON)
-    return reference.pim(z, p, params, num_heads, t2p_reduce, return_attn)
+    name = resolve("pim", z.device, backend, has_triton=HAS_TRITON)
+    if name == "triton":
+        reason = triton_unsupported_reason(z, p, params, num_heads)
+        if reason is not None:
+            if (backend if backend is not None else get_backend()) == "triton":
+                raise ValueError(f"pim: backend='triton' does not support {reason}; "
+                                 f"use backend='torch' or 'auto'")
+            name = "torch"
+    if name == "torch":
+        return reference.pim(z, p, params, num_heads, t2p_reduce, return_attn)
+    z_out, p_tilde, attn, *_ = pim_forward_op(z, p, list(params), num_heads, t2p_reduce == "mean",
+                                              return_attn)
+    return (z_out, p_tilde, attn) if return_attn else (z_out, p_tilde)
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time configurations
+# --------------------------------------------------------------------------------------------
+def aot_configs():
+    """Every kernel configuration the launchers can select: HKP in {16, ..., MAX_COLUMNS} x input
+    dtype, each with the (BLOCK_T, BLOCK_D, num_warps) that launch_config picks for it."""
+    from .aot import KernelConfig
+
+    configs = []
+    for dtype, mode in _DOT_MODE.items():
+        zp = "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+        hkp = 16
+        while hkp <= _next_pow2(MAX_COLUMNS):
+            block_t, block_d, warps = launch_config(hkp, dtype)
+            const = dict(BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp, DOT_MODE=mode)
+            cexpr = {c: "constexpr" for c in const}
+
+            def add(fn, **sig):
+                configs.append(KernelConfig(fn, {**{n: ("*fp32" if v == "f" else zp if v == "z" else v)
+                                                    for n, v in sig.items()}, **cexpr},
+                                            const, num_warps=warps, num_stages=NUM_STAGES))
+
+            add(_t2p_reduce_kernel, z_ptr="z", mq_ptr="f", cq_ptr="f", g_ptr="f", colsum_ptr="f",
+                T="i32", D="i32", K="i32", H="i32")
+            add(_p2t_stats_kernel, z_ptr="z", mk_ptr="f", mpart_ptr="f", lpart_ptr="f",
+                T="i32", D="i32")
+            add(_p2t_update_kernel, z_ptr="z", mk_ptr="f", m2_ptr="f", l2_ptr="f", nv_ptr="f",
+                bo_ptr="f", alpha_ptr="f", out_ptr="z", attn_ptr="f", T="i32", D="i32", HK="i32",
+                return_attn="i32")
+            add(_p2t_grad_reduce_kernel, z_ptr="z", y_ptr="z", mk_ptr="f", nv_ptr="f", m2_ptr="f",
+                l2_ptr="f", e_ptr="f", f1_ptr="f", f2_ptr="f", ysum_ptr="f", T="i32", D="i32")
+            add(_grad_z_kernel, z_ptr="z", y_ptr="z", mq_ptr="f", cq_ptr="f", mk_ptr="f",
+                nv_ptr="f", m2_ptr="f", l2_ptr="f", alpha_ptr="f", delta_ptr="f", dg_ptr="f",
+                dcolsum_ptr="f", dz_ptr="z", dmq_ptr="f", dcq_ptr="f", T="i32", D="i32", K="i32",
+                H="i32")
+            hkp *= 2
+    return configs

@@ -1,22 +1,43 @@
-"""Soft region pooling (Eq. 2): public entry point, argument checks and backend dispatch.
+"""Soft region pooling (Eq. 2): public entry point, argument checks, Triton kernels and autograd.
 
 ``region_pool(features[B,T|N,D], maps[B,N,R] | maps[B,R,Hm,Wm]) -> [B,R,D]``
+
+Kernels (all accumulate in fp32):
+
+* ``_region_pool_fwd_kernel``  one launch, grid (B, D-blocks). Each program walks the N patches in
+  tiles of BLOCK_P, forms the area weights A[p, r] of the tile (token maps: a load; pixel maps: the
+  f x f box average of each patch, computed from the full-resolution maps in registers) and
+  accumulates ``A^T F`` [R, BLOCK_D] and ``sum_p A`` [R]. For pixel maps BLOCK_D covers D (up to
+  1024), so the full-resolution maps are read exactly once and never written at patch resolution.
+  Writes out [B,R,D] and den = sum_p A [B,R] (fp32, saved for backward).
+* ``_region_pool_bwd_kernel``  one launch, grid (B, patch tiles). With G = dout / (den + eps):
+  ``dF[p] = sum_r A[p,r] G[r]`` (zero for the class token) and
+  ``dA[p,r] = F[p].G[r] - out[r].G[r]``; for pixel maps dA / f^2 is spread over the f x f block.
+  Reads features and maps once, writes dF and dmaps once.
+
+R is padded to 16 (masked) so that both contractions run as ``tl.dot`` in fp32 (ieee).
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
+import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 from . import _checks, reference
-from .backend import resolve
+from .backend import get_backend, resolve
 
-# Set to True by the kernel issue that adds this op's Triton kernels.
-HAS_TRITON = False
+HAS_TRITON = True
 
 _LAYOUT_F = "[B, T, D] (class token first) or [B, N, D]"
 _LAYOUT_M = "[B, N, R] (token resolution) or [B, R, H, W] (pixel resolution)"
+
+# Dtypes the kernels take (float64 runs on the torch backend: see ``region_pool``).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_REGIONS = 16  # one padded block of regions (tl.dot needs >= 16 anyway)
 
 
 def infer_grid(num_tokens: int, height: int, width: int) -> Tuple[int, int]:
@@ -64,6 +85,317 @@ def check_args(features: Tensor, maps: Tensor, eps: float) -> Optional[Tuple[int
     return grid
 
 
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _area_weights_tile(maps_ptr, pid_b, offs_p, mask_p, offs_r, R,
+                       stride_mb, stride_m1, stride_m2, stride_m3, grid_w, factor,
+                       PIXEL_MAPS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+                       BLOCK_PIX: tl.constexpr):
+    """Area weights A[p, r] of BLOCK_P patches, fp32 [BLOCK_P, BLOCK_R] (zero outside).
+
+    Token maps [B,N,R]: strides (b, p, r, -). Pixel maps [B,R,H,W]: strides (b, r, y, x); patch p
+    is the factor x factor box at (p // grid_w, p % grid_w) and A is its mean.
+    """
+    base = maps_ptr + pid_b.to(tl.int64) * stride_mb
+    if PIXEL_MAPS:
+        area = factor * factor
+        top = (offs_p // grid_w) * factor
+        left = (offs_p % grid_w) * factor
+        a = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)
+        for r in range(R):
+            box_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
+            for i0 in range(0, area, BLOCK_PIX):
+                offs_i = i0 + tl.arange(0, BLOCK_PIX)
+                y = top[:, None] + (offs_i // factor)[None, :]
+                x = left[:, None] + (offs_i % factor)[None, :]
+                pix = tl.load(base + r * stride_m1 + y * stride_m2 + x * stride_m3,
+                              mask=mask_p[:, None] & (offs_i < area)[None, :], other=0.0)
+                box_sum += tl.sum(pix.to(tl.float32), axis=1)
+            a = tl.where(offs_r[None, :] == r, (box_sum / area)[:, None], a)
+    else:
+        a = tl.load(base + offs_p[:, None] * stride_m1 + offs_r[None, :] * stride_m2,
+                    mask=mask_p[:, None] & (offs_r < R)[None, :], other=0.0).to(tl.float32)
+    return a
+
+
+@triton.jit
+def _region_pool_fwd_kernel(
+        feat_ptr, maps_ptr, out_ptr, den_ptr,
+        N, R, D, cls_offset, eps, grid_w, factor,
+        stride_fb, stride_ft, stride_fd,
+        stride_mb, stride_m1, stride_m2, stride_m3,
+        stride_ob, stride_or, stride_od,
+        PIXEL_MAPS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_PIX: tl.constexpr):
+    """out[b, r, d-block] = sum_p A[p,r] F[p,d] / (sum_p A[p,r] + eps); den[b, r] = sum_p A."""
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    offs_r = tl.arange(0, BLOCK_R)
+    feat_base = feat_ptr + pid_b.to(tl.int64) * stride_fb + cls_offset * stride_ft
+
+    num = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    den = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for p0 in range(0, N, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mask_p = offs_p < N
+        a = _area_weights_tile(maps_ptr, pid_b, offs_p, mask_p, offs_r, R, stride_mb, stride_m1,
+                               stride_m2, stride_m3, grid_w, factor, PIXEL_MAPS, BLOCK_P,
+                               BLOCK_R, BLOCK_PIX)
+        f = tl.load(feat_base + offs_p[:, None] * stride_ft + offs_d[None, :] * stride_fd,
+                    mask=mask_p[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        den += tl.sum(a, axis=0)
+        num += tl.dot(tl.trans(a), f, input_precision="ieee")
+
+    # An all-zero map has num = 0 and den = 0: the row is 0 / eps = 0, never NaN.
+    out = num / (den[:, None] + eps)
+    mask_r = offs_r < R
+    tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + offs_r[:, None] * stride_or
+             + offs_d[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
+             mask=mask_r[:, None] & mask_d[None, :])
+    if pid_d == 0:
+        tl.store(den_ptr + pid_b * R + offs_r, den, mask=mask_r)
+
+
+@triton.jit
+def _region_pool_bwd_kernel(
+        feat_ptr, maps_ptr, out_ptr, den_ptr, dout_ptr, dfeat_ptr, dmaps_ptr,
+        N, R, D, cls_offset, eps, grid_w, factor,
+        stride_fb, stride_ft, stride_fd,
+        stride_mb, stride_m1, stride_m2, stride_m3,
+        stride_ob, stride_or, stride_od,
+        stride_gb, stride_gr, stride_gd,
+        PIXEL_MAPS: tl.constexpr, COMPUTE_DFEAT: tl.constexpr, COMPUTE_DMAPS: tl.constexpr,
+        BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+        BLOCK_PIX: tl.constexpr):
+    """Gradients of one tile of BLOCK_P patches of image b.
+
+    dfeat [B,T|N,D] and dmaps (shape of maps) are contiguous outputs.
+    """
+    pid_b = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < N
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    b64 = pid_b.to(tl.int64)
+    a = _area_weights_tile(maps_ptr, pid_b, offs_p, mask_p, offs_r, R, stride_mb, stride_m1,
+                           stride_m2, stride_m3, grid_w, factor, PIXEL_MAPS, BLOCK_P, BLOCK_R,
+                           BLOCK_PIX)
+    inv_den = 1.0 / (tl.load(den_ptr + pid_b * R + offs_r, mask=mask_r, other=0.0) + eps)
+
+    n_tok = N + cls_offset
+    feat_base = feat_ptr + b64 * stride_fb + cls_offset * stride_ft
+    dfeat_base = dfeat_ptr + b64 * n_tok * D + cls_offset * D
+    f_dot_g = tl.zeros((BLOCK_P, BLOCK_R), dtype=tl.float32)  # F[p] . G[r]
+    out_dot_g = tl.zeros((BLOCK_R,), dtype=tl.float32)       # out[r] . G[r]
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        mask_rd = mask_r[:, None] & mask_d[None, :]
+        g = tl.load(dout_ptr + b64 * stride_gb + offs_r[:, None] * stride_gr
+                    + offs_d[None, :] * stride_gd, mask=mask_rd, other=0.0).to(tl.float32)
+        g = g * inv_den[:, None]
+        if COMPUTE_DFEAT:
+            dfeat = tl.dot(a, g, input_precision="ieee")
+            tl.store(dfeat_base + offs_p[:, None] * D + offs_d[None, :],
+                     dfeat.to(dfeat_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_d[None, :])
+            if cls_offset > 0:
+                if pid_p == 0:  # the class token takes no part in the pooling
+                    tl.store(dfeat_ptr + b64 * n_tok * D + offs_d,
+                             tl.zeros((BLOCK_D,), dtype=dfeat_ptr.dtype.element_ty), mask=mask_d)
+        if COMPUTE_DMAPS:
+            f = tl.load(feat_base + offs_p[:, None] * stride_ft + offs_d[None, :] * stride_fd,
+                        mask=mask_p[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+            o = tl.load(out_ptr + b64 * stride_ob + offs_r[:, None] * stride_or
+                        + offs_d[None, :] * stride_od, mask=mask_rd, other=0.0).to(tl.float32)
+            f_dot_g += tl.dot(f, tl.trans(g), input_precision="ieee")
+            out_dot_g += tl.sum(o * g, axis=1)
+
+    if COMPUTE_DMAPS:
+        da = f_dot_g - out_dot_g[None, :]  # [BLOCK_P, BLOCK_R]
+        if PIXEL_MAPS:
+            # d mean / d pixel = 1 / f^2 for each pixel of the patch's box.
+            area = factor * factor
+            height = (N // grid_w) * factor
+            width = grid_w * factor
+            top = (offs_p // grid_w) * factor
+            left = (offs_p % grid_w) * factor
+            for r in range(R):
+                da_r = tl.sum(tl.where(offs_r[None, :] == r, da, 0.0), axis=1) / area
+                for i0 in range(0, area, BLOCK_PIX):
+                    offs_i = i0 + tl.arange(0, BLOCK_PIX)
+                    y = top[:, None] + (offs_i // factor)[None, :]
+                    x = left[:, None] + (offs_i % factor)[None, :]
+                    val = tl.broadcast_to(da_r[:, None], (BLOCK_P, BLOCK_PIX))
+                    tl.store(dmaps_ptr + (b64 * R + r) * height * width + y * width + x,
+                             val.to(dmaps_ptr.dtype.element_ty),
+                             mask=mask_p[:, None] & (offs_i < area)[None, :])
+        else:
+            tl.store(dmaps_ptr + b64 * N * R + offs_p[:, None] * R + offs_r[None, :],
+                     da.to(dmaps_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_r[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configuration (shared by the launchers and aot_configs)
+# --------------------------------------------------------------------------------------------
+_BLOCK_P = 16
+_BWD_BLOCK_D = 64
+_TOKEN_FWD_BLOCK_D = 128
+_PIXEL_FWD_BLOCK_D = (256, 1024)  # covers D in one block up to 1024
+_PIXEL_BLOCK_PIX = 128  # pixels of one patch box per step (a 16 x 16 box in two steps)
+
+
+def _block_r(num_regions: int) -> int:
+    return MAX_REGIONS  # R <= 16, padded to 16 because tl.dot needs every dim >= 16
+
+
+def _block_pix(pixel_maps: bool) -> int:
+    return _PIXEL_BLOCK_PIX if pixel_maps else 1
+
+
+def _fwd_block_d(d: int, pixel_maps: bool) -> int:
+    if not pixel_maps:
+        return _TOKEN_FWD_BLOCK_D
+    return _PIXEL_FWD_BLOCK_D[0] if d <= _PIXEL_FWD_BLOCK_D[0] else _PIXEL_FWD_BLOCK_D[1]
+
+
+def _fwd_warps(pixel_maps: bool) -> int:
+    return 8 if pixel_maps else 4
+
+
+_BWD_WARPS = 8  # fp32 FMA dots of the dmaps path spill at 4 warps (see aot_configs)
+
+
+def _map_strides(maps: Tensor) -> Tuple[int, int, int, int]:
+    s = maps.stride()
+    return (s[0], s[1], s[2], 0) if maps.dim() == 3 else tuple(s)
+
+
+def _geometry(features: Tensor, maps: Tensor, grid_h: int, grid_w: int):
+    """(N, R, cls_offset, factor) of the call."""
+    pixel = maps.dim() == 4
+    n = grid_h * grid_w if pixel else maps.shape[1]
+    r = maps.shape[1] if pixel else maps.shape[2]
+    factor = maps.shape[2] // grid_h if pixel else 1
+    return n, r, features.shape[1] - n, factor
+
+
+def _forward(features: Tensor, maps: Tensor, eps: float, grid_h: int,
+             grid_w: int) -> Tuple[Tensor, Tensor]:
+    b, _, d = features.shape
+    pixel = maps.dim() == 4
+    n, r, cls_offset, factor = _geometry(features, maps, grid_h, grid_w)
+    out = torch.empty((b, r, d), dtype=features.dtype, device=features.device)
+    den = torch.empty((b, r), dtype=torch.float32, device=features.device)
+    block_d = _fwd_block_d(d, pixel)
+    grid = (b, triton.cdiv(d, block_d))
+    _region_pool_fwd_kernel[grid](
+        features, maps, out, den, n, r, d, cls_offset, eps, max(grid_w, 1), factor,
+        *features.stride(), *_map_strides(maps), *out.stride(),
+        PIXEL_MAPS=pixel, BLOCK_P=_BLOCK_P, BLOCK_R=_block_r(r), BLOCK_D=block_d,
+        BLOCK_PIX=_block_pix(pixel), num_warps=_fwd_warps(pixel))
+    return out, den
+
+
+def _backward(grad_out: Tensor, features: Tensor, maps: Tensor, out: Tensor, den: Tensor,
+              eps: float, grid_h: int, grid_w: int, need_features: bool,
+              need_maps: bool) -> Tuple[Tensor, Tensor]:
+    b, t, d = features.shape
+    pixel = maps.dim() == 4
+    n, r, cls_offset, factor = _geometry(features, maps, grid_h, grid_w)
+    dfeat = torch.empty((b, t, d), dtype=features.dtype, device=features.device)
+    dmaps = torch.empty(maps.shape, dtype=maps.dtype, device=maps.device)
+    if need_features or need_maps:
+        grid = (b, triton.cdiv(n, _BLOCK_P))
+        _region_pool_bwd_kernel[grid](
+            features, maps, out, den, grad_out, dfeat, dmaps,
+            n, r, d, cls_offset, eps, max(grid_w, 1), factor,
+            *features.stride(), *_map_strides(maps), *out.stride(), *grad_out.stride(),
+            PIXEL_MAPS=pixel, COMPUTE_DFEAT=need_features, COMPUTE_DMAPS=need_maps,
+            BLOCK_P=_BLOCK_P, BLOCK_R=_block_r(r), BLOCK_D=_BWD_BLOCK_D,
+            BLOCK_PIX=_block_pix(pixel), num_warps=_BWD_WARPS)
+    return dfeat, dmaps
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops + autograd
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("avpt::region_pool", mutates_args=())
+def region_pool_op(features: Tensor, maps: Tensor, eps: float, grid_h: int,
+                   grid_w: int) -> Tuple[Tensor, Tensor]:
+    """Triton Eq. 2. grid_h = grid_w = 0 for token maps [B,N,R]; the patch grid for pixel maps.
+    Returns (out [B,R,D] in the features dtype, den = sum_p A [B,R] fp32, not differentiable)."""
+    return _forward(features, maps, eps, grid_h, grid_w)
+
+
+@region_pool_op.register_fake
+def _(features, maps, eps, grid_h, grid_w):
+    r = maps.shape[1] if maps.dim() == 4 else maps.shape[2]
+    b, _, d = features.shape
+    return features.new_empty((b, r, d)), features.new_empty((b, r), dtype=torch.float32)
+
+
+@torch.library.custom_op("avpt::region_pool_backward", mutates_args=())
+def region_pool_backward_op(grad_out: Tensor, features: Tensor, maps: Tensor, out: Tensor,
+                            den: Tensor, eps: float, grid_h: int, grid_w: int,
+                            need_features: bool, need_maps: bool) -> Tuple[Tensor, Tensor]:
+    """(d features, d maps) of ``region_pool_op``; a gradient not asked for is left unwritten."""
+    return _backward(grad_out, features, maps, out, den, eps, grid_h, grid_w, need_features,
+                     need_maps)
+
+
+@region_pool_backward_op.register_fake
+def _(grad_out, features, maps, out, den, eps, grid_h, grid_w, need_features, need_maps):
+    return torch.empty_like(features, memory_format=torch.contiguous_format), \
+        torch.empty_like(maps, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    features, maps, eps, grid_h, grid_w = inputs
+    out, den = output
+    ctx.mark_non_differentiable(den)
+    ctx.save_for_backward(features, maps, out, den)
+    ctx.args = (eps, grid_h, grid_w)
+
+
+def _backward_autograd(ctx, grad_out, _grad_den):
+    features, maps, out, den = ctx.saved_tensors
+    need_features, need_maps = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dfeat, dmaps = region_pool_backward_op(grad_out, features, maps, out, den, *ctx.args,
+                                           need_features, need_maps)
+    return (dfeat if need_features else None, dmaps if need_maps else None, None, None, None)
+
+
+region_pool_op.register_autograd(_backward_autograd, setup_context=_setup_context)
+
+
+def region_pool_min_bytes(features_shape, maps_shape, dtype=torch.float32,
+                          backward: bool = False) -> int:
+    """Compulsory DRAM traffic of Eq. 2 in bytes: the floor the kernels are judged against.
+
+    Forward: read the N patch rows of features and the maps once, write out [B,R,D].
+    Backward (both gradients): read features, maps, out and dout, write dfeatures and dmaps
+    (den, B*R fp32, is negligible and left out).
+    """
+    size = torch.empty((), dtype=dtype).element_size()
+    b, t, d = features_shape
+    pixel = len(maps_shape) == 4
+    r = maps_shape[1] if pixel else maps_shape[2]
+    n = math.prod(infer_grid(t, maps_shape[2], maps_shape[3])) if pixel else maps_shape[1]
+    patch_elems, maps_elems, out_elems = b * n * d, math.prod(maps_shape), b * r * d
+    if not backward:
+        return size * (patch_elems + maps_elems + out_elems)
+    return size * (2 * patch_elems + 2 * maps_elems + 2 * out_elems)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------
 def region_pool(features: Tensor, maps: Tensor, eps: float = 1e-6, *,
                 backend: Optional[str] = None) -> Tensor:
     """Soft region pooling, Eq. 2: ``out[b,k] = sum_p A[b,p,k] F[b,p] / (sum_p A[b,p,k] + eps)``.
@@ -77,7 +409,76 @@ def region_pool(features: Tensor, maps: Tensor, eps: float = 1e-6, *,
     Accumulation is in fp32. Note that the gradient w.r.t. an all-zero map is F / eps, about
     1e6 x |F| for the default eps: beyond float16's range (it overflows to inf there), fine in
     bfloat16 and float32. Use bf16, or a larger eps, when maps can be empty and need gradients.
+
+    The Triton kernels take float32/bfloat16/float16 and R <= 16; other inputs (float64, more
+    regions) run on the torch backend under ``backend="auto"`` and raise under
+    ``backend="triton"``.
     """
     grid = check_args(features, maps, eps)
-    resolve("region_pool", features.device, backend, has_triton=HAS_TRITON)
-    return reference.region_pool(features, maps, eps, grid)
+    use = resolve("region_pool", features.device, backend, has_triton=HAS_TRITON)
+    if use == "triton":
+        explicit = (backend or get_backend()) == "triton"
+        regions = maps.shape[1] if maps.dim() == 4 else maps.shape[2]
+        if features.dtype not in KERNEL_DTYPES:
+            if explicit:
+                raise TypeError(f"features: the Triton region_pool kernels take "
+                                f"{KERNEL_DTYPES}, got {features.dtype}; use backend='torch'")
+            use = "torch"
+        elif regions > MAX_REGIONS:
+            if explicit:
+                raise ValueError(f"maps: the Triton region_pool kernels take at most "
+                                 f"{MAX_REGIONS} regions, got R={regions}; use backend='torch'")
+            use = "torch"
+    if use == "torch":
+        return reference.region_pool(features, maps, eps, grid)
+    grid_h, grid_w = grid if grid is not None else (0, 0)
+    return region_pool_op(features, maps, float(eps), grid_h, grid_w)[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compile list
+# --------------------------------------------------------------------------------------------
+_TL_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def aot_configs() -> List:
+    """Every kernel configuration the launchers above can select (per input dtype)."""
+    from .aot import KernelConfig
+
+    ints = ("N", "R", "D", "cls_offset", "grid_w", "factor")
+    configs = []
+    for dtype, ty in _TL_TYPES.items():
+        ptr = f"*{ty}"
+        fwd_sig = {"feat_ptr": ptr, "maps_ptr": ptr, "out_ptr": ptr, "den_ptr": "*fp32",
+                   **{k: "i32" for k in ints[:4]}, "eps": "fp32",
+                   **{k: "i32" for k in ints[4:]},
+                   **{k: "i32" for k in ("stride_fb", "stride_ft", "stride_fd", "stride_mb",
+                                         "stride_m1", "stride_m2", "stride_m3", "stride_ob",
+                                         "stride_or", "stride_od")}}
+        fwd_const = ("PIXEL_MAPS", "BLOCK_P", "BLOCK_R", "BLOCK_D", "BLOCK_PIX")
+        fwd_sig.update({k: "constexpr" for k in fwd_const})
+        fwd_choices = [(False, _TOKEN_FWD_BLOCK_D)] + [(True, bd) for bd in _PIXEL_FWD_BLOCK_D]
+        for pixel, block_d in fwd_choices:
+            configs.append(KernelConfig(
+                _region_pool_fwd_kernel, fwd_sig,
+                dict(PIXEL_MAPS=pixel, BLOCK_P=_BLOCK_P, BLOCK_R=_block_r(1), BLOCK_D=block_d,
+                     BLOCK_PIX=_block_pix(pixel)), num_warps=_fwd_warps(pixel)))
+        bwd_sig = {"feat_ptr": ptr, "maps_ptr": ptr, "out_ptr": ptr, "den_ptr": "*fp32",
+                   "dout_ptr": ptr, "dfeat_ptr": ptr, "dmaps_ptr": ptr,
+                   **{k: "i32" for k in ints[:4]}, "eps": "fp32",
+                   **{k: "i32" for k in ints[4:]},
+                   **{k: "i32" for k in ("stride_fb", "stride_ft", "stride_fd", "stride_mb",
+                                         "stride_m1", "stride_m2", "stride_m3", "stride_ob",
+                                         "stride_or", "stride_od", "stride_gb", "stride_gr",
+                                         "stride_gd")}}
+        bwd_const = ("PIXEL_MAPS", "COMPUTE_DFEAT", "COMPUTE_DMAPS", "BLOCK_P", "BLOCK_R",
+                     "BLOCK_D", "BLOCK_PIX")
+        bwd_sig.update({k: "constexpr" for k in bwd_const})
+        for pixel in (False, True):
+            for need_f, need_m in ((True, True), (True, False), (False, True)):
+                configs.append(KernelConfig(
+                    _region_pool_bwd_kernel, bwd_sig,
+                    dict(PIXEL_MAPS=pixel, COMPUTE_DFEAT=need_f, COMPUTE_DMAPS=need_m,
+                         BLOCK_P=_BLOCK_P, BLOCK_R=_block_r(1), BLOCK_D=_BWD_BLOCK_D,
+                         BLOCK_PIX=_block_pix(pixel)), num_warps=_BWD_WARPS))
+    return configs

@@ -97,7 +97,7 @@ def test_region_queue_is_per_modality_fifo():
     assert {tuple(e.tolist()) for e in q.emb[1]} == {(4.0, 5.0), (6.0, 7.0), (8.0, 9.0), (10.0, 11.0)}
     q.push(r[:1], torch.tensor([[2, 2, 2]]), torch.tensor([0]))
     emb, types = q.entries()
-    assert emb.shape == (7, 2) and (types == 2).sum() == 4
+    assert emb.shape == (7, 2) and (types == 2).sum() == 3 + 2
 
 
 def test_ema_centroids_assign_and_update():

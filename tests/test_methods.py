@@ -1,0 +1,188 @@
+"""Every method by name on the tiny backbone: forward and backward, what trains and what stays
+frozen, identity at initialisation where the method promises it, the trainable-state save/load
+round trip onto a fresh backbone, and parameter accounting."""
+import warnings
+
+import pytest
+import torch
+
+from avpt import backbone as bb
+from avpt.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_trainable, save_trainable
+from avpt.methods import build_method, get_config_class, method_names
+from avpt.params import format_reports, parameter_report
+from avpt_kernels.testing import assert_close
+
+METHODS = ["linear", "full", "vpt", "lora", "adapter", "coop", "avpt"]
+# which parameter-name prefixes may train for each method (heads are shared by all)
+TRAINABLE = {
+    "linear": ("head.", "seg_decoder."),
+    "full": ("head.", "seg_decoder.", "backbone.visual."),
+    "vpt": ("head.", "seg_decoder.", "prompts"),
+    "lora": ("head.", "seg_decoder.", "backbone.visual.transformer.resblocks."),
+    "adapter": ("head.", "seg_decoder.", "attn_adapters.", "mlp_adapters."),
+    "coop": ("seg_decoder.", "context"),
+    "avpt": ("head.", "seg_decoder.", "anatomy_mlp.", "prompt_bank.", "pims.", "contrast_proj."),
+}
+
+
+def tiny(name, **overrides):
+    if name == "avpt":
+        overrides.setdefault("backend", "torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bb.RandomWeightsWarning)
+        return build_method(name, model_name=bb.TINY_MODEL, **overrides)
+
+
+def run(method, images, maps):
+    return method(images, maps if method.name == "avpt" else None)
+
+
+def test_registry_lists_every_method():
+    assert set(method_names()) == set(METHODS)
+    with pytest.raises(ValueError, match="unknown method 'prefix'"):
+        build_method("prefix")
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_forward_backward_and_frozen_parts(name):
+    method = tiny(name)
+    images, maps = torch.randn(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    out = run(method, images, maps)
+    assert out.logits.shape == (2, 2) and out.seg_logits.shape == (2, 1, 64, 64)
+    assert out.features.shape == (2, 32) and out.tokens.shape == (2, 16, 64)
+    (out.logits.square().sum() + out.seg_logits.mean() + out.features.square().sum()).backward()
+    trainable = [n for n, p in method.named_parameters() if p.requires_grad]
+    assert trainable
+    for n, p in method.named_parameters():
+        if p.requires_grad:
+            assert n.startswith(TRAINABLE[name]), f"{name}: {n} should be frozen"
+            if not n.startswith("contrast_proj."):  # used by the RCL loss only
+                assert p.grad is not None, f"{name}: no gradient for {n}"
+        else:
+            assert p.grad is None, f"{name}: frozen {n} got a gradient"
+    # the text tower never trains
+    assert not any(n.startswith("backbone.") and not n.startswith("backbone.visual.")
+                   for n in trainable)
+    if name == "lora":
+        assert all(".lora_" in n for n in trainable if n.startswith("backbone."))
+
+
+def unmodified_backbone(method):
+    """A fresh open_clip model holding the method's backbone weights without its changes (LoRA
+    wraps the attention modules in place, so its own encode_image is not a reference)."""
+    fresh = bb.load_backbone(bb.TINY_MODEL)
+    state = {k.replace(".attn.mha.", ".attn."): v for k, v in method.backbone.state_dict().items()
+             if ".lora_" not in k}
+    fresh.load_state_dict(state)
+    return fresh
+
+
+@pytest.mark.parametrize("name", ["linear", "full", "lora", "adapter", "coop"])
+def test_identity_at_initialisation(name):
+    """LoRA (B = 0) and adapters (up = 0) start as the frozen backbone; probes reuse it as is."""
+    method = tiny(name)
+    images = torch.randn(2, 3, 64, 64)
+    expected = unmodified_backbone(method).encode_image(images)
+    assert_close(method(images).features, expected, torch.float32)
+
+
+def test_lora_and_adapter_change_features_once_trained():
+    images = torch.randn(2, 3, 64, 64)
+    for name, prefix in (("lora", "lora_B"), ("adapter", ".up.")):
+        method = tiny(name)
+        with torch.no_grad():
+            for n, p in method.named_parameters():
+                if prefix in n:
+                    p.normal_(std=0.1)
+        diff = (method(images).features - unmodified_backbone(method).encode_image(images)).abs().max()
+        assert diff > 1e-3, name
+
+
+def test_vpt_replaces_prompts_at_every_layer():
+    method = tiny("vpt", num_prompts=3)
+    images = torch.randn(1, 3, 64, 64)
+    base = method(images).features
+    with torch.no_grad():
+        method.prompts[-1].add_(torch.randn_like(method.prompts[-1]))  # last layer's alone
+    assert (method(images).features - base).abs().max() > 1e-4
+    assert method.prompts.shape == (4, 3, 64)
+
+
+def test_coop_logits_are_scaled_cosines_with_learned_context():
+    method = tiny("coop", class_names=("benign", "malignant"))
+    images = torch.randn(2, 3, 64, 64)
+    out = method(images)
+    text = method.text_features()
+    feats = torch.nn.functional.normalize(method.backbone.encode_image(images), dim=-1)
+    assert_close(out.logits, method.backbone.logit_scale.exp() * feats @ text.t(), torch.float32)
+    with torch.no_grad():
+        method.context.add_(torch.randn_like(method.context))
+    assert (method.text_features() - text).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="class_names"):
+        tiny("coop", num_classes=3)
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    """A local tiny open_clip checkpoint, so a fresh backbone has the same frozen weights."""
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in bb.load_backbone(bb.TINY_MODEL).state_dict().items()},
+              str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_save_load_trainable_round_trip(name, tmp_path, tiny_weights):
+    from safetensors.torch import load_file
+
+    method = tiny(name, pretrained=tiny_weights)
+    with torch.no_grad():
+        for p in method.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    path = save_trainable(method, tmp_path / name)
+    saved = load_file(str(path / WEIGHTS_FILE))
+    assert set(saved) == {n for n, p in method.named_parameters() if p.requires_grad}
+    if name != "full":  # PEFT-style: only the small trainable state is written
+        backbone_size = sum(p.numel() for p in method.backbone.parameters())
+        assert sum(t.numel() for t in saved.values()) < backbone_size / 2
+    loaded = load_trainable(path)
+    assert type(loaded) is type(method) and loaded.config == method.config
+    images, maps = torch.randn(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    a, b = run(method, images, maps), run(loaded, images, maps)
+    assert_close(b.logits, a.logits, torch.float32, f"{name} logits")
+    assert_close(b.seg_logits, a.seg_logits, torch.float32, f"{name} seg")
+    assert_close(b.features, a.features, torch.float32, f"{name} features")
+
+
+def test_load_rejects_mismatched_state(tmp_path):
+    method = tiny("vpt")
+    path = save_trainable(method, tmp_path / "vpt")
+    cfg = (path / CONFIG_FILE).read_text().replace('"num_prompts": 10', '"num_prompts": 4')
+    (path / CONFIG_FILE).write_text(cfg)
+    with pytest.raises(ValueError, match="prompts"):
+        load_trainable(path)
+    with pytest.raises(FileNotFoundError, match=CONFIG_FILE):
+        load_trainable(tmp_path / "nowhere")
+
+
+def test_config_round_trips_through_dict():
+    cls = get_config_class("avpt")
+    cfg = cls(schedule="late", text_phrases=("a", "b", "c"))
+    assert cls.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError, match="unknown fields"):
+        cls.from_dict({"bogus": 1})
+
+
+def test_parameter_report_counts():
+    reports = {n: parameter_report(tiny(n)) for n in ("linear", "full", "avpt")}
+    visual = reports["linear"].visual
+    assert visual == sum(p.numel() for p in tiny("linear").visual.parameters())
+    heads = reports["linear"].trainable
+    assert reports["full"].trainable == visual + heads
+    assert reports["full"].percent_of_visual == pytest.approx(100.0 * (visual + heads) / visual)
+    assert reports["avpt"].trainable == sum(reports["avpt"].breakdown.values())
+    text = format_reports(list(reports.values()))
+    assert "avpt" in text and "% of visual" in text and "pims" in text

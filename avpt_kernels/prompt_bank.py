@@ -1,19 +1,45 @@
-"""Low-rank, stage-shared prompt bank (Eq. 4): public entry point, checks and dispatch.
+"""Low-rank, stage-shared prompt bank (Eq. 4): public entry point, checks, Triton kernels and
+autograd.
 
 ``prompt_bank(region_emb[B,R,D], token_offset[K,D], U[S,D,r], V[S,r,D], layer_bias[L,D],
 ln_weight[L,D], ln_bias[L,D], layer_stage[L]) -> prompts[L,B,K,D]`` (all layers, one call).
+
+Rows are the B*K prompt tokens (row = b*K + k, token k of region k // m, m = K / R):
+``e[row] = E[b, k // m] + off[k]``, ``low[l, row] = e[row] @ U[s(l)]`` (rank r),
+``x = low @ V[s(l)] + bias[l]``, ``P[l, row] = LN(x) * ln_weight[l] + ln_bias[l]``.
+
+Kernels (fp32 accumulation, rank padded to 16 for ``tl.dot``, fp32 dots in ieee precision):
+
+* forward, one launch: ``_prompt_bank_fwd_kernel``, grid (L, row tiles). Per tile: ``low`` (one
+  pass over D), then the LayerNorm mean, variance and output in three passes over D chunks that
+  recompute ``x`` from ``low`` (r FMAs per element) instead of holding rows of D in registers.
+  Saves low [L,BK,r], mean and rstd [L,BK] (fp32) for the backward.
+* backward, three launches:
+  1. ``_prompt_bank_bwd_rows_kernel``, grid (L, row tiles): the LayerNorm row terms
+     ``c1 = mean(dxhat)``, ``c2 = mean(dxhat * xhat)`` and ``dlow = dx @ V^T``.
+  2. ``_prompt_bank_bwd_layer_kernel``, grid (L, D chunks): the per-layer sums over rows,
+     d ln_bias, d ln_weight, d layer_bias and the per-layer ``low^T dx`` (dV of layer l).
+  3. ``_prompt_bank_bwd_inputs_kernel``, grid (D chunks, E tiles + offset tiles + S):
+     d region_emb, d token_offset (``dlow @ U^T`` summed over the layers) and, per stage,
+     dU = ``e^T sum_{l in s} dlow[l]`` and dV = ``sum_{l in s} dV_l``.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
+import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
 from . import _checks, reference
-from .backend import resolve
+from .backend import get_backend, resolve
 
-# Set to True by the kernel issue that adds this op's Triton kernels.
-HAS_TRITON = False
+HAS_TRITON = True
+
+# Dtypes the kernels take (float64 runs on the torch backend: see ``prompt_bank``).
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_RANK = 16  # one padded block of rank (tl.dot needs >= 16 anyway)
 
 
 def check_args(region_emb, token_offset, U, V, layer_bias, ln_weight, ln_bias, layer_stage,
@@ -53,6 +79,428 @@ def check_args(region_emb, token_offset, U, V, layer_bias, ln_weight, ln_bias, l
     _checks.positive(eps, "eps")
 
 
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+@triton.jit
+def _token_embedding(emb_ptr, off_ptr, rows, mask_rows, K, M, R, D, offs_d, mask_d):
+    """e[row, d] = E[b, k // M, d] + off[k, d] in fp32, [BLOCK_T, BLOCK_D] (zero outside)."""
+    b = rows // K
+    k = rows % K
+    mask = mask_rows[:, None] & mask_d[None, :]
+    e = tl.load(emb_ptr + (b * R + k // M)[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+    o = tl.load(off_ptr + k[:, None] * D + offs_d[None, :], mask=mask, other=0.0)
+    return e.to(tl.float32) + o.to(tl.float32)
+
+
+@triton.jit
+def _layer_preact(low, v_ptr, bias_ptr, stage, layer, RANK, D, offs_q, mask_q, offs_d, mask_d):
+    """x = low @ V[stage][:, d-chunk] + bias[layer, d-chunk], fp32 [BLOCK_T, BLOCK_D]."""
+    v = tl.load(v_ptr + (stage * RANK + offs_q)[:, None] * D + offs_d[None, :],
+                mask=mask_q[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + layer * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    return tl.dot(low, v, input_precision="ieee") + bias[None, :]
+
+
+@triton.jit
+def _prompt_bank_fwd_kernel(
+        emb_ptr, off_ptr, u_ptr, v_ptr, bias_ptr, lnw_ptr, lnb_ptr, stage_ptr,
+        out_ptr, low_ptr, mean_ptr, rstd_ptr,
+        BK, K, M, R, D, RANK, eps,
+        BLOCK_T: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Prompts of layer l for BLOCK_T rows. out [L,BK,D]; low [L,BK,RANK]; mean, rstd [L,BK]."""
+    layer = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_rows = rows < BK
+    stage = tl.load(stage_ptr + layer)
+    offs_q = tl.arange(0, BLOCK_RANK)
+    mask_q = offs_q < RANK
+
+    low = tl.zeros((BLOCK_T, BLOCK_RANK), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        e = _token_embedding(emb_ptr, off_ptr, rows, mask_rows, K, M, R, D, offs_d, mask_d)
+        u = tl.load(u_ptr + (stage * D + offs_d)[:, None] * RANK + offs_q[None, :],
+                    mask=mask_d[:, None] & mask_q[None, :], other=0.0).to(tl.float32)
+        low += tl.dot(e, u, input_precision="ieee")
+
+    # Two-pass mean / variance (as the reference), recomputing x per chunk from low.
+    total = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        x = _layer_preact(low, v_ptr, bias_ptr, stage, layer, RANK, D, offs_q, mask_q, offs_d,
+                          mask_d)
+        total += tl.sum(tl.where(mask_d[None, :], x, 0.0), axis=1)
+    mean = total / D
+    sq = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        x = _layer_preact(low, v_ptr, bias_ptr, stage, layer, RANK, D, offs_q, mask_q, offs_d,
+                          mask_d)
+        xc = tl.where(mask_d[None, :], x - mean[:, None], 0.0)
+        sq += tl.sum(xc * xc, axis=1)
+    rstd = 1.0 / tl.sqrt(sq / D + eps)
+
+    out_rows = out_ptr + (layer * BK + rows).to(tl.int64)[:, None] * D
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        x = _layer_preact(low, v_ptr, bias_ptr, stage, layer, RANK, D, offs_q, mask_q, offs_d,
+                          mask_d)
+        w = tl.load(lnw_ptr + layer * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        b = tl.load(lnb_ptr + layer * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        y = (x - mean[:, None]) * rstd[:, None] * w[None, :] + b[None, :]
+        tl.store(out_rows + offs_d[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=mask_rows[:, None] & mask_d[None, :])
+
+    stat = layer * BK + rows
+    tl.store(low_ptr + stat[:, None] * RANK + offs_q[None, :], low,
+             mask=mask_rows[:, None] & mask_q[None, :])
+    tl.store(mean_ptr + stat, mean, mask=mask_rows)
+    tl.store(rstd_ptr + stat, rstd, mask=mask_rows)
+
+
+@triton.jit
+def _prompt_bank_bwd_rows_kernel(
+        dout_ptr, v_ptr, bias_ptr, lnw_ptr, stage_ptr, low_ptr, mean_ptr, rstd_ptr,
+        dlow_ptr, c1_ptr, c2_ptr,
+        BK, D, RANK,
+        BLOCK_T: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Row terms of the LayerNorm backward and dlow = dx @ V^T for BLOCK_T rows of layer l.
+
+    dout [L,BK,D] contiguous; dlow [L,BK,RANK], c1, c2 [L,BK] fp32 outputs.
+    dx = rstd * (dxhat - c1 - xhat * c2) with dxhat = dout * ln_weight.
+    """
+    layer = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    mask_rows = rows < BK
+    stage = tl.load(stage_ptr + layer)
+    offs_q = tl.arange(0, BLOCK_RANK)
+    mask_q = offs_q < RANK
+    stat = layer * BK + rows
+    low = tl.load(low_ptr + stat[:, None] * RANK + offs_q[None, :],
+                  mask=mask_rows[:, None] & mask_q[None, :], other=0.0)
+    mean = tl.load(mean_ptr + stat, mask=mask_rows, other=0.0)
+    rstd = tl.load(rstd_ptr + stat, mask=mask_rows, other=0.0)
+    dout_rows = dout_ptr + (layer * BK + rows).to(tl.int64)[:, None] * D
+
+    c1 = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    c2 = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        x = _layer_preact(low, v_ptr, bias_ptr, stage, layer, RANK, D, offs_q, mask_q, offs_d,
+                          mask_d)
+        xhat = (x - mean[:, None]) * rstd[:, None]
+        w = tl.load(lnw_ptr + layer * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        dy = tl.load(dout_rows + offs_d[None, :], mask=mask_rows[:, None] & mask_d[None, :],
+                     other=0.0).to(tl.float32)
+        dxhat = dy * w[None, :]
+        c1 += tl.sum(dxhat, axis=1)
+        c2 += tl.sum(dxhat * xhat, axis=1)
+    c1 = c1 / D
+    c2 = c2 / D
+
+    dlow = tl.zeros((BLOCK_T, BLOCK_RANK), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < D
+        x = _layer_preact(low, v_ptr, bias_ptr, stage, layer, RANK, D, offs_q, mask_q, offs_d,
+                          mask_d)
+        xhat = (x - mean[:, None]) * rstd[:, None]
+        w = tl.load(lnw_ptr + layer * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+        dy = tl.load(dout_rows + offs_d[None, :], mask=mask_rows[:, None] & mask_d[None, :],
+                     other=0.0).to(tl.float32)
+        dx = rstd[:, None] * (dy * w[None, :] - c1[:, None] - xhat * c2[:, None])
+        dx = tl.where(mask_d[None, :], dx, 0.0)
+        v = tl.load(v_ptr + (stage * RANK + offs_q)[:, None] * D + offs_d[None, :],
+                    mask=mask_q[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        dlow += tl.dot(dx, tl.trans(v), input_precision="ieee")
+
+    tl.store(dlow_ptr + stat[:, None] * RANK + offs_q[None, :], dlow,
+             mask=mask_rows[:, None] & mask_q[None, :])
+    tl.store(c1_ptr + stat, c1, mask=mask_rows)
+    tl.store(c2_ptr + stat, c2, mask=mask_rows)
+
+
+@triton.jit
+def _prompt_bank_bwd_layer_kernel(
+        dout_ptr, v_ptr, bias_ptr, lnw_ptr, stage_ptr, low_ptr, mean_ptr, rstd_ptr,
+        c1_ptr, c2_ptr, dlnw_ptr, dlnb_ptr, dbias_ptr, dv_layer_ptr,
+        BK, D, RANK,
+        BLOCK_T: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per-layer sums over all BK rows for one D chunk: d ln_weight, d ln_bias, d layer_bias
+    [L,D] and dV_l = low^T dx, written to dv_layer [L,RANK,D] (fp32)."""
+    layer = tl.program_id(0)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    stage = tl.load(stage_ptr + layer)
+    offs_q = tl.arange(0, BLOCK_RANK)
+    mask_q = offs_q < RANK
+    w = tl.load(lnw_ptr + layer * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+
+    dlnw = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dlnb = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_RANK, BLOCK_D), dtype=tl.float32)
+    for t0 in range(0, BK, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)
+        mask_rows = rows < BK
+        stat = layer * BK + rows
+        low = tl.load(low_ptr + stat[:, None] * RANK + offs_q[None, :],
+                      mask=mask_rows[:, None] & mask_q[None, :], other=0.0)
+        mean = tl.load(mean_ptr + stat, mask=mask_rows, other=0.0)
+        rstd = tl.load(rstd_ptr + stat, mask=mask_rows, other=0.0)
+        c1 = tl.load(c1_ptr + stat, mask=mask_rows, other=0.0)
+        c2 = tl.load(c2_ptr + stat, mask=mask_rows, other=0.0)
+        x = _layer_preact(low, v_ptr, bias_ptr, stage, layer, RANK, D, offs_q, mask_q, offs_d,
+                          mask_d)
+        xhat = (x - mean[:, None]) * rstd[:, None]
+        dy = tl.load(dout_ptr + (layer * BK + rows).to(tl.int64)[:, None] * D + offs_d[None, :],
+                     mask=mask_rows[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        dx = rstd[:, None] * (dy * w[None, :] - c1[:, None] - xhat * c2[:, None])
+        dx = tl.where(mask_rows[:, None], dx, 0.0)  # padded rows have rstd = 0 already
+        dlnb += tl.sum(dy, axis=0)
+        dlnw += tl.sum(dy * xhat, axis=0)
+        dbias += tl.sum(dx, axis=0)
+        dv += tl.dot(tl.trans(low), dx, input_precision="ieee")
+
+    tl.store(dlnw_ptr + layer * D + offs_d, dlnw.to(dlnw_ptr.dtype.element_ty), mask=mask_d)
+    tl.store(dlnb_ptr + layer * D + offs_d, dlnb.to(dlnb_ptr.dtype.element_ty), mask=mask_d)
+    tl.store(dbias_ptr + layer * D + offs_d, dbias.to(dbias_ptr.dtype.element_ty), mask=mask_d)
+    tl.store(dv_layer_ptr + (layer * RANK + offs_q)[:, None] * D + offs_d[None, :], dv,
+             mask=mask_q[:, None] & mask_d[None, :])
+
+
+@triton.jit
+def _dlow_times_ut(dlow_ptr, u_ptr, stage_ptr, first_row, mask_idx, n_inner, inner_stride, BK,
+                   D, RANK, L, offs_q, mask_q, offs_d, mask_d, BLOCK_T: tl.constexpr,
+                   BLOCK_RANK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """sum_l (sum_{i < n_inner} dlow[l, first_row + i * inner_stride]) @ U[s(l)][d-chunk]^T,
+    fp32 [BLOCK_T, BLOCK_D]: the rank-r sums come first, so each layer costs one small dot."""
+    grad = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for layer in range(L):
+        stage = tl.load(stage_ptr + layer)
+        summed = tl.zeros((BLOCK_T, BLOCK_RANK), dtype=tl.float32)
+        for i in range(n_inner):
+            rows = first_row + i * inner_stride
+            summed += tl.load(dlow_ptr + (layer * BK + rows)[:, None] * RANK + offs_q[None, :],
+                              mask=mask_idx[:, None] & mask_q[None, :], other=0.0)
+        u_t = tl.load(u_ptr + (stage * D + offs_d)[None, :] * RANK + offs_q[:, None],
+                      mask=mask_q[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        grad += tl.dot(summed, u_t, input_precision="ieee")
+    return grad
+
+
+@triton.jit
+def _prompt_bank_bwd_inputs_kernel(
+        emb_ptr, off_ptr, u_ptr, stage_ptr, dlow_ptr, dv_layer_ptr,
+        demb_ptr, doff_ptr, du_ptr, dv_ptr,
+        B, K, M, R, D, RANK, L, S, n_group_tiles, n_token_tiles,
+        BLOCK_T: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One D chunk (axis 0) of the input-side gradients; axis 1 picks the job:
+
+    [0, n_group_tiles): d region_emb of BLOCK_T (b, region) groups,
+        dE[b, j] = sum_l (sum_{k in region j} dlow[l, b*K + k]) @ U[s(l)]^T;
+    [.., + n_token_tiles): d token_offset of BLOCK_T tokens,
+        doff[k] = sum_l (sum_b dlow[l, b*K + k]) @ U[s(l)]^T;
+    [.., + S): the factors of stage s, dU[s] = sum_rows e^T (sum_{l in s} dlow[l]) and
+        dV[s] = sum_{l in s} dV_l.
+    """
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    job = tl.program_id(1)
+    offs_q = tl.arange(0, BLOCK_RANK)
+    mask_q = offs_q < RANK
+    BK = B * K
+    idx = tl.arange(0, BLOCK_T)
+    if job < n_group_tiles:
+        groups = job * BLOCK_T + idx  # group = b * R + j: rows b*K + j*M + i, i < M
+        mask_g = groups < B * R
+        grad = _dlow_times_ut(dlow_ptr, u_ptr, stage_ptr, (groups // R) * K + (groups % R) * M,
+                              mask_g, M, 1, BK, D, RANK, L, offs_q, mask_q, offs_d, mask_d,
+                              BLOCK_T, BLOCK_RANK, BLOCK_D)
+        tl.store(demb_ptr + groups[:, None] * D + offs_d[None, :],
+                 grad.to(demb_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
+    elif job < n_group_tiles + n_token_tiles:
+        tokens = (job - n_group_tiles) * BLOCK_T + idx  # rows b*K + k, b < B
+        mask_k = tokens < K
+        grad = _dlow_times_ut(dlow_ptr, u_ptr, stage_ptr, tokens, mask_k, B, K, BK, D, RANK, L,
+                              offs_q, mask_q, offs_d, mask_d, BLOCK_T, BLOCK_RANK, BLOCK_D)
+        tl.store(doff_ptr + tokens[:, None] * D + offs_d[None, :],
+                 grad.to(doff_ptr.dtype.element_ty), mask=mask_k[:, None] & mask_d[None, :])
+    else:
+        stage = job - n_group_tiles - n_token_tiles
+        dv = tl.zeros((BLOCK_RANK, BLOCK_D), dtype=tl.float32)
+        for layer in range(L):
+            if tl.load(stage_ptr + layer) == stage:
+                dv += tl.load(dv_layer_ptr + (layer * RANK + offs_q)[:, None] * D
+                              + offs_d[None, :], mask=mask_q[:, None] & mask_d[None, :],
+                              other=0.0)
+        tl.store(dv_ptr + (stage * RANK + offs_q)[:, None] * D + offs_d[None, :],
+                 dv.to(dv_ptr.dtype.element_ty), mask=mask_q[:, None] & mask_d[None, :])
+        du = tl.zeros((BLOCK_D, BLOCK_RANK), dtype=tl.float32)
+        for t0 in range(0, BK, BLOCK_T):
+            rows = t0 + tl.arange(0, BLOCK_T)
+            mask_rows = rows < BK
+            summed = tl.zeros((BLOCK_T, BLOCK_RANK), dtype=tl.float32)
+            for layer in range(L):
+                if tl.load(stage_ptr + layer) == stage:
+                    summed += tl.load(dlow_ptr + (layer * BK + rows)[:, None] * RANK
+                                      + offs_q[None, :],
+                                      mask=mask_rows[:, None] & mask_q[None, :], other=0.0)
+            e = _token_embedding(emb_ptr, off_ptr, rows, mask_rows, K, M, R, D, offs_d, mask_d)
+            du += tl.dot(tl.trans(e), summed, input_precision="ieee")
+        tl.store(du_ptr + (stage * D + offs_d)[:, None] * RANK + offs_q[None, :],
+                 du.to(du_ptr.dtype.element_ty), mask=mask_d[:, None] & mask_q[None, :])
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+_BLOCK_T = 16
+_BLOCK_RANK = MAX_RANK
+_BLOCK_D = 64
+_WARPS = 4
+_INPUTS_WARPS = 8  # fp32 bwd_inputs spills at 4 warps on sm_80 (see aot_configs)
+
+
+def _stage_tensor(layer_stage: Sequence[int], device) -> Tensor:
+    return torch.tensor(list(layer_stage), dtype=torch.int32, device=device)
+
+
+def _forward(region_emb, token_offset, U, V, layer_bias, ln_weight, ln_bias, layer_stage, eps):
+    b, r, d = region_emb.shape
+    k, rank, n_layers = token_offset.shape[0], U.shape[2], layer_bias.shape[0]
+    dev = region_emb.device
+    out = torch.empty((n_layers, b, k, d), dtype=region_emb.dtype, device=dev)
+    low = torch.empty((n_layers, b * k, rank), dtype=torch.float32, device=dev)
+    mean = torch.empty((n_layers, b * k), dtype=torch.float32, device=dev)
+    rstd = torch.empty_like(mean)
+    grid = (n_layers, triton.cdiv(b * k, _BLOCK_T))
+    _prompt_bank_fwd_kernel[grid](
+        region_emb.contiguous(), token_offset.contiguous(), U.contiguous(), V.contiguous(),
+        layer_bias.contiguous(), ln_weight.contiguous(), ln_bias.contiguous(),
+        _stage_tensor(layer_stage, dev), out, low, mean, rstd,
+        b * k, k, k // r, r, d, rank, eps,
+        BLOCK_T=_BLOCK_T, BLOCK_RANK=_BLOCK_RANK, BLOCK_D=_BLOCK_D, num_warps=_WARPS)
+    return out, low, mean, rstd
+
+
+def _backward(grad_out, region_emb, token_offset, U, V, layer_bias, ln_weight, low, mean, rstd,
+              layer_stage):
+    b, r, d = region_emb.shape
+    k, rank, n_layers, n_stages = token_offset.shape[0], U.shape[2], layer_bias.shape[0], U.shape[0]
+    dev, dt = region_emb.device, region_emb.dtype
+    bk = b * k
+    stage = _stage_tensor(layer_stage, dev)
+    grad_out = grad_out.contiguous()
+    V, layer_bias, ln_weight = V.contiguous(), layer_bias.contiguous(), ln_weight.contiguous()
+    f32 = dict(dtype=torch.float32, device=dev)
+    dlow = torch.empty((n_layers, bk, rank), **f32)
+    c1 = torch.empty((n_layers, bk), **f32)
+    c2 = torch.empty((n_layers, bk), **f32)
+    dv_layer = torch.empty((n_layers, rank, d), **f32)
+    d_emb = torch.empty((b, r, d), dtype=dt, device=dev)
+    d_off = torch.empty((k, d), dtype=dt, device=dev)
+    d_u = torch.empty(U.shape, dtype=dt, device=dev)
+    d_v = torch.empty(V.shape, dtype=dt, device=dev)
+    d_bias = torch.empty((n_layers, d), dtype=dt, device=dev)
+    d_lnw = torch.empty((n_layers, d), dtype=dt, device=dev)
+    d_lnb = torch.empty((n_layers, d), dtype=dt, device=dev)
+    blocks = dict(BLOCK_T=_BLOCK_T, BLOCK_RANK=_BLOCK_RANK, BLOCK_D=_BLOCK_D)
+
+    _prompt_bank_bwd_rows_kernel[(n_layers, triton.cdiv(bk, _BLOCK_T))](
+        grad_out, V, layer_bias, ln_weight, stage, low, mean, rstd, dlow, c1, c2,
+        bk, d, rank, **blocks, num_warps=_WARPS)
+    _prompt_bank_bwd_layer_kernel[(n_layers, triton.cdiv(d, _BLOCK_D))](
+        grad_out, V, layer_bias, ln_weight, stage, low, mean, rstd, c1, c2,
+        d_lnw, d_lnb, d_bias, dv_layer, bk, d, rank, **blocks, num_warps=_WARPS)
+    n_group_tiles, n_token_tiles = triton.cdiv(b * r, _BLOCK_T), triton.cdiv(k, _BLOCK_T)
+    _prompt_bank_bwd_inputs_kernel[(triton.cdiv(d, _BLOCK_D),
+                                    n_group_tiles + n_token_tiles + n_stages)](
+        region_emb.contiguous(), token_offset.contiguous(), U.contiguous(), stage, dlow,
+        dv_layer, d_emb, d_off, d_u, d_v,
+        b, k, k // r, r, d, rank, n_layers, n_stages, n_group_tiles, n_token_tiles, **blocks,
+        num_warps=_INPUTS_WARPS)
+    return d_emb, d_off, d_u, d_v, d_bias, d_lnw, d_lnb
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops + autograd
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("avpt::prompt_bank", mutates_args=())
+def prompt_bank_op(region_emb: Tensor, token_offset: Tensor, U: Tensor, V: Tensor,
+                   layer_bias: Tensor, ln_weight: Tensor, ln_bias: Tensor,
+                   layer_stage: List[int], eps: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Triton Eq. 4. Returns (prompts [L,B,K,D], and for the backward, not differentiable:
+    low [L,B*K,r], LayerNorm mean and rstd [L,B*K], all fp32)."""
+    return _forward(region_emb, token_offset, U, V, layer_bias, ln_weight, ln_bias, layer_stage,
+                    eps)
+
+
+@prompt_bank_op.register_fake
+def _(region_emb, token_offset, U, V, layer_bias, ln_weight, ln_bias, layer_stage, eps):
+    b, _, d = region_emb.shape
+    k, rank, n_layers = token_offset.shape[0], U.shape[2], layer_bias.shape[0]
+    stats = region_emb.new_empty((n_layers, b * k), dtype=torch.float32)
+    return (region_emb.new_empty((n_layers, b, k, d)),
+            region_emb.new_empty((n_layers, b * k, rank), dtype=torch.float32),
+            stats, torch.empty_like(stats))
+
+
+@torch.library.custom_op("avpt::prompt_bank_backward", mutates_args=())
+def prompt_bank_backward_op(grad_out: Tensor, region_emb: Tensor, token_offset: Tensor,
+                            U: Tensor, V: Tensor, layer_bias: Tensor, ln_weight: Tensor,
+                            low: Tensor, mean: Tensor, rstd: Tensor,
+                            layer_stage: List[int]) -> Tuple[Tensor, Tensor, Tensor, Tensor,
+                                                             Tensor, Tensor, Tensor]:
+    """Gradients of ``prompt_bank_op`` w.r.t. (region_emb, token_offset, U, V, layer_bias,
+    ln_weight, ln_bias), three launches."""
+    return _backward(grad_out, region_emb, token_offset, U, V, layer_bias, ln_weight, low, mean,
+                     rstd, layer_stage)
+
+
+@prompt_bank_backward_op.register_fake
+def _(grad_out, region_emb, token_offset, U, V, layer_bias, ln_weight, low, mean, rstd,
+      layer_stage):
+    like = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)  # noqa: E731
+    return (like(region_emb), like(token_offset), like(U), like(V), like(layer_bias),
+            like(ln_weight), like(ln_weight))
+
+
+def _setup_context(ctx, inputs, output):
+    region_emb, token_offset, U, V, layer_bias, ln_weight, _ln_bias, layer_stage, _eps = inputs
+    _out, low, mean, rstd = output
+    ctx.mark_non_differentiable(low, mean, rstd)
+    ctx.save_for_backward(region_emb, token_offset, U, V, layer_bias, ln_weight, low, mean, rstd)
+    ctx.layer_stage = list(layer_stage)
+
+
+def _backward_autograd(ctx, grad_out, _grad_low, _grad_mean, _grad_rstd):
+    grads = prompt_bank_backward_op(grad_out, *ctx.saved_tensors, ctx.layer_stage)
+    return tuple(g if need else None for g, need in zip(grads, ctx.needs_input_grad)) + (None, None)
+
+
+prompt_bank_op.register_autograd(_backward_autograd, setup_context=_setup_context)
+
+
+def prompt_bank_min_bytes(batch: int, regions: int, tokens: int, dim: int, rank: int,
+                          layers: int, stages: int, dtype=torch.float32,
+                          backward: bool = False) -> int:
+    """Compulsory DRAM traffic of Eq. 4 in bytes: read the inputs and parameters once and write
+    the prompts [L,B,K,D] (forward); read dprompts and write every gradient (backward; the
+    fp32 per-row statistics are negligible and left out)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    inputs = batch * regions * dim + tokens * dim + 2 * stages * dim * rank + 3 * layers * dim
+    prompts = layers * batch * tokens * dim
+    return size * (inputs + prompts) if not backward else size * (2 * inputs + prompts)
+
+
 def prompt_bank(region_emb: Tensor, token_offset: Tensor, U: Tensor, V: Tensor,
                 layer_bias: Tensor, ln_weight: Tensor, ln_bias: Tensor,
                 layer_stage: Sequence[int], eps: float = 1e-5, *,
@@ -62,8 +510,67 @@ def prompt_bank(region_emb: Tensor, token_offset: Tensor, U: Tensor, V: Tensor,
     region_emb [B,R,D]; token_offset [K,D] with K = R*m (token k belongs to region k // m);
     U [S,D,r], V [S,r,D] stage-shared factors; layer_bias, ln_weight, ln_bias [L,D];
     layer_stage: L stage indices. Returns prompts [L,B,K,D] in the dtype of ``region_emb``.
+
+    The Triton kernels take float32/bfloat16/float16 and r <= 16; other inputs (float64, larger
+    rank) run on the torch backend under ``backend="auto"`` and raise under ``"triton"``.
     """
     check_args(region_emb, token_offset, U, V, layer_bias, ln_weight, ln_bias, layer_stage, eps)
-    resolve("prompt_bank", region_emb.device, backend, has_triton=HAS_TRITON)
-    return reference.prompt_bank(region_emb, token_offset, U, V, layer_bias, ln_weight, ln_bias,
-                                 [int(x) for x in layer_stage], eps)
+    stages = [int(x) for x in layer_stage]
+    use = resolve("prompt_bank", region_emb.device, backend, has_triton=HAS_TRITON)
+    if use == "triton":
+        explicit = (backend or get_backend()) == "triton"
+        if region_emb.dtype not in KERNEL_DTYPES:
+            if explicit:
+                raise TypeError(f"region_emb: the Triton prompt_bank kernels take "
+                                f"{KERNEL_DTYPES}, got {region_emb.dtype}; use backend='torch'")
+            use = "torch"
+        elif U.shape[2] > MAX_RANK:
+            if explicit:
+                raise ValueError(f"U: the Triton prompt_bank kernels take rank r <= {MAX_RANK}, "
+                                 f"got r={U.shape[2]}; use backend='torch'")
+            use = "torch"
+    if use == "torch":
+        return reference.prompt_bank(region_emb, token_offset, U, V, layer_bias, ln_weight,
+                                     ln_bias, stages, eps)
+    return prompt_bank_op(region_emb, token_offset, U, V, layer_bias, ln_weight, ln_bias, stages,
+                          float(eps))[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Ahead-of-time compile list
+# --------------------------------------------------------------------------------------------
+_TL_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def aot_configs() -> List:
+    """Every kernel configuration the launchers above can select (per input dtype)."""
+    from .aot import KernelConfig
+
+    blocks = dict(BLOCK_T=_BLOCK_T, BLOCK_RANK=_BLOCK_RANK, BLOCK_D=_BLOCK_D)
+    const = {name: "constexpr" for name in blocks}
+    configs = []
+    for ty in _TL_TYPES.values():
+        p, f32 = f"*{ty}", "*fp32"
+        sigs = {
+            _prompt_bank_fwd_kernel: dict(
+                emb_ptr=p, off_ptr=p, u_ptr=p, v_ptr=p, bias_ptr=p, lnw_ptr=p, lnb_ptr=p,
+                stage_ptr="*i32", out_ptr=p, low_ptr=f32, mean_ptr=f32, rstd_ptr=f32,
+                BK="i32", K="i32", M="i32", R="i32", D="i32", RANK="i32", eps="fp32"),
+            _prompt_bank_bwd_rows_kernel: dict(
+                dout_ptr=p, v_ptr=p, bias_ptr=p, lnw_ptr=p, stage_ptr="*i32", low_ptr=f32,
+                mean_ptr=f32, rstd_ptr=f32, dlow_ptr=f32, c1_ptr=f32, c2_ptr=f32,
+                BK="i32", D="i32", RANK="i32"),
+            _prompt_bank_bwd_layer_kernel: dict(
+                dout_ptr=p, v_ptr=p, bias_ptr=p, lnw_ptr=p, stage_ptr="*i32", low_ptr=f32,
+                mean_ptr=f32, rstd_ptr=f32, c1_ptr=f32, c2_ptr=f32, dlnw_ptr=p, dlnb_ptr=p,
+                dbias_ptr=p, dv_layer_ptr=f32, BK="i32", D="i32", RANK="i32"),
+            _prompt_bank_bwd_inputs_kernel: dict(
+                emb_ptr=p, off_ptr=p, u_ptr=p, stage_ptr="*i32", dlow_ptr=f32, dv_layer_ptr=f32,
+                demb_ptr=p, doff_ptr=p, du_ptr=p, dv_ptr=p, B="i32", K="i32", M="i32", R="i32",
+                D="i32", RANK="i32", L="i32", S="i32", n_group_tiles="i32",
+                n_token_tiles="i32"),
+        }
+        for fn, sig in sigs.items():
+            warps = _INPUTS_WARPS if fn is _prompt_bank_bwd_inputs_kernel else _WARPS
+            configs.append(KernelConfig(fn, {**sig, **const}, dict(blocks), num_warps=warps))
+    return configs

@@ -1,0 +1,175 @@
+"""Triton low-rank prompt bank (Eq. 4, all layers in one launch) against the reference on fp64
+copies: prompts and all seven gradients, every kernel dtype, ranks 4/8/16, the op registration
+(opcheck, torch.compile) and the backend routing. Runs under TRITON_INTERPRET=1 without a GPU."""
+import importlib
+
+import pytest
+import torch
+
+import avpt_kernels as ak
+from avpt_kernels import backend, reference
+from avpt_kernels.testing import DTYPES, assert_close
+
+pb = importlib.import_module("avpt_kernels.prompt_bank")
+
+NAMES = ("region_emb", "token_offset", "U", "V", "layer_bias", "ln_weight", "ln_bias")
+
+# (B, R, m, D, r, L, S): K = R*m.
+CASES = {
+    "B2-R3-K6-r4": (2, 3, 2, 40, 4, 4, 2),
+    "B1-R1-K3-r8": (1, 1, 3, 24, 8, 3, 1),
+    "vitb-L12-D768-r16": (2, 3, 2, 768, 16, 12, 3),
+}
+
+
+def _stages(n_layers, n_stages):
+    return [layer * n_stages // n_layers for layer in range(n_layers)]
+
+
+def _inputs(b, r, m, d, rank, n_layers, n_stages, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(shape, generator=g) * scale + shift).to(dtype).requires_grad_()
+
+    k = r * m
+    return [rnd(b, r, d), rnd(k, d, scale=0.5), rnd(n_stages, d, rank, scale=d ** -0.5),
+            rnd(n_stages, rank, d, scale=rank ** -0.5), rnd(n_layers, d, scale=0.3),
+            rnd(n_layers, d, scale=0.3, shift=1.0), rnd(n_layers, d, scale=0.3)]
+
+
+def _reference(args, stages, grad, eps=1e-5):
+    args64 = [a.detach().double().requires_grad_() for a in args]
+    out = reference.prompt_bank(*args64, stages, eps)
+    return out, torch.autograd.grad(out, args64, grad.double())
+
+
+def _check(args, stages, dtype, eps=1e-5):
+    out = pb.prompt_bank(*args, stages, eps, backend="triton")
+    b, _, d = args[0].shape
+    assert out.dtype == dtype and out.shape == (len(stages), b, args[1].shape[0], d)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grads = torch.autograd.grad(out, args, grad)
+    ref_out, ref_grads = _reference(args, stages, grad, eps)
+    assert_close(out, ref_out, dtype, "prompts")
+    for name, got, want in zip(NAMES, grads, ref_grads):
+        assert_close(got, want, dtype, f"d {name}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_reference(case, dtype):
+    b, r, m, d, rank, n_layers, n_stages = CASES[case]
+    _check(_inputs(b, r, m, d, rank, n_layers, n_stages, dtype), _stages(n_layers, n_stages),
+           dtype)
+
+
+def test_row_tiles_and_interleaved_stages():
+    # B*K = 30 rows: two row tiles, the second partial; stages not contiguous; eps honoured.
+    args = _inputs(5, 2, 3, 72, 8, 5, 3, torch.float32, seed=2)
+    _check(args, [2, 0, 1, 0, 2], torch.float32, eps=1e-2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_inputs(dtype):
+    b, r, m, d, rank, n_layers, n_stages = 2, 3, 2, 32, 4, 3, 2
+    args = _inputs(b, r, m, d, rank, n_layers, n_stages, dtype, seed=4)
+    # Same values, transposed storage: each tensor becomes a non-contiguous view.
+    views = [a.detach().transpose(-1, -2).contiguous().transpose(-1, -2).requires_grad_()
+             for a in args]
+    assert not any(v.is_contiguous() for v in views)
+    _check(views, _stages(n_layers, n_stages), dtype)
+
+
+def test_frozen_parameters_only_region_emb_grad():
+    args = _inputs(2, 3, 2, 32, 8, 3, 2, torch.float32, seed=5)
+    for a in args[1:]:
+        a.requires_grad_(False)
+    stages = _stages(3, 2)
+    out = pb.prompt_bank(*args, stages, backend="triton")
+    grad = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, (args[0],), grad)
+    _, ref_grads = _reference(args, stages, grad)
+    assert_close(got, ref_grads[0], torch.float32, "d region_emb")
+
+
+def test_opcheck():
+    args = [a.detach().requires_grad_() for a in _inputs(2, 3, 2, 32, 4, 3, 2, torch.float32)]
+    stages = _stages(3, 2)
+    torch.library.opcheck(pb.prompt_bank_op, (*args, stages, 1e-5))
+    with torch.no_grad():
+        out, low, mean, rstd = pb.prompt_bank_op(*args, stages, 1e-5)
+    plain = [a.detach() for a in args]
+    torch.library.opcheck(pb.prompt_bank_backward_op,
+                          (torch.randn_like(out), *plain[:6], low, mean, rstd, stages))
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    args = _inputs(2, 3, 2, 32, 8, 4, 2, torch.float32, seed=6)
+    stages = _stages(4, 2)
+
+    def fn(*tensors):
+        return pb.prompt_bank(*tensors, stages, backend="triton") * 2
+
+    out = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    grads = torch.autograd.grad(out, args, grad)
+    ref_out, ref_grads = _reference(args, stages, 2 * grad)
+    assert_close(out, 2 * ref_out, torch.float32, "compiled prompts")
+    for name, got, want in zip(NAMES, grads, ref_grads):
+        assert_close(got, want, torch.float32, f"compiled d {name}")
+
+
+def test_module_uses_the_kernel():
+    bank = ak.LowRankPromptBank(dim=32, num_regions=3, tokens_per_region=2, rank=8,
+                                num_layers=4, num_stages=2, backend="triton")
+    with torch.no_grad():  # move off the init (LN affine = identity) so every gradient is generic
+        for name in NAMES[4:]:
+            getattr(bank, name).add_(0.3 * torch.randn_like(getattr(bank, name)))
+    emb = torch.randn(2, 3, 32, requires_grad=True)
+    out = bank(emb)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    weights = [emb] + [getattr(bank, n) for n in NAMES[1:]]
+    grads = [w.grad for w in weights]
+    args64 = [w.detach().double().requires_grad_() for w in weights]
+    ref = reference.prompt_bank(*args64, bank.layer_stage, bank.eps)
+    ref_grads = torch.autograd.grad(ref, args64, grad.double())
+    assert_close(out, ref, torch.float32, "module prompts")
+    for name, got, want in zip(NAMES, grads, ref_grads):
+        assert_close(got, want, torch.float32, f"module d {name}")
+
+
+def test_backend_routing(monkeypatch):
+    args = [a.detach() for a in _inputs(1, 1, 2, 16, 4, 2, 1, torch.float32)]
+    calls = []
+    real = pb._forward
+    monkeypatch.setattr(pb, "_forward", lambda *a: calls.append(1) or real(*a))
+    pb.prompt_bank(*args, [0, 0], backend="torch")
+    assert not calls, "backend='torch' must not run the kernel"
+    with backend.use_backend("triton"):
+        pb.prompt_bank(*args, [0, 0])
+    assert calls, "backend='triton' must run the kernel"
+    if backend.interpreter_enabled():
+        calls.clear()
+        pb.prompt_bank(*args, [0, 0], backend="auto")
+        assert calls, "backend='auto' runs Triton under the interpreter"
+
+
+def test_unsupported_inputs_fall_back_or_raise():
+    args = _inputs(1, 1, 2, 16, 4, 2, 1, torch.float64)
+    out = pb.prompt_bank(*args, [0, 0], backend="auto")  # float64: the torch path under auto
+    assert_close(out, reference.prompt_bank(*[a.detach() for a in args], [0, 0]), torch.float64,
+                 "fp64 auto")
+    with pytest.raises(TypeError, match="region_emb"):
+        pb.prompt_bank(*args, [0, 0], backend="triton")
+    wide = _inputs(1, 1, 2, 32, 17, 2, 1, torch.float32)
+    with pytest.raises(ValueError, match="U: .*rank r <= 16"):
+        pb.prompt_bank(*wide, [0, 0], backend="triton")
+
+
+def test_min_bytes():
+    got = pb.prompt_bank_min_bytes(32, 3, 6, 768, 8, 12, 3, torch.bfloat16)
+    inputs = 32 * 3 * 768 + 6 * 768 + 2 * 3 * 768 * 8 + 3 * 12 * 768
+    assert got == 2 * (inputs + 12 * 32 * 6 * 768)

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Optional
 
 import open_clip
-import torch
 from torch import nn
 
 TINY_MODEL = "avpt-tiny"

@@ -1,6 +1,5 @@
 """A-VPT losses: each term against an independent computation, the memory queues, the EMA region
 types, the switches of Eq. 17, and gradients reaching the trainable parts."""
-import math
 import warnings
 
 import pytest

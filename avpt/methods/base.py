@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Type
 
 from torch import Tensor, nn
@@ -165,4 +165,4 @@ def build_method(name: str, config: Optional[MethodConfig] = None, **overrides) 
 
 
 __all__ = ["MethodConfig", "MethodOutput", "Method", "register", "build_method", "method_names",
-           "get_method_class", "get_config_class", "field"]
+           "get_method_class", "get_config_class"]

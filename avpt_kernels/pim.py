@@ -29,7 +29,7 @@ Backward, 2 launches over (Z, dZ_out) and nothing of size T x A or T x K saved:
      (delta[c] = Nv[c].E[c] is the softmax-backward row sum, so no extra pass is needed).
   B. ``_grad_z_kernel`` reads Z, dY once, writes dZ once, and accumulates dMq, dcq.
   The small per-image algebra (P, weights -> Mq, cq, Mk, Nv, alpha, p_tilde) is recomputed in
-  backward and differentiated with ``torch.func.vjp``. Saved for backward: z, p, weights (inputs)
+  backward and differentiated by hand (plain torch on [B,K,D]/[D,A]-sized tensors). Saved for backward: z, p, weights (inputs)
   and G [B,HKP,D], colsum, softmax stats [B,HKP]: O(B*K*D) per layer.
 
 Supported by the Triton path: fp32/fp16/bf16, D a multiple of 16 up to 1024, 1 <= K <= 16, head
@@ -59,7 +59,8 @@ T2P_REDUCE = ("sum", "mean")
 MAX_DIM = 1024
 MAX_PROMPTS = 16
 HEAD_WIDTHS = (8, 64)
-MAX_COLUMNS = 256  # HP * KP
+# Most (head, prompt) columns H*K: the fp32 path (IEEE FMA dots, no tensor cores) spills beyond 128.
+MAX_COLUMNS = {torch.float32: 128, torch.float16: 256, torch.bfloat16: 256}
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DOT_MODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -132,7 +133,7 @@ def launch_config(columns: int, dtype: torch.dtype) -> Tuple[int, int, int]:
 # the D loops are short and software pipelining only adds registers here).
 _LAUNCH = {
     (16, True): (16, 32, 4), (32, True): (16, 32, 8), (64, True): (16, 16, 8),
-    (128, True): (16, 16, 8), (256, True): (16, 16, 8),
+    (128, True): (16, 16, 8),
     (16, False): (32, 32, 4), (32, False): (32, 32, 4), (64, False): (16, 32, 4),
     (128, False): (16, 32, 8), (256, False): (16, 16, 8),
 }
@@ -151,9 +152,9 @@ def triton_unsupported_reason(z: Tensor, p: Tensor, params: PIMParams, num_heads
         return f"K={k} prompts (the kernels take 1 to {MAX_PROMPTS})"
     if not HEAD_WIDTHS[0] <= head_dim <= HEAD_WIDTHS[1]:
         return f"head width {head_dim} (the kernels take {HEAD_WIDTHS[0]} to {HEAD_WIDTHS[1]})"
-    if num_heads * k > MAX_COLUMNS:
+    if num_heads * k > MAX_COLUMNS[z.dtype]:
         return (f"num_heads={num_heads} with K={k} ({num_heads * k} head-prompt columns, the "
-                f"kernels take at most {MAX_COLUMNS})")
+                f"{z.dtype} kernels take at most {MAX_COLUMNS[z.dtype]})")
     return None
 
 
@@ -336,12 +337,14 @@ def _p2t_update_kernel(z_ptr, mk_ptr, m2_ptr, l2_ptr, nv_ptr, bo_ptr, alpha_ptr,
 
 @triton.jit
 def _p2t_grad_reduce_kernel(z_ptr, y_ptr, mk_ptr, nv_ptr, m2_ptr, l2_ptr, e_ptr, f1_ptr, f2_ptr,
-                            ysum_ptr, T, D,
+                            ysum_ptr, delta_ptr, T, D,
                             BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HKP: tl.constexpr,
                             DOT_MODE: tl.constexpr):
     """Backward reductions of the prompt->token side. Grid (B, cdiv(T, BLOCK_T)).
     y = dL/dz_out [B,T,D]; with yn[t,c] = y_t . Nv[c]:
-    e += S2^T y, f1 += (S2*yn)^T Z, f2 += S2^T Z  ([B,HKP,D] fp32), ysum += sum_t y ([B,D])."""
+    e += S2^T y, f1 += (S2*yn)^T Z, f2 += S2^T Z  ([B,HKP,D] fp32), ysum += sum_t y ([B,D]),
+    delta += sum_t S2*yn ([B,HKP]: the softmax-backward row sum, from the very yn values the dZ
+    kernel recomputes, so that yn - delta cancels exactly for a one-hot softmax)."""
     b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
@@ -364,7 +367,9 @@ def _p2t_grad_reduce_kernel(z_ptr, y_ptr, mk_ptr, nv_ptr, m2_ptr, l2_ptr, e_ptr,
         yn += _mm(yt, nvt, DOT_MODE)
     s2 = _p2t_probs(logits, m2_ptr, l2_ptr, b, row_ok, HKP)
     s2t = tl.trans(s2)
-    ws2t = tl.trans(s2 * yn)
+    ws2 = s2 * yn
+    tl.atomic_add(delta_ptr + b * HKP + cols, tl.sum(ws2, axis=0), sem="relaxed")
+    ws2t = tl.trans(ws2)
     out = b * HKP * D + cols[:, None] * D
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
@@ -459,42 +464,112 @@ def _unpad_columns(x: Tensor, h: int, k: int, dim: int) -> Tensor:
     return x.reshape(x.shape[:dim] + (h, k) + x.shape[dim + 1:])
 
 
-def _t2p_small(p: Tensor, wq: Tensor, bq: Tensor, wk: Tensor, bk: Tensor, num_heads: int,
-               hkp: int) -> Tuple[Tensor, Tensor]:
-    """P [B,K,D] -> Mq [B,D,HKP], cq [B,HKP] (scale folded in)."""
+def _t2p_small(p: Tensor, w: PIMParams, num_heads: int, hkp: int):
+    """P [B,K,D] -> Mq [B,D,HKP], cq [B,HKP] (scale folded in), and k1 [B,K,H,dh] for backward."""
     b, k, d = p.shape
-    a = wq.shape[0]
-    dh = a // num_heads
+    dh = w.t2p_q_w.shape[0] // num_heads
     scale = 1.0 / math.sqrt(dh)
-    k1 = F.linear(p, wk, bk).reshape(b, k, num_heads, dh)
-    mq = torch.einsum("hjd,bkhj->bdhk", wq.reshape(num_heads, dh, d), k1) * scale
-    cq = torch.einsum("hj,bkhj->bhk", bq.reshape(num_heads, dh), k1) * scale
-    return _pad_columns(mq, hkp), _pad_columns(cq, hkp)
+    k1 = F.linear(p, w.t2p_k_w, w.t2p_k_b).reshape(b, k, num_heads, dh)
+    mq = torch.einsum("hjd,bkhj->bdhk", w.t2p_q_w.reshape(num_heads, dh, d), k1) * scale
+    cq = torch.einsum("hj,bkhj->bhk", w.t2p_q_b.reshape(num_heads, dh), k1) * scale
+    return _pad_columns(mq, hkp), _pad_columns(cq, hkp), k1
 
 
-def _p2t_small(g: Tensor, colsum: Tensor, p: Tensor, z0: Tensor, w: List[Tensor], num_heads: int,
+def _t2p_small_backward(grad_mq: Tensor, grad_cq: Tensor, p: Tensor, k1: Tensor, w: PIMParams,
+                        grads: dict) -> Tensor:
+    """Backward of _t2p_small: accumulates the t2p q/k weight gradients into ``grads``, returns dP."""
+    b, k, num_heads, dh = k1.shape
+    d = p.shape[2]
+    scale = 1.0 / math.sqrt(dh)
+    dmq = _unpad_columns(grad_mq, num_heads, k, 2) * scale  # [B,D,H,K]
+    dcq = _unpad_columns(grad_cq, num_heads, k, 1) * scale  # [B,H,K]
+    wq, bq = w.t2p_q_w.reshape(num_heads, dh, d), w.t2p_q_b.reshape(num_heads, dh)
+    dk1 = (torch.einsum("hjd,bdhk->bkhj", wq, dmq) + torch.einsum("hj,bhk->bkhj", bq, dcq))
+    grads["t2p_q_w"] = torch.einsum("bkhj,bdhk->hjd", k1, dmq).reshape(-1, d)
+    grads["t2p_q_b"] = torch.einsum("bkhj,bhk->hj", k1, dcq).reshape(-1)
+    dk1 = dk1.reshape(b, k, -1)
+    grads["t2p_k_w"] = torch.einsum("bka,bkd->ad", dk1, p)
+    grads["t2p_k_b"] = dk1.sum(dim=(0, 1))
+    return dk1 @ w.t2p_k_w
+
+
+def _p2t_small(g: Tensor, colsum: Tensor, p: Tensor, z0: Tensor, w: PIMParams, num_heads: int,
                hkp: int, inv_tokens: float):
     """(G [B,HKP,D], colsum [B,HKP], P [B,K,D], Z[:,0] [B,D], fp32 weights) ->
-    p_tilde [B,K,D], Mk [B,D,HKP], Nv [B,HKP,D], alpha [B]."""
+    p_tilde [B,K,D], Mk [B,D,HKP], Nv [B,HKP,D], alpha [B], and the intermediates for backward."""
     b, k, d = p.shape
-    a = w[0].shape[0]
+    a = w.t2p_q_w.shape[0]
     dh = a // num_heads
     scale = 1.0 / math.sqrt(dh)
-    P = PIMParams(*w)
     gh = _unpad_columns(g, num_heads, k, 1)  # [B,H,K,D]
     ch = _unpad_columns(colsum, num_heads, k, 1)  # [B,H,K]
-    msg = (torch.einsum("bhkd,hjd->bkhj", gh, P.t2p_v_w.reshape(num_heads, dh, d))
-           + ch.transpose(1, 2)[..., None] * P.t2p_v_b.reshape(num_heads, dh)) * inv_tokens
-    p_tilde = p + F.linear(msg.reshape(b, k, a), P.t2p_o_w, P.t2p_o_b)
-    q2 = F.linear(p_tilde, P.p2t_q_w, P.p2t_q_b).reshape(b, k, num_heads, dh)
-    mk = torch.einsum("hjd,bkhj->bdhk", P.p2t_k_w.reshape(num_heads, dh, d), q2) * scale
-    v2 = F.linear(p_tilde, P.p2t_v_w, P.p2t_v_b).reshape(b, k, num_heads, dh)
-    nv = torch.einsum("bkhj,ehj->bhke", v2, P.p2t_o_w.reshape(d, num_heads, dh))
+    msg = (torch.einsum("bhkd,hjd->bkhj", gh, w.t2p_v_w.reshape(num_heads, dh, d))
+           + ch.transpose(1, 2)[..., None] * w.t2p_v_b.reshape(num_heads, dh)) * inv_tokens
+    msg = msg.reshape(b, k, a)
+    p_tilde = p + F.linear(msg, w.t2p_o_w, w.t2p_o_b)
+    q2 = F.linear(p_tilde, w.p2t_q_w, w.p2t_q_b).reshape(b, k, num_heads, dh)
+    mk = torch.einsum("hjd,bkhj->bdhk", w.p2t_k_w.reshape(num_heads, dh, d), q2) * scale
+    v2 = F.linear(p_tilde, w.p2t_v_w, w.p2t_v_b).reshape(b, k, num_heads, dh)
+    nv = torch.einsum("bkhj,ehj->bhke", v2, w.p2t_o_w.reshape(d, num_heads, dh))
     gate_in = torch.cat([p_tilde.mean(dim=1), z0], dim=-1)
-    hidden = F.gelu(F.linear(gate_in, P.gate_w1, P.gate_b1))
-    alpha = torch.sigmoid(F.linear(hidden, P.gate_w2, P.gate_b2))[:, 0]
+    pre = F.linear(gate_in, w.gate_w1, w.gate_b1)
+    hidden = F.gelu(pre)
+    alpha = torch.sigmoid(F.linear(hidden, w.gate_w2, w.gate_b2))[:, 0]
     nv = F.pad(nv.reshape(b, num_heads * k, d), (0, 0, 0, hkp - num_heads * k))
-    return p_tilde, _pad_columns(mk, hkp), nv, alpha
+    saved = dict(gh=gh, ch=ch, msg=msg, p_tilde=p_tilde, q2=q2, v2=v2, gate_in=gate_in, pre=pre,
+                 hidden=hidden)
+    return p_tilde, _pad_columns(mk, hkp), nv, alpha, saved
+
+
+def _p2t_small_backward(grad_p_tilde: Tensor, grad_mk: Tensor, grad_nv: Tensor, grad_alpha: Tensor,
+                        alpha: Tensor, s: dict, w: PIMParams, inv_tokens: float, hkp: int,
+                        grads: dict):
+    """Backward of _p2t_small (chain rule written out; the gate uses the exact erf GELU).
+    grad_mk [B,D,HKP], grad_nv [B,HKP,D], grad_alpha [B]. Fills ``grads`` with every weight's
+    gradient it reaches; returns (dG [B,HKP,D], dcolsum [B,HKP], dP [B,K,D], dZ[:,0] [B,D])."""
+    b, k, num_heads, dh = s["q2"].shape
+    d = grad_p_tilde.shape[2]
+    scale = 1.0 / math.sqrt(dh)
+    # gate: alpha = sigmoid(W2 gelu(W1 gate_in + b1) + b2)
+    d_logit = (grad_alpha * alpha * (1.0 - alpha))[:, None]  # [B,1]
+    grads["gate_w2"] = d_logit.t() @ s["hidden"]
+    grads["gate_b2"] = d_logit.sum(dim=0)
+    pre = s["pre"]
+    gelu_grad = 0.5 * (1.0 + torch.erf(pre * 0.5 ** 0.5)) + pre * torch.exp(-0.5 * pre * pre) \
+        * (2.0 * math.pi) ** -0.5
+    d_pre = (d_logit @ w.gate_w2) * gelu_grad  # [B,G]
+    grads["gate_w1"] = d_pre.t() @ s["gate_in"]
+    grads["gate_b1"] = d_pre.sum(dim=0)
+    d_gate_in = d_pre @ w.gate_w1  # [B,2D]
+    d_pt = grad_p_tilde + d_gate_in[:, None, :d] / k
+    # Nv[h,k,:] = v2[k,h] W'o_h^T
+    dnv = _unpad_columns(grad_nv, num_heads, k, 1)  # [B,H,K,D]
+    wo2 = w.p2t_o_w.reshape(d, num_heads, dh)
+    dv2 = torch.einsum("bhke,ehj->bkhj", dnv, wo2).reshape(b, k, -1)
+    grads["p2t_o_w"] = torch.einsum("bhke,bkhj->ehj", dnv, s["v2"]).reshape(d, -1)
+    grads["p2t_v_w"] = torch.einsum("bka,bkd->ad", dv2, s["p_tilde"])
+    grads["p2t_v_b"] = dv2.sum(dim=(0, 1))
+    d_pt = d_pt + dv2 @ w.p2t_v_w
+    # Mk[:,h,k] = scale W'k_h^T q2[k,h]; the key bias b'k does not reach the output
+    dmk = _unpad_columns(grad_mk, num_heads, k, 2) * scale  # [B,D,H,K]
+    wk2 = w.p2t_k_w.reshape(num_heads, dh, d)
+    dq2 = torch.einsum("hjd,bdhk->bkhj", wk2, dmk).reshape(b, k, -1)
+    grads["p2t_k_w"] = torch.einsum("bkhj,bdhk->hjd", s["q2"], dmk).reshape(-1, d)
+    grads["p2t_k_b"] = torch.zeros_like(w.p2t_k_b)
+    grads["p2t_q_w"] = torch.einsum("bka,bkd->ad", dq2, s["p_tilde"])
+    grads["p2t_q_b"] = dq2.sum(dim=(0, 1))
+    d_pt = d_pt + dq2 @ w.p2t_q_w
+    # p_tilde = P + msg Wo^T + bo; msg = (G_h Wv_h^T + colsum bv_h) * inv_tokens
+    grads["t2p_o_w"] = torch.einsum("bkd,bka->da", d_pt, s["msg"])
+    grads["t2p_o_b"] = d_pt.sum(dim=(0, 1))
+    dmsg = (d_pt @ w.t2p_o_w).reshape(b, k, num_heads, dh) * inv_tokens
+    wv = w.t2p_v_w.reshape(num_heads, dh, d)
+    dgh = torch.einsum("bkhj,hjd->bhkd", dmsg, wv)
+    dch = torch.einsum("bkhj,hj->bhk", dmsg, w.t2p_v_b.reshape(num_heads, dh))
+    grads["t2p_v_w"] = torch.einsum("bkhj,bhkd->hjd", dmsg, s["gh"]).reshape(-1, d)
+    grads["t2p_v_b"] = torch.einsum("bkhj,bhk->hj", dmsg, s["ch"]).reshape(-1)
+    d_g = F.pad(dgh.reshape(b, num_heads * k, d), (0, 0, 0, hkp - num_heads * k))
+    return d_g, _pad_columns(dch, hkp), d_pt, d_gate_in[:, d:]
 
 
 # --------------------------------------------------------------------------------------------
@@ -516,14 +591,14 @@ def _forward(z: Tensor, p: Tensor, weights: List[Tensor], num_heads: int, mean_r
     w = [x.float() for x in weights]
     P = PIMParams(*w)
     pf = p.float()
-    mq, cq = _t2p_small(pf, P.t2p_q_w, P.t2p_q_b, P.t2p_k_w, P.t2p_k_b, num_heads, hkp)
+    mq, cq, _ = _t2p_small(pf, P, num_heads, hkp)
     mq, cq = mq.contiguous(), cq.contiguous()
     g = torch.zeros(b, hkp, d, device=z.device, dtype=torch.float32)
     colsum = torch.zeros(b, hkp, device=z.device, dtype=torch.float32)
     _t2p_reduce_kernel[(b, ntb)](z, mq, cq, g, colsum, t, d, k, num_heads, BLOCK_T=block_t,
                                  BLOCK_D=block_d, HKP=hkp, DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES)
-    p_tilde, mk, nv, alpha = _p2t_small(g, colsum, pf, z[:, 0].float(), w, num_heads, hkp,
-                                        1.0 / t if mean_reduce else 1.0)
+    p_tilde, mk, nv, alpha, _ = _p2t_small(g, colsum, pf, z[:, 0].float(), P, num_heads, hkp,
+                                           1.0 / t if mean_reduce else 1.0)
     mk, nv = mk.contiguous(), nv.contiguous()
     mpart = torch.empty(b, ntb, hkp, device=z.device, dtype=torch.float32)
     lpart = torch.empty_like(mpart)
@@ -546,51 +621,42 @@ def _backward(grad_out: Tensor, grad_p_tilde: Tensor, z: Tensor, p: Tensor, weig
     b, t, d, k, hkp, block_t, block_d, warps = _layout(z, p, num_heads)
     ntb = triton.cdiv(t, block_t)
     mode = _dot_mode(z.dtype, z.device)
-    w = [x.float() for x in weights]
+    w = PIMParams(*(x.float() for x in weights))
     pf, z0 = p.float(), z[:, 0].float()
     inv_tokens = 1.0 / t if mean_reduce else 1.0
+    # Recompute the small per-image matrices (cheap, O(B*K*D*A)) instead of saving them.
+    mq, cq, k1 = _t2p_small(pf, w, num_heads, hkp)
+    _, mk, nv, alpha, saved = _p2t_small(g, colsum, pf, z0, w, num_heads, hkp, inv_tokens)
+    mq, cq, mk, nv, alpha = (x.contiguous() for x in (mq, cq, mk, nv, alpha))
 
-    def t2p_small(p_, wq, bq, wk, bk):
-        return _t2p_small(p_, wq, bq, wk, bk, num_heads, hkp)
-
-    def p2t_small(g_, colsum_, p_, z0_, *w_):
-        return _p2t_small(g_, colsum_, p_, z0_, list(w_), num_heads, hkp, inv_tokens)
-
-    t2p_idx = [PIMParams._fields.index(n) for n in ("t2p_q_w", "t2p_q_b", "t2p_k_w", "t2p_k_b")]
-    (mq, cq), t2p_vjp = torch.func.vjp(t2p_small, pf, *(w[i] for i in t2p_idx))
-    (p_tilde, mk, nv, alpha), p2t_vjp = torch.func.vjp(p2t_small, g, colsum, pf, z0, *w)
-    mq, cq, mk, nv, alpha = (x.detach().contiguous() for x in (mq, cq, mk, nv, alpha))
-
-    # Pass A: prompt->token reductions.
+    # Pass A: prompt->token reductions over (Z, dZ_out).
     e = torch.zeros(b, hkp, d, device=z.device, dtype=torch.float32)
     f1, f2 = torch.zeros_like(e), torch.zeros_like(e)
     ysum = torch.zeros(b, d, device=z.device, dtype=torch.float32)
-    _p2t_grad_reduce_kernel[(b, ntb)](z, y, mk, nv, m2, l2, e, f1, f2, ysum, t, d, BLOCK_T=block_t,
-                                      BLOCK_D=block_d, HKP=hkp, DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES)
-    delta = (nv * e).sum(dim=-1)  # [B,HKP]: sum_t S2[c,t] (y_t . Nv[c])
+    delta = torch.zeros(b, hkp, device=z.device, dtype=torch.float32)  # sum_t S2[c,t] (y_t . Nv[c])
+    _p2t_grad_reduce_kernel[(b, ntb)](z, y, mk, nv, m2, l2, e, f1, f2, ysum, delta, t, d,
+                                      BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp, DOT_MODE=mode,
+                                      num_warps=warps, num_stages=NUM_STAGES)
+    # z_out = Z + alpha (S2^T Nv + b'o): closed-form gradients of Nv, Mk, alpha, b'o
     grad_nv = alpha[:, None, None] * e
     grad_mk = (alpha[:, None, None] * (f1 - delta[..., None] * f2)).transpose(1, 2)
-    bo2 = w[PIMParams._fields.index("p2t_o_b")]
-    grad_alpha = delta.sum(dim=1) + ysum @ bo2
-    grad_g, grad_colsum, grad_p, grad_z0, *grad_w = p2t_vjp(
-        (grad_p_tilde.float(), grad_mk, grad_nv, grad_alpha))
-    grad_w[PIMParams._fields.index("p2t_o_b")] = grad_w[PIMParams._fields.index("p2t_o_b")] \
-        + (alpha[:, None] * ysum).sum(dim=0)
+    grad_alpha = delta.sum(dim=1) + ysum @ w.p2t_o_b
+    grads = {"p2t_o_b": (alpha[:, None] * ysum).sum(dim=0)}
+    grad_g, grad_colsum, grad_p, grad_z0 = _p2t_small_backward(
+        grad_p_tilde.float(), grad_mk, grad_nv, grad_alpha, alpha, saved, w, inv_tokens, hkp, grads)
 
     # Pass B: dZ, and the token-side reductions of the token->prompt backward.
     dz = torch.empty_like(z)
     grad_mq = torch.zeros_like(mq)
     grad_cq = torch.zeros_like(cq)
-    _grad_z_kernel[(b, ntb)](z, y, mq, cq, mk, nv, m2, l2, alpha, delta.contiguous(),
+    _grad_z_kernel[(b, ntb)](z, y, mq, cq, mk, nv, m2, l2, alpha, delta,
                              grad_g.contiguous(), grad_colsum.contiguous(), dz, grad_mq, grad_cq,
                              t, d, k, num_heads, BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp,
                              DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES)
     dz[:, 0] += grad_z0.to(dz.dtype)  # the gate reads the class token
-    grad_p2, *grad_t2p = t2p_vjp((grad_mq, grad_cq))
-    for i, gw in zip(t2p_idx, grad_t2p):
-        grad_w[i] = grad_w[i] + gw
-    grad_p = grad_p + grad_p2
-    return [dz, grad_p.to(p.dtype)] + [gw.to(x.dtype) for gw, x in zip(grad_w, weights)]
+    grad_p = grad_p + _t2p_small_backward(grad_mq, grad_cq, pf, k1, w, grads)
+    return [dz, grad_p.to(p.dtype)] + [grads[n].to(x.dtype).reshape(x.shape)
+                                       for n, x in zip(PIMParams._fields, weights)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -692,7 +758,7 @@ def aot_configs():
     for dtype, mode in _DOT_MODE.items():
         zp = "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
         hkp = 16
-        while hkp <= _next_pow2(MAX_COLUMNS):
+        while hkp <= MAX_COLUMNS[dtype]:
             block_t, block_d, warps = launch_config(hkp, dtype)
             const = dict(BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp, DOT_MODE=mode)
             cexpr = {c: "constexpr" for c in const}
@@ -710,7 +776,8 @@ def aot_configs():
                 bo_ptr="f", alpha_ptr="f", out_ptr="z", attn_ptr="f", T="i32", D="i32", HK="i32",
                 return_attn="i32")
             add(_p2t_grad_reduce_kernel, z_ptr="z", y_ptr="z", mk_ptr="f", nv_ptr="f", m2_ptr="f",
-                l2_ptr="f", e_ptr="f", f1_ptr="f", f2_ptr="f", ysum_ptr="f", T="i32", D="i32")
+                l2_ptr="f", e_ptr="f", f1_ptr="f", f2_ptr="f", ysum_ptr="f", delta_ptr="f",
+                T="i32", D="i32")
             add(_grad_z_kernel, z_ptr="z", y_ptr="z", mq_ptr="f", cq_ptr="f", mk_ptr="f",
                 nv_ptr="f", m2_ptr="f", l2_ptr="f", alpha_ptr="f", delta_ptr="f", dg_ptr="f",
                 dcolsum_ptr="f", dz_ptr="z", dmq_ptr="f", dcq_ptr="f", T="i32", D="i32", K="i32",

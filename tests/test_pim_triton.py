@@ -1,0 +1,257 @@
+"""The fused Triton PIM (Eqs. 5-10) against the reference, evaluated in fp64 on copies of the same
+inputs: outputs, the prompt->token attention and every gradient, fp32/bf16/fp16. Runs on CPU
+tensors through the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU)."""
+import importlib
+
+import pytest
+import torch
+
+import avpt_kernels as ak
+from avpt_kernels import reference
+from avpt_kernels.reference import PIMParams
+from avpt_kernels.testing import assert_close, assert_grads_close, random_pim_params
+
+pim_mod = importlib.import_module("avpt_kernels.pim")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+NAMES = ("z", "p", *PIMParams._fields)
+
+
+def _inputs(b, t, d, k, h, dh, g=8, dtype=torch.float32, seed=0, logit_gain=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(b, t, d, generator=gen, dtype=torch.float64)
+    p = torch.randn(b, k, d, generator=gen, dtype=torch.float64)
+    w = random_pim_params(d, h * dh, g, dtype=torch.float64, requires_grad=False, generator=gen)
+    if logit_gain != 1.0:  # scale both query projections: logits grow by logit_gain
+        w = w._replace(t2p_q_w=w.t2p_q_w * logit_gain, t2p_q_b=w.t2p_q_b * logit_gain,
+                       p2t_q_w=w.p2t_q_w * logit_gain, p2t_q_b=w.p2t_q_b * logit_gain)
+    leaf = lambda x: x.to(device=DEVICE, dtype=dtype).requires_grad_(True)  # noqa: E731
+    return leaf(z), leaf(p), PIMParams(*(leaf(x) for x in w))
+
+
+def _fp64(z, p, w):
+    leaf = lambda x: x.detach().double().requires_grad_(True)  # noqa: E731
+    return leaf(z), leaf(p), PIMParams(*(leaf(x) for x in w))
+
+
+def _check(b, t, d, k, h, dh, dtype, reduce="sum", seed=0, logit_gain=1.0):
+    z, p, w = _inputs(b, t, d, k, h, dh, dtype=dtype, seed=seed, logit_gain=logit_gain)
+    z_out, p_tilde, attn = ak.pim(z, p, w, h, reduce, return_attn=True, backend="triton")
+    assert z_out.dtype == dtype and p_tilde.dtype == dtype and attn.dtype == torch.float32
+    zd, pd, wd = _fp64(z, p, w)
+    want = reference.pim(zd, pd, wd, h, reduce, return_attn=True)
+    for name, got, exp in zip(("z_out", "p_tilde", "attn"), (z_out, p_tilde, attn), want):
+        assert_close(got, exp, dtype=dtype, name=name)
+    gen = torch.Generator().manual_seed(seed + 1)
+    gz = torch.randn(z_out.shape, generator=gen, dtype=torch.float64)
+    gp = torch.randn(p_tilde.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad((z_out, p_tilde), (z, p, *w), (gz.to(z_out), gp.to(p_tilde)))
+    exp = torch.autograd.grad(want[:2], (zd, pd, *wd), (gz, gp))
+    assert_grads_close(NAMES, got, exp, dtype=dtype)
+    return z_out, p_tilde, attn, got
+
+
+# (b, t, d, k, h, dh, reduce): B=1, odd K=5, K=6, K=1, K=16, H=1, small A (16, 32), T=197 with
+# D=768, tails of every block size (T = 2, 17, 19, 33, 37), every column width HKP 16..256.
+SHAPES = {
+    "t197_d768": (1, 197, 768, 6, 2, 16, "mean"),  # A=32, HKP=16, fp32 only (interpreter time)
+    "k5_a16": (2, 37, 32, 5, 2, 8, "sum"),
+    "k6_h3_b1": (1, 33, 48, 6, 3, 16, "mean"),  # HK=18 -> HKP=32
+    "h1_k1_t2": (3, 2, 16, 1, 1, 16, "sum"),
+    "k16_h4": (2, 19, 64, 16, 4, 8, "sum"),  # HKP=64
+    "hkp128": (1, 17, 32, 12, 10, 8, "mean"),  # HK=120
+    "hkp256": (1, 17, 32, 16, 16, 8, "sum"),  # HK=256: the widest layout (16-bit inputs only)
+}
+CASES = [("t197_d768", torch.float32), ("hkp256", torch.bfloat16), ("hkp256", torch.float16)] + [
+    (name, dtype) for name in ("k5_a16", "k6_h3_b1", "h1_k1_t2", "k16_h4", "hkp128")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16)]
+
+
+@pytest.mark.parametrize("name,dtype", CASES, ids=[f"{n}-{str(d)[6:]}" for n, d in CASES])
+def test_outputs_attention_and_grads_match_reference(name, dtype):
+    b, t, d, k, h, dh, reduce = SHAPES[name]
+    _check(b, t, d, k, h, dh, dtype, reduce)
+
+
+def test_extreme_logits_stay_finite_and_match():
+    """Query weights x 3000: |logits| ~1e4 in both attentions, softmaxes one-hot to fp32 precision.
+    Everything must stay finite; outputs and the gradients of z and p must match the fp64 truth.
+    The attention-weight gradients are ~1e-16 in fp64 there (the softmaxes are saturated), so any
+    fp32 computation, the fp32 reference included, returns rounding noise for them: finiteness
+    is what is checked for those."""
+    gain, shape = 3000.0, (2, 21, 32, 5, 2, 16)
+    z, p, w = _inputs(*shape, logit_gain=gain, seed=3)
+    zd, pd, wd = _fp64(z, p, w)
+    k1 = torch.nn.functional.linear(pd, wd.t2p_k_w, wd.t2p_k_b)
+    q1 = torch.nn.functional.linear(zd, wd.t2p_q_w, wd.t2p_q_b)
+    assert (q1[..., :16] @ k1[..., :16].transpose(1, 2)).abs().max() / 4 > 3e3  # really extreme
+    z_out, p_tilde, attn = ak.pim(z, p, w, 2, return_attn=True, backend="triton")
+    want = reference.pim(zd, pd, wd, 2, return_attn=True)
+    for name, got, exp in zip(("z_out", "p_tilde", "attn"), (z_out, p_tilde, attn), want):
+        assert_close(got, exp, name=name)
+    gz, gp = torch.randn_like(z_out), torch.randn_like(p_tilde)
+    grads = torch.autograd.grad((z_out, p_tilde), (z, p, *w), (gz, gp))
+    exp = torch.autograd.grad(want[:2], (zd, pd), (gz.double(), gp.double()))
+    assert_close(grads[0], exp[0], name="grad z")
+    assert_close(grads[1], exp[1], name="grad p")
+    for name, g in zip(NAMES, grads):
+        assert torch.isfinite(g).all(), name
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy warns about the NaN image
+def test_masked_tail_rows_do_not_leak():
+    """T = BLOCK_T + 1 for both row-block sizes (16, 32): the last row block of image 0 overlaps
+    image 1 in memory and must ignore it; the result of each image must not depend on its
+    neighbours (an image alone gives the same answer) and must match the reference."""
+    for t, dtype in ((17, torch.float32), (33, torch.float16)):
+        z, p, w = _inputs(2, t, 32, 3, 1, 16, dtype=dtype, seed=t)
+        both = ak.pim(z, p, w, 1, backend="triton")
+        zd, pd, wd = _fp64(z, p, w)
+        want = reference.pim(zd, pd, wd, 1)
+        g = torch.autograd.grad(both[0].square().sum(), z)[0]
+        exp = torch.autograd.grad(want[0].square().sum(), zd)[0]
+        assert_close(both[0], want[0], name=f"z_out T={t}")
+        assert_close(g, exp, dtype=dtype, name=f"grad z T={t}")
+        with torch.no_grad():  # image 0's last row block overlaps image 1: poisoning image 1
+            z2 = torch.cat([z[:1], torch.full_like(z[1:], float("nan"))])  # must not matter
+            other = ak.pim(z2, p, w, 1, backend="triton")
+        assert_close(other[0][0], want[0][0], dtype=dtype, name=f"image 0, NaN image 1, T={t}")
+        assert_close(other[1][0], want[1][0], dtype=dtype, name=f"p_tilde 0, NaN image 1, T={t}")
+
+
+def test_return_attn_is_the_reference_attention():
+    z, p, w = _inputs(2, 23, 32, 5, 4, 8, seed=5)
+    z_out, p_tilde, attn = ak.pim(z, p, w, 4, return_attn=True, backend="triton")
+    assert attn.shape == (2, 4, 5, 23) and not attn.requires_grad
+    want = reference.pim(*_fp64(z, p, w), 4, return_attn=True)
+    assert_close(attn, want[2], dtype=torch.float32, name="attn")
+    assert_close(attn.sum(-1), torch.ones(2, 4, 5, dtype=torch.float64), name="attn row sums")
+    plain = ak.pim(z, p, w, 4, backend="triton")
+    assert torch.equal(plain[0], z_out) and torch.equal(plain[1], p_tilde)
+
+
+def test_non_contiguous_inputs():
+    z, p, w = _inputs(2, 19, 32, 5, 2, 8, seed=7)
+    zt = z.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True)
+    wt = w._replace(t2p_q_w=w.t2p_q_w.detach().t().contiguous().t())
+    assert not zt.is_contiguous() and not wt.t2p_q_w.is_contiguous()
+    got = ak.pim(zt, p, wt, 2, backend="triton")
+    want = reference.pim(*_fp64(z, p, w), 2)
+    for name, x, y in zip(("z_out", "p_tilde"), got, want):
+        assert_close(x, y, name=name)
+    g = torch.autograd.grad(got[0].sum(), zt)[0]
+    zd, pd, wd = _fp64(z, p, w)
+    ref = reference.pim(zd, pd, wd, 2)
+    assert_close(g, torch.autograd.grad(ref[0].sum(), zd)[0], dtype=torch.float32, name="grad z")
+
+
+def test_module_triton_equals_torch_backend():
+    def build(backend_name):
+        torch.manual_seed(11)
+        m = ak.PromptTokenInteraction(32, 2, 16, gate_hidden=16, t2p_reduce="mean",
+                                      backend=backend_name)
+        with torch.no_grad():  # p2t_o starts at zero: randomise so every path is exercised
+            for prm in m.parameters():
+                prm.copy_(torch.randn(prm.shape) * (prm.shape[-1] ** -0.5 if prm.dim() > 1 else 0.1))
+        return m.to(DEVICE)
+
+    gen = torch.Generator().manual_seed(12)
+    z = torch.randn(2, 29, 32, generator=gen).to(DEVICE)
+    p = torch.randn(2, 6, 32, generator=gen).to(DEVICE)
+    results = {}
+    for name in ("torch", "triton"):
+        m = build(name)
+        zz, pp = z.clone().requires_grad_(True), p.clone().requires_grad_(True)
+        out = m(zz, pp)
+        loss = (out[0] * torch.linspace(-1, 1, out[0].numel()).reshape(out[0].shape)).sum() \
+            + (out[1] ** 2).sum()
+        loss.backward()
+        results[name] = (out, zz.grad, pp.grad, {n: q.grad for n, q in m.named_parameters()})
+    (o_t, gz_t, gp_t, gw_t), (o_k, gz_k, gp_k, gw_k) = results["torch"], results["triton"]
+    assert_close(o_k[0], o_t[0], name="z_out")
+    assert_close(o_k[1], o_t[1], name="p_tilde")
+    assert_close(gz_k, gz_t, name="grad z")
+    assert_close(gp_k, gp_t, name="grad p")
+    names = list(gw_t)
+    zero = {"t2p_k.bias": "t2p_k_b", "p2t_k.bias": "p2t_k_b"}
+    for n in names:
+        if n in zero:  # structurally zero: both sides are rounding noise
+            assert gw_k[n].abs().max() <= 1e-5 * gw_t[n.replace("bias", "weight")].abs().max()
+        else:
+            assert_close(gw_k[n], gw_t[n], name=f"grad {n}")
+
+
+def test_opcheck_custom_ops():
+    z, p, w = _inputs(2, 18, 16, 3, 2, 8, seed=13)
+    for mean, attn in ((False, False), (True, True)):
+        torch.library.opcheck(torch.ops.avpt.pim_forward.default, (z, p, list(w), 2, mean, attn))
+    out = torch.ops.avpt.pim_forward(z, p, list(w), 2, False, False)
+    gz, gp = torch.randn_like(out[0]), torch.randn_like(out[1])
+    torch.library.opcheck(torch.ops.avpt.pim_backward.default,
+                          (gz, gp, z.detach(), p.detach(), [x.detach() for x in w], *out[3:], 2, False))
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    torch.manual_seed(17)
+    m = ak.PromptTokenInteraction(32, 2, 8, gate_hidden=8, backend="triton").to(DEVICE)
+    with torch.no_grad():
+        m.p2t_o.weight.normal_(0, 0.2)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(m, backend=counter, fullgraph=True)
+    z = torch.randn(2, 20, 32, device=DEVICE, requires_grad=True)
+    p = torch.randn(2, 4, 32, device=DEVICE, requires_grad=True)
+    z_out, p_tilde = compiled(z, p)
+    (z_out.sum() + p_tilde.square().sum()).backward()
+    assert counter.frame_count == 1
+    got = (z_out, p_tilde, z.grad.clone(), p.grad.clone(), m.p2t_o.weight.grad.clone())
+    z.grad = p.grad = None
+    m.zero_grad()
+    e_out, e_pt = m(z, p)
+    (e_out.sum() + e_pt.square().sum()).backward()
+    for name, x, y in zip(("z_out", "p_tilde", "grad z", "grad p", "grad p2t_o.weight"), got,
+                          (e_out, e_pt, z.grad, p.grad, m.p2t_o.weight.grad)):
+        assert_close(x, y, name=name)
+
+
+@pytest.mark.parametrize("what,kwargs,shape", [
+    ("D not a multiple of 16", dict(d=24), "D=24"),
+    ("D above 1024", dict(d=1040), "D=1040"),
+    ("K above 16", dict(k=17), "K=17"),
+    ("head width 4", dict(dh=4), "head width 4"),
+    ("head width 128", dict(dh=128, d=16), "head width 128"),
+    ("too many head-prompt columns", dict(h=17, k=16, dh=8, d=16, dtype=torch.bfloat16),
+     "num_heads=17 with K=16"),
+    ("fp32 above 128 columns", dict(h=9, k=16, dh=8, d=16), "num_heads=9 with K=16"),
+    ("float64", dict(dtype=torch.float64), "dtype torch.float64"),
+])
+def test_out_of_range_raises_for_triton_and_auto_picks_torch(what, kwargs, shape):
+    args = dict(b=1, t=5, d=32, k=3, h=2, dh=8, dtype=torch.float32)
+    args.update(kwargs)
+    z, p, w = _inputs(args["b"], args["t"], args["d"], args["k"], args["h"], args["dh"],
+                      dtype=args["dtype"])
+    with pytest.raises(ValueError, match=shape):
+        ak.pim(z, p, w, args["h"], backend="triton")
+    got = ak.pim(z, p, w, args["h"], backend="auto")
+    want = reference.pim(z, p, w, args["h"])
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_auto_uses_the_kernels_when_they_apply(monkeypatch):
+    calls = []
+    real = pim_mod._forward
+    monkeypatch.setattr(pim_mod, "_forward", lambda *a: calls.append(1) or real(*a))
+    z, p, w = _inputs(1, 5, 32, 3, 2, 8)
+    ak.pim(z, p, w, 2, backend="auto")
+    assert calls == [1]
+
+
+def test_traffic_model():
+    args = (32, 197, 768, 6, 768, torch.bfloat16)
+    z_bytes = 32 * 197 * 768 * 2
+    # Forward: the floor reads Z twice and writes once; these kernels read Z once more.
+    assert pim_mod.pim_achieved_bytes(*args) - pim_mod.pim_min_bytes(*args) == z_bytes
+    assert pim_mod.pim_min_bytes(*args) > 3 * z_bytes
+    # Backward: 2 reads of Z and of dZ_out, one write of dZ, as the floor.
+    assert pim_mod.pim_achieved_bytes(*args, backward=True) == pim_mod.pim_min_bytes(*args, backward=True)

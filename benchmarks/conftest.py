@@ -26,5 +26,8 @@ def results():
 
 def pytest_sessionfinish(session, exitstatus):
     if _RESULTS is not None and _RESULTS.rows:
+        from benchmarks import table10
+
         path = _RESULTS.write()
-        print(f"\nbenchmarks: {len(_RESULTS.rows)} rows -> {path}")
+        table = table10.write(path) if any(r.get("kind") == "model" for r in _RESULTS.rows) else None
+        print(f"\nbenchmarks: {len(_RESULTS.rows)} rows -> {path}" + (f", {table}" if table else ""))

@@ -64,7 +64,8 @@ def sync() -> None:
 def measure(benchmark, fn: Callable[[], Any], setup: Optional[Callable[[], Any]] = None,
             rounds: int = 20, warmup: int = 3) -> Dict[str, Any]:
     """Time ``fn`` with pytest-benchmark (warm-up rounds excluded, CUDA synchronised inside the
-    timed call) and measure its peak CUDA memory above what was allocated before it."""
+    timed call) and measure its peak CUDA memory: above what was allocated before it
+    (``peak_mem_bytes``) and in all, weights included (``peak_mem_total_bytes``)."""
     def timed(*args):
         out = fn(*args) if args else fn()
         sync()
@@ -73,23 +74,24 @@ def measure(benchmark, fn: Callable[[], Any], setup: Optional[Callable[[], Any]]
     def prepared():
         return ((setup(),), {}) if setup else ((), {})
 
-    peak = None
+    peak = peak_total = None
     if ON_GPU:
         args, _ = prepared()
         sync()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         timed(*args)
-        peak = torch.cuda.max_memory_allocated() - base
+        peak_total = torch.cuda.max_memory_allocated()
+        peak = peak_total - base
         del args
     benchmark.pedantic(timed, setup=prepared if setup else None, rounds=rounds,
                        warmup_rounds=warmup, iterations=1)
     if benchmark.disabled:  # --benchmark-disable: ran once as a smoke test, nothing timed
         return {"median_ms": None, "iqr_ms": None, "min_ms": None, "rounds": 0,
-                "peak_mem_bytes": peak}
+                "peak_mem_bytes": peak, "peak_mem_total_bytes": peak_total}
     stats = benchmark.stats.stats
     return {"median_ms": stats.median * 1e3, "iqr_ms": stats.iqr * 1e3, "min_ms": stats.min * 1e3,
-            "rounds": stats.rounds, "peak_mem_bytes": peak}
+            "rounds": stats.rounds, "peak_mem_bytes": peak, "peak_mem_total_bytes": peak_total}
 
 
 class Results:

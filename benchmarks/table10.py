@@ -1,0 +1,143 @@
+"""Write ``TABLE10.md``: the paper's Table 10 beside this run's model-level rows.
+
+``python -m benchmarks.table10 [RESULTS.json] [--out benchmarks/results/TABLE10.md]`` (default:
+the newest JSON in benchmarks/results/). ``pytest benchmarks/`` also writes it at the end of a run.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+from typing import Dict, List, Optional
+
+from benchmarks.harness import RESULTS_DIR
+
+# Paper, Table 10 (A100 40GB, ViT-B/16, batch 32): trainable %, latency ms, memory GB.
+PAPER = {
+    "full": ("Full Fine-tuning", 100.0, 14.2, 9.3),
+    "adapter": ("Adapter-Tuning", 3.6, 15.1, 9.5),
+    "lora": ("LoRA", 2.8, 14.8, 9.6),
+    "vpt": ("Visual Prompt Tuning (VPT)", 2.1, 15.3, 9.8),
+    "avpt-fused": ("A-VPT (ours)", 1.87, 15.4, 9.9),
+}
+ORDER = ("backbone", "full", "adapter", "lora", "vpt", "avpt-eager", "avpt-fused")
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _gb(value) -> Optional[float]:
+    return None if value is None else value / 2**30
+
+
+def targets(rows: Dict[str, dict]) -> List[str]:
+    """The GPU targets of the benchmark issue, each with whether it holds in this run."""
+    out = []
+    fused, backbone = rows.get("avpt-fused", {}), rows.get("backbone", {})
+    vpt, eager = rows.get("vpt", {}), rows.get("avpt-eager", {})
+
+    def check(text, ok):
+        out.append(f"- {text}: **{'holds' if ok else 'does not hold'}**" if ok is not None
+                   else f"- {text}: not measured in this run")
+
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    r = ratio(fused.get("infer_ms"), backbone.get("infer_ms"))
+    check(f"fused A-VPT inference within 1.05x of the frozen backbone (x{_fmt(r, '.3f')})",
+          None if r is None else r <= 1.05)
+    r = ratio(fused.get("train_step_ms"), vpt.get("train_step_ms"))
+    check(f"fused A-VPT training step within 1.05x of VPT-deep (x{_fmt(r, '.3f')})",
+          None if r is None else r <= 1.05)
+    r = ratio(eager.get("train_step_ms"), fused.get("train_step_ms"))
+    check(f"fused A-VPT training step >= 1.5x faster than A-VPT on the eager reference "
+          f"(x{_fmt(r, '.2f')})", None if r is None else r >= 1.5)
+    mem = _gb(fused.get("infer_peak_mem_bytes"))
+    check(f"fused A-VPT inference peak memory under 2 GB ({_fmt(mem, '.2f')} GB)",
+          None if mem is None else mem < 2.0)
+    pct = fused.get("trainable_percent", eager.get("trainable_percent"))
+    check(f"A-VPT trainable share at most 2.0% ({_fmt(pct, '.3f')}%)",
+          None if pct is None else pct <= 2.0)
+    return out
+
+
+def render(data: dict) -> str:
+    env = data["environment"]
+    rows = {r["method"]: r for r in data["rows"] if r.get("kind") == "model"}
+    backbone_ms = rows.get("backbone", {}).get("infer_ms")
+    on_gpu = env["device"] and not env["device"].startswith("cpu")
+    lines = [
+        "# Table 10: parameter efficiency and complexity",
+        "",
+        f"This run: **{env['device']}**, torch {env['torch']}, triton {env.get('triton')}, "
+        f"started {data['started']}.",
+    ]
+    model = next(iter(rows.values()), {})
+    lines.append(f"Backbone {model.get('model', '?')}, batch {model.get('batch', '?')}, "
+                 f"autocast {model.get('autocast', '?')}. Paper: A100 40GB, ViT-B/16, batch 32.")
+    if not on_gpu:
+        lines += ["", "**CPU smoke run**: tiny backbone, small batch, fused kernels through the "
+                  "Triton interpreter. Times and ratios below say nothing about GPU speed; "
+                  "only the parameter shares carry over (for the tiny backbone)."]
+    lines += ["", "| method | trainable % (paper) | latency ms/image (paper) | ms/batch | x backbone "
+              "| train step ms | infer peak GB (paper) | train peak GB | launches/forward |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name in ORDER:
+        r = rows.get(name)
+        paper = PAPER.get(name)
+        if r is None:
+            continue
+        if r.get("status", "ok") != "ok":
+            lines.append(f"| {name} | {r['status']} |  |  |  |  |  |  |  |")
+            continue
+        p_pct, p_ms, p_mem = (f" ({paper[1]})", f" ({paper[2]})", f" ({paper[3]})") if paper else ("", "", "")
+        x = r["infer_ms"] / backbone_ms if r.get("infer_ms") and backbone_ms else None
+        lines.append(
+            f"| {name} | {_fmt(r.get('trainable_percent'), '.2f')}{p_pct} | "
+            f"{_fmt(r.get('infer_ms_per_image'), '.3f')}{p_ms} | {_fmt(r.get('infer_ms'), '.2f')} | "
+            f"{_fmt(x, '.3f')} | {_fmt(r.get('train_step_ms'), '.2f')} | "
+            f"{_fmt(_gb(r.get('infer_peak_mem_bytes')), '.2f')}{p_mem} | "
+            f"{_fmt(_gb(r.get('train_peak_mem_bytes')), '.2f')} | "
+            f"{r.get('launches_per_forward', '-')} |")
+    kind = model.get("launch_kind", "")
+    lines += ["", f"Launches counted as {kind}. Latency is inference of one batch divided by the "
+              "batch size; train step = forward + CLS/SEG loss + backward + AdamW step.", "",
+              "## Targets", ""]
+    if on_gpu:
+        lines += targets(rows)
+    else:
+        lines.append("The targets (fused A-VPT inference within 1.05x of the backbone, training step "
+                     "within 1.05x of VPT-deep and >= 1.5x faster than eager, inference peak "
+                     "< 2 GB, trainable share <= 2.0% on ViT-B/16) are judged on a GPU run only.")
+    return "\n".join(lines) + "\n"
+
+
+def write(json_path: str, out: Optional[str] = None) -> str:
+    with open(json_path) as fh:
+        data = json.load(fh)
+    out = out or os.path.join(os.path.dirname(json_path), "TABLE10.md")
+    with open(out, "w") as fh:
+        fh.write(render(data))
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("results", nargs="?", help="results JSON (default: newest in benchmarks/results)")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    path = args.results
+    if path is None:
+        candidates = sorted(glob.glob(os.path.join(RESULTS_DIR, "*.json")), key=os.path.getmtime)
+        candidates = [c for c in candidates if not c.endswith("aot.json")]
+        if not candidates:
+            raise SystemExit(f"no results JSON in {RESULTS_DIR}: run `pytest benchmarks/` first")
+        path = candidates[-1]
+    print(f"wrote {write(path, args.out)} from {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

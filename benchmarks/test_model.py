@@ -1,0 +1,147 @@
+"""Model-level rows, Table 10: the frozen backbone alone, full fine-tuning, Adapter, LoRA,
+VPT-deep, A-VPT on the eager reference ops and A-VPT on the fused ops, all on the same frozen
+open_clip backbone. Per method: trainable parameters (% of the visual tower), inference latency
+per batch and per image, training step time (forward, CLS+SEG loss, backward, AdamW step), peak
+memory of inference and of a training step, and kernel launches per forward (profiler).
+
+GPU: ViT-B/16, batch 32, 224x224, bf16 autocast. CPU: the tiny config, batch 2 (smoke run).
+Every method is trained on the same CLS + SEG objective so that step times compare like for like.
+"""
+import gc
+import importlib
+import warnings
+
+import pytest
+import torch
+
+from avpt.backbone import TINY_MODEL, VIT_B16
+from avpt.losses import method_loss
+from avpt.methods import build_method
+from avpt.params import parameter_report
+from benchmarks.harness import ON_GPU, measure, sync
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+DEVICE = "cuda" if ON_GPU else "cpu"
+MODEL, BATCH = (VIT_B16, 32) if ON_GPU else (TINY_MODEL, 2)
+AUTOCAST = dict(device_type=DEVICE, dtype=torch.bfloat16, enabled=ON_GPU)
+ROUNDS = 10 if ON_GPU else 2
+# (row name, method, config overrides)
+METHODS = [
+    ("backbone", "linear", {}),
+    ("full", "full", {}),
+    ("adapter", "adapter", {}),
+    ("lora", "lora", {}),
+    ("vpt", "vpt", {}),
+    ("avpt-eager", "avpt", {"backend": "torch"}),
+    ("avpt-fused", "avpt", {"backend": "triton"}),
+]
+
+
+def _fused_available() -> bool:
+    return all(importlib.import_module(f"avpt_kernels.{op}").HAS_TRITON
+               for op in ("pim", "region_pool", "prompt_bank"))
+
+
+def _batch(method):
+    size = method.visual.image_size
+    size = size if isinstance(size, tuple) else (size, size)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(BATCH, 3, *size, generator=g).to(DEVICE)
+    maps = torch.rand(BATCH, 3, *size, generator=g).to(DEVICE)
+    labels = torch.randint(0, 2, (BATCH,), generator=g).to(DEVICE)
+    masks = (torch.rand(BATCH, 1, *size, generator=g) > 0.5).float().to(DEVICE)
+    return images, maps, labels, masks
+
+
+def _forward(row_name, method, images, maps):
+    if row_name == "backbone":  # the frozen backbone alone: open_clip's encode_image
+        return method.backbone.encode_image(images)
+    return method(images, maps=maps) if method.name == "avpt" else method(images)
+
+
+def _launches(fn) -> dict:
+    """Kernel launches of one forward: CUDA kernels on a GPU, dispatched aten ops on CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ON_GPU else [])
+    with profile(activities=activities) as prof:
+        fn()
+        sync()
+    events = prof.events()
+    if ON_GPU:
+        count = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+        return {"launches_per_forward": count, "launch_kind": "cuda kernels"}
+    count = sum(1 for e in events if e.name.startswith("aten::") and e.cpu_parent is None)
+    return {"launches_per_forward": count, "launch_kind": "top-level aten ops (cpu)"}
+
+
+@pytest.mark.parametrize("row_name,method_name,overrides", METHODS, ids=[m[0] for m in METHODS])
+def test_table10_row(benchmark, results, row_name, method_name, overrides):
+    row = dict(kind="model", method=row_name, model=MODEL, batch=BATCH, device=DEVICE,
+               autocast="bf16" if ON_GPU else "off")
+    if overrides.get("backend") == "triton" and not _fused_available():
+        results.add(**row, status="unavailable: not every op has its Triton kernel yet")
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        method = build_method(method_name, model_name=MODEL, **overrides).to(DEVICE)
+    report = parameter_report(method)
+    row.update(trainable=report.trainable if row_name != "backbone" else 0,
+               visual_params=report.visual,
+               trainable_percent=report.percent_of_visual if row_name != "backbone" else 0.0)
+    images, maps, labels, masks = _batch(method)
+
+    method.eval()
+    with torch.no_grad(), torch.autocast(**AUTOCAST):
+        infer = measure(benchmark, lambda: _forward(row_name, method, images, maps), rounds=ROUNDS)
+        row.update(_launches(lambda: _forward(row_name, method, images, maps)))
+    row.update(infer_ms=infer["median_ms"], infer_iqr_ms=infer["iqr_ms"],
+               infer_ms_per_image=infer["median_ms"] / BATCH if infer["median_ms"] else None,
+               infer_peak_mem_bytes=infer["peak_mem_total_bytes"])
+
+    if row_name != "backbone":
+        method.train()
+        params = [p for p in method.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            with torch.autocast(**AUTOCAST):
+                out = _forward(row_name, method, images, maps)
+                loss = method_loss(method, out, labels, masks)["loss"]
+            loss.backward()
+            opt.step()
+
+        train = _timed_again(step)
+        row.update(train_step_ms=train["median_ms"], train_iqr_ms=train["iqr_ms"],
+                   train_peak_mem_bytes=train["peak_mem_bytes"])
+    results.add(**row, status="ok")
+    del method
+    gc.collect()
+    if ON_GPU:
+        torch.cuda.empty_cache()
+
+
+def _timed_again(fn):
+    """A second timing in the same test (pytest-benchmark allows one per fixture): the same
+    discipline by hand — warm-up excluded, synchronised, median and IQR of the rounds."""
+    import statistics
+    import time
+
+    for _ in range(2):
+        fn()
+    sync()
+    peak = None
+    if ON_GPU:
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(ROUNDS):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    if ON_GPU:
+        peak = torch.cuda.max_memory_allocated()
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {"median_ms": statistics.median(times), "iqr_ms": q[2] - q[0], "peak_mem_bytes": peak}

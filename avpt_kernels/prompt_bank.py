@@ -279,17 +279,23 @@ def _prompt_bank_bwd_layer_kernel(
 @triton.jit
 def _dlow_times_ut(dlow_ptr, u_ptr, stage_ptr, first_row, mask_idx, n_inner, inner_stride, BK,
                    D, RANK, L, offs_q, mask_q, offs_d, mask_d, BLOCK_T: tl.constexpr,
-                   BLOCK_RANK: tl.constexpr, BLOCK_D: tl.constexpr):
+                   BLOCK_INNER: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_D: tl.constexpr):
     """sum_l (sum_{i < n_inner} dlow[l, first_row + i * inner_stride]) @ U[s(l)][d-chunk]^T,
-    fp32 [BLOCK_T, BLOCK_D]: the rank-r sums come first, so each layer costs one small dot."""
+    fp32 [BLOCK_T, BLOCK_D]. The rank-r sums come first (BLOCK_INNER rows per load, reduced in
+    registers), so each layer costs a few loads and one small dot."""
+    offs_i = tl.arange(0, BLOCK_INNER)
     grad = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
     for layer in range(L):
         stage = tl.load(stage_ptr + layer)
         summed = tl.zeros((BLOCK_T, BLOCK_RANK), dtype=tl.float32)
-        for i in range(n_inner):
-            rows = first_row + i * inner_stride
-            summed += tl.load(dlow_ptr + (layer * BK + rows)[:, None] * RANK + offs_q[None, :],
-                              mask=mask_idx[:, None] & mask_q[None, :], other=0.0)
+        for i0 in range(0, n_inner, BLOCK_INNER):
+            inner = i0 + offs_i
+            rows = first_row[:, None] + inner[None, :] * inner_stride  # [BLOCK_T, BLOCK_INNER]
+            mask = (mask_idx[:, None] & (inner < n_inner)[None, :])[:, :, None] \
+                & mask_q[None, None, :]
+            block = tl.load(dlow_ptr + (layer * BK + rows)[:, :, None] * RANK
+                            + offs_q[None, None, :], mask=mask, other=0.0)
+            summed += tl.sum(block, axis=1)
         u_t = tl.load(u_ptr + (stage * D + offs_d)[None, :] * RANK + offs_q[:, None],
                       mask=mask_q[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
         grad += tl.dot(summed, u_t, input_precision="ieee")
@@ -301,15 +307,16 @@ def _prompt_bank_bwd_inputs_kernel(
         emb_ptr, off_ptr, u_ptr, stage_ptr, dlow_ptr, dv_layer_ptr,
         demb_ptr, doff_ptr, du_ptr, dv_ptr,
         B, K, M, R, D, RANK, L, S, n_group_tiles, n_token_tiles,
-        BLOCK_T: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_D: tl.constexpr):
+        BLOCK_T: tl.constexpr, BLOCK_INNER: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+        BLOCK_RANK: tl.constexpr, BLOCK_D: tl.constexpr):
     """One D chunk (axis 0) of the input-side gradients; axis 1 picks the job:
 
     [0, n_group_tiles): d region_emb of BLOCK_T (b, region) groups,
         dE[b, j] = sum_l (sum_{k in region j} dlow[l, b*K + k]) @ U[s(l)]^T;
     [.., + n_token_tiles): d token_offset of BLOCK_T tokens,
         doff[k] = sum_l (sum_b dlow[l, b*K + k]) @ U[s(l)]^T;
-    [.., + S): the factors of stage s, dU[s] = sum_rows e^T (sum_{l in s} dlow[l]) and
-        dV[s] = sum_{l in s} dV_l.
+    [.., + S): the factors of stage s, dU[s] = sum_{l in s} e^T dlow[l] (BLOCK_ROWS rows per
+        step) and dV[s] = sum_{l in s} dV_l.
     """
     offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
@@ -323,14 +330,15 @@ def _prompt_bank_bwd_inputs_kernel(
         mask_g = groups < B * R
         grad = _dlow_times_ut(dlow_ptr, u_ptr, stage_ptr, (groups // R) * K + (groups % R) * M,
                               mask_g, M, 1, BK, D, RANK, L, offs_q, mask_q, offs_d, mask_d,
-                              BLOCK_T, BLOCK_RANK, BLOCK_D)
+                              BLOCK_T, BLOCK_INNER, BLOCK_RANK, BLOCK_D)
         tl.store(demb_ptr + groups[:, None] * D + offs_d[None, :],
                  grad.to(demb_ptr.dtype.element_ty), mask=mask_g[:, None] & mask_d[None, :])
     elif job < n_group_tiles + n_token_tiles:
         tokens = (job - n_group_tiles) * BLOCK_T + idx  # rows b*K + k, b < B
         mask_k = tokens < K
         grad = _dlow_times_ut(dlow_ptr, u_ptr, stage_ptr, tokens, mask_k, B, K, BK, D, RANK, L,
-                              offs_q, mask_q, offs_d, mask_d, BLOCK_T, BLOCK_RANK, BLOCK_D)
+                              offs_q, mask_q, offs_d, mask_d, BLOCK_T, BLOCK_INNER, BLOCK_RANK,
+                              BLOCK_D)
         tl.store(doff_ptr + tokens[:, None] * D + offs_d[None, :],
                  grad.to(doff_ptr.dtype.element_ty), mask=mask_k[:, None] & mask_d[None, :])
     else:
@@ -344,17 +352,17 @@ def _prompt_bank_bwd_inputs_kernel(
         tl.store(dv_ptr + (stage * RANK + offs_q)[:, None] * D + offs_d[None, :],
                  dv.to(dv_ptr.dtype.element_ty), mask=mask_q[:, None] & mask_d[None, :])
         du = tl.zeros((BLOCK_D, BLOCK_RANK), dtype=tl.float32)
-        for t0 in range(0, BK, BLOCK_T):
-            rows = t0 + tl.arange(0, BLOCK_T)
-            mask_rows = rows < BK
-            summed = tl.zeros((BLOCK_T, BLOCK_RANK), dtype=tl.float32)
-            for layer in range(L):
-                if tl.load(stage_ptr + layer) == stage:
-                    summed += tl.load(dlow_ptr + (layer * BK + rows)[:, None] * RANK
-                                      + offs_q[None, :],
-                                      mask=mask_rows[:, None] & mask_q[None, :], other=0.0)
-            e = _token_embedding(emb_ptr, off_ptr, rows, mask_rows, K, M, R, D, offs_d, mask_d)
-            du += tl.dot(tl.trans(e), summed, input_precision="ieee")
+        for layer in range(L):
+            if tl.load(stage_ptr + layer) == stage:
+                for t0 in range(0, BK, BLOCK_ROWS):
+                    rows = t0 + tl.arange(0, BLOCK_ROWS)
+                    mask_rows = rows < BK
+                    dlow = tl.load(dlow_ptr + (layer * BK + rows)[:, None] * RANK
+                                   + offs_q[None, :], mask=mask_rows[:, None] & mask_q[None, :],
+                                   other=0.0)
+                    e = _token_embedding(emb_ptr, off_ptr, rows, mask_rows, K, M, R, D, offs_d,
+                                         mask_d)
+                    du += tl.dot(tl.trans(e), dlow, input_precision="ieee")
         tl.store(du_ptr + (stage * D + offs_d)[:, None] * RANK + offs_q[None, :],
                  du.to(du_ptr.dtype.element_ty), mask=mask_d[:, None] & mask_q[None, :])
 
@@ -367,6 +375,7 @@ _BLOCK_RANK = MAX_RANK
 _BLOCK_D = 64
 _WARPS = 4
 _INPUTS_WARPS = 8  # fp32 bwd_inputs spills at 4 warps on sm_80 (see aot_configs)
+_INPUTS_BLOCKS = dict(BLOCK_INNER=16, BLOCK_ROWS=64)  # images / tokens summed per load; dU rows
 
 
 def _stage_tensor(layer_stage: Sequence[int], device) -> Tensor:
@@ -426,7 +435,7 @@ def _backward(grad_out, region_emb, token_offset, U, V, layer_bias, ln_weight, l
         region_emb.contiguous(), token_offset.contiguous(), U.contiguous(), stage, dlow,
         dv_layer, d_emb, d_off, d_u, d_v,
         b, k, k // r, r, d, rank, n_layers, n_stages, n_group_tiles, n_token_tiles, **blocks,
-        num_warps=_INPUTS_WARPS)
+        **_INPUTS_BLOCKS, num_warps=_INPUTS_WARPS)
     return d_emb, d_off, d_u, d_v, d_bias, d_lnw, d_lnb
 
 
@@ -547,7 +556,6 @@ def aot_configs() -> List:
     from .aot import KernelConfig
 
     blocks = dict(BLOCK_T=_BLOCK_T, BLOCK_RANK=_BLOCK_RANK, BLOCK_D=_BLOCK_D)
-    const = {name: "constexpr" for name in blocks}
     configs = []
     for ty in _TL_TYPES.values():
         p, f32 = f"*{ty}", "*fp32"
@@ -571,6 +579,11 @@ def aot_configs() -> List:
                 n_token_tiles="i32"),
         }
         for fn, sig in sigs.items():
-            warps = _INPUTS_WARPS if fn is _prompt_bank_bwd_inputs_kernel else _WARPS
-            configs.append(KernelConfig(fn, {**sig, **const}, dict(blocks), num_warps=warps))
+            consts = dict(blocks)
+            warps = _WARPS
+            if fn is _prompt_bank_bwd_inputs_kernel:
+                consts.update(_INPUTS_BLOCKS)
+                warps = _INPUTS_WARPS
+            configs.append(KernelConfig(fn, {**sig, **{k: "constexpr" for k in consts}}, consts,
+                                        num_warps=warps))
     return configs

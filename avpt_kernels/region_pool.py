@@ -15,7 +15,10 @@ Kernels (all accumulate in fp32):
   ``dA[p,r] = F[p].G[r] - out[r].G[r]``; for pixel maps dA / f^2 is spread over the f x f block.
   Reads features and maps once, writes dF and dmaps once.
 
-R is padded to 16 (masked) so that both contractions run as ``tl.dot`` in fp32 (ieee).
+R is padded to 16 (masked) so that both contractions run as ``tl.dot``, in fp32 (ieee) for every
+input dtype: G = dout / (den + eps) can exceed the float16 range for an empty map, and a 16-bit
+tensor-core variant of the forward cannot be validated here (Triton's interpreter mishandles
+bfloat16 ``tl.dot`` operands).
 """
 from __future__ import annotations
 

@@ -1,0 +1,70 @@
+"""Data: the synthetic phantom (default, no files needed) and real-format loaders (BUSI, INbreast,
+Duke-Breast-Cancer-MRI), preprocessing/augmentation, folds and the modality-alternating sampler.
+
+``load_records(dataset, root, modalities, **options) -> list[Record]`` is the one entry point.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence
+
+from .dataset import BreastDataset, ModalityBatchSampler, Subset
+from .phantom import MODALITIES, make_phantom
+from .records import DataError, RawSample, Record
+
+DATASETS = ("phantom", "busi", "inbreast", "duke")
+DATASET_MODALITY = {"busi": "US", "inbreast": "MG", "duke": "MRI"}
+
+
+def phantom_records(num_patients: int = 16, views: int = 2, modalities: Sequence[str] = MODALITIES,
+                    seed: int = 0, size: int = 224, phase: str = "post") -> List[Record]:
+    """``views`` images of each of ``num_patients`` patients per modality, generated lazily."""
+    records = []
+    for m in modalities:
+        for p in range(num_patients):
+            for v in range(views):
+                def load(m=m, p=p, v=v) -> RawSample:
+                    s = make_phantom(seed, m, p, v, size=size, phase=phase)
+                    return RawSample(image=s.image, mask=s.mask, tissue=s.tissue, report=s.report)
+                s_label = p % 2
+                pid = f"{m}-P{p:04d}"
+                records.append(Record(sample_id=f"{pid}-v{v}", patient_id=pid, label=s_label,
+                                      modality=m, loader=load, source=f"phantom:{pid}-v{v}",
+                                      report=""))
+    return records
+
+
+def load_records(dataset: str, root: Optional[str] = None, modalities: Optional[Sequence[str]] = None,
+                 seed: int = 0, image_size: int = 224, options: Optional[Dict] = None) -> List[Record]:
+    """Records of ``dataset``. ``modalities`` selects phantom modalities (real data sets have one).
+    ``options``: per-loader settings (phantom: num_patients, views, phase; busi: normal;
+    inbreast: birads_threshold; duke: phase, negatives_per_patient, annotations)."""
+    options = dict(options or {})
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
+    if dataset == "phantom":
+        mods = list(modalities or MODALITIES)
+        bad = [m for m in mods if m not in MODALITIES]
+        if bad:
+            raise ValueError(f"modality must be among {MODALITIES}, got {bad}")
+        recs = phantom_records(options.get("num_patients", 16), options.get("views", 2), mods, seed,
+                               image_size, options.get("phase", "post"))
+        return recs
+    if not root:
+        raise ValueError(f"--data-root is required for dataset {dataset!r}")
+    want = DATASET_MODALITY[dataset]
+    if modalities and list(modalities) != [want]:
+        raise ValueError(f"dataset {dataset!r} is {want} only, got modality {list(modalities)}")
+    if dataset == "busi":
+        from .busi import load_busi
+        return load_busi(root, normal=options.get("normal", "benign"))
+    if dataset == "inbreast":
+        from .inbreast import load_inbreast
+        return load_inbreast(root, birads_threshold=str(options.get("birads_threshold", "4a")))
+    from .duke import load_duke
+    return load_duke(root, phase=options.get("phase", "post"),
+                     negatives_per_patient=int(options.get("negatives_per_patient", 1)),
+                     annotations=options.get("annotations"))
+
+
+__all__ = ["BreastDataset", "ModalityBatchSampler", "Subset", "DataError", "Record", "RawSample",
+           "DATASETS", "load_records", "phantom_records", "make_phantom", "MODALITIES"]

@@ -1,0 +1,86 @@
+"""BUSI (Breast Ultrasound Images, Al-Dhabyani et al. 2020).
+
+Layout: ``ROOT/Dataset_BUSI_with_GT/{benign,malignant,normal}/NAME (i).png`` with the lesion mask
+``NAME (i)_mask.png`` and, for images with several lesions, ``NAME (i)_mask_1.png``,
+``_mask_2.png``... merged by OR. ``ROOT`` may also be the ``Dataset_BUSI_with_GT`` folder itself.
+Masks are never samples. Normal images have empty masks (their mask files, when present, are
+read and checked to be empty-compatible; when absent the mask is all zero).
+BUSI has no patient ids: every image is its own group. ``normal``: "benign" labels normal images
+0 (not malignant, the default), "exclude" leaves them out (a documented change of the count).
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import Dict, List
+
+import numpy as np
+
+from .records import DataError, RawSample, Record, read_png_gray, to_unit
+
+CLASSES = ("benign", "malignant", "normal")
+_IMAGE = re.compile(r"^(?P<stem>.+\(\d+\))\.png$", re.IGNORECASE)
+_MASK = re.compile(r"^(?P<stem>.+\(\d+\))_mask(?:_\d+)?\.png$", re.IGNORECASE)
+
+
+def find_root(root: str) -> str:
+    for cand in (os.path.join(root, "Dataset_BUSI_with_GT"), root):
+        if all(os.path.isdir(os.path.join(cand, c)) for c in ("benign", "malignant")):
+            return cand
+    raise DataError(f"{root}: not a BUSI folder (expected Dataset_BUSI_with_GT/{{benign,malignant,"
+                    f"normal}}/ or those class folders directly)")
+
+
+def _loader(image_path: str, mask_paths: List[str]):
+    def load() -> RawSample:
+        image = read_png_gray(image_path)
+        mask = np.zeros(image.shape, dtype=bool)
+        for mp in mask_paths:
+            m = read_png_gray(mp)
+            if m.shape != image.shape:
+                raise DataError(f"{mp}: mask shape {m.shape} != image shape {image.shape}")
+            mask |= m > 127 if m.max() > 1 else m > 0.5
+        return RawSample(image=to_unit(image, 0.0, 100.0), mask=mask)
+    return load
+
+
+def load_busi(root: str, normal: str = "benign") -> List[Record]:
+    if normal not in ("benign", "exclude"):
+        raise ValueError(f"normal must be 'benign' or 'exclude', got {normal!r}")
+    base = find_root(root)
+    records: List[Record] = []
+    for cls in CLASSES:
+        folder = os.path.join(base, cls)
+        if not os.path.isdir(folder):
+            if cls == "normal":
+                continue
+            raise DataError(f"{folder}: missing class folder")
+        if cls == "normal" and normal == "exclude":
+            continue
+        files = sorted(os.listdir(folder))
+        masks: Dict[str, List[str]] = {}
+        images = []
+        for f in files:
+            mm = _MASK.match(f)
+            if mm:
+                masks.setdefault(mm.group("stem"), []).append(os.path.join(folder, f))
+                continue
+            im = _IMAGE.match(f)
+            if im:
+                images.append((im.group("stem"), os.path.join(folder, f)))
+        stems = {s for s, _ in images}
+        orphans = sorted(set(masks) - stems)
+        if orphans:
+            raise DataError(f"{folder}: mask without image for {orphans[:3]}")
+        for stem, path in images:
+            mask_paths = sorted(masks.get(stem, []))
+            if not mask_paths and cls != "normal":
+                raise DataError(f"{path}: no mask file ({stem}_mask.png) for a {cls} image")
+            num = re.search(r"\((\d+)\)", stem).group(1)
+            sid = f"busi-{cls}-{num}"
+            records.append(Record(sample_id=sid, patient_id=sid, label=int(cls == "malignant"),
+                                  modality="US", loader=_loader(path, mask_paths), source=path,
+                                  report=f"US {sid}: {cls} breast ultrasound."))
+    if not records:
+        raise DataError(f"{base}: no image found")
+    return records

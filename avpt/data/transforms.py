@@ -1,0 +1,86 @@
+"""Preprocessing and augmentation (the paper's training protocol).
+
+Deterministic preprocessing, once per sample: resize to the backbone's image size (224 for
+ViT-B/16), CLAHE (``skimage.exposure.equalize_adapthist``) on the image only, tissue priors when
+the source has no tissue maps. Per-modality normalisation: (x - mean_m) / std_m with statistics of
+the training images of modality m. Augmentation in training: random rotation in [-10, 10] degrees
+and horizontal flip, the SAME geometric transform applied to the image, the tissue maps and the
+mask (bilinear for image and maps, nearest-equivalent for the mask: bilinear then > 0.5).
+The random draw comes from ``numpy.random.default_rng((seed, epoch, index))``: the same sample
+of the same epoch gets the same augmentation in any process, which makes resume exact.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+MAX_ROTATION_DEG = 10.0
+
+
+def resize(arr: np.ndarray, size: int, order: int = 1) -> np.ndarray:
+    """[H, W] or [C, H, W] -> [.., size, size] (anti-aliased bilinear; order 0 for masks)."""
+    from skimage.transform import resize as sk_resize
+
+    if arr.ndim == 3:
+        return np.stack([resize(a, size, order) for a in arr])
+    if arr.shape == (size, size):
+        return arr.astype(np.float32)
+    out = sk_resize(arr.astype(np.float32), (size, size), order=order,
+                    anti_aliasing=order > 0, preserve_range=True)
+    return out.astype(np.float32)
+
+
+def clahe(image: np.ndarray, clip_limit: float = 0.01) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation of an image in [0, 1]."""
+    from skimage.exposure import equalize_adapthist
+
+    if image.max() - image.min() < 1e-8:
+        return image.astype(np.float32)
+    kernel = max(8, image.shape[0] // 8)
+    return equalize_adapthist(np.clip(image, 0, 1), kernel_size=kernel,
+                              clip_limit=clip_limit).astype(np.float32)
+
+
+def augment_params(seed: int, epoch: int, index: int, rotation: float = MAX_ROTATION_DEG,
+                   flip: bool = True) -> Tuple[float, bool]:
+    """(angle in degrees, horizontal flip) for sample ``index`` in ``epoch``."""
+    rng = np.random.default_rng((seed, epoch, index))
+    angle = float(rng.uniform(-rotation, rotation)) if rotation else 0.0
+    do_flip = bool(rng.integers(0, 2)) if flip else False
+    return angle, do_flip
+
+
+def geometric(stack: torch.Tensor, angle: float, flip: bool) -> torch.Tensor:
+    """Rotate by ``angle`` degrees about the centre and optionally flip: [C, H, W] -> [C, H, W].
+    Zero padding outside the rotated field (the background of every modality is dark)."""
+    if flip:
+        stack = stack.flip(-1)
+    if angle == 0.0:
+        return stack
+    rad = np.deg2rad(angle)
+    cos, sin = float(np.cos(rad)), float(np.sin(rad))
+    theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=stack.dtype).unsqueeze(0)
+    grid = F.affine_grid(theta, (1,) + tuple(stack.shape), align_corners=False)
+    return F.grid_sample(stack.unsqueeze(0), grid, mode="bilinear", padding_mode="zeros",
+                         align_corners=False)[0]
+
+
+def apply(image: np.ndarray, tissue: np.ndarray, mask: np.ndarray, angle: float,
+          flip: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One geometric transform for image [H, W], tissue [3, H, W] and mask [H, W] together."""
+    stack = torch.from_numpy(np.concatenate([image[None], tissue, mask[None].astype(np.float32)]))
+    out = geometric(stack.float(), angle, flip)
+    return out[0], out[1:-1].clamp(0, 1), (out[-1] > 0.5).float()
+
+
+def modality_stats(images_by_modality: Dict[str, list]) -> Dict[str, Tuple[float, float]]:
+    """Per-modality (mean, std) of preprocessed images (lists of [H, W] arrays)."""
+    stats = {}
+    for m, imgs in images_by_modality.items():
+        if imgs:
+            flat = np.concatenate([np.asarray(i, dtype=np.float64).ravel() for i in imgs])
+            stats[m] = (float(flat.mean()), float(max(flat.std(), 1e-3)))
+    return stats

@@ -1,0 +1,294 @@
+"""Figures of a run and a self-contained report.html (images embedded as base64 PNG).
+
+Figures (under OUT/figures/):
+  * ``curves.png``          training curves: loss terms and test metrics per epoch;
+  * ``segmentation.png``    segmentation overlays (paper Fig. 5): truth contour green, prediction red;
+  * ``rollout.png``         prompt-guided rollout relevance (Eq. 18) over the images;
+  * ``prompt_types.png``    attention for random / static / anatomy prompts (Figs. 7-8): the same
+                            trained A-VPT with its prompts replaced by random tokens (matched mean
+                            and spread), by static prompts (the batch mean, identical for every
+                            image), or kept (dynamic, anatomy-guided); rollout relevance of each;
+  * ``tsne.png``            t-SNE of the tissue (region) embeddings, by modality and tissue (Fig. 6).
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import os
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+TISSUES = ("glandular", "fatty", "ductal")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str) -> str:
+    fig.savefig(path, dpi=90, bbox_inches="tight")
+    _plt().close(fig)
+    return path
+
+
+def _pick(dataset, n: int, seed: int = 0) -> List[int]:
+    """Up to n indices, spread over modalities and labels, deterministic."""
+    rng = np.random.default_rng(seed)
+    groups: Dict[Tuple[str, int], List[int]] = {}
+    for i, (m, y) in enumerate(zip(dataset.modalities, dataset.labels)):
+        groups.setdefault((m, int(y)), []).append(i)
+    order = [list(rng.permutation(v)) for _, v in sorted(groups.items())]
+    picked: List[int] = []
+    while len(picked) < n and any(order):
+        for g in order:
+            if g and len(picked) < n:
+                picked.append(int(g.pop(0)))
+    return picked
+
+
+def _batch(dataset, indices: List[int], device) -> Dict[str, torch.Tensor]:
+    items = [dataset[i] for i in indices]
+    return {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
+
+
+def _gray(img: torch.Tensor) -> np.ndarray:
+    g = img[0].float().cpu().numpy()
+    return (g - g.min()) / max(g.max() - g.min(), 1e-8)
+
+
+def _title(dataset, i: int) -> str:
+    rec = dataset.records[i]
+    return f"{rec.modality} {'malig.' if rec.label else 'benign'}"
+
+
+def curves(history: List[Dict], path: str) -> Optional[str]:
+    if not history:
+        return None
+    plt = _plt()
+    ep = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for k in sorted(k for k in history[0] if k.startswith("train_")):
+        axes[0].plot(ep, [h.get(k, np.nan) for h in history], marker="o", label=k[6:])
+    axes[0].set_xlabel("epoch"), axes[0].set_title("training loss terms"), axes[0].legend(fontsize=7)
+    for k in ("test_auc", "test_f1", "test_dice", "test_iou"):
+        vals = [h.get(k, np.nan) for h in history]
+        if not all(v is None or np.isnan(v) for v in vals):
+            axes[1].plot(ep, [np.nan if v is None else v for v in vals], marker="o", label=k[5:])
+    axes[1].set_xlabel("epoch"), axes[1].set_title("test metrics"), axes[1].set_ylim(0, 1.05)
+    axes[1].legend(fontsize=7)
+    return _save(fig, path)
+
+
+def segmentation(dataset, pred: Dict, indices: List[int], path: str) -> Optional[str]:
+    if pred.get("preds") is None or not indices:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(indices), figsize=(2.2 * len(indices), 2.5), squeeze=False)
+    for ax, i in zip(axes[0], indices):
+        ax.imshow(_gray(dataset[i]["image"]), cmap="gray")
+        if pred["gts"][i].any():
+            ax.contour(pred["gts"][i], levels=[0.5], colors="lime", linewidths=1)
+        if pred["preds"][i].any():
+            ax.contour(pred["preds"][i], levels=[0.5], colors="red", linewidths=1)
+        ax.set_title(f"{_title(dataset, i)}\np={pred['probs'][i]:.2f}", fontsize=7)
+        ax.axis("off")
+    fig.suptitle("segmentation: truth (green) vs prediction (red)", fontsize=9)
+    return _save(fig, path)
+
+
+class _FixedPrompts(nn.Module):
+    """Stands in for the prompt bank: returns ``fn(real prompts)``."""
+
+    def __init__(self, bank: nn.Module, fn):
+        super().__init__()
+        self.bank, self.fn = bank, fn
+
+    def forward(self, region_emb):
+        return self.fn(self.bank(region_emb))
+
+
+def _relevance(model, batch, maps) -> np.ndarray:
+    from .explain import relevance
+
+    return relevance(model, batch["image"], maps=maps, modality=batch["modality"]).cpu().numpy()
+
+
+def rollout_and_prompt_types(model, dataset, indices: List[int], device, dir_: str):
+    """(rollout.png, prompt_types.png) for an A-VPT model, else (None, None)."""
+    if getattr(model, "name", "") != "avpt" or not indices:
+        return None, None
+    plt = _plt()
+    model.eval()
+    batch = _batch(dataset, indices, device)
+    maps = batch["maps"] if model.config.region_source == "given" else None
+    anatomy = _relevance(model, batch, maps)
+    fig, axes = plt.subplots(1, len(indices), figsize=(2.2 * len(indices), 2.5), squeeze=False)
+    for ax, i, rel in zip(axes[0], indices, anatomy):
+        ax.imshow(_gray(dataset[i]["image"]), cmap="gray")
+        ax.imshow(rel, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        ax.set_title(_title(dataset, i), fontsize=7), ax.axis("off")
+    fig.suptitle("prompt-guided rollout relevance (Eq. 18)", fontsize=9)
+    rollout_path = _save(fig, os.path.join(dir_, "rollout.png"))
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def random_prompts(p):
+        noise = torch.randn(p.shape, generator=gen).to(p.device, p.dtype)
+        return noise * p.std(dim=(1, 2, 3), keepdim=True) + p.mean(dim=(1, 2, 3), keepdim=True)
+
+    def static_prompts(p):
+        return p.mean(dim=1, keepdim=True).expand_as(p).contiguous()
+
+    bank = model.prompt_bank
+    rels = {"random": None, "static": None, "anatomy (A-VPT)": anatomy}
+    try:
+        for name, fn in (("random", random_prompts), ("static", static_prompts)):
+            model.prompt_bank = _FixedPrompts(bank, fn)
+            rels[name] = _relevance(model, batch, maps)
+    finally:
+        model.prompt_bank = bank
+    n = len(indices)
+    fig, axes = plt.subplots(n, 4, figsize=(8.5, 2.1 * n), squeeze=False)
+    for r, i in enumerate(indices):
+        img = _gray(dataset[i]["image"])
+        gt = dataset[i]["mask"][0].numpy()
+        axes[r, 0].imshow(img, cmap="gray")
+        if gt.any():
+            axes[r, 0].contour(gt, levels=[0.5], colors="lime", linewidths=1)
+        axes[r, 0].set_ylabel(_title(dataset, i), fontsize=7)
+        for c, (name, rel) in enumerate(rels.items(), start=1):
+            axes[r, c].imshow(img, cmap="gray")
+            axes[r, c].imshow(rel[r], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            if r == 0:
+                axes[r, c].set_title(f"{name} prompts", fontsize=8)
+        for ax in axes[r]:
+            ax.set_xticks([]), ax.set_yticks([])
+    axes[0, 0].set_title("image + lesion", fontsize=8)
+    fig.suptitle("attention (rollout) by prompt type (Figs. 7-8)", fontsize=9)
+    return rollout_path, _save(fig, os.path.join(dir_, "prompt_types.png"))
+
+
+@torch.no_grad()
+def tsne(model, datasets, device, path: str, max_images: int = 150) -> Optional[str]:
+    """t-SNE of region embeddings [R per image] (A-VPT) or pooled features (other methods)."""
+    from sklearn.manifold import TSNE
+
+    plt = _plt()
+    feats, mods, kinds = [], [], []
+    model.eval()
+    for ds in datasets:
+        idx = _pick(ds, max_images)
+        for start in range(0, len(idx), 32):
+            batch = _batch(ds, idx[start:start + 32], device)
+            maps = batch["maps"] if getattr(model, "name", "") == "avpt" and \
+                model.config.region_source == "given" else None
+            out = model(batch["image"], maps=maps, modality=batch["modality"])
+            names = [ds.records[i].modality for i in idx[start:start + 32]]
+            if out.region_emb is not None:
+                e = out.region_emb.float().cpu().numpy()
+                for b in range(e.shape[0]):
+                    for r in range(e.shape[1]):
+                        feats.append(e[b, r]), mods.append(names[b])
+                        kinds.append(TISSUES[r] if r < len(TISSUES) else f"region {r}")
+            else:
+                for b, f in enumerate(out.pooled.float().cpu().numpy()):
+                    feats.append(f), mods.append(names[b]), kinds.append("image")
+    if len(feats) < 6:
+        return None
+    x = np.stack(feats)
+    emb = TSNE(2, perplexity=float(min(30, len(x) - 1) / 2 or 1), init="pca",
+               random_state=0).fit_transform(x)
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    markers = {"MG": "o", "US": "s", "MRI": "^"}
+    colors = {"glandular": "tab:red", "fatty": "tab:orange", "ductal": "tab:blue", "image": "tab:gray"}
+    for m in sorted(set(mods)):
+        for k in sorted(set(kinds)):
+            sel = [i for i in range(len(mods)) if mods[i] == m and kinds[i] == k]
+            if sel:
+                ax.scatter(emb[sel, 0], emb[sel, 1], s=12, marker=markers.get(m, "o"),
+                           c=colors.get(k, "tab:green"), alpha=0.7, label=f"{m} {k}")
+    ax.legend(fontsize=6, ncol=2)
+    ax.set_title("t-SNE of tissue embeddings (marker: modality, colour: tissue)", fontsize=8)
+    return _save(fig, path)
+
+
+def write_run_report(model, train_set, test_set, pred: Dict, result: Dict, out: str, device,
+                     num_images: int = 6) -> Tuple[Dict[str, str], str]:
+    """All figures of a run and OUT/report.html; returns ({name: path}, report path)."""
+    fig_dir = os.path.join(out, "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    figures: Dict[str, Optional[str]] = {}
+    idx = _pick(test_set, num_images)
+    figures["training curves"] = curves(result.get("history", []), os.path.join(fig_dir, "curves.png"))
+    figures["segmentation overlays (Fig. 5)"] = segmentation(test_set, pred, idx,
+                                                             os.path.join(fig_dir, "segmentation.png"))
+    roll, types = rollout_and_prompt_types(model, test_set, idx[:4], device, fig_dir)
+    figures["rollout overlays (Eq. 18)"] = roll
+    figures["attention by prompt type: random / static / anatomy (Figs. 7-8)"] = types
+    figures["t-SNE of tissue embeddings by modality (Fig. 6)"] = tsne(
+        model, [train_set, test_set], device, os.path.join(fig_dir, "tsne.png"))
+    figures = {k: v for k, v in figures.items() if v}
+    path = os.path.join(out, "report.html")
+    write_html(path, "A-VPT run report", [("Run", result)], figures)
+    return figures, path
+
+
+def _img_tag(path: str) -> str:
+    with open(path, "rb") as f:
+        data = base64.b64encode(f.read()).decode()
+    return f'<img src="data:image/png;base64,{data}" style="max-width:100%">'
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "n/a" if not np.isfinite(v) else f"{v:.4f}"
+    if v is None:
+        return "n/a"
+    return html.escape(str(v))
+
+
+def write_html(path: str, title: str, runs: List[Tuple[str, Dict]], figures: Dict[str, str],
+               notes: str = "") -> str:
+    """A single HTML file: a metrics table per run, the figures inline, the resolved configs."""
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             "<style>body{font-family:sans-serif;max-width:1100px;margin:auto;padding:1em}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
+             "pre{background:#f6f6f6;padding:.5em;overflow:auto;font-size:11px}</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>"]
+    if notes:
+        parts.append(f"<p>{notes}</p>")
+    keys = ("auc", "f1", "accuracy", "dice", "iou", "hd95", "n")
+    parts.append("<h2>Test metrics</h2><table><tr><th>run</th>" +
+                 "".join(f"<th>{k}</th>" for k in keys) + "<th>split</th><th>device</th><th>time (s)</th></tr>")
+    for name, res in runs:
+        t = res.get("test", {})
+        parts.append(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{_fmt(t.get(k))}</td>" for k in keys)
+                     + f"<td>{_fmt(res.get('data', {}).get('split'))}</td><td>{_fmt(res.get('device'))}</td>"
+                     f"<td>{_fmt(res.get('time_s'))}</td></tr>")
+    parts.append("</table><p>HD95 in pixels at the model's input size. Segmentation metrics are over "
+                 "test images with a lesion.</p>")
+    for name, res in runs:
+        if "params" in res:
+            p = res["params"]
+            parts.append(f"<p>{html.escape(name)}: {p['trainable']:,} trainable parameters, "
+                         f"{p['percent_of_visual']:.3f}% of the visual tower.</p>")
+    for caption, fig in figures.items():
+        parts.append(f"<h2>{html.escape(caption)}</h2>{_img_tag(fig)}")
+    for name, res in runs:
+        cfg = {k: v for k, v in res.items() if k in ("config", "data")}
+        parts.append(f"<h2>Configuration: {html.escape(name)}</h2><pre>"
+                     f"{html.escape(json.dumps(cfg, indent=1, default=str))}</pre>")
+    parts.append("</body></html>")
+    with open(path, "w") as f:
+        f.write("\n".join(parts))
+    return path

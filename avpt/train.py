@@ -1,0 +1,658 @@
+"""Training and evaluation of any method (A-VPT and the baselines) on any data set.
+
+``run(config) -> metrics dict``: builds the method on the frozen backbone, the data (phantom or a
+real-format loader, a patient-level fold or a cross-modal split), trains with AdamW + cosine
+schedule with linear warm-up (per step), gradient clipping, optional mixed precision (bf16, or fp16
+with a GradScaler), writes a checkpoint atomically after every epoch and resumes from it exactly
+(same data order, augmentation, optimizer/scheduler/loss-queue state and RNG), logs to CSV and
+TensorBoard, evaluates (AUC, F1, Dice, IoU, HD95), saves the trainable weights
+(``avpt.checkpoint``) and writes ``OUT/metrics.json``.
+
+Multi-process: launched by ``torchrun`` (WORLD_SIZE > 1) it joins a process group (gloo on CPU,
+nccl on GPU), wraps the training step in DistributedDataParallel, gives each rank every
+world_size-th batch, and rank 0 evaluates and writes. Resume is exact for a fixed world size.
+
+Configs are plain dicts (``DEFAULTS`` below); YAML files under ``configs/`` and ``--set key=value``
+override them (``model.*`` keys go to the method's config dataclass, ``data.*`` to the loader).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import logging
+import math
+import os
+import random
+import time
+import warnings
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import metrics as M
+
+log = logging.getLogger("avpt.train")
+
+BACKBONE_ALIASES = {"tiny": "avpt-tiny", "vit-b-16": "ViT-B-16", "vit-b/16": "ViT-B-16"}
+
+DEFAULTS: Dict[str, Any] = {
+    "dataset": "phantom",        # phantom | busi | inbreast | duke
+    "data_root": None,
+    "modality": None,            # phantom: list of MG/US/MRI (None: all three)
+    "test_dataset": None,        # cross-modal transfer: another data set / modality to test on
+    "test_data_root": None,
+    "test_modality": None,
+    "method": "avpt",
+    "backbone": "ViT-B-16",      # or "tiny" (avpt-tiny) or any open_clip config name
+    "pretrained": None,          # local open_clip checkpoint; None: random weights (warned)
+    "epochs": 50,
+    "batch_size": 32,            # 2-D modalities
+    "batch_size_mri": 8,
+    "eval_batch_size": 64,
+    "lr": 1e-4,
+    "weight_decay": 1e-4,
+    "warmup_epochs": 5,
+    "grad_clip": 1.0,
+    "amp": "auto",               # auto (bf16 on CUDA, off on CPU) | off | bf16 | fp16
+    "seed": 0,
+    "deterministic": True,
+    "device": "auto",
+    "threads": 0,                # torch CPU threads (0: torch's default)
+    "folds": 5,                  # patient-level stratified k-fold
+    "fold": 0,                   # which fold is the test set (None: no split, test on train)
+    "folds_file": None,          # default OUT/folds.json
+    "skip_bad": False,
+    "clahe": True,
+    "rotation": 10.0,
+    "flip": True,
+    "eval_every": 1,
+    "progress": True,
+    "tensorboard": True,
+    "report": True,              # figures + report.html at the end
+    "resume": True,              # resume from OUT/checkpoint.pt when it exists
+    "stop_after_epoch": None,    # testing aid: exit after this epoch's checkpoint (simulated kill)
+    "out": "runs/avpt",
+    "model": {},                 # method config overrides (e.g. schedule, num_prompts, rank, lambda_*)
+    "data": {},                  # loader options (phantom: num_patients, views; busi: normal; ...)
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Config
+# ----------------------------------------------------------------------------------------------
+def parse_value(text: str):
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except Exception:
+        return text
+
+
+def set_key(cfg: Dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = cfg
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {dotted}: {k} is not a section")
+    if len(keys) == 1 and keys[0] not in DEFAULTS:
+        raise ValueError(f"unknown config key {keys[0]!r}; known: {sorted(DEFAULTS)} "
+                         f"(method settings go under model., loader settings under data.)")
+    node[keys[-1]] = value
+
+
+def load_config(path: Optional[str] = None, variant: Optional[str] = None,
+                overrides: Optional[Dict] = None, sets: Optional[List[str]] = None) -> Dict:
+    """DEFAULTS < YAML file (its ``variants:`` entry ``variant`` on top) < overrides < --set."""
+    import yaml
+
+    cfg = copy.deepcopy(DEFAULTS)
+    if path:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+        variants = data.pop("variants", {}) or {}
+        data.pop("description", None)
+        if variant is not None:
+            if variant not in variants:
+                raise ValueError(f"{path}: no variant {variant!r}; has {sorted(variants)}")
+            data = _merge(data, variants[variant])
+        elif variants:
+            log.info("%s has variants %s; using the base settings", path, sorted(variants))
+        for k, v in _flatten(data).items():
+            set_key(cfg, k, v)
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            set_key(cfg, k, v)
+    for item in sets or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        set_key(cfg, k.strip(), parse_value(v))
+    cfg["backbone"] = BACKBONE_ALIASES.get(str(cfg["backbone"]).lower(), cfg["backbone"])
+    if isinstance(cfg["modality"], str):
+        cfg["modality"] = [cfg["modality"]]
+    if isinstance(cfg["test_modality"], str):
+        cfg["test_modality"] = [cfg["test_modality"]]
+    if cfg["amp"] not in ("auto", "off", "bf16", "fp16"):
+        raise ValueError(f"amp must be auto|off|bf16|fp16, got {cfg['amp']!r}")
+    return cfg
+
+
+def _merge(a: Dict, b: Dict) -> Dict:
+    out = copy.deepcopy(a)
+    for k, v in (b or {}).items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _flatten(d: Dict, prefix: str = "") -> Dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k in ("model", "data") and not prefix:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Environment: seeds, determinism, devices, distributed
+# ----------------------------------------------------------------------------------------------
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    if amp == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    return {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+class Dist:
+    """The process group of a torchrun launch (a no-op for a single process)."""
+
+    def __init__(self, device: torch.device):
+        self.world = int(os.environ.get("WORLD_SIZE", 1))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.active = self.world > 1
+        if self.active and not torch.distributed.is_initialized():
+            backend = "nccl" if device.type == "cuda" else "gloo"
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            torch.distributed.init_process_group(backend)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.active:
+            torch.distributed.barrier()
+
+    def mean(self, value: float) -> float:
+        if not self.active:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return float(t.item()) / self.world
+
+    def close(self) -> None:
+        if self.active and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+def build_data(cfg: Dict, image_size: int, out: str, main: bool = True):
+    """(train dataset, test dataset, info) per the config: a fold of the patient-level k-fold
+    split, or a cross-modal/cross-dataset transfer (train on one, test on another)."""
+    from .data import BreastDataset, Subset, load_records
+    from .data.folds import load_or_make_folds, split_indices
+    from .data.transforms import modality_stats
+
+    recs = load_records(cfg["dataset"], cfg["data_root"], cfg["modality"], cfg["seed"], image_size,
+                        cfg["data"])
+    common = dict(seed=cfg["seed"], clahe=cfg["clahe"], rotation=cfg["rotation"], flip=cfg["flip"],
+                  skip_bad=cfg["skip_bad"])
+    transfer = cfg["test_dataset"] is not None or cfg["test_modality"] is not None
+    info: Dict[str, Any] = {}
+    if transfer:
+        train = BreastDataset(recs, image_size, train=True, **common)
+        test_recs = load_records(cfg["test_dataset"] or cfg["dataset"],
+                                 cfg["test_data_root"] or cfg["data_root"], cfg["test_modality"],
+                                 cfg["seed"], image_size, cfg["data"])
+        test = BreastDataset(test_recs, image_size, train=False, stats=train.stats, **common)
+        info.update(split="transfer", skipped=len(train.skipped) + len(test.skipped),
+                    train_modalities=sorted(set(train.modalities)),
+                    test_modalities=sorted(set(test.modalities)))
+        return train, test, info
+    full = BreastDataset(recs, image_size, train=False, **common)
+    if cfg["fold"] is None:
+        return Subset(full, range(len(full)), True), Subset(full, range(len(full)), False), \
+            dict(split="none (test = train)", skipped=len(full.skipped))
+    folds_file = cfg["folds_file"] or os.path.join(out, "folds.json")
+    if main:
+        folds = load_or_make_folds(folds_file, full.records, cfg["folds"], cfg["seed"])
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    if not main:
+        folds = load_or_make_folds(folds_file, full.records, cfg["folds"], cfg["seed"])
+    if not 0 <= int(cfg["fold"]) < len(folds):
+        raise ValueError(f"fold must be in [0, {len(folds)}), got {cfg['fold']}")
+    idx = split_indices(full.records, folds[int(cfg["fold"])])
+    # normalisation statistics from the training images only
+    by_mod: Dict[str, list] = {}
+    for i in idx["train"]:
+        by_mod.setdefault(full.records[i].modality, []).append(full.images[i])
+    full.stats.update(modality_stats(by_mod))
+    info.update(split=f"fold {cfg['fold']} of {len(folds)}", folds_file=folds_file,
+                skipped=len(full.skipped))
+    return Subset(full, idx["train"], True), Subset(full, idx["test"], False), info
+
+
+def _loader(dataset, batch_sizes, shuffle: bool, seed: int, rank: int = 0, world: int = 1):
+    from torch.utils.data import DataLoader
+
+    from .data import ModalityBatchSampler
+
+    sampler = ModalityBatchSampler(dataset.modalities, batch_sizes, shuffle=shuffle, seed=seed,
+                                   rank=rank, world_size=world)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=0), sampler
+
+
+# ----------------------------------------------------------------------------------------------
+# Model and loss
+# ----------------------------------------------------------------------------------------------
+def build_model(cfg: Dict):
+    from .methods import build_method, get_config_class
+
+    overrides = dict(cfg["model"])
+    overrides.setdefault("model_name", cfg["backbone"])
+    if cfg["pretrained"] is not None:
+        overrides["pretrained"] = cfg["pretrained"]
+    fields = get_config_class(cfg["method"]).__dataclass_fields__
+    unknown = set(overrides) - set(fields)
+    if unknown:
+        raise ValueError(f"method {cfg['method']!r} has no setting {sorted(unknown)}; its settings: "
+                         f"{sorted(fields)}")
+    return build_method(cfg["method"], **overrides)
+
+
+class LossFn(nn.Module):
+    """Eq. 17 for A-VPT (``avpt.losses.AVPTLoss``), CLS + SEG for the baselines."""
+
+    def __init__(self, model):
+        super().__init__()
+        from .losses import AVPTLoss
+
+        self.avpt = getattr(model, "name", "") == "avpt"
+        self.inner = AVPTLoss(model) if self.avpt else None
+        self.model_ref = [model]
+
+    def forward(self, out, labels, masks, modality, update_state: bool):
+        from .losses import method_loss
+
+        if self.avpt:
+            return self.inner(out, labels=labels, masks=masks, modality=modality,
+                              update_state=update_state)
+        return method_loss(self.model_ref[0], out, labels=labels, masks=masks)
+
+
+class TrainStep(nn.Module):
+    """Forward + loss in one module, so DistributedDataParallel sees every trainable parameter
+    used by the loss (the A-VPT contrastive projector is used there, not in forward)."""
+
+    def __init__(self, model, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn
+
+    def forward(self, batch):
+        maps = batch["maps"] if getattr(self.model, "name", "") == "avpt" and \
+            self.model.config.region_source == "given" else None
+        out = self.model(batch["image"], maps=maps, modality=batch["modality"])
+        return self.loss_fn(out, batch["label"], batch["mask"], batch["modality"], update_state=True)
+
+
+def model_inputs(model, batch, device):
+    maps = None
+    if getattr(model, "name", "") == "avpt" and model.config.region_source == "given":
+        maps = batch["maps"].to(device)
+    return batch["image"].to(device), maps, batch["modality"].to(device)
+
+
+def lr_lambda(warmup_steps: int, total_steps: int):
+    """Linear warm-up to the base rate, then cosine annealing to 0 (per optimizer step)."""
+    def f(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict(model, dataset, cfg: Dict, device, dtype=None) -> Dict[str, np.ndarray]:
+    """Malignant probabilities [N], predicted masks [N, H, W] bool, truths, modality names."""
+    loader, _ = _loader(dataset, cfg["eval_batch_size"], False, cfg["seed"])
+    model.eval()
+    probs, preds, gts, labels, order = [], [], [], [], []
+    for batch in loader:
+        images, maps, modality = model_inputs(model, batch, device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = model(images, maps=maps, modality=modality)
+        probs.append(torch.softmax(out.logits.float(), -1)[:, 1].cpu())
+        if out.seg_logits is not None:
+            preds.append((out.seg_logits.float() > 0).squeeze(1).cpu())
+        gts.append(batch["mask"].squeeze(1) > 0.5)
+        labels.append(batch["label"])
+        order.append(batch["index"])
+    order_t = torch.cat(order).argsort()
+    res = dict(probs=torch.cat(probs)[order_t].numpy(), labels=torch.cat(labels)[order_t].numpy(),
+               gts=torch.cat(gts)[order_t].numpy())
+    res["preds"] = torch.cat(preds)[order_t].numpy() if preds else None
+    res["modalities"] = np.array(dataset.modalities)
+    return res
+
+
+def score(pred: Dict[str, np.ndarray]) -> Dict[str, float]:
+    out = M.classification_metrics(pred["labels"], pred["probs"])
+    if pred["preds"] is not None:
+        out.update(M.segmentation_metrics(pred["preds"], pred["gts"]))
+    else:
+        out.update(dice=float("nan"), iou=float("nan"), hd95=float("nan"))
+    out["n"] = int(len(pred["labels"]))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+def _atomic_save(obj, path: str) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _comparable(cfg: Dict) -> Dict:
+    """The config fields that must match for a resume (not the run-control ones)."""
+    skip = {"epochs", "resume", "stop_after_epoch", "progress", "tensorboard", "report", "out",
+            "eval_every", "threads", "device"}
+    return {k: v for k, v in cfg.items() if k not in skip}
+
+
+def _rng_state():
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_trainable_state(model, state: Dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    expected = {n for n, p in params.items() if p.requires_grad}
+    if set(state) != expected:
+        raise ValueError(f"checkpoint does not match the model: missing "
+                         f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}")
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
+def run(cfg: Dict) -> Dict:
+    """Train and evaluate per ``cfg`` (see DEFAULTS); returns the metrics dict (also written to
+    OUT/metrics.json by rank 0)."""
+    from tqdm import tqdm
+
+    t_start = time.time()
+    out = cfg["out"]
+    os.makedirs(out, exist_ok=True)
+    if cfg["threads"]:
+        torch.set_num_threads(int(cfg["threads"]))
+    device = resolve_device(cfg["device"])
+    dist = Dist(device)
+    seed_everything(cfg["seed"], cfg["deterministic"])
+    dtype = amp_dtype(cfg["amp"], device)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+        model = build_model(cfg).to(device)
+    if cfg["pretrained"] is None and dist.main:
+        log.warning("backbone %s has random weights (no --pretrained): the numbers only show that "
+                    "the pipeline runs", cfg["backbone"])
+    image_size = int(model.visual.image_size[0])
+    train_set, test_set, info = build_data(cfg, image_size, out, dist.main)
+    loss_fn = LossFn(model).to(device)
+    step_module: nn.Module = TrainStep(model, loss_fn)
+    if dist.active:
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True, broadcast_buffers=False)
+
+    batch_sizes = {"default": cfg["batch_size"], "MRI": cfg["batch_size_mri"]}
+    loader, sampler = _loader(train_set, batch_sizes, True, cfg["seed"], dist.rank, dist.world)
+    steps_per_epoch = len(sampler)
+    if steps_per_epoch == 0:
+        raise ValueError(f"no training batch: {len(train_set)} training samples for "
+                         f"{dist.world} processes")
+    epochs = int(cfg["epochs"])
+    warmup_epochs = min(int(cfg["warmup_epochs"]), max(0, epochs - 1))  # keep some cosine decay
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_lambda(warmup_epochs * steps_per_epoch, epochs * steps_per_epoch))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    ckpt_path = os.path.join(out, "checkpoint.pt")
+    history: List[Dict] = []
+    start_epoch = 0
+    if cfg["resume"] and os.path.isfile(ckpt_path):
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
+        if _comparable(ckpt["config"]) != _comparable(cfg):
+            diff = sorted(k for k in _comparable(cfg) if ckpt["config"].get(k) != cfg.get(k))
+            raise ValueError(f"{ckpt_path} was written with another config (differs in {diff}); "
+                             f"use another --out or --set resume=false")
+        load_trainable_state(model, ckpt["trainable"])
+        loss_fn.load_state_dict(ckpt["loss_state"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        _set_rng_state(ckpt["rng"])
+        history, start_epoch = ckpt["history"], ckpt["epoch"]
+        if dist.main:
+            log.info("resumed from %s after epoch %d", ckpt_path, start_epoch)
+
+    writer = None
+    if cfg["tensorboard"] and dist.main:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(os.path.join(out, "tensorboard"))
+        except ImportError:
+            log.warning("tensorboard is not installed: no TensorBoard logs (CSV only)")
+    csv_path = os.path.join(out, "log.csv")
+
+    for epoch in range(start_epoch, epochs):
+        train_set.set_epoch(epoch)
+        sampler.set_epoch(epoch)
+        model.train()
+        sums: Dict[str, float] = {}
+        seen, t0 = 0, time.time()
+        bar = tqdm(loader, total=steps_per_epoch, desc=f"epoch {epoch + 1}/{epochs}",
+                   disable=not (cfg["progress"] and dist.main), leave=False, dynamic_ncols=True)
+        for batch in bar:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                terms = step_module(batch)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(terms["loss"]).backward()
+            if cfg["grad_clip"]:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(trainable, cfg["grad_clip"])
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            n = batch["image"].shape[0]
+            seen += n
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) * n
+            bar.set_postfix(loss=f"{float(terms['loss'].detach()):.4f}",
+                            img_s=f"{seen / max(time.time() - t0, 1e-9):.1f}")
+        elapsed = time.time() - t0
+        row = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0],
+               "images_per_s": dist.mean(seen / max(elapsed, 1e-9)) * dist.world,
+               "time_s": elapsed}
+        row.update({f"train_{k}": dist.mean(v / max(seen, 1)) for k, v in sums.items()})
+        if dist.main and cfg["eval_every"] and ((epoch + 1) % int(cfg["eval_every"]) == 0
+                                                or epoch + 1 == epochs):
+            row.update({f"test_{k}": v for k, v in score(predict(model, test_set, cfg, device, dtype)).items()
+                        if k in ("auc", "f1", "dice", "iou", "hd95")})
+        history.append(row)
+        if dist.main:
+            _append_csv(csv_path, row)
+            if writer is not None:
+                for k, v in row.items():
+                    if k != "epoch" and isinstance(v, float) and math.isfinite(v):
+                        writer.add_scalar(k.replace("_", "/", 1), v, epoch + 1)
+                writer.flush()
+            log.info("epoch %d/%d %s", epoch + 1, epochs,
+                     " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
+            _atomic_save({"epoch": epoch + 1, "config": cfg,
+                          "trainable": {k: v.cpu() for k, v in model.trainable_state_dict().items()},
+                          "loss_state": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                          "rng": _rng_state(), "history": history}, ckpt_path)
+        dist.barrier()
+        if cfg["stop_after_epoch"] is not None and epoch + 1 >= int(cfg["stop_after_epoch"]) \
+                and epoch + 1 < epochs:
+            if writer is not None:
+                writer.close()
+            dist.close()
+            return {"stopped_after_epoch": epoch + 1}
+
+    if writer is not None:
+        writer.close()
+    result: Dict[str, Any] = {}
+    if dist.main:
+        from .checkpoint import save_trainable
+        from .params import parameter_report
+
+        pred = predict(model, test_set, cfg, device, dtype)
+        test_metrics = score(pred)
+        save_trainable(model, os.path.join(out, "model"))
+        rep = parameter_report(model)
+        result = {
+            "test": test_metrics,
+            "config": cfg,
+            "data": dict(info, train_samples=len(train_set), test_samples=len(test_set)),
+            "params": {"trainable": rep.trainable, "visual": rep.visual,
+                       "percent_of_visual": rep.percent_of_visual},
+            "history": history,
+            "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+            "world_size": dist.world,
+            "amp": str(dtype).replace("torch.", "") if dtype else "off",
+            "time_s": time.time() - t_start,
+        }
+        if cfg["report"]:
+            from .report import write_run_report
+            result["figures"], result["report"] = write_run_report(model, train_set, test_set, pred,
+                                                                   result, out, device)
+        _write_json(os.path.join(out, "metrics.json"), result)
+    dist.barrier()
+    dist.close()
+    return result
+
+
+def evaluate_checkpoint(model_dir: str, cfg: Dict) -> Dict:
+    """Evaluate a saved model (``OUT/model`` of a run) on the test split given by ``cfg``."""
+    from .checkpoint import load_trainable
+
+    device = resolve_device(cfg["device"])
+    seed_everything(cfg["seed"], cfg["deterministic"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+        model = load_trainable(model_dir, **({"pretrained": cfg["pretrained"]} if cfg["pretrained"] else {}))
+    model.to(device)
+    _, test_set, info = build_data(cfg, int(model.visual.image_size[0]), cfg["out"])
+    pred = predict(model, test_set, cfg, device, amp_dtype(cfg["amp"], device))
+    result = {"test": score(pred), "config": cfg, "model": model_dir,
+              "data": dict(info, test_samples=len(test_set))}
+    os.makedirs(cfg["out"], exist_ok=True)
+    _write_json(os.path.join(cfg["out"], "metrics.json"), result)
+    return result
+
+
+def _append_csv(path: str, row: Dict) -> None:
+    new = not os.path.isfile(path)
+    fields = list(row)
+    if not new:
+        with open(path) as f:
+            header = next(csv.reader(f), [])
+        if header != fields:  # a column appeared (e.g. evaluation metrics): rewrite the header
+            with open(path) as f:
+                old = list(csv.DictReader(f))
+            fields = list(dict.fromkeys(header + fields))
+            with open(path, "w", newline="") as f:
+                w = csv.DictWriter(f, fieldnames=fields)
+                w.writeheader()
+                w.writerows(old)
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, float)):
+        return None if not math.isfinite(float(x)) else float(x)
+    if isinstance(x, (np.integer,)):
+        return int(x)
+    return x
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(_jsonable(obj), f, indent=2)
+    os.replace(tmp, path)

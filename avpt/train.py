@@ -138,6 +138,8 @@ def load_config(path: Optional[str] = None, variant: Optional[str] = None,
         cfg["modality"] = [cfg["modality"]]
     if isinstance(cfg["test_modality"], str):
         cfg["test_modality"] = [cfg["test_modality"]]
+    if cfg["amp"] is False:  # YAML reads a bare off as false
+        cfg["amp"] = "off"
     if cfg["amp"] not in ("auto", "off", "bf16", "fp16"):
         raise ValueError(f"amp must be auto|off|bf16|fp16, got {cfg['amp']!r}")
     return cfg

@@ -25,7 +25,7 @@ Kernels (fp32 accumulation, rank padded to 16 for ``tl.dot``, fp32 dots in ieee 
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -378,8 +378,17 @@ _INPUTS_WARPS = 8  # fp32 bwd_inputs spills at 4 warps on sm_80 (see aot_configs
 _INPUTS_BLOCKS = dict(BLOCK_INNER=16, BLOCK_ROWS=64)  # images / tokens summed per load; dU rows
 
 
-def _stage_tensor(layer_stage: Sequence[int], device) -> Tensor:
-    return torch.tensor(list(layer_stage), dtype=torch.int32, device=device)
+_STAGE_TENSORS: Dict[Tuple[Tuple[int, ...], torch.device], Tensor] = {}
+
+
+def _stage_tensor(layer_stage: Sequence[int], device: torch.device) -> Tensor:
+    """layer_stage as an int32 device tensor, cached: a host-to-device copy on every call would
+    stall the host on CUDA."""
+    key = (tuple(int(x) for x in layer_stage), torch.device(device))
+    cached = _STAGE_TENSORS.get(key)
+    if cached is None:
+        cached = _STAGE_TENSORS[key] = torch.tensor(key[0], dtype=torch.int32, device=device)
+    return cached
 
 
 def _forward(region_emb, token_offset, U, V, layer_bias, ln_weight, ln_bias, layer_stage, eps):

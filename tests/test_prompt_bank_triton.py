@@ -94,6 +94,16 @@ def test_frozen_parameters_only_region_emb_grad():
     assert_close(got, ref_grads[0], torch.float32, "d region_emb")
 
 
+def test_broadcast_gradient():
+    # prompts.sum().backward() hands the backward a stride-0 (expanded) gradient.
+    args = _inputs(2, 3, 2, 32, 4, 3, 2, torch.float32, seed=8)
+    stages = _stages(3, 2)
+    pb.prompt_bank(*args, stages, backend="triton").sum().backward()
+    _, ref_grads = _reference(args, stages, torch.ones(3, 2, 6, 32))
+    for name, got, want in zip(NAMES, [a.grad for a in args], ref_grads):
+        assert_close(got, want, torch.float32, f"d {name}")
+
+
 def test_opcheck():
     args = [a.detach().requires_grad_() for a in _inputs(2, 3, 2, 32, 4, 3, 2, torch.float32)]
     stages = _stages(3, 2)

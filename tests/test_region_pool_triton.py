@@ -107,6 +107,15 @@ def test_one_gradient_only(pixel, which):
     assert_close(got, ref_df if which == "features" else ref_dm, dtype, f"d {which}")
 
 
+def test_broadcast_gradient():
+    # out.sum().backward() hands the backward a stride-0 (expanded) gradient.
+    f, m = _inputs((2, 17, 32), (2, 3, 8, 8), torch.float32)
+    rp.region_pool(f, m, backend="triton").sum().backward()
+    _, ref_df, ref_dm = _reference(f, m, torch.ones(2, 3, 32))
+    assert_close(f.grad, ref_df, torch.float32, "d features")
+    assert_close(m.grad, ref_dm, torch.float32, "d maps")
+
+
 def test_eps_is_honoured():
     f, m = _inputs((1, 17, 16), (1, 16, 2), torch.float32)
     with torch.no_grad():

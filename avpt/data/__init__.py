@@ -37,7 +37,8 @@ def load_records(dataset: str, root: Optional[str] = None, modalities: Optional[
                  seed: int = 0, image_size: int = 224, options: Optional[Dict] = None) -> List[Record]:
     """Records of ``dataset``. ``modalities`` selects phantom modalities (real data sets have one).
     ``options``: per-loader settings (phantom: num_patients, views, phase; busi: normal;
-    inbreast: birads_threshold; duke: phase, negatives_per_patient, annotations)."""
+    inbreast: birads_threshold; duke: phase, negatives_per_patient, slices_per_lesion,
+    annotations, index_base)."""
     options = dict(options or {})
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
@@ -63,7 +64,9 @@ def load_records(dataset: str, root: Optional[str] = None, modalities: Optional[
     from .duke import load_duke
     return load_duke(root, phase=options.get("phase", "post"),
                      negatives_per_patient=int(options.get("negatives_per_patient", 1)),
-                     annotations=options.get("annotations"))
+                     slices_per_lesion=int(options.get("slices_per_lesion", 3)),
+                     annotations=options.get("annotations"),
+                     index_base=int(options.get("index_base", 1)))
 
 
 __all__ = ["BreastDataset", "ModalityBatchSampler", "Subset", "DataError", "Record", "RawSample",

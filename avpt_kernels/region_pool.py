@@ -4,12 +4,16 @@
 
 Kernels (all accumulate in fp32):
 
-* ``_region_pool_fwd_kernel``  one launch, grid (B, D-blocks). Each program walks the N patches in
-  tiles of BLOCK_P, forms the area weights A[p, r] of the tile (token maps: a load; pixel maps: the
-  f x f box average of each patch, computed from the full-resolution maps in registers) and
-  accumulates ``A^T F`` [R, BLOCK_D] and ``sum_p A`` [R]. For pixel maps BLOCK_D covers D (up to
-  1024), so the full-resolution maps are read exactly once and never written at patch resolution.
-  Writes out [B,R,D] and den = sum_p A [B,R] (fp32, saved for backward).
+* ``_region_pool_fwd_kernel``  grid (B, D-blocks, splits). Each program walks its share of the
+  N patches in tiles of BLOCK_P, forms the area weights A[p, r] of the tile (token maps: a load;
+  pixel maps: the f x f box average of each patch, computed from the full-resolution maps in
+  registers) and accumulates ``A^T F`` [R, BLOCK_D] and ``sum_p A`` [R]. Token maps: one split,
+  parallel over D blocks of 128, writes out [B,R,D] and den = sum_p A [B,R] (fp32, saved for the
+  backward). Pixel maps: BLOCK_D covers D (up to 1024), so the full-resolution maps are read
+  exactly once and never written at patch resolution; for parallelism the patches of an image
+  are split over programs (about two programs per SM), which write fp32 partial sums
+  [B,splits,R,D] that ``_region_pool_finalize_kernel`` (grid (B, D-blocks)) adds up and
+  normalises. So: one launch (token maps, or pixel maps with one split), or two.
 * ``_region_pool_bwd_kernel``  one launch, grid (B, patch tiles). With G = dout / (den + eps):
   ``dF[p] = sum_r A[p,r] G[r]`` (zero for the class token) and
   ``dA[p,r] = F[p].G[r] - out[r].G[r]``; for pixel maps dA / f^2 is spread over the f x f block.
@@ -127,25 +131,33 @@ def _area_weights_tile(maps_ptr, pid_b, offs_p, mask_p, offs_r, R,
 @triton.jit
 def _region_pool_fwd_kernel(
         feat_ptr, maps_ptr, out_ptr, den_ptr,
-        N, R, D, cls_offset, eps, grid_w, factor,
+        N, R, D, cls_offset, eps, grid_w, factor, patches_per_split,
         stride_fb, stride_ft, stride_fd,
         stride_mb, stride_m1, stride_m2, stride_m3,
-        stride_ob, stride_or, stride_od,
-        PIXEL_MAPS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_PIX: tl.constexpr):
-    """out[b, r, d-block] = sum_p A[p,r] F[p,d] / (sum_p A[p,r] + eps); den[b, r] = sum_p A."""
+        stride_ob, stride_os, stride_or, stride_od,
+        PIXEL_MAPS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_P: tl.constexpr,
+        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_PIX: tl.constexpr):
+    """Image b, one D block, patches [s * patches_per_split, (s + 1) * patches_per_split).
+
+    SPLIT=False (one split): out[b, r, d] = sum_p A[p,r] F[p,d] / (sum_p A[p,r] + eps) and
+    den[b, r] = sum_p A. SPLIT=True: the partial sums of split s, unnormalised, go to
+    out[b, s, r, d] and den[b, s, r] (fp32), and ``_region_pool_finalize_kernel`` adds them up.
+    """
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
+    pid_s = tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     offs_r = tl.arange(0, BLOCK_R)
     feat_base = feat_ptr + pid_b.to(tl.int64) * stride_fb + cls_offset * stride_ft
+    p_start = pid_s * patches_per_split
+    p_end = tl.minimum(p_start + patches_per_split, N)
 
     num = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
     den = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for p0 in range(0, N, BLOCK_P):
+    for p0 in range(p_start, p_end, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < N
+        mask_p = offs_p < p_end
         a = _area_weights_tile(maps_ptr, pid_b, offs_p, mask_p, offs_r, R, stride_mb, stride_m1,
                                stride_m2, stride_m3, grid_w, factor, PIXEL_MAPS, BLOCK_P,
                                BLOCK_R, BLOCK_PIX)
@@ -154,12 +166,44 @@ def _region_pool_fwd_kernel(
         den += tl.sum(a, axis=0)
         num += tl.dot(tl.trans(a), f, input_precision="ieee")
 
-    # An all-zero map has num = 0 and den = 0: the row is 0 / eps = 0, never NaN.
-    out = num / (den[:, None] + eps)
     mask_r = offs_r < R
+    if SPLIT:
+        out = num
+    else:
+        # An all-zero map has num = 0 and den = 0: the row is 0 / eps = 0, never NaN.
+        out = num / (den[:, None] + eps)
+    n_splits = tl.num_programs(2)
+    tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + pid_s * stride_os
+             + offs_r[:, None] * stride_or + offs_d[None, :] * stride_od,
+             out.to(out_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_d[None, :])
+    if pid_d == 0:
+        tl.store(den_ptr + (pid_b * n_splits + pid_s) * R + offs_r, den, mask=mask_r)
+
+
+@triton.jit
+def _region_pool_finalize_kernel(
+        part_num_ptr, part_den_ptr, out_ptr, den_ptr, n_splits, R, D, eps,
+        stride_ob, stride_or, stride_od,
+        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Sum the per-split partials part_num [B,S,R,D], part_den [B,S,R] (fp32, contiguous):
+    out[b] = num / (den + eps) [B,R,D] and den [B,R]."""
+    pid_b = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
+    mask = mask_r[:, None] & mask_d[None, :]
+    num = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    den = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    for split in range(n_splits):
+        row = pid_b * n_splits + split
+        num += tl.load(part_num_ptr + (row * R + offs_r).to(tl.int64)[:, None] * D
+                       + offs_d[None, :], mask=mask, other=0.0)
+        den += tl.load(part_den_ptr + row * R + offs_r, mask=mask_r, other=0.0)
+    out = num / (den[:, None] + eps)
     tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + offs_r[:, None] * stride_or
-             + offs_d[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
-             mask=mask_r[:, None] & mask_d[None, :])
+             + offs_d[None, :] * stride_od, out.to(out_ptr.dtype.element_ty), mask=mask)
     if pid_d == 0:
         tl.store(den_ptr + pid_b * R + offs_r, den, mask=mask_r)
 
@@ -249,6 +293,7 @@ def _region_pool_bwd_kernel(
 _BLOCK_P = 16
 _BWD_BLOCK_D = 64
 _TOKEN_FWD_BLOCK_D = 128
+_FINALIZE_BLOCK_D = 128
 _PIXEL_FWD_BLOCK_D = (256, 1024)  # covers D in one block up to 1024
 _PIXEL_BLOCK_PIX = 128  # pixels of one patch box per step (a 16 x 16 box in two steps)
 
@@ -288,20 +333,44 @@ def _geometry(features: Tensor, maps: Tensor, grid_h: int, grid_w: int):
     return n, r, features.shape[1] - n, factor
 
 
+def _pixel_splits(batch: int, n_tiles: int, device: torch.device) -> int:
+    """How many programs share one image's patches (pixel maps, where a program must cover all
+    of D to read the maps once): enough for about two programs per SM. On the CPU interpreter,
+    two, so that the split path is what the tests exercise by default."""
+    if device.type != "cuda":
+        return min(n_tiles, 2)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(n_tiles, triton.cdiv(2 * sms, batch)))
+
+
 def _forward(features: Tensor, maps: Tensor, eps: float, grid_h: int,
              grid_w: int) -> Tuple[Tensor, Tensor]:
     b, _, d = features.shape
     pixel = maps.dim() == 4
     n, r, cls_offset, factor = _geometry(features, maps, grid_h, grid_w)
-    out = torch.empty((b, r, d), dtype=features.dtype, device=features.device)
-    den = torch.empty((b, r), dtype=torch.float32, device=features.device)
+    dev = features.device
+    out = torch.empty((b, r, d), dtype=features.dtype, device=dev)
+    den = torch.empty((b, r), dtype=torch.float32, device=dev)
     block_d = _fwd_block_d(d, pixel)
-    grid = (b, triton.cdiv(d, block_d))
-    _region_pool_fwd_kernel[grid](
-        features, maps, out, den, n, r, d, cls_offset, eps, max(grid_w, 1), factor,
-        *features.stride(), *_map_strides(maps), *out.stride(),
-        PIXEL_MAPS=pixel, BLOCK_P=_BLOCK_P, BLOCK_R=_block_r(r), BLOCK_D=block_d,
-        BLOCK_PIX=_block_pix(pixel), num_warps=_fwd_warps(pixel))
+    n_tiles = triton.cdiv(n, _BLOCK_P)
+    splits = _pixel_splits(b, n_tiles, dev) if pixel else 1
+    patches_per_split = triton.cdiv(n_tiles, splits) * _BLOCK_P
+    splits = triton.cdiv(n, patches_per_split)
+    if splits == 1:
+        dst, dst_den, dst_strides = out, den, (out.stride(0), 0, out.stride(1), out.stride(2))
+    else:
+        dst = torch.empty((b, splits, r, d), dtype=torch.float32, device=dev)
+        dst_den = torch.empty((b, splits, r), dtype=torch.float32, device=dev)
+        dst_strides = dst.stride()
+    _region_pool_fwd_kernel[(b, triton.cdiv(d, block_d), splits)](
+        features, maps, dst, dst_den, n, r, d, cls_offset, eps, max(grid_w, 1), factor,
+        patches_per_split, *features.stride(), *_map_strides(maps), *dst_strides,
+        PIXEL_MAPS=pixel, SPLIT=splits > 1, BLOCK_P=_BLOCK_P, BLOCK_R=_block_r(r),
+        BLOCK_D=block_d, BLOCK_PIX=_block_pix(pixel), num_warps=_fwd_warps(pixel))
+    if splits > 1:
+        _region_pool_finalize_kernel[(b, triton.cdiv(d, _FINALIZE_BLOCK_D))](
+            dst, dst_den, out, den, splits, r, d, eps, *out.stride(),
+            BLOCK_R=_block_r(r), BLOCK_D=_FINALIZE_BLOCK_D, num_warps=4)
     return out, den
 
 
@@ -454,18 +523,28 @@ def aot_configs() -> List:
         ptr = f"*{ty}"
         fwd_sig = {"feat_ptr": ptr, "maps_ptr": ptr, "out_ptr": ptr, "den_ptr": "*fp32",
                    **{k: "i32" for k in ints[:4]}, "eps": "fp32",
-                   **{k: "i32" for k in ints[4:]},
+                   **{k: "i32" for k in ints[4:] + ("patches_per_split",)},
                    **{k: "i32" for k in ("stride_fb", "stride_ft", "stride_fd", "stride_mb",
                                          "stride_m1", "stride_m2", "stride_m3", "stride_ob",
-                                         "stride_or", "stride_od")}}
-        fwd_const = ("PIXEL_MAPS", "BLOCK_P", "BLOCK_R", "BLOCK_D", "BLOCK_PIX")
+                                         "stride_os", "stride_or", "stride_od")}}
+        fwd_const = ("PIXEL_MAPS", "SPLIT", "BLOCK_P", "BLOCK_R", "BLOCK_D", "BLOCK_PIX")
         fwd_sig.update({k: "constexpr" for k in fwd_const})
-        fwd_choices = [(False, _TOKEN_FWD_BLOCK_D)] + [(True, bd) for bd in _PIXEL_FWD_BLOCK_D]
-        for pixel, block_d in fwd_choices:
+        # Token maps: one split. Pixel maps: one split, or partial sums (fp32 out) + finalize.
+        fwd_choices = [(False, False, _TOKEN_FWD_BLOCK_D)] + [
+            (True, split, bd) for split in (False, True) for bd in _PIXEL_FWD_BLOCK_D]
+        for pixel, split, block_d in fwd_choices:
+            sig = dict(fwd_sig, out_ptr="*fp32") if split else fwd_sig
             configs.append(KernelConfig(
-                _region_pool_fwd_kernel, fwd_sig,
-                dict(PIXEL_MAPS=pixel, BLOCK_P=_BLOCK_P, BLOCK_R=_block_r(1), BLOCK_D=block_d,
-                     BLOCK_PIX=_block_pix(pixel)), num_warps=_fwd_warps(pixel)))
+                _region_pool_fwd_kernel, sig,
+                dict(PIXEL_MAPS=pixel, SPLIT=split, BLOCK_P=_BLOCK_P, BLOCK_R=_block_r(1),
+                     BLOCK_D=block_d, BLOCK_PIX=_block_pix(pixel)), num_warps=_fwd_warps(pixel)))
+        configs.append(KernelConfig(
+            _region_pool_finalize_kernel,
+            {"part_num_ptr": "*fp32", "part_den_ptr": "*fp32", "out_ptr": ptr, "den_ptr": "*fp32",
+             "n_splits": "i32", "R": "i32", "D": "i32", "eps": "fp32", "stride_ob": "i32",
+             "stride_or": "i32", "stride_od": "i32", "BLOCK_R": "constexpr",
+             "BLOCK_D": "constexpr"},
+            dict(BLOCK_R=_block_r(1), BLOCK_D=_FINALIZE_BLOCK_D), num_warps=4))
         bwd_sig = {"feat_ptr": ptr, "maps_ptr": ptr, "out_ptr": ptr, "den_ptr": "*fp32",
                    "dout_ptr": ptr, "dfeat_ptr": ptr, "dmaps_ptr": ptr,
                    **{k: "i32" for k in ints[:4]}, "eps": "fp32",

@@ -60,6 +60,21 @@ def test_matches_reference(case, dtype):
         assert (df[:, 0] == 0).all(), "the class token must get a zero gradient"
 
 
+@pytest.mark.parametrize("splits", (1, 3, 4))
+def test_pixel_map_patch_splits(monkeypatch, splits):
+    # 8x8 grid (4 patch tiles): one program per image, or partial sums over 2 or 4 programs
+    # added up by the finalize kernel.
+    monkeypatch.setattr(rp, "_pixel_splits", lambda batch, n_tiles, device: splits)
+    f, m = _inputs((2, 65, 48), (2, 3, 16, 16), torch.float32)
+    _check(f, m, torch.float32)
+
+
+def test_pixel_maps_224_single_program_per_image(monkeypatch):
+    monkeypatch.setattr(rp, "_pixel_splits", lambda batch, n_tiles, device: 1)
+    f, m = _inputs(*SHAPES["pixel-224-vitb"], torch.float32)
+    _check(f, m, torch.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_non_contiguous_inputs(dtype):
     g = torch.Generator().manual_seed(3)

@@ -4,8 +4,8 @@ Triton forward/backward kernels with their custom-op registration.
 ``pim(z[B,T,D], p[B,K,D], params, num_heads) -> (z_out[B,T,D], p_tilde[B,K,D])``
 
 Triton path (``backend="triton"``). The products are reassociated so that the token tensor Z
-(T x D per image) is only ever multiplied by small per-image matrices. Columns ``c = h*KP + k``
-index (head, prompt) pairs, padded to ``HKP = HP*KP`` (powers of two, >= 16; padding is masked):
+(T x D per image) is only ever multiplied by small per-image matrices. Columns ``c = h*K + k``
+index (head, prompt) pairs, padded to ``HKP`` (a power of two >= 16; padding is masked):
 
   logits1[t,c] = Z_t . Mq[:,c] + cq[c]     Mq = scale * Wq_h^T k1[k,h]  [D,HKP],  cq = scale bq_h.k1[k,h]
   S1 = softmax over k inside each head (per token, local to a row block)
@@ -15,28 +15,31 @@ index (head, prompt) pairs, padded to ``HKP = HP*KP`` (powers of two, >= 16; pad
   S2 = softmax over t per column c;  z_out_t = Z_t + alpha * (sum_c S2[c,t] Nv[c] + b'o),
                                            Nv[c] = v2[k,h] W'o_h^T  [HKP,D]
 
-Forward, 3 launches over Z plus tiny torch algebra on [B,K,D]/[D,A]-sized matrices:
-  1. ``_t2p_reduce_kernel``   reads Z once: G, colsum (fp32 atomics across T blocks)
-  2. ``_p2t_stats_kernel``    reads Z once: per-column max / sum-exp partials of logits2
+Forward: 3 kernel launches over Z plus tiny torch algebra on [B,K,D]/[D,A]-sized matrices:
+  1. ``_t2p_reduce_kernel``   reads Z once from DRAM: G, colsum. A program owns a chunk of row
+     blocks of one image (``TARGET_PROGRAMS``); it parks the chunk's S1 in an L2-resident fp32
+     scratch, re-reads the chunk's Z tiles (L2 hits) D block by D block and adds its [HKP, D]
+     partial of G once with fp32 atomics.
+  2. ``_p2t_stats_kernel``    reads Z once: per-row-block max / sum-exp of logits2 (combined in torch)
   3. ``_p2t_update_kernel``   reads Z once, writes z_out once (and the attention if asked)
-  => Z is read 3 times from DRAM and z_out written once. (Reading Z only twice would require
-  either storing k2 = Z W'k^T [T,A] or the logits in pass 1, which cannot be formed before the
-  whole-image reduction G exists; the stats pass is the price of the softmax over T.)
+  => Z is read 3 times from DRAM and z_out written once: one read more than the DESIGN floor.
+  (Reading Z only twice needs the softmax-over-T statistics before the update, but logits2 need
+  Mk, which needs the whole-image reduction G of pass 1: the stats pass pays for that.)
 
-Backward, 2 launches over (Z, dZ_out) and nothing of size T x A or T x K saved:
-  A. ``_p2t_grad_reduce_kernel`` reads Z, dY once: E = S2^T dY, F1 = (S2*dS2)^T Z, F2 = S2^T Z,
-     sum_t dY (all [HKP,D] / [D], fp32 atomics); from them dNv, dMk, dalpha in closed form
-     (delta[c] = Nv[c].E[c] is the softmax-backward row sum, so no extra pass is needed).
+Backward: 2 launches over (Z, dY = dL/dz_out), nothing of size T x A or T x K saved:
+  A. ``_p2t_grad_reduce_kernel`` (chunked like 1) reads Z, dY once: E = S2^T dY,
+     F1 = (S2*yn)^T Z, F2 = S2^T Z ([HKP,D]), sum_t dY and delta = sum_t S2*yn, with
+     yn[t,c] = dY_t . Nv[c]; from them dNv = alpha E, dMk = alpha (F1 - delta F2), dalpha in
+     closed form (delta is the softmax-backward row sum, so no extra pass is needed).
   B. ``_grad_z_kernel`` reads Z, dY once, writes dZ once, and accumulates dMq, dcq.
   The small per-image algebra (P, weights -> Mq, cq, Mk, Nv, alpha, p_tilde) is recomputed in
-  backward and differentiated by hand (plain torch on [B,K,D]/[D,A]-sized tensors). Saved for backward: z, p, weights (inputs)
-  and G [B,HKP,D], colsum, softmax stats [B,HKP]: O(B*K*D) per layer.
+  backward and differentiated by hand (plain torch on [B,K,D]/[D,A]-sized tensors). Saved for
+  backward: z, p, weights (inputs) and G [B,HKP,D], colsum, softmax stats [B,HKP]: O(B*K*D).
 
 Supported by the Triton path: fp32/fp16/bf16, D a multiple of 16 up to 1024, 1 <= K <= 16, head
-width 8..64, HP*KP <= 256 (HP = heads padded to a power of two, KP = 8 for K <= 8 else 16, e.g.
-up to 16 heads with K = 16, 32 heads with K <= 8). Anything else: ``ValueError`` for
-``backend="triton"``, the torch path for ``"auto"``.
-"""
+width 8..64, H*K <= 256 head-prompt columns for fp16/bf16 and <= 128 for fp32 (whose IEEE FMA
+dots need more registers; e.g. 12 heads x K <= 10 in fp32, 16 heads x K = 16 in bf16). Anything
+else: ``ValueError`` for ``backend="triton"``, the torch path for ``"auto"``.
 from __future__ import annotations
 
 import math
@@ -132,7 +135,7 @@ def launch_config(columns: int, dtype: torch.dtype) -> Tuple[int, int, int]:
 # (HKP, fp32?) -> (BLOCK_T, BLOCK_D, num_warps); every entry is in aot_configs (num_stages=1:
 # the D loops are short and software pipelining only adds registers here).
 _LAUNCH = {
-    (16, True): (16, 32, 4), (32, True): (16, 32, 8), (64, True): (16, 16, 8),
+    (16, True): (16, 32, 8), (32, True): (16, 32, 8), (64, True): (16, 16, 8),
     (128, True): (16, 16, 8),
     (16, False): (32, 32, 4), (32, False): (32, 32, 4), (64, False): (16, 32, 4),
     (128, False): (16, 32, 8), (256, False): (16, 16, 8),
@@ -231,33 +234,48 @@ def _head_sum(x, head, H, BLOCK_T: tl.constexpr, HKP: tl.constexpr):
 
 
 @triton.jit
-def _t2p_reduce_kernel(z_ptr, mq_ptr, cq_ptr, g_ptr, colsum_ptr, T, D, K, H,
+def _t2p_reduce_kernel(z_ptr, mq_ptr, cq_ptr, s1_ptr, g_ptr, colsum_ptr, T, D, K, H, chunk_blocks,
                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HKP: tl.constexpr,
                        DOT_MODE: tl.constexpr):
-    """Token->prompt pass. Grid (B, cdiv(T, BLOCK_T)).
-    z [B,T,D], mq [B,D,HKP] fp32, cq [B,HKP] fp32 -> g [B,HKP,D] += S1^T Z, colsum [B,HKP] += sum_t S1."""
+    """Token->prompt pass. Grid (B, n_chunks); a program owns chunk_blocks row blocks of one image.
+    z [B,T,D], mq [B,D,HKP] fp32, cq [B,HKP] fp32 -> g [B,HKP,D] += S1^T Z, colsum [B,HKP] += sum_t S1.
+    s1 [B,n_chunks*chunk_blocks*BLOCK_T,HKP] fp32 is scratch: the chunk's S1 is parked there
+    (L2-resident) so that G is accumulated in registers per D block and added once per chunk,
+    instead of once per row block."""
     b = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < T
+    row0 = tl.program_id(1) * chunk_blocks * BLOCK_T
     cols, head, col_ok = _columns(K, H, HKP)
     z_img = z_ptr + b * T * D
-    logits = tl.zeros((BLOCK_T, HKP), dtype=tl.float32)
+    s1_img = s1_ptr + b * tl.num_programs(1) * chunk_blocks * BLOCK_T * HKP
+    colsum = tl.zeros((HKP,), dtype=tl.float32)
+    for blk in range(0, chunk_blocks):
+        rows = row0 + blk * BLOCK_T + tl.arange(0, BLOCK_T)
+        row_ok = rows < T
+        logits = tl.zeros((BLOCK_T, HKP), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            d_ok = dd < D
+            zt = tl.load(z_img + rows[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            mq = tl.load(mq_ptr + b * D * HKP + dd[:, None] * HKP + cols[None, :], mask=d_ok[:, None], other=0.0)
+            logits += _mm(zt, mq, DOT_MODE)
+        logits += tl.load(cq_ptr + b * HKP + cols)[None, :]
+        s1 = tl.where(row_ok[:, None], _head_softmax(logits, head, col_ok, H, BLOCK_T, HKP), 0.0)
+        colsum += tl.sum(s1, axis=0)
+        tl.store(s1_img + rows[:, None] * HKP + cols[None, :], s1)
+    tl.atomic_add(colsum_ptr + b * HKP + cols, colsum, sem="relaxed")
+    tl.debug_barrier()  # the chunk's S1 rows, written by other threads, are read back below
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         d_ok = dd < D
-        zt = tl.load(z_img + rows[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        mq = tl.load(mq_ptr + b * D * HKP + dd[:, None] * HKP + cols[None, :], mask=d_ok[:, None], other=0.0)
-        logits += _mm(zt, mq, DOT_MODE)
-    logits += tl.load(cq_ptr + b * HKP + cols)[None, :]
-    s1 = tl.where(row_ok[:, None], _head_softmax(logits, head, col_ok, H, BLOCK_T, HKP), 0.0)
-    tl.atomic_add(colsum_ptr + b * HKP + cols, tl.sum(s1, axis=0), sem="relaxed")
-    s1t = tl.trans(s1)
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        d_ok = dd < D
-        zt = tl.load(z_img + rows[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        tl.atomic_add(g_ptr + b * HKP * D + cols[:, None] * D + dd[None, :], _mm(s1t, zt, DOT_MODE),
-                      mask=d_ok[None, :], sem="relaxed")
+        acc = tl.zeros((HKP, BLOCK_D), dtype=tl.float32)
+        for blk in range(0, chunk_blocks):
+            rows = row0 + blk * BLOCK_T + tl.arange(0, BLOCK_T)
+            row_ok = rows < T
+            zt = tl.load(z_img + rows[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            s1 = tl.load(s1_img + rows[:, None] * HKP + cols[None, :])
+            acc += _mm(tl.trans(s1), zt, DOT_MODE)
+        tl.atomic_add(g_ptr + b * HKP * D + cols[:, None] * D + dd[None, :], acc, mask=d_ok[None, :],
+                      sem="relaxed")
 
 
 @triton.jit
@@ -336,53 +354,73 @@ def _p2t_update_kernel(z_ptr, mk_ptr, m2_ptr, l2_ptr, nv_ptr, bo_ptr, alpha_ptr,
 
 
 @triton.jit
-def _p2t_grad_reduce_kernel(z_ptr, y_ptr, mk_ptr, nv_ptr, m2_ptr, l2_ptr, e_ptr, f1_ptr, f2_ptr,
-                            ysum_ptr, delta_ptr, T, D,
+def _p2t_grad_reduce_kernel(z_ptr, y_ptr, mk_ptr, nv_ptr, m2_ptr, l2_ptr, s2_ptr, ws2_ptr,
+                            e_ptr, f1_ptr, f2_ptr, ysum_ptr, delta_ptr, T, D, chunk_blocks,
                             BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HKP: tl.constexpr,
                             DOT_MODE: tl.constexpr):
-    """Backward reductions of the prompt->token side. Grid (B, cdiv(T, BLOCK_T)).
+    """Backward reductions of the prompt->token side. Grid (B, n_chunks), chunks as in
+    _t2p_reduce_kernel; s2, ws2 [B,n_chunks*chunk_blocks*BLOCK_T,HKP] fp32 are scratch.
     y = dL/dz_out [B,T,D]; with yn[t,c] = y_t . Nv[c]:
     e += S2^T y, f1 += (S2*yn)^T Z, f2 += S2^T Z  ([B,HKP,D] fp32), ysum += sum_t y ([B,D]),
     delta += sum_t S2*yn ([B,HKP]: the softmax-backward row sum, from the very yn values the dZ
     kernel recomputes, so that yn - delta cancels exactly for a one-hot softmax)."""
     b = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < T
+    row0 = tl.program_id(1) * chunk_blocks * BLOCK_T
     cols = tl.arange(0, HKP)
     z_img = z_ptr + b * T * D
     y_img = y_ptr + b * T * D
     nv_img = nv_ptr + b * HKP * D
-    logits = tl.zeros((BLOCK_T, HKP), dtype=tl.float32)
-    yn = tl.zeros((BLOCK_T, HKP), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        dd = d0 + tl.arange(0, BLOCK_D)
-        d_ok = dd < D
-        tile = rows[:, None] * D + dd[None, :]
-        mask = row_ok[:, None] & d_ok[None, :]
-        zt = tl.load(z_img + tile, mask=mask, other=0.0)
-        yt = tl.load(y_img + tile, mask=mask, other=0.0)
-        mk = tl.load(mk_ptr + b * D * HKP + dd[:, None] * HKP + cols[None, :], mask=d_ok[:, None], other=0.0)
-        nvt = tl.load(nv_img + cols[None, :] * D + dd[:, None], mask=d_ok[:, None], other=0.0)
-        logits += _mm(zt, mk, DOT_MODE)
-        yn += _mm(yt, nvt, DOT_MODE)
-    s2 = _p2t_probs(logits, m2_ptr, l2_ptr, b, row_ok, HKP)
-    s2t = tl.trans(s2)
-    ws2 = s2 * yn
-    tl.atomic_add(delta_ptr + b * HKP + cols, tl.sum(ws2, axis=0), sem="relaxed")
-    ws2t = tl.trans(ws2)
+    scratch = b * tl.num_programs(1) * chunk_blocks * BLOCK_T * HKP
+    delta = tl.zeros((HKP,), dtype=tl.float32)
+    for blk in range(0, chunk_blocks):
+        rows = row0 + blk * BLOCK_T + tl.arange(0, BLOCK_T)
+        row_ok = rows < T
+        logits = tl.zeros((BLOCK_T, HKP), dtype=tl.float32)
+        yn = tl.zeros((BLOCK_T, HKP), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            d_ok = dd < D
+            tile = rows[:, None] * D + dd[None, :]
+            mask = row_ok[:, None] & d_ok[None, :]
+            zt = tl.load(z_img + tile, mask=mask, other=0.0)
+            yt = tl.load(y_img + tile, mask=mask, other=0.0)
+            mk = tl.load(mk_ptr + b * D * HKP + dd[:, None] * HKP + cols[None, :], mask=d_ok[:, None], other=0.0)
+            nvt = tl.load(nv_img + cols[None, :] * D + dd[:, None], mask=d_ok[:, None], other=0.0)
+            logits += _mm(zt, mk, DOT_MODE)
+            yn += _mm(yt, nvt, DOT_MODE)
+        s2 = _p2t_probs(logits, m2_ptr, l2_ptr, b, row_ok, HKP)
+        ws2 = s2 * yn
+        delta += tl.sum(ws2, axis=0)
+        tl.store(s2_ptr + scratch + rows[:, None] * HKP + cols[None, :], s2)
+        tl.store(ws2_ptr + scratch + rows[:, None] * HKP + cols[None, :], ws2)
+    tl.atomic_add(delta_ptr + b * HKP + cols, delta, sem="relaxed")
+    tl.debug_barrier()  # the chunk's S2 rows, written by other threads, are read back below
     out = b * HKP * D + cols[:, None] * D
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         d_ok = dd < D
-        tile = rows[:, None] * D + dd[None, :]
-        mask = row_ok[:, None] & d_ok[None, :]
-        zt = tl.load(z_img + tile, mask=mask, other=0.0)
-        yt = tl.load(y_img + tile, mask=mask, other=0.0)
+        acc_e = tl.zeros((HKP, BLOCK_D), dtype=tl.float32)
+        acc_f1 = tl.zeros((HKP, BLOCK_D), dtype=tl.float32)
+        acc_f2 = tl.zeros((HKP, BLOCK_D), dtype=tl.float32)
+        ysum = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for blk in range(0, chunk_blocks):
+            rows = row0 + blk * BLOCK_T + tl.arange(0, BLOCK_T)
+            row_ok = rows < T
+            tile = rows[:, None] * D + dd[None, :]
+            mask = row_ok[:, None] & d_ok[None, :]
+            zt = tl.load(z_img + tile, mask=mask, other=0.0)
+            yt = tl.load(y_img + tile, mask=mask, other=0.0)
+            s2t = tl.trans(tl.load(s2_ptr + scratch + rows[:, None] * HKP + cols[None, :]))
+            ws2t = tl.trans(tl.load(ws2_ptr + scratch + rows[:, None] * HKP + cols[None, :]))
+            acc_e += _mm(s2t, yt, DOT_MODE)
+            acc_f1 += _mm(ws2t, zt, DOT_MODE)
+            acc_f2 += _mm(s2t, zt, DOT_MODE)
+            ysum += tl.sum(yt.to(tl.float32), axis=0)
         dst = out + dd[None, :]
-        tl.atomic_add(e_ptr + dst, _mm(s2t, yt, DOT_MODE), mask=d_ok[None, :], sem="relaxed")
-        tl.atomic_add(f1_ptr + dst, _mm(ws2t, zt, DOT_MODE), mask=d_ok[None, :], sem="relaxed")
-        tl.atomic_add(f2_ptr + dst, _mm(s2t, zt, DOT_MODE), mask=d_ok[None, :], sem="relaxed")
-        tl.atomic_add(ysum_ptr + b * D + dd, tl.sum(yt.to(tl.float32), axis=0), mask=d_ok, sem="relaxed")
+        tl.atomic_add(e_ptr + dst, acc_e, mask=d_ok[None, :], sem="relaxed")
+        tl.atomic_add(f1_ptr + dst, acc_f1, mask=d_ok[None, :], sem="relaxed")
+        tl.atomic_add(f2_ptr + dst, acc_f2, mask=d_ok[None, :], sem="relaxed")
+        tl.atomic_add(ysum_ptr + b * D + dd, ysum, mask=d_ok, sem="relaxed")
 
 
 @triton.jit
@@ -391,8 +429,10 @@ def _grad_z_kernel(z_ptr, y_ptr, mq_ptr, cq_ptr, mk_ptr, nv_ptr, m2_ptr, l2_ptr,
                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HKP: tl.constexpr,
                    DOT_MODE: tl.constexpr):
     """dZ through both attentions, and the token-side reductions of the token->prompt backward.
-    Grid (B, cdiv(T, BLOCK_T)). With dG [B,HKP,D], dcolsum [B,HKP] (gradients of G, colsum),
-    delta [B,HKP] = Nv.E, alpha [B]:
+    Grid (B, cdiv(T, BLOCK_T)): one row block per program (this kernel is the register-heaviest;
+    row chunks as in the reduction kernels spill), so dmq gets one atomic add per row block.
+    With dG [B,HKP,D], dcolsum [B,HKP] (gradients of G, colsum), delta [B,HKP] = sum_t S2*yn,
+    alpha [B]:
       dS1 = Z dG^T + dcolsum; dl1 = S1 * (dS1 - headsum(S1*dS1))
       dl2 = alpha * S2^T * (y Nv^T - delta)
       dz = y + dl2 Mk^T + S1 dG + dl1 Mq^T;   dmq [B,D,HKP] += Z^T dl1;  dcq [B,HKP] += sum_t dl1."""
@@ -450,7 +490,7 @@ def _grad_z_kernel(z_ptr, y_ptr, mq_ptr, cq_ptr, mk_ptr, nv_ptr, m2_ptr, l2_ptr,
 
 
 # --------------------------------------------------------------------------------------------
-# Small per-image algebra (torch, fp32): [B,K,D]- and [D,A]-sized, differentiated by torch.func
+# Small per-image algebra (torch, fp32): [B,K,D]- and [D,A]-sized, forward and backward
 # --------------------------------------------------------------------------------------------
 def _pad_columns(x: Tensor, hkp: int) -> Tensor:
     """[..., H, K] -> [..., HKP] (c = h*K + k), zero-padded."""
@@ -575,11 +615,25 @@ def _p2t_small_backward(grad_p_tilde: Tensor, grad_mk: Tensor, grad_nv: Tensor, 
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
+# Programs to aim for in the reduction kernels: a few waves on a 132-SM GPU. Fewer programs mean
+# fewer fp32 atomic adds of [HKP, D] partials (one per program and D block); more programs mean
+# more parallelism for small batches.
+TARGET_PROGRAMS = 512
+
+
 def _layout(z: Tensor, p: Tensor, num_heads: int):
     b, t, d = z.shape
     hkp = num_columns(num_heads, p.shape[1])
     block_t, block_d, warps = launch_config(hkp, z.dtype)
     return b, t, d, p.shape[1], hkp, block_t, block_d, warps
+
+
+def _chunks(b: int, t: int, block_t: int) -> Tuple[int, int]:
+    """(n_chunks, chunk_blocks): each image's row blocks split into n_chunks programs."""
+    blocks = triton.cdiv(t, block_t)
+    n_chunks = max(1, min(blocks, TARGET_PROGRAMS // b))
+    chunk_blocks = triton.cdiv(blocks, n_chunks)
+    return triton.cdiv(blocks, chunk_blocks), chunk_blocks
 
 
 def _forward(z: Tensor, p: Tensor, weights: List[Tensor], num_heads: int, mean_reduce: bool,
@@ -595,7 +649,10 @@ def _forward(z: Tensor, p: Tensor, weights: List[Tensor], num_heads: int, mean_r
     mq, cq = mq.contiguous(), cq.contiguous()
     g = torch.zeros(b, hkp, d, device=z.device, dtype=torch.float32)
     colsum = torch.zeros(b, hkp, device=z.device, dtype=torch.float32)
-    _t2p_reduce_kernel[(b, ntb)](z, mq, cq, g, colsum, t, d, k, num_heads, BLOCK_T=block_t,
+    n_chunks, chunk_blocks = _chunks(b, t, block_t)
+    s1 = torch.empty(b, n_chunks * chunk_blocks * block_t, hkp, device=z.device, dtype=torch.float32)
+    _t2p_reduce_kernel[(b, n_chunks)](z, mq, cq, s1, g, colsum, t, d, k, num_heads, chunk_blocks,
+                                      BLOCK_T=block_t,
                                  BLOCK_D=block_d, HKP=hkp, DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES)
     p_tilde, mk, nv, alpha, _ = _p2t_small(g, colsum, pf, z[:, 0].float(), P, num_heads, hkp,
                                            1.0 / t if mean_reduce else 1.0)
@@ -619,7 +676,6 @@ def _backward(grad_out: Tensor, grad_p_tilde: Tensor, z: Tensor, p: Tensor, weig
               g: Tensor, colsum: Tensor, m2: Tensor, l2: Tensor, num_heads: int, mean_reduce: bool):
     z, y = z.contiguous(), grad_out.contiguous()
     b, t, d, k, hkp, block_t, block_d, warps = _layout(z, p, num_heads)
-    ntb = triton.cdiv(t, block_t)
     mode = _dot_mode(z.dtype, z.device)
     w = PIMParams(*(x.float() for x in weights))
     pf, z0 = p.float(), z[:, 0].float()
@@ -634,8 +690,11 @@ def _backward(grad_out: Tensor, grad_p_tilde: Tensor, z: Tensor, p: Tensor, weig
     f1, f2 = torch.zeros_like(e), torch.zeros_like(e)
     ysum = torch.zeros(b, d, device=z.device, dtype=torch.float32)
     delta = torch.zeros(b, hkp, device=z.device, dtype=torch.float32)  # sum_t S2[c,t] (y_t . Nv[c])
-    _p2t_grad_reduce_kernel[(b, ntb)](z, y, mk, nv, m2, l2, e, f1, f2, ysum, delta, t, d,
-                                      BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp, DOT_MODE=mode,
+    n_chunks, chunk_blocks = _chunks(b, t, block_t)
+    s2 = torch.empty(b, n_chunks * chunk_blocks * block_t, hkp, device=z.device, dtype=torch.float32)
+    ws2 = torch.empty_like(s2)
+    _p2t_grad_reduce_kernel[(b, n_chunks)](z, y, mk, nv, m2, l2, s2, ws2, e, f1, f2, ysum, delta,
+                                           t, d, chunk_blocks, BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp, DOT_MODE=mode,
                                       num_warps=warps, num_stages=NUM_STAGES)
     # z_out = Z + alpha (S2^T Nv + b'o): closed-form gradients of Nv, Mk, alpha, b'o
     grad_nv = alpha[:, None, None] * e
@@ -649,10 +708,10 @@ def _backward(grad_out: Tensor, grad_p_tilde: Tensor, z: Tensor, p: Tensor, weig
     dz = torch.empty_like(z)
     grad_mq = torch.zeros_like(mq)
     grad_cq = torch.zeros_like(cq)
-    _grad_z_kernel[(b, ntb)](z, y, mq, cq, mk, nv, m2, l2, alpha, delta,
-                             grad_g.contiguous(), grad_colsum.contiguous(), dz, grad_mq, grad_cq,
-                             t, d, k, num_heads, BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp,
-                             DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES)
+    _grad_z_kernel[(b, triton.cdiv(t, block_t))](
+        z, y, mq, cq, mk, nv, m2, l2, alpha, delta, grad_g.contiguous(), grad_colsum.contiguous(), dz,
+        grad_mq, grad_cq, t, d, k, num_heads, BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp,
+        DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES)
     dz[:, 0] += grad_z0.to(dz.dtype)  # the gate reads the class token
     grad_p = grad_p + _t2p_small_backward(grad_mq, grad_cq, pf, k1, w, grads)
     return [dz, grad_p.to(p.dtype)] + [grads[n].to(x.dtype).reshape(x.shape)
@@ -768,16 +827,16 @@ def aot_configs():
                                                     for n, v in sig.items()}, **cexpr},
                                             const, num_warps=warps, num_stages=NUM_STAGES))
 
-            add(_t2p_reduce_kernel, z_ptr="z", mq_ptr="f", cq_ptr="f", g_ptr="f", colsum_ptr="f",
-                T="i32", D="i32", K="i32", H="i32")
+            add(_t2p_reduce_kernel, z_ptr="z", mq_ptr="f", cq_ptr="f", s1_ptr="f", g_ptr="f",
+                colsum_ptr="f", T="i32", D="i32", K="i32", H="i32", chunk_blocks="i32")
             add(_p2t_stats_kernel, z_ptr="z", mk_ptr="f", mpart_ptr="f", lpart_ptr="f",
                 T="i32", D="i32")
             add(_p2t_update_kernel, z_ptr="z", mk_ptr="f", m2_ptr="f", l2_ptr="f", nv_ptr="f",
                 bo_ptr="f", alpha_ptr="f", out_ptr="z", attn_ptr="f", T="i32", D="i32", HK="i32",
                 return_attn="i32")
             add(_p2t_grad_reduce_kernel, z_ptr="z", y_ptr="z", mk_ptr="f", nv_ptr="f", m2_ptr="f",
-                l2_ptr="f", e_ptr="f", f1_ptr="f", f2_ptr="f", ysum_ptr="f", delta_ptr="f",
-                T="i32", D="i32")
+                l2_ptr="f", s2_ptr="f", ws2_ptr="f", e_ptr="f", f1_ptr="f", f2_ptr="f",
+                ysum_ptr="f", delta_ptr="f", T="i32", D="i32", chunk_blocks="i32")
             add(_grad_z_kernel, z_ptr="z", y_ptr="z", mq_ptr="f", cq_ptr="f", mk_ptr="f",
                 nv_ptr="f", m2_ptr="f", l2_ptr="f", alpha_ptr="f", delta_ptr="f", dg_ptr="f",
                 dcolsum_ptr="f", dz_ptr="z", dmq_ptr="f", dcq_ptr="f", T="i32", D="i32", K="i32",

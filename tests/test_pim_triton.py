@@ -72,6 +72,17 @@ def test_outputs_attention_and_grads_match_reference(name, dtype):
     _check(b, t, d, k, h, dh, dtype, reduce)
 
 
+@pytest.mark.parametrize("programs,name,dtype", [
+    (1, "k5_a16", torch.float32), (2, "k5_a16", torch.bfloat16), (1, "k16_h4", torch.float16),
+    (1, "hkp128", torch.float32), (3, "k6_h3_b1", torch.float32)])
+def test_row_chunks_per_program(monkeypatch, programs, name, dtype):
+    """The reduction kernels give each program a chunk of row blocks (TARGET_PROGRAMS per launch):
+    one chunk per image, uneven chunks with an all-padding last block, and several chunks."""
+    monkeypatch.setattr(pim_mod, "TARGET_PROGRAMS", programs)
+    b, t, d, k, h, dh, reduce = SHAPES[name]
+    _check(b, t, d, k, h, dh, dtype, reduce)
+
+
 def test_extreme_logits_stay_finite_and_match():
     """Query weights x 3000: |logits| ~1e4 in both attentions, softmaxes one-hot to fp32 precision.
     Everything must stay finite; outputs and the gradients of z and p must match the fp64 truth.

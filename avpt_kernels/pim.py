@@ -40,6 +40,7 @@ Supported by the Triton path: fp32/fp16/bf16, D a multiple of 16 up to 1024, 1 <
 width 8..64, H*K <= 256 head-prompt columns for fp16/bf16 and <= 128 for fp32 (whose IEEE FMA
 dots need more registers; e.g. 12 heads x K <= 10 in fp32, 16 heads x K = 16 in bf16). Anything
 else: ``ValueError`` for ``backend="triton"``, the torch path for ``"auto"``.
+"""
 from __future__ import annotations
 
 import math

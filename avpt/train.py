@@ -85,12 +85,26 @@ DEFAULTS: Dict[str, Any] = {
 # Config
 # ----------------------------------------------------------------------------------------------
 def parse_value(text: str):
+    """A --set value: YAML scalars/lists, plus numbers such as 1e-3 that YAML 1.1 reads as text."""
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except Exception:
         return text
+    return _number(value)
+
+
+def _number(value):
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            try:
+                return float(value)
+            except ValueError:
+                return value
+    return value
 
 
 def set_key(cfg: Dict, dotted: str, value) -> None:
@@ -124,10 +138,12 @@ def load_config(path: Optional[str] = None, variant: Optional[str] = None,
         elif variants:
             log.info("%s has variants %s; using the base settings", path, sorted(variants))
         for k, v in _flatten(data).items():
-            set_key(cfg, k, v)
+            set_key(cfg, k, _number(v) if isinstance(v, str) and k.startswith("model.") else v)
     for k, v in (overrides or {}).items():
         if v is not None:
             set_key(cfg, k, v)
+    for k in ("lr", "weight_decay", "grad_clip", "rotation"):  # YAML 1.1 reads 1e-4 as text
+        cfg[k] = float(_number(cfg[k]))
     for item in sets or []:
         if "=" not in item:
             raise ValueError(f"--set expects key=value, got {item!r}")
@@ -327,14 +343,19 @@ class TrainStep(nn.Module):
     """Forward + loss in one module, so DistributedDataParallel sees every trainable parameter
     used by the loss (the A-VPT contrastive projector is used there, not in forward)."""
 
-    def __init__(self, model, loss_fn):
+    def __init__(self, model, loss_fn, amp_dtype=None):
         super().__init__()
-        self.model, self.loss_fn = model, loss_fn
+        self.model, self.loss_fn, self.amp_dtype = model, loss_fn, amp_dtype
 
     def forward(self, batch):
         maps = batch["maps"] if getattr(self.model, "name", "") == "avpt" and \
             self.model.config.region_source == "given" else None
-        out = self.model(batch["image"], maps=maps, modality=batch["modality"])
+        images = batch["image"]
+        if self.amp_dtype is not None:
+            # A-VPT casts the region maps to the images' dtype and region_pool wants them in the
+            # dtype of the (autocast) patch features: feed the images in the autocast dtype.
+            images = images.to(self.amp_dtype)
+        out = self.model(images, maps=maps, modality=batch["modality"])
         return self.loss_fn(out, batch["label"], batch["mask"], batch["modality"], update_state=True)
 
 
@@ -366,6 +387,8 @@ def predict(model, dataset, cfg: Dict, device, dtype=None) -> Dict[str, np.ndarr
     probs, preds, gts, labels, order = [], [], [], [], []
     for batch in loader:
         images, maps, modality = model_inputs(model, batch, device)
+        if dtype is not None:
+            images = images.to(dtype)  # see TrainStep
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out = model(images, maps=maps, modality=modality)
         probs.append(torch.softmax(out.logits.float(), -1)[:, 1].cpu())
@@ -462,7 +485,7 @@ def run(cfg: Dict) -> Dict:
     image_size = int(model.visual.image_size[0])
     train_set, test_set, info = build_data(cfg, image_size, out, dist.main)
     loss_fn = LossFn(model).to(device)
-    step_module: nn.Module = TrainStep(model, loss_fn)
+    step_module: nn.Module = TrainStep(model, loss_fn, dtype)
     if dist.active:
         step_module = nn.parallel.DistributedDataParallel(
             step_module, device_ids=[device.index] if device.type == "cuda" else None,

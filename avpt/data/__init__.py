@@ -16,14 +16,16 @@ DATASET_MODALITY = {"busi": "US", "inbreast": "MG", "duke": "MRI"}
 
 
 def phantom_records(num_patients: int = 16, views: int = 2, modalities: Sequence[str] = MODALITIES,
-                    seed: int = 0, size: int = 224, phase: str = "post") -> List[Record]:
+                    seed: int = 0, size: int = 224, phase: str = "post",
+                    lesion_scale: float = 1.0) -> List[Record]:
     """``views`` images of each of ``num_patients`` patients per modality, generated lazily."""
     records = []
     for m in modalities:
         for p in range(num_patients):
             for v in range(views):
                 def load(m=m, p=p, v=v) -> RawSample:
-                    s = make_phantom(seed, m, p, v, size=size, phase=phase)
+                    s = make_phantom(seed, m, p, v, size=size, phase=phase,
+                                     lesion_scale=lesion_scale)
                     return RawSample(image=s.image, mask=s.mask, tissue=s.tissue, report=s.report)
                 s_label = p % 2
                 pid = f"{m}-P{p:04d}"
@@ -36,7 +38,7 @@ def phantom_records(num_patients: int = 16, views: int = 2, modalities: Sequence
 def load_records(dataset: str, root: Optional[str] = None, modalities: Optional[Sequence[str]] = None,
                  seed: int = 0, image_size: int = 224, options: Optional[Dict] = None) -> List[Record]:
     """Records of ``dataset``. ``modalities`` selects phantom modalities (real data sets have one).
-    ``options``: per-loader settings (phantom: num_patients, views, phase; busi: normal;
+    ``options``: per-loader settings (phantom: num_patients, views, phase, lesion_scale; busi: normal;
     inbreast: birads_threshold; duke: phase, negatives_per_patient, slices_per_lesion,
     annotations, index_base)."""
     options = dict(options or {})
@@ -48,7 +50,8 @@ def load_records(dataset: str, root: Optional[str] = None, modalities: Optional[
         if bad:
             raise ValueError(f"modality must be among {MODALITIES}, got {bad}")
         recs = phantom_records(options.get("num_patients", 16), options.get("views", 2), mods, seed,
-                               image_size, options.get("phase", "post"))
+                               image_size, options.get("phase", "post"),
+                               float(options.get("lesion_scale", 1.0)))
         return recs
     if not root:
         raise ValueError(f"--data-root is required for dataset {dataset!r}")

@@ -112,9 +112,11 @@ def _ducts(rng: np.random.Generator, yy, xx, nipple, breast: np.ndarray, size: i
 
 
 def make_phantom(seed: int, modality: str, patient: int, view: int = 0, size: int = 224,
-                 malignant: Optional[bool] = None, phase: str = "post") -> PhantomSample:
+                 malignant: Optional[bool] = None, phase: str = "post",
+                 lesion_scale: float = 1.0) -> PhantomSample:
     """One phantom image of ``patient`` (its lesion and label are fixed by ``(seed, patient)``;
-    ``view`` varies position, breast shape and noise). ``phase``: MRI pre/post contrast."""
+    ``view`` varies position, breast shape and noise). ``phase``: MRI pre/post contrast.
+    ``lesion_scale`` multiplies the lesion radius (7-13% of the image side by default)."""
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
     if phase not in ("pre", "post"):
@@ -125,7 +127,7 @@ def make_phantom(seed: int, modality: str, patient: int, view: int = 0, size: in
     patient_rng = np.random.default_rng((seed, m_idx, patient))
     if malignant is None:  # balanced classes: odd patients malignant
         malignant = bool(patient % 2)
-    radius_frac = patient_rng.uniform(0.07, 0.13)
+    radius_frac = patient_rng.uniform(0.07, 0.13) * float(lesion_scale)
     rng = np.random.default_rng((seed, m_idx, patient, view + 1))
 
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)

@@ -1,0 +1,103 @@
+"""Trainer: exact resume after a stop at an epoch boundary, metrics.json/logs, mixed precision,
+schedule, configs, a baseline method, and a two-process torchrun (gloo) run on CPU."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from avpt.train import load_config, lr_lambda, run
+
+TINY = ["model.backend=torch", "model.queue_size=16", "data.num_patients=3", "data.views=1",
+        "batch_size=4", "batch_size_mri=2", "eval_batch_size=8", "progress=false", "report=false",
+        "lr=1e-3", "warmup_epochs=1", "threads=1", "fold=null"]
+
+
+def tiny_cfg(out, epochs=2, **kw):
+    sets = TINY + [f"{k}={v}" for k, v in kw.pop("sets", {}).items()]
+    return load_config(overrides=dict(backbone="tiny", epochs=epochs, out=str(out),
+                                      modality=["MG", "US"], **kw), sets=sets)
+
+
+def _trainable(out):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(out, "model", "trainable.safetensors"))
+
+
+def test_resume_after_stop_matches_uninterrupted(tmp_path):
+    full = run(tiny_cfg(tmp_path / "full", epochs=3))
+    stopped = run(tiny_cfg(tmp_path / "killed", epochs=3, stop_after_epoch=1))
+    assert stopped == {"stopped_after_epoch": 1}
+    assert torch.load(tmp_path / "killed" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    assert not (tmp_path / "killed" / "metrics.json").exists()
+    resumed = run(tiny_cfg(tmp_path / "killed", epochs=3))      # a fresh process would do the same
+    assert resumed["test"] == full["test"]
+    a, b = _trainable(tmp_path / "full"), _trainable(tmp_path / "killed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = list(csv.DictReader(open(tmp_path / "killed" / "log.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert [h["train_loss"] for h in resumed["history"]] == [h["train_loss"] for h in full["history"]]
+    # a checkpoint of another config is refused, not silently resumed
+    with pytest.raises(ValueError, match="another config"):
+        run(tiny_cfg(tmp_path / "killed", epochs=3, sets={"lr": 5e-4}))
+
+
+def test_metrics_json_logs_and_bf16(tmp_path):
+    res = run(tiny_cfg(tmp_path, epochs=1, amp="bf16"))
+    saved = json.load(open(tmp_path / "metrics.json"))
+    for key in ("auc", "f1", "dice", "iou", "hd95"):
+        assert key in saved["test"]
+    assert saved["amp"] == "bfloat16" and res["amp"] == "bfloat16"
+    assert saved["config"]["backbone"] == "avpt-tiny" and saved["config"]["model"]["backend"] == "torch"
+    assert saved["data"]["train_samples"] == 6 and saved["params"]["trainable"] > 0
+    assert 0.0 <= saved["test"]["dice"] <= 1.0
+    assert (tmp_path / "log.csv").exists()
+    assert any(f.startswith("events") for f in os.listdir(tmp_path / "tensorboard"))
+    assert (tmp_path / "model" / "avpt_config.json").exists()
+
+
+def test_baseline_method_trains(tmp_path):
+    res = run(tiny_cfg(tmp_path, epochs=1, method="lora", sets={"model": {}}))
+    assert res["config"]["method"] == "lora" and res["test"]["n"] == 6
+
+
+def test_warmup_then_cosine():
+    f = lr_lambda(warmup_steps=4, total_steps=12)
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(8) == pytest.approx(0.5) and f(12) == pytest.approx(0.0)
+    assert all(f(s) >= f(s + 1) for s in range(4, 12))
+
+
+def test_config_file_variant_and_overrides(tmp_path):
+    cfg = load_config("configs/ablations/table8_injection.yaml", "late", {"backbone": "tiny"},
+                      ["model.rank=4", "amp=off", "data.num_patients=7"])
+    assert cfg["model"] == {"schedule": "late", "rank": 4} and cfg["backbone"] == "avpt-tiny"
+    assert cfg["amp"] == "off" and cfg["data"]["num_patients"] == 7 and cfg["epochs"] == 50
+    with pytest.raises(ValueError, match="unknown config key"):
+        load_config(sets=["lrate=1"])
+    with pytest.raises(ValueError, match="no variant"):
+        load_config("configs/ablations/table8_injection.yaml", "deep")
+    paper = load_config("configs/paper.yaml")
+    assert (paper["lr"], paper["weight_decay"], paper["warmup_epochs"], paper["epochs"]) == (1e-4, 1e-4, 5, 50)
+    assert (paper["batch_size"], paper["batch_size_mri"]) == (32, 8)
+    with pytest.raises(ValueError, match="has no setting"):
+        run(tiny_cfg(tmp_path, epochs=1, sets={"model.not_a_field": 1}))
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "avpt.cli", "train", "--dataset", "phantom", "--backbone", "tiny", "--epochs", "2",
+           "--modality", "MG", "US", "--out", str(tmp_path), "--device", "cpu"]
+    for s in TINY:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    saved = json.load(open(tmp_path / "metrics.json"))
+    assert saved["world_size"] == 2 and len(saved["history"]) == 2
+    assert "auc" in saved["test"]

@@ -273,6 +273,10 @@ def main(argv=None) -> int:
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_compare)
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("params", "compare"):  # their own parsers take every option
+        rest = argparse.Namespace(rest=argv[1:])
+        return cmd_params(rest) if argv[0] == "params" else cmd_compare(rest)
     args = parser.parse_args(argv)
     if hasattr(args, "verbose"):
         _logging(args.verbose)

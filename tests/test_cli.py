@@ -1,0 +1,92 @@
+"""The avpt command line: train on a BUSI-layout folder (the issue's acceptance command) with
+metrics.json and report.html, eval and explain of the saved model, corrupt files, transfer,
+cross-validation, params, and the demo on a tiny budget."""
+import json
+import os
+
+import pytest
+
+from avpt.cli import main
+
+from .test_data import write_busi
+
+FAST = ["--set", "model.backend=torch", "--set", "batch_size=4", "--set", "eval_batch_size=8",
+        "--set", "progress=false", "--set", "threads=1", "--set", "model.queue_size=16"]
+TINY_PHANTOM = ["--dataset", "phantom", "--backbone", "tiny", "--set", "data.num_patients=3",
+                "--set", "data.views=1"]
+
+
+@pytest.fixture(scope="module")
+def busi_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("busi")
+    write_busi(str(root), n_per_class=3, size=48)
+    out = root / "out"
+    rc = main(["train", "--dataset", "busi", "--data-root", str(root), "--backbone", "tiny",
+               "--epochs", "1", "--out", str(out)] + FAST)
+    assert rc == 0
+    return root, out
+
+
+def test_train_busi_writes_metrics_and_report(busi_run):
+    _, out = busi_run
+    saved = json.load(open(out / "metrics.json"))
+    assert set(saved["test"]) >= {"auc", "f1", "dice", "iou", "hd95"}
+    assert saved["config"]["dataset"] == "busi" and saved["config"]["backbone"] == "avpt-tiny"
+    assert saved["data"]["train_samples"] + saved["data"]["test_samples"] == 9
+    assert (out / "folds.json").exists()
+    html = open(out / "report.html").read()
+    assert html.count("data:image/png;base64,") >= 4 and "Test metrics" in html
+    for name in ("curves.png", "segmentation.png", "rollout.png", "prompt_types.png", "tsne.png"):
+        assert (out / "figures" / name).exists(), name
+
+
+def test_eval_and_explain_saved_model(busi_run, tmp_path, capsys):
+    root, out = busi_run
+    assert main(["eval", "--checkpoint", str(out), "--dataset", "busi", "--data-root", str(root),
+                 "--out", str(tmp_path / "ev"), "--set", "folds_file=" + str(out / "folds.json")] + FAST) == 0
+    ev = json.load(open(tmp_path / "ev" / "metrics.json"))
+    tr = json.load(open(out / "metrics.json"))
+    assert ev["test"] == tr["test"]                     # same fold, same model, same numbers
+    assert main(["explain", "--checkpoint", str(out), "--dataset", "busi", "--data-root", str(root),
+                 "--out", str(tmp_path / "ex"), "--num", "2", "--set", "fold=null"] + FAST) == 0
+    assert (tmp_path / "ex" / "figures" / "prompt_types.png").exists()
+    assert "report:" in capsys.readouterr().out
+
+
+def test_corrupt_busi_file_stops_with_its_name_or_is_skipped(tmp_path, capsys):
+    base = write_busi(str(tmp_path), n_per_class=3, size=32)
+    with open(os.path.join(base, "benign", "benign (2).png"), "wb") as f:
+        f.write(b"garbage")
+    args = ["train", "--dataset", "busi", "--data-root", str(tmp_path), "--backbone", "tiny",
+            "--epochs", "1", "--out", str(tmp_path / "o"), "--set", "report=false"] + FAST
+    assert main(args) == 2
+    assert "benign (2).png" in capsys.readouterr().err
+    assert main(args + ["--skip-bad", "--set", "fold=null"]) == 0
+    saved = json.load(open(tmp_path / "o" / "metrics.json"))
+    assert saved["data"]["skipped"] == 1 and saved["data"]["train_samples"] == 8
+
+
+def test_transfer_cv_and_params(tmp_path, capsys):
+    assert main(["transfer", *TINY_PHANTOM, "--train-modality", "MG", "--test-modality", "US",
+                 "--epochs", "1", "--out", str(tmp_path / "tr"), "--set", "report=false"] + FAST) == 0
+    tr = json.load(open(tmp_path / "tr" / "metrics.json"))
+    assert tr["data"]["train_modalities"] == ["MG"] and tr["data"]["test_modalities"] == ["US"]
+    assert tr["data"]["test_samples"] == 3
+    assert main(["cv", *TINY_PHANTOM, "--modality", "MG", "US", "--epochs", "1",
+                 "--out", str(tmp_path / "cv"), "--set", "folds=2", "--set", "report=false",
+                 "--set", "eval_every=0"] + FAST) == 0
+    cv = json.load(open(tmp_path / "cv" / "cv_metrics.json"))
+    assert len(cv["runs"]) == 2 and cv["summary"]["auc"]["n"] <= 2
+    assert "dice" in cv["summary"] and (tmp_path / "cv" / "folds.json").exists()
+    assert main(["params", "--model", "avpt-tiny", "--methods", "avpt", "lora"]) == 0
+    assert "A-VPT trainable breakdown" in capsys.readouterr().out
+
+
+def test_demo_small_budget(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--epochs", "1", "--device", "cpu",
+                 "--set", "data.num_patients=5", "--set", "data.views=1"] + FAST) == 0
+    out = capsys.readouterr().out
+    assert f"report: {tmp_path / 'report.html'}" in out
+    html = open(tmp_path / "report.html").read()
+    assert "transfer MG -&gt; US" in html and "data:image/png;base64," in html
+    assert json.load(open(tmp_path / "avpt" / "metrics.json"))["config"]["backbone"] == "avpt-tiny"

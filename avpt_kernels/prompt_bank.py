@@ -22,6 +22,9 @@ Kernels (fp32 accumulation, rank padded to 16 for ``tl.dot``, fp32 dots in ieee 
   3. ``_prompt_bank_bwd_inputs_kernel``, grid (D chunks, E tiles + offset tiles + S):
      d region_emb, d token_offset (``dlow @ U^T`` summed over the layers) and, per stage,
      dU = ``e^T sum_{l in s} dlow[l]`` and dV = ``sum_{l in s} dV_l``.
+
+Inputs and parameters are small and are made contiguous by the launchers (``.contiguous()``), as
+is the prompts' gradient (a stride-0 gradient, from ``prompts.sum()``, is materialised once).
 """
 from __future__ import annotations
 

@@ -118,6 +118,9 @@ def cmd_eval(args) -> int:
     from .train import evaluate_checkpoint
 
     cfg = _config(args)
+    run_folds = os.path.join(args.checkpoint, "folds.json")
+    if cfg["folds_file"] is None and os.path.isfile(run_folds):
+        cfg["folds_file"] = run_folds  # the training run's folds: its test fold stays unseen
     res = evaluate_checkpoint(_model_dir(args.checkpoint), cfg)
     print(f"test: {_summary(res)}")
     print(f"metrics: {os.path.join(cfg['out'], 'metrics.json')}")

@@ -43,7 +43,7 @@ def test_train_busi_writes_metrics_and_report(busi_run):
 def test_eval_and_explain_saved_model(busi_run, tmp_path, capsys):
     root, out = busi_run
     assert main(["eval", "--checkpoint", str(out), "--dataset", "busi", "--data-root", str(root),
-                 "--out", str(tmp_path / "ev"), "--set", "folds_file=" + str(out / "folds.json")] + FAST) == 0
+                 "--out", str(tmp_path / "ev")] + FAST) == 0   # reuses the run's folds.json
     ev = json.load(open(tmp_path / "ev" / "metrics.json"))
     tr = json.load(open(out / "metrics.json"))
     assert ev["test"] == tr["test"]                     # same fold, same model, same numbers

@@ -203,8 +203,12 @@ def test_busi_corrupt_file_named_or_skipped(tmp_path):
     assert len(ds) == 8 and len(ds.skipped) == 1 and "malignant (2).png" in ds.skipped[0]
 
 
-def test_busi_missing_mask_is_an_error(tmp_path):
+def test_busi_missing_mask_or_stray_file_is_an_error(tmp_path):
     base = write_busi(str(tmp_path))
     os.remove(os.path.join(base, "malignant", "malignant (3)_mask.png"))
     with pytest.raises(DataError, match=r"malignant \(3\)\.png.*no mask"):
         load_records("busi", str(tmp_path))
+    base = write_busi(str(tmp_path / "b"))
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(os.path.join(base, "benign", "benign (1) copy.png"))
+    with pytest.raises(DataError, match=r"benign \(1\) copy\.png"):
+        load_records("busi", str(tmp_path / "b"))

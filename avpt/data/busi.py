@@ -68,6 +68,9 @@ def load_busi(root: str, normal: str = "benign") -> List[Record]:
             im = _IMAGE.match(f)
             if im:
                 images.append((im.group("stem"), os.path.join(folder, f)))
+            elif f.lower().endswith(".png"):  # neither an image nor a mask: refuse, don't guess
+                raise DataError(f"{os.path.join(folder, f)}: not a BUSI file name (expected "
+                                f"'NAME (i).png' or 'NAME (i)_mask[_k].png')")
         stems = {s for s, _ in images}
         orphans = sorted(set(masks) - stems)
         if orphans:

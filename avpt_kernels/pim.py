@@ -26,12 +26,14 @@ Forward: 3 kernel launches over Z plus tiny torch algebra on [B,K,D]/[D,A]-sized
   (Reading Z only twice needs the softmax-over-T statistics before the update, but logits2 need
   Mk, which needs the whole-image reduction G of pass 1: the stats pass pays for that.)
 
-Backward: 2 launches over (Z, dY = dL/dz_out), nothing of size T x A or T x K saved:
+Backward: 3 launches over (Z, dY = dL/dz_out), nothing of size T x A or T x K saved:
   A. ``_p2t_grad_reduce_kernel`` (chunked like 1) reads Z, dY once: E = S2^T dY,
      F1 = (S2*yn)^T Z, F2 = S2^T Z ([HKP,D]), sum_t dY and delta = sum_t S2*yn, with
      yn[t,c] = dY_t . Nv[c]; from them dNv = alpha E, dMk = alpha (F1 - delta F2), dalpha in
      closed form (delta is the softmax-backward row sum, so no extra pass is needed).
-  B. ``_grad_z_kernel`` reads Z, dY once, writes dZ once, and accumulates dMq, dcq.
+  B. ``_grad_z_kernel`` reads Z, dY once, writes dZ once (and dl1 [T,HKP] fp32 to scratch).
+  C. ``_t2p_grad_reduce_kernel`` (chunked) reads Z once more: dMq = Z^T dl1.
+  => Z read 3 times, dY twice, dZ written once (the floor: Z and dY twice each).
   The small per-image algebra (P, weights -> Mq, cq, Mk, Nv, alpha, p_tilde) is recomputed in
   backward and differentiated by hand (plain torch on [B,K,D]/[D,A]-sized tensors). Saved for
   backward: z, p, weights (inputs) and G [B,HKP,D], colsum, softmax stats [B,HKP]: O(B*K*D).
@@ -176,12 +178,14 @@ def pim_min_bytes(B: int, T: int, D: int, K: int, A: int, dtype: torch.dtype,
 
 def pim_achieved_bytes(B: int, T: int, D: int, K: int, A: int, dtype: torch.dtype,
                        backward: bool = False) -> int:
-    """DRAM traffic model of these kernels (Z-sized streams only plus the small operands):
-    forward 3 reads of Z + 1 write; backward 2 x (Z + dY) reads + 1 dZ write."""
+    """DRAM traffic model of these kernels (Z-sized streams plus the small operands): forward
+    3 reads of Z + 1 write; backward 3 reads of Z, 2 of dY, 1 write of dZ. Not counted: the
+    [T, HKP] fp32 scratch rows (S1, S2, dl1), written and read back at once (L2), and the re-read
+    of a program's own Z tiles inside the chunked reductions (L2 hits)."""
     e = torch.empty((), dtype=dtype).element_size()
     big = B * T * D * e
     small = (2 * B * K * D + 8 * A * D) * e
-    return (5 if backward else 4) * big + small
+    return (6 if backward else 4) * big + small
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,7 +243,7 @@ def _t2p_reduce_kernel(z_ptr, mq_ptr, cq_ptr, s1_ptr, g_ptr, colsum_ptr, T, D, K
                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HKP: tl.constexpr,
                        DOT_MODE: tl.constexpr):
     """Token->prompt pass. Grid (B, n_chunks); a program owns chunk_blocks row blocks of one image.
-    z [B,T,D], mq [B,D,HKP] fp32, cq [B,HKP] fp32 -> g [B,HKP,D] += S1^T Z, colsum [B,HKP] += sum_t S1.
+    z [B,T,D], mq [B,D,HKP] (z dtype), cq [B,HKP] fp32 -> g [B,HKP,D] += S1^T Z, colsum [B,HKP] += sum_t S1.
     s1 [B,n_chunks*chunk_blocks*BLOCK_T,HKP] fp32 is scratch: the chunk's S1 is parked there
     (L2-resident) so that G is accumulated in registers per D block and added once per chunk,
     instead of once per row block."""
@@ -330,7 +334,7 @@ def _p2t_update_kernel(z_ptr, mk_ptr, m2_ptr, l2_ptr, nv_ptr, bo_ptr, alpha_ptr,
                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HKP: tl.constexpr,
                        DOT_MODE: tl.constexpr):
     """Prompt->token update and gated residual. Grid (B, cdiv(T, BLOCK_T)).
-    z_out = Z + alpha * (S2^T Nv + b'o); nv [B,HKP,D] fp32, bo [D] fp32, alpha [B] fp32;
+    z_out = Z + alpha * (S2^T Nv + b'o); nv [B,HKP,D] (z dtype), bo [D] fp32, alpha [B] fp32;
     attn [B,H,K,T] = [B,HK,T] fp32 written when return_attn != 0."""
     b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -426,17 +430,18 @@ def _p2t_grad_reduce_kernel(z_ptr, y_ptr, mk_ptr, nv_ptr, m2_ptr, l2_ptr, s2_ptr
 
 @triton.jit
 def _grad_z_kernel(z_ptr, y_ptr, mq_ptr, cq_ptr, mk_ptr, nv_ptr, m2_ptr, l2_ptr, alpha_ptr,
-                   delta_ptr, dg_ptr, dcolsum_ptr, dz_ptr, dmq_ptr, dcq_ptr, T, D, K, H,
+                   delta_ptr, dg_ptr, dcolsum_ptr, dz_ptr, dl1_ptr, dcq_ptr, T, D, K, H, t_pad,
                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HKP: tl.constexpr,
                    DOT_MODE: tl.constexpr):
     """dZ through both attentions, and the token-side reductions of the token->prompt backward.
-    Grid (B, cdiv(T, BLOCK_T)): one row block per program (this kernel is the register-heaviest;
-    row chunks as in the reduction kernels spill), so dmq gets one atomic add per row block.
+    Grid (B, cdiv(T, BLOCK_T)): one row block per program (the register-heaviest kernel).
     With dG [B,HKP,D], dcolsum [B,HKP] (gradients of G, colsum), delta [B,HKP] = sum_t S2*yn,
     alpha [B]:
       dS1 = Z dG^T + dcolsum; dl1 = S1 * (dS1 - headsum(S1*dS1))
       dl2 = alpha * S2^T * (y Nv^T - delta)
-      dz = y + dl2 Mk^T + S1 dG + dl1 Mq^T;   dmq [B,D,HKP] += Z^T dl1;  dcq [B,HKP] += sum_t dl1."""
+      dz = y + dl2 Mk^T + S1 dG + dl1 Mq^T;  dcq [B,HKP] += sum_t dl1;  dl1 -> [B,t_pad,HKP] fp32
+    (dMq = Z^T dl1 is reduced by _t2p_grad_reduce_kernel, chunked, instead of one atomic add of
+    a [D, HKP] partial per row block here)."""
     b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
@@ -473,6 +478,7 @@ def _grad_z_kernel(z_ptr, y_ptr, mq_ptr, cq_ptr, mk_ptr, nv_ptr, m2_ptr, l2_ptr,
     s2 = _p2t_probs(logits2, m2_ptr, l2_ptr, b, row_ok, HKP)
     dl2 = alpha * s2 * (yn - delta[None, :])
     tl.atomic_add(dcq_ptr + b * HKP + cols, tl.sum(dl1, axis=0), sem="relaxed")
+    tl.store(dl1_ptr + b * t_pad * HKP + rows[:, None] * HKP + cols[None, :], dl1)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         d_ok = dd < D
@@ -486,8 +492,31 @@ def _grad_z_kernel(z_ptr, y_ptr, mq_ptr, cq_ptr, mk_ptr, nv_ptr, m2_ptr, l2_ptr,
         dz += _mm(s1, tl.load(dg_img + big, mask=d_ok[None, :], other=0.0), DOT_MODE)
         dz += _mm(dl1, tl.load(mq_img + small_t, mask=d_ok[None, :], other=0.0), DOT_MODE)
         tl.store(dz_ptr + b * T * D + tile, dz.to(dz_ptr.dtype.element_ty), mask=mask)
-        tl.atomic_add(dmq_ptr + b * D * HKP + dd[:, None] * HKP + cols[None, :],
-                      _mm(tl.trans(zt), dl1, DOT_MODE), mask=d_ok[:, None], sem="relaxed")
+
+
+@triton.jit
+def _t2p_grad_reduce_kernel(z_ptr, dl1_ptr, dmq_ptr, T, D, t_pad, chunk_blocks,
+                            BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HKP: tl.constexpr,
+                            DOT_MODE: tl.constexpr):
+    """dMq [B,D,HKP] += Z^T dl1. Grid (B, n_chunks), chunks as in _t2p_reduce_kernel; dl1 from
+    _grad_z_kernel [B,t_pad,HKP] fp32 (rows >= T are ignored)."""
+    b = tl.program_id(0).to(tl.int64)
+    row0 = tl.program_id(1) * chunk_blocks * BLOCK_T
+    cols = tl.arange(0, HKP)
+    z_img = z_ptr + b * T * D
+    dl1_img = dl1_ptr + b * t_pad * HKP
+    for d0 in range(0, D, BLOCK_D):
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dd < D
+        acc = tl.zeros((BLOCK_D, HKP), dtype=tl.float32)
+        for blk in range(0, chunk_blocks):
+            rows = row0 + blk * BLOCK_T + tl.arange(0, BLOCK_T)
+            row_ok = rows < T
+            zt = tl.load(z_img + rows[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            dl1 = tl.load(dl1_img + rows[:, None] * HKP + cols[None, :], mask=row_ok[:, None], other=0.0)
+            acc += _mm(tl.trans(zt), dl1, DOT_MODE)
+        tl.atomic_add(dmq_ptr + b * D * HKP + dd[:, None] * HKP + cols[None, :], acc,
+                      mask=d_ok[:, None], sem="relaxed")
 
 
 # --------------------------------------------------------------------------------------------
@@ -622,6 +651,12 @@ def _p2t_small_backward(grad_p_tilde: Tensor, grad_mk: Tensor, grad_nv: Tensor, 
 TARGET_PROGRAMS = 512
 
 
+def _operand(x: Tensor, z: Tensor) -> Tensor:
+    """A small matrix that the kernels only use as a tl.dot operand (Mq, Mk, Nv, dG), stored in
+    the dtype the dot rounds it to anyway (z's): half the loads and registers for fp16/bf16."""
+    return x.to(z.dtype).contiguous()
+
+
 def _layout(z: Tensor, p: Tensor, num_heads: int):
     b, t, d = z.shape
     hkp = num_columns(num_heads, p.shape[1])
@@ -647,7 +682,7 @@ def _forward(z: Tensor, p: Tensor, weights: List[Tensor], num_heads: int, mean_r
     P = PIMParams(*w)
     pf = p.float()
     mq, cq, _ = _t2p_small(pf, P, num_heads, hkp)
-    mq, cq = mq.contiguous(), cq.contiguous()
+    mq, cq = _operand(mq, z), cq.contiguous()
     g = torch.zeros(b, hkp, d, device=z.device, dtype=torch.float32)
     colsum = torch.zeros(b, hkp, device=z.device, dtype=torch.float32)
     n_chunks, chunk_blocks = _chunks(b, t, block_t)
@@ -657,7 +692,7 @@ def _forward(z: Tensor, p: Tensor, weights: List[Tensor], num_heads: int, mean_r
                                  BLOCK_D=block_d, HKP=hkp, DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES)
     p_tilde, mk, nv, alpha, _ = _p2t_small(g, colsum, pf, z[:, 0].float(), P, num_heads, hkp,
                                            1.0 / t if mean_reduce else 1.0)
-    mk, nv = mk.contiguous(), nv.contiguous()
+    mk, nv = _operand(mk, z), _operand(nv, z)
     mpart = torch.empty(b, ntb, hkp, device=z.device, dtype=torch.float32)
     lpart = torch.empty_like(mpart)
     _p2t_stats_kernel[(b, ntb)](z, mk, mpart, lpart, t, d, BLOCK_T=block_t, BLOCK_D=block_d,
@@ -684,7 +719,8 @@ def _backward(grad_out: Tensor, grad_p_tilde: Tensor, z: Tensor, p: Tensor, weig
     # Recompute the small per-image matrices (cheap, O(B*K*D*A)) instead of saving them.
     mq, cq, k1 = _t2p_small(pf, w, num_heads, hkp)
     _, mk, nv, alpha, saved = _p2t_small(g, colsum, pf, z0, w, num_heads, hkp, inv_tokens)
-    mq, cq, mk, nv, alpha = (x.contiguous() for x in (mq, cq, mk, nv, alpha))
+    mq, mk, nv = (_operand(x, z) for x in (mq, mk, nv))
+    cq, alpha = cq.contiguous(), alpha.contiguous()
 
     # Pass A: prompt->token reductions over (Z, dZ_out).
     e = torch.zeros(b, hkp, d, device=z.device, dtype=torch.float32)
@@ -707,12 +743,17 @@ def _backward(grad_out: Tensor, grad_p_tilde: Tensor, z: Tensor, p: Tensor, weig
 
     # Pass B: dZ, and the token-side reductions of the token->prompt backward.
     dz = torch.empty_like(z)
-    grad_mq = torch.zeros_like(mq)
+    grad_mq = torch.zeros(b, d, hkp, device=z.device, dtype=torch.float32)
     grad_cq = torch.zeros_like(cq)
+    t_pad = s2.shape[1]
+    dl1 = s2  # pass A's scratch is free again
     _grad_z_kernel[(b, triton.cdiv(t, block_t))](
-        z, y, mq, cq, mk, nv, m2, l2, alpha, delta, grad_g.contiguous(), grad_colsum.contiguous(), dz,
-        grad_mq, grad_cq, t, d, k, num_heads, BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp,
+        z, y, mq, cq, mk, nv, m2, l2, alpha, delta, _operand(grad_g, z), grad_colsum.contiguous(), dz,
+        dl1, grad_cq, t, d, k, num_heads, t_pad, BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp,
         DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES)
+    _t2p_grad_reduce_kernel[(b, n_chunks)](z, dl1, grad_mq, t, d, t_pad, chunk_blocks,
+                                           BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp,
+                                           DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES)
     dz[:, 0] += grad_z0.to(dz.dtype)  # the gate reads the class token
     grad_p = grad_p + _t2p_small_backward(grad_mq, grad_cq, pf, k1, w, grads)
     return [dz, grad_p.to(p.dtype)] + [grads[n].to(x.dtype).reshape(x.shape)
@@ -828,19 +869,21 @@ def aot_configs():
                                                     for n, v in sig.items()}, **cexpr},
                                             const, num_warps=warps, num_stages=NUM_STAGES))
 
-            add(_t2p_reduce_kernel, z_ptr="z", mq_ptr="f", cq_ptr="f", s1_ptr="f", g_ptr="f",
+            add(_t2p_reduce_kernel, z_ptr="z", mq_ptr="z", cq_ptr="f", s1_ptr="f", g_ptr="f",
                 colsum_ptr="f", T="i32", D="i32", K="i32", H="i32", chunk_blocks="i32")
-            add(_p2t_stats_kernel, z_ptr="z", mk_ptr="f", mpart_ptr="f", lpart_ptr="f",
+            add(_p2t_stats_kernel, z_ptr="z", mk_ptr="z", mpart_ptr="f", lpart_ptr="f",
                 T="i32", D="i32")
-            add(_p2t_update_kernel, z_ptr="z", mk_ptr="f", m2_ptr="f", l2_ptr="f", nv_ptr="f",
+            add(_p2t_update_kernel, z_ptr="z", mk_ptr="z", m2_ptr="f", l2_ptr="f", nv_ptr="z",
                 bo_ptr="f", alpha_ptr="f", out_ptr="z", attn_ptr="f", T="i32", D="i32", HK="i32",
                 return_attn="i32")
-            add(_p2t_grad_reduce_kernel, z_ptr="z", y_ptr="z", mk_ptr="f", nv_ptr="f", m2_ptr="f",
+            add(_p2t_grad_reduce_kernel, z_ptr="z", y_ptr="z", mk_ptr="z", nv_ptr="z", m2_ptr="f",
                 l2_ptr="f", s2_ptr="f", ws2_ptr="f", e_ptr="f", f1_ptr="f", f2_ptr="f",
                 ysum_ptr="f", delta_ptr="f", T="i32", D="i32", chunk_blocks="i32")
-            add(_grad_z_kernel, z_ptr="z", y_ptr="z", mq_ptr="f", cq_ptr="f", mk_ptr="f",
-                nv_ptr="f", m2_ptr="f", l2_ptr="f", alpha_ptr="f", delta_ptr="f", dg_ptr="f",
-                dcolsum_ptr="f", dz_ptr="z", dmq_ptr="f", dcq_ptr="f", T="i32", D="i32", K="i32",
-                H="i32")
+            add(_grad_z_kernel, z_ptr="z", y_ptr="z", mq_ptr="z", cq_ptr="f", mk_ptr="z",
+                nv_ptr="z", m2_ptr="f", l2_ptr="f", alpha_ptr="f", delta_ptr="f", dg_ptr="z",
+                dcolsum_ptr="f", dz_ptr="z", dl1_ptr="f", dcq_ptr="f", T="i32", D="i32", K="i32",
+                H="i32", t_pad="i32")
+            add(_t2p_grad_reduce_kernel, z_ptr="z", dl1_ptr="f", dmq_ptr="f", T="i32", D="i32",
+                t_pad="i32", chunk_blocks="i32")
             hkp *= 2
     return configs

@@ -228,6 +228,14 @@ def write_run_report(model, train_set, test_set, pred: Dict, result: Dict, out: 
     fig_dir = os.path.join(out, "figures")
     os.makedirs(fig_dir, exist_ok=True)
     figures: Dict[str, Optional[str]] = {}
+    path = os.path.join(out, "report.html")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        import logging
+        logging.getLogger(__name__).warning("matplotlib is not installed: report without figures")
+        write_html(path, "A-VPT run report", [("Run", result)], {})
+        return {}, path
     idx = _pick(test_set, num_images)
     figures["training curves"] = curves(result.get("history", []), os.path.join(fig_dir, "curves.png"))
     figures["segmentation overlays (Fig. 5)"] = segmentation(test_set, pred, idx,
@@ -238,7 +246,6 @@ def write_run_report(model, train_set, test_set, pred: Dict, result: Dict, out: 
     figures["t-SNE of tissue embeddings by modality (Fig. 6)"] = tsne(
         model, [train_set, test_set], device, os.path.join(fig_dir, "tsne.png"))
     figures = {k: v for k, v in figures.items() if v}
-    path = os.path.join(out, "report.html")
     write_html(path, "A-VPT run report", [("Run", result)], figures)
     return figures, path
 

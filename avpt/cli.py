@@ -127,12 +127,11 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_cv(args) -> int:
+def _cv(base: Dict, seeds: List[int]) -> Dict:
+    """k-fold x seeds runs of one config; writes OUT/cv_metrics.json; returns the summary."""
     from .metrics import aggregate
     from .train import _write_json, run
 
-    base = _config(args)
-    seeds = args.seeds or [base["seed"]]
     runs, rows = [], []
     folds_file = base["folds_file"] or os.path.join(base["out"], "folds.json")
     for seed in seeds:
@@ -143,13 +142,50 @@ def cmd_cv(args) -> int:
             res = run(cfg)
             runs.append(res["test"])
             rows.append({"seed": seed, "fold": fold, **res["test"]})
-            print(f"seed {seed} fold {fold}: {_summary(res)}")
+            print(f"seed {seed} fold {fold}: {_summary(res)}", flush=True)
     agg = aggregate(runs)
     _write_json(os.path.join(base["out"], "cv_metrics.json"),
                 {"summary": agg, "runs": rows, "config": base, "folds_file": folds_file})
+    return agg
+
+
+def _mean_std(agg: Dict, k: str) -> str:
+    return f"{agg[k]['mean']:.4f} +- {agg[k]['std']:.4f}" if k in agg else "n/a"
+
+
+def cmd_cv(args) -> int:
+    """Cross-validation; ``--variant all`` runs every variant of the YAML file (an ablation
+    table) over the same folds and prints the table."""
+    from .train import _write_json
+
+    seeds = args.seeds
+    if args.variant == "all":
+        import yaml
+
+        if not args.config:
+            raise SystemExit("avpt cv --variant all needs --config FILE.yaml with variants")
+        with open(args.config) as f:
+            names = list((yaml.safe_load(f) or {}).get("variants", {}))
+        out = args.out
+        table = {}
+        for name in names:
+            args.variant = name
+            base = _config(args, {"out": os.path.join(out, name)})
+            base["folds_file"] = base["folds_file"] or os.path.join(out, "folds.json")
+            print(f"== variant {name}", flush=True)
+            table[name] = _cv(base, seeds or [base["seed"]])
+        _write_json(os.path.join(out, "ablation.json"), table)
+        keys = ("auc", "f1", "dice", "hd95")
+        print(f"{'variant':<16}" + "".join(f"{k:>22}" for k in keys))
+        for name, agg in table.items():
+            print(f"{name:<16}" + "".join(f"{_mean_std(agg, k):>22}" for k in keys))
+        print(f"metrics: {os.path.join(out, 'ablation.json')}")
+        return 0
+    base = _config(args)
+    agg = _cv(base, seeds or [base["seed"]])
     for k in ("auc", "f1", "dice", "iou", "hd95"):
         if k in agg:
-            print(f"{k}: {agg[k]['mean']:.4f} +- {agg[k]['std']:.4f} (n={agg[k]['n']})")
+            print(f"{k}: {_mean_std(agg, k)} (n={agg[k]['n']})")
     print(f"metrics: {os.path.join(base['out'], 'cv_metrics.json')}")
     return 0
 
@@ -257,7 +293,8 @@ def main(argv=None) -> int:
     p.add_argument("--test-data-root")
     p.set_defaults(func=cmd_transfer)
 
-    p = sub.add_parser("cv", help="k-fold cross-validation over seeds (mean +- std)")
+    p = sub.add_parser("cv", help="k-fold cross-validation over seeds (mean +- std); "
+                            "--variant all runs an ablation table")
     _add_run_args(p, "runs/cv")
     p.add_argument("--seeds", type=int, nargs="+")
     p.set_defaults(func=cmd_cv)

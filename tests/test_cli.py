@@ -78,6 +78,14 @@ def test_transfer_cv_and_params(tmp_path, capsys):
     cv = json.load(open(tmp_path / "cv" / "cv_metrics.json"))
     assert len(cv["runs"]) == 2 and cv["summary"]["auc"]["n"] <= 2
     assert "dice" in cv["summary"] and (tmp_path / "cv" / "folds.json").exists()
+    cfg = tmp_path / "abl.yaml"
+    cfg.write_text("variants:\n  no_lap: {model: {lambda_lap: 0.0}}\n  early: {model: {schedule: early}}\n")
+    assert main(["cv", "--config", str(cfg), "--variant", "all", *TINY_PHANTOM, "--modality", "US",
+                 "--epochs", "1", "--out", str(tmp_path / "abl"), "--set", "folds=2",
+                 "--set", "report=false", "--set", "eval_every=0"] + FAST) == 0
+    table = json.load(open(tmp_path / "abl" / "ablation.json"))
+    assert list(table) == ["no_lap", "early"] and "auc" in table["early"]
+    assert json.load(open(tmp_path / "abl" / "early" / "seed0_fold0" / "metrics.json"))["config"]["model"]["schedule"] == "early"
     assert main(["params", "--model", "avpt-tiny", "--methods", "avpt", "lora"]) == 0
     assert "A-VPT trainable breakdown" in capsys.readouterr().out
 

@@ -13,6 +13,9 @@ import torch
 
 from avpt_kernels import reference
 from avpt_kernels.modules import contiguous_stages
+from avpt_kernels.pim import pim_min_bytes
+from avpt_kernels.prompt_bank import prompt_bank_min_bytes
+from avpt_kernels.region_pool import region_pool_min_bytes
 from avpt_kernels.testing import random_pim_params
 from benchmarks.harness import ON_GPU, measure
 
@@ -31,25 +34,23 @@ PROVIDERS = ("fused", "eager", "compiled")
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
-def _elt(dtype):
-    return torch.finfo(dtype).bits // 8
+def _map_shape(s: dict) -> tuple:
+    n = s["T"] - 1
+    side = 224 if ON_GPU else int(round(n ** 0.5)) * 2
+    return (s["B"], s["R"], side, side)
 
 
 def min_bytes(op: str, mode: str, s: dict, dtype) -> int:
-    """Lower bound on DRAM traffic: the big tensors read/written the fewest times the contract
-    allows (PIM: Z read twice + z_out written once forward; Z, dz_out read and dz written once
-    backward). Small per-image matrices and weights are ignored."""
-    e, b, t, d, k, r = _elt(dtype), s["B"], s["T"], s["D"], s["K"], s["R"]
-    if op == "pim":
-        fwd, bwd = 3 * b * t * d * e, 3 * b * t * d * e
-    elif op == "region_pool":
-        maps = b * r * 224 * 224 * e if ON_GPU else b * r * (t - 1) * e
-        fwd = b * (t - 1) * d * e + maps + b * r * d * e
-        bwd = 2 * (b * (t - 1) * d * e + maps) + b * r * d * e
-    else:  # prompt_bank: region embeddings in, all layers' prompts out
-        fwd = b * r * d * e + LAYERS * b * k * d * e
-        bwd = 2 * fwd
-    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+    """The traffic floor of each op as its module defines it (``*_min_bytes``): forward,
+    backward, or both."""
+    def floor(backward: bool) -> int:
+        if op == "pim":
+            return pim_min_bytes(s["B"], s["T"], s["D"], s["K"], HEADS * HEAD_DIM, dtype, backward)
+        if op == "region_pool":
+            return region_pool_min_bytes((s["B"], s["T"], s["D"]), _map_shape(s), dtype, backward)
+        return prompt_bank_min_bytes(s["B"], s["R"], s["K"], s["D"], RANK, LAYERS, STAGES, dtype,
+                                     backward)
+    return {"fwd": floor(False), "bwd": floor(True), "fwd+bwd": floor(False) + floor(True)}[mode]
 
 
 def _inputs(op: str, s: dict, requires_grad: bool):
@@ -65,8 +66,7 @@ def _inputs(op: str, s: dict, requires_grad: bool):
                               requires_grad=requires_grad)
         return (t(b, n + 1, d), t(b, k, d), *w)
     if op == "region_pool":
-        side = 224 if ON_GPU else int(round(n ** 0.5)) * 2
-        return (t(b, n + 1, d), t(b, r, side, side, unit=True))
+        return (t(b, n + 1, d), t(*_map_shape(s), unit=True))
     return (t(b, r, d), t(k, d), t(STAGES, d, RANK), t(STAGES, RANK, d),
             t(LAYERS, d), t(LAYERS, d), t(LAYERS, d))
 

@@ -191,8 +191,6 @@ def cmd_cv(args) -> int:
 
 
 def cmd_explain(args) -> int:
-    import torch
-
     from .checkpoint import load_trainable
     from .report import _pick, rollout_and_prompt_types, write_html
     from .train import build_data, resolve_device

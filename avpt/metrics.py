@@ -10,7 +10,7 @@ worst possible distance) instead of an undefined value, so missed lesions are pe
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Sequence
 
 import numpy as np
 from scipy import ndimage

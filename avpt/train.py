@@ -463,7 +463,18 @@ def load_trainable_state(model, state: Dict[str, torch.Tensor]) -> None:
 # ----------------------------------------------------------------------------------------------
 def run(cfg: Dict) -> Dict:
     """Train and evaluate per ``cfg`` (see DEFAULTS); returns the metrics dict (also written to
-    OUT/metrics.json by rank 0)."""
+    OUT/metrics.json by rank 0). Process-wide torch settings (threads, deterministic mode) are
+    restored afterwards, so a run inside a larger program leaves it as it was."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        return _run(cfg)
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+
+
+def _run(cfg: Dict) -> Dict:
     from tqdm import tqdm
 
     t_start = time.time()
@@ -629,7 +640,7 @@ def evaluate_checkpoint(model_dir: str, cfg: Dict) -> Dict:
     from .checkpoint import load_trainable
 
     device = resolve_device(cfg["device"])
-    seed_everything(cfg["seed"], cfg["deterministic"])
+    seed_everything(cfg["seed"], False)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
         model = load_trainable(model_dir, **({"pretrained": cfg["pretrained"]} if cfg["pretrained"] else {}))

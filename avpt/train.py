@@ -563,7 +563,9 @@ def _run(cfg: Dict) -> Dict:
                 torch.nn.utils.clip_grad_norm_(trainable, cfg["grad_clip"])
             scaler.step(optimizer)
             scaler.update()
-            scheduler.step()
+            with warnings.catch_warnings():  # fp16: GradScaler skips steps with inf gradients
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                scheduler.step()
             n = batch["image"].shape[0]
             seen += n
             for k, v in terms.items():

@@ -45,12 +45,16 @@ def test_resume_after_stop_matches_uninterrupted(tmp_path):
         run(tiny_cfg(tmp_path / "killed", epochs=3, sets={"lr": 5e-4}))
 
 
-def test_metrics_json_logs_and_bf16(tmp_path):
-    res = run(tiny_cfg(tmp_path, epochs=1, amp="bf16"))
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_metrics_json_logs_and_mixed_precision(tmp_path, amp):
+    res = run(tiny_cfg(tmp_path, epochs=1, amp=amp))
     saved = json.load(open(tmp_path / "metrics.json"))
     for key in ("auc", "f1", "dice", "iou", "hd95"):
         assert key in saved["test"]
-    assert saved["amp"] == "bfloat16" and res["amp"] == "bfloat16"
+    name = {"bf16": "bfloat16", "fp16": "float16"}[amp]
+    assert saved["amp"] == name and res["amp"] == name
+    scaler = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["scaler"]
+    assert (amp == "fp16") == bool(scaler)          # fp16 keeps a loss scale, bf16 needs none
     assert saved["config"]["backbone"] == "avpt-tiny" and saved["config"]["model"]["backend"] == "torch"
     assert saved["data"]["train_samples"] == 6 and saved["params"]["trainable"] > 0
     assert 0.0 <= saved["test"]["dice"] <= 1.0

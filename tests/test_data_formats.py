@@ -31,7 +31,11 @@ def write_dicom(path, arr, **tags):
         setattr(ds, k, v)
     ds.PixelData = arr.astype(np.uint16).tobytes()
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+    try:
+        ds.save_as(path, enforce_file_format=True)        # pydicom >= 3
+    except TypeError:
+        ds.is_little_endian, ds.is_implicit_VR = True, False
+        ds.save_as(path, write_like_original=False)       # pydicom 2.x
 
 
 # ----------------------------------------------------------------------------------------------

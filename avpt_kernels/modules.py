@@ -29,6 +29,9 @@ class RegionPool(nn.Module):
         self.eps, self.backend = eps, backend
 
     def forward(self, features: Tensor, maps: Tensor) -> Tensor:
+        cast = _autocast_dtype(features.device)
+        if cast is not None:  # e.g. bf16 patch features from an autocast conv, fp32 maps
+            features, maps = features.to(cast), maps.to(cast)
         return region_pool(features, maps, self.eps, backend=self.backend)
 
     def extra_repr(self) -> str:

@@ -83,7 +83,9 @@ def test_modules_under_cpu_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         z_out, p_tilde = m(z, p)
         prompts = ak.LowRankPromptBank(32, 3, 1, 4, 2)(torch.randn(2, 3, 32))
-    assert z_out.dtype == p_tilde.dtype == prompts.dtype == torch.bfloat16
+        # bf16 features (as from an autocast conv) with fp32 maps
+        pooled = ak.RegionPool()(torch.randn(2, 17, 32, dtype=torch.bfloat16), torch.rand(2, 16, 3))
+    assert z_out.dtype == p_tilde.dtype == prompts.dtype == pooled.dtype == torch.bfloat16
 
 
 def test_backend_switch():

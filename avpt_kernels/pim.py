@@ -15,16 +15,28 @@ index (head, prompt) pairs, padded to ``HKP`` (a power of two >= 16; padding is 
   S2 = softmax over t per column c;  z_out_t = Z_t + alpha * (sum_c S2[c,t] Nv[c] + b'o),
                                            Nv[c] = v2[k,h] W'o_h^T  [HKP,D]
 
-Forward: 3 kernel launches over Z plus tiny torch algebra on [B,K,D]/[D,A]-sized matrices:
-  1. ``_t2p_reduce_kernel``   reads Z once from DRAM: G, colsum. A program owns a chunk of row
-     blocks of one image (``TARGET_PROGRAMS``); it parks the chunk's S1 in an L2-resident fp32
-     scratch, re-reads the chunk's Z tiles (L2 hits) D block by D block and adds its [HKP, D]
-     partial of G once with fp32 atomics.
-  2. ``_p2t_stats_kernel``    reads Z once: per-row-block max / sum-exp of logits2 (combined in torch)
-  3. ``_p2t_update_kernel``   reads Z once, writes z_out once (and the attention if asked)
-  => Z is read 3 times from DRAM and z_out written once: one read more than the DESIGN floor.
-  (Reading Z only twice needs the softmax-over-T statistics before the update, but logits2 need
-  Mk, which needs the whole-image reduction G of pass 1: the stats pass pays for that.)
+Forward: 3 kernel launches plus tiny torch algebra on [B,K,D]/[D,A]-sized matrices. Z is read
+twice from DRAM and z_out written once (the DESIGN floor) on the 2-read path, taken when the raw
+prompt->token keys K2 = Z W'k^T [T, A] are cheap: A padded to KEY_COLS (a power of two >= 16)
+with 2 * KEY_COLS <= D and KEY_COLS <= MAX_KEY_COLS[dtype] (64: at 128 the backward kernels
+that rebuild K2 spill), except four (dtype, HKP, KEY_COLS) layouts where ptxas spills a few
+bytes (``_KEY_LAYOUTS_THAT_SPILL``), e.g. the model's A = 4 x 16 = 64 with D = 768 (``key_columns``).
+There logits2[t,(h,k)] = K2_t . Qexp[:,(h,k)], Qexp [KEY_COLS,HKP] block-diagonal
+(scale * q2[k,h] in rows h*dh .. (h+1)*dh), which needs only q2, i.e. G, after pass 1:
+  1. ``_t2p_reduce_kernel``   reads Z once from DRAM: G, colsum, and (2-read path) writes K2
+     [B,T,KEY_COLS] in the input dtype from the Z tiles already on chip. A program owns a chunk of
+     row blocks of one image (``TARGET_PROGRAMS``); it parks the chunk's S1 in an L2-resident
+     fp32 scratch, re-reads the chunk's Z tiles (L2 hits) D block by D block and adds its
+     [HKP, D] partial of G once with fp32 atomics.
+  2. ``_p2t_stats_kernel``    per-row-block max / sum-exp of logits2 (combined in torch), from
+     (K2, Qexp) on the 2-read path (reads T x KEY_COLS, not Z), else from (Z, Mk) (reads Z).
+  3. ``_p2t_update_kernel``   reads Z once, writes z_out once (and the attention if asked); its
+     logits2 come from the same operands as pass 2's, so S2 is normalised exactly.
+  => 2-read path: Z read twice, z_out written once, K2 written once and read twice (2 * KEY_COLS
+     / D of a Z read each); fallback (larger A, or D < 2 * KEY_COLS, where K2 would not pay):
+     Z read 3 times. K2 is a forward temporary, never saved: the backward kernels rebuild
+     logits2 = K2 Qexp from the Z tiles they load anyway (``_key_step``/``_key_logits``, the
+     same operations and roundings as the forward), so that they agree with the saved statistics.
 
 Backward: 3 launches over (Z, dY = dL/dz_out), nothing of size T x A or T x K saved:
   A. ``_p2t_grad_reduce_kernel`` (chunked like 1) reads Z, dY once: E = S2^T dY,
@@ -33,7 +45,8 @@ Backward: 3 launches over (Z, dY = dL/dz_out), nothing of size T x A or T x K sa
      closed form (delta is the softmax-backward row sum, so no extra pass is needed).
   B. ``_grad_z_kernel`` reads Z, dY once, writes dZ once (and dl1 [T,HKP] fp32 to scratch).
   C. ``_t2p_grad_reduce_kernel`` (chunked) reads Z once more: dMq = Z^T dl1.
-  => Z read 3 times, dY twice, dZ written once (the floor: Z and dY twice each).
+  => Z read 3 times, dY twice, dZ written once (the floor: Z and dY twice each). On the 2-read
+  path, A and B also recompute K2 = Z W'k^T (no extra traffic) for logits2 = K2 Qexp.
   The small per-image algebra (P, weights -> Mq, cq, Mk, Nv, alpha, p_tilde) is recomputed in
   backward and differentiated by hand (plain torch on [B,K,D]/[D,A]-sized tensors). Saved for
   backward: z, p, weights (inputs) and G [B,HKP,D], colsum, softmax stats [B,HKP]: O(B*K*D).
@@ -145,6 +158,29 @@ _LAUNCH = {
 }
 NUM_STAGES = 1
 
+# The 2-read forward: pass 1 also writes the raw prompt->token keys K2 = Z W'k^T [B,T,KEY_COLS]
+# (z dtype) and the stats pass reads K2 instead of Z. Taken where K2's write + read cost no more
+# than the Z read they replace (2 * KEY_COLS <= D) and K2's [BLOCK_T, KEY_COLS] fp32 accumulator
+# keeps every kernel that builds K2 (pass 1 and the backward kernels A and B) spill-free
+# (KEY_COLS <= MAX_KEY_COLS, checked by aot_configs: at 128 the dZ and grad-reduce kernels spill
+# for some HKP in every dtype); else the 3-read path.
+MAX_KEY_COLS = {torch.float32: 64, torch.float16: 64, torch.bfloat16: 64}
+# (fp32?, HKP, KEY_COLS) layouts where ptxas still spills a few bytes in one kernel that builds K2
+# (AOT, sm_80 or sm_90a: its register heuristic settles on 128 or 255 registers): 3-read there.
+_KEY_LAYOUTS_THAT_SPILL = {(True, 16, 16), (True, 128, 64), (False, 16, 64), (False, 32, 32)}
+
+
+def key_columns(d: int, a: int, dtype: torch.dtype, columns: Optional[int] = None) -> int:
+    """KEY_COLS of the 2-read forward for D, A = H * head width (padded to a power of two >= 16),
+    the input dtype and HKP = ``columns``, or 0 where the forward takes the 3-read path.
+    ``columns=None`` skips the per-layout exclusions (_KEY_LAYOUTS_THAT_SPILL)."""
+    width = max(16, _next_pow2(a))
+    if width > MAX_KEY_COLS[dtype] or 2 * width > d:
+        return 0
+    if columns is not None and (dtype == torch.float32, columns, width) in _KEY_LAYOUTS_THAT_SPILL:
+        return 0
+    return width
+
 
 def triton_unsupported_reason(z: Tensor, p: Tensor, params: PIMParams, num_heads: int) -> Optional[str]:
     """Why the Triton path cannot run these (already validated) arguments, or None."""
@@ -168,8 +204,7 @@ def pim_min_bytes(B: int, T: int, D: int, K: int, A: int, dtype: torch.dtype,
                   backward: bool = False) -> int:
     """Traffic floor of one PIM layer (the DESIGN.md target): forward reads Z twice and writes
     z_out once; backward reads Z and dZ_out twice each and writes dZ once. The K- and A-sized
-    operands (P, P~, weights) are added once. The kernels here read Z three times in the forward
-    (see the module docstring), i.e. ``pim_achieved_bytes``."""
+    operands (P, P~, weights) are added once. What the kernels here move: ``pim_achieved_bytes``."""
     e = torch.empty((), dtype=dtype).element_size()
     big = B * T * D * e
     small = (2 * B * K * D + 8 * A * D) * e
@@ -177,15 +212,23 @@ def pim_min_bytes(B: int, T: int, D: int, K: int, A: int, dtype: torch.dtype,
 
 
 def pim_achieved_bytes(B: int, T: int, D: int, K: int, A: int, dtype: torch.dtype,
-                       backward: bool = False) -> int:
-    """DRAM traffic model of these kernels (Z-sized streams plus the small operands): forward
-    3 reads of Z + 1 write; backward 3 reads of Z, 2 of dY, 1 write of dZ. Not counted: the
-    [T, HKP] fp32 scratch rows (S1, S2, dl1), written and read back at once (L2), and the re-read
-    of a program's own Z tiles inside the chunked reductions (L2 hits)."""
+                       backward: bool = False, num_heads: Optional[int] = None) -> int:
+    """DRAM traffic model of these kernels (Z-sized streams plus the small operands). Forward on
+    the 2-read path (``key_columns(D, A, dtype, HKP) > 0``; without ``num_heads`` HKP is not
+    known and the per-layout exclusions are not applied): 2 reads of Z + 1 write of z_out, plus the
+    key scratch K2 [B,T,KEY_COLS] (input dtype) written once and read twice (stats, update);
+    otherwise 3 reads of Z + 1 write. Backward: 3 reads of Z, 2 of dY, 1 write of dZ. Not counted:
+    the [T, HKP] fp32 scratch rows (S1, S2, dl1), written and read back at once (L2), and the
+    re-read of a program's own Z tiles inside the chunked reductions (L2 hits)."""
     e = torch.empty((), dtype=dtype).element_size()
     big = B * T * D * e
     small = (2 * B * K * D + 8 * A * D) * e
-    return (6 if backward else 4) * big + small
+    if backward:
+        return 6 * big + small
+    key_cols = key_columns(D, A, dtype, None if num_heads is None else num_columns(num_heads, K))
+    if key_cols:
+        return 3 * big + 3 * B * T * key_cols * e + small
+    return 4 * big + small
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,14 +282,28 @@ def _head_sum(x, head, H, BLOCK_T: tl.constexpr, HKP: tl.constexpr):
 
 
 @triton.jit
-def _t2p_reduce_kernel(z_ptr, mq_ptr, cq_ptr, s1_ptr, g_ptr, colsum_ptr, T, D, K, H, chunk_blocks,
+def _key_step(zt, wk_ptr, dd, d_ok, KEY_COLS: tl.constexpr, DOT_MODE: tl.constexpr):
+    """One D block of the raw prompt->token keys K2 = Z W'k^T: zt [BLOCK_T,BLOCK_D] times rows dd
+    of wk = W'k^T [D,KEY_COLS] (zero-padded columns). Pass 1 and the backward kernels share it,
+    so that the backward rebuilds the forward's K2 operation for operation."""
+    kc = tl.arange(0, KEY_COLS)
+    wk = tl.load(wk_ptr + dd[:, None] * KEY_COLS + kc[None, :], mask=d_ok[:, None], other=0.0)
+    return _mm(zt, wk, DOT_MODE)
+
+
+@triton.jit
+def _t2p_reduce_kernel(z_ptr, mq_ptr, cq_ptr, wk_ptr, s1_ptr, g_ptr, colsum_ptr, k2_ptr,
+                       T, D, K, H, chunk_blocks,
                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HKP: tl.constexpr,
-                       DOT_MODE: tl.constexpr):
+                       KEY_COLS: tl.constexpr, DOT_MODE: tl.constexpr):
     """Token->prompt pass. Grid (B, n_chunks); a program owns chunk_blocks row blocks of one image.
     z [B,T,D], mq [B,D,HKP] (z dtype), cq [B,HKP] fp32 -> g [B,HKP,D] += S1^T Z, colsum [B,HKP] += sum_t S1.
     s1 [B,n_chunks*chunk_blocks*BLOCK_T,HKP] fp32 is scratch: the chunk's S1 is parked there
     (L2-resident) so that G is accumulated in registers per D block and added once per chunk,
-    instead of once per row block."""
+    instead of once per row block.
+    KEY_COLS > 0 (the 2-read forward): also k2 [B,T,KEY_COLS] (z dtype) = Z W'k^T, the raw
+    prompt->token keys, from the Z tiles already on chip; wk [D,KEY_COLS] is W'k^T zero-padded.
+    KEY_COLS = 0: wk and k2 are not touched."""
     b = tl.program_id(0).to(tl.int64)
     row0 = tl.program_id(1) * chunk_blocks * BLOCK_T
     cols, head, col_ok = _columns(K, H, HKP)
@@ -257,12 +314,20 @@ def _t2p_reduce_kernel(z_ptr, mq_ptr, cq_ptr, s1_ptr, g_ptr, colsum_ptr, T, D, K
         rows = row0 + blk * BLOCK_T + tl.arange(0, BLOCK_T)
         row_ok = rows < T
         logits = tl.zeros((BLOCK_T, HKP), dtype=tl.float32)
+        if KEY_COLS > 0:
+            keys = tl.zeros((BLOCK_T, KEY_COLS), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
             d_ok = dd < D
             zt = tl.load(z_img + rows[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             mq = tl.load(mq_ptr + b * D * HKP + dd[:, None] * HKP + cols[None, :], mask=d_ok[:, None], other=0.0)
             logits += _mm(zt, mq, DOT_MODE)
+            if KEY_COLS > 0:
+                keys += _key_step(zt, wk_ptr, dd, d_ok, KEY_COLS, DOT_MODE)
+        if KEY_COLS > 0:
+            kc = tl.arange(0, KEY_COLS)
+            tl.store(k2_ptr + b * T * KEY_COLS + rows[:, None] * KEY_COLS + kc[None, :],
+                     keys.to(k2_ptr.dtype.element_ty), mask=row_ok[:, None])
         logits += tl.load(cq_ptr + b * HKP + cols)[None, :]
         s1 = tl.where(row_ok[:, None], _head_softmax(logits, head, col_ok, H, BLOCK_T, HKP), 0.0)
         colsum += tl.sum(s1, axis=0)
@@ -286,7 +351,8 @@ def _t2p_reduce_kernel(z_ptr, mq_ptr, cq_ptr, s1_ptr, g_ptr, colsum_ptr, T, D, K
 @triton.jit
 def _p2t_logits(z_img, mk_img, rows, row_ok, D, HKP: tl.constexpr, BLOCK_T: tl.constexpr,
                 BLOCK_D: tl.constexpr, DOT_MODE: tl.constexpr):
-    """[BLOCK_T, HKP] fp32 logits2 = Z_rows Mk."""
+    """[BLOCK_T, HKP] fp32 logits2 = X_rows M for X [T,D] and M [D,HKP] of one image: (Z, Mk),
+    or (K2, Qexp) with D = KEY_COLS."""
     cols = tl.arange(0, HKP)
     acc = tl.zeros((BLOCK_T, HKP), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -299,17 +365,29 @@ def _p2t_logits(z_img, mk_img, rows, row_ok, D, HKP: tl.constexpr, BLOCK_T: tl.c
 
 
 @triton.jit
-def _p2t_stats_kernel(z_ptr, mk_ptr, mpart_ptr, lpart_ptr, T, D,
+def _key_logits(keys, qexp_img, HKP: tl.constexpr, KEY_COLS: tl.constexpr, DOT_MODE: tl.constexpr):
+    """[BLOCK_T, HKP] fp32 logits2 = K2 Qexp from the raw keys K2 = Z W'k^T [BLOCK_T, KEY_COLS]
+    (fp32 accumulator), rounded to the input dtype first exactly as pass 1 stores them, so that
+    the backward recomputes the very logits whose softmax statistics the forward took."""
+    kc = tl.arange(0, KEY_COLS)
+    qexp = tl.load(qexp_img + kc[:, None] * HKP + tl.arange(0, HKP)[None, :])
+    return _mm(keys.to(qexp_img.dtype.element_ty), qexp, DOT_MODE)
+
+
+@triton.jit
+def _p2t_stats_kernel(x_ptr, m_ptr, mpart_ptr, lpart_ptr, T, W,
                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HKP: tl.constexpr,
                       DOT_MODE: tl.constexpr):
-    """Softmax-over-T statistics, per row block. Grid (B, NTB).
-    z [B,T,D], mk [B,D,HKP] -> mpart, lpart [B,NTB,HKP] (block max and sum of exp(logit - max))."""
+    """Softmax-over-T statistics of logits2 = X M, per row block. Grid (B, NTB).
+    x [B,T,W], m [B,W,HKP] (x dtype): either (Z, Mk) with W = D (3-read forward) or
+    (K2, Qexp) with W = KEY_COLS (2-read forward: K2 = Z W'k^T from pass 1, Qexp the
+    block-diagonal scaled queries) -> mpart, lpart [B,NTB,HKP] (block max and sum of exp(logit - max))."""
     b = tl.program_id(0).to(tl.int64)
     tb = tl.program_id(1)
     rows = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     cols = tl.arange(0, HKP)
-    logits = _p2t_logits(z_ptr + b * T * D, mk_ptr + b * D * HKP, rows, row_ok, D, HKP,
+    logits = _p2t_logits(x_ptr + b * T * W, m_ptr + b * W * HKP, rows, row_ok, W, HKP,
                          BLOCK_T, BLOCK_D, DOT_MODE)
     logits = tl.where(row_ok[:, None], logits, float("-inf"))
     m = tl.max(logits, axis=0)  # every block holds at least one valid row: finite
@@ -329,19 +407,22 @@ def _p2t_probs(logits, m2_ptr, l2_ptr, b, row_ok, HKP: tl.constexpr):
 
 
 @triton.jit
-def _p2t_update_kernel(z_ptr, mk_ptr, m2_ptr, l2_ptr, nv_ptr, bo_ptr, alpha_ptr, out_ptr, attn_ptr,
-                       T, D, HK, return_attn,
+def _p2t_update_kernel(z_ptr, x_ptr, m_ptr, m2_ptr, l2_ptr, nv_ptr, bo_ptr, alpha_ptr, out_ptr,
+                       attn_ptr, T, D, W, HK, return_attn,
                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HKP: tl.constexpr,
                        DOT_MODE: tl.constexpr):
     """Prompt->token update and gated residual. Grid (B, cdiv(T, BLOCK_T)).
     z_out = Z + alpha * (S2^T Nv + b'o); nv [B,HKP,D] (z dtype), bo [D] fp32, alpha [B] fp32;
-    attn [B,H,K,T] = [B,HK,T] fp32 written when return_attn != 0."""
+    attn [B,H,K,T] = [B,HK,T] fp32 written when return_attn != 0. logits2 = X M as in the stats
+    pass: x [B,T,W], m [B,W,HKP] = (Z, Mk) with W = D, or (K2, Qexp) with W = KEY_COLS (the
+    2-read forward: Z itself is then read only for the residual)."""
     b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     cols = tl.arange(0, HKP)
     z_img = z_ptr + b * T * D
-    logits = _p2t_logits(z_img, mk_ptr + b * D * HKP, rows, row_ok, D, HKP, BLOCK_T, BLOCK_D, DOT_MODE)
+    logits = _p2t_logits(x_ptr + b * T * W, m_ptr + b * W * HKP, rows, row_ok, W, HKP, BLOCK_T,
+                         BLOCK_D, DOT_MODE)
     s2 = _p2t_probs(logits, m2_ptr, l2_ptr, b, row_ok, HKP)
     if return_attn:
         dst = attn_ptr + b * HK * T + cols[None, :] * T + rows[:, None]
@@ -359,16 +440,18 @@ def _p2t_update_kernel(z_ptr, mk_ptr, m2_ptr, l2_ptr, nv_ptr, bo_ptr, alpha_ptr,
 
 
 @triton.jit
-def _p2t_grad_reduce_kernel(z_ptr, y_ptr, mk_ptr, nv_ptr, m2_ptr, l2_ptr, s2_ptr, ws2_ptr,
-                            e_ptr, f1_ptr, f2_ptr, ysum_ptr, delta_ptr, T, D, chunk_blocks,
+def _p2t_grad_reduce_kernel(z_ptr, y_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_ptr, m2_ptr, l2_ptr, s2_ptr,
+                            ws2_ptr, e_ptr, f1_ptr, f2_ptr, ysum_ptr, delta_ptr, T, D, chunk_blocks,
                             BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HKP: tl.constexpr,
-                            DOT_MODE: tl.constexpr):
+                            KEY_COLS: tl.constexpr, DOT_MODE: tl.constexpr):
     """Backward reductions of the prompt->token side. Grid (B, n_chunks), chunks as in
     _t2p_reduce_kernel; s2, ws2 [B,n_chunks*chunk_blocks*BLOCK_T,HKP] fp32 are scratch.
     y = dL/dz_out [B,T,D]; with yn[t,c] = y_t . Nv[c]:
     e += S2^T y, f1 += (S2*yn)^T Z, f2 += S2^T Z  ([B,HKP,D] fp32), ysum += sum_t y ([B,D]),
     delta += sum_t S2*yn ([B,HKP]: the softmax-backward row sum, from the very yn values the dZ
-    kernel recomputes, so that yn - delta cancels exactly for a one-hot softmax)."""
+    kernel recomputes, so that yn - delta cancels exactly for a one-hot softmax).
+    logits2 = Z Mk, or with KEY_COLS > 0 (the forward took its softmax statistics from K2 Qexp)
+    K2 Qexp from K2 = Z W'k^T recomputed here (wk [D,KEY_COLS], qexp [B,KEY_COLS,HKP]); mk unused."""
     b = tl.program_id(0).to(tl.int64)
     row0 = tl.program_id(1) * chunk_blocks * BLOCK_T
     cols = tl.arange(0, HKP)
@@ -380,7 +463,10 @@ def _p2t_grad_reduce_kernel(z_ptr, y_ptr, mk_ptr, nv_ptr, m2_ptr, l2_ptr, s2_ptr
     for blk in range(0, chunk_blocks):
         rows = row0 + blk * BLOCK_T + tl.arange(0, BLOCK_T)
         row_ok = rows < T
-        logits = tl.zeros((BLOCK_T, HKP), dtype=tl.float32)
+        if KEY_COLS > 0:
+            keys = tl.zeros((BLOCK_T, KEY_COLS), dtype=tl.float32)
+        else:
+            logits = tl.zeros((BLOCK_T, HKP), dtype=tl.float32)
         yn = tl.zeros((BLOCK_T, HKP), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
             dd = d0 + tl.arange(0, BLOCK_D)
@@ -389,10 +475,16 @@ def _p2t_grad_reduce_kernel(z_ptr, y_ptr, mk_ptr, nv_ptr, m2_ptr, l2_ptr, s2_ptr
             mask = row_ok[:, None] & d_ok[None, :]
             zt = tl.load(z_img + tile, mask=mask, other=0.0)
             yt = tl.load(y_img + tile, mask=mask, other=0.0)
-            mk = tl.load(mk_ptr + b * D * HKP + dd[:, None] * HKP + cols[None, :], mask=d_ok[:, None], other=0.0)
-            nvt = tl.load(nv_img + cols[None, :] * D + dd[:, None], mask=d_ok[:, None], other=0.0)
-            logits += _mm(zt, mk, DOT_MODE)
+            if KEY_COLS > 0:
+                keys += _key_step(zt, wk_ptr, dd, d_ok, KEY_COLS, DOT_MODE)
+                nvt = tl.load(nv_img + cols[None, :] * D + dd[:, None], mask=d_ok[:, None], other=0.0)
+            else:
+                mk = tl.load(mk_ptr + b * D * HKP + dd[:, None] * HKP + cols[None, :], mask=d_ok[:, None], other=0.0)
+                nvt = tl.load(nv_img + cols[None, :] * D + dd[:, None], mask=d_ok[:, None], other=0.0)
+                logits += _mm(zt, mk, DOT_MODE)
             yn += _mm(yt, nvt, DOT_MODE)
+        if KEY_COLS > 0:
+            logits = _key_logits(keys, qexp_ptr + b * KEY_COLS * HKP, HKP, KEY_COLS, DOT_MODE)
         s2 = _p2t_probs(logits, m2_ptr, l2_ptr, b, row_ok, HKP)
         ws2 = s2 * yn
         delta += tl.sum(ws2, axis=0)
@@ -429,10 +521,10 @@ def _p2t_grad_reduce_kernel(z_ptr, y_ptr, mk_ptr, nv_ptr, m2_ptr, l2_ptr, s2_ptr
 
 
 @triton.jit
-def _grad_z_kernel(z_ptr, y_ptr, mq_ptr, cq_ptr, mk_ptr, nv_ptr, m2_ptr, l2_ptr, alpha_ptr,
-                   delta_ptr, dg_ptr, dcolsum_ptr, dz_ptr, dl1_ptr, dcq_ptr, T, D, K, H, t_pad,
-                   BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HKP: tl.constexpr,
-                   DOT_MODE: tl.constexpr):
+def _grad_z_kernel(z_ptr, y_ptr, mq_ptr, cq_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_ptr, m2_ptr, l2_ptr,
+                   alpha_ptr, delta_ptr, dg_ptr, dcolsum_ptr, dz_ptr, dl1_ptr, dcq_ptr, T, D, K, H,
+                   t_pad, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HKP: tl.constexpr,
+                   KEY_COLS: tl.constexpr, DOT_MODE: tl.constexpr):
     """dZ through both attentions, and the token-side reductions of the token->prompt backward.
     Grid (B, cdiv(T, BLOCK_T)): one row block per program (the register-heaviest kernel).
     With dG [B,HKP,D], dcolsum [B,HKP] (gradients of G, colsum), delta [B,HKP] = sum_t S2*yn,
@@ -441,7 +533,7 @@ def _grad_z_kernel(z_ptr, y_ptr, mq_ptr, cq_ptr, mk_ptr, nv_ptr, m2_ptr, l2_ptr,
       dl2 = alpha * S2^T * (y Nv^T - delta)
       dz = y + dl2 Mk^T + S1 dG + dl1 Mq^T;  dcq [B,HKP] += sum_t dl1;  dl1 -> [B,t_pad,HKP] fp32
     (dMq = Z^T dl1 is reduced by _t2p_grad_reduce_kernel, chunked, instead of one atomic add of
-    a [D, HKP] partial per row block here)."""
+    a [D, HKP] partial per row block here). logits2 as in _p2t_grad_reduce_kernel (KEY_COLS)."""
     b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
@@ -453,7 +545,10 @@ def _grad_z_kernel(z_ptr, y_ptr, mq_ptr, cq_ptr, mk_ptr, nv_ptr, m2_ptr, l2_ptr,
     nv_img = nv_ptr + b * HKP * D
     dg_img = dg_ptr + b * HKP * D
     logits1 = tl.zeros((BLOCK_T, HKP), dtype=tl.float32)
-    logits2 = tl.zeros((BLOCK_T, HKP), dtype=tl.float32)
+    if KEY_COLS > 0:
+        keys = tl.zeros((BLOCK_T, KEY_COLS), dtype=tl.float32)
+    else:
+        logits2 = tl.zeros((BLOCK_T, HKP), dtype=tl.float32)
     yn = tl.zeros((BLOCK_T, HKP), dtype=tl.float32)
     ds1 = tl.zeros((BLOCK_T, HKP), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -466,9 +561,14 @@ def _grad_z_kernel(z_ptr, y_ptr, mq_ptr, cq_ptr, mk_ptr, nv_ptr, m2_ptr, l2_ptr,
         small = dd[:, None] * HKP + cols[None, :]  # [BLOCK_D, HKP] of a [D, HKP] matrix
         small_t = cols[None, :] * D + dd[:, None]  # [BLOCK_D, HKP] of a [HKP, D] matrix
         logits1 += _mm(zt, tl.load(mq_img + small, mask=d_ok[:, None], other=0.0), DOT_MODE)
-        logits2 += _mm(zt, tl.load(mk_img + small, mask=d_ok[:, None], other=0.0), DOT_MODE)
+        if KEY_COLS > 0:
+            keys += _key_step(zt, wk_ptr, dd, d_ok, KEY_COLS, DOT_MODE)
+        else:
+            logits2 += _mm(zt, tl.load(mk_img + small, mask=d_ok[:, None], other=0.0), DOT_MODE)
         yn += _mm(yt, tl.load(nv_img + small_t, mask=d_ok[:, None], other=0.0), DOT_MODE)
         ds1 += _mm(zt, tl.load(dg_img + small_t, mask=d_ok[:, None], other=0.0), DOT_MODE)
+    if KEY_COLS > 0:
+        logits2 = _key_logits(keys, qexp_ptr + b * KEY_COLS * HKP, HKP, KEY_COLS, DOT_MODE)
     logits1 += tl.load(cq_ptr + b * HKP + cols)[None, :]
     s1 = tl.where(row_ok[:, None], _head_softmax(logits1, head, col_ok, H, BLOCK_T, HKP), 0.0)
     ds1 += tl.load(dcolsum_ptr + b * HKP + cols)[None, :]
@@ -591,6 +691,16 @@ def _p2t_small(g: Tensor, colsum: Tensor, p: Tensor, z0: Tensor, w: PIMParams, n
     return p_tilde, _pad_columns(mk, hkp), nv, alpha, saved
 
 
+def _block_diagonal_queries(q2: Tensor, key_cols: int, hkp: int) -> Tensor:
+    """q2 [B,K,H,dh] -> Qexp [B,KEY_COLS,HKP]: column c = h*K + k holds scale * q2[k,h] in rows
+    h*dh .. (h+1)*dh, zeros elsewhere, so that K2 Qexp = Z Mk (= logits2 up to b'k, which drops
+    out of the softmax over T) for the raw keys K2 = Z W'k^T [T, A]."""
+    b, k, num_heads, dh = q2.shape
+    eye = torch.eye(num_heads, device=q2.device, dtype=q2.dtype)
+    qexp = torch.einsum("bkhj,hg->bhjgk", q2, eye).reshape(b, num_heads * dh, num_heads * k)
+    return F.pad(qexp / math.sqrt(dh), (0, hkp - num_heads * k, 0, key_cols - num_heads * dh))
+
+
 def _p2t_small_backward(grad_p_tilde: Tensor, grad_mk: Tensor, grad_nv: Tensor, grad_alpha: Tensor,
                         alpha: Tensor, s: dict, w: PIMParams, inv_tokens: float, hkp: int,
                         grads: dict):
@@ -664,6 +774,15 @@ def _layout(z: Tensor, p: Tensor, num_heads: int):
     return b, t, d, p.shape[1], hkp, block_t, block_d, warps
 
 
+def _keys_layout(z: Tensor, wk: Tensor, columns: int) -> Tuple[int, Tensor]:
+    """(KEY_COLS, W'k^T [D,KEY_COLS] zero-padded, z dtype) for the 2-read path; (0, z) otherwise
+    (a placeholder pointer the kernels never touch with KEY_COLS = 0)."""
+    key_cols = key_columns(z.shape[2], wk.shape[0], z.dtype, columns)
+    if not key_cols:
+        return 0, z
+    return key_cols, _operand(F.pad(wk.t(), (0, key_cols - wk.shape[0])), z)
+
+
 def _chunks(b: int, t: int, block_t: int) -> Tuple[int, int]:
     """(n_chunks, chunk_blocks): each image's row blocks split into n_chunks programs."""
     blocks = triton.cdiv(t, block_t)
@@ -687,23 +806,34 @@ def _forward(z: Tensor, p: Tensor, weights: List[Tensor], num_heads: int, mean_r
     colsum = torch.zeros(b, hkp, device=z.device, dtype=torch.float32)
     n_chunks, chunk_blocks = _chunks(b, t, block_t)
     s1 = torch.empty(b, n_chunks * chunk_blocks * block_t, hkp, device=z.device, dtype=torch.float32)
-    _t2p_reduce_kernel[(b, n_chunks)](z, mq, cq, s1, g, colsum, t, d, k, num_heads, chunk_blocks,
-                                      BLOCK_T=block_t,
-                                 BLOCK_D=block_d, HKP=hkp, DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES)
-    p_tilde, mk, nv, alpha, _ = _p2t_small(g, colsum, pf, z[:, 0].float(), P, num_heads, hkp,
-                                           1.0 / t if mean_reduce else 1.0)
+    key_cols, wk = _keys_layout(z, P.p2t_k_w, hkp)
+    # 2-read forward: pass 1 also writes K2 = Z W'k^T (else a placeholder the kernel ignores)
+    k2 = torch.empty(b, t, key_cols, device=z.device, dtype=z.dtype) if key_cols else z
+    _t2p_reduce_kernel[(b, n_chunks)](z, mq, cq, wk, s1, g, colsum, k2, t, d, k, num_heads,
+                                      chunk_blocks, BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp,
+                                      KEY_COLS=key_cols, DOT_MODE=mode, num_warps=warps,
+                                      num_stages=NUM_STAGES)
+    p_tilde, mk, nv, alpha, small = _p2t_small(g, colsum, pf, z[:, 0].float(), P, num_heads, hkp,
+                                               1.0 / t if mean_reduce else 1.0)
     mk, nv = _operand(mk, z), _operand(nv, z)
     mpart = torch.empty(b, ntb, hkp, device=z.device, dtype=torch.float32)
     lpart = torch.empty_like(mpart)
-    _p2t_stats_kernel[(b, ntb)](z, mk, mpart, lpart, t, d, BLOCK_T=block_t, BLOCK_D=block_d,
-                                HKP=hkp, DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES)
+    if key_cols:  # logits2 = K2 Qexp: stats and update read K2 [T, KEY_COLS], not Z [T, D]
+        qexp = _operand(_block_diagonal_queries(small["q2"], key_cols, hkp), z)
+        logits_in, logits_width = (k2, qexp), key_cols
+    else:
+        logits_in, logits_width = (z, mk), d
+    _p2t_stats_kernel[(b, ntb)](*logits_in, mpart, lpart, t, logits_width, BLOCK_T=block_t,
+                                BLOCK_D=block_d, HKP=hkp, DOT_MODE=mode, num_warps=warps,
+                                num_stages=NUM_STAGES)
     m2 = mpart.amax(dim=1)
     l2 = (lpart * torch.exp(mpart - m2[:, None])).sum(dim=1)
     out = torch.empty_like(z)
     attn = torch.empty((b, num_heads, k, t) if return_attn else (0,), device=z.device,
                        dtype=torch.float32)
-    _p2t_update_kernel[(b, ntb)](z, mk, m2, l2, nv, P.p2t_o_b.contiguous(), alpha.contiguous(), out,
-                                 attn, t, d, num_heads * k, int(return_attn), BLOCK_T=block_t,
+    _p2t_update_kernel[(b, ntb)](z, *logits_in, m2, l2, nv, P.p2t_o_b.contiguous(), alpha.contiguous(),
+                                 out, attn, t, d, logits_width, num_heads * k, int(return_attn),
+                                 BLOCK_T=block_t,
                                  BLOCK_D=block_d, HKP=hkp, DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES)
     return out, p_tilde.to(p.dtype), attn, g, colsum, m2, l2
 
@@ -721,6 +851,9 @@ def _backward(grad_out: Tensor, grad_p_tilde: Tensor, z: Tensor, p: Tensor, weig
     _, mk, nv, alpha, saved = _p2t_small(g, colsum, pf, z0, w, num_heads, hkp, inv_tokens)
     mq, mk, nv = (_operand(x, z) for x in (mq, mk, nv))
     cq, alpha = cq.contiguous(), alpha.contiguous()
+    # logits2 exactly as the forward's softmax statistics saw them (K2 Qexp on the 2-read path)
+    key_cols, wk = _keys_layout(z, w.p2t_k_w, hkp)
+    qexp = _operand(_block_diagonal_queries(saved["q2"], key_cols, hkp), z) if key_cols else mk
 
     # Pass A: prompt->token reductions over (Z, dZ_out).
     e = torch.zeros(b, hkp, d, device=z.device, dtype=torch.float32)
@@ -730,9 +863,10 @@ def _backward(grad_out: Tensor, grad_p_tilde: Tensor, z: Tensor, p: Tensor, weig
     n_chunks, chunk_blocks = _chunks(b, t, block_t)
     s2 = torch.empty(b, n_chunks * chunk_blocks * block_t, hkp, device=z.device, dtype=torch.float32)
     ws2 = torch.empty_like(s2)
-    _p2t_grad_reduce_kernel[(b, n_chunks)](z, y, mk, nv, m2, l2, s2, ws2, e, f1, f2, ysum, delta,
-                                           t, d, chunk_blocks, BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp, DOT_MODE=mode,
-                                      num_warps=warps, num_stages=NUM_STAGES)
+    _p2t_grad_reduce_kernel[(b, n_chunks)](z, y, mk, wk, qexp, nv, m2, l2, s2, ws2, e, f1, f2, ysum,
+                                           delta, t, d, chunk_blocks, BLOCK_T=block_t,
+                                           BLOCK_D=block_d, HKP=hkp, KEY_COLS=key_cols,
+                                           DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES)
     # z_out = Z + alpha (S2^T Nv + b'o): closed-form gradients of Nv, Mk, alpha, b'o
     grad_nv = alpha[:, None, None] * e
     grad_mk = (alpha[:, None, None] * (f1 - delta[..., None] * f2)).transpose(1, 2)
@@ -748,9 +882,9 @@ def _backward(grad_out: Tensor, grad_p_tilde: Tensor, z: Tensor, p: Tensor, weig
     t_pad = s2.shape[1]
     dl1 = s2  # pass A's scratch is free again
     _grad_z_kernel[(b, triton.cdiv(t, block_t))](
-        z, y, mq, cq, mk, nv, m2, l2, alpha, delta, _operand(grad_g, z), grad_colsum.contiguous(), dz,
-        dl1, grad_cq, t, d, k, num_heads, t_pad, BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp,
-        DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES)
+        z, y, mq, cq, mk, wk, qexp, nv, m2, l2, alpha, delta, _operand(grad_g, z),
+        grad_colsum.contiguous(), dz, dl1, grad_cq, t, d, k, num_heads, t_pad, BLOCK_T=block_t,
+        BLOCK_D=block_d, HKP=hkp, KEY_COLS=key_cols, DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES)
     _t2p_grad_reduce_kernel[(b, n_chunks)](z, dl1, grad_mq, t, d, t_pad, chunk_blocks,
                                            BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp,
                                            DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES)
@@ -850,40 +984,54 @@ def pim(z: Tensor, p: Tensor, params: PIMParams, num_heads: int, t2p_reduce: str
 # --------------------------------------------------------------------------------------------
 # Ahead-of-time configurations
 # --------------------------------------------------------------------------------------------
+def _key_widths(dtype: torch.dtype) -> dict:
+    """HKP -> the KEY_COLS values (0 = 3-read path) the launchers can pair with it for dtype."""
+    widths = {}
+    for h in range(1, MAX_COLUMNS[dtype] + 1):
+        for k in range(1, min(MAX_PROMPTS, MAX_COLUMNS[dtype] // h) + 1):
+            hkp = num_columns(h, k)
+            found = widths.setdefault(hkp, {0})
+            found.update(key_columns(MAX_DIM, h * dh, dtype, hkp) for dh in range(HEAD_WIDTHS[0], HEAD_WIDTHS[1] + 1))
+    return {hkp: sorted(found) for hkp, found in sorted(widths.items())}
+
+
 def aot_configs():
     """Every kernel configuration the launchers can select: HKP in {16, ..., MAX_COLUMNS} x input
-    dtype, each with the (BLOCK_T, BLOCK_D, num_warps) that launch_config picks for it."""
+    dtype, each with the (BLOCK_T, BLOCK_D, num_warps) that launch_config picks for it, and for
+    the kernels that build K2 = Z W'k^T, every KEY_COLS that HKP can come with (0: 3-read path)."""
     from .aot import KernelConfig
 
     configs = []
     for dtype, mode in _DOT_MODE.items():
         zp = "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-        hkp = 16
-        while hkp <= MAX_COLUMNS[dtype]:
+        for hkp, key_widths in _key_widths(dtype).items():
             block_t, block_d, warps = launch_config(hkp, dtype)
-            const = dict(BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp, DOT_MODE=mode)
-            cexpr = {c: "constexpr" for c in const}
 
-            def add(fn, **sig):
-                configs.append(KernelConfig(fn, {**{n: ("*fp32" if v == "f" else zp if v == "z" else v)
-                                                    for n, v in sig.items()}, **cexpr},
-                                            const, num_warps=warps, num_stages=NUM_STAGES))
+            def add(fn, key_cols=None, **sig):
+                const = dict(BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp, DOT_MODE=mode)
+                if key_cols is not None:
+                    const["KEY_COLS"] = key_cols
+                types = {n: ("*fp32" if v == "f" else zp if v == "z" else v) for n, v in sig.items()}
+                configs.append(KernelConfig(fn, {**types, **{c: "constexpr" for c in const}}, const,
+                                            num_warps=warps, num_stages=NUM_STAGES))
 
-            add(_t2p_reduce_kernel, z_ptr="z", mq_ptr="z", cq_ptr="f", s1_ptr="f", g_ptr="f",
-                colsum_ptr="f", T="i32", D="i32", K="i32", H="i32", chunk_blocks="i32")
-            add(_p2t_stats_kernel, z_ptr="z", mk_ptr="z", mpart_ptr="f", lpart_ptr="f",
-                T="i32", D="i32")
-            add(_p2t_update_kernel, z_ptr="z", mk_ptr="z", m2_ptr="f", l2_ptr="f", nv_ptr="z",
-                bo_ptr="f", alpha_ptr="f", out_ptr="z", attn_ptr="f", T="i32", D="i32", HK="i32",
-                return_attn="i32")
-            add(_p2t_grad_reduce_kernel, z_ptr="z", y_ptr="z", mk_ptr="z", nv_ptr="z", m2_ptr="f",
-                l2_ptr="f", s2_ptr="f", ws2_ptr="f", e_ptr="f", f1_ptr="f", f2_ptr="f",
-                ysum_ptr="f", delta_ptr="f", T="i32", D="i32", chunk_blocks="i32")
-            add(_grad_z_kernel, z_ptr="z", y_ptr="z", mq_ptr="z", cq_ptr="f", mk_ptr="z",
-                nv_ptr="z", m2_ptr="f", l2_ptr="f", alpha_ptr="f", delta_ptr="f", dg_ptr="z",
-                dcolsum_ptr="f", dz_ptr="z", dl1_ptr="f", dcq_ptr="f", T="i32", D="i32", K="i32",
-                H="i32", t_pad="i32")
+            for kc in key_widths:
+                add(_t2p_reduce_kernel, kc, z_ptr="z", mq_ptr="z", cq_ptr="f", wk_ptr="z",
+                    s1_ptr="f", g_ptr="f", colsum_ptr="f", k2_ptr="z", T="i32", D="i32", K="i32",
+                    H="i32", chunk_blocks="i32")
+                add(_p2t_grad_reduce_kernel, kc, z_ptr="z", y_ptr="z", mk_ptr="z", wk_ptr="z",
+                    qexp_ptr="z", nv_ptr="z", m2_ptr="f", l2_ptr="f", s2_ptr="f", ws2_ptr="f",
+                    e_ptr="f", f1_ptr="f", f2_ptr="f", ysum_ptr="f", delta_ptr="f", T="i32",
+                    D="i32", chunk_blocks="i32")
+                add(_grad_z_kernel, kc, z_ptr="z", y_ptr="z", mq_ptr="z", cq_ptr="f", mk_ptr="z",
+                    wk_ptr="z", qexp_ptr="z", nv_ptr="z", m2_ptr="f", l2_ptr="f", alpha_ptr="f",
+                    delta_ptr="f", dg_ptr="z", dcolsum_ptr="f", dz_ptr="z", dl1_ptr="f",
+                    dcq_ptr="f", T="i32", D="i32", K="i32", H="i32", t_pad="i32")
+            add(_p2t_stats_kernel, x_ptr="z", m_ptr="z", mpart_ptr="f", lpart_ptr="f", T="i32",
+                W="i32")
+            add(_p2t_update_kernel, z_ptr="z", x_ptr="z", m_ptr="z", m2_ptr="f", l2_ptr="f",
+                nv_ptr="z", bo_ptr="f", alpha_ptr="f", out_ptr="z", attn_ptr="f", T="i32", D="i32",
+                W="i32", HK="i32", return_attn="i32")
             add(_t2p_grad_reduce_kernel, z_ptr="z", dl1_ptr="f", dmq_ptr="f", T="i32", D="i32",
                 t_pad="i32", chunk_blocks="i32")
-            hkp *= 2
     return configs

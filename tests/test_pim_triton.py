@@ -60,6 +60,7 @@ SHAPES = {
     "k16_h4": (2, 19, 64, 16, 4, 8, "sum"),  # HKP=64
     "hkp128": (1, 17, 32, 12, 10, 8, "mean"),  # HK=120
     "hkp256": (1, 17, 32, 16, 16, 8, "sum"),  # HK=256: the widest layout (16-bit inputs only)
+    "hkp128_a64": (1, 17, 32, 16, 8, 8, "sum"),  # HK=128 with A=64 (widest 2-read key scratch)
 }
 CASES = [("t197_d768", torch.float32), ("hkp256", torch.bfloat16), ("hkp256", torch.float16)] + [
     (name, dtype) for name in ("k5_a16", "k6_h3_b1", "h1_k1_t2", "k16_h4", "hkp128")
@@ -109,10 +110,14 @@ def test_extreme_logits_stay_finite_and_match():
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy warns about the NaN image
-def test_masked_tail_rows_do_not_leak():
+@pytest.mark.parametrize("path", ["default", "3-read"])
+def test_masked_tail_rows_do_not_leak(monkeypatch, path):
     """T = BLOCK_T + 1 for both row-block sizes (16, 32): the last row block of image 0 overlaps
     image 1 in memory and must ignore it; the result of each image must not depend on its
-    neighbours (an image alone gives the same answer) and must match the reference."""
+    neighbours (an image alone gives the same answer) and must match the reference. D = 32 and
+    A = 16 take the 2-read path by default (K2 rows of the tail too); "3-read" forces the other."""
+    if path != "default":
+        _force_path(monkeypatch, path)
     for t, dtype in ((17, torch.float32), (33, torch.float16)):
         z, p, w = _inputs(2, t, 32, 3, 1, 16, dtype=dtype, seed=t)
         both = ak.pim(z, p, w, 1, backend="triton")
@@ -259,11 +264,148 @@ def test_auto_uses_the_kernels_when_they_apply(monkeypatch):
 
 
 def test_traffic_model():
-    args = (32, 197, 768, 6, 768, torch.bfloat16)
     z_bytes = 32 * 197 * 768 * 2
-    # Forward: the floor reads Z twice and writes once; these kernels read Z once more.
-    assert pim_mod.pim_achieved_bytes(*args) - pim_mod.pim_min_bytes(*args) == z_bytes
+    # Forward, model layout (A = 4 x 16 = 64, D = 768): the 2-read path meets the floor of 2 Z
+    # reads + 1 write, plus the key scratch K2 [B,T,64] written once and read twice.
+    args = (32, 197, 768, 6, 64, torch.bfloat16)
+    assert pim_mod.key_columns(768, 64, torch.bfloat16) == 64
+    assert pim_mod.pim_achieved_bytes(*args) - pim_mod.pim_min_bytes(*args) == 3 * 32 * 197 * 64 * 2
     assert pim_mod.pim_min_bytes(*args) > 3 * z_bytes
+    # Wide keys (A = D = 768): the 3-read fallback, one Z read above the floor.
+    args = (32, 197, 768, 6, 768, torch.bfloat16)
+    assert pim_mod.key_columns(768, 768, torch.bfloat16) == 0
+    assert pim_mod.pim_achieved_bytes(*args) - pim_mod.pim_min_bytes(*args) == z_bytes
     # Backward: the floor reads Z and dZ_out twice each and writes dZ once; one more Z read here.
-    assert pim_mod.pim_achieved_bytes(*args, backward=True) \
-        - pim_mod.pim_min_bytes(*args, backward=True) == z_bytes
+    # With num_heads, the layout exclusions apply: fp32, HKP = 16 (4 heads x 2), KEY_COLS = 16.
+    args = (32, 197, 768, 2, 16, torch.float32)
+    assert pim_mod.pim_achieved_bytes(*args) - pim_mod.pim_min_bytes(*args) == 3 * 32 * 197 * 16 * 4
+    assert pim_mod.pim_achieved_bytes(*args, num_heads=4) - pim_mod.pim_min_bytes(*args) \
+        == 32 * 197 * 768 * 4
+    for a in (64, 768):
+        args = (32, 197, 768, 6, a, torch.bfloat16)
+        assert pim_mod.pim_achieved_bytes(*args, backward=True) \
+            - pim_mod.pim_min_bytes(*args, backward=True) == z_bytes
+
+
+@pytest.mark.parametrize("d,a,dtype,want", [
+    (768, 64, torch.bfloat16, 64), (768, 64, torch.float32, 64), (64, 32, torch.float16, 32),
+    (32, 16, torch.float32, 16), (32, 8, torch.bfloat16, 16),  # A padded to 16
+    (48, 48, torch.float32, 0),  # 2 * 64 > D: K2 would cost more than the Z read it saves
+    (1024, 80, torch.bfloat16, 0),  # KEY_COLS 128 > MAX_KEY_COLS
+    (1024, 128, torch.float32, 0)])
+def test_key_columns_picks_the_two_read_path_where_it_pays(d, a, dtype, want):
+    assert pim_mod.key_columns(d, a, dtype) == want
+
+
+def test_key_columns_skips_the_layouts_that_spill():
+    assert pim_mod.key_columns(768, 64, torch.bfloat16, 64) == 64  # the model: H=4, K<=16
+    assert pim_mod.key_columns(768, 64, torch.float32, 64) == 64
+    assert pim_mod.key_columns(32, 16, torch.bfloat16, 16) == 16
+    for fp32, columns, key_cols in pim_mod._KEY_LAYOUTS_THAT_SPILL:
+        for dtype in ((torch.float32,) if fp32 else (torch.float16, torch.bfloat16)):
+            assert pim_mod.key_columns(1024, key_cols, dtype) == key_cols
+            assert pim_mod.key_columns(1024, key_cols, dtype, columns) == 0
+    # aot_configs compiles exactly the layouts the launchers can pick: none of the excluded ones
+    for dtype in pim_mod.TRITON_DTYPES:
+        for columns, widths in pim_mod._key_widths(dtype).items():
+            assert 0 in widths and max(widths) <= pim_mod.MAX_KEY_COLS[dtype]
+            assert not any((dtype == torch.float32, columns, w) in pim_mod._KEY_LAYOUTS_THAT_SPILL
+                           for w in widths)
+
+
+# ---- the 2-read forward (pass 1 also writes K2 = Z W'k^T; stats and update read K2) and the
+# ---- 3-read fallback, each forced on the same shapes, and checked to read Z as many times.
+class _LaunchLog:
+    """Stands in for a @triton.jit kernel in pim_mod: records each launch's arguments."""
+
+    def __init__(self, kernel, name, log):
+        self.kernel, self.name, self.log = kernel, name, log
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.log.append((self.name, args, kwargs))
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def _force_path(monkeypatch, path):
+    """Make the launchers take ``path`` ("2-read" or "3-read") whatever D and A are, and log
+    the forward launches."""
+    if path == "2-read":
+        monkeypatch.setattr(pim_mod, "key_columns",
+                            lambda d, a, dtype, columns=None: max(16, pim_mod._next_pow2(a)))
+    else:
+        monkeypatch.setattr(pim_mod, "key_columns", lambda d, a, dtype, columns=None: 0)
+    log = []
+    for name in ("_t2p_reduce_kernel", "_p2t_stats_kernel", "_p2t_update_kernel"):
+        monkeypatch.setattr(pim_mod, name, _LaunchLog(getattr(pim_mod, name), name, log))
+    return log
+
+
+def _assert_z_reads(log, z, path, key_cols):
+    """Which forward kernels take Z (contiguous z is passed as is) as a read operand."""
+    def is_z(x):
+        return isinstance(x, torch.Tensor) and x.data_ptr() == z.data_ptr() and x.shape == z.shape
+    launches = {name: (args, kwargs) for name, args, kwargs in log}
+    assert sorted(launches) == sorted(("_t2p_reduce_kernel", "_p2t_stats_kernel",
+                                       "_p2t_update_kernel")) and len(log) == 3
+    (reduce_args, reduce_kw), (stats_args, _), (update_args, _) = (
+        launches[n] for n in ("_t2p_reduce_kernel", "_p2t_stats_kernel", "_p2t_update_kernel"))
+    assert is_z(reduce_args[0]) and is_z(update_args[0])  # pass 1 and the residual of the update
+    if path == "2-read":
+        assert reduce_kw["KEY_COLS"] == key_cols
+        k2 = reduce_args[7]
+        assert k2.shape == (z.shape[0], z.shape[1], key_cols) and k2.dtype == z.dtype
+        assert stats_args[0] is k2 and update_args[1] is k2  # logits2 from K2: Z not re-read
+        assert not any(is_z(x) for x in stats_args)
+    else:
+        assert reduce_kw["KEY_COLS"] == 0
+        assert is_z(stats_args[0]) and is_z(update_args[1])  # 3 reads of Z
+
+
+PATH_SHAPE = (1, 197, 32, 3, 2, 16, "mean")  # T = 197: tails of both row-block sizes; A = 32
+PATH_CASES = [(path, dtype) for path in ("2-read", "3-read")
+              for dtype in (torch.float32, torch.bfloat16, torch.float16)]
+
+
+@pytest.mark.parametrize("path,dtype", PATH_CASES,
+                         ids=[f"{p}-{str(d)[6:]}" for p, d in PATH_CASES])
+def test_forward_paths_match_reference_and_read_z_as_designed(monkeypatch, path, dtype):
+    log = _force_path(monkeypatch, path)
+    b, t, d, k, h, dh, reduce = PATH_SHAPE
+    z, p, w = _inputs(b, t, d, k, h, dh, dtype=dtype, seed=21)
+    z_out, p_tilde, attn = ak.pim(z, p, w, h, reduce, return_attn=True, backend="triton")
+    _assert_z_reads(log, z, path, 32)
+    zd, pd, wd = _fp64(z, p, w)
+    want = reference.pim(zd, pd, wd, h, reduce, return_attn=True)
+    for name, got, exp in zip(("z_out", "p_tilde", "attn"), (z_out, p_tilde, attn), want):
+        assert_close(got, exp, dtype=dtype, name=f"{path} {name}")
+    gen = torch.Generator().manual_seed(22)
+    gz = torch.randn(z_out.shape, generator=gen, dtype=torch.float64)
+    gp = torch.randn(p_tilde.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad((z_out, p_tilde), (z, p, *w), (gz.to(z_out), gp.to(p_tilde)))
+    exp = torch.autograd.grad(want[:2], (zd, pd, *wd), (gz, gp))
+    assert_grads_close(NAMES, got, exp, dtype=dtype)
+
+
+@pytest.mark.parametrize("path,name,dtype", [
+    ("3-read", "k5_a16", torch.bfloat16), ("3-read", "k16_h4", torch.float32),
+    ("2-read", "k6_h3_b1", torch.float16), ("2-read", "hkp128_a64", torch.float32),
+    ("2-read", "h1_k1_t2", torch.bfloat16)])
+def test_each_path_on_shapes_that_default_to_the_other(monkeypatch, path, name, dtype):
+    """The SHAPES matrix runs each shape on its default path (see the next test); here each path
+    runs where the other is the default: KEY_COLS 16..64 with HKP 16..128, B = 1..3, T = 2..37."""
+    _force_path(monkeypatch, path)
+    b, t, d, k, h, dh, reduce = SHAPES[name]
+    _check(b, t, d, k, h, dh, dtype, reduce)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_default_paths_of_the_shape_matrix(dtype):
+    """Which forward path the SHAPES matrix exercises by default: both, on several shapes
+    (fp32 with HKP = KEY_COLS = 16 is one of the layouts kept on the 3-read path)."""
+    paths = {name: pim_mod.key_columns(d, h * dh, dtype, pim_mod.num_columns(h, k)) > 0
+             for name, (b, t, d, k, h, dh, reduce) in SHAPES.items()}
+    assert paths == {"t197_d768": True, "k5_a16": dtype != torch.float32, "k6_h3_b1": False,
+                     "h1_k1_t2": False, "k16_h4": True, "hkp128": False, "hkp256": False,
+                     "hkp128_a64": False}

@@ -105,6 +105,33 @@ def run(configs: List[KernelConfig], targets=tuple(TARGETS)) -> List[Dict[str, A
     return [compile_one(cfg, t) for cfg in configs for t in targets]
 
 
+_COLLECTED: List[KernelConfig] = []
+
+
+def _compile_collected(job) -> Dict[str, Any]:
+    """Worker: compile configuration ``index`` of ``collect()`` (rebuilt once per process, as
+    jitted functions do not pickle) for ``target``."""
+    index, target = job
+    if not _COLLECTED:
+        _COLLECTED.extend(collect())
+    return compile_one(_COLLECTED[index], target)
+
+
+def run_collected(workers: int = 0, targets=tuple(TARGETS)) -> List[Dict[str, Any]]:
+    """Every collected configuration for every target, over ``workers`` processes (0: one per
+    CPU); rows come back in the order of ``run(collect())``."""
+    count = len(collect())
+    jobs = [(i, t) for i in range(count) for t in targets]
+    workers = workers or os.cpu_count() or 1
+    if workers == 1 or len(jobs) < 2:
+        return [_compile_collected(job) for job in jobs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_compile_collected, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+
+
 def format_table(rows: List[Dict[str, Any]]) -> str:
     lines = [f"{'kernel':<32} {'target':<7} {'regs':>5} {'spill':>6} {'smem':>7}  config"]
     for r in rows:
@@ -124,10 +151,11 @@ def main(argv=None) -> int:
         return 2
     ap = argparse.ArgumentParser(description="AOT-compile every kernel configuration")
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", "aot.json"))
+    ap.add_argument("--workers", type=int, default=0, help="compile processes (0: one per CPU)")
     args = ap.parse_args(argv)
     import triton
 
-    rows = run(collect())
+    rows = run_collected(args.workers)
     print(format_table(rows) if rows else "no Triton kernel configurations to compile")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as fh:

@@ -20,7 +20,8 @@ twice from DRAM and z_out written once (the DESIGN floor) on the 2-read path, ta
 prompt->token keys K2 = Z W'k^T [T, A] are cheap: A padded to KEY_COLS (a power of two >= 16)
 with 2 * KEY_COLS <= D and KEY_COLS <= MAX_KEY_COLS[dtype] (64: at 128 the backward kernels
 that rebuild K2 spill), except four (dtype, HKP, KEY_COLS) layouts where ptxas spills a few
-bytes (``_KEY_LAYOUTS_THAT_SPILL``), e.g. the model's A = 4 x 16 = 64 with D = 768 (``key_columns``).
+bytes (``_KEY_LAYOUTS_THAT_SPILL``; ``key_columns`` decides). The A-VPT model's default layout
+(A = 4 x 16 = 64, K = 6, so HKP = 32, with D = 768) takes the 2-read path in every dtype.
 There logits2[t,(h,k)] = K2_t . Qexp[:,(h,k)], Qexp [KEY_COLS,HKP] block-diagonal
 (scale * q2[k,h] in rows h*dh .. (h+1)*dh), which needs only q2, i.e. G, after pass 1:
   1. ``_t2p_reduce_kernel``   reads Z once from DRAM: G, colsum, and (2-read path) writes K2

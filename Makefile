@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test demo compare aot bench gpu-check clean
+.PHONY: setup test demo compare aot bench gpu-wheels gpu-check clean
 
 setup: $(STAMP)
 
@@ -39,11 +39,21 @@ compare: $(STAMP)
 aot: $(STAMP)
 	env -u TRITON_INTERPRET $(BIN)/python -m avpt_kernels.aot --out benchmarks/results/aot.json
 
+# Pure-Python packages a CUDA machine without a registry may lack, as wheels in .whl/ (ignored
+# by git; carry it to that machine). Run here, where pip reaches the registry.
+GPU_WHEELS := open_clip_torch==3.3.0 ftfy wcwidth pydicom openpyxl et_xmlfile
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: -d .whl $(GPU_WHEELS)
+
 # On a CUDA machine that brings its own torch/triton (no venv, no registry): the GPU test suite
-# and the full benchmarks from the source tree; JSON lands in benchmarks/results/.
+# and the full benchmarks from the source tree, with the wheels of .whl/ if present; the JSON
+# and TABLE10.md land in benchmarks/results/.
+GPU_SITE := /tmp/avpt-site
 gpu-check:
-	PYTHONPATH=. $(PYTHON) -m pytest -q tests
-	PYTHONPATH=. $(PYTHON) -m pytest -q benchmarks
+	@if [ -d .whl ]; then $(PYTHON) -m pip install -q --no-index --no-deps --no-compile \
+		--no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl; fi
+	PYTHONPATH=.:$(GPU_SITE) $(PYTHON) -m pytest -q tests
+	PYTHONPATH=.:$(GPU_SITE) $(PYTHON) -m pytest -q benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,6 +1,7 @@
 """Triton low-rank prompt bank (Eq. 4, all layers in one launch) against the reference on fp64
 copies: prompts and all seven gradients, every kernel dtype, ranks 4/8/16, the op registration
-(opcheck, torch.compile) and the backend routing. Runs under TRITON_INTERPRET=1 without a GPU."""
+(opcheck, torch.compile) and the backend routing. Runs on CUDA tensors when a GPU is present,
+otherwise on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py)."""
 import importlib
 
 import pytest
@@ -11,6 +12,7 @@ from avpt_kernels import backend, reference
 from avpt_kernels.testing import DTYPES, assert_close
 
 pb = importlib.import_module("avpt_kernels.prompt_bank")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 NAMES = ("region_emb", "token_offset", "U", "V", "layer_bias", "ln_weight", "ln_bias")
 
@@ -30,7 +32,8 @@ def _inputs(b, r, m, d, rank, n_layers, n_stages, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=1.0, shift=0.0):
-        return (torch.randn(shape, generator=g) * scale + shift).to(dtype).requires_grad_()
+        return (torch.randn(shape, generator=g) * scale + shift).to(dtype).to(DEVICE) \
+            .requires_grad_()
 
     k = r * m
     return [rnd(b, r, d), rnd(k, d, scale=0.5), rnd(n_stages, d, rank, scale=d ** -0.5),
@@ -41,14 +44,15 @@ def _inputs(b, r, m, d, rank, n_layers, n_stages, dtype, seed=0):
 def _reference(args, stages, grad, eps=1e-5):
     args64 = [a.detach().double().requires_grad_() for a in args]
     out = reference.prompt_bank(*args64, stages, eps)
-    return out, torch.autograd.grad(out, args64, grad.double())
+    return out, torch.autograd.grad(out, args64,
+                                    grad.to(device=args64[0].device, dtype=torch.float64))
 
 
 def _check(args, stages, dtype, eps=1e-5):
     out = pb.prompt_bank(*args, stages, eps, backend="triton")
     b, _, d = args[0].shape
     assert out.dtype == dtype and out.shape == (len(stages), b, args[1].shape[0], d)
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
     grads = torch.autograd.grad(out, args, grad)
     ref_out, ref_grads = _reference(args, stages, grad, eps)
     assert_close(out, ref_out, dtype, "prompts")
@@ -124,7 +128,7 @@ def test_torch_compile_fullgraph():
         return pb.prompt_bank(*tensors, stages, backend="triton") * 2
 
     out = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(DEVICE)
     grads = torch.autograd.grad(out, args, grad)
     ref_out, ref_grads = _reference(args, stages, 2 * grad)
     assert_close(out, 2 * ref_out, torch.float32, "compiled prompts")
@@ -134,11 +138,12 @@ def test_torch_compile_fullgraph():
 
 def test_module_uses_the_kernel():
     bank = ak.LowRankPromptBank(dim=32, num_regions=3, tokens_per_region=2, rank=8,
-                                num_layers=4, num_stages=2, backend="triton")
+                                num_layers=4, num_stages=2, backend="triton").to(DEVICE)
     with torch.no_grad():  # move off the init (LN affine = identity) so every gradient is generic
         for name in NAMES[4:]:
-            getattr(bank, name).add_(0.3 * torch.randn_like(getattr(bank, name)))
-    emb = torch.randn(2, 3, 32, requires_grad=True)
+            param = getattr(bank, name)  # drawn on CPU (the global CPU generator), then moved
+            param.add_(0.3 * torch.randn(param.shape, dtype=param.dtype).to(DEVICE))
+    emb = torch.randn(2, 3, 32).to(DEVICE).requires_grad_()
     out = bank(emb)
     grad = torch.randn_like(out)
     out.backward(grad)

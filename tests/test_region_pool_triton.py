@@ -1,6 +1,7 @@
 """Triton soft region pooling (Eq. 2) against the reference on fp64 copies: outputs and both
 gradients, every kernel dtype, token- and pixel-resolution maps, the op registration
-(opcheck, torch.compile) and the backend routing. Runs under TRITON_INTERPRET=1 without a GPU."""
+(opcheck, torch.compile) and the backend routing. Runs on CUDA tensors when a GPU is present,
+otherwise on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py)."""
 import importlib
 
 import pytest
@@ -10,6 +11,7 @@ from avpt_kernels import backend, reference
 from avpt_kernels.testing import DTYPES, assert_close
 
 rp = importlib.import_module("avpt_kernels.region_pool")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (features shape, maps shape): class token present or not, token or pixel maps, B=1, R=1, R=3.
 SHAPES = {
@@ -22,8 +24,8 @@ SHAPES = {
 
 def _inputs(shape_f, shape_m, dtype, gen_seed=0):
     g = torch.Generator().manual_seed(gen_seed)
-    f = torch.randn(shape_f, generator=g).to(dtype).requires_grad_()
-    m = torch.rand(shape_m, generator=g).to(dtype).requires_grad_()
+    f = torch.randn(shape_f, generator=g).to(dtype).to(DEVICE).requires_grad_()
+    m = torch.rand(shape_m, generator=g).to(dtype).to(DEVICE).requires_grad_()
     return f, m
 
 
@@ -32,7 +34,7 @@ def _reference(f, m, grad, eps=1e-6):
     f64 = f.detach().double().requires_grad_()
     m64 = m.detach().double().requires_grad_()
     out = reference.region_pool(f64, m64, eps, grid)
-    df, dm = torch.autograd.grad(out, (f64, m64), grad.double())
+    df, dm = torch.autograd.grad(out, (f64, m64), grad.to(device=f64.device, dtype=torch.float64))
     return out, df, dm
 
 
@@ -40,7 +42,7 @@ def _check(f, m, dtype, eps=1e-6):
     out = rp.region_pool(f, m, eps, backend="triton")
     assert out.dtype == dtype and out.shape == (f.shape[0], m.shape[1] if m.dim() == 4
                                                  else m.shape[2], f.shape[2])
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(dtype).to(DEVICE)
     df, dm = torch.autograd.grad(out, (f, m), grad)
     ref_out, ref_df, ref_dm = _reference(f, m, grad, eps)
     assert_close(out, ref_out, dtype, "out")
@@ -79,15 +81,18 @@ def test_pixel_maps_224_single_program_per_image(monkeypatch):
 def test_non_contiguous_inputs(dtype):
     g = torch.Generator().manual_seed(3)
     # features [B,T,D] as a transposed view of [B,D,T]; token maps as a view of [B,R,N].
-    f = torch.randn(2, 40, 17, generator=g).to(dtype).transpose(1, 2).detach().requires_grad_()
+    f = torch.randn(2, 40, 17, generator=g).to(dtype).to(DEVICE).transpose(1, 2).detach() \
+        .requires_grad_()
     f_view = f  # leaf with non-contiguous strides
-    m = torch.rand(2, 3, 16, generator=g).to(dtype).transpose(1, 2).detach().requires_grad_()
+    m = torch.rand(2, 3, 16, generator=g).to(dtype).to(DEVICE).transpose(1, 2).detach() \
+        .requires_grad_()
     assert not f_view.is_contiguous() and not m.is_contiguous()
     _check(f_view, m, dtype)
     # pixel maps [B,R,H,W] as a permuted view of [B,H,W,R], features sliced along D.
-    mp = torch.rand(2, 16, 16, 3, generator=g).to(dtype).permute(0, 3, 1, 2).detach() \
+    mp = torch.rand(2, 16, 16, 3, generator=g).to(dtype).to(DEVICE).permute(0, 3, 1, 2).detach() \
         .requires_grad_()
-    fs = torch.randn(2, 17, 64, generator=g).to(dtype)[:, :, ::2].detach().requires_grad_()
+    fs = torch.randn(2, 17, 64, generator=g).to(dtype).to(DEVICE)[:, :, ::2].detach() \
+        .requires_grad_()
     assert not mp.is_contiguous() and not fs.is_contiguous()
     _check(fs, mp, dtype)
 
@@ -169,7 +174,7 @@ def test_backend_routing(monkeypatch):
     f, m = _inputs((1, 17, 16), (1, 16, 3), torch.float32)
     calls = []
     monkeypatch.setattr(rp, "_forward", lambda *a: calls.append(1) or
-                        (torch.zeros(1, 3, 16), torch.zeros(1, 3)))
+                        (torch.zeros(1, 3, 16, device=DEVICE), torch.zeros(1, 3, device=DEVICE)))
     with backend.use_backend("triton"):
         rp.region_pool(f.detach(), m.detach())
     assert calls, "backend='triton' must run the kernel"

@@ -17,6 +17,13 @@ if not _has_cuda():
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from avpt_kernels.testing import emulate_gpu_bf16_rounding  # noqa: E402
+
+# The interpreter truncates fp32 -> bf16 where a GPU rounds to nearest-even: make it round like
+# the GPU, so that bf16 errors measured here are the ones a GPU run would show.
+if os.environ.get("TRITON_INTERPRET") == "1":
+    assert emulate_gpu_bf16_rounding(), "could not patch the Triton interpreter's bf16 cast"
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -21,8 +21,14 @@ $(STAMP): pyproject.toml setup.py Makefile
 # The unit tests, then the benchmarks as a smoke run (every row produced, nothing timed; the
 # JSON goes to a temporary folder so a test run leaves the tree clean).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not extended" tests
 	AVPT_BENCH_RESULTS=$$(mktemp -d) $(BIN)/python -m pytest -q -p no:cacheprovider benchmarks --benchmark-disable
+
+# The slow cases `make test` leaves out (pytest marker `extended`: the bounded-error rule at the
+# model's shapes under the Triton interpreter).
+.PHONY: test-extended
+test-extended: $(STAMP)
+	$(BIN)/python -m pytest -q -m extended tests
 
 # Latency and memory of the ops (and, as they land, the model): JSON under benchmarks/results/.
 bench: $(STAMP)

@@ -171,8 +171,9 @@ class AVPT(Method):
         # A gate bias of -inf gives sigmoid(-inf) = 0 exactly, hence z_out = z exactly.
         params = module.params()
         params = params._replace(gate_b2=torch.full_like(params.gate_b2, float("-inf")))
-        out = ak.pim(z, p, params, module.num_heads, module.t2p_reduce, return_attn=True,
-                     backend=module.backend)
+        # forward_with casts z, p and the weights to the autocast dtype as the module's forward
+        # does (the weights are fp32 parameters, z may be bf16 under autocast).
+        out = module.forward_with(params, z, p, return_attn=True)
         return out if return_attn else (out[0], out[1], None)
 
     # -- forward -------------------------------------------------------------------------------

@@ -7,18 +7,16 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._autocast import autocast_dtype
 from .pim import pim
 from .prompt_bank import prompt_bank
 from .reference import PIMParams
 from .region_pool import region_pool
 
-
-def _autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
-    """The autocast dtype active for ``device``, or None: the fused ops are not autocast-aware
-    by themselves, so the modules cast inputs and weights the way ``F.linear`` would."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return None
+# The ops compute in fp32 whatever autocast says (autocast is off inside them); the modules
+# follow nn.Linear instead: under torch.autocast they cast inputs and weights to the autocast
+# dtype first, so the outputs come back in that dtype.
+_autocast_dtype = autocast_dtype
 
 
 class RegionPool(nn.Module):
@@ -124,7 +122,12 @@ class PromptTokenInteraction(nn.Module):
 
     def forward(self, z: Tensor, p: Tensor, return_attn: bool = False):
         """z [B,T,D], p [B,K,D] -> (z_out [B,T,D], p_tilde [B,K,D][, attn_p2t [B,H,K,T]])."""
-        params = self.params()
+        return self.forward_with(self.params(), z, p, return_attn)
+
+    def forward_with(self, params: PIMParams, z: Tensor, p: Tensor, return_attn: bool = False):
+        """``forward`` with other weights (e.g. ``params()`` with one tensor replaced), cast
+        under autocast exactly as ``forward`` casts its own. The attention comes back in fp32
+        (fp64 for fp64 inputs) whatever the dtype of z_out and p_tilde."""
         cast = _autocast_dtype(z.device)
         if cast is not None:
             z, p, params = z.to(cast), p.to(cast), PIMParams(*(w.to(cast) for w in params))

@@ -2,7 +2,9 @@
 
 Each function computes in fp32 (fp64 stays fp64) whatever the input dtype and casts the outputs
 back to the input dtype, so that the low-precision backends are compared with the exact answer
-rather than with another rounding of it. No argument checking happens here: the public entry
+rather than with another rounding of it. Autocast is switched off inside (``no_autocast``): an
+enclosing ``torch.autocast`` region does not turn the fp32 math into bf16/fp16 math, and the
+dtypes of the outputs are the documented ones whatever autocast state the caller is in. No argument checking happens here: the public entry
 points (``avpt_kernels.region_pool`` / ``prompt_bank`` / ``pim``) validate before dispatching.
 
 Notation: B batch, T = N+1 tokens (class token at index 0), N patch tokens, D hidden size,
@@ -16,6 +18,8 @@ from typing import NamedTuple, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from ._autocast import no_autocast
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -41,6 +45,7 @@ def downsample_maps(maps: Tensor, grid: Tuple[int, int]) -> Tensor:
     return pooled.reshape(b, r, hg * wg).transpose(1, 2)
 
 
+@no_autocast
 def region_pool(features: Tensor, maps: Tensor, eps: float = 1e-6,
                 grid: Optional[Tuple[int, int]] = None) -> Tensor:
     """Eq. 2: ``out[b,k] = sum_p A[b,p,k] F[b,p] / (sum_p A[b,p,k] + eps)``.
@@ -64,6 +69,7 @@ def region_pool(features: Tensor, maps: Tensor, eps: float = 1e-6,
 # --------------------------------------------------------------------------------------------
 # Eq. 4 — low-rank, stage-shared prompt bank, all layers at once
 # --------------------------------------------------------------------------------------------
+@no_autocast
 def prompt_bank(region_emb: Tensor, token_offset: Tensor, U: Tensor, V: Tensor,
                 layer_bias: Tensor, ln_weight: Tensor, ln_bias: Tensor,
                 layer_stage: Sequence[int], eps: float = 1e-5) -> Tensor:
@@ -134,6 +140,7 @@ def _merge_heads(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(b, s, h * dh)
 
 
+@no_autocast
 def pim(z: Tensor, p: Tensor, params: PIMParams, num_heads: int, t2p_reduce: str = "sum",
         return_attn: bool = False):
     """Eqs. 5-10 for one layer.

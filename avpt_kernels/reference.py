@@ -4,8 +4,10 @@ Each function computes in fp32 (fp64 stays fp64) whatever the input dtype and ca
 back to the input dtype, so that the low-precision backends are compared with the exact answer
 rather than with another rounding of it. Autocast is switched off inside (``no_autocast``): an
 enclosing ``torch.autocast`` region does not turn the fp32 math into bf16/fp16 math, and the
-dtypes of the outputs are the documented ones whatever autocast state the caller is in. No argument checking happens here: the public entry
-points (``avpt_kernels.region_pool`` / ``prompt_bank`` / ``pim``) validate before dispatching.
+outputs have the documented dtypes whatever the caller's autocast state. (Autograd replays the
+backward outside this guard: take the backward outside the autocast region, as PyTorch
+recommends.) No argument checking happens here: the public entry points
+(``avpt_kernels.region_pool`` / ``prompt_bank`` / ``pim``) validate before dispatching.
 
 Notation: B batch, T = N+1 tokens (class token at index 0), N patch tokens, D hidden size,
 K prompt tokens, R regions, H heads, dh head width, A = H*dh, L layers, S stages, r rank.

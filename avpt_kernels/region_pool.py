@@ -23,6 +23,19 @@ R is padded to 16 (masked) so that both contractions run as ``tl.dot``, in fp32 
 input dtype: G = dout / (den + eps) can exceed the float16 range for an empty map, and a 16-bit
 tensor-core variant of the forward cannot be validated here (Triton's interpreter mishandles
 bfloat16 ``tl.dot`` operands).
+
+Precision (the bounded-error rule of ``avpt_kernels.testing``: on the same 16-bit inputs, the
+kernels' error against the fp64 truth stays within 2x the torch backend's). Every product and
+sum is formed and accumulated in fp32: the forward's ``A^T F`` and ``sum_p A`` (the pixel-map
+box averages A are fp32 values, not 16-bit ones), the backward's ``A G`` and ``F G^T`` (G =
+dout / (den + eps) is an fp32 value) and ``out . G``. Only the results are rounded to the input
+dtype, once. In particular ``dA = F.G - out.G`` suffers cancellation whenever the features share
+a large common component (every token close to the region mean, as with the large shared
+channels of a ViT's features): ``out.G`` must then be the fp32 ``num / (den + eps)``, not the
+16-bit ``out`` rounded to the input dtype, whose rounding error (u |out| |G|) would be amplified
+by |out| / |F - out| in dA. So for 16-bit inputs the forward also writes ``out`` in fp32
+([B,R,D], a few KB: R << N), which is what the backward saves and reads; for fp32 inputs ``out``
+itself is that tensor.
 """
 from __future__ import annotations
 
@@ -130,18 +143,21 @@ def _area_weights_tile(maps_ptr, pid_b, offs_p, mask_p, offs_r, R,
 
 @triton.jit
 def _region_pool_fwd_kernel(
-        feat_ptr, maps_ptr, out_ptr, den_ptr,
+        feat_ptr, maps_ptr, out_ptr, den_ptr, out32_ptr,
         N, R, D, cls_offset, eps, grid_w, factor, patches_per_split,
         stride_fb, stride_ft, stride_fd,
         stride_mb, stride_m1, stride_m2, stride_m3,
         stride_ob, stride_os, stride_or, stride_od,
         PIXEL_MAPS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_P: tl.constexpr,
-        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_PIX: tl.constexpr):
+        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_PIX: tl.constexpr,
+        WRITE_F32: tl.constexpr):
     """Image b, one D block, patches [s * patches_per_split, (s + 1) * patches_per_split).
 
     SPLIT=False (one split): out[b, r, d] = sum_p A[p,r] F[p,d] / (sum_p A[p,r] + eps) and
-    den[b, r] = sum_p A. SPLIT=True: the partial sums of split s, unnormalised, go to
-    out[b, s, r, d] and den[b, s, r] (fp32), and ``_region_pool_finalize_kernel`` adds them up.
+    den[b, r] = sum_p A; with WRITE_F32 (16-bit inputs), out also goes to out32 [B,R,D] (fp32,
+    contiguous), unrounded, for the backward. SPLIT=True: the partial sums of split s,
+    unnormalised, go to out[b, s, r, d] and den[b, s, r] (fp32), and
+    ``_region_pool_finalize_kernel`` adds them up (and writes out32).
     """
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -172,6 +188,9 @@ def _region_pool_fwd_kernel(
     else:
         # An all-zero map has num = 0 and den = 0: the row is 0 / eps = 0, never NaN.
         out = num / (den[:, None] + eps)
+        if WRITE_F32:
+            tl.store(out32_ptr + (pid_b * R + offs_r).to(tl.int64)[:, None] * D
+                     + offs_d[None, :], out, mask=mask_r[:, None] & mask_d[None, :])
     n_splits = tl.num_programs(2)
     tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + pid_s * stride_os
              + offs_r[:, None] * stride_or + offs_d[None, :] * stride_od,
@@ -182,11 +201,12 @@ def _region_pool_fwd_kernel(
 
 @triton.jit
 def _region_pool_finalize_kernel(
-        part_num_ptr, part_den_ptr, out_ptr, den_ptr, n_splits, R, D, eps,
+        part_num_ptr, part_den_ptr, out_ptr, den_ptr, out32_ptr, n_splits, R, D, eps,
         stride_ob, stride_or, stride_od,
-        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_F32: tl.constexpr):
     """Sum the per-split partials part_num [B,S,R,D], part_den [B,S,R] (fp32, contiguous):
-    out[b] = num / (den + eps) [B,R,D] and den [B,R]."""
+    out[b] = num / (den + eps) [B,R,D] and den [B,R]; with WRITE_F32, out also in fp32 to
+    out32 [B,R,D] (contiguous)."""
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -204,6 +224,9 @@ def _region_pool_finalize_kernel(
     out = num / (den[:, None] + eps)
     tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + offs_r[:, None] * stride_or
              + offs_d[None, :] * stride_od, out.to(out_ptr.dtype.element_ty), mask=mask)
+    if WRITE_F32:
+        tl.store(out32_ptr + (pid_b * R + offs_r).to(tl.int64)[:, None] * D + offs_d[None, :],
+                 out, mask=mask)
     if pid_d == 0:
         tl.store(den_ptr + pid_b * R + offs_r, den, mask=mask_r)
 
@@ -221,7 +244,9 @@ def _region_pool_bwd_kernel(
         BLOCK_PIX: tl.constexpr):
     """Gradients of one tile of BLOCK_P patches of image b.
 
-    dfeat [B,T|N,D] and dmaps (shape of maps) are contiguous outputs.
+    out is the forward's output in fp32 (see the module docstring: out.G must not be formed from
+    the output rounded to 16 bits). dfeat [B,T|N,D] and dmaps (shape of maps) are contiguous
+    outputs.
     """
     pid_b = tl.program_id(0)
     pid_p = tl.program_id(1)
@@ -351,6 +376,10 @@ def _forward(features: Tensor, maps: Tensor, eps: float, grid_h: int,
     dev = features.device
     out = torch.empty((b, r, d), dtype=features.dtype, device=dev)
     den = torch.empty((b, r), dtype=torch.float32, device=dev)
+    # 16-bit inputs: out in fp32 too, for the backward (fp32 inputs: out itself, see the
+    # module docstring).
+    write_f32 = features.dtype != torch.float32
+    out32 = torch.empty((b, r, d) if write_f32 else (0,), dtype=torch.float32, device=dev)
     block_d = _fwd_block_d(d, pixel)
     n_tiles = triton.cdiv(n, _BLOCK_P)
     splits = _pixel_splits(b, n_tiles, dev) if pixel else 1
@@ -362,21 +391,26 @@ def _forward(features: Tensor, maps: Tensor, eps: float, grid_h: int,
         dst = torch.empty((b, splits, r, d), dtype=torch.float32, device=dev)
         dst_den = torch.empty((b, splits, r), dtype=torch.float32, device=dev)
         dst_strides = dst.stride()
+    fwd_write_f32 = write_f32 and splits == 1  # split partials: finalize writes out32
     _region_pool_fwd_kernel[(b, triton.cdiv(d, block_d), splits)](
-        features, maps, dst, dst_den, n, r, d, cls_offset, eps, max(grid_w, 1), factor,
+        features, maps, dst, dst_den, out32 if fwd_write_f32 else dst_den, n, r, d, cls_offset,
+        eps, max(grid_w, 1), factor,
         patches_per_split, *features.stride(), *_map_strides(maps), *dst_strides,
         PIXEL_MAPS=pixel, SPLIT=splits > 1, BLOCK_P=_BLOCK_P, BLOCK_R=_block_r(r),
-        BLOCK_D=block_d, BLOCK_PIX=_block_pix(pixel), num_warps=_fwd_warps(pixel))
+        BLOCK_D=block_d, BLOCK_PIX=_block_pix(pixel), WRITE_F32=fwd_write_f32,
+        num_warps=_fwd_warps(pixel))
     if splits > 1:
         _region_pool_finalize_kernel[(b, triton.cdiv(d, _FINALIZE_BLOCK_D))](
-            dst, dst_den, out, den, splits, r, d, eps, *out.stride(),
-            BLOCK_R=_block_r(r), BLOCK_D=_FINALIZE_BLOCK_D, num_warps=4)
-    return out, den
+            dst, dst_den, out, den, out32 if write_f32 else den, splits, r, d, eps,
+            *out.stride(), BLOCK_R=_block_r(r), BLOCK_D=_FINALIZE_BLOCK_D, WRITE_F32=write_f32,
+            num_warps=4)
+    return out, den, out32
 
 
 def _backward(grad_out: Tensor, features: Tensor, maps: Tensor, out: Tensor, den: Tensor,
               eps: float, grid_h: int, grid_w: int, need_features: bool,
               need_maps: bool) -> Tuple[Tensor, Tensor]:
+    """out: the forward's output in fp32 (out32 for 16-bit inputs)."""
     b, t, d = features.shape
     pixel = maps.dim() == 4
     n, r, cls_offset, factor = _geometry(features, maps, grid_h, grid_w)
@@ -399,9 +433,11 @@ def _backward(grad_out: Tensor, features: Tensor, maps: Tensor, out: Tensor, den
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("avpt::region_pool", mutates_args=())
 def region_pool_op(features: Tensor, maps: Tensor, eps: float, grid_h: int,
-                   grid_w: int) -> Tuple[Tensor, Tensor]:
+                   grid_w: int) -> Tuple[Tensor, Tensor, Tensor]:
     """Triton Eq. 2. grid_h = grid_w = 0 for token maps [B,N,R]; the patch grid for pixel maps.
-    Returns (out [B,R,D] in the features dtype, den = sum_p A [B,R] fp32, not differentiable)."""
+    Returns (out [B,R,D] in the features dtype, and for the backward, not differentiable:
+    den = sum_p A [B,R] fp32, out32 = out in fp32 [B,R,D] for 16-bit features, empty [0] for
+    float32 features)."""
     return _forward(features, maps, eps, grid_h, grid_w)
 
 
@@ -409,14 +445,17 @@ def region_pool_op(features: Tensor, maps: Tensor, eps: float, grid_h: int,
 def _(features, maps, eps, grid_h, grid_w):
     r = maps.shape[1] if maps.dim() == 4 else maps.shape[2]
     b, _, d = features.shape
-    return features.new_empty((b, r, d)), features.new_empty((b, r), dtype=torch.float32)
+    out32_shape = (b, r, d) if features.dtype != torch.float32 else (0,)
+    return (features.new_empty((b, r, d)), features.new_empty((b, r), dtype=torch.float32),
+            features.new_empty(out32_shape, dtype=torch.float32))
 
 
 @torch.library.custom_op("avpt::region_pool_backward", mutates_args=())
 def region_pool_backward_op(grad_out: Tensor, features: Tensor, maps: Tensor, out: Tensor,
                             den: Tensor, eps: float, grid_h: int, grid_w: int,
                             need_features: bool, need_maps: bool) -> Tuple[Tensor, Tensor]:
-    """(d features, d maps) of ``region_pool_op``; a gradient not asked for is left unwritten."""
+    """(d features, d maps) of ``region_pool_op``; ``out`` is the forward's output in fp32
+    (its out32 for 16-bit features). A gradient not asked for is left unwritten."""
     return _backward(grad_out, features, maps, out, den, eps, grid_h, grid_w, need_features,
                      need_maps)
 
@@ -429,13 +468,14 @@ def _(grad_out, features, maps, out, den, eps, grid_h, grid_w, need_features, ne
 
 def _setup_context(ctx, inputs, output):
     features, maps, eps, grid_h, grid_w = inputs
-    out, den = output
-    ctx.mark_non_differentiable(den)
-    ctx.save_for_backward(features, maps, out, den)
+    out, den, out32 = output
+    ctx.mark_non_differentiable(den, out32)
+    # The backward needs out in fp32 (module docstring): out32 for 16-bit features.
+    ctx.save_for_backward(features, maps, out if features.dtype == torch.float32 else out32, den)
     ctx.args = (eps, grid_h, grid_w)
 
 
-def _backward_autograd(ctx, grad_out, _grad_den):
+def _backward_autograd(ctx, grad_out, _grad_den, _grad_out32):
     features, maps, out, den = ctx.saved_tensors
     need_features, need_maps = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     dfeat, dmaps = region_pool_backward_op(grad_out, features, maps, out, den, *ctx.args,
@@ -522,12 +562,14 @@ def aot_configs() -> List:
     for dtype, ty in _TL_TYPES.items():
         ptr = f"*{ty}"
         fwd_sig = {"feat_ptr": ptr, "maps_ptr": ptr, "out_ptr": ptr, "den_ptr": "*fp32",
-                   **{k: "i32" for k in ints[:4]}, "eps": "fp32",
+                   "out32_ptr": "*fp32", **{k: "i32" for k in ints[:4]}, "eps": "fp32",
                    **{k: "i32" for k in ints[4:] + ("patches_per_split",)},
                    **{k: "i32" for k in ("stride_fb", "stride_ft", "stride_fd", "stride_mb",
                                          "stride_m1", "stride_m2", "stride_m3", "stride_ob",
                                          "stride_os", "stride_or", "stride_od")}}
-        fwd_const = ("PIXEL_MAPS", "SPLIT", "BLOCK_P", "BLOCK_R", "BLOCK_D", "BLOCK_PIX")
+        fwd_const = ("PIXEL_MAPS", "SPLIT", "BLOCK_P", "BLOCK_R", "BLOCK_D", "BLOCK_PIX",
+                     "WRITE_F32")
+        write_f32 = dtype != torch.float32  # 16-bit inputs also write out in fp32
         fwd_sig.update({k: "constexpr" for k in fwd_const})
         # Token maps: one split. Pixel maps: one split, or partial sums (fp32 out) + finalize.
         fwd_choices = [(False, False, _TOKEN_FWD_BLOCK_D)] + [
@@ -537,15 +579,17 @@ def aot_configs() -> List:
             configs.append(KernelConfig(
                 _region_pool_fwd_kernel, sig,
                 dict(PIXEL_MAPS=pixel, SPLIT=split, BLOCK_P=_BLOCK_P, BLOCK_R=_block_r(1),
-                     BLOCK_D=block_d, BLOCK_PIX=_block_pix(pixel)), num_warps=_fwd_warps(pixel)))
+                     BLOCK_D=block_d, BLOCK_PIX=_block_pix(pixel),
+                     WRITE_F32=write_f32 and not split), num_warps=_fwd_warps(pixel)))
         configs.append(KernelConfig(
             _region_pool_finalize_kernel,
             {"part_num_ptr": "*fp32", "part_den_ptr": "*fp32", "out_ptr": ptr, "den_ptr": "*fp32",
-             "n_splits": "i32", "R": "i32", "D": "i32", "eps": "fp32", "stride_ob": "i32",
-             "stride_or": "i32", "stride_od": "i32", "BLOCK_R": "constexpr",
-             "BLOCK_D": "constexpr"},
-            dict(BLOCK_R=_block_r(1), BLOCK_D=_FINALIZE_BLOCK_D), num_warps=4))
-        bwd_sig = {"feat_ptr": ptr, "maps_ptr": ptr, "out_ptr": ptr, "den_ptr": "*fp32",
+             "out32_ptr": "*fp32", "n_splits": "i32", "R": "i32", "D": "i32", "eps": "fp32",
+             "stride_ob": "i32", "stride_or": "i32", "stride_od": "i32", "BLOCK_R": "constexpr",
+             "BLOCK_D": "constexpr", "WRITE_F32": "constexpr"},
+            dict(BLOCK_R=_block_r(1), BLOCK_D=_FINALIZE_BLOCK_D, WRITE_F32=write_f32),
+            num_warps=4))
+        bwd_sig = {"feat_ptr": ptr, "maps_ptr": ptr, "out_ptr": "*fp32", "den_ptr": "*fp32",
                    "dout_ptr": ptr, "dfeat_ptr": ptr, "dmaps_ptr": ptr,
                    **{k: "i32" for k in ints[:4]}, "eps": "fp32",
                    **{k: "i32" for k in ints[4:]},

@@ -91,6 +91,7 @@ RP_SHAPES = {
     "vitb-token": (2, 197, 768, 3, None),
     "odd-pixel": (3, 17, 48, 5, 16),   # 4x4 grid, f = 4
     "odd-token": (3, 17, 48, 5, None),
+    "grid8-pixel": (2, 65, 40, 3, 32),  # 8x8 grid, f = 4: 4 patch tiles, split over programs
 }
 
 
@@ -122,6 +123,12 @@ def _rp_inputs(shape, family, dtype, seed=0):
         else:
             m[:, :, 0] = 1e-4 * m[:, :, 0]
             m[:, 0, 0] = 5e-3
+    elif family == "offset30":
+        # Every token shares one large vector (x30 its own part), as the large shared channels
+        # of a ViT's features: the region means are close to every token, and d maps =
+        # (F - out).G / den cancels (this family exposed a backward that formed out.G from the
+        # output rounded to 16 bits).
+        f += 30 * torch.randn(d, generator=g, dtype=torch.float64)
     elif family == "mixed":
         # Per-image feature scales spanning 1e-2 .. 1e2.
         f *= torch.logspace(-2, 2, b, dtype=torch.float64)[:, None, None]
@@ -130,16 +137,19 @@ def _rp_inputs(shape, family, dtype, seed=0):
     return f.to(dtype), m.to(dtype)
 
 
-RP_FAMILIES = ("plain", "highnorm30", "highnorm100", "binary", "tinymass", "mixed")
+RP_FAMILIES = ("plain", "highnorm30", "highnorm100", "binary", "tinymass", "offset30", "mixed")
 # The representative few that run in CI at the model's shapes; every other model-shape case is
-# ``extended``. The small odd shapes run every family in both dtypes.
-RP_CI_MODEL = {("vitb-pixel", "plain", torch.float16), ("vitb-token", "highnorm100", torch.bfloat16)}
+# ``extended``. The small odd shapes run every family in both dtypes; the 8x8 grid (pixel maps
+# whose patches are split over programs, partial sums added up by the finalize kernel) a few.
+RP_CI_MODEL = {("vitb-pixel", "offset30", torch.float16),
+               ("vitb-token", "highnorm100", torch.bfloat16)}
+RP_SHAPE_FAMILIES = {"grid8-pixel": ("plain", "tinymass", "offset30")}
 
 
 def _rp_cases():
     cases = []
     for shape in RP_SHAPES:
-        for family in RP_FAMILIES:
+        for family in RP_SHAPE_FAMILIES.get(shape, RP_FAMILIES):
             for dtype in DTYPES:
                 slow = shape.startswith("vitb") and (shape, family, dtype) not in RP_CI_MODEL
                 cases.append(pytest.param(shape, family, dtype, marks=(EXT,) if slow else (),

@@ -143,15 +143,19 @@ def test_eps_is_honoured():
     _check(f, m, torch.float32, eps=1e-2)
 
 
+@pytest.mark.parametrize("dtype", (torch.float32, torch.bfloat16), ids=str)
 @pytest.mark.parametrize("pixel", (False, True), ids=("token", "pixel"))
-def test_opcheck(pixel):
-    f, m = _inputs((2, 17, 32), (2, 3, 8, 8) if pixel else (2, 16, 3), torch.float32)
+def test_opcheck(pixel, dtype):
+    # bfloat16: the op also returns the fp32 output the backward reads (out32).
+    f, m = _inputs((2, 17, 32), (2, 3, 8, 8) if pixel else (2, 16, 3), dtype)
     grid = (4, 4) if pixel else (0, 0)
     torch.library.opcheck(rp.region_pool_op, (f, m, 1e-6, *grid))
-    out, den = rp.region_pool_op(f.detach(), m.detach(), 1e-6, *grid)
-    grad = torch.randn_like(out)
+    out, den, out32 = rp.region_pool_op(f.detach(), m.detach(), 1e-6, *grid)
+    assert out32.shape == ((0,) if dtype == torch.float32 else out.shape)
+    saved = out if dtype == torch.float32 else out32
+    grad = torch.randn(out.shape).to(dtype).to(DEVICE)
     torch.library.opcheck(rp.region_pool_backward_op,
-                          (grad, f.detach(), m.detach(), out, den, 1e-6, *grid, True, True))
+                          (grad, f.detach(), m.detach(), saved, den, 1e-6, *grid, True, True))
 
 
 def test_torch_compile_fullgraph():

@@ -25,6 +25,17 @@ Kernels (fp32 accumulation, rank padded to 16 for ``tl.dot``, fp32 dots in ieee 
 
 Inputs and parameters are small and are made contiguous by the launchers (``.contiguous()``), as
 is the prompts' gradient (a stride-0 gradient, from ``prompts.sum()``, is materialised once).
+
+Precision (the bounded-error rule of ``avpt_kernels.testing``: on the same 16-bit inputs, the
+kernels' error against the fp64 truth stays within 2x the torch backend's; tested in
+``tests/test_bounded_error_ops.py``). No contraction here has two exact 16-bit operands, so every
+``tl.dot`` takes fp32 operands and accumulates in fp32: ``e @ U`` (e = E + off is an fp32 sum of
+two 16-bit values), ``low @ V``, ``dx @ V^T``, ``low^T dx``, ``dlow @ U^T``, ``e^T dlow`` (low, dx
+and dlow are fp32 intermediates). The LayerNorm statistics, the row terms c1 and c2 and the
+column sums over rows are fp32 too, and everything the backward reads besides the inputs (low,
+mean, rstd, dlow, c1, c2, the per-layer dV) stays in fp32: the backward recomputes x from the
+fp32 ``low``, never from the prompts rounded to the input dtype. Each result is rounded to the
+input dtype once, when stored.
 """
 from __future__ import annotations
 

@@ -114,7 +114,8 @@ def _loss(outputs):
 
 def _run(op, inputs, backend_name, autocast_dtype=None):
     """Forward under autocast (when ``autocast_dtype``), backward outside it."""
-    ctx = torch.autocast(DEVICE, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+    ctx = torch.autocast(DEVICE, dtype=autocast_dtype) if autocast_dtype \
+        else contextlib.nullcontext()
     with ctx:
         outputs = _call(op, inputs, backend_name)
     return outputs, torch.autograd.grad(_loss(outputs), inputs)
@@ -194,7 +195,8 @@ def _randomise(module):
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * (p.shape[-1] ** -0.5 if p.dim() > 1 else 0.1))
+            std = p.shape[-1] ** -0.5 if p.dim() > 1 else 0.1
+            p.copy_(torch.randn(p.shape, generator=g) * std)
     return module.to(DEVICE)
 
 
@@ -208,7 +210,8 @@ def test_modules_under_autocast_are_the_op_on_cast_inputs(op, backend_name):
         module = ak.RegionPool(backend=backend_name)
         args = [t.detach().requires_grad_(True) for t in _make_inputs("region_pool")]
         leaves = args
-        manual = lambda: (ak.region_pool(*(a.to(bf) for a in args), backend=backend_name),)  # noqa: E731
+        manual = lambda: (  # noqa: E731
+            ak.region_pool(*(a.to(bf) for a in args), backend=backend_name),)
         forward = lambda: (module(*args),)  # noqa: E731
     elif op == "prompt_bank":
         module = _randomise(ak.LowRankPromptBank(32, 3, 2, 4, num_layers=3, num_stages=2,
@@ -366,6 +369,7 @@ def test_training_step_gradients_under_autocast_bounded_across_backends(on_trito
         return dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
 
     truth = grads(copy.deepcopy(torch_model), autocast=False)
-    zero = {n: n.replace(".bias", ".weight") for n in truth if n.endswith(("t2p_k.bias", "p2t_k.bias"))}
+    zero = {n: n.replace(".bias", ".weight") for n in truth
+            if n.endswith(("t2p_k.bias", "p2t_k.bias"))}
     assert_bounded_error(grads(triton_model, True), grads(torch_model, True), truth,
                          torch.bfloat16, zero_scale=zero, label="A-VPT grads under autocast")

@@ -10,7 +10,10 @@ upstream gradient is one fixed random fp64 tensor, cast to each side's dtype.
 Input families: plain; one high-norm token per image (x30, x100); sharp/peaked inputs
 (region_pool: near-binary maps, a region with tiny total mass; prompt_bank: every weight scaled
 x3..x5, region embeddings with one huge row); very different images in one batch (per-image
-scales 1e-2..1e2); at the model's shapes and at small odd ones.
+scales 1e-2..1e2); and two more: features sharing one large vector (region_pool "offset30", the
+case that found the 16-bit ``out`` in region_pool's backward) and inputs near the top of
+float16's range whose sums exceed it ("nearmax"). All at the model's shapes and at small odd
+ones.
 
 Non-finite values: the rule's error is inf where a backend gives inf/NaN and the truth is
 finite, but it would pass if both backends overflowed. So every case also checks on its own that
@@ -129,6 +132,11 @@ def _rp_inputs(shape, family, dtype, seed=0):
         # (F - out).G / den cancels (this family exposed a backward that formed out.G from the
         # output rounded to 16 bits).
         f += 30 * torch.randn(d, generator=g, dtype=torch.float64)
+    elif family == "nearmax":
+        # Features near the top of float16's range (2e4 +- 1e3): the sums over patches
+        # (sum_p A F ~ N x 2e4) exceed it, only fp32 accumulation holds them. The test scales
+        # the upstream gradient by 1e-3 so that d maps fits float16.
+        f = 2e4 + 1e3 * f
     elif family == "mixed":
         # Per-image feature scales spanning 1e-2 .. 1e2.
         f *= torch.logspace(-2, 2, b, dtype=torch.float64)[:, None, None]
@@ -137,7 +145,8 @@ def _rp_inputs(shape, family, dtype, seed=0):
     return f.to(dtype), m.to(dtype)
 
 
-RP_FAMILIES = ("plain", "highnorm30", "highnorm100", "binary", "tinymass", "offset30", "mixed")
+RP_FAMILIES = ("plain", "highnorm30", "highnorm100", "binary", "tinymass", "offset30", "nearmax",
+               "mixed")
 # The representative few that run in CI at the model's shapes; every other model-shape case is
 # ``extended``. The small odd shapes run every family in both dtypes; the 8x8 grid (pixel maps
 # whose patches are split over programs, partial sums added up by the finalize kernel) a few.
@@ -160,7 +169,7 @@ def _rp_cases():
 @pytest.mark.parametrize("shape,family,dtype", _rp_cases())
 def test_region_pool_bounded_error(shape, family, dtype):
     f, m = _rp_inputs(RP_SHAPES[shape], family, dtype)
-    grad_scale = 1e-2 if family == "tinymass" else 1.0
+    grad_scale = {"tinymass": 1e-2, "nearmax": 1e-3}.get(family, 1.0)
 
     def fn(features, maps, backend):
         return rp.region_pool(features, maps, backend=backend) * grad_scale
@@ -234,6 +243,10 @@ def _pb_inputs(shape, family, dtype, seed=0):
             args[i] = args[i] * factor
     elif family == "hugerow":
         emb[0, r - 1] *= 1e3  # one region embedding of the batch 1000x the others
+    elif family == "nearmax":
+        # Region embeddings near the top of float16's range (|E| up to ~4e4): x = e U V and the
+        # LayerNorm sums of squares exceed it, only fp32 holds them.
+        emb *= 1e4
     elif family == "mixed":
         emb *= torch.logspace(-2, 2, b, dtype=torch.float64)[:, None, None]
     else:
@@ -241,7 +254,7 @@ def _pb_inputs(shape, family, dtype, seed=0):
     return [a.to(dtype) for a in args]
 
 
-PB_FAMILIES = ("plain", "highnorm30", "highnorm100", "scaled", "hugerow", "mixed")
+PB_FAMILIES = ("plain", "highnorm30", "highnorm100", "scaled", "hugerow", "nearmax", "mixed")
 PB_CI_MODEL = {("vitb", "plain", torch.float16)}
 
 

@@ -59,6 +59,7 @@ else: ``ValueError`` for ``backend="triton"``, the torch path for ``"auto"``.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Optional, Tuple
 
@@ -86,8 +87,8 @@ _DOT_MODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def _dot_mode(dtype: torch.dtype, device: torch.device) -> int:
-    if dtype == torch.bfloat16 and device.type == "cpu":
-        return 3  # interpreter: see _mm
+    if device.type == "cpu" and dtype != torch.float32:
+        return {torch.bfloat16: 3, torch.float16: 4}[dtype]  # interpreter: see _mm
     return _DOT_MODE[dtype]
 
 
@@ -171,12 +172,17 @@ MAX_KEY_COLS = {torch.float32: 64, torch.float16: 64, torch.bfloat16: 64}
 _KEY_LAYOUTS_THAT_SPILL = {(True, 16, 16), (True, 128, 64), (False, 16, 64), (False, 32, 32)}
 
 
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 def key_columns(d: int, a: int, dtype: torch.dtype, columns: Optional[int] = None) -> int:
     """KEY_COLS of the 2-read forward for D, A = H * head width (padded to a power of two >= 16),
     the input dtype and HKP = ``columns``, or 0 where the forward takes the 3-read path.
     ``columns=None`` skips the per-layout exclusions (_KEY_LAYOUTS_THAT_SPILL)."""
     width = max(16, _next_pow2(a))
-    if width > MAX_KEY_COLS[dtype] or 2 * width > d:
+    # K2 is fp32: written once and read twice, it must cost no more than the Z read it replaces
+    if width > MAX_KEY_COLS[dtype] or 3 * width * 4 > d * _element_size(dtype):
         return 0
     if columns is not None and (dtype == torch.float32, columns, width) in _KEY_LAYOUTS_THAT_SPILL:
         return 0
@@ -217,7 +223,7 @@ def pim_achieved_bytes(B: int, T: int, D: int, K: int, A: int, dtype: torch.dtyp
     """DRAM traffic model of these kernels (Z-sized streams plus the small operands). Forward on
     the 2-read path (``key_columns(D, A, dtype, HKP) > 0``; without ``num_heads`` HKP is not
     known and the per-layout exclusions are not applied): 2 reads of Z + 1 write of z_out, plus the
-    key scratch K2 [B,T,KEY_COLS] (input dtype) written once and read twice (stats, update);
+    key scratch K2 [B,T,KEY_COLS] (fp32) written once and read twice (stats, update);
     otherwise 3 reads of Z + 1 write. Backward: 3 reads of Z, 2 of dY, 1 write of dZ. Not counted:
     the [T, HKP] fp32 scratch rows (S1, S2, dl1), written and read back at once (L2), and the
     re-read of a program's own Z tiles inside the chunked reductions (L2 hits)."""
@@ -228,7 +234,7 @@ def pim_achieved_bytes(B: int, T: int, D: int, K: int, A: int, dtype: torch.dtyp
         return 6 * big + small
     key_cols = key_columns(D, A, dtype, None if num_heads is None else num_columns(num_heads, K))
     if key_cols:
-        return 3 * big + 3 * B * T * key_cols * e + small
+        return 3 * big + 3 * B * T * key_cols * 4 + small
     return 4 * big + small
 
 
@@ -237,18 +243,93 @@ def pim_achieved_bytes(B: int, T: int, D: int, K: int, A: int, dtype: torch.dtyp
 # --------------------------------------------------------------------------------------------
 @triton.jit
 def _mm(a, b, DOT_MODE: tl.constexpr):
-    """a @ b with fp32 accumulation: fp32 operands in IEEE precision (no TF32), or both operands
-    rounded to the input's 16-bit type (tensor cores). Mode 3 is mode 2 for TRITON_INTERPRET=1,
-    whose tl.dot on bfloat16 operands returns garbage (triton 3.8); it is never compiled."""
+    """a @ b with fp32 accumulation for operands that are exact in the input dtype (Z, dZ_out,
+    the weights): fp32 operands in IEEE precision (no TF32), or 16-bit tensor-core dots. Modes 3
+    and 4 are modes 2 and 1 for TRITON_INTERPRET=1, whose tl.dot on bfloat16 operands returns
+    garbage (triton 3.8): exact fp32 products of the rounded operands; they are never compiled."""
     if DOT_MODE == 0:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    elif DOT_MODE == 1:
+    elif DOT_MODE == 1 or DOT_MODE == 4:
         return tl.dot(a.to(tl.float16), b.to(tl.float16))
     elif DOT_MODE == 2:
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    else:  # bf16-rounded operands, exact fp32 products: what mode 2 computes, for the interpreter
+    else:
         return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32),
                       input_precision="ieee")
+
+
+@triton.jit
+def _fp16_parts(x):
+    """fp32 tile x -> (hi, lo, inv_scale) with x = (hi + lo) * inv_scale + O(2^-22 max|x|), hi and
+    lo float16. The tile is first scaled by a power of two that puts its largest |x| in
+    [2^14, 2^15): no part overflows fp16's 65504 (whatever the magnitude of x, e.g. a gradient
+    under a loss scaler), and lo stays above fp16's subnormal floor. The scale is built from the
+    exponent bits, so scaling is exact."""
+    big = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    exponent = tl.maximum((big.to(tl.int32, bitcast=True) >> 23) & 0xFF, 15)  # biased
+    scale = ((268 - exponent) << 23).to(tl.float32, bitcast=True)  # 2^(14 - (exponent - 127))
+    inv_scale = ((exponent - 14) << 23).to(tl.float32, bitcast=True)
+    xs = x * scale
+    hi = xs.to(tl.float16)
+    return hi, (xs - hi.to(tl.float32)).to(tl.float16), inv_scale
+
+
+@triton.jit
+def _mm_split(a, b, EXACT: tl.constexpr, DOT_MODE: tl.constexpr):
+    """a @ b to near-fp32 accuracy on 16-bit tensor cores, for products with an fp32
+    intermediate operand (softmax probabilities, the per-image matrices Mq/Mk/Nv, gradients).
+    Rounding such an operand to 16 bits errs by 2^-9 (bf16) of each element; where the result
+    feeds a softmax over high-norm tokens or a difference of nearly equal sums, that error is
+    amplified far beyond the torch backend's (fp32) error. Instead each fp32 operand is split
+    into 16-bit parts x = hi + lo (lo: the rounding error of hi) and hi*hi + hi*lo + lo*hi is
+    summed with fp32 accumulation; an operand exact in the input dtype (EXACT = 1: ``a``, 2:
+    ``b``; Z, dZ_out) has no lo part, so 2 dots. bf16 inputs: bf16 parts (fp32's range, error
+    ~2^-17). fp16 inputs: fp16 parts of the tile scaled by a power of two (``_fp16_parts``,
+    error ~2^-22: fp16's unit roundoff is 8x finer than bf16's, so bf16 parts would not do).
+    Mode 0 (fp32 inputs): one IEEE fp32 dot. Modes 3, 4 (interpreter): the same products, bf16
+    ones as exact fp32 products of the parts (the interpreter's bf16 tl.dot is broken)."""
+    if DOT_MODE == 0:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    a32 = a.to(tl.float32)
+    b32 = b.to(tl.float32)
+    if DOT_MODE == 1 or DOT_MODE == 4:
+        if EXACT == 1:
+            b_hi, b_lo, b_inv = _fp16_parts(b32)
+            a16 = a.to(tl.float16)
+            return (tl.dot(a16, b_hi) + tl.dot(a16, b_lo)) * b_inv
+        if EXACT == 2:
+            a_hi, a_lo, a_inv = _fp16_parts(a32)
+            b16 = b.to(tl.float16)
+            return (tl.dot(a_hi, b16) + tl.dot(a_lo, b16)) * a_inv
+        a_hi, a_lo, a_inv = _fp16_parts(a32)
+        b_hi, b_lo, b_inv = _fp16_parts(b32)
+        return (tl.dot(a_hi, b_hi) + tl.dot(a_lo, b_hi) + tl.dot(a_hi, b_lo)) * (a_inv * b_inv)
+    a_hi = a32.to(tl.bfloat16)
+    b_hi = b32.to(tl.bfloat16)
+    a_lo = (a32 - a_hi.to(tl.float32)).to(tl.bfloat16)
+    b_lo = (b32 - b_hi.to(tl.float32)).to(tl.bfloat16)
+    if DOT_MODE == 3:
+        a_hi, a_lo = a_hi.to(tl.float32), a_lo.to(tl.float32)
+        b_hi, b_lo = b_hi.to(tl.float32), b_lo.to(tl.float32)
+        acc = tl.dot(a_hi, b_hi, input_precision="ieee")
+        if EXACT != 1:  # a_lo = 0 when a is exact in bf16
+            acc = tl.dot(a_lo, b_hi, acc, input_precision="ieee")
+        if EXACT != 2:  # b_lo = 0 when b is exact in bf16
+            acc = tl.dot(a_hi, b_lo, acc, input_precision="ieee")
+        return acc
+    acc = tl.dot(a_hi, b_hi)
+    if EXACT != 1:
+        acc = tl.dot(a_lo, b_hi, acc)
+    if EXACT != 2:
+        acc = tl.dot(a_hi, b_lo, acc)
+    return acc
+
+
+@triton.jit
+def _mm_f32(a, b):
+    """a @ b in IEEE fp32 for the narrow products of two fp32 intermediates (K2 Qexp: KEY_COLS
+    <= 64 deep), where the logits of high-norm tokens need every bit of fp32."""
+    return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
 
 
 @triton.jit
@@ -298,13 +379,13 @@ def _t2p_reduce_kernel(z_ptr, mq_ptr, cq_ptr, wk_ptr, s1_ptr, g_ptr, colsum_ptr,
                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HKP: tl.constexpr,
                        KEY_COLS: tl.constexpr, DOT_MODE: tl.constexpr):
     """Token->prompt pass. Grid (B, n_chunks); a program owns chunk_blocks row blocks of one image.
-    z [B,T,D], mq [B,D,HKP] (z dtype), cq [B,HKP] fp32 -> g [B,HKP,D] += S1^T Z, colsum [B,HKP] += sum_t S1.
+    z [B,T,D], mq [B,D,HKP] fp32, cq [B,HKP] fp32 -> g [B,HKP,D] += S1^T Z, colsum [B,HKP] += sum_t S1.
     s1 [B,n_chunks*chunk_blocks*BLOCK_T,HKP] fp32 is scratch: the chunk's S1 is parked there
     (L2-resident) so that G is accumulated in registers per D block and added once per chunk,
     instead of once per row block.
-    KEY_COLS > 0 (the 2-read forward): also k2 [B,T,KEY_COLS] (z dtype) = Z W'k^T, the raw
-    prompt->token keys, from the Z tiles already on chip; wk [D,KEY_COLS] is W'k^T zero-padded.
-    KEY_COLS = 0: wk and k2 are not touched."""
+    KEY_COLS > 0 (the 2-read forward): also k2 [B,T,KEY_COLS] fp32 = Z W'k^T, the raw
+    prompt->token keys, from the Z tiles already on chip; wk [D,KEY_COLS] (z dtype) is W'k^T
+    zero-padded. KEY_COLS = 0: wk and k2 are not touched."""
     b = tl.program_id(0).to(tl.int64)
     row0 = tl.program_id(1) * chunk_blocks * BLOCK_T
     cols, head, col_ok = _columns(K, H, HKP)
@@ -322,13 +403,13 @@ def _t2p_reduce_kernel(z_ptr, mq_ptr, cq_ptr, wk_ptr, s1_ptr, g_ptr, colsum_ptr,
             d_ok = dd < D
             zt = tl.load(z_img + rows[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             mq = tl.load(mq_ptr + b * D * HKP + dd[:, None] * HKP + cols[None, :], mask=d_ok[:, None], other=0.0)
-            logits += _mm(zt, mq, DOT_MODE)
+            logits += _mm_split(zt, mq, 1, DOT_MODE)
             if KEY_COLS > 0:
                 keys += _key_step(zt, wk_ptr, dd, d_ok, KEY_COLS, DOT_MODE)
         if KEY_COLS > 0:
             kc = tl.arange(0, KEY_COLS)
-            tl.store(k2_ptr + b * T * KEY_COLS + rows[:, None] * KEY_COLS + kc[None, :],
-                     keys.to(k2_ptr.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(k2_ptr + b * T * KEY_COLS + rows[:, None] * KEY_COLS + kc[None, :], keys,
+                     mask=row_ok[:, None])
         logits += tl.load(cq_ptr + b * HKP + cols)[None, :]
         s1 = tl.where(row_ok[:, None], _head_softmax(logits, head, col_ok, H, BLOCK_T, HKP), 0.0)
         colsum += tl.sum(s1, axis=0)
@@ -344,52 +425,56 @@ def _t2p_reduce_kernel(z_ptr, mq_ptr, cq_ptr, wk_ptr, s1_ptr, g_ptr, colsum_ptr,
             row_ok = rows < T
             zt = tl.load(z_img + rows[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             s1 = tl.load(s1_img + rows[:, None] * HKP + cols[None, :])
-            acc += _mm(tl.trans(s1), zt, DOT_MODE)
+            acc += _mm_split(tl.trans(s1), zt, 2, DOT_MODE)
         tl.atomic_add(g_ptr + b * HKP * D + cols[:, None] * D + dd[None, :], acc, mask=d_ok[None, :],
                       sem="relaxed")
 
 
 @triton.jit
-def _p2t_logits(z_img, mk_img, rows, row_ok, D, HKP: tl.constexpr, BLOCK_T: tl.constexpr,
-                BLOCK_D: tl.constexpr, DOT_MODE: tl.constexpr):
-    """[BLOCK_T, HKP] fp32 logits2 = X_rows M for X [T,D] and M [D,HKP] of one image: (Z, Mk),
-    or (K2, Qexp) with D = KEY_COLS."""
+def _p2t_logits(x_img, m_img, rows, row_ok, W, HKP: tl.constexpr, BLOCK_T: tl.constexpr,
+                BLOCK_D: tl.constexpr, FROM_KEYS: tl.constexpr, DOT_MODE: tl.constexpr):
+    """[BLOCK_T, HKP] fp32 logits2 = X_rows M for X [T,W] and M [W,HKP] fp32 of one image:
+    (Z, Mk) with W = D (split dots), or with FROM_KEYS (K2, Qexp), both fp32, W = KEY_COLS
+    (IEEE fp32 dots)."""
     cols = tl.arange(0, HKP)
     acc = tl.zeros((BLOCK_T, HKP), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
+    for d0 in range(0, W, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
-        d_ok = dd < D
-        zt = tl.load(z_img + rows[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        mk = tl.load(mk_img + dd[:, None] * HKP + cols[None, :], mask=d_ok[:, None], other=0.0)
-        acc += _mm(zt, mk, DOT_MODE)
+        d_ok = dd < W
+        xt = tl.load(x_img + rows[:, None] * W + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        m = tl.load(m_img + dd[:, None] * HKP + cols[None, :], mask=d_ok[:, None], other=0.0)
+        if FROM_KEYS:
+            acc += _mm_f32(xt, m)
+        else:
+            acc += _mm_split(xt, m, 1, DOT_MODE)
     return acc
 
 
 @triton.jit
-def _key_logits(keys, qexp_img, HKP: tl.constexpr, KEY_COLS: tl.constexpr, DOT_MODE: tl.constexpr):
+def _key_logits(keys, qexp_img, HKP: tl.constexpr, KEY_COLS: tl.constexpr):
     """[BLOCK_T, HKP] fp32 logits2 = K2 Qexp from the raw keys K2 = Z W'k^T [BLOCK_T, KEY_COLS]
-    (fp32 accumulator), rounded to the input dtype first exactly as pass 1 stores them, so that
-    the backward recomputes the very logits whose softmax statistics the forward took."""
+    (fp32 accumulator, bit for bit what pass 1 stored) and Qexp [KEY_COLS, HKP] fp32, so that the
+    backward recomputes the very logits whose softmax statistics the forward took."""
     kc = tl.arange(0, KEY_COLS)
     qexp = tl.load(qexp_img + kc[:, None] * HKP + tl.arange(0, HKP)[None, :])
-    return _mm(keys.to(qexp_img.dtype.element_ty), qexp, DOT_MODE)
+    return _mm_f32(keys, qexp)
 
 
 @triton.jit
 def _p2t_stats_kernel(x_ptr, m_ptr, mpart_ptr, lpart_ptr, T, W,
                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HKP: tl.constexpr,
-                      DOT_MODE: tl.constexpr):
+                      FROM_KEYS: tl.constexpr, DOT_MODE: tl.constexpr):
     """Softmax-over-T statistics of logits2 = X M, per row block. Grid (B, NTB).
-    x [B,T,W], m [B,W,HKP] (x dtype): either (Z, Mk) with W = D (3-read forward) or
-    (K2, Qexp) with W = KEY_COLS (2-read forward: K2 = Z W'k^T from pass 1, Qexp the
-    block-diagonal scaled queries) -> mpart, lpart [B,NTB,HKP] (block max and sum of exp(logit - max))."""
+    m [B,W,HKP] fp32; x [B,T,W]: either Z with W = D (3-read forward) or, FROM_KEYS, K2 fp32 with
+    W = KEY_COLS (2-read forward: K2 = Z W'k^T from pass 1, M = Qexp the block-diagonal scaled
+    queries) -> mpart, lpart [B,NTB,HKP] (block max and sum of exp(logit - max))."""
     b = tl.program_id(0).to(tl.int64)
     tb = tl.program_id(1)
     rows = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     cols = tl.arange(0, HKP)
     logits = _p2t_logits(x_ptr + b * T * W, m_ptr + b * W * HKP, rows, row_ok, W, HKP,
-                         BLOCK_T, BLOCK_D, DOT_MODE)
+                         BLOCK_T, BLOCK_D, FROM_KEYS, DOT_MODE)
     logits = tl.where(row_ok[:, None], logits, float("-inf"))
     m = tl.max(logits, axis=0)  # every block holds at least one valid row: finite
     l = tl.sum(tl.exp(logits - m[None, :]), axis=0)
@@ -411,19 +496,18 @@ def _p2t_probs(logits, m2_ptr, l2_ptr, b, row_ok, HKP: tl.constexpr):
 def _p2t_update_kernel(z_ptr, x_ptr, m_ptr, m2_ptr, l2_ptr, nv_ptr, bo_ptr, alpha_ptr, out_ptr,
                        attn_ptr, T, D, W, HK, return_attn,
                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HKP: tl.constexpr,
-                       DOT_MODE: tl.constexpr):
+                       FROM_KEYS: tl.constexpr, DOT_MODE: tl.constexpr):
     """Prompt->token update and gated residual. Grid (B, cdiv(T, BLOCK_T)).
-    z_out = Z + alpha * (S2^T Nv + b'o); nv [B,HKP,D] (z dtype), bo [D] fp32, alpha [B] fp32;
+    z_out = Z + alpha * (S2^T Nv + b'o); nv [B,HKP,D] fp32, bo [D] fp32, alpha [B] fp32;
     attn [B,H,K,T] = [B,HK,T] fp32 written when return_attn != 0. logits2 = X M as in the stats
-    pass: x [B,T,W], m [B,W,HKP] = (Z, Mk) with W = D, or (K2, Qexp) with W = KEY_COLS (the
-    2-read forward: Z itself is then read only for the residual)."""
+    pass (FROM_KEYS: X = K2, the 2-read forward, Z itself is then read only for the residual)."""
     b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     cols = tl.arange(0, HKP)
     z_img = z_ptr + b * T * D
     logits = _p2t_logits(x_ptr + b * T * W, m_ptr + b * W * HKP, rows, row_ok, W, HKP, BLOCK_T,
-                         BLOCK_D, DOT_MODE)
+                         BLOCK_D, FROM_KEYS, DOT_MODE)
     s2 = _p2t_probs(logits, m2_ptr, l2_ptr, b, row_ok, HKP)
     if return_attn:
         dst = attn_ptr + b * HK * T + cols[None, :] * T + rows[:, None]
@@ -433,7 +517,7 @@ def _p2t_update_kernel(z_ptr, x_ptr, m_ptr, m2_ptr, l2_ptr, nv_ptr, bo_ptr, alph
         dd = d0 + tl.arange(0, BLOCK_D)
         d_ok = dd < D
         nv = tl.load(nv_ptr + b * HKP * D + cols[:, None] * D + dd[None, :], mask=d_ok[None, :], other=0.0)
-        upd = _mm(s2, nv, DOT_MODE) + tl.load(bo_ptr + dd, mask=d_ok, other=0.0)[None, :]
+        upd = _mm_split(s2, nv, 0, DOT_MODE) + tl.load(bo_ptr + dd, mask=d_ok, other=0.0)[None, :]
         ptrs = rows[:, None] * D + dd[None, :]
         mask = row_ok[:, None] & d_ok[None, :]
         zt = tl.load(z_img + ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -442,15 +526,22 @@ def _p2t_update_kernel(z_ptr, x_ptr, m_ptr, m2_ptr, l2_ptr, nv_ptr, bo_ptr, alph
 
 @triton.jit
 def _p2t_grad_reduce_kernel(z_ptr, y_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_ptr, m2_ptr, l2_ptr, s2_ptr,
-                            ws2_ptr, e_ptr, f1_ptr, f2_ptr, ysum_ptr, delta_ptr, T, D, chunk_blocks,
-                            BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HKP: tl.constexpr,
-                            KEY_COLS: tl.constexpr, DOT_MODE: tl.constexpr):
+                            ws2_ptr, e_ptr, f1_ptr, f2_ptr, g1_ptr, ysum_ptr, delta_ptr, T, D,
+                            chunk_blocks, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+                            HKP: tl.constexpr, KEY_COLS: tl.constexpr, DOT_MODE: tl.constexpr):
     """Backward reductions of the prompt->token side. Grid (B, n_chunks), chunks as in
     _t2p_reduce_kernel; s2, ws2 [B,n_chunks*chunk_blocks*BLOCK_T,HKP] fp32 are scratch.
-    y = dL/dz_out [B,T,D]; with yn[t,c] = y_t . Nv[c]:
-    e += S2^T y, f1 += (S2*yn)^T Z, f2 += S2^T Z  ([B,HKP,D] fp32), ysum += sum_t y ([B,D]),
-    delta += sum_t S2*yn ([B,HKP]: the softmax-backward row sum, from the very yn values the dZ
-    kernel recomputes, so that yn - delta cancels exactly for a one-hot softmax).
+    y = dL/dz_out [B,T,D]; with yn[t,c] = y_t . Nv[c] (nv [B,HKP,D] fp32) the prompt->token
+    keys need dMk = alpha sum_t S2 (yn - delta) Z_t, delta = sum_t S2*yn over the whole image.
+    Written as F1 - delta F2, two sums that cancel to many digits when the attention sits on one
+    high-norm token, it loses everything in 16-bit products. So each chunk centres yn on its own
+    S2-weighted mean delta_c (known once the chunk's rows are in), and the correction to the global
+    delta is exact algebra on fp32 sums:
+      f1 += (S2*(yn - delta_c))^T Z,  f2 += S2^T Z,  g1 += delta_c * (chunk's S2^T Z)
+      => dMk = alpha (f1 + g1 - delta f2);  e += S2^T y;  ysum += sum_t y;
+      delta += sum_t S2*yn ([B,HKP]: the softmax-backward row sum, from the very yn values the
+      dZ kernel recomputes, so that yn - delta cancels exactly for a one-hot softmax).
+    All products with S2, yn or Nv are split dots (``_mm_split``), so nothing is rounded to 16 bits.
     logits2 = Z Mk, or with KEY_COLS > 0 (the forward took its softmax statistics from K2 Qexp)
     K2 Qexp from K2 = Z W'k^T recomputed here (wk [D,KEY_COLS], qexp [B,KEY_COLS,HKP]); mk unused."""
     b = tl.program_id(0).to(tl.int64)
@@ -461,6 +552,7 @@ def _p2t_grad_reduce_kernel(z_ptr, y_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_ptr, m2_p
     nv_img = nv_ptr + b * HKP * D
     scratch = b * tl.num_programs(1) * chunk_blocks * BLOCK_T * HKP
     delta = tl.zeros((HKP,), dtype=tl.float32)
+    mass = tl.zeros((HKP,), dtype=tl.float32)
     for blk in range(0, chunk_blocks):
         rows = row0 + blk * BLOCK_T + tl.arange(0, BLOCK_T)
         row_ok = rows < T
@@ -478,20 +570,21 @@ def _p2t_grad_reduce_kernel(z_ptr, y_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_ptr, m2_p
             yt = tl.load(y_img + tile, mask=mask, other=0.0)
             if KEY_COLS > 0:
                 keys += _key_step(zt, wk_ptr, dd, d_ok, KEY_COLS, DOT_MODE)
-                nvt = tl.load(nv_img + cols[None, :] * D + dd[:, None], mask=d_ok[:, None], other=0.0)
             else:
                 mk = tl.load(mk_ptr + b * D * HKP + dd[:, None] * HKP + cols[None, :], mask=d_ok[:, None], other=0.0)
-                nvt = tl.load(nv_img + cols[None, :] * D + dd[:, None], mask=d_ok[:, None], other=0.0)
-                logits += _mm(zt, mk, DOT_MODE)
-            yn += _mm(yt, nvt, DOT_MODE)
+                logits += _mm_split(zt, mk, 1, DOT_MODE)
+            nvt = tl.load(nv_img + cols[None, :] * D + dd[:, None], mask=d_ok[:, None], other=0.0)
+            yn += _mm_split(yt, nvt, 1, DOT_MODE)
         if KEY_COLS > 0:
-            logits = _key_logits(keys, qexp_ptr + b * KEY_COLS * HKP, HKP, KEY_COLS, DOT_MODE)
+            logits = _key_logits(keys, qexp_ptr + b * KEY_COLS * HKP, HKP, KEY_COLS)
         s2 = _p2t_probs(logits, m2_ptr, l2_ptr, b, row_ok, HKP)
         ws2 = s2 * yn
         delta += tl.sum(ws2, axis=0)
+        mass += tl.sum(s2, axis=0)
         tl.store(s2_ptr + scratch + rows[:, None] * HKP + cols[None, :], s2)
         tl.store(ws2_ptr + scratch + rows[:, None] * HKP + cols[None, :], ws2)
     tl.atomic_add(delta_ptr + b * HKP + cols, delta, sem="relaxed")
+    delta_c = tl.where(mass > 0.0, delta / tl.where(mass > 0.0, mass, 1.0), 0.0)
     tl.debug_barrier()  # the chunk's S2 rows, written by other threads, are read back below
     out = b * HKP * D + cols[:, None] * D
     for d0 in range(0, D, BLOCK_D):
@@ -508,16 +601,18 @@ def _p2t_grad_reduce_kernel(z_ptr, y_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_ptr, m2_p
             mask = row_ok[:, None] & d_ok[None, :]
             zt = tl.load(z_img + tile, mask=mask, other=0.0)
             yt = tl.load(y_img + tile, mask=mask, other=0.0)
-            s2t = tl.trans(tl.load(s2_ptr + scratch + rows[:, None] * HKP + cols[None, :]))
-            ws2t = tl.trans(tl.load(ws2_ptr + scratch + rows[:, None] * HKP + cols[None, :]))
-            acc_e += _mm(s2t, yt, DOT_MODE)
-            acc_f1 += _mm(ws2t, zt, DOT_MODE)
-            acc_f2 += _mm(s2t, zt, DOT_MODE)
+            s2 = tl.load(s2_ptr + scratch + rows[:, None] * HKP + cols[None, :])
+            ws2 = tl.load(ws2_ptr + scratch + rows[:, None] * HKP + cols[None, :])
+            s2t = tl.trans(s2)
+            acc_e += _mm_split(s2t, yt, 2, DOT_MODE)
+            acc_f1 += _mm_split(tl.trans(ws2 - s2 * delta_c[None, :]), zt, 2, DOT_MODE)
+            acc_f2 += _mm_split(s2t, zt, 2, DOT_MODE)
             ysum += tl.sum(yt.to(tl.float32), axis=0)
         dst = out + dd[None, :]
         tl.atomic_add(e_ptr + dst, acc_e, mask=d_ok[None, :], sem="relaxed")
         tl.atomic_add(f1_ptr + dst, acc_f1, mask=d_ok[None, :], sem="relaxed")
         tl.atomic_add(f2_ptr + dst, acc_f2, mask=d_ok[None, :], sem="relaxed")
+        tl.atomic_add(g1_ptr + dst, acc_f2 * delta_c[:, None], mask=d_ok[None, :], sem="relaxed")
         tl.atomic_add(ysum_ptr + b * D + dd, ysum, mask=d_ok, sem="relaxed")
 
 
@@ -529,12 +624,13 @@ def _grad_z_kernel(z_ptr, y_ptr, mq_ptr, cq_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_pt
     """dZ through both attentions, and the token-side reductions of the token->prompt backward.
     Grid (B, cdiv(T, BLOCK_T)): one row block per program (the register-heaviest kernel).
     With dG [B,HKP,D], dcolsum [B,HKP] (gradients of G, colsum), delta [B,HKP] = sum_t S2*yn,
-    alpha [B]:
+    alpha [B] (mq, mk, nv, dg fp32):
       dS1 = Z dG^T + dcolsum; dl1 = S1 * (dS1 - headsum(S1*dS1))
       dl2 = alpha * S2^T * (y Nv^T - delta)
       dz = y + dl2 Mk^T + S1 dG + dl1 Mq^T;  dcq [B,HKP] += sum_t dl1;  dl1 -> [B,t_pad,HKP] fp32
     (dMq = Z^T dl1 is reduced by _t2p_grad_reduce_kernel, chunked, instead of one atomic add of
-    a [D, HKP] partial per row block here). logits2 as in _p2t_grad_reduce_kernel (KEY_COLS)."""
+    a [D, HKP] partial per row block here). logits2 as in _p2t_grad_reduce_kernel (KEY_COLS).
+    Every product with an fp32 intermediate is a split dot (``_mm_split``)."""
     b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
@@ -561,15 +657,15 @@ def _grad_z_kernel(z_ptr, y_ptr, mq_ptr, cq_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_pt
         yt = tl.load(y_img + tile, mask=mask, other=0.0)
         small = dd[:, None] * HKP + cols[None, :]  # [BLOCK_D, HKP] of a [D, HKP] matrix
         small_t = cols[None, :] * D + dd[:, None]  # [BLOCK_D, HKP] of a [HKP, D] matrix
-        logits1 += _mm(zt, tl.load(mq_img + small, mask=d_ok[:, None], other=0.0), DOT_MODE)
+        logits1 += _mm_split(zt, tl.load(mq_img + small, mask=d_ok[:, None], other=0.0), 1, DOT_MODE)
         if KEY_COLS > 0:
             keys += _key_step(zt, wk_ptr, dd, d_ok, KEY_COLS, DOT_MODE)
         else:
-            logits2 += _mm(zt, tl.load(mk_img + small, mask=d_ok[:, None], other=0.0), DOT_MODE)
-        yn += _mm(yt, tl.load(nv_img + small_t, mask=d_ok[:, None], other=0.0), DOT_MODE)
-        ds1 += _mm(zt, tl.load(dg_img + small_t, mask=d_ok[:, None], other=0.0), DOT_MODE)
+            logits2 += _mm_split(zt, tl.load(mk_img + small, mask=d_ok[:, None], other=0.0), 1, DOT_MODE)
+        yn += _mm_split(yt, tl.load(nv_img + small_t, mask=d_ok[:, None], other=0.0), 1, DOT_MODE)
+        ds1 += _mm_split(zt, tl.load(dg_img + small_t, mask=d_ok[:, None], other=0.0), 1, DOT_MODE)
     if KEY_COLS > 0:
-        logits2 = _key_logits(keys, qexp_ptr + b * KEY_COLS * HKP, HKP, KEY_COLS, DOT_MODE)
+        logits2 = _key_logits(keys, qexp_ptr + b * KEY_COLS * HKP, HKP, KEY_COLS)
     logits1 += tl.load(cq_ptr + b * HKP + cols)[None, :]
     s1 = tl.where(row_ok[:, None], _head_softmax(logits1, head, col_ok, H, BLOCK_T, HKP), 0.0)
     ds1 += tl.load(dcolsum_ptr + b * HKP + cols)[None, :]
@@ -585,13 +681,12 @@ def _grad_z_kernel(z_ptr, y_ptr, mq_ptr, cq_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_pt
         d_ok = dd < D
         tile = rows[:, None] * D + dd[None, :]
         mask = row_ok[:, None] & d_ok[None, :]
-        zt = tl.load(z_img + tile, mask=mask, other=0.0)
         yt = tl.load(y_img + tile, mask=mask, other=0.0).to(tl.float32)
         small_t = dd[None, :] * HKP + cols[:, None]  # [HKP, BLOCK_D] of a [D, HKP] matrix
         big = cols[:, None] * D + dd[None, :]  # [HKP, BLOCK_D] of a [HKP, D] matrix
-        dz = yt + _mm(dl2, tl.load(mk_img + small_t, mask=d_ok[None, :], other=0.0), DOT_MODE)
-        dz += _mm(s1, tl.load(dg_img + big, mask=d_ok[None, :], other=0.0), DOT_MODE)
-        dz += _mm(dl1, tl.load(mq_img + small_t, mask=d_ok[None, :], other=0.0), DOT_MODE)
+        dz = yt + _mm_split(dl2, tl.load(mk_img + small_t, mask=d_ok[None, :], other=0.0), 0, DOT_MODE)
+        dz += _mm_split(s1, tl.load(dg_img + big, mask=d_ok[None, :], other=0.0), 0, DOT_MODE)
+        dz += _mm_split(dl1, tl.load(mq_img + small_t, mask=d_ok[None, :], other=0.0), 0, DOT_MODE)
         tl.store(dz_ptr + b * T * D + tile, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
@@ -615,7 +710,7 @@ def _t2p_grad_reduce_kernel(z_ptr, dl1_ptr, dmq_ptr, T, D, t_pad, chunk_blocks,
             row_ok = rows < T
             zt = tl.load(z_img + rows[:, None] * D + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             dl1 = tl.load(dl1_img + rows[:, None] * HKP + cols[None, :], mask=row_ok[:, None], other=0.0)
-            acc += _mm(tl.trans(zt), dl1, DOT_MODE)
+            acc += _mm_split(tl.trans(zt), dl1, 1, DOT_MODE)
         tl.atomic_add(dmq_ptr + b * D * HKP + dd[:, None] * HKP + cols[None, :], acc,
                       mask=d_ok[:, None], sem="relaxed")
 
@@ -762,10 +857,11 @@ def _p2t_small_backward(grad_p_tilde: Tensor, grad_mk: Tensor, grad_nv: Tensor, 
 TARGET_PROGRAMS = 512
 
 
-def _operand(x: Tensor, z: Tensor) -> Tensor:
-    """A small matrix that the kernels only use as a tl.dot operand (Mq, Mk, Nv, dG), stored in
-    the dtype the dot rounds it to anyway (z's): half the loads and registers for fp16/bf16."""
-    return x.to(z.dtype).contiguous()
+def _f32(x: Tensor) -> Tensor:
+    """A per-image matrix (Mq, Mk, Nv, Qexp, dG) as the kernels take it: fp32, contiguous. The
+    kernels split it into bf16 hi + lo parts on chip (``_mm_split``); rounding it to the input
+    dtype instead would cost the accuracy of high-norm tokens and sharp attention."""
+    return x.float().contiguous()
 
 
 def _layout(z: Tensor, p: Tensor, num_heads: int):
@@ -776,12 +872,12 @@ def _layout(z: Tensor, p: Tensor, num_heads: int):
 
 
 def _keys_layout(z: Tensor, wk: Tensor, columns: int) -> Tuple[int, Tensor]:
-    """(KEY_COLS, W'k^T [D,KEY_COLS] zero-padded, z dtype) for the 2-read path; (0, z) otherwise
-    (a placeholder pointer the kernels never touch with KEY_COLS = 0)."""
+    """(KEY_COLS, W'k^T [D,KEY_COLS] zero-padded, z dtype: exact, as the weight came in) for the
+    2-read path; (0, z) otherwise (a placeholder pointer the kernels never touch with KEY_COLS = 0)."""
     key_cols = key_columns(z.shape[2], wk.shape[0], z.dtype, columns)
     if not key_cols:
         return 0, z
-    return key_cols, _operand(F.pad(wk.t(), (0, key_cols - wk.shape[0])), z)
+    return key_cols, F.pad(wk.t(), (0, key_cols - wk.shape[0])).to(z.dtype).contiguous()
 
 
 def _chunks(b: int, t: int, block_t: int) -> Tuple[int, int]:
@@ -792,41 +888,52 @@ def _chunks(b: int, t: int, block_t: int) -> Tuple[int, int]:
     return triton.cdiv(blocks, chunk_blocks), chunk_blocks
 
 
+def _no_autocast(fn):
+    """Run ``fn`` with autocast off on its first tensor argument's device: the per-image algebra
+    is fp32 by contract, and autocast would silently run its F.linear/einsum in 16 bits."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next(a for a in args if isinstance(a, Tensor)).device.type
+        with torch.autocast(device_type=device, enabled=False):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+@_no_autocast
 def _forward(z: Tensor, p: Tensor, weights: List[Tensor], num_heads: int, mean_reduce: bool,
              return_attn: bool):
     z = z.contiguous()
     b, t, d, k, hkp, block_t, block_d, warps = _layout(z, p, num_heads)
     ntb = triton.cdiv(t, block_t)
     mode = _dot_mode(z.dtype, z.device)
-    w = [x.float() for x in weights]
-    P = PIMParams(*w)
+    P = PIMParams(*(x.float() for x in weights))
     pf = p.float()
     mq, cq, _ = _t2p_small(pf, P, num_heads, hkp)
-    mq, cq = _operand(mq, z), cq.contiguous()
+    mq, cq = _f32(mq), _f32(cq)
     g = torch.zeros(b, hkp, d, device=z.device, dtype=torch.float32)
     colsum = torch.zeros(b, hkp, device=z.device, dtype=torch.float32)
     n_chunks, chunk_blocks = _chunks(b, t, block_t)
     s1 = torch.empty(b, n_chunks * chunk_blocks * block_t, hkp, device=z.device, dtype=torch.float32)
-    key_cols, wk = _keys_layout(z, P.p2t_k_w, hkp)
-    # 2-read forward: pass 1 also writes K2 = Z W'k^T (else a placeholder the kernel ignores)
-    k2 = torch.empty(b, t, key_cols, device=z.device, dtype=z.dtype) if key_cols else z
+    key_cols, wk = _keys_layout(z, weights[PIMParams._fields.index("p2t_k_w")], hkp)
+    # 2-read forward: pass 1 also writes K2 = Z W'k^T in fp32 (else a placeholder the kernel ignores)
+    k2 = torch.empty(b, t, key_cols, device=z.device, dtype=torch.float32) if key_cols else z
     _t2p_reduce_kernel[(b, n_chunks)](z, mq, cq, wk, s1, g, colsum, k2, t, d, k, num_heads,
                                       chunk_blocks, BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp,
                                       KEY_COLS=key_cols, DOT_MODE=mode, num_warps=warps,
                                       num_stages=NUM_STAGES)
     p_tilde, mk, nv, alpha, small = _p2t_small(g, colsum, pf, z[:, 0].float(), P, num_heads, hkp,
                                                1.0 / t if mean_reduce else 1.0)
-    mk, nv = _operand(mk, z), _operand(nv, z)
+    nv = _f32(nv)
     mpart = torch.empty(b, ntb, hkp, device=z.device, dtype=torch.float32)
     lpart = torch.empty_like(mpart)
     if key_cols:  # logits2 = K2 Qexp: stats and update read K2 [T, KEY_COLS], not Z [T, D]
-        qexp = _operand(_block_diagonal_queries(small["q2"], key_cols, hkp), z)
-        logits_in, logits_width = (k2, qexp), key_cols
+        logits_in = (k2, _f32(_block_diagonal_queries(small["q2"], key_cols, hkp)))
+        logits_width = key_cols
     else:
-        logits_in, logits_width = (z, mk), d
+        logits_in, logits_width = (z, _f32(mk)), d
     _p2t_stats_kernel[(b, ntb)](*logits_in, mpart, lpart, t, logits_width, BLOCK_T=block_t,
-                                BLOCK_D=block_d, HKP=hkp, DOT_MODE=mode, num_warps=warps,
-                                num_stages=NUM_STAGES)
+                                BLOCK_D=block_d, HKP=hkp, FROM_KEYS=bool(key_cols), DOT_MODE=mode,
+                                num_warps=warps, num_stages=NUM_STAGES)
     m2 = mpart.amax(dim=1)
     l2 = (lpart * torch.exp(mpart - m2[:, None])).sum(dim=1)
     out = torch.empty_like(z)
@@ -834,11 +941,12 @@ def _forward(z: Tensor, p: Tensor, weights: List[Tensor], num_heads: int, mean_r
                        dtype=torch.float32)
     _p2t_update_kernel[(b, ntb)](z, *logits_in, m2, l2, nv, P.p2t_o_b.contiguous(), alpha.contiguous(),
                                  out, attn, t, d, logits_width, num_heads * k, int(return_attn),
-                                 BLOCK_T=block_t,
-                                 BLOCK_D=block_d, HKP=hkp, DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES)
+                                 BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp, FROM_KEYS=bool(key_cols),
+                                 DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES)
     return out, p_tilde.to(p.dtype), attn, g, colsum, m2, l2
 
 
+@_no_autocast
 def _backward(grad_out: Tensor, grad_p_tilde: Tensor, z: Tensor, p: Tensor, weights: List[Tensor],
               g: Tensor, colsum: Tensor, m2: Tensor, l2: Tensor, num_heads: int, mean_reduce: bool):
     z, y = z.contiguous(), grad_out.contiguous()
@@ -850,27 +958,27 @@ def _backward(grad_out: Tensor, grad_p_tilde: Tensor, z: Tensor, p: Tensor, weig
     # Recompute the small per-image matrices (cheap, O(B*K*D*A)) instead of saving them.
     mq, cq, k1 = _t2p_small(pf, w, num_heads, hkp)
     _, mk, nv, alpha, saved = _p2t_small(g, colsum, pf, z0, w, num_heads, hkp, inv_tokens)
-    mq, mk, nv = (_operand(x, z) for x in (mq, mk, nv))
-    cq, alpha = cq.contiguous(), alpha.contiguous()
+    mq, mk, nv, cq = _f32(mq), _f32(mk), _f32(nv), _f32(cq)
+    alpha = alpha.contiguous()
     # logits2 exactly as the forward's softmax statistics saw them (K2 Qexp on the 2-read path)
-    key_cols, wk = _keys_layout(z, w.p2t_k_w, hkp)
-    qexp = _operand(_block_diagonal_queries(saved["q2"], key_cols, hkp), z) if key_cols else mk
+    key_cols, wk = _keys_layout(z, weights[PIMParams._fields.index("p2t_k_w")], hkp)
+    qexp = _f32(_block_diagonal_queries(saved["q2"], key_cols, hkp)) if key_cols else mk
 
     # Pass A: prompt->token reductions over (Z, dZ_out).
-    e = torch.zeros(b, hkp, d, device=z.device, dtype=torch.float32)
-    f1, f2 = torch.zeros_like(e), torch.zeros_like(e)
+    e = torch.zeros(4, b, hkp, d, device=z.device, dtype=torch.float32)  # E, F1, F2, G1
     ysum = torch.zeros(b, d, device=z.device, dtype=torch.float32)
     delta = torch.zeros(b, hkp, device=z.device, dtype=torch.float32)  # sum_t S2[c,t] (y_t . Nv[c])
     n_chunks, chunk_blocks = _chunks(b, t, block_t)
     s2 = torch.empty(b, n_chunks * chunk_blocks * block_t, hkp, device=z.device, dtype=torch.float32)
     ws2 = torch.empty_like(s2)
-    _p2t_grad_reduce_kernel[(b, n_chunks)](z, y, mk, wk, qexp, nv, m2, l2, s2, ws2, e, f1, f2, ysum,
-                                           delta, t, d, chunk_blocks, BLOCK_T=block_t,
-                                           BLOCK_D=block_d, HKP=hkp, KEY_COLS=key_cols,
-                                           DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES)
+    _p2t_grad_reduce_kernel[(b, n_chunks)](z, y, mk, wk, qexp, nv, m2, l2, s2, ws2, e[0], e[1],
+                                           e[2], e[3], ysum, delta, t, d, chunk_blocks,
+                                           BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp,
+                                           KEY_COLS=key_cols, DOT_MODE=mode, num_warps=warps,
+                                           num_stages=NUM_STAGES)
     # z_out = Z + alpha (S2^T Nv + b'o): closed-form gradients of Nv, Mk, alpha, b'o
-    grad_nv = alpha[:, None, None] * e
-    grad_mk = (alpha[:, None, None] * (f1 - delta[..., None] * f2)).transpose(1, 2)
+    grad_nv = alpha[:, None, None] * e[0]
+    grad_mk = (alpha[:, None, None] * (e[1] + (e[3] - delta[..., None] * e[2]))).transpose(1, 2)
     grad_alpha = delta.sum(dim=1) + ysum @ w.p2t_o_b
     grads = {"p2t_o_b": (alpha[:, None] * ysum).sum(dim=0)}
     grad_g, grad_colsum, grad_p, grad_z0 = _p2t_small_backward(
@@ -883,8 +991,8 @@ def _backward(grad_out: Tensor, grad_p_tilde: Tensor, z: Tensor, p: Tensor, weig
     t_pad = s2.shape[1]
     dl1 = s2  # pass A's scratch is free again
     _grad_z_kernel[(b, triton.cdiv(t, block_t))](
-        z, y, mq, cq, mk, wk, qexp, nv, m2, l2, alpha, delta, _operand(grad_g, z),
-        grad_colsum.contiguous(), dz, dl1, grad_cq, t, d, k, num_heads, t_pad, BLOCK_T=block_t,
+        z, y, mq, cq, mk, wk, qexp, nv, m2, l2, alpha, delta, _f32(grad_g),
+        _f32(grad_colsum), dz, dl1, grad_cq, t, d, k, num_heads, t_pad, BLOCK_T=block_t,
         BLOCK_D=block_d, HKP=hkp, KEY_COLS=key_cols, DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES)
     _t2p_grad_reduce_kernel[(b, n_chunks)](z, dl1, grad_mq, t, d, t_pad, chunk_blocks,
                                            BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp,
@@ -1008,31 +1116,36 @@ def aot_configs():
         for hkp, key_widths in _key_widths(dtype).items():
             block_t, block_d, warps = launch_config(hkp, dtype)
 
-            def add(fn, key_cols=None, **sig):
+            def add(fn, key_cols=None, FROM_KEYS=None, **sig):
                 const = dict(BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp, DOT_MODE=mode)
                 if key_cols is not None:
                     const["KEY_COLS"] = key_cols
+                if FROM_KEYS is not None:
+                    const["FROM_KEYS"] = FROM_KEYS
                 types = {n: ("*fp32" if v == "f" else zp if v == "z" else v) for n, v in sig.items()}
                 configs.append(KernelConfig(fn, {**types, **{c: "constexpr" for c in const}}, const,
                                             num_warps=warps, num_stages=NUM_STAGES))
 
             for kc in key_widths:
-                add(_t2p_reduce_kernel, kc, z_ptr="z", mq_ptr="z", cq_ptr="f", wk_ptr="z",
-                    s1_ptr="f", g_ptr="f", colsum_ptr="f", k2_ptr="z", T="i32", D="i32", K="i32",
+                add(_t2p_reduce_kernel, kc, z_ptr="z", mq_ptr="f", cq_ptr="f", wk_ptr="z",
+                    s1_ptr="f", g_ptr="f", colsum_ptr="f", k2_ptr="f", T="i32", D="i32", K="i32",
                     H="i32", chunk_blocks="i32")
-                add(_p2t_grad_reduce_kernel, kc, z_ptr="z", y_ptr="z", mk_ptr="z", wk_ptr="z",
-                    qexp_ptr="z", nv_ptr="z", m2_ptr="f", l2_ptr="f", s2_ptr="f", ws2_ptr="f",
-                    e_ptr="f", f1_ptr="f", f2_ptr="f", ysum_ptr="f", delta_ptr="f", T="i32",
-                    D="i32", chunk_blocks="i32")
-                add(_grad_z_kernel, kc, z_ptr="z", y_ptr="z", mq_ptr="z", cq_ptr="f", mk_ptr="z",
-                    wk_ptr="z", qexp_ptr="z", nv_ptr="z", m2_ptr="f", l2_ptr="f", alpha_ptr="f",
-                    delta_ptr="f", dg_ptr="z", dcolsum_ptr="f", dz_ptr="z", dl1_ptr="f",
+                add(_p2t_grad_reduce_kernel, kc, z_ptr="z", y_ptr="z", mk_ptr="f", wk_ptr="z",
+                    qexp_ptr="f", nv_ptr="f", m2_ptr="f", l2_ptr="f", s2_ptr="f", ws2_ptr="f",
+                    e_ptr="f", f1_ptr="f", f2_ptr="f", g1_ptr="f", ysum_ptr="f", delta_ptr="f",
+                    T="i32", D="i32", chunk_blocks="i32")
+                add(_grad_z_kernel, kc, z_ptr="z", y_ptr="z", mq_ptr="f", cq_ptr="f", mk_ptr="f",
+                    wk_ptr="z", qexp_ptr="f", nv_ptr="f", m2_ptr="f", l2_ptr="f", alpha_ptr="f",
+                    delta_ptr="f", dg_ptr="f", dcolsum_ptr="f", dz_ptr="z", dl1_ptr="f",
                     dcq_ptr="f", T="i32", D="i32", K="i32", H="i32", t_pad="i32")
-            add(_p2t_stats_kernel, x_ptr="z", m_ptr="z", mpart_ptr="f", lpart_ptr="f", T="i32",
-                W="i32")
-            add(_p2t_update_kernel, z_ptr="z", x_ptr="z", m_ptr="z", m2_ptr="f", l2_ptr="f",
-                nv_ptr="z", bo_ptr="f", alpha_ptr="f", out_ptr="z", attn_ptr="f", T="i32", D="i32",
-                W="i32", HK="i32", return_attn="i32")
+            for from_keys in sorted({kc > 0 for kc in key_widths}):
+                # FROM_KEYS: logits2 from K2 (fp32) on the 2-read path, else from Z
+                x_type = "f" if from_keys else "z"
+                add(_p2t_stats_kernel, None, x_ptr=x_type, m_ptr="f", mpart_ptr="f",
+                    lpart_ptr="f", T="i32", W="i32", FROM_KEYS=from_keys)
+                add(_p2t_update_kernel, None, z_ptr="z", x_ptr=x_type, m_ptr="f", m2_ptr="f",
+                    l2_ptr="f", nv_ptr="f", bo_ptr="f", alpha_ptr="f", out_ptr="z", attn_ptr="f",
+                    T="i32", D="i32", W="i32", HK="i32", return_attn="i32", FROM_KEYS=from_keys)
             add(_t2p_grad_reduce_kernel, z_ptr="z", dl1_ptr="f", dmq_ptr="f", T="i32", D="i32",
                 t_pad="i32", chunk_blocks="i32")
     return configs

@@ -54,10 +54,10 @@ def _check(b, t, d, k, h, dh, dtype, reduce="sum", seed=0, logit_gain=1.0):
 # D=768, tails of every block size (T = 2, 17, 19, 33, 37), every column width HKP 16..256.
 SHAPES = {
     "t197_d768": (1, 197, 768, 6, 2, 16, "mean"),  # A=32, HKP=16, fp32 only (interpreter time)
-    "k5_a16": (2, 37, 32, 5, 2, 8, "sum"),
+    "k5_a16": (2, 37, 96, 5, 2, 8, "sum"),
     "k6_h3_b1": (1, 33, 48, 6, 3, 16, "mean"),  # HK=18 -> HKP=32
     "h1_k1_t2": (3, 2, 16, 1, 1, 16, "sum"),
-    "k16_h4": (2, 19, 64, 16, 4, 8, "sum"),  # HKP=64
+    "k16_h4": (2, 19, 192, 16, 4, 8, "sum"),  # HKP=64
     "hkp128": (1, 17, 32, 12, 10, 8, "mean"),  # HK=120
     "hkp256": (1, 17, 32, 16, 16, 8, "sum"),  # HK=256: the widest layout (16-bit inputs only)
     "hkp128_a64": (1, 17, 32, 16, 8, 8, "sum"),  # HK=128 with A=64 (widest 2-read key scratch)
@@ -266,10 +266,10 @@ def test_auto_uses_the_kernels_when_they_apply(monkeypatch):
 def test_traffic_model():
     z_bytes = 32 * 197 * 768 * 2
     # Forward, model layout (A = 4 x 16 = 64, D = 768): the 2-read path meets the floor of 2 Z
-    # reads + 1 write, plus the key scratch K2 [B,T,64] written once and read twice.
+    # reads + 1 write, plus the fp32 key scratch K2 [B,T,64] written once and read twice.
     args = (32, 197, 768, 6, 64, torch.bfloat16)
     assert pim_mod.key_columns(768, 64, torch.bfloat16) == 64
-    assert pim_mod.pim_achieved_bytes(*args) - pim_mod.pim_min_bytes(*args) == 3 * 32 * 197 * 64 * 2
+    assert pim_mod.pim_achieved_bytes(*args) - pim_mod.pim_min_bytes(*args) == 3 * 32 * 197 * 64 * 4
     assert pim_mod.pim_min_bytes(*args) > 3 * z_bytes
     # Wide keys (A = D = 768): the 3-read fallback, one Z read above the floor.
     args = (32, 197, 768, 6, 768, torch.bfloat16)
@@ -288,9 +288,11 @@ def test_traffic_model():
 
 
 @pytest.mark.parametrize("d,a,dtype,want", [
-    (768, 64, torch.bfloat16, 64), (768, 64, torch.float32, 64), (64, 32, torch.float16, 32),
-    (32, 16, torch.float32, 16), (32, 8, torch.bfloat16, 16),  # A padded to 16
-    (48, 48, torch.float32, 0),  # 2 * 64 > D: K2 would cost more than the Z read it saves
+    (768, 64, torch.bfloat16, 64), (768, 64, torch.float32, 64), (192, 32, torch.float16, 32),
+    (48, 16, torch.float32, 16), (96, 8, torch.bfloat16, 16),  # A padded to 16
+    # the fp32 K2, written once and read twice (12 * KEY_COLS bytes a token), would cost more
+    # than the Z read it saves (D * element size bytes)
+    (48, 48, torch.float32, 0), (80, 16, torch.bfloat16, 0), (32, 16, torch.float32, 0),
     (1024, 80, torch.bfloat16, 0),  # KEY_COLS 128 > MAX_KEY_COLS
     (1024, 128, torch.float32, 0)])
 def test_key_columns_picks_the_two_read_path_where_it_pays(d, a, dtype, want):
@@ -300,7 +302,7 @@ def test_key_columns_picks_the_two_read_path_where_it_pays(d, a, dtype, want):
 def test_key_columns_skips_the_layouts_that_spill():
     assert pim_mod.key_columns(768, 64, torch.bfloat16, 64) == 64  # the model: H=4, K<=16
     assert pim_mod.key_columns(768, 64, torch.float32, 64) == 64
-    assert pim_mod.key_columns(32, 16, torch.bfloat16, 16) == 16
+    assert pim_mod.key_columns(96, 16, torch.bfloat16, 16) == 16
     for fp32, columns, key_cols in pim_mod._KEY_LAYOUTS_THAT_SPILL:
         for dtype in ((torch.float32,) if fp32 else (torch.float16, torch.bfloat16)):
             assert pim_mod.key_columns(1024, key_cols, dtype) == key_cols

@@ -5,6 +5,7 @@ Ops: ``region_pool`` (Eq. 2), ``prompt_bank`` (Eq. 4), ``pim`` (Eqs. 5-10); modu
 ``avpt_kernels.backend`` (``set_backend``, ``use_backend``); ground truth in
 ``avpt_kernels.reference``.
 """
+from . import _compat  # noqa: F401  (Triton < 3.8 interpreter with numpy >= 2.4)
 from .backend import get_backend, set_backend, use_backend
 from .modules import LowRankPromptBank, PromptTokenInteraction, RegionPool, contiguous_stages
 from .pim import pim

@@ -60,20 +60,42 @@ class RegionQueue(nn.Module):
 
     @torch.no_grad()
     def push(self, r: Tensor, types: Tensor, modality: Tensor) -> None:
-        """r [B, R, d_c], types [B, R], modality [B]."""
-        for m in modality.unique().tolist():
-            sel = modality == m
-            e, t = r[sel].reshape(-1, r.shape[-1]), types[sel].reshape(-1)
-            e, t = e[-self.size:], t[-self.size:]
-            idx = (self.ptr[m] + torch.arange(e.shape[0], device=e.device)) % self.size
-            self.emb[m, idx] = e.to(self.emb.dtype)
-            self.types[m, idx] = t
-            self.ptr[m] = (self.ptr[m] + e.shape[0]) % self.size
+        """r [B, R, d_c], types [B, R], modality [B]. Per modality, the batch's entries in order
+        go to the ring buffer at ``ptr`` (only the last ``size`` of them when there are more).
+
+        No host sync (no ``unique().tolist()``, no boolean indexing): every entry gets its rank
+        within its modality from a cumulative count; the entries that would be overwritten in
+        the same push (rank below count - size) land on the slot of a kept entry, so the
+        targeted slots are zeroed first and the kept entries added (each slot gets exactly one).
+        """
+        n_mod, dc = self.emb.shape[0], r.shape[-1]
+        e = r.reshape(-1, dc).to(self.emb.dtype)
+        t = types.reshape(-1).to(self.types.dtype)
+        mod = modality.to(device=e.device, dtype=torch.long).repeat_interleave(r.shape[1])
+        onehot = F.one_hot(mod, n_mod)                                 # [N, M]
+        rank = (onehot.cumsum(0) - 1).gather(1, mod[:, None]).squeeze(1)
+        count = onehot.sum(0)                                          # [M]
+        pos = rank - (count - self.size).clamp_min(0)[mod]             # < 0: overwritten
+        idx = torch.remainder(self.ptr[mod] + pos, self.size)
+        keep = pos >= 0
+        self.emb.index_put_((mod, idx), torch.zeros_like(e))
+        self.emb.index_put_((mod, idx), e * keep[:, None].to(e.dtype), accumulate=True)
+        self.types.index_put_((mod, idx), torch.zeros_like(t))
+        self.types.index_put_((mod, idx), t * keep.to(t.dtype), accumulate=True)
+        self.ptr.copy_(torch.remainder(self.ptr + count.clamp_max(self.size), self.size))
 
     def entries(self):
-        """(embeddings [Q, d_c], types [Q]) of the filled slots of every modality."""
+        """(embeddings [Q, d_c], types [Q]) of the filled slots of every modality. Boolean
+        indexing: a host sync on an accelerator; the loss uses ``slots`` instead."""
         filled = self.types >= 0
         return self.emb[filled], self.types[filled]
+
+    def slots(self):
+        """(embeddings [M*S, d_c], types [M*S]) of every slot of every modality, empty slots
+        with type -1 (``rcl_loss`` ignores them): no boolean indexing, no host sync. The
+        embeddings are a copy: the loss saves them for its backward and ``push`` then writes
+        the buffer in place."""
+        return self.emb.reshape(-1, self.emb.shape[-1]).clone(), self.types.reshape(-1)
 
 
 class EMACentroids(nn.Module):
@@ -86,24 +108,29 @@ class EMACentroids(nn.Module):
         self.register_buffer("centroids", torch.zeros(num_types, dim))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
 
+    # Both methods select on the device with torch.where instead of branching on
+    # bool(self.initialized) or looping over t.unique().tolist(): no host sync.
     @torch.no_grad()
     def assign(self, r: Tensor) -> Tensor:
-        """Types [B, R] of the normalised embeddings r [B, R, d_c]."""
-        if not bool(self.initialized):
-            return torch.arange(r.shape[1], device=r.device).expand(r.shape[0], -1).clone()
-        return torch.einsum("brd,cd->brc", r, self.centroids.to(r.dtype)).argmax(-1)
+        """Types [B, R] of the normalised embeddings r [B, R, d_c] (atlas order until the
+        centroids are initialised)."""
+        atlas = torch.arange(r.shape[1], device=r.device).expand(r.shape[0], -1)
+        nearest = torch.einsum("brd,cd->brc", r, self.centroids.to(r.dtype)).argmax(-1)
+        return torch.where(self.initialized, nearest, atlas)
 
     @torch.no_grad()
     def update(self, r: Tensor, types: Tensor) -> None:
-        if not bool(self.initialized):
-            self.centroids.copy_(F.normalize(r.float().mean(0), dim=-1))
-            self.initialized.fill_(True)
-            return
+        """First call: centroids from the batch in atlas order. Then, for every type present in
+        the batch, an EMA step towards the mean of its embeddings (absent types unchanged)."""
+        first = F.normalize(r.float().mean(0), dim=-1)
         flat, t = r.reshape(-1, r.shape[-1]).float(), types.reshape(-1)
-        for c in t.unique().tolist():
-            mean = flat[t == c].mean(0)
-            new = self.momentum * self.centroids[c] + (1 - self.momentum) * mean
-            self.centroids[c] = F.normalize(new, dim=-1)
+        onehot = F.one_hot(t, self.centroids.shape[0]).to(flat.dtype)  # [N, C]
+        count = onehot.sum(0)
+        mean = (onehot.t() @ flat) / count.clamp_min(1)[:, None]
+        new = F.normalize(self.momentum * self.centroids + (1 - self.momentum) * mean, dim=-1)
+        ema = torch.where(count[:, None] > 0, new, self.centroids)
+        self.centroids.copy_(torch.where(self.initialized, ema, first))
+        self.initialized.fill_(True)
 
 
 def rcl_loss(r: Tensor, types: Tensor, modality: Tensor, tau: float = 0.07,
@@ -112,8 +139,9 @@ def rcl_loss(r: Tensor, types: Tensor, modality: Tensor, tau: float = 0.07,
     """Eq. 12 over anchors (i, k): r [B, R, d_c] normalised, types [B, R], modality [B].
 
     Positives: same type, another image (another modality only when ``cross_modal_only``).
-    Negatives: other types in the batch, plus queue entries of another type. Anchors without a
-    positive are skipped; with none at all the loss is 0 (and keeps the graph)."""
+    Negatives: other types in the batch, plus queue entries of another type (queue slots of
+    type -1 are empty and ignored). Anchors without a positive are skipped; with none at all the
+    loss is 0 (and keeps the graph). No host sync: anchors are masked, not selected."""
     b, n_reg, dc = r.shape
     flat = r.reshape(b * n_reg, dc)
     t = types.reshape(-1)
@@ -128,17 +156,17 @@ def rcl_loss(r: Tensor, types: Tensor, modality: Tensor, tau: float = 0.07,
     neg = ~same_type
     if queue_emb is not None and queue_emb.numel():
         q_logits = flat @ queue_emb.to(flat.dtype).t() / tau
-        q_neg = t[:, None] != queue_types[None, :].to(t.device)
+        q_types = queue_types[None, :].to(t.device)
+        q_neg = (t[:, None] != q_types) & (q_types >= 0)
         logits = torch.cat([logits, q_logits], dim=1)
         pos = torch.cat([pos, torch.zeros_like(q_neg)], dim=1)
         neg = torch.cat([neg, q_neg], dim=1)
     has_pos = pos.any(dim=1)
-    if not bool(has_pos.any()):
-        return r.sum() * 0.0
     ninf = torch.finfo(logits.dtype).min
     log_num = torch.logsumexp(logits.masked_fill(~pos, ninf), dim=1)
     log_den = torch.logsumexp(logits.masked_fill(~(pos | neg), ninf), dim=1)
-    return (log_den - log_num)[has_pos].mean()
+    per_anchor = torch.where(has_pos, log_den - log_num, torch.zeros_like(log_num))
+    return per_anchor.sum() / has_pos.sum().clamp_min(1).to(per_anchor.dtype)
 
 
 def txt_loss(t: Tensor, text: Tensor, types: Tensor, tau: float = 0.07) -> Tensor:
@@ -202,8 +230,6 @@ class AVPTLoss(nn.Module):
 
     def forward(self, out, labels: Optional[Tensor] = None, masks: Optional[Tensor] = None,
                 modality=None, update_state: bool = False) -> Dict[str, Tensor]:
-        from .model import modality_indices
-
         c, model = self.config, self.model[0]
         terms: Dict[str, Tensor] = {}
         if labels is not None and out.logits is not None:
@@ -211,7 +237,7 @@ class AVPTLoss(nn.Module):
         if c.lambda_seg and masks is not None and out.seg_logits is not None:
             terms["seg"] = seg_loss(out.seg_logits, masks, c.seg_bce_weight)
         b = out.features.shape[0]
-        mod = modality_indices(modality, b, out.features.device)
+        mod = _modality_tensor(modality, b, out.features.device)
         r = types = None
         if out.region_emb is not None and (c.lambda_rcl or c.lambda_txt):
             r = model.region_contrast(out.region_emb)
@@ -219,7 +245,7 @@ class AVPTLoss(nn.Module):
         if c.lambda_rcl and r is not None:
             q_emb = q_types = None
             if self.queue is not None:
-                q_emb, q_types = self.queue.entries()
+                q_emb, q_types = self.queue.slots()
             terms["rcl"] = rcl_loss(r, types, mod, c.tau, q_emb, q_types)
         if c.lambda_txt and r is not None:
             terms["txt"] = txt_loss(model.region_text_space(out.region_emb), self.text, types, c.tau_txt)
@@ -238,6 +264,25 @@ class AVPTLoss(nn.Module):
                 self.centroids.update(r.detach(), types)
         terms["loss"] = total
         return terms
+
+
+def _modality_tensor(modality, batch: int, device) -> Tensor:
+    """Modality indices [B] on ``device`` without a host sync: a tensor is used as it is (its
+    values are the loader's, validated there), None or one name fills on the device; only a
+    Python list of names/indices goes through ``modality_indices`` (a host-to-device copy)."""
+    from .model import modality_indices
+
+    if isinstance(modality, Tensor):
+        if modality.shape != (batch,):
+            raise ValueError(f"modality must be a tensor [B={batch}] of indices into "
+                             f"{MODALITIES}, got shape {tuple(modality.shape)}")
+        return modality.to(device=device, dtype=torch.long)
+    if modality is None or isinstance(modality, str):
+        name = MODALITIES[0] if modality is None else modality
+        if name not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+        return torch.full((batch,), MODALITIES.index(name), dtype=torch.long, device=device)
+    return modality_indices(modality, batch, device)
 
 
 def method_loss(method, out, labels=None, masks=None) -> Dict[str, Tensor]:

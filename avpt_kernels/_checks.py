@@ -3,7 +3,8 @@ what was expected, raise ``TypeError`` for wrong types/dtypes and ``ValueError``
 shapes/values."""
 from __future__ import annotations
 
-from typing import Sequence
+import os
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -45,10 +46,41 @@ def same_dtype_device(ref_name: str, ref: Tensor, **others: Tensor) -> None:
                              f"move them to one device")
 
 
-def unit_interval(x: Tensor, name: str) -> None:
-    """All values finite and in [0, 1]. One reduction and one host sync; skipped while
-    torch.compile traces (a data-dependent check would break the graph) and on meta tensors."""
-    if x.device.type == "meta" or torch.compiler.is_compiling():
+# Value checks (maps in [0, 1], finite) need the values on the host: on an accelerator that is a
+# device-to-host copy, i.e. a host sync on every call. The data loaders validate maps where they
+# are loaded (avpt.data), so by default the ops check values only where that costs no sync: CPU
+# tensors. ``AVPT_CHECK_VALUES=1`` (or ``set_value_checks(True)`` / ``check_values=True`` on the
+# op) turns the check on for every device (debugging); ``set_value_checks(False)`` turns it off.
+_VALUE_CHECKS: Optional[bool] = {"1": True, "0": False}.get(os.environ.get("AVPT_CHECK_VALUES", ""))
+
+
+def set_value_checks(enabled: Optional[bool]) -> None:
+    """Process-wide value checks: True (every device, one host sync per call on an accelerator),
+    False (never), None (the default: CPU tensors only, where no sync is involved)."""
+    global _VALUE_CHECKS
+    _VALUE_CHECKS = enabled
+
+
+def value_checks_enabled(x: Tensor, override: Optional[bool] = None) -> bool:
+    """Whether a value check runs on ``x``: ``override`` if given, else the process-wide setting,
+    else only for CPU tensors. Never on meta/fake tensors or while torch.compile traces (the
+    values are unknown there, and a data-dependent check would break the graph)."""
+    if x.device.type == "meta" or torch.compiler.is_compiling() or _is_fake(x):
+        return False
+    enabled = override if override is not None else _VALUE_CHECKS
+    return x.device.type == "cpu" if enabled is None else bool(enabled)
+
+
+def _is_fake(x: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor, is_fake
+
+    return isinstance(x, FakeTensor) or is_fake(x)
+
+
+def unit_interval(x: Tensor, name: str, check: Optional[bool] = None) -> None:
+    """All values finite and in [0, 1]. One reduction and, on an accelerator, one host sync: so
+    it runs per ``value_checks_enabled`` (by default on CPU tensors only; see above)."""
+    if not value_checks_enabled(x, check):
         return
     if not bool(((x >= 0) & (x <= 1)).all()):  # NaN fails both comparisons
         bad = x[~((x >= 0) & (x <= 1))]

@@ -15,7 +15,7 @@ K prompt tokens, R regions, H heads, dh head width, A = H*dh, L layers, S stages
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +71,30 @@ def region_pool(features: Tensor, maps: Tensor, eps: float = 1e-6,
 # --------------------------------------------------------------------------------------------
 # Eq. 4 — low-rank, stage-shared prompt bank, all layers at once
 # --------------------------------------------------------------------------------------------
+_STAGE_INDEX: Dict[Tuple[Tuple[int, ...], torch.device], Tensor] = {}
+
+
+def stage_index(layer_stage: Sequence[int], device: torch.device) -> Tensor:
+    """``layer_stage`` as a long tensor on ``device``, cached per (stages, device): building it
+    from the Python list on every call (``torch.as_tensor(list, device="cuda")``) would be a
+    blocking host-to-device copy, a host sync, per forward. Made outside inference mode (the
+    index is saved for the backward). Under a FakeTensorMode (launch counting, export) the cache
+    lives on that mode; while torch.compile traces, no cache (the graph holds the constant)."""
+    key = (tuple(int(s) for s in layer_stage), torch.device(device))
+    if torch.compiler.is_compiling():
+        return torch.tensor(key[0], dtype=torch.long, device=device)
+    from torch._guards import detect_fake_mode
+
+    fake_mode = detect_fake_mode()
+    cache = _STAGE_INDEX if fake_mode is None else fake_mode.__dict__.setdefault(
+        "_avpt_stage_index", {})
+    cached = cache.get(key)
+    if cached is None:
+        with torch.inference_mode(False):
+            cached = cache[key] = torch.tensor(key[0], dtype=torch.long, device=device)
+    return cached
+
+
 @no_autocast
 def prompt_bank(region_emb: Tensor, token_offset: Tensor, U: Tensor, V: Tensor,
                 layer_bias: Tensor, ln_weight: Tensor, ln_bias: Tensor,
@@ -88,7 +112,7 @@ def prompt_bank(region_emb: Tensor, token_offset: Tensor, U: Tensor, V: Tensor,
     cdt = compute_dtype(region_emb.dtype)
     k, r = token_offset.shape[0], region_emb.shape[1]
     e_tok = region_emb.to(cdt).repeat_interleave(k // r, dim=1) + token_offset.to(cdt)
-    stage = torch.as_tensor(list(layer_stage), dtype=torch.long, device=region_emb.device)
+    stage = stage_index(layer_stage, region_emb.device)
     u, v = U.to(cdt)[stage], V.to(cdt)[stage]  # [L, D, r], [L, r, D]
     low = torch.einsum("bkd,ldr->lbkr", e_tok, u)
     x = torch.einsum("lbkr,lre->lbke", low, v) + layer_bias.to(cdt)[:, None, None, :]

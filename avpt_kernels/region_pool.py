@@ -79,8 +79,10 @@ def infer_grid(num_tokens: int, height: int, width: int) -> Tuple[int, int]:
         f"{num_tokens - 1} (with class token) or {num_tokens}")
 
 
-def check_args(features: Tensor, maps: Tensor, eps: float) -> Optional[Tuple[int, int]]:
-    """Validate; return the patch grid for pixel-resolution maps (None for token maps)."""
+def check_args(features: Tensor, maps: Tensor, eps: float,
+               check_values: Optional[bool] = None) -> Optional[Tuple[int, int]]:
+    """Validate; return the patch grid for pixel-resolution maps (None for token maps). The
+    [0, 1] check of the map values runs per ``_checks.value_checks_enabled`` (``check_values``)."""
     _checks.tensor(features, "features", 3, _LAYOUT_F)
     _checks.tensor(maps, "maps", (3, 4), _LAYOUT_M)
     _checks.same_dtype_device("features", features, maps=maps)
@@ -101,7 +103,7 @@ def check_args(features: Tensor, maps: Tensor, eps: float) -> Optional[Tuple[int
         r = maps.shape[1]
         grid = infer_grid(t, maps.shape[2], maps.shape[3])
     _checks.nonempty(r, "maps", "region (R)")
-    _checks.unit_interval(maps, "maps")
+    _checks.unit_interval(maps, "maps", check_values)
     return grid
 
 
@@ -509,7 +511,7 @@ def region_pool_min_bytes(features_shape, maps_shape, dtype=torch.float32,
 # Public entry point
 # --------------------------------------------------------------------------------------------
 def region_pool(features: Tensor, maps: Tensor, eps: float = 1e-6, *,
-                backend: Optional[str] = None) -> Tensor:
+                backend: Optional[str] = None, check_values: Optional[bool] = None) -> Tensor:
     """Soft region pooling, Eq. 2: ``out[b,k] = sum_p A[b,p,k] F[b,p] / (sum_p A[b,p,k] + eps)``.
 
     features: [B, T, D] with the class token at index 0 (it is excluded), or [B, N, D].
@@ -525,8 +527,15 @@ def region_pool(features: Tensor, maps: Tensor, eps: float = 1e-6, *,
     The Triton kernels take float32/bfloat16/float16 and R <= 16; other inputs (float64, more
     regions) run on the torch backend under ``backend="auto"`` and raise under
     ``backend="triton"``.
+
+    Map values (finite, in [0, 1]) are checked where that costs no host sync: on CPU tensors,
+    by default. On CUDA the check would copy a flag to the host on every call, so it is off
+    there unless asked for: ``check_values=True``, ``AVPT_CHECK_VALUES=1`` or
+    ``avpt_kernels._checks.set_value_checks(True)`` (a debug mode: then maps outside [0, 1] or
+    non-finite raise ``ValueError`` on every device). The data loaders (``avpt.data``) validate
+    maps where they are loaded. ``check_values=False`` skips the check on CPU too.
     """
-    grid = check_args(features, maps, eps)
+    grid = check_args(features, maps, eps, check_values)
     use = resolve("region_pool", features.device, backend, has_triton=HAS_TRITON)
     if use == "triton":
         explicit = (backend or get_backend()) == "triton"

@@ -11,6 +11,16 @@ shared-memory overflow).
 non-zero if any configuration fails to compile, spills, or overflows shared memory. It must run
 without ``TRITON_INTERPRET=1`` (under the interpreter ``@triton.jit`` yields no compilable
 function), so tests call it in a subprocess.
+
+One file holds the tables of several Triton versions (``make aot`` runs the check in ``.venv``,
+Triton 3.8, and in ``.venv-triton36``, Triton 3.6, the GPU machines' version): the output is
+``{"targets": [...], "by_triton": {"<triton version>": {"torch": ..., "seconds": ..., "rows":
+[...]}}}`` and a run replaces only its own version's entry (``load_rows`` reads one back).
+
+Register allocation differs between Triton versions, so a launch choice may have to depend on
+the version: op modules pick such values with ``for_triton`` at import time, and both their
+launchers and their ``aot_configs()`` read the picked values, so that ``aot_configs()`` lists
+exactly what the launchers can select under the running Triton.
 """
 from __future__ import annotations
 
@@ -23,7 +33,11 @@ import re
 import subprocess
 import sys
 import tempfile
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
+
+# The per-version hook, defined in ``_compat`` (op modules call it at import time; importing
+# this module from the package would shadow ``python -m avpt_kernels.aot``).
+from ._compat import for_triton, triton_version  # noqa: F401
 
 OP_MODULES = ("avpt_kernels.pim", "avpt_kernels.region_pool", "avpt_kernels.prompt_bank")
 
@@ -144,6 +158,34 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def load_rows(path: str, version: Optional[str] = None) -> List[Dict[str, Any]]:
+    """The rows that ``path`` (an aot.json) records for Triton ``version`` (default: the installed
+    one). Raises KeyError if that version was not checked."""
+    if version is None:
+        import triton
+
+        version = triton.__version__
+    with open(path) as fh:
+        return json.load(fh)["by_triton"][version]["rows"]
+
+
+def _merge(path: str, version: str, entry: Dict[str, Any]) -> Dict[str, Any]:
+    """The aot.json at ``path`` (if it has the per-version layout) with ``version``'s entry
+    replaced by ``entry``."""
+    data: Dict[str, Any] = {}
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        pass
+    if not isinstance(data.get("by_triton"), dict):
+        data = {"by_triton": {}}
+    data["targets"] = list(TARGETS)
+    data["by_triton"][version] = entry
+    data["by_triton"] = dict(sorted(data["by_triton"].items(), reverse=True))
+    return {"targets": data["targets"], "by_triton": data["by_triton"]}
+
+
 def main(argv=None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("avpt_kernels.aot: unset TRITON_INTERPRET (the interpreter cannot compile)",
@@ -153,14 +195,26 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", "aot.json"))
     ap.add_argument("--workers", type=int, default=0, help="compile processes (0: one per CPU)")
     args = ap.parse_args(argv)
-    import triton
+    import time
 
+    import triton
+    import torch
+
+    start = time.perf_counter()
     rows = run_collected(args.workers)
+    seconds = time.perf_counter() - start
     print(format_table(rows) if rows else "no Triton kernel configurations to compile")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    failing = sum(not r["ok"] for r in rows)
+    entry = {"torch": torch.__version__, "python": sys.version.split()[0],
+             "workers": args.workers or os.cpu_count() or 1, "seconds": round(seconds, 1),
+             "failing": failing, "spill_bytes": sum(r.get("spill_bytes", 0) for r in rows),
+             "rows": rows}
+    data = _merge(args.out, triton.__version__, entry)
     with open(args.out, "w") as fh:
-        json.dump({"triton": triton.__version__, "targets": list(TARGETS), "rows": rows}, fh, indent=1)
-    print(f"wrote {args.out}: {len(rows)} rows, {sum(not r['ok'] for r in rows)} failing")
+        json.dump(data, fh, indent=1)
+    print(f"wrote {args.out} (Triton {triton.__version__}, {seconds:.0f} s): {len(rows)} rows, "
+          f"{failing} failing")
     return 0 if all(r["ok"] for r in rows) else 1
 
 

@@ -47,6 +47,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _checks, reference
+from ._compat import for_triton
 from .backend import get_backend, resolve
 
 HAS_TRITON = True
@@ -389,6 +390,9 @@ _BLOCK_RANK = MAX_RANK
 _BLOCK_D = 64
 _WARPS = 4
 _INPUTS_WARPS = 8  # fp32 bwd_inputs spills at 4 warps on sm_80 (see aot_configs)
+# bwd_layer: under Triton 3.6 the 16-bit configs spill 64 B on sm_80 at 4 warps (none at 8);
+# under Triton 3.8, fp16 spills 8 B on sm_90a at 8 warps (none at 4).
+_LAYER_WARPS = for_triton({(3, 0): 8, (3, 8): 4})
 _INPUTS_BLOCKS = dict(BLOCK_INNER=16, BLOCK_ROWS=64)  # images / tokens summed per load; dU rows
 
 
@@ -451,7 +455,7 @@ def _backward(grad_out, region_emb, token_offset, U, V, layer_bias, ln_weight, l
         bk, d, rank, **blocks, num_warps=_WARPS)
     _prompt_bank_bwd_layer_kernel[(n_layers, triton.cdiv(d, _BLOCK_D))](
         grad_out, V, layer_bias, ln_weight, stage, low, mean, rstd, c1, c2,
-        d_lnw, d_lnb, d_bias, dv_layer, bk, d, rank, **blocks, num_warps=_WARPS)
+        d_lnw, d_lnb, d_bias, dv_layer, bk, d, rank, **blocks, num_warps=_LAYER_WARPS)
     n_group_tiles, n_token_tiles = triton.cdiv(b * r, _BLOCK_T), triton.cdiv(k, _BLOCK_T)
     _prompt_bank_bwd_inputs_kernel[(triton.cdiv(d, _BLOCK_D),
                                     n_group_tiles + n_token_tiles + n_stages)](
@@ -603,7 +607,7 @@ def aot_configs() -> List:
         }
         for fn, sig in sigs.items():
             consts = dict(blocks)
-            warps = _WARPS
+            warps = _LAYER_WARPS if fn is _prompt_bank_bwd_layer_kernel else _WARPS
             if fn is _prompt_bank_bwd_inputs_kernel:
                 consts.update(_INPUTS_BLOCKS)
                 warps = _INPUTS_WARPS

@@ -9,9 +9,10 @@ Kernels (all accumulate in fp32):
   pixel maps: the f x f box average of each patch, computed from the full-resolution maps in
   registers) and accumulates ``A^T F`` [R, BLOCK_D] and ``sum_p A`` [R]. Token maps: one split,
   parallel over D blocks of 128, writes out [B,R,D] and den = sum_p A [B,R] (fp32, saved for the
-  backward). Pixel maps: BLOCK_D covers D (up to 1024), so the full-resolution maps are read
-  exactly once and never written at patch resolution; for parallelism the patches of an image
-  are split over programs (about two programs per SM), which write fp32 partial sums
+  backward). Pixel maps: BLOCK_D covers D (up to 1024; up to 512 under Triton < 3.8, see
+  ``_PIXEL_FWD``: there D > 512 reads the maps once per 512 channels), so the full-resolution
+  maps are read exactly once and never written at patch resolution; for parallelism the patches
+  of an image are split over programs (about two programs per SM), which write fp32 partial sums
   [B,splits,R,D] that ``_region_pool_finalize_kernel`` (grid (B, D-blocks)) adds up and
   normalises. So: one launch (token maps, or pixel maps with one split), or two.
 * ``_region_pool_bwd_kernel``  one launch, grid (B, patch tiles). With G = dout / (den + eps):
@@ -48,6 +49,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _checks, reference
+from ._compat import for_triton
 from .backend import get_backend, resolve
 
 HAS_TRITON = True
@@ -321,7 +323,12 @@ _BLOCK_P = 16
 _BWD_BLOCK_D = 64
 _TOKEN_FWD_BLOCK_D = 128
 _FINALIZE_BLOCK_D = 128
-_PIXEL_FWD_BLOCK_D = (256, 1024)  # covers D in one block up to 1024
+# Pixel-map forward: (BLOCK_D, num_warps) for D <= 256 and above, per Triton version (ptxas
+# allocates differently: under Triton 3.6, BLOCK_D=256 at 8 warps spills 120 B on sm_90a and
+# BLOCK_D=1024 spills 56-68 B on sm_80 at any warp count tried, so there D > 512 takes 512-wide
+# blocks and reads the maps once per block). Checked by `make aot` for 3.6 and 3.8.
+_PIXEL_FWD = for_triton({(3, 0): ((256, 2), (512, 16)), (3, 8): ((256, 8), (1024, 8))})
+_PIXEL_FWD_BLOCK_D = tuple(block_d for block_d, _ in _PIXEL_FWD)
 _PIXEL_BLOCK_PIX = 128  # pixels of one patch box per step (a 16 x 16 box in two steps)
 
 
@@ -339,11 +346,13 @@ def _fwd_block_d(d: int, pixel_maps: bool) -> int:
     return _PIXEL_FWD_BLOCK_D[0] if d <= _PIXEL_FWD_BLOCK_D[0] else _PIXEL_FWD_BLOCK_D[1]
 
 
-def _fwd_warps(pixel_maps: bool) -> int:
-    return 8 if pixel_maps else 4
+def _fwd_warps(pixel_maps: bool, block_d: int) -> int:
+    return dict(_PIXEL_FWD)[block_d] if pixel_maps else 4
 
 
-_BWD_WARPS = 8  # fp32 FMA dots of the dmaps path spill at 4 warps (see aot_configs)
+# fp32 FMA dots of the dmaps path spill at 4 warps (Triton 3.8); under Triton 3.6 the pixel-map
+# dfeat+dmaps config spills 8 B on sm_90a at 8 warps, none at 16 (see aot_configs).
+_BWD_WARPS = for_triton({(3, 0): 16, (3, 8): 8})
 
 
 def _map_strides(maps: Tensor) -> Tuple[int, int, int, int]:
@@ -400,7 +409,7 @@ def _forward(features: Tensor, maps: Tensor, eps: float, grid_h: int,
         patches_per_split, *features.stride(), *_map_strides(maps), *dst_strides,
         PIXEL_MAPS=pixel, SPLIT=splits > 1, BLOCK_P=_BLOCK_P, BLOCK_R=_block_r(r),
         BLOCK_D=block_d, BLOCK_PIX=_block_pix(pixel), WRITE_F32=fwd_write_f32,
-        num_warps=_fwd_warps(pixel))
+        num_warps=_fwd_warps(pixel, block_d))
     if splits > 1:
         _region_pool_finalize_kernel[(b, triton.cdiv(d, _FINALIZE_BLOCK_D))](
             dst, dst_den, out, den, out32 if write_f32 else den, splits, r, d, eps,
@@ -589,7 +598,7 @@ def aot_configs() -> List:
                 _region_pool_fwd_kernel, sig,
                 dict(PIXEL_MAPS=pixel, SPLIT=split, BLOCK_P=_BLOCK_P, BLOCK_R=_block_r(1),
                      BLOCK_D=block_d, BLOCK_PIX=_block_pix(pixel),
-                     WRITE_F32=write_f32 and not split), num_warps=_fwd_warps(pixel)))
+                     WRITE_F32=write_f32 and not split), num_warps=_fwd_warps(pixel, block_d)))
         configs.append(KernelConfig(
             _region_pool_finalize_kernel,
             {"part_num_ptr": "*fp32", "part_den_ptr": "*fp32", "out_ptr": ptr, "den_ptr": "*fp32",

@@ -24,7 +24,9 @@ def test_every_shipped_kernel_config_compiles_without_spills(tmp_path):
     run = subprocess.run([sys.executable, "-m", "avpt_kernels.aot", "--out", str(out)],
                          capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    rows = json.loads(out.read_text())["rows"]
+    data = json.loads(out.read_text())
+    assert list(data["by_triton"]) == [triton.__version__]
+    rows = aot.load_rows(str(out))
     assert all(r["ok"] and r["spill_bytes"] == 0 for r in rows)
     kernels = {r["kernel"] for r in rows}
     assert {r["target"] for r in rows} <= {"sm_80", "sm_90a"}
@@ -50,3 +52,22 @@ def test_harness_reports_a_probe_kernel_in_a_subprocess():
                          cwd=os.path.dirname(os.path.dirname(__file__)), timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "_probe_kernel" in run.stdout
+
+
+def test_for_triton_picks_the_newest_entry_not_newer_than_the_running_version():
+    choices = {(3, 0): "old", (3, 7): "new"}
+    assert aot.for_triton(choices, "3.6.0") == "old"
+    assert aot.for_triton(choices, "3.7.0") == "new"
+    assert aot.for_triton(choices, "3.8.0+git1234") == "new"
+    assert aot.for_triton(choices, "2.3.1") == "old"  # older than every key: the oldest entry
+    assert aot.triton_version("3.10.2") == (3, 10)
+
+
+def test_aot_json_keeps_one_entry_per_triton_version(tmp_path):
+    path = str(tmp_path / "aot.json")
+    for version in ("3.8.0", "3.6.0", "3.8.0"):
+        data = aot._merge(path, version, {"rows": [{"kernel": version}]})
+        with open(path, "w") as fh:
+            json.dump(data, fh)
+    assert list(data["by_triton"]) == ["3.8.0", "3.6.0"]
+    assert aot.load_rows(path, "3.6.0") == [{"kernel": "3.6.0"}]

@@ -39,7 +39,7 @@ input dtype once, when stored.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -396,17 +396,11 @@ _LAYER_WARPS = for_triton({(3, 0): 8, (3, 8): 4})
 _INPUTS_BLOCKS = dict(BLOCK_INNER=16, BLOCK_ROWS=64)  # images / tokens summed per load; dU rows
 
 
-_STAGE_TENSORS: Dict[Tuple[Tuple[int, ...], torch.device], Tensor] = {}
-
-
 def _stage_tensor(layer_stage: Sequence[int], device: torch.device) -> Tensor:
     """layer_stage as an int32 device tensor, cached: a host-to-device copy on every call would
-    stall the host on CUDA."""
-    key = (tuple(int(x) for x in layer_stage), torch.device(device))
-    cached = _STAGE_TENSORS.get(key)
-    if cached is None:
-        cached = _STAGE_TENSORS[key] = torch.tensor(key[0], dtype=torch.int32, device=device)
-    return cached
+    stall the host on CUDA. The cache is ``reference.stage_index``'s (fake tensors, e.g. of the
+    launch counter, are cached on their FakeTensorMode, never in the process-wide cache)."""
+    return reference.stage_index(layer_stage, device, torch.int32)
 
 
 def _forward(region_emb, token_offset, U, V, layer_bias, ln_weight, ln_bias, layer_stage, eps):

@@ -71,18 +71,19 @@ def region_pool(features: Tensor, maps: Tensor, eps: float = 1e-6,
 # --------------------------------------------------------------------------------------------
 # Eq. 4 — low-rank, stage-shared prompt bank, all layers at once
 # --------------------------------------------------------------------------------------------
-_STAGE_INDEX: Dict[Tuple[Tuple[int, ...], torch.device], Tensor] = {}
+_STAGE_INDEX: Dict[Tuple[Tuple[int, ...], torch.device, torch.dtype], Tensor] = {}
 
 
-def stage_index(layer_stage: Sequence[int], device: torch.device) -> Tensor:
-    """``layer_stage`` as a long tensor on ``device``, cached per (stages, device): building it
+def stage_index(layer_stage: Sequence[int], device: torch.device,
+                dtype: torch.dtype = torch.long) -> Tensor:
+    """``layer_stage`` as a tensor on ``device``, cached per (stages, device, dtype): building it
     from the Python list on every call (``torch.as_tensor(list, device="cuda")``) would be a
     blocking host-to-device copy, a host sync, per forward. Made outside inference mode (the
     index is saved for the backward). Under a FakeTensorMode (launch counting, export) the cache
     lives on that mode; while torch.compile traces, no cache (the graph holds the constant)."""
-    key = (tuple(int(s) for s in layer_stage), torch.device(device))
+    key = (tuple(int(s) for s in layer_stage), torch.device(device), dtype)
     if torch.compiler.is_compiling():
-        return torch.tensor(key[0], dtype=torch.long, device=device)
+        return torch.tensor(key[0], dtype=dtype, device=device)
     from torch._guards import detect_fake_mode
 
     fake_mode = detect_fake_mode()
@@ -91,7 +92,7 @@ def stage_index(layer_stage: Sequence[int], device: torch.device) -> Tensor:
     cached = cache.get(key)
     if cached is None:
         with torch.inference_mode(False):
-            cached = cache[key] = torch.tensor(key[0], dtype=torch.long, device=device)
+            cached = cache[key] = torch.tensor(key[0], dtype=dtype, device=device)
     return cached
 
 

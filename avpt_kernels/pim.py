@@ -17,15 +17,15 @@ index (head, prompt) pairs, padded to ``HKP`` (a power of two >= 16; padding is 
 
 Forward: 3 kernel launches plus tiny torch algebra on [B,K,D]/[D,A]-sized matrices. Z is read
 twice from DRAM and z_out written once (the DESIGN floor) on the 2-read path, taken when the raw
-prompt->token keys K2 = Z W'k^T [T, A] are cheap: A padded to KEY_COLS (a power of two >= 16)
-with 2 * KEY_COLS <= D and KEY_COLS <= MAX_KEY_COLS[dtype] (64: at 128 the backward kernels
+prompt->token keys K2 = Z W'k^T [T, A] (fp32) are cheap: A padded to KEY_COLS (a power of two
+>= 16) with 12 * KEY_COLS <= D * element size and KEY_COLS <= MAX_KEY_COLS[dtype] (64: at 128 the backward kernels
 that rebuild K2 spill), except four (dtype, HKP, KEY_COLS) layouts where ptxas spills a few
 bytes (``_KEY_LAYOUTS_THAT_SPILL``; ``key_columns`` decides). The A-VPT model's default layout
 (A = 4 x 16 = 64, K = 6, so HKP = 32, with D = 768) takes the 2-read path in every dtype.
 There logits2[t,(h,k)] = K2_t . Qexp[:,(h,k)], Qexp [KEY_COLS,HKP] block-diagonal
 (scale * q2[k,h] in rows h*dh .. (h+1)*dh), which needs only q2, i.e. G, after pass 1:
   1. ``_t2p_reduce_kernel``   reads Z once from DRAM: G, colsum, and (2-read path) writes K2
-     [B,T,KEY_COLS] in the input dtype from the Z tiles already on chip. A program owns a chunk of
+     [B,T,KEY_COLS] in fp32 from the Z tiles already on chip. A program owns a chunk of
      row blocks of one image (``TARGET_PROGRAMS``); it parks the chunk's S1 in an L2-resident
      fp32 scratch, re-reads the chunk's Z tiles (L2 hits) D block by D block and adds its
      [HKP, D] partial of G once with fp32 atomics.
@@ -33,17 +33,18 @@ There logits2[t,(h,k)] = K2_t . Qexp[:,(h,k)], Qexp [KEY_COLS,HKP] block-diagona
      (K2, Qexp) on the 2-read path (reads T x KEY_COLS, not Z), else from (Z, Mk) (reads Z).
   3. ``_p2t_update_kernel``   reads Z once, writes z_out once (and the attention if asked); its
      logits2 come from the same operands as pass 2's, so S2 is normalised exactly.
-  => 2-read path: Z read twice, z_out written once, K2 written once and read twice (2 * KEY_COLS
-     / D of a Z read each); fallback (larger A, or D < 2 * KEY_COLS, where K2 would not pay):
-     Z read 3 times. K2 is a forward temporary, never saved: the backward kernels rebuild
+  => 2-read path: Z read twice, z_out written once, K2 written once and read twice (12 * KEY_COLS
+     bytes a token in all, at most one Z read); fallback (larger A, or small D, where K2 would not
+     pay): Z read 3 times. K2 is a forward temporary, never saved: the backward kernels rebuild
      logits2 = K2 Qexp from the Z tiles they load anyway (``_key_step``/``_key_logits``, the
      same operations and roundings as the forward), so that they agree with the saved statistics.
 
 Backward: 3 launches over (Z, dY = dL/dz_out), nothing of size T x A or T x K saved:
-  A. ``_p2t_grad_reduce_kernel`` (chunked like 1) reads Z, dY once: E = S2^T dY,
-     F1 = (S2*yn)^T Z, F2 = S2^T Z ([HKP,D]), sum_t dY and delta = sum_t S2*yn, with
-     yn[t,c] = dY_t . Nv[c]; from them dNv = alpha E, dMk = alpha (F1 - delta F2), dalpha in
-     closed form (delta is the softmax-backward row sum, so no extra pass is needed).
+  A. ``_p2t_grad_reduce_kernel`` (chunked like 1) reads Z, dY once: E = S2^T dY, the
+     chunk-centred F1 = (S2*(yn - delta_c))^T Z, F2 = S2^T Z, G1 = sum_chunks delta_c F2_chunk
+     ([HKP,D]), sum_t dY and delta = sum_t S2*yn, with yn[t,c] = dY_t . Nv[c]; from them
+     dNv = alpha E, dMk = alpha (F1 + G1 - delta F2) (no cancellation of two large sums: see the
+     kernel), dalpha in closed form (delta is the softmax-backward row sum: no extra pass).
   B. ``_grad_z_kernel`` reads Z, dY once, writes dZ once (and dl1 [T,HKP] fp32 to scratch).
   C. ``_t2p_grad_reduce_kernel`` (chunked) reads Z once more: dMq = Z^T dl1.
   => Z read 3 times, dY twice, dZ written once (the floor: Z and dY twice each). On the 2-read
@@ -51,6 +52,18 @@ Backward: 3 launches over (Z, dY = dL/dz_out), nothing of size T x A or T x K sa
   The small per-image algebra (P, weights -> Mq, cq, Mk, Nv, alpha, p_tilde) is recomputed in
   backward and differentiated by hand (plain torch on [B,K,D]/[D,A]-sized tensors). Saved for
   backward: z, p, weights (inputs) and G [B,HKP,D], colsum, softmax stats [B,HKP]: O(B*K*D).
+
+Precision (the bounded-error rule, ``avpt_kernels.testing.assert_bounded_error``: in fp16 and
+bf16 the error against the fp64 truth is at most 2x the torch backend's, which computes in fp32).
+Products of two operands that are exact in the input dtype (Z, dY, the weights W'k) are single
+16-bit tensor-core dots with fp32 accumulation: exact products. Every product with an fp32
+intermediate (softmax probabilities S1, S2, the per-image matrices Mq, Mk, Nv, the gradients
+dG, dl1, dl2) is a split dot (``_mm_split``: the fp32 operand as 16-bit hi + lo parts, 2-3 dots,
+~fp32 accuracy), because rounding those operands to 16 bits is amplified: a high-norm token
+(x100) turns a 2^-9 relative error of Mq or Mk into logit errors of ~0.2 and softmax errors of
+20%, and dMk is a difference of sums that cancel to many digits when the attention sits on one
+token. K2 . Qexp (both fp32, KEY_COLS deep) is an IEEE fp32 dot. The small per-image matrices
+are passed in fp32 (no 16-bit copies) and all torch algebra runs in fp32 with autocast off.
 
 Supported by the Triton path: fp32/fp16/bf16, D a multiple of 16 up to 1024, 1 <= K <= 16, head
 width 8..64, H*K <= 256 head-prompt columns for fp16/bf16 and <= 128 for fp32 (whose IEEE FMA
@@ -618,8 +631,8 @@ def _p2t_grad_reduce_kernel(z_ptr, y_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_ptr, m2_p
 
 @triton.jit
 def _grad_z_kernel(z_ptr, y_ptr, mq_ptr, cq_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_ptr, m2_ptr, l2_ptr,
-                   alpha_ptr, delta_ptr, dg_ptr, dcolsum_ptr, dz_ptr, dl1_ptr, dcq_ptr, T, D, K, H,
-                   t_pad, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HKP: tl.constexpr,
+                   alpha_ptr, delta_ptr, dg_ptr, dcolsum_ptr, dz0_ptr, dz_ptr, dl1_ptr, dcq_ptr, T, D,
+                   K, H, t_pad, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HKP: tl.constexpr,
                    KEY_COLS: tl.constexpr, DOT_MODE: tl.constexpr):
     """dZ through both attentions, and the token-side reductions of the token->prompt backward.
     Grid (B, cdiv(T, BLOCK_T)): one row block per program (the register-heaviest kernel).
@@ -627,7 +640,9 @@ def _grad_z_kernel(z_ptr, y_ptr, mq_ptr, cq_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_pt
     alpha [B] (mq, mk, nv, dg fp32):
       dS1 = Z dG^T + dcolsum; dl1 = S1 * (dS1 - headsum(S1*dS1))
       dl2 = alpha * S2^T * (y Nv^T - delta)
-      dz = y + dl2 Mk^T + S1 dG + dl1 Mq^T;  dcq [B,HKP] += sum_t dl1;  dl1 -> [B,t_pad,HKP] fp32
+      dz = y + dl2 Mk^T + S1 dG + dl1 Mq^T (+ dz0 [B,D] fp32 on the class token, which the gate
+      reads: added before the one rounding to the output dtype);
+      dcq [B,HKP] += sum_t dl1;  dl1 -> [B,t_pad,HKP] fp32
     (dMq = Z^T dl1 is reduced by _t2p_grad_reduce_kernel, chunked, instead of one atomic add of
     a [D, HKP] partial per row block here). logits2 as in _p2t_grad_reduce_kernel (KEY_COLS).
     Every product with an fp32 intermediate is a split dot (``_mm_split``)."""
@@ -687,6 +702,8 @@ def _grad_z_kernel(z_ptr, y_ptr, mq_ptr, cq_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_pt
         dz = yt + _mm_split(dl2, tl.load(mk_img + small_t, mask=d_ok[None, :], other=0.0), 0, DOT_MODE)
         dz += _mm_split(s1, tl.load(dg_img + big, mask=d_ok[None, :], other=0.0), 0, DOT_MODE)
         dz += _mm_split(dl1, tl.load(mq_img + small_t, mask=d_ok[None, :], other=0.0), 0, DOT_MODE)
+        dz0 = tl.load(dz0_ptr + b * D + dd, mask=d_ok, other=0.0)
+        dz += tl.where(rows[:, None] == 0, dz0[None, :], 0.0)
         tl.store(dz_ptr + b * T * D + tile, dz.to(dz_ptr.dtype.element_ty), mask=mask)
 
 
@@ -992,12 +1009,11 @@ def _backward(grad_out: Tensor, grad_p_tilde: Tensor, z: Tensor, p: Tensor, weig
     dl1 = s2  # pass A's scratch is free again
     _grad_z_kernel[(b, triton.cdiv(t, block_t))](
         z, y, mq, cq, mk, wk, qexp, nv, m2, l2, alpha, delta, _f32(grad_g),
-        _f32(grad_colsum), dz, dl1, grad_cq, t, d, k, num_heads, t_pad, BLOCK_T=block_t,
+        _f32(grad_colsum), _f32(grad_z0), dz, dl1, grad_cq, t, d, k, num_heads, t_pad, BLOCK_T=block_t,
         BLOCK_D=block_d, HKP=hkp, KEY_COLS=key_cols, DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES)
     _t2p_grad_reduce_kernel[(b, n_chunks)](z, dl1, grad_mq, t, d, t_pad, chunk_blocks,
                                            BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp,
                                            DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES)
-    dz[:, 0] += grad_z0.to(dz.dtype)  # the gate reads the class token
     grad_p = grad_p + _t2p_small_backward(grad_mq, grad_cq, pf, k1, w, grads)
     return [dz, grad_p.to(p.dtype)] + [grads[n].to(x.dtype).reshape(x.shape)
                                        for n, x in zip(PIMParams._fields, weights)]
@@ -1136,7 +1152,7 @@ def aot_configs():
                     T="i32", D="i32", chunk_blocks="i32")
                 add(_grad_z_kernel, kc, z_ptr="z", y_ptr="z", mq_ptr="f", cq_ptr="f", mk_ptr="f",
                     wk_ptr="z", qexp_ptr="f", nv_ptr="f", m2_ptr="f", l2_ptr="f", alpha_ptr="f",
-                    delta_ptr="f", dg_ptr="f", dcolsum_ptr="f", dz_ptr="z", dl1_ptr="f",
+                    delta_ptr="f", dg_ptr="f", dcolsum_ptr="f", dz0_ptr="f", dz_ptr="z", dl1_ptr="f",
                     dcq_ptr="f", T="i32", D="i32", K="i32", H="i32", t_pad="i32")
             for from_keys in sorted({kc > 0 for kc in key_widths}):
                 # FROM_KEYS: logits2 from K2 (fp32) on the 2-read path, else from Z

@@ -56,6 +56,16 @@ class BreastDataset(Dataset):
             else:
                 tissue = tissue_prior_single(img, rec.modality)
             mask = T.resize(raw.mask.astype(np.float32), self.image_size, order=0) > 0.5
+            if not np.isfinite(tissue).all():
+                # The region maps are validated here, where they are loaded, not in the model's
+                # forward (a value check there would cost a host sync per step on a GPU).
+                exc = DataError(f"{rec.source or rec.sample_id}: region maps "
+                                f"contain NaN or inf")
+                if not skip_bad:
+                    raise exc
+                log.warning("skipping %s", exc)
+                self.skipped.append(str(exc))
+                continue
             images.append(img.astype(np.float32))
             tissues.append(np.clip(tissue, 0, 1).astype(np.float16))
             masks.append(mask)
@@ -96,6 +106,9 @@ class BreastDataset(Dataset):
         angle, flip = (T.augment_params(self.seed, self.epoch, index, self.rotation, self.flip)
                        if self.train else (0.0, False))
         img_t, maps_t, mask_t = T.apply(img, tissue, mask, angle, flip)
+        # Maps in [0, 1] by construction (clipped and checked finite at load; the transforms
+        # interpolate); clamp against interpolation overshoot on the CPU, where it is free.
+        maps_t = maps_t.clamp_(0.0, 1.0)
         mean, std = self.stats[rec.modality]
         img_t = ((img_t - mean) / std).unsqueeze(0).expand(3, -1, -1).contiguous()
         return dict(image=img_t, maps=maps_t, mask=mask_t.unsqueeze(0),

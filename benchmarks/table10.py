@@ -111,7 +111,49 @@ def render(data: dict) -> str:
         lines.append("The targets (fused A-VPT inference within 1.05x of the backbone, training step "
                      "within 1.05x of VPT-deep and >= 1.5x faster than eager, inference peak "
                      "< 2 GB, trainable share <= 2.0% on ViT-B/16) are judged on a GPU run only.")
+    lines += launch_section(data)
     return "\n".join(lines) + "\n"
+
+
+def launch_section(data: dict) -> List[str]:
+    """The launch counts (``kind == "launches"`` rows of benchmarks/launches.py), per config."""
+    rows = [r for r in data["rows"] if r.get("kind") == "launches"]
+    if not rows:
+        return []
+    lines = ["", "## Kernel launches and host syncs (issue 11)", "",
+             "Counted on fake CUDA tensors (FakeTensorMode, no GPU), bf16 autocast: aten ops "
+             "that launch a kernel (views, allocations and host-only ops excluded; `_foreach_*` "
+             "as multi_tensor_apply launches), Triton launches of the fused ops' launchers, host "
+             "syncs (`.item()`/`bool()`/data-dependent shapes/host-to-device copies). Training "
+             "step = forward + CLS/SEG loss + backward + AdamW(foreach) step. See "
+             "`benchmarks/launches.py`."]
+    configs = []
+    for r in rows:
+        key = (r["model"], r["batch"])
+        if key not in configs:
+            configs.append(key)
+    order = {name: i for i, name in enumerate(("backbone", "linear") + ORDER[1:])}
+    for model, batch in configs:
+        sel = sorted((r for r in rows if (r["model"], r["batch"]) == (model, batch)),
+                     key=lambda r: order.get(r["method"], 99))
+        bwd_on = next((r["train"]["backward_on"] for r in sel if "train" in r), "-")
+        lines += ["", f"**{model}, batch {batch}** (backward counted on {bwd_on}"
+                  + (": fake CPU tensors, CPU-autocast casts replaced by the CUDA forward's"
+                     if bwd_on == "cpu-fake" else "") + ")", "",
+                  "| method | inference: aten | Triton | syncs | train step: aten | Triton "
+                  "| syncs | fwd / bwd / optimizer aten |", "|---|---|---|---|---|---|---|---|"]
+        for r in sel:
+            i, t = r["inference"], r.get("train")
+            tr = "- | - | - | -" if t is None else (
+                f"{t['step']['aten']:,} | {t['step']['triton']} | {t['step']['syncs']} | "
+                f"{t['forward']['aten']:,} / {t['backward']['aten']:,} / {t['optimizer']['aten']}")
+            lines.append(f"| {r['method']} | {i['aten']:,} | {i['triton']} | {i['syncs']} | {tr} |")
+        fused = next((r for r in sel if r["method"] == "avpt-fused"), None)
+        if fused is not None:
+            secs = fused["inference"]["by_section"]
+            parts = ", ".join(f"{s} {c['aten']}+{c['triton']}" for s, c in secs.items())
+            lines += ["", f"avpt-fused inference by section (aten+Triton): {parts}."]
+    return lines
 
 
 def write(json_path: str, out: Optional[str] = None) -> str:

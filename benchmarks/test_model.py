@@ -145,3 +145,26 @@ def _timed_again(fn):
         peak = torch.cuda.max_memory_allocated()
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     return {"median_ms": statistics.median(times), "iqr_ms": q[2] - q[0], "peak_mem_bytes": peak}
+
+
+# ----------------------------------------------------------------------------------------------
+# Launch counts (issue 11): fake CUDA tensors, bf16 autocast, no GPU needed (benchmarks/launches.py)
+# ----------------------------------------------------------------------------------------------
+from benchmarks import launches as _launch_counter  # noqa: E402
+
+# Without a GPU the smoke run counts the tiny config (a few seconds per method); ViT-B/16 at
+# batch 32 takes about a minute for all five methods on 2 CPU cores (AVPT_LAUNCHES_VITB=1).
+import os as _os  # noqa: E402
+
+LAUNCH_CONFIGS = [(TINY_MODEL, 2)]
+if ON_GPU or _os.environ.get("AVPT_LAUNCHES_VITB") == "1":
+    LAUNCH_CONFIGS.append((VIT_B16, 32))
+
+
+@pytest.mark.parametrize("model_name,batch", LAUNCH_CONFIGS, ids=[m for m, _ in LAUNCH_CONFIGS])
+@pytest.mark.parametrize("row_name,method_name,overrides", _launch_counter.METHODS,
+                         ids=[m[0] for m in _launch_counter.METHODS])
+def test_launch_count_row(results, model_name, batch, row_name, method_name, overrides):
+    row = _launch_counter.count_method(row_name, method_name, overrides, model_name, batch)
+    results.add(**row)
+    assert row["inference"]["syncs"] == 0

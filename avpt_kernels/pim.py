@@ -66,8 +66,9 @@ token. K2 . Qexp (both fp32, KEY_COLS deep) is an IEEE fp32 dot. The small per-i
 are passed in fp32 (no 16-bit copies) and all torch algebra runs in fp32 with autocast off.
 
 Supported by the Triton path: fp32/fp16/bf16, D a multiple of 16 up to 1024, 1 <= K <= 16, head
-width 8..64, H*K <= 256 head-prompt columns for fp16/bf16 and <= 128 for fp32 (whose IEEE FMA
-dots need more registers; e.g. 12 heads x K <= 10 in fp32, 16 heads x K = 16 in bf16). Anything
+width 8..64, H*K <= 128 head-prompt columns (e.g. 12 heads x K <= 10, 8 heads x K = 16; at 256
+the dZ and update kernels spill in 16 bits, where the split dots hold three [BLOCK_T, HKP] fp32
+tiles, and in fp32, whose IEEE FMA dots need more registers). Anything
 else: ``ValueError`` for ``backend="triton"``, the torch path for ``"auto"``.
 """
 from __future__ import annotations
@@ -93,8 +94,8 @@ T2P_REDUCE = ("sum", "mean")
 MAX_DIM = 1024
 MAX_PROMPTS = 16
 HEAD_WIDTHS = (8, 64)
-# Most (head, prompt) columns H*K: the fp32 path (IEEE FMA dots, no tensor cores) spills beyond 128.
-MAX_COLUMNS = {torch.float32: 128, torch.float16: 256, torch.bfloat16: 256}
+# Most (head, prompt) columns H*K: beyond 128 the dZ and update kernels spill (AOT) in every dtype.
+MAX_COLUMNS = {torch.float32: 128, torch.float16: 128, torch.bfloat16: 128}
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DOT_MODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -168,8 +169,8 @@ def launch_config(columns: int, dtype: torch.dtype) -> Tuple[int, int, int]:
 _LAUNCH = {
     (16, True): (16, 32, 8), (32, True): (16, 32, 8), (64, True): (16, 16, 8),
     (128, True): (16, 16, 8),
-    (16, False): (32, 32, 4), (32, False): (32, 32, 4), (64, False): (16, 32, 4),
-    (128, False): (16, 32, 8), (256, False): (16, 16, 8),
+    (16, False): (32, 32, 8), (32, False): (32, 32, 8), (64, False): (16, 32, 4),
+    (128, False): (16, 32, 8),
 }
 NUM_STAGES = 1
 

@@ -54,6 +54,7 @@ class KernelConfig:
     constexprs: Dict[str, Any]
     num_warps: int = 4
     num_stages: int = 2
+    maxnreg: Optional[int] = None  # the launch's register cap (PTX .maxnreg), if it sets one
 
     @property
     def kernel(self) -> str:
@@ -62,7 +63,9 @@ class KernelConfig:
     @property
     def label(self) -> str:
         parts = [f"{k}={v}" for k, v in sorted(self.constexprs.items())]
-        return ",".join(parts + [f"num_warps={self.num_warps}", f"num_stages={self.num_stages}"])
+        extra = [f"maxnreg={self.maxnreg}"] if self.maxnreg else []
+        return ",".join(parts + [f"num_warps={self.num_warps}", f"num_stages={self.num_stages}"]
+                        + extra)
 
 
 def collect() -> List[KernelConfig]:
@@ -103,7 +106,8 @@ def compile_one(cfg: KernelConfig, target: str) -> Dict[str, Any]:
     try:
         src = ASTSource(cfg.fn, cfg.signature, constexprs=cfg.constexprs)
         compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                                  options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+                                  options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                                           **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {})})
         row.update(_ptxas(compiled.asm["ptx"], target))
         row["shared_bytes"] = int(compiled.metadata.shared)
         row["ok"] = row["spill_bytes"] == 0 and row["shared_bytes"] <= smem_limit

@@ -173,6 +173,9 @@ _LAUNCH = {
     (128, False): (16, 32, 8),
 }
 NUM_STAGES = 1
+# Every launch lets ptxas use up to 255 registers a thread: left to itself, at 8 warps it caps
+# some of these kernels at 128 and spills (AOT, Triton 3.6 and 3.8), where 130-170 fit.
+MAX_REGISTERS = 255
 
 # The 2-read forward: pass 1 also writes the raw prompt->token keys K2 = Z W'k^T [B,T,KEY_COLS]
 # (z dtype) and the stats pass reads K2 instead of Z. Taken where K2's write + read cost no more
@@ -938,7 +941,7 @@ def _forward(z: Tensor, p: Tensor, weights: List[Tensor], num_heads: int, mean_r
     _t2p_reduce_kernel[(b, n_chunks)](z, mq, cq, wk, s1, g, colsum, k2, t, d, k, num_heads,
                                       chunk_blocks, BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp,
                                       KEY_COLS=key_cols, DOT_MODE=mode, num_warps=warps,
-                                      num_stages=NUM_STAGES)
+                                      num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS)
     p_tilde, mk, nv, alpha, small = _p2t_small(g, colsum, pf, z[:, 0].float(), P, num_heads, hkp,
                                                1.0 / t if mean_reduce else 1.0)
     nv = _f32(nv)
@@ -951,7 +954,7 @@ def _forward(z: Tensor, p: Tensor, weights: List[Tensor], num_heads: int, mean_r
         logits_in, logits_width = (z, _f32(mk)), d
     _p2t_stats_kernel[(b, ntb)](*logits_in, mpart, lpart, t, logits_width, BLOCK_T=block_t,
                                 BLOCK_D=block_d, HKP=hkp, FROM_KEYS=bool(key_cols), DOT_MODE=mode,
-                                num_warps=warps, num_stages=NUM_STAGES)
+                                num_warps=warps, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS)
     m2 = mpart.amax(dim=1)
     l2 = (lpart * torch.exp(mpart - m2[:, None])).sum(dim=1)
     out = torch.empty_like(z)
@@ -960,7 +963,8 @@ def _forward(z: Tensor, p: Tensor, weights: List[Tensor], num_heads: int, mean_r
     _p2t_update_kernel[(b, ntb)](z, *logits_in, m2, l2, nv, P.p2t_o_b.contiguous(), alpha.contiguous(),
                                  out, attn, t, d, logits_width, num_heads * k, int(return_attn),
                                  BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp, FROM_KEYS=bool(key_cols),
-                                 DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES)
+                                 DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES,
+                                 maxnreg=MAX_REGISTERS)
     return out, p_tilde.to(p.dtype), attn, g, colsum, m2, l2
 
 
@@ -993,7 +997,7 @@ def _backward(grad_out: Tensor, grad_p_tilde: Tensor, z: Tensor, p: Tensor, weig
                                            e[2], e[3], ysum, delta, t, d, chunk_blocks,
                                            BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp,
                                            KEY_COLS=key_cols, DOT_MODE=mode, num_warps=warps,
-                                           num_stages=NUM_STAGES)
+                                           num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS)
     # z_out = Z + alpha (S2^T Nv + b'o): closed-form gradients of Nv, Mk, alpha, b'o
     grad_nv = alpha[:, None, None] * e[0]
     grad_mk = (alpha[:, None, None] * (e[1] + (e[3] - delta[..., None] * e[2]))).transpose(1, 2)
@@ -1011,10 +1015,12 @@ def _backward(grad_out: Tensor, grad_p_tilde: Tensor, z: Tensor, p: Tensor, weig
     _grad_z_kernel[(b, triton.cdiv(t, block_t))](
         z, y, mq, cq, mk, wk, qexp, nv, m2, l2, alpha, delta, _f32(grad_g),
         _f32(grad_colsum), _f32(grad_z0), dz, dl1, grad_cq, t, d, k, num_heads, t_pad, BLOCK_T=block_t,
-        BLOCK_D=block_d, HKP=hkp, KEY_COLS=key_cols, DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES)
+        BLOCK_D=block_d, HKP=hkp, KEY_COLS=key_cols, DOT_MODE=mode, num_warps=warps,
+        num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS)
     _t2p_grad_reduce_kernel[(b, n_chunks)](z, dl1, grad_mq, t, d, t_pad, chunk_blocks,
                                            BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp,
-                                           DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES)
+                                           DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES,
+                                 maxnreg=MAX_REGISTERS)
     grad_p = grad_p + _t2p_small_backward(grad_mq, grad_cq, pf, k1, w, grads)
     return [dz, grad_p.to(p.dtype)] + [grads[n].to(x.dtype).reshape(x.shape)
                                        for n, x in zip(PIMParams._fields, weights)]
@@ -1141,7 +1147,8 @@ def aot_configs():
                     const["FROM_KEYS"] = FROM_KEYS
                 types = {n: ("*fp32" if v == "f" else zp if v == "z" else v) for n, v in sig.items()}
                 configs.append(KernelConfig(fn, {**types, **{c: "constexpr" for c in const}}, const,
-                                            num_warps=warps, num_stages=NUM_STAGES))
+                                            num_warps=warps, num_stages=NUM_STAGES,
+                                            maxnreg=MAX_REGISTERS))
 
             for kc in key_widths:
                 add(_t2p_reduce_kernel, kc, z_ptr="z", mq_ptr="f", cq_ptr="f", wk_ptr="z",

@@ -45,6 +45,9 @@ def _add_run_args(p: argparse.ArgumentParser, out_default: Optional[str] = None)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1")
     p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"))
+    p.add_argument("--compile", choices=("none", "default", "reduce-overhead"),
+                   help="compile the whole training step (forward, losses, backward, AdamW) as one "
+                        "graph; reduce-overhead: CUDA graphs on a GPU (default none)")
     p.add_argument("--skip-bad", action="store_true", default=None,
                    help="skip unreadable/corrupt files (counted in metrics.json) instead of stopping")
     p.add_argument("--out", default=out_default, help="output folder")
@@ -59,7 +62,8 @@ def _config(args, extra: Optional[Dict] = None) -> Dict:
     overrides = dict(dataset=args.dataset, data_root=args.data_root, modality=args.modality,
                      method=args.method, backbone=args.backbone, pretrained=args.pretrained,
                      epochs=args.epochs, batch_size=args.batch_size, fold=args.fold, seed=args.seed,
-                     device=args.device, amp=args.amp, skip_bad=args.skip_bad, out=args.out)
+                     device=args.device, amp=args.amp, skip_bad=args.skip_bad, out=args.out,
+                     compile=getattr(args, "compile", None))
     overrides.update(extra or {})
     return load_config(args.config, args.variant, overrides, args.sets)
 

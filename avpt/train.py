@@ -61,6 +61,8 @@ DEFAULTS: Dict[str, Any] = {
     "warmup_epochs": 5,
     "grad_clip": 1.0,
     "amp": "auto",               # auto (bf16 on CUDA, off on CPU) | off | bf16 | fp16
+    "compile": "none",           # none | default | reduce-overhead (CUDA graphs): WholeStep
+    "compile_backend": "inductor",  # torch.compile backend of compile != none (aot_eager: tests)
     "seed": 0,
     "deterministic": True,
     "device": "auto",
@@ -161,7 +163,20 @@ def load_config(path: Optional[str] = None, variant: Optional[str] = None,
         cfg["amp"] = "off"
     if cfg["amp"] not in ("auto", "off", "bf16", "fp16"):
         raise ValueError(f"amp must be auto|off|bf16|fp16, got {cfg['amp']!r}")
+    if cfg["compile"] is False:  # YAML reads a bare off as false
+        cfg["compile"] = "none"
+    check_compile_mode(cfg["compile"])
     return cfg
+
+
+COMPILE_MODES = ("none", "default", "reduce-overhead")
+
+
+def check_compile_mode(mode) -> str:
+    """The ``compile`` setting, or a one-line ValueError naming the option."""
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile must be none|default|reduce-overhead, got {mode!r}")
+    return mode
 
 
 def _merge(a: Dict, b: Dict) -> Dict:
@@ -363,6 +378,136 @@ class TrainStep(nn.Module):
         return self.loss_fn(out, batch["label"], batch["mask"], batch["modality"], update_state=True)
 
 
+def adam_update(*args, **kwargs) -> None:
+    """``torch.optim.adam.adam``: the functional Adam/AdamW update of ``Adam.step``."""
+    from torch.optim.adam import adam
+
+    adam(*args, **kwargs)
+
+
+def init_adam_state(optimizer: torch.optim.Optimizer) -> None:
+    """Create the Adam/AdamW state of every parameter now (what ``step`` does lazily on first
+    use: step counter, first and second moments, zeros), so that a compiled step finds it and
+    ``optimizer.state_dict()`` has the usual layout. Existing state (a resume) is kept; a
+    capturable optimizer's step counters go to the parameters' device."""
+    from torch.optim.optimizer import _get_scalar_dtype
+
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=_get_scalar_dtype(), device=p.device)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if group["amsgrad"]:
+                    state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            elif group["capturable"] and state["step"].device != p.device:
+                state["step"] = state["step"].to(p.device)
+
+
+class WholeStep:
+    """One whole training step as one function: forward and loss under autocast
+    (``TrainStep``), backward (``torch.autograd.grad``), gradient clipping by the global norm
+    (``clip_grad_norm_``'s arithmetic) and the AdamW update, compiled with
+    ``torch.compile(fullgraph=True)``: one graph, no graph break. ``step(batch)`` returns the
+    detached loss terms. ``mode``: ``"default"`` or ``"reduce-overhead"`` (inductor's CUDA graphs:
+    the whole step replays as one graph on a GPU); ``mode=None`` with another ``backend`` (e.g.
+    ``"aot_eager"``, what the CPU tests use) compiles with that backend.
+
+    The optimizer must be ``torch.optim.AdamW(..., capturable=True)`` (or Adam), with a tensor
+    learning rate on the parameters' device so that the scheduler's per-step rate is an input of
+    the graph, not a constant (``make_optimizer``). Two things of eager PyTorch cannot be in one
+    graph with the backward, so the step does them itself with the same arithmetic: dynamo runs
+    an optimizer's lazy ``_init_group`` in Python on the real ``.grad`` tensors, and
+    ``Optimizer.step`` forces graph breaks around the update; hence the state is created up front
+    (``init_adam_state``) and the update calls ``torch.optim.adam.adam`` (the functional AdamW of
+    ``optimizer.step``, same hyper-parameters from the param groups) on the gradients from
+    ``torch.autograd.grad``. ``.grad`` is never set. Parameters without a gradient are skipped,
+    as ``optimizer.step`` skips them. Not with a GradScaler (fp16) or DistributedDataParallel.
+    """
+
+    def __init__(self, step_module: nn.Module, optimizer: torch.optim.Optimizer, device,
+                 amp_dtype=None, grad_clip: float = 0.0, mode: Optional[str] = "default",
+                 backend="inductor"):
+        if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+            raise TypeError(f"WholeStep needs torch.optim.AdamW/Adam, got {type(optimizer).__name__}")
+        if not all(g["capturable"] for g in optimizer.param_groups):
+            raise ValueError("WholeStep needs AdamW(..., capturable=True)")
+        if mode is not None:
+            check_compile_mode(mode)
+        self.step_module, self.optimizer = step_module, optimizer
+        self.device, self.amp_dtype = torch.device(device), amp_dtype
+        self.grad_clip = float(grad_clip or 0.0)
+        self.mode = mode
+        init_adam_state(optimizer)
+        self.params = [p for g in optimizer.param_groups for p in g["params"]]
+        self.lists = self._state_lists()
+        kwargs = {"fullgraph": True, "backend": backend}
+        if mode is not None and mode != "default":
+            kwargs["mode"] = mode
+        self.compiled = torch.compile(self._step, **kwargs)
+
+    def _state_lists(self):
+        """Per param group: (group dict, params, exp_avg, exp_avg_sq, max_exp_avg_sq, step)
+        as plain lists, read once outside the graph (the optimizer's state dict, keyed by
+        tensors, stays out of the trace)."""
+        out, opt = [], self.optimizer
+        for group in opt.param_groups:
+            st = [opt.state[p] for p in group["params"]]
+            out.append((group, list(group["params"]), [s["exp_avg"] for s in st],
+                        [s["exp_avg_sq"] for s in st],
+                        [s["max_exp_avg_sq"] for s in st] if group["amsgrad"] else [],
+                        [s["step"] for s in st]))
+        return out
+
+    def _step(self, batch):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype,
+                            enabled=self.amp_dtype is not None):
+            terms = self.step_module(batch)
+        grads = list(torch.autograd.grad(terms["loss"], self.params, allow_unused=True))
+        with torch.no_grad():
+            if self.grad_clip:  # clip_grad_norm_: total 2-norm, coefficient clamped at 1
+                present = [g for g in grads if g is not None]
+                total = torch.linalg.vector_norm(
+                    torch.stack([torch.linalg.vector_norm(g) for g in present]))
+                coef = torch.clamp(self.grad_clip / (total + 1e-6), max=1.0)
+                grads = [None if g is None else g * coef for g in grads]
+            i = 0
+            for group, ps, m1, m2, mmax, steps in self.lists:
+                gs, i = grads[i:i + len(ps)], i + len(ps)
+                keep = [j for j, g in enumerate(gs) if g is not None]  # step() skips grad None
+                if not keep:
+                    continue
+                adam_update(
+                    [ps[j] for j in keep], [gs[j] for j in keep], [m1[j] for j in keep],
+                    [m2[j] for j in keep], [mmax[j] for j in keep] if mmax else [],
+                    [steps[j] for j in keep], foreach=group["foreach"], capturable=True,
+                    differentiable=False, fused=None, grad_scale=None, found_inf=None,
+                    has_complex=False,
+                    decoupled_weight_decay=group.get("decoupled_weight_decay", False),
+                    amsgrad=group["amsgrad"], beta1=group["betas"][0], beta2=group["betas"][1],
+                    lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"],
+                    maximize=group["maximize"])
+        return {k: v.detach() for k, v in terms.items()}
+
+    def __call__(self, batch) -> Dict[str, torch.Tensor]:
+        if self.mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
+        # lets dynamo trace the backward (torch.autograd.grad) into the same graph
+        with torch._dynamo.config.patch(trace_autograd_ops=True):
+            return self.compiled(batch)
+
+
+def make_optimizer(params, lr: float, weight_decay: float, compile_mode: str = "none",
+                   device=None) -> torch.optim.AdamW:
+    """AdamW for the trainer: the eager one, or for a compiled step ``capturable=True`` with the
+    learning rate as a 0-d tensor on ``device`` (the scheduler fills it in place)."""
+    if check_compile_mode(compile_mode) == "none":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=torch.tensor(float(lr), device=device),
+                             weight_decay=weight_decay, capturable=True)
+
+
 def model_inputs(model, batch, device):
     maps = None
     if getattr(model, "name", "") == "avpt" and model.config.region_source == "given":
@@ -490,6 +635,10 @@ def _run(cfg: Dict) -> Dict:
     dist = Dist(device)
     seed_everything(cfg["seed"], cfg["deterministic"])
     dtype = amp_dtype(cfg["amp"], device)
+    compile_mode = check_compile_mode(cfg["compile"])
+    if compile_mode != "none" and (dtype == torch.float16 or dist.active):
+        raise ValueError(f"compile={compile_mode} needs amp off or bf16 (no fp16 GradScaler) and one "
+                         f"process (no DistributedDataParallel); use compile=none")
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
@@ -515,7 +664,7 @@ def _run(cfg: Dict) -> Dict:
     epochs = int(cfg["epochs"])
     warmup_epochs = min(int(cfg["warmup_epochs"]), max(0, epochs - 1))  # keep some cosine decay
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    optimizer = make_optimizer(trainable, cfg["lr"], cfg["weight_decay"], compile_mode, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_lambda(warmup_epochs * steps_per_epoch, epochs * steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -525,8 +674,9 @@ def _run(cfg: Dict) -> Dict:
     start_epoch = 0
     if cfg["resume"] and os.path.isfile(ckpt_path):
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if _comparable(ckpt["config"]) != _comparable(cfg):
-            diff = sorted(k for k in _comparable(cfg) if ckpt["config"].get(k) != cfg.get(k))
+        saved = {"compile": "none", "compile_backend": "inductor", **ckpt["config"]}  # older runs
+        if _comparable(saved) != _comparable(cfg):
+            diff = sorted(k for k in _comparable(cfg) if saved.get(k) != cfg.get(k))
             raise ValueError(f"{ckpt_path} was written with another config (differs in {diff}); "
                              f"use another --out or --set resume=false")
         load_trainable_state(model, ckpt["trainable"])
@@ -538,6 +688,11 @@ def _run(cfg: Dict) -> Dict:
         history, start_epoch = ckpt["history"], ckpt["epoch"]
         if dist.main:
             log.info("resumed from %s after epoch %d", ckpt_path, start_epoch)
+
+    whole_step = None
+    if compile_mode != "none":  # after a resume: the step reads the loaded optimizer state
+        whole_step = WholeStep(step_module, optimizer, device, dtype, cfg["grad_clip"],
+                               compile_mode, cfg["compile_backend"])
 
     writer = None
     if cfg["tensorboard"] and dist.main:
@@ -558,15 +713,18 @@ def _run(cfg: Dict) -> Dict:
                    disable=not (cfg["progress"] and dist.main), leave=False, dynamic_ncols=True)
         for step_in_epoch, batch in enumerate(bar, 1):
             batch = {k: v.to(device) for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                terms = step_module(batch)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(terms["loss"]).backward()
-            if cfg["grad_clip"]:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(trainable, cfg["grad_clip"])
-            scaler.step(optimizer)
-            scaler.update()
+            if whole_step is not None:  # forward, loss, backward, clipping, AdamW: one graph
+                terms = whole_step(batch)
+            else:
+                with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                    terms = step_module(batch)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(terms["loss"]).backward()
+                if cfg["grad_clip"]:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(trainable, cfg["grad_clip"])
+                scaler.step(optimizer)
+                scaler.update()
             with warnings.catch_warnings():  # fp16: GradScaler skips steps with inf gradients
                 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
                 scheduler.step()
@@ -580,7 +738,7 @@ def _run(cfg: Dict) -> Dict:
                                 img_s=f"{seen / max(time.time() - t0, 1e-9):.1f}")
         sums_host = {k: float(v) for k, v in sums.items()}  # one sync per term per epoch
         elapsed = time.time() - t0
-        row = {"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0],
+        row = {"epoch": epoch + 1, "lr": float(scheduler.get_last_lr()[0]),
                "images_per_s": dist.mean(seen / max(elapsed, 1e-9)) * dist.world,
                "time_s": elapsed}
         row.update({f"train_{k}": dist.mean(v / max(seen, 1)) for k, v in sums_host.items()})

@@ -1,0 +1,159 @@
+"""Whole-step capture (issue 11, item 4): the A-VPT training step — forward, the Eq. 17 losses
+(``AVPTLoss``: CLS, SEG, RCL with its queue, TXT, LAP, queue/centroid updates), backward,
+gradient clipping and the ``AdamW(capturable=True)`` update — compiles with
+``torch.compile(fullgraph=True)`` as ONE graph (``avpt.train.WholeStep``), on the torch backend
+and on the triton backend (the PIM / region-pool / prompt-bank custom ops traced without a graph
+break), and a compiled step gives the eager step's loss terms, parameters, Adam moments (the parameter
+updates) and loss-state buffers.
+
+Backend ``aot_eager``: dynamo + AOTAutograd, the same capture that inductor and CUDA graphs
+(``mode="reduce-overhead"``) start from, without inductor's code generation, which on the two
+busy CPU cores of CI takes minutes (C++ compilation of a ~2,000-op graph). The tiny config,
+batch 2, 64x64 images. The eager reference is the trainer's eager path (``TrainStep``,
+``.backward()``, ``clip_grad_norm_``, ``AdamW.step()``) with ``capturable=False`` and a float
+learning rate: eager AdamW refuses ``capturable=True`` on CPU tensors (it is a CUDA feature), and
+capturable changes where the step counter lives, not the arithmetic. Tolerances: the fp32 row of
+``avpt_kernels.testing``. About 1.5 minutes on 2 cores, most of it dynamo tracing and, on the
+triton backend, the interpreter.
+"""
+import copy
+import warnings
+
+import pytest
+import torch
+
+from avpt import backbone as bb
+from avpt.methods import build_method
+from avpt.train import LossFn, TrainStep, WholeStep, init_adam_state, load_config, make_optimizer
+from avpt_kernels.testing import assert_close
+
+STEPS, LR, WD, CLIP = 2, 1e-3, 1e-2, 1.0
+# exactly zero in the math (softmax shift invariance): their "gradients" are rounding noise, which
+# Adam turns into O(lr) updates of either sign; checked for finiteness only
+ZERO_GRAD = ("t2p_k.bias", "p2t_k.bias")
+
+
+def _tiny_avpt(backend_name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bb.RandomWeightsWarning)
+        model = build_method("avpt", model_name=bb.TINY_MODEL, backend=backend_name,
+                             queue_size=16, region_types="ema")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # trained-looking PIMs (p2t_o starts at zero) and distinct prompts
+        for m in model.pims:
+            for p in m.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+        model.prompt_bank.token_offset.copy_(
+            torch.randn(model.prompt_bank.token_offset.shape, generator=g))
+    return model.train()
+
+
+def _batches(size=64):
+    g = torch.Generator().manual_seed(2)
+    out = []
+    for _ in range(STEPS):
+        out.append(dict(image=torch.randn(2, 3, size, size, generator=g),
+                        maps=torch.rand(2, 3, size, size, generator=g),
+                        label=torch.tensor([0, 1]),
+                        mask=(torch.rand(2, 1, size, size, generator=g) > 0.5).float(),
+                        modality=torch.tensor([0, 1])))
+    return out
+
+
+def _trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _eager_steps(model, batches):
+    loss_fn = LossFn(model)
+    step_module, params = TrainStep(model, loss_fn), _trainable(model)
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=WD)
+    terms = []
+    for batch in batches:
+        t = step_module(batch)
+        opt.zero_grad(set_to_none=True)
+        t["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(params, CLIP)
+        opt.step()
+        terms.append({k: v.detach() for k, v in t.items()})
+    return terms, loss_fn, opt
+
+
+def _compiled_steps(model, batches):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    loss_fn = LossFn(model)
+    opt = torch.optim.AdamW(_trainable(model), lr=torch.tensor(LR), weight_decay=WD,
+                            capturable=True)
+    counter = CompileCounterWithBackend("aot_eager")
+    step = WholeStep(TrainStep(model, loss_fn), opt, "cpu", grad_clip=CLIP, mode=None,
+                     backend=counter)
+    return [step(batch) for batch in batches], loss_fn, opt, counter
+
+
+@pytest.mark.parametrize("backend_name", ["torch", "triton"])
+def test_whole_training_step_compiles_fullgraph_and_matches_eager(backend_name):
+    torch._dynamo.reset()
+    eager_model = _tiny_avpt(backend_name)
+    model = copy.deepcopy(eager_model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    batches = _batches()
+
+    terms, loss_fn, opt, counter = _compiled_steps(model, batches)
+    e_terms, e_loss_fn, e_opt = _eager_steps(eager_model, batches)
+
+    # one frame, one graph, no graph break (fullgraph=True would have raised on one); the second
+    # step reuses the graph (the learning rate is a tensor input, not a guarded constant)
+    assert counter.frame_count == 1, counter.frame_count
+    assert counter.op_count > 1000  # forward, backward and update are all in it
+    for a, e in zip(terms, e_terms):
+        assert set(a) == set(e) == {"cls", "seg", "rcl", "txt", "lap", "loss"}
+        for k in e:
+            assert_close(a[k], e[k], torch.float32, f"{k} ({backend_name})")
+    assert all(p.grad is None for p in _trainable(model))  # the step never sets .grad
+
+    eager = dict(eager_model.named_parameters())
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, eager[name]), name  # the frozen backbone stays frozen
+            continue
+        assert torch.isfinite(p).all(), name
+        if name.endswith(ZERO_GRAD):
+            continue
+        assert (eager[name] != before[name]).any() and (p != before[name]).any(), name
+        # The update itself (p - p_before, ~lr) is known only to the rounding of p and to Adam's
+        # per-element normalisation m/sqrt(v), which turns the fp32 noise of a tiny gradient
+        # element into O(1e-4) relative noise of its update: so the parameters are compared at
+        # the scale of all trainable parameters (below), and what determines the update, the
+        # clipped gradients' Adam moments, per tensor at the fp32 tolerance.
+        st, e_st = opt.state[p], e_opt.state[eager[name]]
+        assert float(st["step"]) == float(e_st["step"]) == STEPS, name
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert_close(st[key], e_st[key], torch.float32, f"{key} of {name} ({backend_name})")
+    names = [n for n, p in model.named_parameters() if p.requires_grad and not n.endswith(ZERO_GRAD)]
+    flat = torch.cat([dict(model.named_parameters())[n].detach().reshape(-1) for n in names])
+    e_flat = torch.cat([eager[n].detach().reshape(-1) for n in names])
+    assert_close(flat, e_flat, torch.float32, f"trainable parameters ({backend_name})")
+    # loss state: the RCL queue and the EMA centroids updated inside the graph
+    for (k, v), (_, e_v) in zip(loss_fn.state_dict().items(), e_loss_fn.state_dict().items()):
+        if v.is_floating_point():
+            assert_close(v, e_v, torch.float32, k)
+        else:
+            assert torch.equal(v, e_v), k
+
+
+def test_compile_option_is_validated_and_wired():
+    assert load_config(overrides=dict(compile="reduce-overhead"))["compile"] == "reduce-overhead"
+    assert load_config(sets=["compile=off"])["compile"] == "none"  # YAML reads off as false
+    with pytest.raises(ValueError, match=r"^compile must be none\|default\|reduce-overhead, "
+                                         r"got 'fast'$"):
+        load_config(sets=["compile=fast"])
+    params = [torch.nn.Parameter(torch.randn(3))]
+    eager = make_optimizer(params, 1e-3, 0.0, "none")
+    assert not eager.param_groups[0]["capturable"] and isinstance(eager.param_groups[0]["lr"], float)
+    opt = make_optimizer(params, 1e-3, 0.0, "default", "cpu")
+    assert opt.param_groups[0]["capturable"] and isinstance(opt.param_groups[0]["lr"], torch.Tensor)
+    init_adam_state(opt)
+    assert set(opt.state[params[0]]) == {"step", "exp_avg", "exp_avg_sq"}
+    with pytest.raises(ValueError, match="capturable"):
+        WholeStep(torch.nn.Identity(), torch.optim.AdamW(params), "cpu")

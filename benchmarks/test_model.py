@@ -2,13 +2,17 @@
 VPT-deep, A-VPT on the eager reference ops and A-VPT on the fused ops, all on the same frozen
 open_clip backbone. Per method: trainable parameters (% of the visual tower), inference latency
 per batch and per image, training step time (forward, CLS+SEG loss, backward, AdamW step), peak
-memory of inference and of a training step, and kernel launches per forward (profiler).
+memory of inference and of a training step, and kernel launches per forward (profiler). Rows
+``<method>+compile-<mode>`` time the same step compiled whole (``avpt.train.WholeStep``, modes
+default and reduce-overhead = CUDA graphs) on a GPU; on CPU they are recorded as skipped unless
+AVPT_BENCH_COMPILE=1 (aot_eager, tiny config).
 
 GPU: ViT-B/16, batch 32, 224x224, bf16 autocast. CPU: the tiny config, batch 2 (smoke run).
 Every method is trained on the same CLS + SEG objective so that step times compare like for like.
 """
 import gc
 import importlib
+import os as _os
 import warnings
 
 import pytest
@@ -148,13 +152,77 @@ def _timed_again(fn):
 
 
 # ----------------------------------------------------------------------------------------------
+# Compiled whole training step (issue 11, item 4): avpt.train.WholeStep, with and without CUDA graphs
+# ----------------------------------------------------------------------------------------------
+# Rows "<method>+compile-<mode>" (kind "compiled-step", in the JSON): the same step as test_table10_row's (CLS + SEG, AdamW) compiled
+# as one graph; the uncompiled rows above are the "without". On a GPU: inductor, modes default and
+# reduce-overhead (CUDA graphs). Without a GPU the rows are recorded as skipped (inductor's C++
+# compile of the step takes minutes on 2 cores, the triton backend runs in the interpreter);
+# AVPT_BENCH_COMPILE=1 runs them on CPU with backend aot_eager, the tiny config, torch-backend ops.
+COMPILE_MODES = ("default", "reduce-overhead")
+COMPILE_METHODS = [m for m in METHODS if m[0] in ("vpt", "avpt-eager", "avpt-fused")]
+
+
+class _MethodLossStep(torch.nn.Module):
+    """TrainStep's interface (batch dict -> loss terms) around the benchmark's CLS + SEG step."""
+
+    def __init__(self, row_name, method):
+        super().__init__()
+        self.row_name, self.method = row_name, method
+
+    def forward(self, batch):
+        out = _forward(self.row_name, self.method, batch["image"], batch["maps"])
+        return method_loss(self.method, out, batch["label"], batch["mask"])
+
+
+@pytest.mark.parametrize("mode", COMPILE_MODES)
+@pytest.mark.parametrize("row_name,method_name,overrides", COMPILE_METHODS,
+                         ids=[m[0] for m in COMPILE_METHODS])
+def test_compiled_step_row(results, row_name, method_name, overrides, mode):
+    from avpt.train import WholeStep, make_optimizer
+
+    cpu_opt_in = _os.environ.get("AVPT_BENCH_COMPILE") == "1"
+    row = dict(kind="compiled-step", method=f"{row_name}+compile-{mode}", model=MODEL, batch=BATCH,
+               device=DEVICE, autocast="bf16" if ON_GPU else "off", compile=mode,
+               compile_backend="inductor" if ON_GPU else "aot_eager")
+    if not ON_GPU and not (cpu_opt_in and mode == "default" and row_name != "avpt-fused"):
+        results.add(**row, status="skipped: compiled steps run on a GPU (CPU: AVPT_BENCH_COMPILE=1, "
+                    "aot_eager, default mode, torch-backend ops)")
+        return
+    if overrides.get("backend") == "triton" and not _fused_available():
+        results.add(**row, status="unavailable: not every op has its Triton kernel yet")
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        method = build_method(method_name, model_name=MODEL, **overrides).to(DEVICE).train()
+    images, maps, labels, masks = _batch(method)
+    batch = dict(image=images, maps=maps, label=labels, mask=masks)
+    params = [p for p in method.parameters() if p.requires_grad]
+    opt = make_optimizer(params, 1e-4, 1e-4, mode, DEVICE)
+    step = WholeStep(_MethodLossStep(row_name, method), opt, DEVICE,
+                     torch.bfloat16 if ON_GPU else None, 0.0,
+                     mode if ON_GPU else None, "inductor" if ON_GPU else "aot_eager")
+    import time
+    start = time.perf_counter()
+    step(batch)  # compiles
+    sync()
+    compile_s = time.perf_counter() - start
+    train = _timed_again(lambda: step(batch))
+    results.add(**row, status="ok", compile_s=compile_s, train_step_ms=train["median_ms"],
+                train_iqr_ms=train["iqr_ms"], train_peak_mem_bytes=train["peak_mem_bytes"])
+    del method, step, opt
+    gc.collect()
+    if ON_GPU:
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------
 # Launch counts (issue 11): fake CUDA tensors, bf16 autocast, no GPU needed (benchmarks/launches.py)
 # ----------------------------------------------------------------------------------------------
 from benchmarks import launches as _launch_counter  # noqa: E402
 
 # Without a GPU the smoke run counts the tiny config (a few seconds per method); ViT-B/16 at
 # batch 32 takes about a minute for all five methods on 2 CPU cores (AVPT_LAUNCHES_VITB=1).
-import os as _os  # noqa: E402
 
 LAUNCH_CONFIGS = [(TINY_MODEL, 2)]
 if ON_GPU or _os.environ.get("AVPT_LAUNCHES_VITB") == "1":

@@ -66,9 +66,9 @@ token. K2 . Qexp (both fp32, KEY_COLS deep) is an IEEE fp32 dot. The small per-i
 are passed in fp32 (no 16-bit copies) and all torch algebra runs in fp32 with autocast off.
 
 Supported by the Triton path: fp32/fp16/bf16, D a multiple of 16 up to 1024, 1 <= K <= 16, head
-width 8..64, H*K <= 128 head-prompt columns (e.g. 12 heads x K <= 10, 8 heads x K = 16; at 256
-the dZ and update kernels spill in 16 bits, where the split dots hold three [BLOCK_T, HKP] fp32
-tiles, and in fp32, whose IEEE FMA dots need more registers). Anything
+width 8..64, H*K <= 64 head-prompt columns (e.g. 4 heads x K <= 16, 12 heads x K <= 5; wider,
+the dZ kernel spills under Triton 3.6 or 3.8 in every dtype: the split dots hold several
+[BLOCK_T, HKP] fp32 tiles, and fp32's IEEE FMA dots need more registers still). Anything
 else: ``ValueError`` for ``backend="triton"``, the torch path for ``"auto"``.
 """
 from __future__ import annotations
@@ -94,8 +94,8 @@ T2P_REDUCE = ("sum", "mean")
 MAX_DIM = 1024
 MAX_PROMPTS = 16
 HEAD_WIDTHS = (8, 64)
-# Most (head, prompt) columns H*K: beyond 128 the dZ and update kernels spill (AOT) in every dtype.
-MAX_COLUMNS = {torch.float32: 128, torch.float16: 128, torch.bfloat16: 128}
+# Most (head, prompt) columns H*K: beyond 64 the dZ kernel spills (AOT, Triton 3.6 or 3.8).
+MAX_COLUMNS = {torch.float32: 64, torch.float16: 64, torch.bfloat16: 64}
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DOT_MODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -168,9 +168,7 @@ def launch_config(columns: int, dtype: torch.dtype) -> Tuple[int, int, int]:
 # the D loops are short and software pipelining only adds registers here).
 _LAUNCH = {
     (16, True): (16, 32, 8), (32, True): (16, 32, 8), (64, True): (16, 16, 8),
-    (128, True): (16, 16, 8),
     (16, False): (32, 32, 8), (32, False): (32, 32, 8), (64, False): (16, 32, 4),
-    (128, False): (16, 32, 8),
 }
 NUM_STAGES = 1
 # Every launch lets ptxas use up to 255 registers a thread: left to itself, at 8 warps it caps
@@ -186,7 +184,7 @@ MAX_REGISTERS = 255
 MAX_KEY_COLS = {torch.float32: 64, torch.float16: 64, torch.bfloat16: 64}
 # (fp32?, HKP, KEY_COLS) layouts where ptxas still spills a few bytes in one kernel that builds K2
 # (AOT, sm_80 or sm_90a: its register heuristic settles on 128 or 255 registers): 3-read there.
-_KEY_LAYOUTS_THAT_SPILL = {(True, 16, 16), (True, 128, 64), (False, 16, 64), (False, 32, 32)}
+_KEY_LAYOUTS_THAT_SPILL = {(True, 16, 16), (False, 16, 64), (False, 32, 32)}
 
 
 def _element_size(dtype: torch.dtype) -> int:

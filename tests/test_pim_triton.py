@@ -51,18 +51,18 @@ def _check(b, t, d, k, h, dh, dtype, reduce="sum", seed=0, logit_gain=1.0):
 
 
 # (b, t, d, k, h, dh, reduce): B=1, odd K=5, K=6, K=1, K=16, H=1, small A (16, 32), T=197 with
-# D=768, tails of every block size (T = 2, 17, 19, 33, 37), every column width HKP 16..128.
+# D=768, tails of every block size (T = 2, 17, 19, 33, 37), every column width HKP 16..64.
 SHAPES = {
     "t197_d768": (1, 197, 768, 6, 2, 16, "mean"),  # A=32, HKP=16, fp32 only (interpreter time)
     "k5_a16": (2, 37, 96, 5, 2, 8, "sum"),
     "k6_h3_b1": (1, 33, 48, 6, 3, 16, "mean"),  # HK=18 -> HKP=32
     "h1_k1_t2": (3, 2, 16, 1, 1, 16, "sum"),
     "k16_h4": (2, 19, 192, 16, 4, 8, "sum"),  # HKP=64
-    "hkp128": (1, 17, 32, 12, 10, 8, "mean"),  # HK=120
-    "hkp128_a64": (1, 17, 32, 16, 8, 8, "sum"),  # HK=128 with A=64 (widest 2-read key scratch)
+    "h5_k12": (1, 17, 32, 12, 5, 8, "mean"),  # HK=60 -> HKP=64, A=40
+    "h8_k8_a64": (1, 17, 32, 8, 8, 8, "sum"),  # HK=64 (the widest layout) with A=64 (widest keys)
 }
-CASES = [("t197_d768", torch.float32), ("hkp128_a64", torch.bfloat16)] + [
-    (name, dtype) for name in ("k5_a16", "k6_h3_b1", "h1_k1_t2", "k16_h4", "hkp128")
+CASES = [("t197_d768", torch.float32), ("h8_k8_a64", torch.bfloat16)] + [
+    (name, dtype) for name in ("k5_a16", "k6_h3_b1", "h1_k1_t2", "k16_h4", "h5_k12")
     for dtype in (torch.float32, torch.bfloat16, torch.float16)]
 
 
@@ -74,7 +74,7 @@ def test_outputs_attention_and_grads_match_reference(name, dtype):
 
 @pytest.mark.parametrize("programs,name,dtype", [
     (1, "k5_a16", torch.float32), (2, "k5_a16", torch.bfloat16), (1, "k16_h4", torch.float16),
-    (1, "hkp128", torch.float32), (3, "k6_h3_b1", torch.float32)])
+    (1, "h5_k12", torch.float32), (3, "k6_h3_b1", torch.float32)])
 def test_row_chunks_per_program(monkeypatch, programs, name, dtype):
     """The reduction kernels give each program a chunk of row blocks (TARGET_PROGRAMS per launch):
     one chunk per image, uneven chunks with an all-padding last block, and several chunks."""
@@ -238,7 +238,7 @@ def test_torch_compile_fullgraph_forward_and_backward():
     ("head width 128", dict(dh=128, d=16), "head width 128"),
     ("too many head-prompt columns", dict(h=9, k=16, dh=8, d=16, dtype=torch.bfloat16),
      "num_heads=9 with K=16"),
-    ("fp32 above 128 columns", dict(h=9, k=16, dh=8, d=16), "num_heads=9 with K=16"),
+    ("fp32 above 64 columns", dict(h=5, k=13, dh=8, d=16), "num_heads=5 with K=13"),
     ("float64", dict(dtype=torch.float64), "dtype torch.float64"),
 ])
 def test_out_of_range_raises_for_triton_and_auto_picks_torch(what, kwargs, shape):
@@ -391,11 +391,11 @@ def test_forward_paths_match_reference_and_read_z_as_designed(monkeypatch, path,
 
 @pytest.mark.parametrize("path,name,dtype", [
     ("3-read", "k5_a16", torch.bfloat16), ("3-read", "k16_h4", torch.float32),
-    ("2-read", "k6_h3_b1", torch.float16), ("2-read", "hkp128_a64", torch.float32),
+    ("2-read", "k6_h3_b1", torch.float16), ("2-read", "h8_k8_a64", torch.float32),
     ("2-read", "h1_k1_t2", torch.bfloat16)])
 def test_each_path_on_shapes_that_default_to_the_other(monkeypatch, path, name, dtype):
     """The SHAPES matrix runs each shape on its default path (see the next test); here each path
-    runs where the other is the default: KEY_COLS 16..64 with HKP 16..128, B = 1..3, T = 2..37."""
+    runs where the other is the default: KEY_COLS 16..64 with HKP 16..64, B = 1..3, T = 2..37."""
     _force_path(monkeypatch, path)
     b, t, d, k, h, dh, reduce = SHAPES[name]
     _check(b, t, d, k, h, dh, dtype, reduce)
@@ -408,5 +408,5 @@ def test_default_paths_of_the_shape_matrix(dtype):
     paths = {name: pim_mod.key_columns(d, h * dh, dtype, pim_mod.num_columns(h, k)) > 0
              for name, (b, t, d, k, h, dh, reduce) in SHAPES.items()}
     assert paths == {"t197_d768": True, "k5_a16": dtype != torch.float32, "k6_h3_b1": False,
-                     "h1_k1_t2": False, "k16_h4": True, "hkp128": False,
-                     "hkp128_a64": False}
+                     "h1_k1_t2": False, "k16_h4": True, "h5_k12": False,
+                     "h8_k8_a64": False}

@@ -12,18 +12,16 @@ recast the ops that autograd replays for the torch backend's backward).
 """
 import contextlib
 import copy
-import warnings
 
 import pytest
 import torch
 
 import avpt_kernels as ak
-from avpt import backbone as bb
 from avpt.losses import AVPTLoss
-from avpt.methods import build_method
 from avpt_kernels import reference
 from avpt_kernels.testing import (assert_bounded_error, assert_close, assert_grads_close,
                                   random_pim_params)
+from tests.tiny_models import trained_looking_tiny_avpt
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = ("torch", "triton")
@@ -250,18 +248,7 @@ def test_pim_forward_with_casts_like_forward():
 # 3. the A-VPT model under bf16 autocast
 # ----------------------------------------------------------------------------------------------
 def _tiny_avpt(backend_name, **overrides):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", bb.RandomWeightsWarning)
-        model = build_method("avpt", model_name=bb.TINY_MODEL, backend=backend_name,
-                             queue_size=16, **overrides)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # trained-looking PIMs (p2t_o starts at zero) and distinct prompts
-        for m in model.pims:
-            for p in m.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
-        model.prompt_bank.token_offset.copy_(
-            torch.randn(model.prompt_bank.token_offset.shape, generator=g))
-    return model.to(DEVICE)
+    return trained_looking_tiny_avpt(backend_name, **overrides).to(DEVICE)
 
 
 def _batch(b=2, size=64):

@@ -17,15 +17,13 @@ capturable changes where the step counter lives, not the arithmetic. Tolerances:
 triton backend, the interpreter.
 """
 import copy
-import warnings
 
 import pytest
 import torch
 
-from avpt import backbone as bb
-from avpt.methods import build_method
 from avpt.train import LossFn, TrainStep, WholeStep, init_adam_state, load_config, make_optimizer
 from avpt_kernels.testing import assert_close
+from tests.tiny_models import trained_looking_tiny_avpt
 
 STEPS, LR, WD, CLIP = 2, 1e-3, 1e-2, 1.0
 # exactly zero in the math (softmax shift invariance): their "gradients" are rounding noise, which
@@ -34,18 +32,7 @@ ZERO_GRAD = ("t2p_k.bias", "p2t_k.bias")
 
 
 def _tiny_avpt(backend_name):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", bb.RandomWeightsWarning)
-        model = build_method("avpt", model_name=bb.TINY_MODEL, backend=backend_name,
-                             queue_size=16, region_types="ema")
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # trained-looking PIMs (p2t_o starts at zero) and distinct prompts
-        for m in model.pims:
-            for p in m.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
-        model.prompt_bank.token_offset.copy_(
-            torch.randn(model.prompt_bank.token_offset.shape, generator=g))
-    return model.train()
+    return trained_looking_tiny_avpt(backend_name, region_types="ema").train()
 
 
 def _batches(size=64):

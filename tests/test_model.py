@@ -14,6 +14,7 @@ from avpt.methods import build_method
 from avpt.model import SCHEDULES, injection_plan
 import importlib
 from avpt_kernels.testing import assert_close
+from tests.tiny_models import train_gates
 
 TINY = bb.TINY_MODEL
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,21 +27,6 @@ def tiny_avpt(**overrides):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", bb.RandomWeightsWarning)
         return build_method("avpt", model_name=TINY, **overrides)
-
-
-def train_gates(model):
-    """A trained-looking A-VPT: every PIM weight ~ N(0, 1/fan_in) (p2t_o starts at zero, which
-    would leave the tokens unchanged) and prompt-token offsets of order one, so the K prompts of
-    an image differ and the softmaxes over prompts are neither uniform nor one-hot (nearly equal
-    prompts make the key gradients pure cancellation, which no fp32 path reproduces to 1e-5)."""
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for m in model.pims:
-            for p in m.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
-        model.prompt_bank.token_offset.copy_(
-            torch.randn(model.prompt_bank.token_offset.shape, generator=g))
-    return model
 
 
 def inputs(b=2, size=64, regions=3):

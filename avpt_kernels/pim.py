@@ -18,9 +18,9 @@ index (head, prompt) pairs, padded to ``HKP`` (a power of two >= 16; padding is 
 Forward: 3 kernel launches plus tiny torch algebra on [B,K,D]/[D,A]-sized matrices. Z is read
 twice from DRAM and z_out written once (the DESIGN floor) on the 2-read path, taken when the raw
 prompt->token keys K2 = Z W'k^T [T, A] (fp32) are cheap: A padded to KEY_COLS (a power of two
->= 16) with 12 * KEY_COLS <= D * element size and KEY_COLS <= MAX_KEY_COLS[dtype] (64: at 128 the backward kernels
-that rebuild K2 spill), except four (dtype, HKP, KEY_COLS) layouts where ptxas spills a few
-bytes (``_KEY_LAYOUTS_THAT_SPILL``; ``key_columns`` decides). The A-VPT model's default layout
+>= 16) with 12 * KEY_COLS <= D * element size and KEY_COLS <= MAX_KEY_COLS[dtype] (64: at 128
+the backward kernels that rebuild K2 spill), except three (dtype, HKP, KEY_COLS) layouts where
+ptxas spilled a few bytes (``_KEY_LAYOUTS_THAT_SPILL``; ``key_columns`` decides). The A-VPT model's default layout
 (A = 4 x 16 = 64, K = 6, so HKP = 32, with D = 768) takes the 2-read path in every dtype.
 There logits2[t,(h,k)] = K2_t . Qexp[:,(h,k)], Qexp [KEY_COLS,HKP] block-diagonal
 (scale * q2[k,h] in rows h*dh .. (h+1)*dh), which needs only q2, i.e. G, after pass 1:
@@ -73,7 +73,6 @@ else: ``ValueError`` for ``backend="triton"``, the torch path for ``"auto"``.
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import List, Optional, Tuple
 
@@ -84,6 +83,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import _checks, reference
+from ._autocast import no_autocast
 from .backend import get_backend, resolve
 from .reference import PIMParams
 
@@ -176,8 +176,8 @@ NUM_STAGES = 1
 MAX_REGISTERS = 255
 
 # The 2-read forward: pass 1 also writes the raw prompt->token keys K2 = Z W'k^T [B,T,KEY_COLS]
-# (z dtype) and the stats pass reads K2 instead of Z. Taken where K2's write + read cost no more
-# than the Z read they replace (2 * KEY_COLS <= D) and K2's [BLOCK_T, KEY_COLS] fp32 accumulator
+# (fp32) and the stats pass reads K2 instead of Z. Taken where K2's write + 2 reads cost no more
+# than the Z read they replace (``key_columns``) and K2's [BLOCK_T, KEY_COLS] fp32 accumulator
 # keeps every kernel that builds K2 (pass 1 and the backward kernels A and B) spill-free
 # (KEY_COLS <= MAX_KEY_COLS, checked by aot_configs: at 128 the dZ and grad-reduce kernels spill
 # for some HKP in every dtype); else the 3-read path.
@@ -187,17 +187,13 @@ MAX_KEY_COLS = {torch.float32: 64, torch.float16: 64, torch.bfloat16: 64}
 _KEY_LAYOUTS_THAT_SPILL = {(True, 16, 16), (False, 16, 64), (False, 32, 32)}
 
 
-def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 def key_columns(d: int, a: int, dtype: torch.dtype, columns: Optional[int] = None) -> int:
     """KEY_COLS of the 2-read forward for D, A = H * head width (padded to a power of two >= 16),
     the input dtype and HKP = ``columns``, or 0 where the forward takes the 3-read path.
     ``columns=None`` skips the per-layout exclusions (_KEY_LAYOUTS_THAT_SPILL)."""
     width = max(16, _next_pow2(a))
     # K2 is fp32: written once and read twice, it must cost no more than the Z read it replaces
-    if width > MAX_KEY_COLS[dtype] or 3 * width * 4 > d * _element_size(dtype):
+    if width > MAX_KEY_COLS[dtype] or 3 * width * 4 > d * dtype.itemsize:
         return 0
     if columns is not None and (dtype == torch.float32, columns, width) in _KEY_LAYOUTS_THAT_SPILL:
         return 0
@@ -341,13 +337,6 @@ def _mm_split(a, b, EXACT: tl.constexpr, DOT_MODE: tl.constexpr):
 
 
 @triton.jit
-def _mm_f32(a, b):
-    """a @ b in IEEE fp32 for the narrow products of two fp32 intermediates (K2 Qexp: KEY_COLS
-    <= 64 deep), where the logits of high-norm tokens need every bit of fp32."""
-    return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-
-
-@triton.jit
 def _columns(K, H, HKP: tl.constexpr):
     """Column indices c = h*K + k, the head of each column, and which columns are real."""
     cols = tl.arange(0, HKP)
@@ -458,8 +447,8 @@ def _p2t_logits(x_img, m_img, rows, row_ok, W, HKP: tl.constexpr, BLOCK_T: tl.co
         d_ok = dd < W
         xt = tl.load(x_img + rows[:, None] * W + dd[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         m = tl.load(m_img + dd[:, None] * HKP + cols[None, :], mask=d_ok[:, None], other=0.0)
-        if FROM_KEYS:
-            acc += _mm_f32(xt, m)
+        if FROM_KEYS:  # K2 Qexp, both fp32 and KEY_COLS deep: IEEE fp32 (mode 0)
+            acc += _mm(xt, m, 0)
         else:
             acc += _mm_split(xt, m, 1, DOT_MODE)
     return acc
@@ -472,7 +461,7 @@ def _key_logits(keys, qexp_img, HKP: tl.constexpr, KEY_COLS: tl.constexpr):
     backward recomputes the very logits whose softmax statistics the forward took."""
     kc = tl.arange(0, KEY_COLS)
     qexp = tl.load(qexp_img + kc[:, None] * HKP + tl.arange(0, HKP)[None, :])
-    return _mm_f32(keys, qexp)
+    return _mm(keys, qexp, 0)
 
 
 @triton.jit
@@ -907,18 +896,7 @@ def _chunks(b: int, t: int, block_t: int) -> Tuple[int, int]:
     return triton.cdiv(blocks, chunk_blocks), chunk_blocks
 
 
-def _no_autocast(fn):
-    """Run ``fn`` with autocast off on its first tensor argument's device: the per-image algebra
-    is fp32 by contract, and autocast would silently run its F.linear/einsum in 16 bits."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        device = next(a for a in args if isinstance(a, Tensor)).device.type
-        with torch.autocast(device_type=device, enabled=False):
-            return fn(*args, **kwargs)
-    return wrapper
-
-
-@_no_autocast
+@no_autocast  # the per-image algebra is fp32 by contract
 def _forward(z: Tensor, p: Tensor, weights: List[Tensor], num_heads: int, mean_reduce: bool,
              return_attn: bool):
     z = z.contiguous()
@@ -966,7 +944,7 @@ def _forward(z: Tensor, p: Tensor, weights: List[Tensor], num_heads: int, mean_r
     return out, p_tilde.to(p.dtype), attn, g, colsum, m2, l2
 
 
-@_no_autocast
+@no_autocast
 def _backward(grad_out: Tensor, grad_p_tilde: Tensor, z: Tensor, p: Tensor, weights: List[Tensor],
               g: Tensor, colsum: Tensor, m2: Tensor, l2: Tensor, num_heads: int, mean_reduce: bool):
     z, y = z.contiguous(), grad_out.contiguous()
@@ -985,20 +963,20 @@ def _backward(grad_out: Tensor, grad_p_tilde: Tensor, z: Tensor, p: Tensor, weig
     qexp = _f32(_block_diagonal_queries(saved["q2"], key_cols, hkp)) if key_cols else mk
 
     # Pass A: prompt->token reductions over (Z, dZ_out).
-    e = torch.zeros(4, b, hkp, d, device=z.device, dtype=torch.float32)  # E, F1, F2, G1
+    e, f1, f2, g1 = torch.zeros(4, b, hkp, d, device=z.device, dtype=torch.float32)
     ysum = torch.zeros(b, d, device=z.device, dtype=torch.float32)
     delta = torch.zeros(b, hkp, device=z.device, dtype=torch.float32)  # sum_t S2[c,t] (y_t . Nv[c])
     n_chunks, chunk_blocks = _chunks(b, t, block_t)
     s2 = torch.empty(b, n_chunks * chunk_blocks * block_t, hkp, device=z.device, dtype=torch.float32)
     ws2 = torch.empty_like(s2)
-    _p2t_grad_reduce_kernel[(b, n_chunks)](z, y, mk, wk, qexp, nv, m2, l2, s2, ws2, e[0], e[1],
-                                           e[2], e[3], ysum, delta, t, d, chunk_blocks,
+    _p2t_grad_reduce_kernel[(b, n_chunks)](z, y, mk, wk, qexp, nv, m2, l2, s2, ws2, e, f1, f2, g1,
+                                           ysum, delta, t, d, chunk_blocks,
                                            BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp,
                                            KEY_COLS=key_cols, DOT_MODE=mode, num_warps=warps,
                                            num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS)
     # z_out = Z + alpha (S2^T Nv + b'o): closed-form gradients of Nv, Mk, alpha, b'o
-    grad_nv = alpha[:, None, None] * e[0]
-    grad_mk = (alpha[:, None, None] * (e[1] + (e[3] - delta[..., None] * e[2]))).transpose(1, 2)
+    grad_nv = alpha[:, None, None] * e
+    grad_mk = (alpha[:, None, None] * (f1 + (g1 - delta[..., None] * f2))).transpose(1, 2)
     grad_alpha = delta.sum(dim=1) + ysum @ w.p2t_o_b
     grads = {"p2t_o_b": (alpha[:, None] * ysum).sum(dim=0)}
     grad_g, grad_colsum, grad_p, grad_z0 = _p2t_small_backward(
@@ -1018,7 +996,7 @@ def _backward(grad_out: Tensor, grad_p_tilde: Tensor, z: Tensor, p: Tensor, weig
     _t2p_grad_reduce_kernel[(b, n_chunks)](z, dl1, grad_mq, t, d, t_pad, chunk_blocks,
                                            BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp,
                                            DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES,
-                                 maxnreg=MAX_REGISTERS)
+                                           maxnreg=MAX_REGISTERS)
     grad_p = grad_p + _t2p_small_backward(grad_mq, grad_cq, pf, k1, w, grads)
     return [dz, grad_p.to(p.dtype)] + [grads[n].to(x.dtype).reshape(x.shape)
                                        for n, x in zip(PIMParams._fields, weights)]

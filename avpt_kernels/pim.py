@@ -19,8 +19,7 @@ Forward: 3 kernel launches plus tiny torch algebra on [B,K,D]/[D,A]-sized matric
 twice from DRAM and z_out written once (the DESIGN floor) on the 2-read path, taken when the raw
 prompt->token keys K2 = Z W'k^T [T, A] (fp32) are cheap: A padded to KEY_COLS (a power of two
 >= 16) with 12 * KEY_COLS <= D * element size and KEY_COLS <= MAX_KEY_COLS[dtype] (64: at 128
-the backward kernels that rebuild K2 spill), except three (dtype, HKP, KEY_COLS) layouts where
-ptxas spilled a few bytes (``_KEY_LAYOUTS_THAT_SPILL``; ``key_columns`` decides). The A-VPT model's default layout
+the backward kernels that rebuild K2 spill; ``key_columns`` decides). The A-VPT model's layout
 (A = 4 x 16 = 64, K = 6, so HKP = 32, with D = 768) takes the 2-read path in every dtype.
 There logits2[t,(h,k)] = K2_t . Qexp[:,(h,k)], Qexp [KEY_COLS,HKP] block-diagonal
 (scale * q2[k,h] in rows h*dh .. (h+1)*dh), which needs only q2, i.e. G, after pass 1:
@@ -180,22 +179,17 @@ MAX_REGISTERS = 255
 # than the Z read they replace (``key_columns``) and K2's [BLOCK_T, KEY_COLS] fp32 accumulator
 # keeps every kernel that builds K2 (pass 1 and the backward kernels A and B) spill-free
 # (KEY_COLS <= MAX_KEY_COLS, checked by aot_configs: at 128 the dZ and grad-reduce kernels spill
-# for some HKP in every dtype); else the 3-read path.
+# for some HKP in every dtype); else the 3-read path. (With ptxas free to use 255 registers,
+# MAX_REGISTERS, no (HKP, KEY_COLS) layout below that needs excluding any more.)
 MAX_KEY_COLS = {torch.float32: 64, torch.float16: 64, torch.bfloat16: 64}
-# (fp32?, HKP, KEY_COLS) layouts where ptxas still spills a few bytes in one kernel that builds K2
-# (AOT, sm_80 or sm_90a: its register heuristic settles on 128 or 255 registers): 3-read there.
-_KEY_LAYOUTS_THAT_SPILL = {(True, 16, 16), (False, 16, 64), (False, 32, 32)}
 
 
-def key_columns(d: int, a: int, dtype: torch.dtype, columns: Optional[int] = None) -> int:
+def key_columns(d: int, a: int, dtype: torch.dtype) -> int:
     """KEY_COLS of the 2-read forward for D, A = H * head width (padded to a power of two >= 16),
-    the input dtype and HKP = ``columns``, or 0 where the forward takes the 3-read path.
-    ``columns=None`` skips the per-layout exclusions (_KEY_LAYOUTS_THAT_SPILL)."""
+    and the input dtype, or 0 where the forward takes the 3-read path."""
     width = max(16, _next_pow2(a))
     # K2 is fp32: written once and read twice, it must cost no more than the Z read it replaces
     if width > MAX_KEY_COLS[dtype] or 3 * width * 4 > d * dtype.itemsize:
-        return 0
-    if columns is not None and (dtype == torch.float32, columns, width) in _KEY_LAYOUTS_THAT_SPILL:
         return 0
     return width
 
@@ -230,10 +224,9 @@ def pim_min_bytes(B: int, T: int, D: int, K: int, A: int, dtype: torch.dtype,
 
 
 def pim_achieved_bytes(B: int, T: int, D: int, K: int, A: int, dtype: torch.dtype,
-                       backward: bool = False, num_heads: Optional[int] = None) -> int:
+                       backward: bool = False) -> int:
     """DRAM traffic model of these kernels (Z-sized streams plus the small operands). Forward on
-    the 2-read path (``key_columns(D, A, dtype, HKP) > 0``; without ``num_heads`` HKP is not
-    known and the per-layout exclusions are not applied): 2 reads of Z + 1 write of z_out, plus the
+    the 2-read path (``key_columns(D, A, dtype) > 0``): 2 reads of Z + 1 write of z_out, plus the
     key scratch K2 [B,T,KEY_COLS] (fp32) written once and read twice (stats, update);
     otherwise 3 reads of Z + 1 write. Backward: 3 reads of Z, 2 of dY, 1 write of dZ. Not counted:
     the [T, HKP] fp32 scratch rows (S1, S2, dl1), written and read back at once (L2), and the
@@ -243,7 +236,7 @@ def pim_achieved_bytes(B: int, T: int, D: int, K: int, A: int, dtype: torch.dtyp
     small = (2 * B * K * D + 8 * A * D) * e
     if backward:
         return 6 * big + small
-    key_cols = key_columns(D, A, dtype, None if num_heads is None else num_columns(num_heads, K))
+    key_cols = key_columns(D, A, dtype)
     if key_cols:
         return 3 * big + 3 * B * T * key_cols * 4 + small
     return 4 * big + small
@@ -879,10 +872,10 @@ def _layout(z: Tensor, p: Tensor, num_heads: int):
     return b, t, d, p.shape[1], hkp, block_t, block_d, warps
 
 
-def _keys_layout(z: Tensor, wk: Tensor, columns: int) -> Tuple[int, Tensor]:
+def _keys_layout(z: Tensor, wk: Tensor) -> Tuple[int, Tensor]:
     """(KEY_COLS, W'k^T [D,KEY_COLS] zero-padded, z dtype: exact, as the weight came in) for the
     2-read path; (0, z) otherwise (a placeholder pointer the kernels never touch with KEY_COLS = 0)."""
-    key_cols = key_columns(z.shape[2], wk.shape[0], z.dtype, columns)
+    key_cols = key_columns(z.shape[2], wk.shape[0], z.dtype)
     if not key_cols:
         return 0, z
     return key_cols, F.pad(wk.t(), (0, key_cols - wk.shape[0])).to(z.dtype).contiguous()
@@ -911,7 +904,7 @@ def _forward(z: Tensor, p: Tensor, weights: List[Tensor], num_heads: int, mean_r
     colsum = torch.zeros(b, hkp, device=z.device, dtype=torch.float32)
     n_chunks, chunk_blocks = _chunks(b, t, block_t)
     s1 = torch.empty(b, n_chunks * chunk_blocks * block_t, hkp, device=z.device, dtype=torch.float32)
-    key_cols, wk = _keys_layout(z, weights[PIMParams._fields.index("p2t_k_w")], hkp)
+    key_cols, wk = _keys_layout(z, weights[PIMParams._fields.index("p2t_k_w")])
     # 2-read forward: pass 1 also writes K2 = Z W'k^T in fp32 (else a placeholder the kernel ignores)
     k2 = torch.empty(b, t, key_cols, device=z.device, dtype=torch.float32) if key_cols else z
     _t2p_reduce_kernel[(b, n_chunks)](z, mq, cq, wk, s1, g, colsum, k2, t, d, k, num_heads,
@@ -959,7 +952,7 @@ def _backward(grad_out: Tensor, grad_p_tilde: Tensor, z: Tensor, p: Tensor, weig
     mq, mk, nv, cq = _f32(mq), _f32(mk), _f32(nv), _f32(cq)
     alpha = alpha.contiguous()
     # logits2 exactly as the forward's softmax statistics saw them (K2 Qexp on the 2-read path)
-    key_cols, wk = _keys_layout(z, weights[PIMParams._fields.index("p2t_k_w")], hkp)
+    key_cols, wk = _keys_layout(z, weights[PIMParams._fields.index("p2t_k_w")])
     qexp = _f32(_block_diagonal_queries(saved["q2"], key_cols, hkp)) if key_cols else mk
 
     # Pass A: prompt->token reductions over (Z, dZ_out).
@@ -1099,7 +1092,7 @@ def _key_widths(dtype: torch.dtype) -> dict:
         for k in range(1, min(MAX_PROMPTS, MAX_COLUMNS[dtype] // h) + 1):
             hkp = num_columns(h, k)
             found = widths.setdefault(hkp, {0})
-            found.update(key_columns(MAX_DIM, h * dh, dtype, hkp) for dh in range(HEAD_WIDTHS[0], HEAD_WIDTHS[1] + 1))
+            found.update(key_columns(MAX_DIM, h * dh, dtype) for dh in range(HEAD_WIDTHS[0], HEAD_WIDTHS[1] + 1))
     return {hkp: sorted(found) for hkp, found in sorted(widths.items())}
 
 

@@ -274,12 +274,10 @@ def test_traffic_model():
     args = (32, 197, 768, 6, 768, torch.bfloat16)
     assert pim_mod.key_columns(768, 768, torch.bfloat16) == 0
     assert pim_mod.pim_achieved_bytes(*args) - pim_mod.pim_min_bytes(*args) == z_bytes
-    # Backward: the floor reads Z and dZ_out twice each and writes dZ once; one more Z read here.
-    # With num_heads, the layout exclusions apply: fp32, HKP = 16 (4 heads x 2), KEY_COLS = 16.
+    # fp32 inputs, A = 16: the 2-read path, its fp32 K2 [B,T,16] above the floor.
     args = (32, 197, 768, 2, 16, torch.float32)
     assert pim_mod.pim_achieved_bytes(*args) - pim_mod.pim_min_bytes(*args) == 3 * 32 * 197 * 16 * 4
-    assert pim_mod.pim_achieved_bytes(*args, num_heads=4) - pim_mod.pim_min_bytes(*args) \
-        == 32 * 197 * 768 * 4
+    # Backward: the floor reads Z and dZ_out twice each and writes dZ once; one more Z read here.
     for a in (64, 768):
         args = (32, 197, 768, 6, a, torch.bfloat16)
         assert pim_mod.pim_achieved_bytes(*args, backward=True) \
@@ -298,20 +296,15 @@ def test_key_columns_picks_the_two_read_path_where_it_pays(d, a, dtype, want):
     assert pim_mod.key_columns(d, a, dtype) == want
 
 
-def test_key_columns_skips_the_layouts_that_spill():
-    assert pim_mod.key_columns(768, 64, torch.bfloat16, 64) == 64  # the model: H=4, K<=16
-    assert pim_mod.key_columns(768, 64, torch.float32, 64) == 64
-    assert pim_mod.key_columns(96, 16, torch.bfloat16, 16) == 16
-    for fp32, columns, key_cols in pim_mod._KEY_LAYOUTS_THAT_SPILL:
-        for dtype in ((torch.float32,) if fp32 else (torch.float16, torch.bfloat16)):
-            assert pim_mod.key_columns(1024, key_cols, dtype) == key_cols
-            assert pim_mod.key_columns(1024, key_cols, dtype, columns) == 0
-    # aot_configs compiles exactly the layouts the launchers can pick: none of the excluded ones
+def test_aot_configs_cover_the_key_widths_the_launchers_pick():
+    """aot_configs pairs each HKP with the 3-read path (0) and the KEY_COLS it can come with, the
+    model's layout (HKP 32, KEY_COLS 64) included, none above MAX_KEY_COLS."""
     for dtype in pim_mod.TRITON_DTYPES:
-        for columns, widths in pim_mod._key_widths(dtype).items():
-            assert 0 in widths and max(widths) <= pim_mod.MAX_KEY_COLS[dtype]
-            assert not any((dtype == torch.float32, columns, w) in pim_mod._KEY_LAYOUTS_THAT_SPILL
-                           for w in widths)
+        widths = pim_mod._key_widths(dtype)
+        assert 64 in widths[pim_mod.num_columns(4, 6)]
+        for columns, found in widths.items():
+            assert found[0] == 0 and all(w in (16, 32, 64) for w in found[1:])
+            assert max(found) <= pim_mod.MAX_KEY_COLS[dtype]
 
 
 # ---- the 2-read forward (pass 1 also writes K2 = Z W'k^T; stats and update read K2) and the
@@ -403,10 +396,9 @@ def test_each_path_on_shapes_that_default_to_the_other(monkeypatch, path, name, 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_default_paths_of_the_shape_matrix(dtype):
-    """Which forward path the SHAPES matrix exercises by default: both, on several shapes
-    (fp32 with HKP = KEY_COLS = 16 is one of the layouts kept on the 3-read path)."""
-    paths = {name: pim_mod.key_columns(d, h * dh, dtype, pim_mod.num_columns(h, k)) > 0
+    """Which forward path the SHAPES matrix exercises by default: both, on several shapes."""
+    paths = {name: pim_mod.key_columns(d, h * dh, dtype) > 0
              for name, (b, t, d, k, h, dh, reduce) in SHAPES.items()}
-    assert paths == {"t197_d768": True, "k5_a16": dtype != torch.float32, "k6_h3_b1": False,
+    assert paths == {"t197_d768": True, "k5_a16": True, "k6_h3_b1": False,
                      "h1_k1_t2": False, "k16_h4": True, "h5_k12": False,
                      "h8_k8_a64": False}

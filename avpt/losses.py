@@ -2,12 +2,17 @@
 
 * CLS (Eq. 14): cross-entropy on the class-token logits.
 * SEG (Eq. 15): soft Dice on sigmoid(mask logits) + beta * BCE.
-* RCL (Eqs. 11-12): supervised contrast of region embeddings r = h_phi(E)/||.||: positives are
-  the same region type from other images (other modalities or views), negatives the other types,
-  plus entries of per-modality memory queues (detached region embeddings of earlier batches) as
-  extra negatives. Region types come from the atlas order (slot k is type k) or from EMA-updated
-  centroids. Eq. 12 writes only negatives in the denominator; we use the usual InfoNCE /
-  SupCon denominator (positives + negatives), which keeps the loss >= 0, and average over anchors.
+* RCL (Eqs. 11-12): supervised contrast of region embeddings r = h_phi(E)/||.||, anchors the
+  regions of the batch. Batches are single-modality (``ModalityBatchSampler``), so the cross-modal
+  positives the paper intends come from the per-modality memory queues (detached region
+  embeddings of earlier batches): with ``positives="cross_modal"`` (the default) a queue entry of
+  the same region type from ANOTHER modality is a positive, one of another type a negative (same
+  type, same modality: neither). In the batch, the same type in another image is a positive and
+  the other types are negatives. ``positives="within_modality"`` (the ablation, and the behaviour
+  before issue 13) uses queue entries as negatives only. Region types come from the atlas order
+  (slot k is type k) or from EMA-updated centroids. Eq. 12 writes only negatives in the
+  denominator; we use the usual InfoNCE / SupCon denominator (positives + negatives), which keeps
+  the loss >= 0, and average over anchors with at least one positive.
 * TXT (Eq. 13): CLIP-style cross-entropy of region embeddings in the frozen CLIP space against the
   frozen text tower's embeddings of the anatomy phrases.
 * LAP (Eq. 16): tr(P^T L P) over prompt tokens with the region-adjacency Laplacian (tokens of one
@@ -57,6 +62,9 @@ class RegionQueue(nn.Module):
         self.register_buffer("emb", torch.zeros(num_modalities, size, dim))
         self.register_buffer("types", torch.full((num_modalities, size), -1, dtype=torch.long))
         self.register_buffer("ptr", torch.zeros(num_modalities, dtype=torch.long))
+        # not in the state dict (derived; older checkpoints load unchanged)
+        self.register_buffer("slot_mod", torch.arange(num_modalities).repeat_interleave(size),
+                             persistent=False)
 
     @torch.no_grad()
     def push(self, r: Tensor, types: Tensor, modality: Tensor) -> None:
@@ -89,6 +97,10 @@ class RegionQueue(nn.Module):
         indexing: a host sync on an accelerator; the loss uses ``slots`` instead."""
         filled = self.types >= 0
         return self.emb[filled], self.types[filled]
+
+    def slot_modality(self) -> Tensor:
+        """Modality index of every slot of ``slots()`` [M*S] (slot j is modality j // S)."""
+        return self.slot_mod
 
     def slots(self):
         """(embeddings [M*S, d_c], types [M*S]) of every slot of every modality, empty slots
@@ -133,15 +145,24 @@ class EMACentroids(nn.Module):
         self.initialized.fill_(True)
 
 
+RCL_POSITIVES = ("cross_modal", "within_modality")
+
+
 def rcl_loss(r: Tensor, types: Tensor, modality: Tensor, tau: float = 0.07,
              queue_emb: Optional[Tensor] = None, queue_types: Optional[Tensor] = None,
-             cross_modal_only: bool = False) -> Tensor:
+             cross_modal_only: bool = False, queue_modality: Optional[Tensor] = None,
+             positives: str = "cross_modal") -> Tensor:
     """Eq. 12 over anchors (i, k): r [B, R, d_c] normalised, types [B, R], modality [B].
 
-    Positives: same type, another image (another modality only when ``cross_modal_only``).
-    Negatives: other types in the batch, plus queue entries of another type (queue slots of
-    type -1 are empty and ignored). Anchors without a positive are skipped; with none at all the
-    loss is 0 (and keeps the graph). No host sync: anchors are masked, not selected."""
+    In-batch positives: same type, another image (another modality only when
+    ``cross_modal_only``); in-batch negatives: other types. Queue entries (slots of type -1 are
+    empty and ignored): another type is a negative; with ``positives="cross_modal"`` and
+    ``queue_modality`` [Q] given, the same type from another modality is a positive (Eq. 12's
+    cross-modal alignment); with ``"within_modality"`` queue entries are negatives only.
+    Anchors without a positive are skipped; with none at all the loss is 0 (and keeps the
+    graph). No host sync: anchors are masked, not selected."""
+    if positives not in RCL_POSITIVES:
+        raise ValueError(f"positives must be one of {RCL_POSITIVES}, got {positives!r}")
     b, n_reg, dc = r.shape
     flat = r.reshape(b * n_reg, dc)
     t = types.reshape(-1)
@@ -157,9 +178,15 @@ def rcl_loss(r: Tensor, types: Tensor, modality: Tensor, tau: float = 0.07,
     if queue_emb is not None and queue_emb.numel():
         q_logits = flat @ queue_emb.to(flat.dtype).t() / tau
         q_types = queue_types[None, :].to(t.device)
-        q_neg = (t[:, None] != q_types) & (q_types >= 0)
+        filled = q_types >= 0
+        q_neg = (t[:, None] != q_types) & filled
+        if positives == "cross_modal" and queue_modality is not None:
+            q_mod = queue_modality[None, :].to(mod.device)
+            q_pos = (t[:, None] == q_types) & (mod[:, None] != q_mod) & filled
+        else:
+            q_pos = torch.zeros_like(q_neg)
         logits = torch.cat([logits, q_logits], dim=1)
-        pos = torch.cat([pos, torch.zeros_like(q_neg)], dim=1)
+        pos = torch.cat([pos, q_pos], dim=1)
         neg = torch.cat([neg, q_neg], dim=1)
     has_pos = pos.any(dim=1)
     ninf = torch.finfo(logits.dtype).min
@@ -201,11 +228,16 @@ class AVPTLoss(nn.Module):
     """Eq. 17 for an A-VPT model: ``loss(out, labels=, masks=, modality=) -> dict`` with the total
     under ``"loss"`` and every active term. Text vectors of the anatomy phrases are computed once
     by the frozen text tower. ``update_state=True`` (training) pushes region embeddings to the
-    queues and updates the EMA centroids after the loss is formed."""
+    queues and updates the EMA centroids after the loss is formed. ``rcl_positives``: whether
+    same-type queue entries of other modalities are RCL positives (``"cross_modal"``, Eq. 12 as
+    the paper intends) or queue entries are negatives only (``"within_modality"``)."""
 
-    def __init__(self, model, text_tokenizer=None):
+    def __init__(self, model, text_tokenizer=None, rcl_positives: str = "cross_modal"):
         super().__init__()
         import open_clip
+        if rcl_positives not in RCL_POSITIVES:
+            raise ValueError(f"rcl_positives must be one of {RCL_POSITIVES}, got {rcl_positives!r}")
+        self.rcl_positives = rcl_positives
         c = self.config = model.config
         self.model = [model]  # not a submodule: the loss owns no trainable parameters
         self.tokens_per_region = c.num_prompts // c.num_regions
@@ -243,10 +275,12 @@ class AVPTLoss(nn.Module):
             r = model.region_contrast(out.region_emb)
             types = self.region_types(r)
         if c.lambda_rcl and r is not None:
-            q_emb = q_types = None
+            q_emb = q_types = q_mod = None
             if self.queue is not None:
                 q_emb, q_types = self.queue.slots()
-            terms["rcl"] = rcl_loss(r, types, mod, c.tau, q_emb, q_types)
+                q_mod = self.queue.slot_modality()
+            terms["rcl"] = rcl_loss(r, types, mod, c.tau, q_emb, q_types, queue_modality=q_mod,
+                                    positives=self.rcl_positives)
         if c.lambda_txt and r is not None:
             terms["txt"] = txt_loss(model.region_text_space(out.region_emb), self.text, types, c.tau_txt)
         if c.lambda_lap and out.prompts is not None:

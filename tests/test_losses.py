@@ -39,7 +39,7 @@ def test_seg_loss_dice_plus_bce():
         seg_loss(logits, masks[:, :, :4])
 
 
-def _rcl_brute(r, types, modality, tau, q_emb=None, q_types=None):
+def _rcl_brute(r, types, modality, tau, q_emb=None, q_types=None, q_mod=None):
     b, n_reg, _ = r.shape
     losses = []
     for i in range(b):
@@ -57,9 +57,15 @@ def _rcl_brute(r, types, modality, tau, q_emb=None, q_types=None):
                     elif types[j, t] != types[i, k]:
                         den.append(s)
             if q_emb is not None:
-                for e, qt in zip(q_emb, q_types):
+                for n, (e, qt) in enumerate(zip(q_emb, q_types)):
+                    if qt < 0:
+                        continue
+                    s = torch.exp(anchor @ e / tau)
                     if qt != types[i, k]:
-                        den.append(torch.exp(anchor @ e / tau))
+                        den.append(s)
+                    elif q_mod is not None and q_mod[n] != modality[i]:  # cross-modal positive
+                        num.append(s)
+                        den.append(s)
             if num:
                 losses.append(-torch.log(sum(num) / sum(den)))
     return torch.stack(losses).mean()
@@ -76,6 +82,54 @@ def test_rcl_loss_matches_brute_force_with_queue():
     got_q = rcl_loss(r, types, modality, 0.5, q_emb, q_types)
     assert torch.allclose(got_q, _rcl_brute(r, types, modality, 0.5, q_emb, q_types), atol=1e-10)
     assert got_q > got  # extra negatives only add to the denominator
+
+
+def test_rcl_cross_modal_queue_positives_match_brute_force():
+    """Eq. 12 as the paper intends: a queue entry of the same region type from another
+    modality is a positive (same type, same modality: neither; empty slots: ignored)."""
+    torch.manual_seed(1)
+    r = F.normalize(torch.randn(2, 3, 8, dtype=torch.float64), dim=-1)
+    types = torch.tensor([[0, 1, 2], [0, 1, 2]])
+    modality = torch.tensor([1, 1])                       # one single-modality (US) batch
+    q_emb = F.normalize(torch.randn(6, 8, dtype=torch.float64), dim=-1)
+    q_types = torch.tensor([0, 1, 2, 0, 2, -1])
+    q_mod = torch.tensor([0, 0, 0, 1, 2, 0])               # MG, MG, MG, US, MRI, (empty)
+    cross = rcl_loss(r, types, modality, 0.5, q_emb, q_types, queue_modality=q_mod)
+    want = _rcl_brute(r, types, modality, 0.5, q_emb, q_types, q_mod)
+    assert torch.allclose(cross, want, atol=1e-10)
+    within = rcl_loss(r, types, modality, 0.5, q_emb, q_types, queue_modality=q_mod,
+                      positives="within_modality")
+    assert torch.allclose(within, _rcl_brute(r, types, modality, 0.5, q_emb, q_types), atol=1e-10)
+    assert not torch.allclose(cross, within)             # the cross-modal positives count
+    # an anchor whose only positives are cross-modal now contributes (a one-image batch)
+    alone = rcl_loss(r[:1], types[:1], modality[:1], 0.5, q_emb, q_types, queue_modality=q_mod)
+    assert alone > 0
+    assert rcl_loss(r[:1], types[:1], modality[:1], 0.5, q_emb, q_types, queue_modality=q_mod,
+                    positives="within_modality") == 0
+    with pytest.raises(ValueError, match="positives must be one of"):
+        rcl_loss(r, types, modality, positives="both")
+
+
+def test_training_batches_see_cross_modal_positives_from_the_queues():
+    """Single-modality batches (MG, then US) through AVPTLoss: after the MG batch went into
+    the queues, the US batch's RCL has cross-modal positives, which change the loss."""
+    model = tiny(queue_size=16, lambda_txt=0.0)
+    images, maps, labels, masks, _ = _batch(model)
+    mg, us = (torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.long))
+    losses = {}
+    for mode in ("cross_modal", "within_modality"):
+        torch.manual_seed(0)
+        loss_fn = AVPTLoss(model, rcl_positives=mode)
+        with torch.no_grad():
+            loss_fn(model(images, maps), labels=labels, modality=mg, update_state=True)
+            out = model(images.flip(0), maps.flip(0))
+            # the queue slots a US anchor treats as positives: same type, other modality, filled
+            q_types, q_mod = loss_fn.queue.types.reshape(-1), loss_fn.queue.slot_modality()
+            assert ((q_types == 0) & (q_mod == 0)).sum() == 4  # MG region-type-0 entries
+            losses[mode] = loss_fn(out, labels=labels, modality=us)["rcl"]
+    assert not torch.allclose(losses["cross_modal"], losses["within_modality"])
+    with pytest.raises(ValueError, match="rcl_positives"):
+        AVPTLoss(model, rcl_positives="both")
 
 
 def test_rcl_without_positives_is_zero_with_graph():

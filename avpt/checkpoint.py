@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Union
+from typing import Dict, Optional, Union
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -22,15 +22,63 @@ WEIGHTS_FILE = "trainable.safetensors"
 _KEEP = object()
 
 
-def save_trainable(method: Method, directory: Union[str, os.PathLike]) -> Path:
-    """Write the trainable tensors and the config of ``method`` under ``directory``."""
+def frozen_fingerprint(method: Method) -> str:
+    """sha256 over the names, shapes, dtypes and values of the frozen parameters (the
+    backbone): a rebuilt backbone with this fingerprint is bit-identical to the trained one."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in method.named_parameters():
+        if p.requires_grad:
+            continue
+        t = p.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_trainable(method: Method, directory: Union[str, os.PathLike], backbone: Optional[Dict] = None,
+                   run_config: Optional[Dict] = None) -> Path:
+    """Write the trainable tensors and the config of ``method`` under ``directory``, with what
+    rebuilds its frozen backbone exactly (``backbone``: model name, weights path and sha256, or
+    the random-init seed; plus the frozen weights' fingerprint) and the training run's config."""
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in method.trainable_state_dict().items()}
     save_file(state, str(path / WEIGHTS_FILE), metadata={"method": method.name})
+    record = None
+    if backbone is not None:  # the trainer's record: also the frozen weights' fingerprint
+        record = dict(backbone, frozen_sha256=frozen_fingerprint(method))
     with open(path / CONFIG_FILE, "w") as f:
-        json.dump({"method": method.name, "config": method.config.to_dict()}, f, indent=2)
+        json.dump({"method": method.name, "config": method.config.to_dict(), "backbone": record,
+                   "run": run_config}, f, indent=2)
     return path
+
+
+def _start_fresh(path: Path) -> str:
+    return (f"train the run again (the run folder's checkpoint.pt, if intact, rewrites "
+            f"{path.name}/ when the same train command is rerun)")
+
+
+def read_saved(directory: Union[str, os.PathLike]) -> Dict:
+    """``avpt_config.json`` of a saved model, checked: a one-line ``ConfigError`` naming the
+    file when it is missing, not JSON, or not a saved avpt model."""
+    from .validate import ConfigError
+
+    path = Path(directory)
+    for name in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path / name} not found: --checkpoint must be a run folder or its "
+                              f"model/ folder ({CONFIG_FILE} + {WEIGHTS_FILE})")
+    try:
+        with open(path / CONFIG_FILE) as f:
+            saved = json.load(f)
+        get_config_class(saved["method"]).from_dict(saved["config"])
+    except Exception as exc:  # noqa: BLE001 - truncated JSON, wrong content
+        raise ConfigError(f"{path / CONFIG_FILE} is not a saved avpt model config "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
+                          f"{_start_fresh(path)}") from None
+    return saved
 
 
 def load_trainable(directory: Union[str, os.PathLike], pretrained=_KEEP,
@@ -38,29 +86,59 @@ def load_trainable(directory: Union[str, os.PathLike], pretrained=_KEEP,
     """Rebuild the saved method on a fresh backbone and load its trainable tensors.
 
     ``pretrained``: backbone weights for the fresh backbone (default: the saved path; None for
-    random weights)."""
+    random weights). A model saved with a backbone record gets the same backbone as in
+    training: random weights are drawn from the recorded seed, a weights file must have the
+    recorded sha256, and the rebuilt frozen weights must have the recorded fingerprint."""
+    from .validate import ConfigError, file_sha256
+
     path = Path(directory)
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path / name} not found: expected a directory written by "
-                                    f"save_trainable ({CONFIG_FILE} + {WEIGHTS_FILE})")
-    with open(path / CONFIG_FILE) as f:
-        saved = json.load(f)
+    saved = read_saved(path)
+    record = saved.get("backbone") or {}
     config = get_config_class(saved["method"]).from_dict(saved["config"])
     if pretrained is not _KEEP:
+        if record and (pretrained is None) != (config.pretrained is None):
+            raise ConfigError(f"{path / CONFIG_FILE}: the model was trained on "
+                              f"{'random backbone weights' if config.pretrained is None else config.pretrained!r}; "
+                              f"--pretrained {pretrained!r} contradicts it")
+        if pretrained is not None and record.get("sha256"):
+            got = file_sha256(pretrained)
+            if got != record["sha256"]:
+                raise ConfigError(f"--pretrained {pretrained!r} (sha256 {got[:12]}...) is not the "
+                                  f"backbone the model was trained on ({record.get('pretrained')}, "
+                                  f"sha256 {record['sha256'][:12]}...)")
         config.pretrained = pretrained
-    method = build_method(saved["method"], config)
-    state = load_file(str(path / WEIGHTS_FILE), device=map_location)
+    elif config.pretrained is not None and record.get("sha256"):
+        if not os.path.isfile(config.pretrained):
+            raise ConfigError(f"the backbone weights {config.pretrained!r} the model was trained on "
+                              f"are gone; pass --pretrained PATH (a file with sha256 "
+                              f"{record['sha256'][:12]}...)")
+        if file_sha256(config.pretrained) != record["sha256"]:
+            raise ConfigError(f"the backbone weights {config.pretrained!r} changed since training "
+                              f"(sha256 differs from {record['sha256'][:12]}...)")
+    with torch.random.fork_rng(devices=[]):
+        if config.pretrained is None and record.get("init_seed") is not None:
+            torch.manual_seed(int(record["init_seed"]))  # the draw of the training run
+        method = build_method(saved["method"], config)
+    if record.get("frozen_sha256") and frozen_fingerprint(method) != record["frozen_sha256"]:
+        raise ConfigError(f"{path / CONFIG_FILE}: the rebuilt frozen backbone differs from the one "
+                          f"the model was trained with (fingerprint mismatch; another open_clip or "
+                          f"torch version?): its metrics would not be the training run's")
+    try:
+        state = load_file(str(path / WEIGHTS_FILE), device=map_location)
+    except Exception as exc:  # noqa: BLE001 - truncated or garbage file
+        raise ConfigError(f"{path / WEIGHTS_FILE} is not readable safetensors (truncated or corrupt: "
+                          f"{str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); "
+                          f"{_start_fresh(path)}") from None
     params = dict(method.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
-        raise ValueError(f"{path / WEIGHTS_FILE} does not match method {saved['method']!r}: "
-                         f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        raise ConfigError(f"{path / WEIGHTS_FILE} does not match method {saved['method']!r}: "
+                          f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     with torch.no_grad():
         for name, tensor in state.items():
             if params[name].shape != tensor.shape:
-                raise ValueError(f"{name}: saved shape {tuple(tensor.shape)} != model shape "
-                                 f"{tuple(params[name].shape)}")
+                raise ConfigError(f"{path / WEIGHTS_FILE}: {name} has shape {tuple(tensor.shape)}, "
+                                  f"the model {tuple(params[name].shape)}")
             params[name].copy_(tensor)
     return method

@@ -12,6 +12,11 @@
 
 Every run writes OUT/metrics.json (a ``test`` object with auc, f1, dice, iou, hd95 and the
 resolved config) and, unless --set report=false, figures and OUT/report.html.
+
+Every setting, file and folder is checked before any data is loaded or anything trained
+(``avpt.validate``); a mistake is one line ``avpt CMD: error: ...`` on stderr and exit code 2
+(``AVPT_TRACEBACK=1`` shows the traceback). Ctrl-C: one line, exit code 130, the last epoch's
+checkpoint intact. One run per --out at a time (a lock file, ``OUT/.avpt.lock``).
 """
 from __future__ import annotations
 
@@ -27,6 +32,11 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+_MISSING = object()
+EVAL_FROM_RUN = ("dataset", "data_root", "modality", "test_dataset", "test_data_root",
+                 "test_modality", "seed", "folds", "fold", "clahe", "data", "skip_bad")
 
 
 def _add_run_args(p: argparse.ArgumentParser, out_default: Optional[str] = None) -> None:
@@ -56,16 +66,26 @@ def _add_run_args(p: argparse.ArgumentParser, out_default: Optional[str] = None)
     p.add_argument("-v", "--verbose", action="store_true")
 
 
-def _config(args, extra: Optional[Dict] = None) -> Dict:
+def _overrides(args) -> Dict:
+    return dict(dataset=args.dataset, data_root=args.data_root, modality=args.modality,
+                method=args.method, backbone=args.backbone, pretrained=args.pretrained,
+                epochs=args.epochs, batch_size=args.batch_size, fold=args.fold, seed=args.seed,
+                device=args.device, amp=args.amp, skip_bad=args.skip_bad, out=args.out,
+                compile=getattr(args, "compile", None))
+
+
+def _config(args, extra: Optional[Dict] = None, base: Optional[Dict] = None) -> Dict:
+    """DEFAULTS < --config (+ --variant) < ``base`` < flags < ``extra`` < --set, validated."""
     from .train import load_config
 
-    overrides = dict(dataset=args.dataset, data_root=args.data_root, modality=args.modality,
-                     method=args.method, backbone=args.backbone, pretrained=args.pretrained,
-                     epochs=args.epochs, batch_size=args.batch_size, fold=args.fold, seed=args.seed,
-                     device=args.device, amp=args.amp, skip_bad=args.skip_bad, out=args.out,
-                     compile=getattr(args, "compile", None))
+    overrides = dict(base or {})
+    overrides.update({k: v for k, v in _overrides(args).items() if v is not None})
     overrides.update(extra or {})
     return load_config(args.config, args.variant, overrides, args.sets)
+
+
+def _set_keys(args) -> set:
+    return {item.split("=", 1)[0].strip() for item in args.sets if "=" in item}
 
 
 def _logging(verbose: bool) -> None:
@@ -96,13 +116,16 @@ def cmd_train(args) -> int:
 
 
 def cmd_transfer(args) -> int:
+    from .validate import ConfigError
+
     if not (args.test_modality or args.test_dataset):
-        raise SystemExit("avpt transfer: give --test-modality and/or --test-dataset")
+        raise ConfigError("give --test-modality and/or --test-dataset (what to test on)")
+    if args.modality:
+        raise ConfigError("use --train-modality (and --test-modality), not --modality")
     extra = dict(test_modality=args.test_modality, test_dataset=args.test_dataset,
                  test_data_root=args.test_data_root)
     if args.train_modality:
         extra["modality"] = args.train_modality
-    args.modality = None
     from .train import run
 
     cfg = _config(args, extra)
@@ -118,14 +141,86 @@ def _model_dir(path: str) -> str:
     return os.path.join(path, "model") if os.path.isdir(os.path.join(path, "model")) else path
 
 
-def cmd_eval(args) -> int:
-    from .train import evaluate_checkpoint
+def _saved_model(args):
+    """(model dir, saved avpt_config.json) of --checkpoint, with flags that contradict the
+    saved model refused: --method, --backbone, --set model.KEY=VALUE (model.* is the saved
+    model's; --pretrained is checked by sha256 when the model is loaded)."""
+    from .checkpoint import read_saved
+    from .train import BACKBONE_ALIASES
+    from .validate import ConfigError
 
-    cfg = _config(args)
+    if not os.path.isdir(args.checkpoint):
+        raise ConfigError(f"--checkpoint {args.checkpoint!r} is not a folder (a run's --out or its "
+                          f"model/ folder)")
+    model_dir = _model_dir(args.checkpoint)
+    saved = read_saved(model_dir)
+    where = os.path.join(model_dir, "avpt_config.json")
+    if args.method is not None and args.method != saved["method"]:
+        raise ConfigError(f"--method {args.method} contradicts the checkpoint: {where} is a "
+                          f"{saved['method']!r} model; drop --method")
+    name = saved["config"]["model_name"]
+    if args.backbone is not None and BACKBONE_ALIASES.get(args.backbone.lower(), args.backbone) != name:
+        raise ConfigError(f"--backbone {args.backbone} contradicts the checkpoint: {where} was "
+                          f"trained on {name!r}; drop --backbone")
+    from .train import parse_value
+
+    for item in args.sets:
+        k, _, v = item.partition("=")
+        k = k.strip()
+        if k.startswith("model."):
+            field = k[len("model."):]
+            have, want = saved["config"].get(field, _MISSING), parse_value(v)
+            if isinstance(want, tuple):
+                want = list(want)
+            if have is _MISSING or have != want:
+                raise ConfigError(f"--set {item} contradicts the checkpoint: the model's settings "
+                                  f"are the saved ones ({where}: {field} = "
+                                  f"{saved['config'].get(field, 'not a setting')!r}); drop it")
+    return model_dir, saved
+
+
+def _check_side_out(args, what: str) -> None:
+    """eval/explain write into their own --out, never into a training run's folder."""
+    from .validate import ConfigError, check_out, is_run_folder
+
+    out = os.path.abspath(args.out)
+    if is_run_folder(out) or out in (os.path.abspath(args.checkpoint),
+                                     os.path.abspath(_model_dir(args.checkpoint))):
+        raise ConfigError(f"--out {args.out!r} holds a training run; avpt {what} writes "
+                          f"metrics.json and figures there: give another --out")
+    check_out(args.out)
+
+
+def _eval_config(args, saved: Dict) -> Dict:
+    """The eval config: the training run's data settings (data set, root, modalities, data.*,
+    seed, folds, fold), then --config, flags and --set on top; method/backbone/model.* are the
+    saved model's."""
+    run_cfg = saved.get("run") or {}
+    base = {}
+    if run_cfg:
+        same_data = args.dataset is None or args.dataset == run_cfg.get("dataset")
+        set_keys = _set_keys(args)
+        for k in EVAL_FROM_RUN:
+            if k not in run_cfg or k in set_keys or (not same_data and k != "seed"):
+                continue
+            if k == "data" and any(s.startswith("data.") for s in set_keys):
+                continue
+            base[k] = run_cfg[k]
+    extra = {"method": saved["method"], "backbone": saved["config"]["model_name"]}
+    cfg = _config(args, extra, base)
     run_folds = os.path.join(args.checkpoint, "folds.json")
     if cfg["folds_file"] is None and os.path.isfile(run_folds):
         cfg["folds_file"] = run_folds  # the training run's folds: its test fold stays unseen
-    res = evaluate_checkpoint(_model_dir(args.checkpoint), cfg)
+    return cfg
+
+
+def cmd_eval(args) -> int:
+    from .train import evaluate_checkpoint
+
+    model_dir, saved = _saved_model(args)
+    _check_side_out(args, "eval")
+    cfg = _eval_config(args, saved)
+    res = evaluate_checkpoint(model_dir, cfg)
     print(f"test: {_summary(res)}")
     print(f"metrics: {os.path.join(cfg['out'], 'metrics.json')}")
     return 0
@@ -160,25 +255,31 @@ def _mean_std(agg: Dict, k: str) -> str:
 def cmd_cv(args) -> int:
     """Cross-validation; ``--variant all`` runs every variant of the YAML file (an ablation
     table) over the same folds and prints the table."""
-    from .train import _write_json
+    from .train import _write_json, read_yaml
+    from .validate import ConfigError, check_out, run_lock
 
     seeds = args.seeds
+    if seeds is not None and (not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds)):
+        raise ConfigError(f"--seeds must be distinct integers >= 0, got {seeds}")
+    check_out(args.out)
     if args.variant == "all":
-        import yaml
-
         if not args.config:
-            raise SystemExit("avpt cv --variant all needs --config FILE.yaml with variants")
-        with open(args.config) as f:
-            names = list((yaml.safe_load(f) or {}).get("variants", {}))
+            raise ConfigError("--variant all needs --config FILE.yaml with variants")
+        names = list(read_yaml(args.config).get("variants") or {})
+        if not names:
+            raise ConfigError(f"--variant all: {args.config} has no variants")
         out = args.out
-        table = {}
-        for name in names:
+        bases = {}
+        for name in names:  # every variant's config is checked before the first run
             args.variant = name
-            base = _config(args, {"out": os.path.join(out, name)})
-            base["folds_file"] = base["folds_file"] or os.path.join(out, "folds.json")
-            print(f"== variant {name}", flush=True)
-            table[name] = _cv(base, seeds or [base["seed"]])
-        _write_json(os.path.join(out, "ablation.json"), table)
+            bases[name] = _config(args, {"out": os.path.join(out, name)})
+        table = {}
+        with run_lock(out, "cv --variant all"):
+            for name, base in bases.items():
+                base["folds_file"] = base["folds_file"] or os.path.join(out, "folds.json")
+                print(f"== variant {name}", flush=True)
+                table[name] = _cv(base, seeds or [base["seed"]])
+            _write_json(os.path.join(out, "ablation.json"), table)
         keys = ("auc", "f1", "dice", "hd95")
         print(f"{'variant':<16}" + "".join(f"{k:>22}" for k in keys))
         for name, agg in table.items():
@@ -186,7 +287,8 @@ def cmd_cv(args) -> int:
         print(f"metrics: {os.path.join(out, 'ablation.json')}")
         return 0
     base = _config(args)
-    agg = _cv(base, seeds or [base["seed"]])
+    with run_lock(base["out"], "cv"):
+        agg = _cv(base, seeds or [base["seed"]])
     for k in ("auc", "f1", "dice", "iou", "hd95"):
         if k in agg:
             print(f"{k}: {_mean_std(agg, k)} (n={agg[k]['n']})")
@@ -198,18 +300,26 @@ def cmd_explain(args) -> int:
     from .checkpoint import load_trainable
     from .report import _pick, rollout_and_prompt_types, write_html
     from .train import build_data, resolve_device
+    from .validate import ConfigError, check_paths, run_lock
 
-    cfg = _config(args)
+    if args.num < 1:
+        raise ConfigError(f"--num must be an integer >= 1, got {args.num}")
+    model_dir, saved = _saved_model(args)
+    if saved["method"] != "avpt":
+        raise ConfigError(f"avpt explain needs an A-VPT model (rollout of its prompts), got "
+                          f"{saved['method']!r}")
+    _check_side_out(args, "explain")
+    cfg = _eval_config(args, saved)
+    check_paths(cfg)
     device = resolve_device(cfg["device"])
-    model = load_trainable(_model_dir(args.checkpoint)).to(device)
-    if model.name != "avpt":
-        raise SystemExit(f"avpt explain needs an A-VPT model (rollout of its prompts), got {model.name!r}")
-    _, test_set, _ = build_data(cfg, int(model.visual.image_size[0]), cfg["out"])
-    fig_dir = os.path.join(cfg["out"], "figures")
-    os.makedirs(fig_dir, exist_ok=True)
-    roll, types = rollout_and_prompt_types(model, test_set, _pick(test_set, args.num), device, fig_dir)
-    figs = {"rollout overlays (Eq. 18)": roll, "attention by prompt type (Figs. 7-8)": types}
-    path = write_html(os.path.join(cfg["out"], "explain.html"), "A-VPT explanations", [], figs)
+    with run_lock(cfg["out"], "explain"):
+        model = load_trainable(model_dir, **({"pretrained": cfg["pretrained"]} if cfg["pretrained"] else {})).to(device)
+        _, test_set, _ = build_data(cfg, int(model.visual.image_size[0]), cfg["out"])
+        fig_dir = os.path.join(cfg["out"], "figures")
+        os.makedirs(fig_dir, exist_ok=True)
+        roll, types = rollout_and_prompt_types(model, test_set, _pick(test_set, args.num), device, fig_dir)
+        figs = {"rollout overlays (Eq. 18)": roll, "attention by prompt type (Figs. 7-8)": types}
+        path = write_html(os.path.join(cfg["out"], "explain.html"), "A-VPT explanations", [], figs)
     print(f"figures: {roll}, {types}\nreport: {path}")
     return 0
 
@@ -220,7 +330,32 @@ def cmd_params(args) -> int:
     return params_main(args.rest)
 
 
+def compare_parser():
+    """``avpt compare``'s options (those of ``python -m avpt_kernels.compare``), checked here."""
+    from .validate import OneLineParser
+
+    ap = OneLineParser(prog="avpt compare", description="op-level backend comparison: every "
+                       "backend of every op against the fp64 reference (avpt_kernels.compare)")
+    ap.add_argument("--batch", type=int, default=2, help="batch size B >= 1 (default 2)")
+    ap.add_argument("--tokens", type=int, default=197, help="tokens T >= 2 (default 197)")
+    ap.add_argument("--dim", type=int, default=768, help="width D >= 1 (default 768)")
+    ap.add_argument("--prompts", type=int, default=6, help="prompt tokens K >= 1 (default 6)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    return ap
+
+
 def cmd_compare(args) -> int:
+    from .validate import ConfigError, check_device
+
+    ns = compare_parser().parse_args(args.rest)
+    for name, lo in (("batch", 1), ("tokens", 2), ("dim", 1), ("prompts", 1)):
+        if getattr(ns, name) < lo:
+            raise ConfigError(f"--{name} must be an integer >= {lo}, got {getattr(ns, name)}")
+    if ns.device is not None:
+        if ns.device not in ("cpu", "cuda"):
+            raise ConfigError(f"--device must be cpu or cuda, got {ns.device!r}")
+        check_device(ns.device)
     from avpt_kernels import compare
 
     return compare.main(args.rest)
@@ -230,26 +365,41 @@ def cmd_demo(args) -> int:
     """Phantom -> A-VPT (classification + segmentation) -> MG->US transfer -> report.html."""
     import torch
 
-    from .report import write_html
-    from .train import run
+    from .validate import ConfigError, check_out, run_lock
 
     t0 = time.time()
     gpu = torch.cuda.is_available() and args.device != "cpu"
     config = args.config or str(CONFIG_DIR / ("demo_gpu.yaml" if gpu else "demo_cpu.yaml"))
     if not os.path.isfile(config):
-        raise SystemExit(f"{config} not found (configs/ ships with the repository)")
+        raise ConfigError(f"{config} not found (configs/ ships with the repository)")
+    src, dst = args.transfer
+    if src == dst:
+        raise ConfigError(f"--transfer FROM TO must name two different modalities, got {src} {dst}")
+    if args.modality:
+        raise ConfigError("avpt demo takes no --modality (the demo config's); --transfer FROM TO "
+                          "sets the transfer's")
     args.config, args.variant = config, None
     out = args.out
+    check_out(out)
+    # both runs' configs are checked before the first one starts
     main_cfg = _config(args, {"out": os.path.join(out, "avpt")})
+    tr_cfg = _config(args, {"out": os.path.join(out, f"transfer_{src}_to_{dst}"), "modality": [src],
+                            "test_modality": [dst]})
+    tr_cfg["report"] = False
+    with run_lock(out, "demo"):
+        return _demo(args, main_cfg, tr_cfg, gpu, t0)
+
+
+def _demo(args, main_cfg, tr_cfg, gpu, t0) -> int:
+    from .report import write_html
+    from .train import run
+
+    out, (src, dst) = args.out, args.transfer
     print(f"[demo] A-VPT on the synthetic phantom ({', '.join(main_cfg['modality'] or ['MG', 'US', 'MRI'])}), "
           f"backbone {main_cfg['backbone']}, {main_cfg['epochs']} epochs, device "
           f"{'cuda' if gpu else 'cpu'}", flush=True)
     main_res = run(main_cfg)
     print(f"[demo] fold {main_cfg['fold']} test: {_summary(main_res)}", flush=True)
-    src, dst = args.transfer
-    tr_cfg = _config(args, {"out": os.path.join(out, f"transfer_{src}_to_{dst}"), "modality": [src],
-                            "test_modality": [dst]})
-    tr_cfg["report"] = False
     print(f"[demo] cross-modal transfer: train on {src}, test on {dst} (no fine-tuning)", flush=True)
     tr_res = run(tr_cfg)
     print(f"[demo] transfer {src}->{dst} test: {_summary(tr_res)}", flush=True)
@@ -269,25 +419,34 @@ def cmd_demo(args) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="avpt", description="Anatomy-guided Visual Prompt Tuning")
-    sub = parser.add_subparsers(dest="command", required=True)
+def build_parser() -> argparse.ArgumentParser:
+    from .validate import OneLineParser
 
-    p = sub.add_parser("demo", help="the main job: phantom training, evaluation, transfer, report")
+    parser = OneLineParser(prog="avpt", description="Anatomy-guided Visual Prompt Tuning")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="the main job: phantom training, evaluation, transfer, report",
+                       description="avpt demo: A-VPT on the synthetic phantom, one cross-modal "
+                                   "transfer, report.html")
     _add_run_args(p, "runs/demo")
-    p.add_argument("--transfer", nargs=2, default=("MG", "US"), metavar=("FROM", "TO"))
+    p.add_argument("--transfer", nargs=2, default=("MG", "US"), metavar=("FROM", "TO"),
+                   choices=("MG", "US", "MRI"), help="transfer modalities (default MG US)")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("train", help="train and evaluate one run")
+    p = sub.add_parser("train", help="train and evaluate one run",
+                       description="avpt train: train and evaluate one run")
     _add_run_args(p, "runs/train")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="evaluate a saved model")
+    p = sub.add_parser("eval", help="evaluate a saved model",
+                       description="avpt eval: evaluate a saved model; data settings default to "
+                                   "the training run's, the model is the saved one")
     _add_run_args(p, "runs/eval")
     p.add_argument("--checkpoint", required=True, help="a run folder or its model/ folder")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("transfer", help="train on one modality/data set, test on another")
+    p = sub.add_parser("transfer", help="train on one modality/data set, test on another",
+                       description="avpt transfer: train on one modality/data set, test on another")
     _add_run_args(p, "runs/transfer")
     p.add_argument("--train-modality", nargs="+", choices=("MG", "US", "MRI"))
     p.add_argument("--test-modality", nargs="+", choices=("MG", "US", "MRI"))
@@ -296,41 +455,61 @@ def main(argv=None) -> int:
     p.set_defaults(func=cmd_transfer)
 
     p = sub.add_parser("cv", help="k-fold cross-validation over seeds (mean +- std); "
-                            "--variant all runs an ablation table")
+                            "--variant all runs an ablation table",
+                       description="avpt cv: patient-level k-fold cross-validation over seeds")
     _add_run_args(p, "runs/cv")
     p.add_argument("--seeds", type=int, nargs="+")
     p.set_defaults(func=cmd_cv)
 
-    p = sub.add_parser("explain", help="rollout and prompt-type attention figures of a saved model")
+    p = sub.add_parser("explain", help="rollout and prompt-type attention figures of a saved model",
+                       description="avpt explain: rollout and prompt-type attention figures")
     _add_run_args(p, "runs/explain")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--num", type=int, default=4, help="number of images")
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("params", help="trainable-parameter table (python -m avpt.params)")
+    p = sub.add_parser("params", help="trainable-parameter table (avpt params --help)", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_params)
 
-    p = sub.add_parser("compare", help="op-level backend comparison (avpt_kernels.compare)")
+    p = sub.add_parser("compare", help="op-level backend comparison (avpt compare --help)",
+                       add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_compare)
+    return parser
 
+
+def _interrupted(args) -> str:
+    out = getattr(args, "out", None)
+    ckpt = os.path.join(out, "checkpoint.pt") if out else None
+    if args.command in ("train", "transfer") and ckpt and os.path.isfile(ckpt):
+        return (f"interrupted; {ckpt} keeps the last finished epoch: run the same command again "
+                f"to resume")
+    return "interrupted"
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("params", "compare"):  # their own parsers take every option
-        rest = argparse.Namespace(rest=argv[1:])
-        return cmd_params(rest) if argv[0] == "params" else cmd_compare(rest)
-    args = parser.parse_args(argv)
+        args = argparse.Namespace(command=argv[0], rest=argv[1:],
+                                  func=cmd_params if argv[0] == "params" else cmd_compare)
+    else:
+        args = parser.parse_args(argv)
     if hasattr(args, "verbose"):
         _logging(args.verbose)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
-        from .data import DataError
-
-        if isinstance(exc, (DataError, FileNotFoundError)) or os.environ.get("AVPT_TRACEBACK") is None:
-            print(f"avpt {args.command}: error: {exc}", file=sys.stderr)
-            return 2
-        raise
+    except KeyboardInterrupt:
+        print(f"avpt {args.command}: {_interrupted(args)}", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+            PermissionError) as exc:
+        if os.environ.get("AVPT_TRACEBACK"):
+            raise
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"avpt {args.command}: error: {msg}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -83,14 +83,30 @@ def report_methods(model_name: str = VIT_B16, methods: Optional[List[str]] = Non
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="avpt params", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=VIT_B16, help="open_clip model config (default ViT-B-16)")
-    parser.add_argument("--methods", nargs="*", default=None, help="methods (default: all)")
+    from .methods import method_names
+    from .train import BACKBONE_ALIASES
+    from .validate import ConfigError, OneLineParser, check_backbone
+
+    parser = OneLineParser(prog="avpt params", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", "--backbone", dest="model", default=VIT_B16,
+                        help="backbone: ViT-B-16 (default), tiny, or an open_clip config name "
+                             "(the names avpt train --backbone takes)")
+    parser.add_argument("--methods", nargs="*", default=None,
+                        help=f"methods (default: all of {', '.join(method_names())})")
     args = parser.parse_args(argv)
-    reports = report_methods(args.model, args.methods)
+    model = BACKBONE_ALIASES.get(args.model.lower(), args.model)
+    try:
+        check_backbone(model)
+    except ConfigError as exc:
+        raise ConfigError(f"--model: {exc}") from None
+    bad = [m for m in args.methods or [] if m not in method_names()]
+    if bad or args.methods == []:
+        raise ConfigError(f"--methods must name methods among {', '.join(method_names())}, "
+                          f"got {bad or 'none'}")
+    reports = report_methods(model, args.methods)
     print(format_reports(reports))
     avpt = [r for r in reports if r.method == "avpt"]
-    if avpt and args.model == VIT_B16 and avpt[0].percent_of_visual > BUDGET_PERCENT:
+    if avpt and model == VIT_B16 and avpt[0].percent_of_visual > BUDGET_PERCENT:
         print(f"A-VPT exceeds the {BUDGET_PERCENT}% budget")
         return 1
     return 0

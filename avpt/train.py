@@ -79,6 +79,8 @@ DEFAULTS: Dict[str, Any] = {
     "tensorboard": True,
     "report": True,              # figures + report.html at the end
     "resume": True,              # resume from OUT/checkpoint.pt when it exists
+    "rcl_positives": "cross_modal",  # Eq. 12 positives: cross_modal (queues of other modalities
+                                 # too) | within_modality (in-batch only; the ablation)
     "stop_after_epoch": None,    # testing aid: exit after this epoch's checkpoint (simulated kill)
     "out": "runs/avpt",
     "model": {},                 # method config overrides (e.g. schedule, num_prompts, rank, lambda_*)
@@ -113,60 +115,99 @@ def _number(value):
 
 
 def set_key(cfg: Dict, dotted: str, value) -> None:
+    from .validate import ConfigError
+
     keys = dotted.split(".")
+    if keys[0] not in DEFAULTS:
+        raise ConfigError(f"unknown config key {keys[0]!r}; known: {', '.join(sorted(DEFAULTS))} "
+                          f"(method settings go under model., loader settings under data.)")
+    if len(keys) > 1 and keys[0] not in ("model", "data"):
+        raise ConfigError(f"config key {dotted!r}: {keys[0]} is not a section (sections: model., data.)")
+    if len(keys) > 2 or any(not k for k in keys):
+        raise ConfigError(f"config key {dotted!r}: expected KEY, model.KEY or data.KEY")
     node = cfg
     for k in keys[:-1]:
         node = node.setdefault(k, {})
         if not isinstance(node, dict):
-            raise ValueError(f"--set {dotted}: {k} is not a section")
-    if len(keys) == 1 and keys[0] not in DEFAULTS:
-        raise ValueError(f"unknown config key {keys[0]!r}; known: {sorted(DEFAULTS)} "
-                         f"(method settings go under model., loader settings under data.)")
+            raise ConfigError(f"config key {dotted!r}: {k} is not a section")
     node[keys[-1]] = value
 
 
 def load_config(path: Optional[str] = None, variant: Optional[str] = None,
-                overrides: Optional[Dict] = None, sets: Optional[List[str]] = None) -> Dict:
-    """DEFAULTS < YAML file (its ``variants:`` entry ``variant`` on top) < overrides < --set."""
-    import yaml
+                overrides: Optional[Dict] = None, sets: Optional[List[str]] = None,
+                validate: bool = True) -> Dict:
+    """DEFAULTS < YAML file (its ``variants:`` entry ``variant`` on top) < overrides < --set,
+    then ``avpt.validate.validate_config`` (one-line ``ConfigError`` for any bad setting)."""
+    from .validate import ConfigError, validate_config
 
     cfg = copy.deepcopy(DEFAULTS)
     if path:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
+        data = read_yaml(path)
         variants = data.pop("variants", {}) or {}
         data.pop("description", None)
+        if not isinstance(variants, dict):
+            raise ConfigError(f"{path}: 'variants' must be a mapping of name -> settings")
         if variant is not None:
             if variant not in variants:
-                raise ValueError(f"{path}: no variant {variant!r}; has {sorted(variants)}")
+                raise ConfigError(f"{path}: no variant {variant!r}; has {sorted(variants)}")
             data = _merge(data, variants[variant])
         elif variants:
             log.info("%s has variants %s; using the base settings", path, sorted(variants))
         for k, v in _flatten(data).items():
-            set_key(cfg, k, _number(v) if isinstance(v, str) and k.startswith("model.") else v)
+            try:
+                set_key(cfg, k, _number(v) if isinstance(v, str) and k.startswith("model.") else v)
+            except ValueError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
     for k, v in (overrides or {}).items():
         if v is not None:
             set_key(cfg, k, v)
     for k in ("lr", "weight_decay", "grad_clip", "rotation"):  # YAML 1.1 reads 1e-4 as text
-        cfg[k] = float(_number(cfg[k]))
+        cfg[k] = _number(cfg[k])
     for item in sets or []:
         if "=" not in item:
-            raise ValueError(f"--set expects key=value, got {item!r}")
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
         set_key(cfg, k.strip(), parse_value(v))
-    cfg["backbone"] = BACKBONE_ALIASES.get(str(cfg["backbone"]).lower(), cfg["backbone"])
+    if isinstance(cfg["backbone"], str):
+        cfg["backbone"] = BACKBONE_ALIASES.get(cfg["backbone"].lower(), cfg["backbone"])
     if isinstance(cfg["modality"], str):
         cfg["modality"] = [cfg["modality"]]
     if isinstance(cfg["test_modality"], str):
         cfg["test_modality"] = [cfg["test_modality"]]
     if cfg["amp"] is False:  # YAML reads a bare off as false
         cfg["amp"] = "off"
-    if cfg["amp"] not in ("auto", "off", "bf16", "fp16"):
-        raise ValueError(f"amp must be auto|off|bf16|fp16, got {cfg['amp']!r}")
     if cfg["compile"] is False:  # YAML reads a bare off as false
         cfg["compile"] = "none"
-    check_compile_mode(cfg["compile"])
+    if validate:
+        validate_config(cfg)
     return cfg
+
+
+def read_yaml(path: str) -> Dict:
+    """A YAML config file as a dict; a missing file, a syntax error (with its line) or a file
+    that is not a mapping is a one-line ``ConfigError``."""
+    import yaml
+
+    from .validate import ConfigError
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path!r}: no such file (see configs/)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {path!r} cannot be read: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"--config {path!r}: YAML syntax error at{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path!r} must be a mapping of settings (key: value), got "
+                          f"a {type(data).__name__}")
+    return data
 
 
 COMPILE_MODES = ("none", "default", "reduce-overhead")
@@ -175,7 +216,9 @@ COMPILE_MODES = ("none", "default", "reduce-overhead")
 def check_compile_mode(mode) -> str:
     """The ``compile`` setting, or a one-line ValueError naming the option."""
     if mode not in COMPILE_MODES:
-        raise ValueError(f"compile must be none|default|reduce-overhead, got {mode!r}")
+        from .validate import ConfigError
+
+        raise ConfigError(f"compile must be none|default|reduce-overhead, got {mode!r}")
     return mode
 
 
@@ -335,18 +378,27 @@ def build_model(cfg: Dict):
     if unknown:
         raise ValueError(f"method {cfg['method']!r} has no setting {sorted(unknown)}; its settings: "
                          f"{sorted(fields)}")
-    return build_method(cfg["method"], **overrides)
+    try:
+        return build_method(cfg["method"], **overrides)
+    except RuntimeError as exc:
+        if cfg["pretrained"] is None or "state_dict" not in str(exc):
+            raise
+        from .validate import ConfigError
+
+        first = str(exc).strip().splitlines()[0][:200]
+        raise ConfigError(f"--pretrained {cfg['pretrained']!r} does not fit backbone "
+                          f"{cfg['backbone']!r}: {first}") from None
 
 
 class LossFn(nn.Module):
     """Eq. 17 for A-VPT (``avpt.losses.AVPTLoss``), CLS + SEG for the baselines."""
 
-    def __init__(self, model):
+    def __init__(self, model, rcl_positives: str = "cross_modal"):
         super().__init__()
         from .losses import AVPTLoss
 
         self.avpt = getattr(model, "name", "") == "avpt"
-        self.inner = AVPTLoss(model) if self.avpt else None
+        self.inner = AVPTLoss(model, rcl_positives=rcl_positives) if self.avpt else None
         self.model_ref = [model]
 
     def forward(self, out, labels, masks, modality, update_state: bool):
@@ -568,32 +620,111 @@ def score(pred: Dict[str, np.ndarray]) -> Dict[str, float]:
 # Checkpoints
 # ----------------------------------------------------------------------------------------------
 def _atomic_save(obj, path: str) -> None:
+    """Write to a temporary file, fsync, rename: the file at ``path`` is always a whole
+    checkpoint (also when the process is killed or interrupted while saving)."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+# Settings that do not change a run's results: a resume may change them. Everything else,
+# ``epochs`` included (it sets the cosine schedule), must match the checkpoint.
+RUN_CONTROL = ("resume", "stop_after_epoch", "progress", "tensorboard", "report", "out",
+               "eval_every", "threads", "device")
+# Settings of older checkpoints that predate a key: the behaviour they were trained with.
+_OLD_DEFAULTS = {"compile": "none", "compile_backend": "inductor", "rcl_positives": "within_modality"}
 
 
 def _comparable(cfg: Dict) -> Dict:
     """The config fields that must match for a resume (not the run-control ones)."""
-    skip = {"epochs", "resume", "stop_after_epoch", "progress", "tensorboard", "report", "out",
-            "eval_every", "threads", "device"}
-    return {k: v for k, v in cfg.items() if k not in skip}
+    return {k: v for k, v in cfg.items() if k not in RUN_CONTROL}
 
 
 def _rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(),
+    """RNG states as tensors and plain values (loadable with ``weights_only=True``)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": random.getstate(),
+            "numpy": (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                      float(cached)),
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def _set_rng_state(state) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss,
+                         cached))
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+CHECKPOINT_KEYS = ("epoch", "config", "trainable", "loss_state", "optimizer", "scheduler", "scaler",
+                   "rng", "history")
+
+
+def read_checkpoint(path: str, device) -> Dict:
+    """OUT/checkpoint.pt, loaded with ``weights_only=True`` (tensors and plain values only); an
+    unreadable or foreign file is a one-line ``ConfigError`` that says how to start fresh."""
+    from .validate import ConfigError
+
+    fresh = (f"move it away (to keep it) or pass --set resume=false to start this run over, or "
+             f"use another --out")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated, garbage, or pickled code
+        first = (str(exc).strip().splitlines() or [""])[0][:120]
+        raise ConfigError(f"{path} is not a readable avpt checkpoint (truncated or corrupt: "
+                          f"{type(exc).__name__}: {first}); {fresh}") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
+        raise ConfigError(f"{path} is not an avpt training checkpoint (missing "
+                          f"{[k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]}); {fresh}")
+    return ckpt
+
+
+def check_resume(ckpt: Dict, cfg: Dict, path: str, backbone: Dict) -> None:
+    """The checkpoint is of this run: same results-changing settings (``epochs`` included) and
+    the same backbone weights; else a one-line ``ConfigError``."""
+    from .validate import ConfigError
+
+    saved = {**_OLD_DEFAULTS, **ckpt["config"]}
+    hint = "use another --out, or --set resume=false to start this run over (its files are replaced)"
+    if saved.get("epochs") != cfg["epochs"]:
+        state = "finished" if ckpt["epoch"] >= saved.get("epochs", 0) else f"at epoch {ckpt['epoch']}"
+        raise ConfigError(f"{path} is a run of {saved.get('epochs')} epochs ({state}); --epochs "
+                          f"{cfg['epochs']} would change its learning-rate schedule and results: "
+                          f"give --epochs {saved.get('epochs')} to resume or re-evaluate it, or {hint}")
+    if _comparable(saved) != _comparable(cfg):
+        diff = sorted(k for k in set(_comparable(cfg)) | set(_comparable(saved))
+                      if saved.get(k) != cfg.get(k))
+        raise ConfigError(f"{path} was written with another config (differs in {diff}); {hint}")
+    old = ckpt.get("backbone") or {}
+    if old.get("sha256") and old.get("sha256") != backbone.get("sha256"):
+        raise ConfigError(f"{path} was trained on backbone weights with sha256 {old['sha256'][:12]}..., "
+                          f"--pretrained now has {str(backbone.get('sha256'))[:12]}...; {hint}")
+
+
+def backbone_record(cfg: Dict) -> Dict:
+    """What rebuilds the frozen backbone exactly: the open_clip config, the weights file and
+    its sha256, or (random weights) the seed the backbone was drawn from."""
+    from .validate import file_sha256
+
+    rec = {"model_name": cfg["backbone"], "pretrained": None, "sha256": None, "init_seed": None}
+    if cfg["pretrained"] is not None:
+        rec.update(pretrained=os.path.abspath(cfg["pretrained"]),
+                   sha256=file_sha256(cfg["pretrained"]))
+    else:
+        rec["init_seed"] = int(cfg["seed"])
+    return rec
 
 
 def load_trainable_state(model, state: Dict[str, torch.Tensor]) -> None:
@@ -614,16 +745,27 @@ def run(cfg: Dict) -> Dict:
     """Train and evaluate per ``cfg`` (see DEFAULTS); returns the metrics dict (also written to
     OUT/metrics.json by rank 0). Process-wide torch settings (threads, deterministic mode) are
     restored afterwards, so a run inside a larger program leaves it as it was."""
+    from .validate import check_paths, run_lock, validate_config
+
+    validate_config(cfg)
+    check_paths(cfg)
+    backbone = backbone_record(cfg)
+    ckpt_path = os.path.join(cfg["out"], "checkpoint.pt")
+    if cfg["resume"] and os.path.isfile(ckpt_path):  # before the lock: nothing written on refusal
+        check_resume(read_checkpoint(ckpt_path, "cpu"), cfg, ckpt_path, backbone)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     try:
-        return _run(cfg)
+        if int(os.environ.get("RANK", 0)) == 0:  # one run per --out (rank 0 holds it for all)
+            with run_lock(cfg["out"], "train"):
+                return _run(cfg, backbone)
+        return _run(cfg, backbone)
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
 
 
-def _run(cfg: Dict) -> Dict:
+def _run(cfg: Dict, backbone: Dict) -> Dict:
     from tqdm import tqdm
 
     t_start = time.time()
@@ -633,13 +775,26 @@ def _run(cfg: Dict) -> Dict:
         torch.set_num_threads(int(cfg["threads"]))
     device = resolve_device(cfg["device"])
     dist = Dist(device)
-    seed_everything(cfg["seed"], cfg["deterministic"])
     dtype = amp_dtype(cfg["amp"], device)
     compile_mode = check_compile_mode(cfg["compile"])
     if compile_mode != "none" and (dtype == torch.float16 or dist.active):
         raise ValueError(f"compile={compile_mode} needs amp off or bf16 (no fp16 GradScaler) and one "
                          f"process (no DistributedDataParallel); use compile=none")
 
+    ckpt_path = os.path.join(out, "checkpoint.pt")
+    ckpt = None
+    if cfg["resume"] and os.path.isfile(ckpt_path):  # checked before anything is built or loaded
+        ckpt = read_checkpoint(ckpt_path, device)
+        check_resume(ckpt, cfg, ckpt_path, backbone)
+    elif dist.main:  # a fresh run: no rows or logs of an earlier run in this folder
+        for stale in ("log.csv", "metrics.json"):
+            if os.path.isfile(os.path.join(out, stale)):
+                os.remove(os.path.join(out, stale))
+        if os.path.isdir(os.path.join(out, "tensorboard")):
+            import shutil
+            shutil.rmtree(os.path.join(out, "tensorboard"))
+    dist.barrier()
+    seed_everything(cfg["seed"], cfg["deterministic"])  # the backbone is drawn from this seed
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
         model = build_model(cfg).to(device)
@@ -648,7 +803,7 @@ def _run(cfg: Dict) -> Dict:
                     "the pipeline runs", cfg["backbone"])
     image_size = int(model.visual.image_size[0])
     train_set, test_set, info = build_data(cfg, image_size, out, dist.main)
-    loss_fn = LossFn(model).to(device)
+    loss_fn = LossFn(model, cfg["rcl_positives"]).to(device)
     step_module: nn.Module = TrainStep(model, loss_fn, dtype)
     if dist.active:
         step_module = nn.parallel.DistributedDataParallel(
@@ -659,8 +814,9 @@ def _run(cfg: Dict) -> Dict:
     loader, sampler = _loader(train_set, batch_sizes, True, cfg["seed"], dist.rank, dist.world)
     steps_per_epoch = len(sampler)
     if steps_per_epoch == 0:
-        raise ValueError(f"no training batch: {len(train_set)} training samples for "
-                         f"{dist.world} processes")
+        from .data import DataError
+        raise DataError(f"no training batch: {len(train_set)} training samples for "
+                        f"{dist.world} processes")
     epochs = int(cfg["epochs"])
     warmup_epochs = min(int(cfg["warmup_epochs"]), max(0, epochs - 1))  # keep some cosine decay
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -669,23 +825,17 @@ def _run(cfg: Dict) -> Dict:
         optimizer, lr_lambda(warmup_epochs * steps_per_epoch, epochs * steps_per_epoch))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
-    ckpt_path = os.path.join(out, "checkpoint.pt")
     history: List[Dict] = []
     start_epoch = 0
-    if cfg["resume"] and os.path.isfile(ckpt_path):
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        saved = {"compile": "none", "compile_backend": "inductor", **ckpt["config"]}  # older runs
-        if _comparable(saved) != _comparable(cfg):
-            diff = sorted(k for k in _comparable(cfg) if saved.get(k) != cfg.get(k))
-            raise ValueError(f"{ckpt_path} was written with another config (differs in {diff}); "
-                             f"use another --out or --set resume=false")
+    if ckpt is not None:
         load_trainable_state(model, ckpt["trainable"])
         loss_fn.load_state_dict(ckpt["loss_state"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         _set_rng_state(ckpt["rng"])
-        history, start_epoch = ckpt["history"], ckpt["epoch"]
+        history, start_epoch = list(ckpt["history"]), int(ckpt["epoch"])
+        ckpt = None
         if dist.main:
             log.info("resumed from %s after epoch %d", ckpt_path, start_epoch)
 
@@ -756,7 +906,7 @@ def _run(cfg: Dict) -> Dict:
                 writer.flush()
             log.info("epoch %d/%d %s", epoch + 1, epochs,
                      " ".join(f"{k}={v:.4g}" for k, v in row.items() if isinstance(v, float)))
-            _atomic_save({"epoch": epoch + 1, "config": cfg,
+            _atomic_save({"epoch": epoch + 1, "config": cfg, "backbone": backbone,
                           "trainable": {k: v.cpu() for k, v in model.trainable_state_dict().items()},
                           "loss_state": loss_fn.state_dict(), "optimizer": optimizer.state_dict(),
                           "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
@@ -778,11 +928,13 @@ def _run(cfg: Dict) -> Dict:
 
         pred = predict(model, test_set, cfg, device, dtype)
         test_metrics = score(pred)
-        save_trainable(model, os.path.join(out, "model"))
+        save_trainable(model, os.path.join(out, "model"), backbone=backbone, run_config=cfg)
         rep = parameter_report(model)
         result = {
             "test": test_metrics,
+            "undefined": undefined_metrics(pred, test_metrics),
             "config": cfg,
+            "backbone": backbone,
             "data": dict(info, train_samples=len(train_set), test_samples=len(test_set)),
             "params": {"trainable": rep.trainable, "visual": rep.visual,
                        "percent_of_visual": rep.percent_of_visual},
@@ -802,22 +954,62 @@ def _run(cfg: Dict) -> Dict:
     return result
 
 
-def evaluate_checkpoint(model_dir: str, cfg: Dict) -> Dict:
-    """Evaluate a saved model (``OUT/model`` of a run) on the test split given by ``cfg``."""
-    from .checkpoint import load_trainable
+def undefined_metrics(pred: Dict[str, np.ndarray], metrics: Dict) -> Dict[str, str]:
+    """Why each undefined (NaN -> null) test metric is undefined; each reason is also warned."""
+    reasons: Dict[str, str] = {}
+    labels = np.asarray(pred["labels"])
+    classes = sorted({int(v) for v in labels})
+    if len(classes) < 2:
+        names = {0: "benign", 1: "malignant"}
+        reasons["auc"] = (f"the test set has one class only ({', '.join(names.get(c, str(c)) for c in classes) or 'no images'}, "
+                          f"{len(labels)} images): ROC AUC needs both classes")
+    if pred["preds"] is None:
+        for k in ("dice", "iou", "hd95"):
+            reasons[k] = "the method has no segmentation head"
+    elif not np.asarray(pred["gts"]).any():
+        for k in ("dice", "iou", "hd95"):
+            if not (isinstance(metrics.get(k), float) and math.isfinite(metrics[k])):
+                reasons[k] = "no test image has a lesion mask"
+    for k, why in reasons.items():
+        value = metrics.get(k)
+        if value is None or (isinstance(value, float) and not math.isfinite(value)):
+            log.warning("test %s is undefined: %s", k, why)
+    return {k: v for k, v in reasons.items()
+            if metrics.get(k) is None or (isinstance(metrics.get(k), float) and not math.isfinite(metrics[k]))}
 
+
+def evaluate_checkpoint(model_dir: str, cfg: Dict) -> Dict:
+    """Evaluate a saved model (``OUT/model`` of a run) on the test split given by ``cfg``.
+
+    The frozen backbone is rebuilt exactly as in training (``avpt.checkpoint.load_trainable``:
+    the recorded weights file, checked by sha256, or the recorded random-init seed, checked by
+    the frozen weights' fingerprint). ``cfg``'s method, backbone and model settings are set to
+    the saved model's, so that metrics.json records what was evaluated."""
+    from .checkpoint import load_trainable, read_saved
+    from .validate import check_paths, run_lock, validate_config
+
+    saved = read_saved(model_dir)
+    cfg = dict(cfg, method=saved["method"], backbone=saved["config"]["model_name"])
+    validate_config(cfg)
+    check_paths(cfg)
     device = resolve_device(cfg["device"])
-    seed_everything(cfg["seed"], False)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
-        model = load_trainable(model_dir, **({"pretrained": cfg["pretrained"]} if cfg["pretrained"] else {}))
-    model.to(device)
-    _, test_set, info = build_data(cfg, int(model.visual.image_size[0]), cfg["out"])
-    pred = predict(model, test_set, cfg, device, amp_dtype(cfg["amp"], device))
-    result = {"test": score(pred), "config": cfg, "model": model_dir,
-              "data": dict(info, test_samples=len(test_set))}
-    os.makedirs(cfg["out"], exist_ok=True)
-    _write_json(os.path.join(cfg["out"], "metrics.json"), result)
+    with run_lock(cfg["out"], "eval"):
+        seed_everything(cfg["seed"], False)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+            model = load_trainable(model_dir, **({"pretrained": cfg["pretrained"]} if cfg["pretrained"] else {}))
+        model.to(device)
+        _, test_set, info = build_data(cfg, int(model.visual.image_size[0]), cfg["out"])
+        pred = predict(model, test_set, cfg, device, amp_dtype(cfg["amp"], device))
+        metrics = score(pred)
+        cfg["pretrained"] = model.config.pretrained
+        cfg["model"] = {k: v for k, v in model.config.to_dict().items()
+                        if k not in ("model_name", "pretrained")}
+        result = {"test": metrics, "undefined": undefined_metrics(pred, metrics), "config": cfg,
+                  "model": os.path.abspath(model_dir), "method": saved["method"],
+                  "backbone": saved.get("backbone"),
+                  "data": dict(info, test_samples=len(test_set))}
+        _write_json(os.path.join(cfg["out"], "metrics.json"), result)
     return result
 
 

@@ -75,13 +75,17 @@ def _overrides(args) -> Dict:
 
 
 def _config(args, extra: Optional[Dict] = None, base: Optional[Dict] = None) -> Dict:
-    """DEFAULTS < --config (+ --variant) < ``base`` < flags < ``extra`` < --set, validated."""
+    """DEFAULTS < --config (+ --variant) < ``base`` < flags < ``extra`` < --set, validated.
+    ``base`` may hold None values (e.g. a training run's ``fold: null``)."""
     from .train import load_config
 
-    overrides = dict(base or {})
-    overrides.update({k: v for k, v in _overrides(args).items() if v is not None})
-    overrides.update(extra or {})
-    return load_config(args.config, args.variant, overrides, args.sets)
+    flags = {k: v for k, v in _overrides(args).items() if v is not None}
+    flags.update(extra or {})
+    base = {k: v for k, v in (base or {}).items() if k not in flags}
+    overrides = {k: v for k, v in base.items() if v is not None}
+    overrides.update(flags)
+    nulls = [f"{k}=null" for k, v in base.items() if v is None]
+    return load_config(args.config, args.variant, overrides, nulls + list(args.sets))
 
 
 def _set_keys(args) -> set:

@@ -682,7 +682,11 @@ def read_checkpoint(path: str, device) -> Dict:
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated, garbage, or pickled code
+        import pickle
+
         first = (str(exc).strip().splitlines() or [""])[0][:120]
+        if isinstance(exc, pickle.UnpicklingError):  # torch's text would advise an unsafe load
+            first = "not a tensors-only file"
         raise ConfigError(f"{path} is not a readable avpt checkpoint (truncated or corrupt: "
                           f"{type(exc).__name__}: {first}); {fresh}") from None
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):

@@ -278,6 +278,8 @@ def check_pretrained(path: Optional[str]) -> None:
                           f"({', '.join(_WEIGHT_SUFFIXES)}); nothing is downloaded")
     if not path.endswith(_WEIGHT_SUFFIXES):
         raise ConfigError(f"--pretrained {path!r}: expected a file ending in {', '.join(_WEIGHT_SUFFIXES)}")
+    import warnings
+
     try:
         if path.endswith(".safetensors"):
             from safetensors import safe_open
@@ -288,16 +290,24 @@ def check_pretrained(path: Optional[str]) -> None:
         else:
             import torch
 
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as exc:
-                if "mmap" not in str(exc):
-                    raise
-                obj = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": we say it
+                warnings.simplefilter("ignore")
+                try:
+                    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as exc:
+                    if "mmap" not in str(exc):
+                        raise
+                    obj = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(obj, dict):
                 raise ValueError(f"holds a {type(obj).__name__}, not a state dict")
     except Exception as exc:  # noqa: BLE001 - any failure means: not a usable weights file
-        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        import pickle
+
+        if isinstance(exc, pickle.UnpicklingError):  # torch's text would advise the unsafe load
+            first = ("not a tensors-only file (garbage, or pickled objects that a safe load "
+                     "refuses)")
+        else:
+            first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
         raise ConfigError(f"--pretrained {path!r} is not a readable open_clip checkpoint "
                           f"(safetensors, or a torch state dict that loads with weights_only=True): "
                           f"{type(exc).__name__}: {first}") from None

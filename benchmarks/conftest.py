@@ -1,6 +1,7 @@
 """``pytest benchmarks/``: without a CUDA device, Triton kernels run through the interpreter on
 small CPU shapes (a smoke run: every row is produced, no time is asserted). One JSON file per run
-is written to benchmarks/results/ at the end of the session."""
+is written at the end of the session to benchmarks/results/ or to ``$AVPT_BENCH_RESULTS`` (a
+second run on the same day gets a new file name; see ``benchmarks/harness.py``)."""
 import os
 import shutil
 import subprocess

@@ -1,6 +1,12 @@
 """Benchmark harness shared by ``pytest benchmarks/``: environment capture (torch, triton, GPU
 through NVML), timing through pytest-benchmark with CUDA synchronisation, peak memory, and one
-JSON file per run under ``benchmarks/results/`` named by device and date.
+JSON file per run named by device and date, ``<device>_<YYYY-MM-DD>.json``; a later run on the
+same day never overwrites it but gets ``<device>_<YYYY-MM-DD>_<HHMMSS>.json`` (``_2``, ``_3``
+... on a clash within the second).
+
+Where: ``benchmarks/results/``, or the folder named by the environment variable
+``AVPT_BENCH_RESULTS`` (``make test`` points it at a temporary folder so that its smoke run
+leaves the tree clean; ``TABLE10.md`` is written beside the JSON).
 
 No benchmark asserts a time: rows are facts about one run on one machine; ratios are computed
 between rows of the same run.
@@ -107,13 +113,24 @@ class Results:
         return row
 
     def write(self, directory: str = RESULTS_DIR) -> str:
+        """Write the run's JSON under ``directory`` to a file name no earlier run holds
+        (created exclusively: two runs finishing at once cannot overwrite each other)."""
         os.makedirs(directory, exist_ok=True)
-        stamp = self.started.strftime("%Y-%m-%d")
-        path = os.path.join(directory, f"{device_slug(self.env)}_{stamp}.json")
-        with open(path, "w") as fh:
-            json.dump({"started": self.started.isoformat(), "environment": self.env,
-                       "ratios": ratios(self.rows), "rows": self.rows}, fh, indent=1, default=str)
-        return path
+        day, clock = self.started.strftime("%Y-%m-%d"), self.started.strftime("%H%M%S")
+        names = [f"{device_slug(self.env)}_{day}.json", f"{device_slug(self.env)}_{day}_{clock}.json"]
+        names += [f"{device_slug(self.env)}_{day}_{clock}_{n}.json" for n in range(2, 1000)]
+        for name in names:
+            path = os.path.join(directory, name)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump({"started": self.started.isoformat(), "environment": self.env,
+                           "ratios": ratios(self.rows), "rows": self.rows}, fh, indent=1,
+                          default=str)
+            return path
+        raise FileExistsError(f"{directory}: no free results file name for {names[1]}")
 
 
 def ratios(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:

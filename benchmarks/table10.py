@@ -63,6 +63,28 @@ def targets(rows: Dict[str, dict]) -> List[str]:
     return out
 
 
+def cpu_note(name: str, row: dict, env: dict) -> str:
+    """What a CPU smoke-run row means (the table's last column): the shares are of the tiny
+    backbone's visual tower, the fused times are the Triton interpreter's."""
+    notes = []
+    tiny = "tiny" in str(row.get("model", ""))
+    pct = row.get("trainable_percent")
+    if tiny and pct is not None and name == "full":
+        notes.append(f"{pct:.1f}% > 100%: the heads and decoder train too, counted against the "
+                     "tiny visual tower")
+    elif tiny and pct is not None and name != "backbone":
+        ref = " (A-VPT there: 1.81%)" if name.startswith("avpt") else ""
+        notes.append(f"{pct:.1f}% of the tiny visual tower (width 64, 4 layers): heads, prompts "
+                     f"and PIMs do not shrink with it; ViT-B/16 shares: `avpt params`{ref}")
+    timed = row.get("infer_ms") is not None or row.get("train_step_ms") is not None
+    if name == "avpt-fused" and env.get("triton_interpret"):
+        notes.append("fused kernels in the Triton interpreter (numpy, one program at a time): "
+                     "far slower than the eager row, says nothing about GPU speed")
+    elif timed:
+        notes.append("CPU time of the tiny model, not a GPU latency")
+    return "; ".join(notes) or "-"
+
+
 def render(data: dict) -> str:
     env = data["environment"]
     rows = {r["method"]: r for r in data["rows"] if r.get("kind") == "model"}
@@ -81,16 +103,19 @@ def render(data: dict) -> str:
         lines += ["", "**CPU smoke run**: tiny backbone, small batch, fused kernels through the "
                   "Triton interpreter. Times and ratios below say nothing about GPU speed; "
                   "only the parameter shares carry over (for the tiny backbone)."]
+    note_col = not on_gpu
     lines += ["", "| method | trainable % (paper) | latency ms/image (paper) | ms/batch | x backbone "
-              "| train step ms | infer peak GB (paper) | train peak GB | launches/forward |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| train step ms | infer peak GB (paper) | train peak GB | launches/forward |"
+              + (" read this row as |" if note_col else ""),
+              "|---|---|---|---|---|---|---|---|---|" + ("---|" if note_col else "")]
     for name in ORDER:
         r = rows.get(name)
         paper = PAPER.get(name)
         if r is None:
             continue
+        note = f" {cpu_note(name, r, env)} |" if note_col else ""
         if r.get("status", "ok") != "ok":
-            lines.append(f"| {name} | {r['status']} |  |  |  |  |  |  |  |")
+            lines.append(f"| {name} | {r['status']} |  |  |  |  |  |  |  |" + note)
             continue
         p_pct, p_ms, p_mem = (f" ({paper[1]})", f" ({paper[2]})", f" ({paper[3]})") if paper else ("", "", "")
         x = r["infer_ms"] / backbone_ms if r.get("infer_ms") and backbone_ms else None
@@ -100,7 +125,7 @@ def render(data: dict) -> str:
             f"{_fmt(x, '.3f')} | {_fmt(r.get('train_step_ms'), '.2f')} | "
             f"{_fmt(_gb(r.get('infer_peak_mem_bytes')), '.2f')}{p_mem} | "
             f"{_fmt(_gb(r.get('train_peak_mem_bytes')), '.2f')} | "
-            f"{r.get('launches_per_forward', '-')} |")
+            f"{r.get('launches_per_forward', '-')} |" + note)
     kind = model.get("launch_kind", "")
     lines += ["", f"Launches counted as {kind}. Latency is inference of one batch divided by the "
               "batch size; train step = forward + CLS/SEG loss + backward + AdamW step.", "",
@@ -112,6 +137,9 @@ def render(data: dict) -> str:
                      "within 1.05x of VPT-deep and >= 1.5x faster than eager, inference peak "
                      "< 2 GB, trainable share <= 2.0% on ViT-B/16) are judged on a GPU run only.")
     lines += launch_section(data)
+    lines += ["", "Results JSON: `benchmarks/results/<device>_<date>[_<HHMMSS>].json` (a later run "
+              "on the same day gets its own file), or under `$AVPT_BENCH_RESULTS` when set; "
+              "`python -m benchmarks.table10 FILE.json` rewrites this table from one of them."]
     return "\n".join(lines) + "\n"
 
 

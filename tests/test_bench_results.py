@@ -1,0 +1,56 @@
+"""Benchmark results files (issue 13): a second run on the same day gets its own JSON, never
+the first's; AVPT_BENCH_RESULTS picks the folder; TABLE10.md explains a CPU run's rows."""
+import json
+import os
+import subprocess
+import sys
+
+from benchmarks import table10
+from benchmarks.harness import Results
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_second_run_same_day_does_not_overwrite_the_first(tmp_path):
+    first, second, third = Results(), Results(), Results()
+    second.started = third.started = first.started  # the same second, even
+    first.add(kind="op", op="a", value=1)
+    second.add(kind="op", op="b", value=2)
+    third.add(kind="op", op="c", value=3)
+    paths = [r.write(str(tmp_path)) for r in (first, second, third)]
+    assert len(set(paths)) == 3 and all(os.path.isfile(p) for p in paths)
+    assert os.path.basename(paths[0]).endswith(first.started.strftime("%Y-%m-%d") + ".json")
+    ops = [json.load(open(p))["rows"][0]["op"] for p in paths]
+    assert ops == ["a", "b", "c"]
+
+
+def test_results_folder_from_the_environment(tmp_path):
+    code = "from benchmarks.harness import RESULTS_DIR; print(RESULTS_DIR)"
+    env = dict(os.environ, AVPT_BENCH_RESULTS=str(tmp_path))
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == str(tmp_path)
+
+
+def _cpu_run():
+    env = {"device": "cpu (x86_64)", "torch": "2.14.1", "triton": "3.8.0", "triton_interpret": True}
+    common = dict(kind="model", model="avpt-tiny", batch=2, autocast="off", launch_kind="aten")
+    rows = [dict(common, method="backbone", trainable_percent=0.0, infer_ms=10.0,
+                 infer_ms_per_image=5.0, train_step_ms=None),
+            dict(common, method="vpt", trainable_percent=9.5, infer_ms=12.0,
+                 infer_ms_per_image=6.0, train_step_ms=30.0),
+            dict(common, method="avpt-eager", trainable_percent=180.0, infer_ms=40.0,
+                 infer_ms_per_image=20.0, train_step_ms=90.0),
+            dict(common, method="avpt-fused", trainable_percent=180.0, infer_ms=4000.0,
+                 infer_ms_per_image=2000.0, train_step_ms=9000.0)]
+    return {"started": "2026-11-23T10:00:00+00:00", "environment": env, "rows": rows}
+
+
+def test_table10_explains_cpu_rows_in_the_table():
+    text = table10.render(_cpu_run())
+    table = text.split("| method |", 1)[1].split("\n\n", 1)[0]
+    fused = next(line for line in table.splitlines() if line.startswith("| avpt-fused"))
+    assert "interpreter" in fused                    # the fused row says why it is slow
+    eager = next(line for line in table.splitlines() if line.startswith("| avpt-eager"))
+    assert "tiny" in eager                           # the share is of the tiny visual tower
+    assert "AVPT_BENCH_RESULTS" in text

@@ -82,13 +82,14 @@ def read_saved(directory: Union[str, os.PathLike]) -> Dict:
 
 
 def load_trainable(directory: Union[str, os.PathLike], pretrained=_KEEP,
-                   map_location: str = "cpu") -> Method:
+                   map_location: str = "cpu", backend=_KEEP) -> Method:
     """Rebuild the saved method on a fresh backbone and load its trainable tensors.
 
     ``pretrained``: backbone weights for the fresh backbone (default: the saved path; None for
     random weights). A model saved with a backbone record gets the same backbone as in
     training: random weights are drawn from the recorded seed, a weights file must have the
-    recorded sha256, and the rebuilt frozen weights must have the recorded fingerprint."""
+    recorded sha256, and the rebuilt frozen weights must have the recorded fingerprint.
+    ``backend``: the op backend of an A-VPT model (how it runs, not what it computes)."""
     from .validate import ConfigError, file_sha256
 
     path = Path(directory)
@@ -115,6 +116,8 @@ def load_trainable(directory: Union[str, os.PathLike], pretrained=_KEEP,
         if file_sha256(config.pretrained) != record["sha256"]:
             raise ConfigError(f"the backbone weights {config.pretrained!r} changed since training "
                               f"(sha256 differs from {record['sha256'][:12]}...)")
+    if backend is not _KEEP and hasattr(config, "backend"):
+        config.backend = backend
     with torch.random.fork_rng(devices=[]):
         if config.pretrained is None and record.get("init_seed") is not None:
             torch.manual_seed(int(record["init_seed"]))  # the draw of the training run

@@ -36,7 +36,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 _MISSING = object()
 EVAL_FROM_RUN = ("dataset", "data_root", "modality", "test_dataset", "test_data_root",
-                 "test_modality", "seed", "folds", "fold", "clahe", "data", "skip_bad")
+                 "test_modality", "seed", "folds", "fold", "folds_file", "clahe", "data",
+                 "skip_bad")
 
 
 def _add_run_args(p: argparse.ArgumentParser, out_default: Optional[str] = None) -> None:
@@ -148,7 +149,8 @@ def _model_dir(path: str) -> str:
 def _saved_model(args):
     """(model dir, saved avpt_config.json) of --checkpoint, with flags that contradict the
     saved model refused: --method, --backbone, --set model.KEY=VALUE (model.* is the saved
-    model's; --pretrained is checked by sha256 when the model is loaded)."""
+    model's, except model.backend, the op backend that runs it; --pretrained is checked by
+    sha256 when the model is loaded)."""
     from .checkpoint import read_saved
     from .train import BACKBONE_ALIASES
     from .validate import ConfigError
@@ -171,7 +173,7 @@ def _saved_model(args):
     for item in args.sets:
         k, _, v = item.partition("=")
         k = k.strip()
-        if k.startswith("model."):
+        if k.startswith("model.") and k != "model.backend":  # the op backend: how, not what
             field = k[len("model."):]
             have, want = saved["config"].get(field, _MISSING), parse_value(v)
             if isinstance(want, tuple):
@@ -181,6 +183,14 @@ def _saved_model(args):
                                   f"are the saved ones ({where}: {field} = "
                                   f"{saved['config'].get(field, 'not a setting')!r}); drop it")
     return model_dir, saved
+
+
+def _load_kwargs(cfg: Dict) -> Dict:
+    """load_trainable's overrides from an eval/explain config: --pretrained, model.backend."""
+    kw = {"pretrained": cfg["pretrained"]} if cfg["pretrained"] else {}
+    if "backend" in cfg["model"]:
+        kw["backend"] = cfg["model"]["backend"]
+    return kw
 
 
 def _check_side_out(args, what: str) -> None:
@@ -207,14 +217,14 @@ def _eval_config(args, saved: Dict) -> Dict:
         for k in EVAL_FROM_RUN:
             if k not in run_cfg or k in set_keys or (not same_data and k != "seed"):
                 continue
-            if k == "data" and any(s.startswith("data.") for s in set_keys):
-                continue
-            base[k] = run_cfg[k]
+            base[k] = run_cfg[k]  # (--set data.KEY=VALUE then changes one loader setting)
     extra = {"method": saved["method"], "backbone": saved["config"]["model_name"]}
     cfg = _config(args, extra, base)
-    run_folds = os.path.join(args.checkpoint, "folds.json")
-    if cfg["folds_file"] is None and os.path.isfile(run_folds):
-        cfg["folds_file"] = run_folds  # the training run's folds: its test fold stays unseen
+    model_dir = _model_dir(args.checkpoint)
+    for run_folds in (os.path.join(args.checkpoint, "folds.json"),
+                      os.path.join(os.path.dirname(os.path.abspath(model_dir)), "folds.json")):
+        if cfg["folds_file"] is None and os.path.isfile(run_folds):
+            cfg["folds_file"] = run_folds  # the training run's folds: its test fold stays unseen
     return cfg
 
 
@@ -317,7 +327,7 @@ def cmd_explain(args) -> int:
     check_paths(cfg)
     device = resolve_device(cfg["device"])
     with run_lock(cfg["out"], "explain"):
-        model = load_trainable(model_dir, **({"pretrained": cfg["pretrained"]} if cfg["pretrained"] else {})).to(device)
+        model = load_trainable(model_dir, **_load_kwargs(cfg)).to(device)
         _, test_set, _ = build_data(cfg, int(model.visual.image_size[0]), cfg["out"])
         fig_dir = os.path.join(cfg["out"], "figures")
         os.makedirs(fig_dir, exist_ok=True)

@@ -1001,7 +1001,10 @@ def evaluate_checkpoint(model_dir: str, cfg: Dict) -> Dict:
         seed_everything(cfg["seed"], False)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
-            model = load_trainable(model_dir, **({"pretrained": cfg["pretrained"]} if cfg["pretrained"] else {}))
+            kw = {"pretrained": cfg["pretrained"]} if cfg["pretrained"] else {}
+            if "backend" in cfg["model"]:  # the op backend that runs the saved model
+                kw["backend"] = cfg["model"]["backend"]
+            model = load_trainable(model_dir, **kw)
         model.to(device)
         _, test_set, info = build_data(cfg, int(model.visual.image_size[0]), cfg["out"])
         pred = predict(model, test_set, cfg, device, amp_dtype(cfg["amp"], device))

@@ -133,6 +133,11 @@ def check_backbone(name) -> None:
                           f"(open_clip.list_models()), got {name!r}")
 
 
+_MODEL_INT_ZERO_OK = {"queue_size"}            # 0 switches the memory queues off
+_MODEL_POSITIVE = {"tau", "tau_txt", "alpha"}   # temperatures, LoRA scale
+_MODEL_UNIT = {"ema_momentum"}
+
+
 def _model_settings(cfg: Dict) -> None:
     from .methods import get_config_class, method_names
 
@@ -156,11 +161,21 @@ def _model_settings(cfg: Dict) -> None:
             if not isinstance(v, bool):
                 raise _bad(key, v, "true or false")
         elif isinstance(default, int):
-            if not _is_int(v) or v < 0:
-                raise _bad(key, v, "an integer >= 0")
+            lo = 0 if k in _MODEL_INT_ZERO_OK else (2 if k == "num_classes" else 1)
+            if not _is_int(v) or v < lo:
+                raise _bad(key, v, f"an integer >= {lo}")
         elif isinstance(default, float):
-            if not _is_num(v) or v < 0:
+            if k in _MODEL_POSITIVE:
+                if not _is_num(v) or v <= 0:
+                    raise _bad(key, v, "a finite number > 0")
+            elif k in _MODEL_UNIT:
+                if not _is_num(v) or not 0 <= v <= 1:
+                    raise _bad(key, v, "a number in [0, 1]")
+            elif not _is_num(v) or v < 0:
                 raise _bad(key, v, "a finite number >= 0")
+        elif k == "backend":
+            if v not in (None, "auto", "torch", "triton"):
+                raise _bad(key, v, "auto, torch or triton")
         elif isinstance(default, str):
             if not isinstance(v, str):
                 raise _bad(key, v, "a string")

@@ -91,6 +91,36 @@ def test_config_file_variant_and_overrides(tmp_path):
         run(tiny_cfg(tmp_path, epochs=1, sets={"model.not_a_field": 1}))
 
 
+def test_every_shipped_config_and_variant_validates():
+    import glob
+
+    from avpt.train import read_yaml
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = sorted(glob.glob(os.path.join(root, "configs", "**", "*.yaml"), recursive=True))
+    assert len(files) >= 5
+    for path in files:
+        for variant in [None, *(read_yaml(path).get("variants") or {})]:
+            load_config(path, variant)  # raises ConfigError on any bad setting
+
+
+def test_changed_epochs_rerun_is_refused_and_resume_false_starts_over(tmp_path):
+    """A finished 2-epoch run rerun with epochs=1 would report the 2-epoch model as a 1-epoch
+    one: refused, nothing written. resume=false starts over with fresh logs."""
+    from avpt.validate import ConfigError
+
+    run(tiny_cfg(tmp_path, epochs=2))
+    before = {f: os.path.getmtime(tmp_path / f) for f in ("checkpoint.pt", "metrics.json", "log.csv")}
+    with pytest.raises(ConfigError, match=r"is a run of 2 epochs \(finished\); --epochs 1"):
+        run(tiny_cfg(tmp_path, epochs=1))
+    assert before == {f: os.path.getmtime(tmp_path / f) for f in before}
+    res = run(tiny_cfg(tmp_path, epochs=1, sets={"resume": "false"}))
+    assert len(res["history"]) == 1 and res["config"]["epochs"] == 1
+    rows = list(csv.DictReader(open(tmp_path / "log.csv")))
+    assert [r["epoch"] for r in rows] == ["1"]           # the old run's rows are gone
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
 def test_torchrun_two_cpu_processes(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("TRITON_INTERPRET", None)

@@ -206,7 +206,7 @@ def _data_settings(cfg: Dict) -> None:
 def validate_config(cfg: Dict) -> Dict:
     """Every setting of a resolved config (``avpt.train.DEFAULTS`` keys): type, range, known
     keys, consistency; raises ``ConfigError`` with one line. Pure: reads no data."""
-    from .train import COMPILE_MODES, DEFAULTS
+    from .train import DEFAULTS, check_compile_mode
 
     unknown = sorted(set(cfg) - set(DEFAULTS))
     if unknown:
@@ -256,8 +256,7 @@ def validate_config(cfg: Dict) -> Dict:
             raise _bad(key, cfg[key], "true or false")
     if cfg["amp"] not in ("auto", "off", "bf16", "fp16"):
         raise _bad("amp", cfg["amp"], "auto, off, bf16 or fp16")
-    if cfg["compile"] not in COMPILE_MODES:
-        raise _bad("compile", cfg["compile"], "none, default or reduce-overhead")
+    check_compile_mode(cfg["compile"])
     if not isinstance(cfg["compile_backend"], str):
         raise _bad("compile_backend", cfg["compile_backend"], "a torch.compile backend name")
     if cfg["rcl_positives"] not in RCL_POSITIVES:

@@ -96,7 +96,7 @@ CASES = [
     ("fold range", ["train", "--set", "fold=7"], "fold must be an integer in [0, 4]"),
     ("folds one", ["train", "--set", "folds=1", "--set", "fold=0"], "folds must be an integer >= 2"),
     ("amp", ["train", "--set", "amp=fp8"], "amp must be auto, off, bf16 or fp16"),
-    ("compile", ["train", "--set", "compile=fast"], "compile must be none, default or reduce-overhead"),
+    ("compile", ["train", "--set", "compile=fast"], "compile must be none|default|reduce-overhead, got 'fast'"),
     ("rcl positives", ["train", "--set", "rcl_positives=both"], "rcl_positives must be cross_modal or within_modality"),
     ("bool setting", ["train", "--set", "flip=maybe"], "flip must be true or false"),
     ("warmup", ["train", "--set", "warmup_epochs=-1"], "warmup_epochs must be an integer >= 0"),

@@ -6,7 +6,9 @@ schedule with linear warm-up (per step), gradient clipping, optional mixed preci
 with a GradScaler), writes a checkpoint atomically after every epoch and resumes from it exactly
 (same data order, augmentation, optimizer/scheduler/loss-queue state and RNG), logs to CSV and
 TensorBoard, evaluates (AUC, F1, Dice, IoU, HD95), saves the trainable weights
-(``avpt.checkpoint``) and writes ``OUT/metrics.json``.
+(``avpt.checkpoint``, with what rebuilds the frozen backbone: weights sha256 or random-init
+seed) and writes ``OUT/metrics.json``. One run per OUT (a lock file); the resume fingerprint
+covers every setting that changes results, ``epochs`` included (a changed total is refused).
 
 Multi-process: launched by ``torchrun`` (WORLD_SIZE > 1) it joins a process group (gloo on CPU,
 nccl on GPU), wraps the training step in DistributedDataParallel, gives each rank every
@@ -748,7 +750,12 @@ def load_trainable_state(model, state: Dict[str, torch.Tensor]) -> None:
 def run(cfg: Dict) -> Dict:
     """Train and evaluate per ``cfg`` (see DEFAULTS); returns the metrics dict (also written to
     OUT/metrics.json by rank 0). Process-wide torch settings (threads, deterministic mode) are
-    restored afterwards, so a run inside a larger program leaves it as it was."""
+    restored afterwards, so a run inside a larger program leaves it as it was.
+
+    Before anything is built or loaded: the config and its paths are validated
+    (``avpt.validate``), and an existing OUT/checkpoint.pt must be of this run (same settings,
+    ``epochs`` included, same backbone weights), else a one-line ``ConfigError`` and nothing is
+    written. Rank 0 holds ``OUT/.avpt.lock`` for the whole run: a second run on OUT fails."""
     from .validate import check_paths, run_lock, validate_config
 
     validate_config(cfg)
@@ -997,6 +1004,11 @@ def evaluate_checkpoint(model_dir: str, cfg: Dict) -> Dict:
     validate_config(cfg)
     check_paths(cfg)
     device = resolve_device(cfg["device"])
+    if not saved.get("backbone") and saved["config"].get("pretrained") is None \
+            and not cfg["pretrained"]:
+        log.warning("%s has no backbone record (saved before issue 13): its random backbone is "
+                    "drawn from seed %s; the metrics are the training run's only if that was its "
+                    "seed", model_dir, cfg["seed"])
     with run_lock(cfg["out"], "eval"):
         seed_everything(cfg["seed"], False)
         with warnings.catch_warnings():

@@ -288,3 +288,37 @@ def test_undefined_metric_is_warned_and_recorded(caplog):
     assert "test auc is undefined" in caplog.text
     pred["labels"] = np.array([0, 1, 0])
     assert "auc" not in undefined_metrics(pred, score(pred))
+
+
+def test_eval_with_pretrained_weights_checks_their_sha256(tmp_path, capsys):
+    """A run on a local weights file (safetensors): eval reproduces it; eval with another
+    weights file (a .pt state dict, loadable with weights_only=True) is refused by sha256."""
+    import warnings
+
+    from safetensors.torch import save_file
+
+    from avpt import backbone as bb
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state = bb.load_backbone(bb.TINY_MODEL).state_dict()
+    weights = tmp_path / "tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(weights))
+    other = tmp_path / "other.pt"
+    torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, other)
+    run = tmp_path / "run"
+    assert main(_train_args(run, "--pretrained", str(weights))) == 0
+    assert main(["eval", "--checkpoint", str(run), "--out", str(tmp_path / "ev")]) == 0
+    ev = json.load(open(tmp_path / "ev" / "metrics.json"))
+    assert ev["test"] == json.load(open(run / "metrics.json"))["test"]
+    assert ev["backbone"]["sha256"] and ev["backbone"]["init_seed"] is None
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(run), "--out", str(tmp_path / "ev2"),
+                 "--pretrained", str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not the backbone the model was trained on" in err[0], err
+    # and a resume of the run with the other weights is refused before anything is written
+    before = _snapshot(run)
+    assert main(_train_args(run, "--pretrained", str(other))) == 2
+    assert "another config" in capsys.readouterr().err
+    assert _snapshot(run) == before

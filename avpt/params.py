@@ -5,7 +5,6 @@ the visual tower (the paper's "% of full fine-tuning" denominator: the ViT's par
 A-VPT breakdown (the lead wires this to ``avpt params``)."""
 from __future__ import annotations
 
-import argparse
 import gc
 import warnings
 from dataclasses import dataclass

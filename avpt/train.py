@@ -798,12 +798,19 @@ def _run(cfg: Dict, backbone: Dict) -> Dict:
         ckpt = read_checkpoint(ckpt_path, device)
         check_resume(ckpt, cfg, ckpt_path, backbone)
     elif dist.main:  # a fresh run: no rows or logs of an earlier run in this folder
-        for stale in ("log.csv", "metrics.json"):
-            if os.path.isfile(os.path.join(out, stale)):
-                os.remove(os.path.join(out, stale))
-        if os.path.isdir(os.path.join(out, "tensorboard")):
-            import shutil
-            shutil.rmtree(os.path.join(out, "tensorboard"))
+        stale = [name for name in ("log.csv", "metrics.json", "tensorboard")
+                 if os.path.exists(os.path.join(out, name))]
+        if stale:
+            log.warning("new run in %s (%s): replacing the earlier run's %s", out,
+                        "resume=false" if os.path.isfile(ckpt_path) else "no checkpoint.pt",
+                        ", ".join(stale))
+        for name in stale:
+            path = os.path.join(out, name)
+            if os.path.isdir(path):
+                import shutil
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
     dist.barrier()
     seed_everything(cfg["seed"], cfg["deterministic"])  # the backbone is drawn from this seed
     with warnings.catch_warnings():

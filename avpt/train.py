@@ -674,6 +674,16 @@ CHECKPOINT_KEYS = ("epoch", "config", "trainable", "loss_state", "optimizer", "s
                    "rng", "history")
 
 
+def _numpy_array_globals() -> list:
+    """What a plain numpy array needs under ``weights_only=True`` (checkpoints written before
+    issue 13 stored numpy's RNG state as an array): array reconstruction only, no code."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
 def read_checkpoint(path: str, device) -> Dict:
     """OUT/checkpoint.pt, loaded with ``weights_only=True`` (tensors and plain values only); an
     unreadable or foreign file is a one-line ``ConfigError`` that says how to start fresh."""
@@ -682,7 +692,8 @@ def read_checkpoint(path: str, device) -> Dict:
     fresh = (f"move it away (to keep it) or pass --set resume=false to start this run over, or "
              f"use another --out")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
+        with torch.serialization.safe_globals(_numpy_array_globals()):  # older checkpoints kept
+            ckpt = torch.load(path, map_location=device, weights_only=True)  # numpy RNG arrays
     except Exception as exc:  # noqa: BLE001 - truncated, garbage, or pickled code
         import pickle
 

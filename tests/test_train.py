@@ -91,6 +91,29 @@ def test_config_file_variant_and_overrides(tmp_path):
         run(tiny_cfg(tmp_path, epochs=1, sets={"model.not_a_field": 1}))
 
 
+def test_checkpoint_of_an_older_version_still_resumes(tmp_path):
+    """Checkpoints written before issue 13 kept numpy's RNG state as an array (pickled):
+    still loaded with weights_only=True (numpy arrays allowed, nothing else) and resumed."""
+    import numpy as np
+
+    from avpt.train import read_checkpoint
+
+    run(tiny_cfg(tmp_path / "a", epochs=2, stop_after_epoch=1))
+    path = tmp_path / "a" / "checkpoint.pt"
+    ckpt = torch.load(path, weights_only=True)
+    name, keys, pos, has_gauss, cached = ckpt["rng"]["numpy"]
+    ckpt["rng"]["numpy"] = (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
+    cfg = dict(ckpt["config"])
+    del cfg["rcl_positives"]  # and the older config had no such key (its behaviour: within)
+    ckpt["config"] = cfg
+    torch.save(ckpt, path)
+    assert isinstance(read_checkpoint(str(path), "cpu")["rng"]["numpy"][1], np.ndarray)
+    with pytest.raises(ValueError, match=r"differs in \['rcl_positives'\]"):
+        run(tiny_cfg(tmp_path / "a", epochs=2))
+    res = run(tiny_cfg(tmp_path / "a", epochs=2, sets={"rcl_positives": "within_modality"}))
+    assert len(res["history"]) == 2
+
+
 def test_every_shipped_config_and_variant_validates():
     import glob
 

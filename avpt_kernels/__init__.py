@@ -1,6 +1,6 @@
 """avpt-kernels: fused ops for Anatomy-guided Visual Prompt Tuning (A-VPT).
 
-Ops: ``region_pool`` (Eq. 2), ``prompt_bank`` (Eq. 4), ``pim`` (Eqs. 5-10); modules
+Ops: ``region_pool`` (Eq. 2), ``prompt_bank`` (Eq. 4), ``pim`` / ``pim_packed`` (Eqs. 5-10); modules
 ``RegionPool``, ``LowRankPromptBank``, ``PromptTokenInteraction``. Backend switch in
 ``avpt_kernels.backend`` (``set_backend``, ``use_backend``); ground truth in
 ``avpt_kernels.reference``.
@@ -8,7 +8,7 @@ Ops: ``region_pool`` (Eq. 2), ``prompt_bank`` (Eq. 4), ``pim`` (Eqs. 5-10); modu
 from . import _compat  # noqa: F401  (Triton < 3.8 interpreter with numpy >= 2.4)
 from .backend import get_backend, set_backend, use_backend
 from .modules import LowRankPromptBank, PromptTokenInteraction, RegionPool, contiguous_stages
-from .pim import pim
+from .pim import pack_weights, pim, pim_packed, unpack_weights
 from .prompt_bank import prompt_bank
 from .reference import PIMParams
 from .region_pool import region_pool
@@ -16,7 +16,7 @@ from .region_pool import region_pool
 __version__ = "0.1.0"
 
 __all__ = [
-    "region_pool", "prompt_bank", "pim", "PIMParams",
+    "region_pool", "prompt_bank", "pim", "pim_packed", "pack_weights", "unpack_weights", "PIMParams",
     "RegionPool", "LowRankPromptBank", "PromptTokenInteraction", "contiguous_stages",
     "get_backend", "set_backend", "use_backend", "__version__",
 ]

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ._autocast import autocast_dtype
-from .pim import pim
+from .pim import packed_size, pim, pim_packed, unpack_weights
 from .prompt_bank import prompt_bank
 from .reference import PIMParams
 from .region_pool import region_pool
@@ -88,10 +88,15 @@ class LowRankPromptBank(nn.Module):
 class PromptTokenInteraction(nn.Module):
     """PIM, Eqs. 5-10: ``forward(z [B,T,D], p [B,K,D]) -> (z_out [B,T,D], p_tilde [B,K,D])``.
 
-    Submodules ``t2p_q, t2p_k, t2p_v`` (Linear D->A), ``t2p_o`` (A->D), the same four ``p2t_*``,
-    and ``gate = Sequential(Linear(2D, G), GELU(), Linear(G, 1))``; A = num_heads * head_dim.
-    ``p2t_o`` starts at zero, so a new layer leaves the tokens unchanged (z_out == z) until it
-    is trained: inserting it into a frozen backbone does not disturb the backbone.
+    All 20 weights live in one flat parameter ``packed`` [N] (``pim.pack_weights`` layout:
+    t2p q, k, v (Linear D->A), o (A->D), the same four p2t ones, then the gate Linear(2D, G),
+    GELU, Linear(G, 1); A = num_heads * head_dim), initialised as those ``nn.Linear`` layers
+    would be. The fused kernels read it in place and return its gradient as one tensor: no
+    per-weight cast, copy or gradient accumulation. ``params()`` gives the weights as named
+    views. ``p2t_o`` starts at zero, so a new layer leaves the tokens unchanged (z_out == z)
+    until it is trained: inserting it into a frozen backbone does not disturb the backbone.
+    State dicts saved with one ``nn.Linear`` per projection (``t2p_q.weight``, ...,
+    ``gate.0.weight``, ``gate.2.bias``) still load.
     """
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, gate_hidden: int,
@@ -103,35 +108,60 @@ class PromptTokenInteraction(nn.Module):
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if t2p_reduce not in ("sum", "mean"):
             raise ValueError(f"t2p_reduce must be 'sum' or 'mean', got {t2p_reduce!r}")
-        width = num_heads * head_dim
-        self.num_heads, self.head_dim, self.t2p_reduce, self.backend = \
-            num_heads, head_dim, t2p_reduce, backend
-        self.t2p_q, self.t2p_k, self.t2p_v = (nn.Linear(dim, width) for _ in range(3))
-        self.t2p_o = nn.Linear(width, dim)
-        self.p2t_q, self.p2t_k, self.p2t_v = (nn.Linear(dim, width) for _ in range(3))
-        self.p2t_o = nn.Linear(width, dim)
-        self.gate = nn.Sequential(nn.Linear(2 * dim, gate_hidden), nn.GELU(), nn.Linear(gate_hidden, 1))
-        nn.init.zeros_(self.p2t_o.weight)
-        nn.init.zeros_(self.p2t_o.bias)
+        self.dim, self.num_heads, self.head_dim, self.gate_hidden = dim, num_heads, head_dim, gate_hidden
+        self.t2p_reduce, self.backend = t2p_reduce, backend
+        self.packed = nn.Parameter(torch.empty(packed_size(dim, num_heads * head_dim, gate_hidden)))
+        self.reset_parameters()
+        self._register_load_state_dict_pre_hook(_load_linear_layout)
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialisation per projection, in nn.Linear construction order; p2t_o = 0."""
+        w = self.params()
+        with torch.no_grad():
+            for i in range(0, len(w), 2):
+                weight, bias = w[i], w[i + 1]
+                nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+                bound = 1.0 / math.sqrt(weight.shape[1])
+                nn.init.uniform_(bias, -bound, bound)
+            w.p2t_o_w.zero_()
+            w.p2t_o_b.zero_()
 
     def params(self) -> PIMParams:
-        """The weights in the order of ``PIMParams`` (for the functional ``pim``)."""
-        linears = (self.t2p_q, self.t2p_k, self.t2p_v, self.t2p_o,
-                   self.p2t_q, self.p2t_k, self.p2t_v, self.p2t_o, self.gate[0], self.gate[2])
-        return PIMParams(*(t for lin in linears for t in (lin.weight, lin.bias)))
+        """The weights as PIMParams of views of ``packed`` (for the functional ``pim``)."""
+        return unpack_weights(self.packed, self.dim, self.num_heads * self.head_dim,
+                              self.gate_hidden)
 
     def forward(self, z: Tensor, p: Tensor, return_attn: bool = False):
-        """z [B,T,D], p [B,K,D] -> (z_out [B,T,D], p_tilde [B,K,D][, attn_p2t [B,H,K,T]])."""
-        return self.forward_with(self.params(), z, p, return_attn)
+        """z [B,T,D], p [B,K,D] -> (z_out [B,T,D], p_tilde [B,K,D][, attn_p2t [B,H,K,T]]).
+        Under torch.autocast, z and p are cast to the autocast dtype (the outputs come back in
+        it); the weights stay as they are (fp32 master weights: the ops compute in fp32)."""
+        z, p = _to_autocast(z, p)
+        return pim_packed(z, p, self.packed, self.num_heads, self.head_dim, self.gate_hidden,
+                          self.t2p_reduce, return_attn, backend=self.backend)
 
     def forward_with(self, params: PIMParams, z: Tensor, p: Tensor, return_attn: bool = False):
-        """``forward`` with other weights (e.g. ``params()`` with one tensor replaced), cast
-        under autocast exactly as ``forward`` casts its own. The attention comes back in fp32
-        (fp64 for fp64 inputs) whatever the dtype of z_out and p_tilde."""
-        cast = _autocast_dtype(z.device)
-        if cast is not None:
-            z, p, params = z.to(cast), p.to(cast), PIMParams(*(w.to(cast) for w in params))
+        """``forward`` with other weights (e.g. ``params()`` with one tensor replaced), cast under
+        autocast exactly as ``forward`` casts. The attention comes back in fp32 (fp64 for fp64
+        inputs) whatever the dtype of z_out and p_tilde."""
+        z, p = _to_autocast(z, p)
         return pim(z, p, params, self.num_heads, self.t2p_reduce, return_attn, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, t2p_reduce={self.t2p_reduce!r}"
+        return (f"dim={self.dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
+                f"gate_hidden={self.gate_hidden}, t2p_reduce={self.t2p_reduce!r}")
+
+
+def _to_autocast(z: Tensor, p: Tensor):
+    cast = _autocast_dtype(z.device)
+    return (z, p) if cast is None else (z.to(cast), p.to(cast))
+
+
+_LINEAR_NAMES = ("t2p_q", "t2p_k", "t2p_v", "t2p_o", "p2t_q", "p2t_k", "p2t_v", "p2t_o", "gate.0",
+                 "gate.2")
+
+
+def _load_linear_layout(module, state_dict, prefix, *args) -> None:
+    """Pack a state dict saved with one nn.Linear per projection into ``packed``."""
+    keys = [f"{prefix}{n}.{part}" for n in _LINEAR_NAMES for part in ("weight", "bias")]
+    if prefix + "packed" not in state_dict and all(k in state_dict for k in keys):
+        state_dict[prefix + "packed"] = torch.cat([state_dict.pop(k).reshape(-1) for k in keys])

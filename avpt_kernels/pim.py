@@ -84,6 +84,9 @@ from torch import Tensor
 from . import _checks, reference
 from ._autocast import no_autocast
 from .backend import get_backend, resolve
+from .pim_algebra import (_p2t_small_grad_kernel, _p2t_small_kernel, _t2p_small_grad_kernel,
+                          _t2p_small_kernel)
+from .pim_dots import _mm, _mm_split
 from .reference import PIMParams
 
 HAS_TRITON = True
@@ -93,8 +96,13 @@ T2P_REDUCE = ("sum", "mean")
 MAX_DIM = 1024
 MAX_PROMPTS = 16
 HEAD_WIDTHS = (8, 64)
-# Most (head, prompt) columns H*K: beyond 64 the dZ kernel spills (AOT, Triton 3.6 or 3.8).
-MAX_COLUMNS = {torch.float32: 64, torch.float16: 64, torch.bfloat16: 64}
+# Attention width A = H * head width and gate hidden units G the per-image algebra kernels take
+# (their [HKP, A] and [G, BLOCK_D] fp32 tiles; wider goes to the torch path).
+MAX_WIDTH = 64
+MAX_GATE_HIDDEN = 64
+# Most (head, prompt) columns H*K: at 64 the per-image backward kernel (pim_algebra) spills in
+# the 16-bit dtypes (AOT, Triton 3.8), so the Triton path takes H*K <= 32.
+MAX_COLUMNS = {torch.float32: 32, torch.float16: 32, torch.bfloat16: 32}
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DOT_MODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -140,8 +148,15 @@ def check_args(z: Tensor, p: Tensor, params: PIMParams, num_heads: int, t2p_redu
     expected.update(gate_w1=(g, 2 * d), gate_b1=(g,), gate_w2=(1, g), gate_b2=(1,))
     for name, shape in expected.items():
         _checks.shape(getattr(params, name), f"params.{name}", shape, f"(D={d}, A={a}, G={g})")
-    _checks.same_dtype_device("z", z, p=p, **{f"params.{n}": getattr(params, n)
-                                              for n in PIMParams._fields})
+    _checks.same_dtype_device("z", z, p=p)
+    _checks.same_dtype_device("params.t2p_q_w", params.t2p_q_w,
+                              **{f"params.{n}": getattr(params, n) for n in PIMParams._fields[1:]})
+    if params.t2p_q_w.device != z.device:
+        raise ValueError(f"params are on {params.t2p_q_w.device} but z is on {z.device}; "
+                         f"move them to one device")
+    if params.t2p_q_w.dtype not in (z.dtype, torch.float32):
+        raise TypeError(f"params have dtype {params.t2p_q_w.dtype}; expected z's dtype "
+                        f"({z.dtype}) or float32 master weights")
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,7 +182,7 @@ def launch_config(columns: int, dtype: torch.dtype) -> Tuple[int, int, int]:
 # the D loops are short and software pipelining only adds registers here).
 _LAUNCH = {
     (16, True): (16, 32, 8), (32, True): (16, 32, 8), (64, True): (16, 16, 8),
-    (16, False): (32, 32, 8), (32, False): (32, 32, 8), (64, False): (16, 32, 4),
+    (16, False): (32, 32, 8), (32, False): (32, 32, 8), (64, False): (16, 32, 8),
 }
 NUM_STAGES = 1
 # Every launch lets ptxas use up to 255 registers a thread: left to itself, at 8 warps it caps
@@ -209,6 +224,11 @@ def triton_unsupported_reason(z: Tensor, p: Tensor, params: PIMParams, num_heads
     if num_heads * k > MAX_COLUMNS[z.dtype]:
         return (f"num_heads={num_heads} with K={k} ({num_heads * k} head-prompt columns, the "
                 f"{z.dtype} kernels take at most {MAX_COLUMNS[z.dtype]})")
+    if a > MAX_WIDTH:
+        return f"attention width A={a} (num_heads * head width; the kernels take at most {MAX_WIDTH})"
+    if params.gate_w1.shape[0] > MAX_GATE_HIDDEN:
+        return (f"gate hidden width {params.gate_w1.shape[0]} (the kernels take at most "
+                f"{MAX_GATE_HIDDEN})")
     return None
 
 
@@ -246,90 +266,6 @@ def pim_achieved_bytes(B: int, T: int, D: int, K: int, A: int, dtype: torch.dtyp
 # Triton kernels
 # --------------------------------------------------------------------------------------------
 @triton.jit
-def _mm(a, b, DOT_MODE: tl.constexpr):
-    """a @ b with fp32 accumulation for operands that are exact in the input dtype (Z, dZ_out,
-    the weights): fp32 operands in IEEE precision (no TF32), or 16-bit tensor-core dots. Modes 3
-    and 4 are modes 2 and 1 for TRITON_INTERPRET=1, whose tl.dot on bfloat16 operands returns
-    garbage (triton 3.8): exact fp32 products of the rounded operands; they are never compiled."""
-    if DOT_MODE == 0:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    elif DOT_MODE == 1 or DOT_MODE == 4:
-        return tl.dot(a.to(tl.float16), b.to(tl.float16))
-    elif DOT_MODE == 2:
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
-    else:
-        return tl.dot(a.to(tl.bfloat16).to(tl.float32), b.to(tl.bfloat16).to(tl.float32),
-                      input_precision="ieee")
-
-
-@triton.jit
-def _fp16_parts(x):
-    """fp32 tile x -> (hi, lo, inv_scale) with x = (hi + lo) * inv_scale + O(2^-22 max|x|), hi and
-    lo float16. The tile is first scaled by a power of two that puts its largest |x| in
-    [2^14, 2^15): no part overflows fp16's 65504 (whatever the magnitude of x, e.g. a gradient
-    under a loss scaler), and lo stays above fp16's subnormal floor. The scale is built from the
-    exponent bits, so scaling is exact."""
-    big = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-    exponent = tl.maximum((big.to(tl.int32, bitcast=True) >> 23) & 0xFF, 15)  # biased
-    scale = ((268 - exponent) << 23).to(tl.float32, bitcast=True)  # 2^(14 - (exponent - 127))
-    inv_scale = ((exponent - 14) << 23).to(tl.float32, bitcast=True)
-    xs = x * scale
-    hi = xs.to(tl.float16)
-    return hi, (xs - hi.to(tl.float32)).to(tl.float16), inv_scale
-
-
-@triton.jit
-def _mm_split(a, b, EXACT: tl.constexpr, DOT_MODE: tl.constexpr):
-    """a @ b to near-fp32 accuracy on 16-bit tensor cores, for products with an fp32
-    intermediate operand (softmax probabilities, the per-image matrices Mq/Mk/Nv, gradients).
-    Rounding such an operand to 16 bits errs by 2^-9 (bf16) of each element; where the result
-    feeds a softmax over high-norm tokens or a difference of nearly equal sums, that error is
-    amplified far beyond the torch backend's (fp32) error. Instead each fp32 operand is split
-    into 16-bit parts x = hi + lo (lo: the rounding error of hi) and hi*hi + hi*lo + lo*hi is
-    summed with fp32 accumulation; an operand exact in the input dtype (EXACT = 1: ``a``, 2:
-    ``b``; Z, dZ_out) has no lo part, so 2 dots. bf16 inputs: bf16 parts (fp32's range, error
-    ~2^-17). fp16 inputs: fp16 parts of the tile scaled by a power of two (``_fp16_parts``,
-    error ~2^-22: fp16's unit roundoff is 8x finer than bf16's, so bf16 parts would not do).
-    Mode 0 (fp32 inputs): one IEEE fp32 dot. Modes 3, 4 (interpreter): the same products, bf16
-    ones as exact fp32 products of the parts (the interpreter's bf16 tl.dot is broken)."""
-    if DOT_MODE == 0:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    a32 = a.to(tl.float32)
-    b32 = b.to(tl.float32)
-    if DOT_MODE == 1 or DOT_MODE == 4:
-        if EXACT == 1:
-            b_hi, b_lo, b_inv = _fp16_parts(b32)
-            a16 = a.to(tl.float16)
-            return (tl.dot(a16, b_hi) + tl.dot(a16, b_lo)) * b_inv
-        if EXACT == 2:
-            a_hi, a_lo, a_inv = _fp16_parts(a32)
-            b16 = b.to(tl.float16)
-            return (tl.dot(a_hi, b16) + tl.dot(a_lo, b16)) * a_inv
-        a_hi, a_lo, a_inv = _fp16_parts(a32)
-        b_hi, b_lo, b_inv = _fp16_parts(b32)
-        return (tl.dot(a_hi, b_hi) + tl.dot(a_lo, b_hi) + tl.dot(a_hi, b_lo)) * (a_inv * b_inv)
-    a_hi = a32.to(tl.bfloat16)
-    b_hi = b32.to(tl.bfloat16)
-    a_lo = (a32 - a_hi.to(tl.float32)).to(tl.bfloat16)
-    b_lo = (b32 - b_hi.to(tl.float32)).to(tl.bfloat16)
-    if DOT_MODE == 3:
-        a_hi, a_lo = a_hi.to(tl.float32), a_lo.to(tl.float32)
-        b_hi, b_lo = b_hi.to(tl.float32), b_lo.to(tl.float32)
-        acc = tl.dot(a_hi, b_hi, input_precision="ieee")
-        if EXACT != 1:  # a_lo = 0 when a is exact in bf16
-            acc = tl.dot(a_lo, b_hi, acc, input_precision="ieee")
-        if EXACT != 2:  # b_lo = 0 when b is exact in bf16
-            acc = tl.dot(a_hi, b_lo, acc, input_precision="ieee")
-        return acc
-    acc = tl.dot(a_hi, b_hi)
-    if EXACT != 1:
-        acc = tl.dot(a_lo, b_hi, acc)
-    if EXACT != 2:
-        acc = tl.dot(a_hi, b_lo, acc)
-    return acc
-
-
-@triton.jit
 def _columns(K, H, HKP: tl.constexpr):
     """Column indices c = h*K + k, the head of each column, and which columns are real."""
     cols = tl.arange(0, HKP)
@@ -361,18 +297,20 @@ def _head_sum(x, head, H, BLOCK_T: tl.constexpr, HKP: tl.constexpr):
 
 
 @triton.jit
-def _key_step(zt, wk_ptr, dd, d_ok, KEY_COLS: tl.constexpr, DOT_MODE: tl.constexpr):
-    """One D block of the raw prompt->token keys K2 = Z W'k^T: zt [BLOCK_T,BLOCK_D] times rows dd
-    of wk = W'k^T [D,KEY_COLS] (zero-padded columns). Pass 1 and the backward kernels share it,
-    so that the backward rebuilds the forward's K2 operation for operation."""
+def _key_step(zt, wk_ptr, A, D, dd, d_ok, KEY_COLS: tl.constexpr, DOT_MODE: tl.constexpr):
+    """One D block of the raw prompt->token keys K2 = Z W'k^T: zt [BLOCK_T,BLOCK_D] times columns
+    dd of W'k [A,D] (fp32, the flat weights' view; columns >= A of the key tile are zero): a
+    split dot, the fp32 weight as two 16-bit parts. Pass 1 and the backward kernels share it, so
+    that the backward rebuilds the forward's K2 operation for operation."""
     kc = tl.arange(0, KEY_COLS)
-    wk = tl.load(wk_ptr + dd[:, None] * KEY_COLS + kc[None, :], mask=d_ok[:, None], other=0.0)
-    return _mm(zt, wk, DOT_MODE)
+    wk = tl.load(wk_ptr + kc[None, :] * D + dd[:, None], mask=d_ok[:, None] & (kc < A)[None, :],
+                 other=0.0)
+    return _mm_split(zt, wk, 1, DOT_MODE)
 
 
 @triton.jit
 def _t2p_reduce_kernel(z_ptr, mq_ptr, cq_ptr, wk_ptr, s1_ptr, g_ptr, colsum_ptr, k2_ptr,
-                       T, D, K, H, chunk_blocks,
+                       T, D, K, H, A, chunk_blocks,
                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HKP: tl.constexpr,
                        KEY_COLS: tl.constexpr, DOT_MODE: tl.constexpr):
     """Token->prompt pass. Grid (B, n_chunks); a program owns chunk_blocks row blocks of one image.
@@ -381,8 +319,8 @@ def _t2p_reduce_kernel(z_ptr, mq_ptr, cq_ptr, wk_ptr, s1_ptr, g_ptr, colsum_ptr,
     (L2-resident) so that G is accumulated in registers per D block and added once per chunk,
     instead of once per row block.
     KEY_COLS > 0 (the 2-read forward): also k2 [B,T,KEY_COLS] fp32 = Z W'k^T, the raw
-    prompt->token keys, from the Z tiles already on chip; wk [D,KEY_COLS] (z dtype) is W'k^T
-    zero-padded. KEY_COLS = 0: wk and k2 are not touched."""
+    prompt->token keys, from the Z tiles already on chip; wk = W'k [A,D] fp32.
+    KEY_COLS = 0: wk and k2 are not touched."""
     b = tl.program_id(0).to(tl.int64)
     row0 = tl.program_id(1) * chunk_blocks * BLOCK_T
     cols, head, col_ok = _columns(K, H, HKP)
@@ -402,7 +340,7 @@ def _t2p_reduce_kernel(z_ptr, mq_ptr, cq_ptr, wk_ptr, s1_ptr, g_ptr, colsum_ptr,
             mq = tl.load(mq_ptr + b * D * HKP + dd[:, None] * HKP + cols[None, :], mask=d_ok[:, None], other=0.0)
             logits += _mm_split(zt, mq, 1, DOT_MODE)
             if KEY_COLS > 0:
-                keys += _key_step(zt, wk_ptr, dd, d_ok, KEY_COLS, DOT_MODE)
+                keys += _key_step(zt, wk_ptr, A, D, dd, d_ok, KEY_COLS, DOT_MODE)
         if KEY_COLS > 0:
             kc = tl.arange(0, KEY_COLS)
             tl.store(k2_ptr + b * T * KEY_COLS + rows[:, None] * KEY_COLS + kc[None, :], keys,
@@ -490,22 +428,45 @@ def _p2t_probs(logits, m2_ptr, l2_ptr, b, row_ok, HKP: tl.constexpr):
 
 
 @triton.jit
-def _p2t_update_kernel(z_ptr, x_ptr, m_ptr, m2_ptr, l2_ptr, nv_ptr, bo_ptr, alpha_ptr, out_ptr,
-                       attn_ptr, T, D, W, HK, return_attn,
+def _combine_stats(mpart_ptr, lpart_ptr, b, NTB, HKP: tl.constexpr):
+    """Softmax-over-T max and sum of one image from the stats pass's per-block partials
+    [B,NTB,HKP]: every update program combines them in the same order, so all agree bit for bit."""
+    cols = tl.arange(0, HKP)
+    part = b * NTB * HKP + cols
+    m = tl.full((HKP,), float("-inf"), dtype=tl.float32)
+    for tb in range(0, NTB):
+        m = tl.maximum(m, tl.load(mpart_ptr + part + tb * HKP))
+    l = tl.zeros((HKP,), dtype=tl.float32)
+    for tb in range(0, NTB):
+        l += tl.load(lpart_ptr + part + tb * HKP) * tl.exp(tl.load(mpart_ptr + part + tb * HKP) - m)
+    return m, l
+
+
+@triton.jit
+def _p2t_update_kernel(z_ptr, x_ptr, m_ptr, mpart_ptr, lpart_ptr, m2_ptr, l2_ptr, nv_ptr, bo_ptr,
+                       alpha_ptr, out_ptr, attn_ptr, T, D, W, HK, return_attn,
                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HKP: tl.constexpr,
                        FROM_KEYS: tl.constexpr, DOT_MODE: tl.constexpr):
     """Prompt->token update and gated residual. Grid (B, cdiv(T, BLOCK_T)).
-    z_out = Z + alpha * (S2^T Nv + b'o); nv [B,HKP,D] fp32, bo [D] fp32, alpha [B] fp32;
-    attn [B,H,K,T] = [B,HK,T] fp32 written when return_attn != 0. logits2 = X M as in the stats
-    pass (FROM_KEYS: X = K2, the 2-read forward, Z itself is then read only for the residual)."""
+    z_out = Z + alpha * (S2^T Nv + b'o); nv [B,HKP,D] fp32, bo [D] (fp32, a view of the flat
+    weights), alpha [B] fp32; attn [B,H,K,T] = [B,HK,T] fp32 written when return_attn != 0.
+    The softmax statistics come from the stats pass's partials mpart, lpart [B,NTB,HKP]; the first
+    row block's program also writes them, m2 and l2 [B,HKP], for the backward. logits2 = X M as
+    in the stats pass (FROM_KEYS: X = K2, the 2-read forward, Z itself is then read only for the
+    residual)."""
     b = tl.program_id(0).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tb = tl.program_id(1)
+    rows = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     row_ok = rows < T
     cols = tl.arange(0, HKP)
     z_img = z_ptr + b * T * D
+    m2, l2 = _combine_stats(mpart_ptr, lpart_ptr, b, tl.num_programs(1), HKP)
+    if tb == 0:
+        tl.store(m2_ptr + b * HKP + cols, m2)
+        tl.store(l2_ptr + b * HKP + cols, l2)
     logits = _p2t_logits(x_ptr + b * T * W, m_ptr + b * W * HKP, rows, row_ok, W, HKP, BLOCK_T,
                          BLOCK_D, FROM_KEYS, DOT_MODE)
-    s2 = _p2t_probs(logits, m2_ptr, l2_ptr, b, row_ok, HKP)
+    s2 = tl.where(row_ok[:, None], tl.exp(logits - m2[None, :]) * (1.0 / l2)[None, :], 0.0)
     if return_attn:
         dst = attn_ptr + b * HK * T + cols[None, :] * T + rows[:, None]
         tl.store(dst, s2, mask=row_ok[:, None] & (cols < HK)[None, :])
@@ -523,7 +484,7 @@ def _p2t_update_kernel(z_ptr, x_ptr, m_ptr, m2_ptr, l2_ptr, nv_ptr, bo_ptr, alph
 
 @triton.jit
 def _p2t_grad_reduce_kernel(z_ptr, y_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_ptr, m2_ptr, l2_ptr, s2_ptr,
-                            ws2_ptr, e_ptr, f1_ptr, f2_ptr, g1_ptr, ysum_ptr, delta_ptr, T, D,
+                            ws2_ptr, e_ptr, f1_ptr, f2_ptr, g1_ptr, ysum_ptr, delta_ptr, T, D, A,
                             chunk_blocks, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
                             HKP: tl.constexpr, KEY_COLS: tl.constexpr, DOT_MODE: tl.constexpr):
     """Backward reductions of the prompt->token side. Grid (B, n_chunks), chunks as in
@@ -540,7 +501,7 @@ def _p2t_grad_reduce_kernel(z_ptr, y_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_ptr, m2_p
       dZ kernel recomputes, so that yn - delta cancels exactly for a one-hot softmax).
     All products with S2, yn or Nv are split dots (``_mm_split``), so nothing is rounded to 16 bits.
     logits2 = Z Mk, or with KEY_COLS > 0 (the forward took its softmax statistics from K2 Qexp)
-    K2 Qexp from K2 = Z W'k^T recomputed here (wk [D,KEY_COLS], qexp [B,KEY_COLS,HKP]); mk unused."""
+    K2 Qexp from K2 = Z W'k^T recomputed here (wk = W'k [A,D], qexp [B,KEY_COLS,HKP]); mk unused."""
     b = tl.program_id(0).to(tl.int64)
     row0 = tl.program_id(1) * chunk_blocks * BLOCK_T
     cols = tl.arange(0, HKP)
@@ -566,7 +527,7 @@ def _p2t_grad_reduce_kernel(z_ptr, y_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_ptr, m2_p
             zt = tl.load(z_img + tile, mask=mask, other=0.0)
             yt = tl.load(y_img + tile, mask=mask, other=0.0)
             if KEY_COLS > 0:
-                keys += _key_step(zt, wk_ptr, dd, d_ok, KEY_COLS, DOT_MODE)
+                keys += _key_step(zt, wk_ptr, A, D, dd, d_ok, KEY_COLS, DOT_MODE)
             else:
                 mk = tl.load(mk_ptr + b * D * HKP + dd[:, None] * HKP + cols[None, :], mask=d_ok[:, None], other=0.0)
                 logits += _mm_split(zt, mk, 1, DOT_MODE)
@@ -616,7 +577,7 @@ def _p2t_grad_reduce_kernel(z_ptr, y_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_ptr, m2_p
 @triton.jit
 def _grad_z_kernel(z_ptr, y_ptr, mq_ptr, cq_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_ptr, m2_ptr, l2_ptr,
                    alpha_ptr, delta_ptr, dg_ptr, dcolsum_ptr, dz0_ptr, dz_ptr, dl1_ptr, dcq_ptr, T, D,
-                   K, H, t_pad, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HKP: tl.constexpr,
+                   K, H, A, t_pad, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, HKP: tl.constexpr,
                    KEY_COLS: tl.constexpr, DOT_MODE: tl.constexpr):
     """dZ through both attentions, and the token-side reductions of the token->prompt backward.
     Grid (B, cdiv(T, BLOCK_T)): one row block per program (the register-heaviest kernel).
@@ -628,7 +589,8 @@ def _grad_z_kernel(z_ptr, y_ptr, mq_ptr, cq_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_pt
       reads: added before the one rounding to the output dtype);
       dcq [B,HKP] += sum_t dl1;  dl1 -> [B,t_pad,HKP] fp32
     (dMq = Z^T dl1 is reduced by _t2p_grad_reduce_kernel, chunked, instead of one atomic add of
-    a [D, HKP] partial per row block here). logits2 as in _p2t_grad_reduce_kernel (KEY_COLS).
+    a [D, HKP] partial per row block here). logits2 as in _p2t_grad_reduce_kernel (KEY_COLS);
+    with KEY_COLS > 0, dl2 Mk^T = (dl2 Qexp^T) W'k (mk is not computed on that path).
     Every product with an fp32 intermediate is a split dot (``_mm_split``)."""
     b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -658,7 +620,7 @@ def _grad_z_kernel(z_ptr, y_ptr, mq_ptr, cq_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_pt
         small_t = cols[None, :] * D + dd[:, None]  # [BLOCK_D, HKP] of a [HKP, D] matrix
         logits1 += _mm_split(zt, tl.load(mq_img + small, mask=d_ok[:, None], other=0.0), 1, DOT_MODE)
         if KEY_COLS > 0:
-            keys += _key_step(zt, wk_ptr, dd, d_ok, KEY_COLS, DOT_MODE)
+            keys += _key_step(zt, wk_ptr, A, D, dd, d_ok, KEY_COLS, DOT_MODE)
         else:
             logits2 += _mm_split(zt, tl.load(mk_img + small, mask=d_ok[:, None], other=0.0), 1, DOT_MODE)
         yn += _mm_split(yt, tl.load(nv_img + small_t, mask=d_ok[:, None], other=0.0), 1, DOT_MODE)
@@ -675,6 +637,10 @@ def _grad_z_kernel(z_ptr, y_ptr, mq_ptr, cq_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_pt
     dl2 = alpha * s2 * (yn - delta[None, :])
     tl.atomic_add(dcq_ptr + b * HKP + cols, tl.sum(dl1, axis=0), sem="relaxed")
     tl.store(dl1_ptr + b * t_pad * HKP + rows[:, None] * HKP + cols[None, :], dl1)
+    if KEY_COLS > 0:  # dK2 = dl2 Qexp^T [BLOCK_T, KEY_COLS], fp32 and HKP deep: IEEE fp32
+        kc = tl.arange(0, KEY_COLS)
+        qexp = tl.load(qexp_ptr + b * KEY_COLS * HKP + kc[:, None] * HKP + cols[None, :])
+        dk2 = _mm(dl2, tl.trans(qexp), 0)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         d_ok = dd < D
@@ -683,7 +649,12 @@ def _grad_z_kernel(z_ptr, y_ptr, mq_ptr, cq_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_pt
         yt = tl.load(y_img + tile, mask=mask, other=0.0).to(tl.float32)
         small_t = dd[None, :] * HKP + cols[:, None]  # [HKP, BLOCK_D] of a [D, HKP] matrix
         big = cols[:, None] * D + dd[None, :]  # [HKP, BLOCK_D] of a [HKP, D] matrix
-        dz = yt + _mm_split(dl2, tl.load(mk_img + small_t, mask=d_ok[None, :], other=0.0), 0, DOT_MODE)
+        if KEY_COLS > 0:
+            wk = tl.load(wk_ptr + kc[:, None] * D + dd[None, :],
+                         mask=(kc < A)[:, None] & d_ok[None, :], other=0.0)
+            dz = yt + _mm_split(dk2, wk, 0, DOT_MODE)
+        else:
+            dz = yt + _mm_split(dl2, tl.load(mk_img + small_t, mask=d_ok[None, :], other=0.0), 0, DOT_MODE)
         dz += _mm_split(s1, tl.load(dg_img + big, mask=d_ok[None, :], other=0.0), 0, DOT_MODE)
         dz += _mm_split(dl1, tl.load(mq_img + small_t, mask=d_ok[None, :], other=0.0), 0, DOT_MODE)
         dz0 = tl.load(dz0_ptr + b * D + dd, mask=d_ok, other=0.0)
@@ -717,136 +688,38 @@ def _t2p_grad_reduce_kernel(z_ptr, dl1_ptr, dmq_ptr, T, D, t_pad, chunk_blocks,
 
 
 # --------------------------------------------------------------------------------------------
-# Small per-image algebra (torch, fp32): [B,K,D]- and [D,A]-sized, forward and backward
+# Packed weights: one flat vector per layer, in PIMParams order
 # --------------------------------------------------------------------------------------------
-def _pad_columns(x: Tensor, hkp: int) -> Tensor:
-    """[..., H, K] -> [..., HKP] (c = h*K + k), zero-padded."""
-    x = x.flatten(-2)
-    return F.pad(x, (0, hkp - x.shape[-1]))
+def weight_shapes(d: int, a: int, gate_hidden: int) -> List[Tuple[int, ...]]:
+    """Shapes of the PIMParams fields in order: the flat layout of ``pack_weights``, which the
+    kernels address through ``pim_algebra._w``."""
+    side = [(a, d), (a,)] * 3 + [(d, a), (d,)]
+    return side + side + [(gate_hidden, 2 * d), (gate_hidden,), (1, gate_hidden), (1,)]
 
 
-def _unpad_columns(x: Tensor, h: int, k: int, dim: int) -> Tensor:
-    """[.., HKP, ..] at ``dim`` -> [.., H, K, ..]."""
-    x = x.narrow(dim, 0, h * k)
-    return x.reshape(x.shape[:dim] + (h, k) + x.shape[dim + 1:])
+def packed_size(d: int, a: int, gate_hidden: int) -> int:
+    """Elements of the flat weight vector of a layer with width D, attention width A, gate G."""
+    return sum(math.prod(s) for s in weight_shapes(d, a, gate_hidden))
 
 
-def _t2p_small(p: Tensor, w: PIMParams, num_heads: int, hkp: int):
-    """P [B,K,D] -> Mq [B,D,HKP], cq [B,HKP] (scale folded in), and k1 [B,K,H,dh] for backward."""
-    b, k, d = p.shape
-    dh = w.t2p_q_w.shape[0] // num_heads
-    scale = 1.0 / math.sqrt(dh)
-    k1 = F.linear(p, w.t2p_k_w, w.t2p_k_b).reshape(b, k, num_heads, dh)
-    mq = torch.einsum("hjd,bkhj->bdhk", w.t2p_q_w.reshape(num_heads, dh, d), k1) * scale
-    cq = torch.einsum("hj,bkhj->bhk", w.t2p_q_b.reshape(num_heads, dh), k1) * scale
-    return _pad_columns(mq, hkp), _pad_columns(cq, hkp), k1
+def pack_weights(params: PIMParams) -> Tensor:
+    """PIMParams -> one flat vector [N] (``weight_shapes`` layout); differentiable."""
+    return torch.cat([w.reshape(-1) for w in params])
 
 
-def _t2p_small_backward(grad_mq: Tensor, grad_cq: Tensor, p: Tensor, k1: Tensor, w: PIMParams,
-                        grads: dict) -> Tensor:
-    """Backward of _t2p_small: accumulates the t2p q/k weight gradients into ``grads``, returns dP."""
-    b, k, num_heads, dh = k1.shape
-    d = p.shape[2]
-    scale = 1.0 / math.sqrt(dh)
-    dmq = _unpad_columns(grad_mq, num_heads, k, 2) * scale  # [B,D,H,K]
-    dcq = _unpad_columns(grad_cq, num_heads, k, 1) * scale  # [B,H,K]
-    wq, bq = w.t2p_q_w.reshape(num_heads, dh, d), w.t2p_q_b.reshape(num_heads, dh)
-    dk1 = (torch.einsum("hjd,bdhk->bkhj", wq, dmq) + torch.einsum("hj,bhk->bkhj", bq, dcq))
-    grads["t2p_q_w"] = torch.einsum("bkhj,bdhk->hjd", k1, dmq).reshape(-1, d)
-    grads["t2p_q_b"] = torch.einsum("bkhj,bhk->hj", k1, dcq).reshape(-1)
-    dk1 = dk1.reshape(b, k, -1)
-    grads["t2p_k_w"] = torch.einsum("bka,bkd->ad", dk1, p)
-    grads["t2p_k_b"] = dk1.sum(dim=(0, 1))
-    return dk1 @ w.t2p_k_w
+def unpack_weights(flat: Tensor, d: int, a: int, gate_hidden: int) -> PIMParams:
+    """Views of a flat weight vector [N] as PIMParams (a ``split``: its backward is one cat)."""
+    shapes = weight_shapes(d, a, gate_hidden)
+    parts = flat.split([math.prod(s) for s in shapes])
+    return PIMParams(*(x.view(s) for x, s in zip(parts, shapes)))
 
 
-def _p2t_small(g: Tensor, colsum: Tensor, p: Tensor, z0: Tensor, w: PIMParams, num_heads: int,
-               hkp: int, inv_tokens: float):
-    """(G [B,HKP,D], colsum [B,HKP], P [B,K,D], Z[:,0] [B,D], fp32 weights) ->
-    p_tilde [B,K,D], Mk [B,D,HKP], Nv [B,HKP,D], alpha [B], and the intermediates for backward."""
-    b, k, d = p.shape
-    a = w.t2p_q_w.shape[0]
-    dh = a // num_heads
-    scale = 1.0 / math.sqrt(dh)
-    gh = _unpad_columns(g, num_heads, k, 1)  # [B,H,K,D]
-    ch = _unpad_columns(colsum, num_heads, k, 1)  # [B,H,K]
-    msg = (torch.einsum("bhkd,hjd->bkhj", gh, w.t2p_v_w.reshape(num_heads, dh, d))
-           + ch.transpose(1, 2)[..., None] * w.t2p_v_b.reshape(num_heads, dh)) * inv_tokens
-    msg = msg.reshape(b, k, a)
-    p_tilde = p + F.linear(msg, w.t2p_o_w, w.t2p_o_b)
-    q2 = F.linear(p_tilde, w.p2t_q_w, w.p2t_q_b).reshape(b, k, num_heads, dh)
-    mk = torch.einsum("hjd,bkhj->bdhk", w.p2t_k_w.reshape(num_heads, dh, d), q2) * scale
-    v2 = F.linear(p_tilde, w.p2t_v_w, w.p2t_v_b).reshape(b, k, num_heads, dh)
-    nv = torch.einsum("bkhj,ehj->bhke", v2, w.p2t_o_w.reshape(d, num_heads, dh))
-    gate_in = torch.cat([p_tilde.mean(dim=1), z0], dim=-1)
-    pre = F.linear(gate_in, w.gate_w1, w.gate_b1)
-    hidden = F.gelu(pre)
-    alpha = torch.sigmoid(F.linear(hidden, w.gate_w2, w.gate_b2))[:, 0]
-    nv = F.pad(nv.reshape(b, num_heads * k, d), (0, 0, 0, hkp - num_heads * k))
-    saved = dict(gh=gh, ch=ch, msg=msg, p_tilde=p_tilde, q2=q2, v2=v2, gate_in=gate_in, pre=pre,
-                 hidden=hidden)
-    return p_tilde, _pad_columns(mk, hkp), nv, alpha, saved
-
-
-def _block_diagonal_queries(q2: Tensor, key_cols: int, hkp: int) -> Tensor:
-    """q2 [B,K,H,dh] -> Qexp [B,KEY_COLS,HKP]: column c = h*K + k holds scale * q2[k,h] in rows
-    h*dh .. (h+1)*dh, zeros elsewhere, so that K2 Qexp = Z Mk (= logits2 up to b'k, which drops
-    out of the softmax over T) for the raw keys K2 = Z W'k^T [T, A]."""
-    b, k, num_heads, dh = q2.shape
-    eye = torch.eye(num_heads, device=q2.device, dtype=q2.dtype)
-    qexp = torch.einsum("bkhj,hg->bhjgk", q2, eye).reshape(b, num_heads * dh, num_heads * k)
-    return F.pad(qexp / math.sqrt(dh), (0, hkp - num_heads * k, 0, key_cols - num_heads * dh))
-
-
-def _p2t_small_backward(grad_p_tilde: Tensor, grad_mk: Tensor, grad_nv: Tensor, grad_alpha: Tensor,
-                        alpha: Tensor, s: dict, w: PIMParams, inv_tokens: float, hkp: int,
-                        grads: dict):
-    """Backward of _p2t_small (chain rule written out; the gate uses the exact erf GELU).
-    grad_mk [B,D,HKP], grad_nv [B,HKP,D], grad_alpha [B]. Fills ``grads`` with every weight's
-    gradient it reaches; returns (dG [B,HKP,D], dcolsum [B,HKP], dP [B,K,D], dZ[:,0] [B,D])."""
-    b, k, num_heads, dh = s["q2"].shape
-    d = grad_p_tilde.shape[2]
-    scale = 1.0 / math.sqrt(dh)
-    # gate: alpha = sigmoid(W2 gelu(W1 gate_in + b1) + b2)
-    d_logit = (grad_alpha * alpha * (1.0 - alpha))[:, None]  # [B,1]
-    grads["gate_w2"] = d_logit.t() @ s["hidden"]
-    grads["gate_b2"] = d_logit.sum(dim=0)
-    pre = s["pre"]
-    gelu_grad = 0.5 * (1.0 + torch.erf(pre * 0.5 ** 0.5)) + pre * torch.exp(-0.5 * pre * pre) \
-        * (2.0 * math.pi) ** -0.5
-    d_pre = (d_logit @ w.gate_w2) * gelu_grad  # [B,G]
-    grads["gate_w1"] = d_pre.t() @ s["gate_in"]
-    grads["gate_b1"] = d_pre.sum(dim=0)
-    d_gate_in = d_pre @ w.gate_w1  # [B,2D]
-    d_pt = grad_p_tilde + d_gate_in[:, None, :d] / k
-    # Nv[h,k,:] = v2[k,h] W'o_h^T
-    dnv = _unpad_columns(grad_nv, num_heads, k, 1)  # [B,H,K,D]
-    wo2 = w.p2t_o_w.reshape(d, num_heads, dh)
-    dv2 = torch.einsum("bhke,ehj->bkhj", dnv, wo2).reshape(b, k, -1)
-    grads["p2t_o_w"] = torch.einsum("bhke,bkhj->ehj", dnv, s["v2"]).reshape(d, -1)
-    grads["p2t_v_w"] = torch.einsum("bka,bkd->ad", dv2, s["p_tilde"])
-    grads["p2t_v_b"] = dv2.sum(dim=(0, 1))
-    d_pt = d_pt + dv2 @ w.p2t_v_w
-    # Mk[:,h,k] = scale W'k_h^T q2[k,h]; the key bias b'k does not reach the output
-    dmk = _unpad_columns(grad_mk, num_heads, k, 2) * scale  # [B,D,H,K]
-    wk2 = w.p2t_k_w.reshape(num_heads, dh, d)
-    dq2 = torch.einsum("hjd,bdhk->bkhj", wk2, dmk).reshape(b, k, -1)
-    grads["p2t_k_w"] = torch.einsum("bkhj,bdhk->hjd", s["q2"], dmk).reshape(-1, d)
-    grads["p2t_k_b"] = torch.zeros_like(w.p2t_k_b)
-    grads["p2t_q_w"] = torch.einsum("bka,bkd->ad", dq2, s["p_tilde"])
-    grads["p2t_q_b"] = dq2.sum(dim=(0, 1))
-    d_pt = d_pt + dq2 @ w.p2t_q_w
-    # p_tilde = P + msg Wo^T + bo; msg = (G_h Wv_h^T + colsum bv_h) * inv_tokens
-    grads["t2p_o_w"] = torch.einsum("bkd,bka->da", d_pt, s["msg"])
-    grads["t2p_o_b"] = d_pt.sum(dim=(0, 1))
-    dmsg = (d_pt @ w.t2p_o_w).reshape(b, k, num_heads, dh) * inv_tokens
-    wv = w.t2p_v_w.reshape(num_heads, dh, d)
-    dgh = torch.einsum("bkhj,hjd->bhkd", dmsg, wv)
-    dch = torch.einsum("bkhj,hj->bhk", dmsg, w.t2p_v_b.reshape(num_heads, dh))
-    grads["t2p_v_w"] = torch.einsum("bkhj,bhkd->hjd", dmsg, s["gh"]).reshape(-1, d)
-    grads["t2p_v_b"] = torch.einsum("bkhj,bhk->hj", dmsg, s["ch"]).reshape(-1)
-    d_g = F.pad(dgh.reshape(b, num_heads * k, d), (0, 0, 0, hkp - num_heads * k))
-    return d_g, _pad_columns(dch, hkp), d_pt, d_gate_in[:, d:]
+def _field(flat: Tensor, name: str, d: int, a: int, gate_hidden: int) -> Tensor:
+    """The flat view of one field (a pointer the kernels index themselves)."""
+    shapes = weight_shapes(d, a, gate_hidden)
+    i = PIMParams._fields.index(name)
+    offset = sum(math.prod(s) for s in shapes[:i])
+    return flat.narrow(0, offset, math.prod(shapes[i]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -856,29 +729,76 @@ def _p2t_small_backward(grad_p_tilde: Tensor, grad_mk: Tensor, grad_nv: Tensor, 
 # fewer fp32 atomic adds of [HKP, D] partials (one per program and D block); more programs mean
 # more parallelism for small batches.
 TARGET_PROGRAMS = 512
+# The per-image algebra kernels (pim_algebra): prompts padded to KP rows, the gate hidden layer
+# to GP, A to AP = max(16, next power of two); D in blocks of SMALL_BLOCK_D.
+KP = MAX_PROMPTS
+GP = MAX_GATE_HIDDEN
+SMALL_BLOCK_D = 16
+SMALL_WARPS = 8
 
 
-def _f32(x: Tensor) -> Tensor:
-    """A per-image matrix (Mq, Mk, Nv, Qexp, dG) as the kernels take it: fp32, contiguous. The
-    kernels split it into bf16 hi + lo parts on chip (``_mm_split``); rounding it to the input
-    dtype instead would cost the accuracy of high-norm tokens and sharp attention."""
-    return x.float().contiguous()
+# The per-image algebra kernels pad A to AP = MAX_WIDTH whatever A is: one configuration per
+# (HKP, dtype) to compile, at the cost of padded work in kernels that are small anyway.
+AP = MAX_WIDTH
 
 
-def _layout(z: Tensor, p: Tensor, num_heads: int):
-    b, t, d = z.shape
-    hkp = num_columns(num_heads, p.shape[1])
-    block_t, block_d, warps = launch_config(hkp, z.dtype)
-    return b, t, d, p.shape[1], hkp, block_t, block_d, warps
+def _state_fields(b: int, d: int, hkp: int, ap: int, key_cols: int) -> dict:
+    """name -> shape of what the forward keeps for the backward (fp32, one buffer): pass 1's G
+    and colsum, the softmax-over-T statistics m2, l2, and the per-image algebra's results."""
+    # every size but the last is a multiple of 16 elements: each field starts 64-byte aligned
+    return dict(g=(b, hkp, d), colsum=(b, hkp), m2=(b, hkp), l2=(b, hkp), mq=(b, d, hkp),
+                cq=(b, hkp), k1=(b, KP, ap), qk=(b, key_cols, hkp) if key_cols else (b, d, hkp),
+                nv=(b, hkp, d), pt32=(b, KP, d), msg=(b, KP, ap), q2=(b, KP, ap),
+                v2=(b, KP, ap), pre=(b, GP), alpha=(b,))
 
 
-def _keys_layout(z: Tensor, wk: Tensor) -> Tuple[int, Tensor]:
-    """(KEY_COLS, W'k^T [D,KEY_COLS] zero-padded, z dtype: exact, as the weight came in) for the
-    2-read path; (0, z) otherwise (a placeholder pointer the kernels never touch with KEY_COLS = 0)."""
-    key_cols = key_columns(z.shape[2], wk.shape[0], z.dtype)
-    if not key_cols:
-        return 0, z
-    return key_cols, F.pad(wk.t(), (0, key_cols - wk.shape[0])).to(z.dtype).contiguous()
+def _carve_size(fields: dict) -> int:
+    return sum(math.prod(s) for s in fields.values())
+
+
+def _carve(buf: Tensor, fields: dict) -> dict:
+    """Contiguous views of one flat buffer, one per field, in order (no gaps: every element of
+    the buffer is written, so that the state is a deterministic output of the op)."""
+    out, offset = {}, 0
+    for name, shape in fields.items():
+        n = math.prod(shape)
+        out[name] = buf.narrow(0, offset, n).view(shape)
+        offset += n
+    return out
+
+
+class _Layout:
+    """Sizes and launch choices of one call, shared by forward, backward and the fake impls."""
+
+    def __init__(self, z: Tensor, p: Tensor, num_heads: int, head_dim: int, gate_hidden: int):
+        self.b, self.t, self.d = z.shape
+        self.k, self.h, self.dh, self.gh = p.shape[1], num_heads, head_dim, gate_hidden
+        self.a = num_heads * head_dim
+        self.hkp = num_columns(num_heads, self.k)
+        self.ap = AP
+        self.block_t, self.block_d, self.warps = launch_config(self.hkp, z.dtype)
+        self.ntb = triton.cdiv(self.t, self.block_t)
+        self.n_chunks, self.chunk_blocks = _chunks(self.b, self.t, self.block_t)
+        self.t_pad = self.n_chunks * self.chunk_blocks * self.block_t
+        self.key_cols = key_columns(self.d, self.a, z.dtype)
+        self.mode = _dot_mode(z.dtype, z.device)
+        self.scale = 1.0 / math.sqrt(head_dim)
+        self.state_fields = _state_fields(self.b, self.d, self.hkp, self.ap, self.key_cols)
+        self.state_size = _carve_size(self.state_fields)
+
+    def big(self, **const):
+        """Launch options of the token kernels."""
+        return dict(BLOCK_T=self.block_t, BLOCK_D=self.block_d, HKP=self.hkp, DOT_MODE=self.mode,
+                    num_warps=self.warps, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS, **const)
+
+    def small(self, **const):
+        """Launch options of the per-image algebra kernels."""
+        return dict(BLOCK_D=SMALL_BLOCK_D, HKP=self.hkp, KP=KP, AP=self.ap, DOT_MODE=self.mode,
+                    num_warps=SMALL_WARPS, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS, **const)
+
+    def dims(self):
+        """(K, H, dh, G): the runtime sizes of the per-image algebra kernels."""
+        return self.k, self.h, self.dh, self.gh
 
 
 def _chunks(b: int, t: int, block_t: int) -> Tuple[int, int]:
@@ -889,184 +809,159 @@ def _chunks(b: int, t: int, block_t: int) -> Tuple[int, int]:
     return triton.cdiv(blocks, chunk_blocks), chunk_blocks
 
 
-@no_autocast  # the per-image algebra is fp32 by contract
-def _forward(z: Tensor, p: Tensor, weights: List[Tensor], num_heads: int, mean_reduce: bool,
-             return_attn: bool):
-    z = z.contiguous()
-    b, t, d, k, hkp, block_t, block_d, warps = _layout(z, p, num_heads)
-    ntb = triton.cdiv(t, block_t)
-    mode = _dot_mode(z.dtype, z.device)
-    P = PIMParams(*(x.float() for x in weights))
-    pf = p.float()
-    mq, cq, _ = _t2p_small(pf, P, num_heads, hkp)
-    mq, cq = _f32(mq), _f32(cq)
-    g = torch.zeros(b, hkp, d, device=z.device, dtype=torch.float32)
-    colsum = torch.zeros(b, hkp, device=z.device, dtype=torch.float32)
-    n_chunks, chunk_blocks = _chunks(b, t, block_t)
-    s1 = torch.empty(b, n_chunks * chunk_blocks * block_t, hkp, device=z.device, dtype=torch.float32)
-    key_cols, wk = _keys_layout(z, weights[PIMParams._fields.index("p2t_k_w")])
-    # 2-read forward: pass 1 also writes K2 = Z W'k^T in fp32 (else a placeholder the kernel ignores)
-    k2 = torch.empty(b, t, key_cols, device=z.device, dtype=torch.float32) if key_cols else z
-    _t2p_reduce_kernel[(b, n_chunks)](z, mq, cq, wk, s1, g, colsum, k2, t, d, k, num_heads,
-                                      chunk_blocks, BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp,
-                                      KEY_COLS=key_cols, DOT_MODE=mode, num_warps=warps,
-                                      num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS)
-    p_tilde, mk, nv, alpha, small = _p2t_small(g, colsum, pf, z[:, 0].float(), P, num_heads, hkp,
-                                               1.0 / t if mean_reduce else 1.0)
-    nv = _f32(nv)
-    mpart = torch.empty(b, ntb, hkp, device=z.device, dtype=torch.float32)
-    lpart = torch.empty_like(mpart)
-    if key_cols:  # logits2 = K2 Qexp: stats and update read K2 [T, KEY_COLS], not Z [T, D]
-        logits_in = (k2, _f32(_block_diagonal_queries(small["q2"], key_cols, hkp)))
-        logits_width = key_cols
-    else:
-        logits_in, logits_width = (z, _f32(mk)), d
-    _p2t_stats_kernel[(b, ntb)](*logits_in, mpart, lpart, t, logits_width, BLOCK_T=block_t,
-                                BLOCK_D=block_d, HKP=hkp, FROM_KEYS=bool(key_cols), DOT_MODE=mode,
-                                num_warps=warps, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS)
-    m2 = mpart.amax(dim=1)
-    l2 = (lpart * torch.exp(mpart - m2[:, None])).sum(dim=1)
-    out = torch.empty_like(z)
-    attn = torch.empty((b, num_heads, k, t) if return_attn else (0,), device=z.device,
-                       dtype=torch.float32)
-    _p2t_update_kernel[(b, ntb)](z, *logits_in, m2, l2, nv, P.p2t_o_b.contiguous(), alpha.contiguous(),
-                                 out, attn, t, d, logits_width, num_heads * k, int(return_attn),
-                                 BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp, FROM_KEYS=bool(key_cols),
-                                 DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES,
-                                 maxnreg=MAX_REGISTERS)
-    return out, p_tilde.to(p.dtype), attn, g, colsum, m2, l2
+def _f32(b: int, *shape: int, like: Tensor) -> Tensor:
+    return torch.empty((b,) + shape, device=like.device, dtype=torch.float32)
 
 
 @no_autocast
-def _backward(grad_out: Tensor, grad_p_tilde: Tensor, z: Tensor, p: Tensor, weights: List[Tensor],
-              g: Tensor, colsum: Tensor, m2: Tensor, l2: Tensor, num_heads: int, mean_reduce: bool):
-    z, y = z.contiguous(), grad_out.contiguous()
-    b, t, d, k, hkp, block_t, block_d, warps = _layout(z, p, num_heads)
-    mode = _dot_mode(z.dtype, z.device)
-    w = PIMParams(*(x.float() for x in weights))
-    pf, z0 = p.float(), z[:, 0].float()
+def _forward(z: Tensor, p: Tensor, w: Tensor, num_heads: int, head_dim: int, gate_hidden: int,
+             mean_reduce: bool, return_attn: bool):
+    """5 launches: per-image t2p algebra, pass 1, per-image p2t algebra, stats, update."""
+    z, p = z.contiguous(), p.contiguous()
+    L = _Layout(z, p, num_heads, head_dim, gate_hidden)
+    b, t, d = L.b, L.t, L.d
+    state = torch.empty(L.state_size, device=z.device, dtype=torch.float32)
+    st = _carve(state, L.state_fields)
     inv_tokens = 1.0 / t if mean_reduce else 1.0
-    # Recompute the small per-image matrices (cheap, O(B*K*D*A)) instead of saving them.
-    mq, cq, k1 = _t2p_small(pf, w, num_heads, hkp)
-    _, mk, nv, alpha, saved = _p2t_small(g, colsum, pf, z0, w, num_heads, hkp, inv_tokens)
-    mq, mk, nv, cq = _f32(mq), _f32(mk), _f32(nv), _f32(cq)
-    alpha = alpha.contiguous()
-    # logits2 exactly as the forward's softmax statistics saw them (K2 Qexp on the 2-read path)
-    key_cols, wk = _keys_layout(z, weights[PIMParams._fields.index("p2t_k_w")])
-    qexp = _f32(_block_diagonal_queries(saved["q2"], key_cols, hkp)) if key_cols else mk
+    _t2p_small_kernel[(b,)](p, w, st["mq"], st["cq"], st["k1"], st["g"], st["colsum"], d, *L.dims(),
+                            L.scale, **L.small())
+    s1 = _f32(b, L.t_pad, L.hkp, like=z)
+    wk = _field(w, "p2t_k_w", d, L.a, gate_hidden)
+    # 2-read forward: pass 1 also writes K2 = Z W'k^T in fp32 (else a placeholder the kernel ignores)
+    k2 = _f32(b, t, L.key_cols, like=z) if L.key_cols else z
+    _t2p_reduce_kernel[(b, L.n_chunks)](z, st["mq"], st["cq"], wk, s1, st["g"], st["colsum"], k2, t,
+                                        d, L.k, L.h, L.a, L.chunk_blocks,
+                                        **L.big(KEY_COLS=L.key_cols))
+    p_tilde = torch.empty_like(p)
+    _p2t_small_kernel[(b,)](p, z, w, st["g"], st["colsum"], p_tilde, st["pt32"], st["msg"], st["q2"],
+                            st["v2"], st["pre"], st["alpha"], st["qk"], st["nv"], t, d, *L.dims(),
+                            L.key_cols, L.scale, inv_tokens, **L.small(GP=GP))
+    # logits2 = K2 Qexp (2-read path: stats and update read K2 [T, KEY_COLS], not Z) or Z Mk
+    logits_in, width = ((k2, st["qk"]), L.key_cols) if L.key_cols else ((z, st["qk"]), d)
+    mpart, lpart = _f32(2, b, L.ntb, L.hkp, like=z).unbind(0)
+    _p2t_stats_kernel[(b, L.ntb)](*logits_in, mpart, lpart, t, width,
+                                  **L.big(FROM_KEYS=bool(L.key_cols)))
+    out = torch.empty_like(z)
+    attn = torch.empty((b, L.h, L.k, t) if return_attn else (0,), device=z.device,
+                       dtype=torch.float32)
+    _p2t_update_kernel[(b, L.ntb)](z, *logits_in, mpart, lpart, st["m2"], st["l2"], st["nv"],
+                                   _field(w, "p2t_o_b", d, L.a, gate_hidden), st["alpha"], out, attn,
+                                   t, d, width, L.h * L.k, int(return_attn),
+                                   **L.big(FROM_KEYS=bool(L.key_cols)))
+    return out, p_tilde, attn, state
 
-    # Pass A: prompt->token reductions over (Z, dZ_out).
-    e, f1, f2, g1 = torch.zeros(4, b, hkp, d, device=z.device, dtype=torch.float32)
-    ysum = torch.zeros(b, d, device=z.device, dtype=torch.float32)
-    delta = torch.zeros(b, hkp, device=z.device, dtype=torch.float32)  # sum_t S2[c,t] (y_t . Nv[c])
-    n_chunks, chunk_blocks = _chunks(b, t, block_t)
-    s2 = torch.empty(b, n_chunks * chunk_blocks * block_t, hkp, device=z.device, dtype=torch.float32)
+
+def _accumulator_fields(L: _Layout, n_weights: int) -> dict:
+    """The backward's atomic accumulators, zeroed together in one buffer: pass A's E, F1, F2, G1,
+    sum_t dY, delta; pass C's dMq and B's dcq; the flat weight gradient."""
+    b, d, hkp = L.b, L.d, L.hkp
+    # dw first (an output: storage offset 0), padded so that the rest starts 64-byte aligned
+    return dict(dw=(n_weights,), pad=(-n_weights % 16,), e=(b, hkp, d), f1=(b, hkp, d),
+                f2=(b, hkp, d), g1=(b, hkp, d), ysum=(b, d), delta=(b, hkp), dmq=(b, d, hkp),
+                dcq=(b, hkp))
+
+
+@no_autocast
+def _backward(grad_out: Tensor, grad_p_tilde: Optional[Tensor], z: Tensor, p: Tensor, w: Tensor,
+              state: Tensor, num_heads: int, head_dim: int, gate_hidden: int, mean_reduce: bool):
+    """6 launches: zero the accumulators, pass A, p2t algebra backward, pass B (dZ), pass C,
+    t2p algebra backward. -> dz [B,T,D], dp [B,K,D], dw [N] (fp32, the flat layout)."""
+    z, y, p = z.contiguous(), grad_out.contiguous(), p.contiguous()
+    L = _Layout(z, p, num_heads, head_dim, gate_hidden)
+    b, t, d = L.b, L.t, L.d
+    st = _carve(state, L.state_fields)
+    fields = _accumulator_fields(L, w.numel())
+    acc = _carve(torch.zeros(_carve_size(fields), device=z.device, dtype=torch.float32), fields)
+    inv_tokens = 1.0 / t if mean_reduce else 1.0
+    wk = _field(w, "p2t_k_w", d, L.a, gate_hidden)
+    # Pass A: prompt->token reductions over (Z, dZ_out); st["qk"] is Qexp or Mk (KEY_COLS)
+    s2 = _f32(b, L.t_pad, L.hkp, like=z)
     ws2 = torch.empty_like(s2)
-    _p2t_grad_reduce_kernel[(b, n_chunks)](z, y, mk, wk, qexp, nv, m2, l2, s2, ws2, e, f1, f2, g1,
-                                           ysum, delta, t, d, chunk_blocks,
-                                           BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp,
-                                           KEY_COLS=key_cols, DOT_MODE=mode, num_warps=warps,
-                                           num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS)
-    # z_out = Z + alpha (S2^T Nv + b'o): closed-form gradients of Nv, Mk, alpha, b'o
-    grad_nv = alpha[:, None, None] * e
-    grad_mk = (alpha[:, None, None] * (f1 + (g1 - delta[..., None] * f2))).transpose(1, 2)
-    grad_alpha = delta.sum(dim=1) + ysum @ w.p2t_o_b
-    grads = {"p2t_o_b": (alpha[:, None] * ysum).sum(dim=0)}
-    grad_g, grad_colsum, grad_p, grad_z0 = _p2t_small_backward(
-        grad_p_tilde.float(), grad_mk, grad_nv, grad_alpha, alpha, saved, w, inv_tokens, hkp, grads)
-
-    # Pass B: dZ, and the token-side reductions of the token->prompt backward.
+    _p2t_grad_reduce_kernel[(b, L.n_chunks)](
+        z, y, st["qk"], wk, st["qk"], st["nv"], st["m2"], st["l2"], s2, ws2, acc["e"], acc["f1"],
+        acc["f2"], acc["g1"], acc["ysum"], acc["delta"], t, d, L.a, L.chunk_blocks,
+        **L.big(KEY_COLS=L.key_cols))
+    dg, dpt = _f32(b, L.hkp, d, like=z), _f32(b, KP, d, like=z)
+    dcolsum, dz0 = _f32(b, L.hkp, like=z), _f32(b, d, like=z)
+    has_gpt = grad_p_tilde is not None
+    gpt = grad_p_tilde.contiguous() if has_gpt else p  # placeholder when p_tilde got no gradient
+    _p2t_small_grad_kernel[(b,)](
+        z, w, gpt, int(has_gpt), acc["e"], acc["f1"], acc["f2"], acc["g1"], acc["delta"],
+        acc["ysum"], st["g"], st["colsum"], st["pt32"], st["msg"], st["q2"], st["v2"], st["pre"],
+        st["alpha"], dg, dcolsum, dz0, dpt, acc["dw"], t, d, *L.dims(), L.scale, inv_tokens,
+        **L.small(GP=GP))
+    # Pass B: dZ, and the token-side reductions of the token->prompt backward
     dz = torch.empty_like(z)
-    grad_mq = torch.zeros(b, d, hkp, device=z.device, dtype=torch.float32)
-    grad_cq = torch.zeros_like(cq)
-    t_pad = s2.shape[1]
     dl1 = s2  # pass A's scratch is free again
-    _grad_z_kernel[(b, triton.cdiv(t, block_t))](
-        z, y, mq, cq, mk, wk, qexp, nv, m2, l2, alpha, delta, _f32(grad_g),
-        _f32(grad_colsum), _f32(grad_z0), dz, dl1, grad_cq, t, d, k, num_heads, t_pad, BLOCK_T=block_t,
-        BLOCK_D=block_d, HKP=hkp, KEY_COLS=key_cols, DOT_MODE=mode, num_warps=warps,
-        num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS)
-    _t2p_grad_reduce_kernel[(b, n_chunks)](z, dl1, grad_mq, t, d, t_pad, chunk_blocks,
-                                           BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp,
-                                           DOT_MODE=mode, num_warps=warps, num_stages=NUM_STAGES,
-                                           maxnreg=MAX_REGISTERS)
-    grad_p = grad_p + _t2p_small_backward(grad_mq, grad_cq, pf, k1, w, grads)
-    return [dz, grad_p.to(p.dtype)] + [grads[n].to(x.dtype).reshape(x.shape)
-                                       for n, x in zip(PIMParams._fields, weights)]
+    _grad_z_kernel[(b, L.ntb)](
+        z, y, st["mq"], st["cq"], st["qk"], wk, st["qk"], st["nv"], st["m2"], st["l2"],
+        st["alpha"], acc["delta"], dg, dcolsum, dz0, dz, dl1, acc["dcq"], t, d, L.k, L.h, L.a,
+        L.t_pad, **L.big(KEY_COLS=L.key_cols))
+    _t2p_grad_reduce_kernel[(b, L.n_chunks)](z, dl1, acc["dmq"], t, d, L.t_pad, L.chunk_blocks,
+                                             **L.big())
+    dp = torch.empty_like(p)
+    _t2p_small_grad_kernel[(b,)](p, w, acc["dmq"], acc["dcq"], st["k1"], dpt, dp, acc["dw"], d,
+                                 *L.dims(), L.scale, **L.small())
+    return dz, dp, acc["dw"]
 
 
 # --------------------------------------------------------------------------------------------
 # Custom ops + autograd
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("avpt::pim_forward", mutates_args=())
-def pim_forward_op(z: Tensor, p: Tensor, weights: List[Tensor], num_heads: int, mean_reduce: bool,
-                   return_attn: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """-> z_out [B,T,D], p_tilde [B,K,D], attn [B,H,K,T] fp32 (or [0]), and what backward needs:
-    G [B,HKP,D], colsum [B,HKP], softmax-over-T max and sum m2, l2 [B,HKP] (all fp32)."""
-    return _forward(z, p, weights, num_heads, mean_reduce, return_attn)
+def pim_forward_op(z: Tensor, p: Tensor, w: Tensor, num_heads: int, head_dim: int,
+                   gate_hidden: int, mean_reduce: bool,
+                   return_attn: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """z [B,T,D], p [B,K,D], w [N] fp32 (``pack_weights`` layout) -> z_out [B,T,D],
+    p_tilde [B,K,D], attn [B,H,K,T] fp32 (or [0]), and the fp32 state [S] the backward reads."""
+    return _forward(z, p, w, num_heads, head_dim, gate_hidden, mean_reduce, return_attn)
 
 
 @pim_forward_op.register_fake
-def _(z, p, weights, num_heads, mean_reduce, return_attn):
-    b, t, d = z.shape
-    k = p.shape[1]
-    hkp = num_columns(num_heads, k)
-    f32 = dict(device=z.device, dtype=torch.float32)
-    attn = z.new_empty((b, num_heads, k, t) if return_attn else (0,), dtype=torch.float32)
-    return (torch.empty_like(z), torch.empty_like(p), attn, z.new_empty(b, hkp, d, **f32),
-            z.new_empty(b, hkp, **f32), z.new_empty(b, hkp, **f32),
-            z.new_empty(b, hkp, **f32))
+def _(z, p, w, num_heads, head_dim, gate_hidden, mean_reduce, return_attn):
+    L = _Layout(z, p, num_heads, head_dim, gate_hidden)
+    attn = z.new_empty((L.b, num_heads, L.k, L.t) if return_attn else (0,), dtype=torch.float32)
+    return (torch.empty_like(z), torch.empty_like(p), attn,
+            z.new_empty(L.state_size, dtype=torch.float32))
 
 
 @torch.library.custom_op("avpt::pim_backward", mutates_args=())
-def pim_backward_op(grad_out: Tensor, grad_p_tilde: Tensor, z: Tensor, p: Tensor,
-                    weights: List[Tensor], g: Tensor, colsum: Tensor, m2: Tensor, l2: Tensor,
-                    num_heads: int, mean_reduce: bool) -> List[Tensor]:
-    """-> [dz, dp, d(each weight)] of pim_forward_op."""
-    return _backward(grad_out, grad_p_tilde, z, p, weights, g, colsum, m2, l2, num_heads, mean_reduce)
+def pim_backward_op(grad_out: Tensor, grad_p_tilde: Optional[Tensor], z: Tensor, p: Tensor,
+                    w: Tensor, state: Tensor, num_heads: int, head_dim: int, gate_hidden: int,
+                    mean_reduce: bool) -> Tuple[Tensor, Tensor, Tensor]:
+    """-> dz, dp, dw (fp32 [N]) of pim_forward_op."""
+    return _backward(grad_out, grad_p_tilde, z, p, w, state, num_heads, head_dim, gate_hidden,
+                     mean_reduce)
 
 
 @pim_backward_op.register_fake
-def _(grad_out, grad_p_tilde, z, p, weights, g, colsum, m2, l2, num_heads, mean_reduce):
-    return [torch.empty_like(z), torch.empty_like(p)] + [torch.empty_like(w) for w in weights]
+def _(grad_out, grad_p_tilde, z, p, w, state, num_heads, head_dim, gate_hidden, mean_reduce):
+    return torch.empty_like(z), torch.empty_like(p), torch.empty_like(w)
 
 
 def _setup_context(ctx, inputs, output):
-    z, p, weights, num_heads, mean_reduce, _ = inputs
-    _, _, attn, g, colsum, m2, l2 = output
-    ctx.save_for_backward(z, p, g, colsum, m2, l2, *weights)
-    ctx.num_heads, ctx.mean_reduce = num_heads, mean_reduce
-    ctx.mark_non_differentiable(attn, g, colsum, m2, l2)
+    z, p, w, num_heads, head_dim, gate_hidden, mean_reduce, _ = inputs
+    ctx.save_for_backward(z, p, w, output[3])
+    ctx.sizes = (num_heads, head_dim, gate_hidden, mean_reduce)
+    ctx.mark_non_differentiable(output[2], output[3])
 
 
 def _backward_formula(ctx, grad_out, grad_p_tilde, *unused):
-    z, p, g, colsum, m2, l2, *weights = ctx.saved_tensors
+    z, p, w, state = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(z)
-    if grad_p_tilde is None:
-        grad_p_tilde = torch.zeros_like(p)
-    grads = pim_backward_op(grad_out, grad_p_tilde, z, p, weights, g, colsum, m2, l2,
-                            ctx.num_heads, ctx.mean_reduce)
-    return grads[0], grads[1], grads[2:], None, None, None
+    dz, dp, dw = pim_backward_op(grad_out, grad_p_tilde, z, p, w, state, *ctx.sizes)
+    return dz, dp, dw, None, None, None, None, None
 
 
 pim_forward_op.register_autograd(_backward_formula, setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------
-# Public entry point
+# Public entry points
 # --------------------------------------------------------------------------------------------
-def pim(z: Tensor, p: Tensor, params: PIMParams, num_heads: int, t2p_reduce: str = "sum",
-        return_attn: bool = False, *, backend: Optional[str] = None):
-    """PIM, Eqs. 5-10: token->prompt then prompt->token cross-attention and a gated residual.
-
-    z [B,T,D] tokens (class token at index 0), p [B,K,D] prompts, params: ``PIMParams``
-    (nn.Linear layout), ``num_heads`` heads of width A / num_heads, scale 1/sqrt(head width).
-    ``t2p_reduce``: "sum" (Eq. 6 as written) or "mean" (divide the token sum by T).
-    Returns ``(z_out [B,T,D], p_tilde [B,K,D])`` and, with ``return_attn``, the prompt->token
-    attention ``[B,H,K,T]`` (for rollout, Eq. 18; fp32, and not differentiated on the Triton path).
-    """
-    check_args(z, p, params, num_heads, t2p_reduce)
+def _pick_backend(z: Tensor, p: Tensor, params: PIMParams, num_heads: int,
+                  backend: Optional[str]) -> str:
     name = resolve("pim", z.device, backend, has_triton=HAS_TRITON)
     if name == "triton":
         reason = triton_unsupported_reason(z, p, params, num_heads)
@@ -1075,70 +970,141 @@ def pim(z: Tensor, p: Tensor, params: PIMParams, num_heads: int, t2p_reduce: str
                 raise ValueError(f"pim: backend='triton' does not support {reason}; "
                                  f"use backend='torch' or 'auto'")
             name = "torch"
-    if name == "torch":
-        return reference.pim(z, p, params, num_heads, t2p_reduce, return_attn)
-    z_out, p_tilde, attn, *_ = pim_forward_op(z, p, list(params), num_heads, t2p_reduce == "mean",
-                                              return_attn)
+    return name
+
+
+def _fused(z: Tensor, p: Tensor, flat: Tensor, params: PIMParams, num_heads: int,
+           t2p_reduce: str, return_attn: bool):
+    a, gate_hidden = params.t2p_q_w.shape[0], params.gate_w1.shape[0]
+    w = flat.float()  # the kernels read fp32 weights: a no-op for fp32 (master) weights
+    z_out, p_tilde, attn, _ = pim_forward_op(z, p, w, num_heads, a // num_heads, gate_hidden,
+                                             t2p_reduce == "mean", return_attn)
     return (z_out, p_tilde, attn) if return_attn else (z_out, p_tilde)
+
+
+def pim(z: Tensor, p: Tensor, params: PIMParams, num_heads: int, t2p_reduce: str = "sum",
+        return_attn: bool = False, *, backend: Optional[str] = None):
+    """PIM, Eqs. 5-10: token->prompt then prompt->token cross-attention and a gated residual.
+
+    z [B,T,D] tokens (class token at index 0), p [B,K,D] prompts, params: ``PIMParams``
+    (nn.Linear layout; in z's dtype or float32 master weights), ``num_heads`` heads of width
+    A / num_heads, scale 1/sqrt(head width). ``t2p_reduce``: "sum" (Eq. 6 as written) or "mean"
+    (divide the token sum by T). Returns ``(z_out [B,T,D], p_tilde [B,K,D])`` and, with
+    ``return_attn``, the prompt->token attention ``[B,H,K,T]`` (for rollout, Eq. 18; fp32, and
+    not differentiated on the Triton path). The Triton path packs the weights into one vector
+    first (one copy); ``pim_packed`` takes them packed.
+    """
+    check_args(z, p, params, num_heads, t2p_reduce)
+    if _pick_backend(z, p, params, num_heads, backend) == "torch":
+        return reference.pim(z, p, params, num_heads, t2p_reduce, return_attn)
+    return _fused(z, p, pack_weights(params), params, num_heads, t2p_reduce, return_attn)
+
+
+def pim_packed(z: Tensor, p: Tensor, weights: Tensor, num_heads: int, head_dim: int,
+               gate_hidden: int, t2p_reduce: str = "sum", return_attn: bool = False, *,
+               backend: Optional[str] = None):
+    """``pim`` with the weights packed in one flat vector ``weights`` [N] (``pack_weights``
+    layout, ``packed_size(D, num_heads * head_dim, gate_hidden)`` elements): what
+    ``PromptTokenInteraction`` calls. The Triton path reads the vector in place (fp32: no copy,
+    no per-weight cast) and returns its gradient as one vector."""
+    _checks.tensor(z, "z", 3, "[B, T, D]")
+    _checks.tensor(weights, "weights", 1, "[N] (pack_weights layout)")
+    for name, value in dict(head_dim=head_dim, gate_hidden=gate_hidden).items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+    d = z.shape[2]
+    want = packed_size(d, num_heads * head_dim, gate_hidden)
+    if weights.numel() != want:
+        raise ValueError(f"weights must have {want} elements (D={d}, A={num_heads * head_dim}, "
+                         f"G={gate_hidden}: see packed_size), got {weights.numel()}")
+    params = unpack_weights(weights, d, num_heads * head_dim, gate_hidden)
+    check_args(z, p, params, num_heads, t2p_reduce)
+    if _pick_backend(z, p, params, num_heads, backend) == "torch":
+        return reference.pim(z, p, params, num_heads, t2p_reduce, return_attn)
+    return _fused(z, p, weights, params, num_heads, t2p_reduce, return_attn)
 
 
 # --------------------------------------------------------------------------------------------
 # Ahead-of-time configurations
 # --------------------------------------------------------------------------------------------
-def _key_widths(dtype: torch.dtype) -> dict:
-    """HKP -> the KEY_COLS values (0 = 3-read path) the launchers can pair with it for dtype."""
-    widths = {}
+def _layouts(dtype: torch.dtype) -> dict:
+    """HKP -> the (AP, KEY_COLS) pairs (KEY_COLS 0: 3-read path) the launchers can pair with it
+    for dtype, over every supported head count, prompt count, head width and D."""
+    found = {}
     for h in range(1, MAX_COLUMNS[dtype] + 1):
         for k in range(1, min(MAX_PROMPTS, MAX_COLUMNS[dtype] // h) + 1):
-            hkp = num_columns(h, k)
-            found = widths.setdefault(hkp, {0})
-            found.update(key_columns(MAX_DIM, h * dh, dtype) for dh in range(HEAD_WIDTHS[0], HEAD_WIDTHS[1] + 1))
-    return {hkp: sorted(found) for hkp, found in sorted(widths.items())}
+            pairs = found.setdefault(num_columns(h, k), set())
+            for dh in range(HEAD_WIDTHS[0], min(HEAD_WIDTHS[1], MAX_WIDTH // h) + 1):
+                pairs.update({(AP, 0), (AP, key_columns(MAX_DIM, h * dh, dtype))})
+    return {hkp: sorted(pairs) for hkp, pairs in sorted(found.items()) if pairs}
 
 
 def aot_configs():
     """Every kernel configuration the launchers can select: HKP in {16, ..., MAX_COLUMNS} x input
-    dtype, each with the (BLOCK_T, BLOCK_D, num_warps) that launch_config picks for it, and for
-    the kernels that build K2 = Z W'k^T, every KEY_COLS that HKP can come with (0: 3-read path)."""
+    dtype, each with the (BLOCK_T, BLOCK_D, num_warps) that launch_config picks for it; for the
+    kernels that build K2 = Z W'k^T every KEY_COLS that HKP can come with (0: 3-read path), and
+    for the per-image algebra kernels every AP (and KEY_COLS) it can come with."""
     from .aot import KernelConfig
 
     configs = []
     for dtype, mode in _DOT_MODE.items():
         zp = "*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-        for hkp, key_widths in _key_widths(dtype).items():
+        for hkp, pairs in _layouts(dtype).items():
             block_t, block_d, warps = launch_config(hkp, dtype)
 
-            def add(fn, key_cols=None, FROM_KEYS=None, **sig):
-                const = dict(BLOCK_T=block_t, BLOCK_D=block_d, HKP=hkp, DOT_MODE=mode)
-                if key_cols is not None:
-                    const["KEY_COLS"] = key_cols
-                if FROM_KEYS is not None:
-                    const["FROM_KEYS"] = FROM_KEYS
+            def add(fn, small=False, const=None, **sig):
+                const = dict(const or {})
+                if small:
+                    const.update(BLOCK_D=SMALL_BLOCK_D, KP=KP)
+                else:
+                    const.update(BLOCK_T=block_t, BLOCK_D=block_d)
+                const.update(HKP=hkp, DOT_MODE=mode)
                 types = {n: ("*fp32" if v == "f" else zp if v == "z" else v) for n, v in sig.items()}
                 configs.append(KernelConfig(fn, {**types, **{c: "constexpr" for c in const}}, const,
-                                            num_warps=warps, num_stages=NUM_STAGES,
-                                            maxnreg=MAX_REGISTERS))
+                                            num_warps=SMALL_WARPS if small else warps,
+                                            num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS))
 
-            for kc in key_widths:
-                add(_t2p_reduce_kernel, kc, z_ptr="z", mq_ptr="f", cq_ptr="f", wk_ptr="z",
+            for kc in sorted({kc for _, kc in pairs}):
+                add(_t2p_reduce_kernel, z_ptr="z", mq_ptr="f", cq_ptr="f", wk_ptr="f",
                     s1_ptr="f", g_ptr="f", colsum_ptr="f", k2_ptr="f", T="i32", D="i32", K="i32",
-                    H="i32", chunk_blocks="i32")
-                add(_p2t_grad_reduce_kernel, kc, z_ptr="z", y_ptr="z", mk_ptr="f", wk_ptr="z",
+                    H="i32", A="i32", chunk_blocks="i32", const=dict(KEY_COLS=kc))
+                add(_p2t_grad_reduce_kernel, z_ptr="z", y_ptr="z", mk_ptr="f", wk_ptr="f",
                     qexp_ptr="f", nv_ptr="f", m2_ptr="f", l2_ptr="f", s2_ptr="f", ws2_ptr="f",
                     e_ptr="f", f1_ptr="f", f2_ptr="f", g1_ptr="f", ysum_ptr="f", delta_ptr="f",
-                    T="i32", D="i32", chunk_blocks="i32")
-                add(_grad_z_kernel, kc, z_ptr="z", y_ptr="z", mq_ptr="f", cq_ptr="f", mk_ptr="f",
-                    wk_ptr="z", qexp_ptr="f", nv_ptr="f", m2_ptr="f", l2_ptr="f", alpha_ptr="f",
+                    T="i32", D="i32", A="i32", chunk_blocks="i32", const=dict(KEY_COLS=kc))
+                add(_grad_z_kernel, z_ptr="z", y_ptr="z", mq_ptr="f", cq_ptr="f", mk_ptr="f",
+                    wk_ptr="f", qexp_ptr="f", nv_ptr="f", m2_ptr="f", l2_ptr="f", alpha_ptr="f",
                     delta_ptr="f", dg_ptr="f", dcolsum_ptr="f", dz0_ptr="f", dz_ptr="z", dl1_ptr="f",
-                    dcq_ptr="f", T="i32", D="i32", K="i32", H="i32", t_pad="i32")
-            for from_keys in sorted({kc > 0 for kc in key_widths}):
+                    dcq_ptr="f", T="i32", D="i32", K="i32", H="i32", A="i32", t_pad="i32",
+                    const=dict(KEY_COLS=kc))
+            for from_keys in sorted({kc > 0 for _, kc in pairs}):
                 # FROM_KEYS: logits2 from K2 (fp32) on the 2-read path, else from Z
                 x_type = "f" if from_keys else "z"
-                add(_p2t_stats_kernel, None, x_ptr=x_type, m_ptr="f", mpart_ptr="f",
-                    lpart_ptr="f", T="i32", W="i32", FROM_KEYS=from_keys)
-                add(_p2t_update_kernel, None, z_ptr="z", x_ptr=x_type, m_ptr="f", m2_ptr="f",
-                    l2_ptr="f", nv_ptr="f", bo_ptr="f", alpha_ptr="f", out_ptr="z", attn_ptr="f",
-                    T="i32", D="i32", W="i32", HK="i32", return_attn="i32", FROM_KEYS=from_keys)
+                add(_p2t_stats_kernel, x_ptr=x_type, m_ptr="f", mpart_ptr="f",
+                    lpart_ptr="f", T="i32", W="i32", const=dict(FROM_KEYS=from_keys))
+                add(_p2t_update_kernel, z_ptr="z", x_ptr=x_type, m_ptr="f", mpart_ptr="f",
+                    lpart_ptr="f", m2_ptr="f", l2_ptr="f", nv_ptr="f", bo_ptr="f", alpha_ptr="f",
+                    out_ptr="z", attn_ptr="f", T="i32", D="i32", W="i32", HK="i32",
+                    return_attn="i32", const=dict(FROM_KEYS=from_keys))
             add(_t2p_grad_reduce_kernel, z_ptr="z", dl1_ptr="f", dmq_ptr="f", T="i32", D="i32",
                 t_pad="i32", chunk_blocks="i32")
+            dims = dict(K="i32", H="i32", dh="i32", GH="i32", scale="fp32")
+            for ap in (AP,):
+                add(_t2p_small_kernel, True, p_ptr="z", w_ptr="f", mq_ptr="f", cq_ptr="f",
+                    k1_ptr="f", g_ptr="f", colsum_ptr="f", D="i32", **dims, const=dict(AP=ap))
+                add(_p2t_small_grad_kernel, True, z_ptr="z", w_ptr="f", gpt_ptr="z", has_gpt="i32",
+                    e_ptr="f", f1_ptr="f", f2_ptr="f", g1_ptr="f", delta_ptr="f", ysum_ptr="f",
+                    g_ptr="f", colsum_ptr="f", pt32_ptr="f", msg_ptr="f", q2_ptr="f", v2_ptr="f",
+                    pre_ptr="f", alpha_ptr="f", dg_ptr="f", dcolsum_ptr="f", dz0_ptr="f",
+                    dpt_ptr="f", dw_ptr="f", T="i32", D="i32", **dims, inv_tokens="fp32",
+                    const=dict(AP=ap, GP=GP))
+                add(_t2p_small_grad_kernel, True, p_ptr="z", w_ptr="f", dmq_ptr="f", dcq_ptr="f",
+                    k1_ptr="f", dpt_ptr="f", dp_ptr="z", dw_ptr="f", D="i32", **dims, const=dict(AP=ap))
+                add(_p2t_small_kernel, True, p_ptr="z", z_ptr="z", w_ptr="f", g_ptr="f",
+                    colsum_ptr="f", p_tilde_ptr="z", pt32_ptr="f", msg_ptr="f", q2_ptr="f",
+                    v2_ptr="f", pre_ptr="f", alpha_ptr="f", qk_ptr="f", nv_ptr="f", T="i32",
+                    D="i32", K="i32", H="i32", dh="i32", GH="i32", key_cols="i32", scale="fp32",
+                    inv_tokens="fp32", const=dict(AP=ap, GP=GP))
     return configs

@@ -197,12 +197,16 @@ def test_module_triton_equals_torch_backend():
 
 def test_opcheck_custom_ops():
     z, p, w = _inputs(2, 18, 16, 3, 2, 8, seed=13)
+    flat = pim_mod.pack_weights(w).detach().requires_grad_(True)
+    sizes = (2, 8, 8)  # heads, head width, gate hidden
     for mean, attn in ((False, False), (True, True)):
-        torch.library.opcheck(torch.ops.avpt.pim_forward.default, (z, p, list(w), 2, mean, attn))
-    out = torch.ops.avpt.pim_forward(z, p, list(w), 2, False, False)
+        torch.library.opcheck(torch.ops.avpt.pim_forward.default, (z, p, flat, *sizes, mean, attn))
+    out = torch.ops.avpt.pim_forward(z, p, flat, *sizes, False, False)
     gz, gp = torch.randn_like(out[0]), torch.randn_like(out[1])
-    torch.library.opcheck(torch.ops.avpt.pim_backward.default,
-                          (gz, gp, z.detach(), p.detach(), [x.detach() for x in w], *out[3:], 2, False))
+    for grad_p_tilde in (gp, None):  # None: p_tilde unused downstream
+        torch.library.opcheck(torch.ops.avpt.pim_backward.default,
+                              (gz, grad_p_tilde, z.detach(), p.detach(), flat.detach(),
+                               out[3].detach(), *sizes, False))
 
 
 def test_torch_compile_fullgraph_forward_and_backward():

@@ -112,7 +112,7 @@ class PromptTokenInteraction(nn.Module):
         self.t2p_reduce, self.backend = t2p_reduce, backend
         self.packed = nn.Parameter(torch.empty(packed_size(dim, num_heads * head_dim, gate_hidden)))
         self.reset_parameters()
-        self._register_load_state_dict_pre_hook(_load_linear_layout)
+        self._register_load_state_dict_pre_hook(_load_linear_layout, with_module=True)
 
     def reset_parameters(self) -> None:
         """nn.Linear's initialisation per projection, in nn.Linear construction order; p2t_o = 0."""

@@ -212,9 +212,11 @@ def test_modules_under_autocast_are_the_op_on_cast_inputs(op, backend_name):
         module = _randomise(ak.PromptTokenInteraction(32, 2, 16, 8, backend=backend_name))
         z = torch.randn(2, 17, 32, device=DEVICE, requires_grad=True)
         p = torch.randn(2, 3, 32, device=DEVICE, requires_grad=True)
-        leaves = [z, p, *module.params()]
-        manual = lambda: ak.pim(z.to(bf), p.to(bf), ak.PIMParams(*(w.to(bf) for w in  # noqa: E731
-                                module.params())), 2, return_attn=True, backend=backend_name)
+        leaves = [z, p, module.packed]
+        # the module casts the tokens only: its weights stay fp32 master weights (one packed
+        # vector the kernels read in place)
+        manual = lambda: ak.pim(z.to(bf), p.to(bf), module.params(), 2,  # noqa: E731
+                                return_attn=True, backend=backend_name)
         forward = lambda: module(z, p, return_attn=True)  # noqa: E731
 
     with torch.autocast(DEVICE, dtype=bf):
@@ -238,7 +240,7 @@ def test_pim_forward_with_casts_like_forward():
         a = m(z, p, return_attn=True)
         b = m.forward_with(m.params(), z, p, return_attn=True)
         shut = m.forward_with(m.params()._replace(
-            gate_b2=torch.full_like(m.gate[2].bias, float("-inf"))), z, p)
+            gate_b2=torch.full_like(m.params().gate_b2, float("-inf"))), z, p)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
     assert shut[0].dtype == torch.bfloat16 and torch.equal(shut[0], z.to(torch.bfloat16))
@@ -329,15 +331,17 @@ def test_training_step_pim_calls_under_autocast_obey_the_bounded_error_rule(monk
 
     calls = []
 
-    def recording_pim(z, p, params, num_heads, t2p_reduce="sum", return_attn=False, **kw):
-        out = ak.pim(z, p, params, num_heads, t2p_reduce, return_attn, **kw)
-        calls.append((z.detach(), p.detach(), [w.detach() for w in params], num_heads, t2p_reduce,
-                      out[:2]))
+    def recording_pim(z, p, weights, num_heads, head_dim, gate_hidden, t2p_reduce="sum",
+                      return_attn=False, **kw):
+        out = ak.pim_packed(z, p, weights, num_heads, head_dim, gate_hidden, t2p_reduce,
+                            return_attn, **kw)
+        params = ak.unpack_weights(weights.detach(), z.shape[2], num_heads * head_dim, gate_hidden)
+        calls.append((z.detach(), p.detach(), list(params), num_heads, t2p_reduce, out[:2]))
         for o in out[:2]:
             o.retain_grad()
         return out
 
-    monkeypatch.setattr(modules, "pim", recording_pim)
+    monkeypatch.setattr(modules, "pim_packed", recording_pim)
     model = _tiny_avpt("torch").train()
     images, maps, labels, masks, modality = _batch()
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
@@ -358,7 +362,7 @@ def test_training_step_pim_calls_under_autocast_obey_the_bounded_error_rule(monk
 
     zero = {"t2p_k_b": "t2p_k_w", "p2t_k_b": "p2t_k_w"}
     for i, (z, p, w, h, reduce, outs) in enumerate(calls):
-        assert z.dtype == torch.bfloat16 and w[0].dtype == torch.bfloat16
+        assert z.dtype == torch.bfloat16 and w[0].dtype == torch.float32  # fp32 master weights
         grads = tuple(torch.zeros_like(o) if o.grad is None else o.grad for o in outs)
         assert_bounded_error(run(z, p, w, h, reduce, grads, "triton"),
                              run(z, p, w, h, reduce, grads, "torch"),

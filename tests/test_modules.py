@@ -12,8 +12,9 @@ from . import independent
 
 def _randomise(module):
     g = torch.Generator().manual_seed(3)
+    tensors = module.params() if hasattr(module, "params") else module.parameters()  # PIM: views
     with torch.no_grad():
-        for p in module.parameters():
+        for p in tensors:
             p.copy_(torch.randn(p.shape, generator=g) * (p.shape[-1] ** -0.5 if p.dim() > 1 else 0.1))
     return module
 
@@ -33,21 +34,36 @@ def test_pim_module_forward_and_grads(b, t, d, k, h, dh, backend_name):
     for name, x, y in zip(("z_out", "p_tilde", "attn"), (z_out, p_tilde, attn), want):
         assert_close(x, y, dtype=torch.float32, name=name)
     g = torch.randn_like(z_out)
-    got_g = torch.autograd.grad((z_out * g).sum() + p_tilde.sum(), inputs)
+    dz, dp, dpacked = torch.autograd.grad((z_out * g).sum() + p_tilde.sum(), (z, p, m.packed))
+    got_g = (dz, dp, *ak.unpack_weights(dpacked, d, h * dh, 32))  # the one packed gradient
     want_g = torch.autograd.grad((want[0] * g.double()).sum() + want[1].sum(), truth_in)
     assert_grads_close(("z", "p", *ak.PIMParams._fields), got_g, want_g, dtype=torch.float32)
 
 
-def test_pim_module_has_the_contract_names_and_starts_as_identity():
+def test_pim_module_packs_its_weights_and_starts_as_identity():
     m = ak.PromptTokenInteraction(32, 2, 8, 16, t2p_reduce="mean")
-    names = {n for n, _ in m.named_children()}
-    assert names == {"t2p_q", "t2p_k", "t2p_v", "t2p_o", "p2t_q", "p2t_k", "p2t_v", "p2t_o", "gate"}
+    assert [n for n, _ in m.named_parameters()] == ["packed"]
     assert m.num_heads == 2 and m.t2p_reduce == "mean"
-    assert tuple(m.t2p_q.weight.shape) == (16, 32) and tuple(m.gate[0].weight.shape) == (16, 64)
+    w = m.params()
+    assert tuple(w.t2p_q_w.shape) == (16, 32) and tuple(w.gate_w1.shape) == (16, 64)
+    assert all(x.data_ptr() >= m.packed.data_ptr() for x in w)  # views, no copies
     z = torch.randn(2, 9, 32)
     assert_close(m(z, torch.randn(2, 3, 32))[0], z, name="z_out of a new layer")  # p2t_o = 0
     m2 = ak.PromptTokenInteraction(32, 2, 8, 16, t2p_reduce="mean")
     m2.load_state_dict(_randomise(m).state_dict())  # loads by name
+    assert torch.equal(m2.packed, m.packed)
+
+
+def test_pim_module_loads_a_state_dict_with_one_linear_per_projection():
+    """Checkpoints from before the packed layout (t2p_q.weight, ..., gate.2.bias) still load."""
+    m = _randomise(ak.PromptTokenInteraction(32, 2, 8, 16))
+    w = m.params()
+    names = ("t2p_q", "t2p_k", "t2p_v", "t2p_o", "p2t_q", "p2t_k", "p2t_v", "p2t_o", "gate.0", "gate.2")
+    old = {f"{n}.{part}": w[2 * i + j].detach().clone()
+           for i, n in enumerate(names) for j, part in enumerate(("weight", "bias"))}
+    m2 = ak.PromptTokenInteraction(32, 2, 8, 16)
+    m2.load_state_dict(old)
+    assert torch.equal(m2.packed, m.packed)
 
 
 def test_region_pool_module_and_layouts():

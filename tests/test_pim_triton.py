@@ -216,7 +216,7 @@ def test_torch_compile_fullgraph_forward_and_backward():
     torch.manual_seed(17)
     m = ak.PromptTokenInteraction(32, 2, 8, gate_hidden=8, backend="triton").to(DEVICE)
     with torch.no_grad():
-        m.p2t_o.weight.normal_(0, 0.2)
+        m.params().p2t_o_w.normal_(0, 0.2)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(m, backend=counter, fullgraph=True)
     z = torch.randn(2, 20, 32, device=DEVICE, requires_grad=True)
@@ -224,13 +224,13 @@ def test_torch_compile_fullgraph_forward_and_backward():
     z_out, p_tilde = compiled(z, p)
     (z_out.sum() + p_tilde.square().sum()).backward()
     assert counter.frame_count == 1
-    got = (z_out, p_tilde, z.grad.clone(), p.grad.clone(), m.p2t_o.weight.grad.clone())
+    got = (z_out, p_tilde, z.grad.clone(), p.grad.clone(), m.packed.grad.clone())
     z.grad = p.grad = None
     m.zero_grad()
     e_out, e_pt = m(z, p)
     (e_out.sum() + e_pt.square().sum()).backward()
-    for name, x, y in zip(("z_out", "p_tilde", "grad z", "grad p", "grad p2t_o.weight"), got,
-                          (e_out, e_pt, z.grad, p.grad, m.p2t_o.weight.grad)):
+    for name, x, y in zip(("z_out", "p_tilde", "grad z", "grad p", "grad packed"), got,
+                          (e_out, e_pt, z.grad, p.grad, m.packed.grad)):
         assert_close(x, y, name=name)
 
 

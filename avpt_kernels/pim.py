@@ -590,7 +590,7 @@ def _grad_z_kernel(z_ptr, y_ptr, mq_ptr, cq_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_pt
       dcq [B,HKP] += sum_t dl1;  dl1 -> [B,t_pad,HKP] fp32
     (dMq = Z^T dl1 is reduced by _t2p_grad_reduce_kernel, chunked, instead of one atomic add of
     a [D, HKP] partial per row block here). logits2 as in _p2t_grad_reduce_kernel (KEY_COLS);
-    with KEY_COLS > 0, dl2 Mk^T = (dl2 Qexp^T) W'k (mk is not computed on that path).
+    mk [B,D,HKP] on both paths (dl2 Mk^T).
     Every product with an fp32 intermediate is a split dot (``_mm_split``)."""
     b = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -637,10 +637,6 @@ def _grad_z_kernel(z_ptr, y_ptr, mq_ptr, cq_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_pt
     dl2 = alpha * s2 * (yn - delta[None, :])
     tl.atomic_add(dcq_ptr + b * HKP + cols, tl.sum(dl1, axis=0), sem="relaxed")
     tl.store(dl1_ptr + b * t_pad * HKP + rows[:, None] * HKP + cols[None, :], dl1)
-    if KEY_COLS > 0:  # dK2 = dl2 Qexp^T [BLOCK_T, KEY_COLS], fp32 and HKP deep: IEEE fp32
-        kc = tl.arange(0, KEY_COLS)
-        qexp = tl.load(qexp_ptr + b * KEY_COLS * HKP + kc[:, None] * HKP + cols[None, :])
-        dk2 = _mm(dl2, tl.trans(qexp), 0)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         d_ok = dd < D
@@ -649,12 +645,7 @@ def _grad_z_kernel(z_ptr, y_ptr, mq_ptr, cq_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_pt
         yt = tl.load(y_img + tile, mask=mask, other=0.0).to(tl.float32)
         small_t = dd[None, :] * HKP + cols[:, None]  # [HKP, BLOCK_D] of a [D, HKP] matrix
         big = cols[:, None] * D + dd[None, :]  # [HKP, BLOCK_D] of a [HKP, D] matrix
-        if KEY_COLS > 0:
-            wk = tl.load(wk_ptr + kc[:, None] * D + dd[None, :],
-                         mask=(kc < A)[:, None] & d_ok[None, :], other=0.0)
-            dz = yt + _mm_split(dk2, wk, 0, DOT_MODE)
-        else:
-            dz = yt + _mm_split(dl2, tl.load(mk_img + small_t, mask=d_ok[None, :], other=0.0), 0, DOT_MODE)
+        dz = yt + _mm_split(dl2, tl.load(mk_img + small_t, mask=d_ok[None, :], other=0.0), 0, DOT_MODE)
         dz += _mm_split(s1, tl.load(dg_img + big, mask=d_ok[None, :], other=0.0), 0, DOT_MODE)
         dz += _mm_split(dl1, tl.load(mq_img + small_t, mask=d_ok[None, :], other=0.0), 0, DOT_MODE)
         dz0 = tl.load(dz0_ptr + b * D + dd, mask=d_ok, other=0.0)
@@ -747,7 +738,7 @@ def _state_fields(b: int, d: int, hkp: int, ap: int, key_cols: int) -> dict:
     and colsum, the softmax-over-T statistics m2, l2, and the per-image algebra's results."""
     # every size but the last is a multiple of 16 elements: each field starts 64-byte aligned
     return dict(g=(b, hkp, d), colsum=(b, hkp), m2=(b, hkp), l2=(b, hkp), mq=(b, d, hkp),
-                cq=(b, hkp), k1=(b, KP, ap), qk=(b, key_cols, hkp) if key_cols else (b, d, hkp),
+                cq=(b, hkp), k1=(b, KP, ap), mk=(b, d, hkp), qexp=(b, key_cols, hkp),
                 nv=(b, hkp, d), pt32=(b, KP, d), msg=(b, KP, ap), q2=(b, KP, ap),
                 v2=(b, KP, ap), pre=(b, GP), alpha=(b,))
 
@@ -834,10 +825,10 @@ def _forward(z: Tensor, p: Tensor, w: Tensor, num_heads: int, head_dim: int, gat
                                         **L.big(KEY_COLS=L.key_cols))
     p_tilde = torch.empty_like(p)
     _p2t_small_kernel[(b,)](p, z, w, st["g"], st["colsum"], p_tilde, st["pt32"], st["msg"], st["q2"],
-                            st["v2"], st["pre"], st["alpha"], st["qk"], st["nv"], t, d, *L.dims(),
+                            st["v2"], st["pre"], st["alpha"], st["qexp"], st["mk"], st["nv"], t, d, *L.dims(),
                             L.key_cols, L.scale, inv_tokens, **L.small(GP=GP))
     # logits2 = K2 Qexp (2-read path: stats and update read K2 [T, KEY_COLS], not Z) or Z Mk
-    logits_in, width = ((k2, st["qk"]), L.key_cols) if L.key_cols else ((z, st["qk"]), d)
+    logits_in, width = ((k2, st["qexp"]), L.key_cols) if L.key_cols else ((z, st["mk"]), d)
     mpart, lpart = _f32(2, b, L.ntb, L.hkp, like=z).unbind(0)
     _p2t_stats_kernel[(b, L.ntb)](*logits_in, mpart, lpart, t, width,
                                   **L.big(FROM_KEYS=bool(L.key_cols)))
@@ -874,11 +865,11 @@ def _backward(grad_out: Tensor, grad_p_tilde: Optional[Tensor], z: Tensor, p: Te
     acc = _carve(torch.zeros(_carve_size(fields), device=z.device, dtype=torch.float32), fields)
     inv_tokens = 1.0 / t if mean_reduce else 1.0
     wk = _field(w, "p2t_k_w", d, L.a, gate_hidden)
-    # Pass A: prompt->token reductions over (Z, dZ_out); st["qk"] is Qexp or Mk (KEY_COLS)
+    # Pass A: prompt->token reductions over (Z, dZ_out)
     s2 = _f32(b, L.t_pad, L.hkp, like=z)
     ws2 = torch.empty_like(s2)
     _p2t_grad_reduce_kernel[(b, L.n_chunks)](
-        z, y, st["qk"], wk, st["qk"], st["nv"], st["m2"], st["l2"], s2, ws2, acc["e"], acc["f1"],
+        z, y, st["mk"], wk, st["qexp"], st["nv"], st["m2"], st["l2"], s2, ws2, acc["e"], acc["f1"],
         acc["f2"], acc["g1"], acc["ysum"], acc["delta"], t, d, L.a, L.chunk_blocks,
         **L.big(KEY_COLS=L.key_cols))
     dg, dpt = _f32(b, L.hkp, d, like=z), _f32(b, KP, d, like=z)
@@ -894,7 +885,7 @@ def _backward(grad_out: Tensor, grad_p_tilde: Optional[Tensor], z: Tensor, p: Te
     dz = torch.empty_like(z)
     dl1 = s2  # pass A's scratch is free again
     _grad_z_kernel[(b, L.ntb)](
-        z, y, st["mq"], st["cq"], st["qk"], wk, st["qk"], st["nv"], st["m2"], st["l2"],
+        z, y, st["mq"], st["cq"], st["mk"], wk, st["qexp"], st["nv"], st["m2"], st["l2"],
         st["alpha"], acc["delta"], dg, dcolsum, dz0, dz, dl1, acc["dcq"], t, d, L.k, L.h, L.a,
         L.t_pad, **L.big(KEY_COLS=L.key_cols))
     _t2p_grad_reduce_kernel[(b, L.n_chunks)](z, dl1, acc["dmq"], t, d, L.t_pad, L.chunk_blocks,
@@ -1104,7 +1095,7 @@ def aot_configs():
                     k1_ptr="f", dpt_ptr="f", dp_ptr="z", dw_ptr="f", D="i32", **dims, const=dict(AP=ap))
                 add(_p2t_small_kernel, True, p_ptr="z", z_ptr="z", w_ptr="f", g_ptr="f",
                     colsum_ptr="f", p_tilde_ptr="z", pt32_ptr="f", msg_ptr="f", q2_ptr="f",
-                    v2_ptr="f", pre_ptr="f", alpha_ptr="f", qk_ptr="f", nv_ptr="f", T="i32",
+                    v2_ptr="f", pre_ptr="f", alpha_ptr="f", qexp_ptr="f", mk_ptr="f", nv_ptr="f", T="i32",
                     D="i32", K="i32", H="i32", dh="i32", GH="i32", key_cols="i32", scale="fp32",
                     inv_tokens="fp32", const=dict(AP=ap, GP=GP))
     return configs

@@ -181,15 +181,15 @@ def _t2p_small_kernel(p_ptr, w_ptr, mq_ptr, cq_ptr, k1_ptr, g_ptr, colsum_ptr, D
 
 @triton.jit
 def _p2t_small_kernel(p_ptr, z_ptr, w_ptr, g_ptr, colsum_ptr, p_tilde_ptr, pt32_ptr, msg_ptr,
-                      q2_ptr, v2_ptr, pre_ptr, alpha_ptr, qk_ptr, nv_ptr, T, D, K, H, dh, GH,
+                      q2_ptr, v2_ptr, pre_ptr, alpha_ptr, qexp_ptr, mk_ptr, nv_ptr, T, D, K, H, dh, GH,
                       key_cols, scale, inv_tokens, BLOCK_D: tl.constexpr, HKP: tl.constexpr,
                       KP: tl.constexpr, AP: tl.constexpr, GP: tl.constexpr,
                       DOT_MODE: tl.constexpr):
     """Grid (B,). From pass 1's G [B,HKP,D], colsum [B,HKP] (fp32), p [B,K,D], z [B,T,D], w:
     p_tilde [B,K,D] (p dtype) and, fp32, what the token passes and the backward need:
     pt32 [B,KP,D] (p_tilde), msg, q2, v2 [B,KP,AP], pre [B,GP] (gate pre-activation),
-    alpha [B], nv [B,HKP,D], and qk: Qexp [B,key_cols,HKP] with key_cols > 0 (2-read path;
-    key_cols <= AP), else Mk [B,D,HKP]."""
+    alpha [B], nv [B,HKP,D], mk = Mk [B,D,HKP] and, with key_cols > 0 (the 2-read path, whose
+    logits2 = K2 Qexp), qexp [B,key_cols,HKP] (key_cols <= AP)."""
     b = tl.program_id(0).to(tl.int64)
     A = H * dh
     ks = tl.arange(0, KP)
@@ -245,14 +245,13 @@ def _p2t_small_kernel(p_ptr, z_ptr, w_ptr, g_ptr, colsum_ptr, p_tilde_ptr, pt32_
     qexp = _expand(q2, K, H, dh, KP, AP, HKP) * scale  # [AP, HKP]
     v2x = tl.trans(_expand(v2, K, H, dh, KP, AP, HKP))  # [HKP, AP]
     if key_cols > 0:
-        tl.store(qk_ptr + b * key_cols * HKP + a[:, None] * HKP + cols[None, :], qexp,
+        tl.store(qexp_ptr + b * key_cols * HKP + a[:, None] * HKP + cols[None, :], qexp,
                  mask=(a < key_cols)[:, None])
-    else:
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            d_ok = dd < D
-            mk = _mm_split(_load_wt(w_ptr, P2T_K_W, D, A, GH, dd, d_ok, AP), qexp, 0, DOT_MODE)
-            tl.store(qk_ptr + b * D * HKP + dd[:, None] * HKP + cols[None, :], mk, mask=d_ok[:, None])
+    for d0 in range(0, D, BLOCK_D):  # Mk: the 3-read path's logits2 and, on both, the dZ kernel's
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dd < D
+        mk = _mm_split(_load_wt(w_ptr, P2T_K_W, D, A, GH, dd, d_ok, AP), qexp, 0, DOT_MODE)
+        tl.store(mk_ptr + b * D * HKP + dd[:, None] * HKP + cols[None, :], mk, mask=d_ok[:, None])
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
         d_ok = dd < D

@@ -15,20 +15,24 @@ index (head, prompt) pairs, padded to ``HKP`` (a power of two >= 16; padding is 
   S2 = softmax over t per column c;  z_out_t = Z_t + alpha * (sum_c S2[c,t] Nv[c] + b'o),
                                            Nv[c] = v2[k,h] W'o_h^T  [HKP,D]
 
-Forward: 3 kernel launches plus tiny torch algebra on [B,K,D]/[D,A]-sized matrices. Z is read
+Forward: 5 launches and no torch algebra. The per-image matrices come from two small kernels
+(``pim_algebra``: Mq, cq before pass 1; p_tilde, Qexp or Mk, Nv and the gate alpha after it),
+all reading the 20 weights from one flat fp32 vector (``pack_weights``; the module keeps its
+weights that way). Z is read
 twice from DRAM and z_out written once (the DESIGN floor) on the 2-read path, taken when the raw
 prompt->token keys K2 = Z W'k^T [T, A] (fp32) are cheap: A padded to KEY_COLS (a power of two
->= 16) with 12 * KEY_COLS <= D * element size and KEY_COLS <= MAX_KEY_COLS[dtype] (64: at 128
-the backward kernels that rebuild K2 spill; ``key_columns`` decides). The A-VPT model's layout
+>= 16) with 12 * KEY_COLS <= D * element size (``key_columns`` decides). The A-VPT model's layout
 (A = 4 x 16 = 64, K = 6, so HKP = 32, with D = 768) takes the 2-read path in every dtype.
 There logits2[t,(h,k)] = K2_t . Qexp[:,(h,k)], Qexp [KEY_COLS,HKP] block-diagonal
 (scale * q2[k,h] in rows h*dh .. (h+1)*dh), which needs only q2, i.e. G, after pass 1:
+  0. ``_t2p_small_kernel``    (per image) k1 = P W_k^T + b_k, Mq, cq; zeroes G and colsum.
   1. ``_t2p_reduce_kernel``   reads Z once from DRAM: G, colsum, and (2-read path) writes K2
      [B,T,KEY_COLS] in fp32 from the Z tiles already on chip. A program owns a chunk of
      row blocks of one image (``TARGET_PROGRAMS``); it parks the chunk's S1 in an L2-resident
      fp32 scratch, re-reads the chunk's Z tiles (L2 hits) D block by D block and adds its
      [HKP, D] partial of G once with fp32 atomics.
-  2. ``_p2t_stats_kernel``    per-row-block max / sum-exp of logits2 (combined in torch), from
+  1b. ``_p2t_small_kernel``  (per image) p_tilde, q2, v2, alpha, Qexp, Mk, Nv from G, colsum.
+  2. ``_p2t_stats_kernel``    per-row-block max / sum-exp of logits2 (combined by pass 3), from
      (K2, Qexp) on the 2-read path (reads T x KEY_COLS, not Z), else from (Z, Mk) (reads Z).
   3. ``_p2t_update_kernel``   reads Z once, writes z_out once (and the attention if asked); its
      logits2 come from the same operands as pass 2's, so S2 is normalised exactly.
@@ -38,7 +42,8 @@ There logits2[t,(h,k)] = K2_t . Qexp[:,(h,k)], Qexp [KEY_COLS,HKP] block-diagona
      logits2 = K2 Qexp from the Z tiles they load anyway (``_key_step``/``_key_logits``, the
      same operations and roundings as the forward), so that they agree with the saved statistics.
 
-Backward: 3 launches over (Z, dY = dL/dz_out), nothing of size T x A or T x K saved:
+Backward: 5 launches and one zero-fill of the fp32 accumulators (pass A's sums, dMq, dcq and
+the flat weight gradient), nothing of size T x A or T x K saved:
   A. ``_p2t_grad_reduce_kernel`` (chunked like 1) reads Z, dY once: E = S2^T dY, the
      chunk-centred F1 = (S2*(yn - delta_c))^T Z, F2 = S2^T Z, G1 = sum_chunks delta_c F2_chunk
      ([HKP,D]), sum_t dY and delta = sum_t S2*yn, with yn[t,c] = dY_t . Nv[c]; from them
@@ -48,27 +53,30 @@ Backward: 3 launches over (Z, dY = dL/dz_out), nothing of size T x A or T x K sa
   C. ``_t2p_grad_reduce_kernel`` (chunked) reads Z once more: dMq = Z^T dl1.
   => Z read 3 times, dY twice, dZ written once (the floor: Z and dY twice each). On the 2-read
   path, A and B also recompute K2 = Z W'k^T (no extra traffic) for logits2 = K2 Qexp.
-  The small per-image algebra (P, weights -> Mq, cq, Mk, Nv, alpha, p_tilde) is recomputed in
-  backward and differentiated by hand (plain torch on [B,K,D]/[D,A]-sized tensors). Saved for
-  backward: z, p, weights (inputs) and G [B,HKP,D], colsum, softmax stats [B,HKP]: O(B*K*D).
+  Between A and B, ``_p2t_small_grad_kernel`` (per image) turns A's sums into dG, dcolsum,
+  dz_0, dp_tilde and the p2t/gate weight gradients; after C, ``_t2p_small_grad_kernel`` gives
+  dP and the t2p q/k weight gradients (fp32 atomic adds into one flat vector). Saved for
+  backward: z, p, the flat weights and one fp32 state buffer (G, colsum, the softmax stats, the
+  per-image matrices and the small kernels' intermediates): O(B*(K+HKP)*D).
 
 Precision (the bounded-error rule, ``avpt_kernels.testing.assert_bounded_error``: in fp16 and
 bf16 the error against the fp64 truth is at most 2x the torch backend's, which computes in fp32).
-Products of two operands that are exact in the input dtype (Z, dY, the weights W'k) are single
-16-bit tensor-core dots with fp32 accumulation: exact products. Every product with an fp32
+Products of two operands that are exact in the input dtype (Z, dY) are single 16-bit
+tensor-core dots with fp32 accumulation: exact products; the weights are fp32 (master weights),
+so Z W'k is a two-part split dot. Every product with an fp32
 intermediate (softmax probabilities S1, S2, the per-image matrices Mq, Mk, Nv, the gradients
 dG, dl1, dl2) is a split dot (``_mm_split``: the fp32 operand as 16-bit hi + lo parts, 2-3 dots,
 ~fp32 accuracy), because rounding those operands to 16 bits is amplified: a high-norm token
 (x100) turns a 2^-9 relative error of Mq or Mk into logit errors of ~0.2 and softmax errors of
 20%, and dMk is a difference of sums that cancel to many digits when the attention sits on one
-token. K2 . Qexp (both fp32, KEY_COLS deep) is an IEEE fp32 dot. The small per-image matrices
-are passed in fp32 (no 16-bit copies) and all torch algebra runs in fp32 with autocast off.
+token. K2 . Qexp (both fp32, KEY_COLS deep) is an IEEE fp32 dot. The per-image algebra kernels
+use the same split dots (fp32 x fp32: 3 dots), IEEE fp32 for fp32 inputs.
 
 Supported by the Triton path: fp32/fp16/bf16, D a multiple of 16 up to 1024, 1 <= K <= 16, head
-width 8..64, H*K <= 64 head-prompt columns (e.g. 4 heads x K <= 16, 12 heads x K <= 5; wider,
-the dZ kernel spills under Triton 3.6 or 3.8 in every dtype: the split dots hold several
-[BLOCK_T, HKP] fp32 tiles, and fp32's IEEE FMA dots need more registers still). Anything
-else: ``ValueError`` for ``backend="triton"``, the torch path for ``"auto"``.
+width 8..64, A = H * head width <= 64, gate hidden width <= 64, H*K <= 32 head-prompt columns
+(e.g. 4 heads x K <= 8, 12 heads x K <= 2; at 64 the per-image backward kernel spills in 16
+bits: it holds [HKP, A] fp32 tiles and their split parts). Anything else: ``ValueError`` for
+``backend="triton"``, the torch path for ``"auto"``.
 """
 from __future__ import annotations
 

@@ -80,8 +80,8 @@ class LowRankPromptBank(nn.Module):
     def forward(self, region_emb: Tensor) -> Tensor:
         weights = (self.token_offset, self.U, self.V, self.layer_bias, self.ln_weight, self.ln_bias)
         cast = _autocast_dtype(region_emb.device)
-        if cast is not None:
-            region_emb, weights = region_emb.to(cast), tuple(w.to(cast) for w in weights)
+        if cast is not None:  # the weights stay fp32 master weights: the op reads them as they are
+            region_emb = region_emb.to(cast)
         return prompt_bank(region_emb, *weights, self.layer_stage, self.eps, backend=self.backend)
 
 

@@ -84,8 +84,14 @@ def check_args(region_emb, token_offset, U, V, layer_bias, ln_weight, ln_bias, l
     for name, t in (("layer_bias", layer_bias), ("ln_weight", ln_weight), ("ln_bias", ln_bias)):
         _checks.tensor(t, name, 2, "[L, D]")
         _checks.shape(t, name, (n_layers, d), "[L, D]")
-    _checks.same_dtype_device("region_emb", region_emb, token_offset=token_offset, U=U, V=V,
-                              layer_bias=layer_bias, ln_weight=ln_weight, ln_bias=ln_bias)
+    _checks.same_dtype_device("token_offset", token_offset, U=U, V=V, layer_bias=layer_bias,
+                              ln_weight=ln_weight, ln_bias=ln_bias)
+    if token_offset.device != region_emb.device:
+        raise ValueError(f"the weights are on {token_offset.device} but region_emb is on "
+                         f"{region_emb.device}; move them to one device")
+    if token_offset.dtype not in (region_emb.dtype, torch.float32):
+        raise TypeError(f"the weights have dtype {token_offset.dtype}; expected region_emb's "
+                        f"dtype ({region_emb.dtype}) or float32 master weights")
     stages = list(layer_stage) if not isinstance(layer_stage, (str, bytes)) else None
     if stages is None or len(stages) != n_layers or not all(
             isinstance(x, int) and not isinstance(x, bool) and 0 <= x < s for x in stages):
@@ -425,7 +431,7 @@ def _backward(grad_out, region_emb, token_offset, U, V, layer_bias, ln_weight, l
               layer_stage):
     b, r, d = region_emb.shape
     k, rank, n_layers, n_stages = token_offset.shape[0], U.shape[2], layer_bias.shape[0], U.shape[0]
-    dev, dt = region_emb.device, region_emb.dtype
+    dev, dt, wdt = region_emb.device, region_emb.dtype, token_offset.dtype
     bk = b * k
     stage = _stage_tensor(layer_stage, dev)
     grad_out = grad_out.contiguous()
@@ -436,12 +442,12 @@ def _backward(grad_out, region_emb, token_offset, U, V, layer_bias, ln_weight, l
     c2 = torch.empty((n_layers, bk), **f32)
     dv_layer = torch.empty((n_layers, rank, d), **f32)
     d_emb = torch.empty((b, r, d), dtype=dt, device=dev)
-    d_off = torch.empty((k, d), dtype=dt, device=dev)
-    d_u = torch.empty(U.shape, dtype=dt, device=dev)
-    d_v = torch.empty(V.shape, dtype=dt, device=dev)
-    d_bias = torch.empty((n_layers, d), dtype=dt, device=dev)
-    d_lnw = torch.empty((n_layers, d), dtype=dt, device=dev)
-    d_lnb = torch.empty((n_layers, d), dtype=dt, device=dev)
+    d_off = torch.empty((k, d), dtype=wdt, device=dev)  # weight gradients in the weights' dtype
+    d_u = torch.empty(U.shape, dtype=wdt, device=dev)
+    d_v = torch.empty(V.shape, dtype=wdt, device=dev)
+    d_bias = torch.empty((n_layers, d), dtype=wdt, device=dev)
+    d_lnw = torch.empty((n_layers, d), dtype=wdt, device=dev)
+    d_lnb = torch.empty((n_layers, d), dtype=wdt, device=dev)
     blocks = dict(BLOCK_T=_BLOCK_T, BLOCK_RANK=_BLOCK_RANK, BLOCK_D=_BLOCK_D)
 
     _prompt_bank_bwd_rows_kernel[(n_layers, triton.cdiv(bk, _BLOCK_T))](
@@ -540,6 +546,7 @@ def prompt_bank(region_emb: Tensor, token_offset: Tensor, U: Tensor, V: Tensor,
     region_emb [B,R,D]; token_offset [K,D] with K = R*m (token k belongs to region k // m);
     U [S,D,r], V [S,r,D] stage-shared factors; layer_bias, ln_weight, ln_bias [L,D];
     layer_stage: L stage indices. Returns prompts [L,B,K,D] in the dtype of ``region_emb``.
+    The weights share one dtype: region_emb's, or float32 (master weights, read as they are).
 
     The Triton kernels take float32/bfloat16/float16 and r <= 16; other inputs (float64, larger
     rank) run on the torch backend under ``backend="auto"`` and raise under ``"triton"``.
@@ -578,24 +585,26 @@ def aot_configs() -> List:
 
     blocks = dict(BLOCK_T=_BLOCK_T, BLOCK_RANK=_BLOCK_RANK, BLOCK_D=_BLOCK_D)
     configs = []
-    for ty in _TL_TYPES.values():
-        p, f32 = f"*{ty}", "*fp32"
+    # (input dtype, weight dtype): the weights in the input dtype, or fp32 master weights
+    pairs = [(ty, ty) for ty in _TL_TYPES.values()] + [("bf16", "fp32"), ("fp16", "fp32")]
+    for ty, wty in pairs:
+        p, w, f32 = f"*{ty}", f"*{wty}", "*fp32"
         sigs = {
             _prompt_bank_fwd_kernel: dict(
-                emb_ptr=p, off_ptr=p, u_ptr=p, v_ptr=p, bias_ptr=p, lnw_ptr=p, lnb_ptr=p,
+                emb_ptr=p, off_ptr=w, u_ptr=w, v_ptr=w, bias_ptr=w, lnw_ptr=w, lnb_ptr=w,
                 stage_ptr="*i32", out_ptr=p, low_ptr=f32, mean_ptr=f32, rstd_ptr=f32,
                 BK="i32", K="i32", M="i32", R="i32", D="i32", RANK="i32", eps="fp32"),
             _prompt_bank_bwd_rows_kernel: dict(
-                dout_ptr=p, v_ptr=p, bias_ptr=p, lnw_ptr=p, stage_ptr="*i32", low_ptr=f32,
+                dout_ptr=p, v_ptr=w, bias_ptr=w, lnw_ptr=w, stage_ptr="*i32", low_ptr=f32,
                 mean_ptr=f32, rstd_ptr=f32, dlow_ptr=f32, c1_ptr=f32, c2_ptr=f32,
                 BK="i32", D="i32", RANK="i32"),
             _prompt_bank_bwd_layer_kernel: dict(
-                dout_ptr=p, v_ptr=p, bias_ptr=p, lnw_ptr=p, stage_ptr="*i32", low_ptr=f32,
-                mean_ptr=f32, rstd_ptr=f32, c1_ptr=f32, c2_ptr=f32, dlnw_ptr=p, dlnb_ptr=p,
-                dbias_ptr=p, dv_layer_ptr=f32, BK="i32", D="i32", RANK="i32"),
+                dout_ptr=p, v_ptr=w, bias_ptr=w, lnw_ptr=w, stage_ptr="*i32", low_ptr=f32,
+                mean_ptr=f32, rstd_ptr=f32, c1_ptr=f32, c2_ptr=f32, dlnw_ptr=w, dlnb_ptr=w,
+                dbias_ptr=w, dv_layer_ptr=f32, BK="i32", D="i32", RANK="i32"),
             _prompt_bank_bwd_inputs_kernel: dict(
-                emb_ptr=p, off_ptr=p, u_ptr=p, stage_ptr="*i32", dlow_ptr=f32, dv_layer_ptr=f32,
-                demb_ptr=p, doff_ptr=p, du_ptr=p, dv_ptr=p, B="i32", K="i32", M="i32", R="i32",
+                emb_ptr=p, off_ptr=w, u_ptr=w, stage_ptr="*i32", dlow_ptr=f32, dv_layer_ptr=f32,
+                demb_ptr=p, doff_ptr=w, du_ptr=w, dv_ptr=w, B="i32", K="i32", M="i32", R="i32",
                 D="i32", RANK="i32", L="i32", S="i32", n_group_tiles="i32",
                 n_token_tiles="i32"),
         }

@@ -68,6 +68,25 @@ def test_matches_reference(case, dtype):
            dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_fp32_master_weights_with_16bit_embeddings(dtype):
+    """What the module runs under autocast: 16-bit region embeddings, fp32 weights read as they
+    are. Prompts in the input dtype, weight gradients in fp32, both backends alike."""
+    b, r, m, d, rank, n_layers, n_stages = CASES["B2-R3-K6-r4"]
+    args = _inputs(b, r, m, d, rank, n_layers, n_stages, torch.float32)
+    args[0] = args[0].detach().to(dtype).requires_grad_()
+    stages = _stages(n_layers, n_stages)
+    outs = {name: pb.prompt_bank(*args, stages, backend=name) for name in ("triton", "torch")}
+    grad = torch.randn(outs["torch"].shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grads = {name: torch.autograd.grad(out, args, grad.to(DEVICE)) for name, out in outs.items()}
+    assert outs["triton"].dtype == dtype
+    assert [g.dtype for g in grads["triton"]] == [dtype] + [torch.float32] * 6
+    ref_out, ref_grads = _reference(args, stages, grad)
+    assert_close(outs["triton"], ref_out, dtype, "prompts")
+    for name, got, want in zip(NAMES, grads["triton"], ref_grads):
+        assert_close(got, want, dtype, f"d {name}")
+
+
 def test_row_tiles_and_interleaved_stages():
     # B*K = 102 rows: partial row tiles everywhere, more images than one 16-image block of the
     # offset gradient, two 64-row blocks of dU; stages not contiguous; eps honoured.

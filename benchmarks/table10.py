@@ -137,6 +137,7 @@ def render(data: dict) -> str:
                      "within 1.05x of VPT-deep and >= 1.5x faster than eager, inference peak "
                      "< 2 GB, trainable share <= 2.0% on ViT-B/16) are judged on a GPU run only.")
     lines += launch_section(data)
+    lines += compiled_step_section(data)
     lines += ["", "Results JSON: `benchmarks/results/<device>_<date>[_<HHMMSS>].json` (a later run "
               "on the same day gets its own file), or under `$AVPT_BENCH_RESULTS` when set; "
               "`python -m benchmarks.table10 FILE.json` rewrites this table from one of them."]
@@ -181,6 +182,27 @@ def launch_section(data: dict) -> List[str]:
             secs = fused["inference"]["by_section"]
             parts = ", ".join(f"{s} {c['aten']}+{c['triton']}" for s, c in secs.items())
             lines += ["", f"avpt-fused inference by section (aten+Triton): {parts}."]
+    return lines
+
+
+def compiled_step_section(data: dict) -> List[str]:
+    """The whole-step compile rows (``kind == "compiled-step"``, benchmarks/test_model.py) beside
+    the same method's uncompiled training step: issue 11's "with and without" CUDA graphs."""
+    rows = [r for r in data["rows"] if r.get("kind") == "compiled-step"]
+    if not rows:
+        return []
+    eager = {r.get("method"): r for r in data["rows"] if r.get("kind") == "model"
+             and r.get("train_step_ms") is not None}
+    lines = ["", "## Whole training step compiled (issue 11)", "",
+             "The CLS + SEG training step with AdamW compiled as one graph "
+             "(`avpt.train.WholeStep`, `torch.compile(fullgraph=True)`; mode `reduce-overhead` "
+             "captures CUDA graphs) beside the uncompiled step of the table above.", "",
+             "| row | status | compile s | train step ms | uncompiled step ms |", "|---|---|---|---|---|"]
+    for r in rows:
+        base = eager.get(r["method"].split("+compile-")[0], {})
+        ms = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+        lines.append(f"| {r['method']} | {r.get('status', '-')} | {ms(r.get('compile_s'))} | "
+                     f"{ms(r.get('train_step_ms'))} | {ms(base.get('train_step_ms'))} |")
     return lines
 
 

@@ -54,3 +54,15 @@ def test_table10_explains_cpu_rows_in_the_table():
     eager = next(line for line in table.splitlines() if line.startswith("| avpt-eager"))
     assert "tiny" in eager                           # the share is of the tiny visual tower
     assert "AVPT_BENCH_RESULTS" in text
+
+
+def test_table10_renders_compiled_step_rows_beside_the_uncompiled_step():
+    data = {"rows": [dict(kind="model", method="avpt-fused", train_step_ms=12.5),
+                     dict(kind="compiled-step", method="avpt-fused+compile-default", status="ok",
+                          compile_s=30.0, train_step_ms=10.0),
+                     dict(kind="compiled-step", method="vpt+compile-reduce-overhead",
+                          status="skipped: on a GPU")]}
+    lines = table10.compiled_step_section(data)
+    assert "| avpt-fused+compile-default | ok | 30.00 | 10.00 | 12.50 |" in lines
+    assert "| vpt+compile-reduce-overhead | skipped: on a GPU | - | - | - |" in lines
+    assert table10.compiled_step_section({"rows": data["rows"][:1]}) == []

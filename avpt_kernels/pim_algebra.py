@@ -145,17 +145,21 @@ def _gelu_grad(x):
 
 
 @triton.jit
+def _program_axes(K, H, dh, KP: tl.constexpr, AP: tl.constexpr, HKP: tl.constexpr):
+    """A program's image b, the width A, and its axes: prompt rows (with the real-prompt mask),
+    attention features, head-prompt columns."""
+    ks = tl.arange(0, KP)
+    return (tl.program_id(0).to(tl.int64), H * dh, ks, ks < K, tl.arange(0, AP),
+            tl.arange(0, HKP))
+
+
+@triton.jit
 def _t2p_small_kernel(p_ptr, w_ptr, mq_ptr, cq_ptr, k1_ptr, g_ptr, colsum_ptr, D, K, H, dh, GH,
                       scale, BLOCK_D: tl.constexpr, HKP: tl.constexpr, KP: tl.constexpr,
                       AP: tl.constexpr, DOT_MODE: tl.constexpr):
     """Grid (B,). p [B,K,D] (input dtype), w flat -> mq [B,D,HKP], cq [B,HKP], k1 [B,KP,AP]
     (fp32); zeroes g [B,HKP,D] and colsum [B,HKP], the accumulators of pass 1."""
-    b = tl.program_id(0).to(tl.int64)
-    A = H * dh
-    ks = tl.arange(0, KP)
-    a = tl.arange(0, AP)
-    cols = tl.arange(0, HKP)
-    k_ok = ks < K
+    b, A, ks, k_ok, a, cols = _program_axes(K, H, dh, KP, AP, HKP)
     k1 = tl.zeros((KP, AP), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         dd = d0 + tl.arange(0, BLOCK_D)
@@ -190,13 +194,8 @@ def _p2t_small_kernel(p_ptr, z_ptr, w_ptr, g_ptr, colsum_ptr, p_tilde_ptr, pt32_
     pt32 [B,KP,D] (p_tilde), msg, q2, v2 [B,KP,AP], pre [B,GP] (gate pre-activation),
     alpha [B], nv [B,HKP,D], mk = Mk [B,D,HKP] and, with key_cols > 0 (the 2-read path, whose
     logits2 = K2 Qexp), qexp [B,key_cols,HKP] (key_cols <= AP)."""
-    b = tl.program_id(0).to(tl.int64)
-    A = H * dh
-    ks = tl.arange(0, KP)
-    a = tl.arange(0, AP)
-    cols = tl.arange(0, HKP)
+    b, A, ks, k_ok, a, cols = _program_axes(K, H, dh, KP, AP, HKP)
     gg = tl.arange(0, GP)
-    k_ok = ks < K
     small = b * KP * AP + ks[:, None] * AP + a[None, :]
     # msg[k, a] = (G W_v^T + colsum b_v)[h(a)*K + k, a] * inv_tokens
     gw = tl.zeros((HKP, AP), dtype=tl.float32)
@@ -273,13 +272,8 @@ def _p2t_small_grad_kernel(z_ptr, w_ptr, gpt_ptr, has_gpt, e_ptr, f1_ptr, f2_ptr
     writes dG [B,HKP,D], dcolsum [B,HKP], dz0 [B,D] (the gate's class-token input), dpt
     [B,KP,D] (dL/dp_tilde in full, for _t2p_small_grad_kernel), and adds the gradients of the
     t2p v/o, p2t q/k/v/o and gate weights into dw (flat fp32, zeroed; b'k gets none)."""
-    b = tl.program_id(0).to(tl.int64)
-    A = H * dh
-    ks = tl.arange(0, KP)
-    a = tl.arange(0, AP)
-    cols = tl.arange(0, HKP)
+    b, A, ks, k_ok, a, cols = _program_axes(K, H, dh, KP, AP, HKP)
     gg = tl.arange(0, GP)
-    k_ok = ks < K
     small = b * KP * AP + ks[:, None] * AP + a[None, :]
     alpha = tl.load(alpha_ptr + b)
     delta = tl.load(delta_ptr + b * HKP + cols)
@@ -403,12 +397,7 @@ def _t2p_small_grad_kernel(p_ptr, w_ptr, dmq_ptr, dcq_ptr, k1_ptr, dpt_ptr, dp_p
     """Grid (B,). Backward of _t2p_small_kernel from dMq [B,D,HKP], dcq [B,HKP] (fp32): adds the
     gradients of W_q, b_q, W_k, b_k into dw, and writes dp [B,K,D] (p dtype) = dpt (the
     p_tilde path, [B,KP,D] fp32) + dk1 W_k."""
-    b = tl.program_id(0).to(tl.int64)
-    A = H * dh
-    ks = tl.arange(0, KP)
-    a = tl.arange(0, AP)
-    cols = tl.arange(0, HKP)
-    k_ok = ks < K
+    b, A, ks, k_ok, a, cols = _program_axes(K, H, dh, KP, AP, HKP)
     k1x = _expand(tl.load(k1_ptr + b * KP * AP + ks[:, None] * AP + a[None, :]), K, H, dh, KP, AP,
                   HKP) * scale  # [AP, HKP]
     dcq = tl.load(dcq_ptr + b * HKP + cols)

@@ -50,7 +50,8 @@ difference: + the grad-carrying dtype casts the CUDA forward made, - those the C
 op that created their autograd node (by autograd sequence number). On a machine with a GPU the
 backward runs on the fake CUDA tensors directly (``backward_on == "cuda-fake"``).
 
-``python -m benchmarks.launches [--model ViT-B-16|avpt-tiny] [--batch 32] [--json PATH]``
+``python -m benchmarks.launches [--model ViT-B-16|avpt-tiny] [--batch 32] [--json PATH]
+[--markdown PATH]`` (``benchmarks/results/LAUNCHES.md`` is that table at ViT-B/16, batch 32)
 prints the table; ``benchmarks/test_model.py`` adds the rows (``kind="launches"``) to the
 benchmark JSON and ``benchmarks/table10.py`` renders them in TABLE10.md.
 """
@@ -631,6 +632,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--loss", default="method", choices=("method", "avpt"))
     ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--markdown", default=None,
+                    help="write the rows as TABLE10.md's launch section here")
     args = ap.parse_args(argv)
     rows = count_all(args.model, args.batch, loss=args.loss)
     print(f"{args.model}, batch {args.batch}, bf16 autocast, fake CUDA tensors "
@@ -645,6 +648,11 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1, default=str)
+    if args.markdown:
+        from benchmarks.table10 import launch_section
+
+        with open(args.markdown, "w") as fh:
+            fh.write("\n".join(launch_section({"rows": rows})[1:]) + "\n")
     return 0
 
 

@@ -29,6 +29,9 @@ def counts():
     out["vpt"] = L.count_method("vpt", "vpt", {}, TINY_MODEL, BATCH, torch.bfloat16)
     out["fused-method-loss"] = L.count_method("avpt-fused", "avpt", {"backend": "triton"},
                                               TINY_MODEL, BATCH, torch.bfloat16)
+    for backend in ("torch", "triton"):  # fp32: no autocast
+        out[f"{backend}-fp32"] = L.count_method(f"avpt-{backend}", "avpt", {"backend": backend},
+                                                TINY_MODEL, BATCH, None, loss="avpt")
     return out
 
 
@@ -89,14 +92,18 @@ def _pim_launches(r, phase):
     return per["aten"] + per["triton"]
 
 
-def test_pim_forward_budget(counts):
-    assert _pim_launches(counts["triton"], "inference") <= PIM_FWD_BUDGET
-    assert _pim_launches(counts["triton"], "inference") < _pim_launches(counts["torch"], "inference")
+@pytest.mark.parametrize("precision", ["", "-fp32"], ids=["bf16-autocast", "fp32"])
+def test_pim_forward_budget(counts, precision):
+    fused, eager = counts["triton" + precision], counts["torch" + precision]
+    assert _pim_launches(fused, "inference") <= PIM_FWD_BUDGET
+    assert _pim_launches(fused, "inference") < _pim_launches(eager, "inference")
 
 
-def test_pim_backward_budget(counts):
-    assert _pim_launches(counts["triton"], "backward") <= PIM_BWD_BUDGET
-    assert _pim_launches(counts["triton"], "backward") < _pim_launches(counts["torch"], "backward")
+@pytest.mark.parametrize("precision", ["", "-fp32"], ids=["bf16-autocast", "fp32"])
+def test_pim_backward_budget(counts, precision):
+    fused, eager = counts["triton" + precision], counts["torch" + precision]
+    assert _pim_launches(fused, "backward") <= PIM_BWD_BUDGET
+    assert _pim_launches(fused, "backward") < _pim_launches(eager, "backward")
 
 
 def test_region_pool_bank_anatomy_forward_budget(counts):

@@ -3,10 +3,14 @@
 Ops: ``region_pool`` (Eq. 2), ``prompt_bank`` (Eq. 4), ``pim`` / ``pim_packed`` (Eqs. 5-10); modules
 ``RegionPool``, ``LowRankPromptBank``, ``PromptTokenInteraction``. Backend switch in
 ``avpt_kernels.backend`` (``set_backend``, ``use_backend``); ground truth in
-``avpt_kernels.reference``.
+``avpt_kernels.reference``. Drop-in PIM for open_clip, timm and Hugging Face ViTs:
+``inject_pim`` / ``remove_pim`` / ``pim_state_dict`` / ``load_pim_state_dict``, ``PIMBlock``
+(``avpt_kernels.inject``).
 """
 from . import _compat  # noqa: F401  (Triton < 3.8 interpreter with numpy >= 2.4)
 from .backend import get_backend, set_backend, use_backend
+from .inject import (PIMBlock, inject_pim, load_pim_state_dict, make_pim_blocks, pim_gates_shut,
+                     pim_state_dict, remove_pim)
 from .modules import LowRankPromptBank, PromptTokenInteraction, RegionPool, contiguous_stages
 from .pim import pack_weights, pim, pim_packed, unpack_weights
 from .prompt_bank import prompt_bank
@@ -19,4 +23,6 @@ __all__ = [
     "region_pool", "prompt_bank", "pim", "pim_packed", "pack_weights", "unpack_weights", "PIMParams",
     "RegionPool", "LowRankPromptBank", "PromptTokenInteraction", "contiguous_stages",
     "get_backend", "set_backend", "use_backend", "__version__",
+    "PIMBlock", "inject_pim", "remove_pim", "pim_state_dict", "load_pim_state_dict",
+    "make_pim_blocks", "pim_gates_shut",
 ]

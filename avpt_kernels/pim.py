@@ -193,6 +193,10 @@ _LAUNCH = {
     (16, False): (32, 32, 8), (32, False): (32, 32, 8), (64, False): (16, 32, 8),
 }
 NUM_STAGES = 1
+# The dZ kernel, the register-heaviest (S1, S2, their gradients and the fp32 key tile at once),
+# takes row blocks of 16 in every dtype: at 32 (16-bit, HKP = 32, KEY_COLS = 64: the model's
+# layout) it spills 16 bytes on sm_90a under Triton 3.6.
+DZ_BLOCK_T = 16
 # Every launch lets ptxas use up to 255 registers a thread: left to itself, at 8 warps it caps
 # some of these kernels at 128 and spills (AOT, Triton 3.6 and 3.8), where 130-170 fit.
 MAX_REGISTERS = 255
@@ -785,10 +789,11 @@ class _Layout:
         self.state_fields = _state_fields(self.b, self.d, self.hkp, self.ap, self.key_cols)
         self.state_size = _carve_size(self.state_fields)
 
-    def big(self, **const):
+    def big(self, block_t: Optional[int] = None, **const):
         """Launch options of the token kernels."""
-        return dict(BLOCK_T=self.block_t, BLOCK_D=self.block_d, HKP=self.hkp, DOT_MODE=self.mode,
-                    num_warps=self.warps, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS, **const)
+        return dict(BLOCK_T=block_t or self.block_t, BLOCK_D=self.block_d, HKP=self.hkp,
+                    DOT_MODE=self.mode, num_warps=self.warps, num_stages=NUM_STAGES,
+                    maxnreg=MAX_REGISTERS, **const)
 
     def small(self, **const):
         """Launch options of the per-image algebra kernels."""
@@ -892,10 +897,10 @@ def _backward(grad_out: Tensor, grad_p_tilde: Optional[Tensor], z: Tensor, p: Te
     # Pass B: dZ, and the token-side reductions of the token->prompt backward
     dz = torch.empty_like(z)
     dl1 = s2  # pass A's scratch is free again
-    _grad_z_kernel[(b, L.ntb)](
+    _grad_z_kernel[(b, triton.cdiv(t, DZ_BLOCK_T))](
         z, y, st["mq"], st["cq"], st["mk"], wk, st["qexp"], st["nv"], st["m2"], st["l2"],
         st["alpha"], acc["delta"], dg, dcolsum, dz0, dz, dl1, acc["dcq"], t, d, L.k, L.h, L.a,
-        L.t_pad, **L.big(KEY_COLS=L.key_cols))
+        L.t_pad, **L.big(DZ_BLOCK_T, KEY_COLS=L.key_cols))
     _t2p_grad_reduce_kernel[(b, L.n_chunks)](z, dl1, acc["dmq"], t, d, L.t_pad, L.chunk_blocks,
                                              **L.big())
     dp = torch.empty_like(p)
@@ -1058,7 +1063,8 @@ def aot_configs():
                 if small:
                     const.update(BLOCK_D=SMALL_BLOCK_D, KP=KP)
                 else:
-                    const.update(BLOCK_T=block_t, BLOCK_D=block_d)
+                    const.update(BLOCK_T=DZ_BLOCK_T if fn is _grad_z_kernel else block_t,
+                                 BLOCK_D=block_d)
                 const.update(HKP=hkp, DOT_MODE=mode)
                 types = {n: ("*fp32" if v == "f" else zp if v == "z" else v) for n, v in sig.items()}
                 configs.append(KernelConfig(fn, {**types, **{c: "constexpr" for c in const}}, const,

@@ -5,7 +5,11 @@ Forward, for images [B, 3, H, W]:
   2. ARE: Eq. 2 pooling of the frozen Eq. 1 patch features (``region_pool``), Anatomy MLP (Eq. 3)
      -> region embeddings E [B, R, D];
   3. prompt bank (Eq. 4): E -> prompts P [L_inj, B, K, D] for every injected layer in one call;
-  4. the frozen blocks, with a PIM (Eqs. 5-10) before each injected block;
+  4. the frozen blocks, with a PIM (Eqs. 5-10) before each injected block: the drop-in API's
+     ``avpt_kernels.PIMBlock`` wrappers (``make_pim_blocks``, what ``inject_pim`` installs), kept
+     beside the frozen backbone rather than swapped into it, so that ``backbone.encode_image``
+     stays the unchanged reference and the parameter names stay as they were; the model hands
+     each wrapper its prompts (``PIMBlock.run``);
   5. heads: classification on the final class token (Eq. 14), segmentation decoder (Eq. 15).
 
 Injection schedules (Table 8) on a backbone of L blocks split into three contiguous stages
@@ -20,7 +24,6 @@ the default; ``"layer"`` gives every injected layer its own). ``avpt.params`` pr
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -131,8 +134,12 @@ class AVPT(Method):
             ak.PromptTokenInteraction(dim, c.pim_heads, c.pim_head_dim, c.gate_hidden,
                                       t2p_reduce=c.t2p_reduce, backend=c.backend)
             for _ in range(max(self.group) + 1))
+        # One PIMBlock per injected block, sharing the stage's PIM; prompts=None: the prompts
+        # come from the bank in encode. Registered after the backbone and ``pims``, so every
+        # parameter keeps its name (named_parameters lists a shared tensor once, first name).
+        self.pim_blocks = nn.ModuleList(ak.make_pim_blocks(
+            self.visual, self.layers, prompts=None, pim=[self.pims[g] for g in self.group]))
         self.contrast_proj = nn.Linear(dim, c.contrast_dim)  # h_phi of Eq. 11
-        self._gate_shut = False
 
     # -- region maps ---------------------------------------------------------------------------
     def region_maps(self, images: Tensor, maps: Optional[Tensor], modality) -> Tensor:
@@ -156,25 +163,10 @@ class AVPT(Method):
         return maps.to(images.dtype)
 
     # -- gates ---------------------------------------------------------------------------------
-    @contextlib.contextmanager
     def gates_shut(self):
-        """``with model.gates_shut(): ...`` forces alpha = 0 in every PIM (Eq. 10 -> z_out = z)."""
-        previous, self._gate_shut = self._gate_shut, True
-        try:
-            yield self
-        finally:
-            self._gate_shut = previous
-
-    def _pim(self, module: ak.PromptTokenInteraction, z: Tensor, p: Tensor, return_attn: bool):
-        if not (self._gate_shut or self.config.gate_shut):
-            return module(z, p, return_attn=True) if return_attn else module(z, p) + (None,)
-        # A gate bias of -inf gives sigmoid(-inf) = 0 exactly, hence z_out = z exactly.
-        params = module.params()
-        params = params._replace(gate_b2=torch.full_like(params.gate_b2, float("-inf")))
-        # forward_with casts z, p and the weights to the autocast dtype as the module's forward
-        # does (the weights are fp32 parameters, z may be bf16 under autocast).
-        out = module.forward_with(params, z, p, return_attn=True)
-        return out if return_attn else (out[0], out[1], None)
+        """``with model.gates_shut(): ...`` forces alpha = 0 in every PIM (Eq. 10 -> z_out = z):
+        ``avpt_kernels.pim_gates_shut`` on the model's PIMBlocks."""
+        return ak.pim_gates_shut(self)
 
     # -- forward -------------------------------------------------------------------------------
     def encode(self, images: Tensor, maps=None, modality=None, return_attn: bool = False) -> Dict:
@@ -185,18 +177,24 @@ class AVPT(Method):
         region_emb = self.anatomy_mlp(pooled_regions)          # E, Eq. 3   [B, R, D]
         prompts = self.prompt_bank(region_emb)                 # P, Eq. 4   [L_inj, B, K, D]
         hierarchical = self.config.schedule == "hierarchical"
+        shut = True if self.config.gate_shut else None  # None: each PIMBlock's gates_shut flag
+        batch_first = visual.transformer.batch_first
         z = vit.embed(visual, patches)
+        x = z if batch_first else z.transpose(0, 1)  # the blocks' layout (a view)
         attns, carry, j = [], None, 0
-        for layer in range(vit.num_layers(visual)):
+        for layer, blk in enumerate(visual.transformer.resblocks):
             if j < len(self.layers) and self.layers[j] == layer:
                 p_in = prompts[j] if carry is None else prompts[j] + carry
-                z, p_tilde, attn = self._pim(self.pims[self.group[j]], z, p_in, return_attn)
+                x, p_tilde, attn = self.pim_blocks[j].run(x, p_in, return_attn=return_attn,
+                                                          gates_shut=shut)
                 if hierarchical:
                     carry = p_tilde - prompts[j]
                 if return_attn:
                     attns.append(attn)
                 j += 1
-            z = vit.block(visual, layer, z)
+            else:
+                x = blk(x)
+        z = x if batch_first else x.transpose(0, 1)
         return dict(z=z, region_emb=region_emb, prompts=prompts, maps=region_maps,
                     attn=attns if return_attn else None)
 

@@ -379,3 +379,33 @@ def test_fused_wrapper_adds_only_the_ops_launches():
     assert after["copies"] - before["copies"] == 2  # the op's p.contiguous() of the broadcast
     dense = _count(model, dense_prompts=True)  # [B, K, D] prompts: not even that
     assert dense["copies"] == before["copies"] and dense["aten"] == before["aten"]
+
+
+# ----------------------------------------------------------------------------------------------
+# the A-VPT model is built on the same API
+# ----------------------------------------------------------------------------------------------
+def test_avpt_model_uses_pim_blocks():
+    """A-VPT's PIMs sit in PIMBlocks (make_pim_blocks) around the frozen backbone's blocks, kept
+    beside the backbone: encode_image is untouched, parameter names are as before, gates_shut is
+    pim_gates_shut, and with the gates shut the model gives encode_image."""
+    from avpt.model import stage_of_layers
+    from tests.tiny_models import trained_looking_tiny_avpt
+
+    model = trained_looking_tiny_avpt("torch", schedule="hierarchical")
+    resblocks = model.visual.transformer.resblocks
+    blocks = list(model.pim_blocks)
+    assert all(isinstance(b, ak.PIMBlock) and b.prompt_kind == "none" for b in blocks)
+    assert [b.layer for b in blocks] == model.layers == list(range(len(resblocks)))
+    assert all(b.block is resblocks[i] for b, i in zip(blocks, model.layers))
+    assert [list(model.pims).index(b.pim) for b in blocks] == stage_of_layers(len(resblocks))
+    assert not any(isinstance(m, ak.PIMBlock) for m in model.backbone.modules())
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad and "pim" in n]
+    assert trainable == [f"pims.{g}.packed" for g in range(3)]
+    images, maps = torch.randn(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model.backbone.encode_image(images)
+        assert (model(images, maps).features - expected).abs().max() > 1e-3
+        with model.gates_shut():
+            assert all(b.gates_shut for b in blocks)
+            _close(model(images, maps).features, expected, tol=1e-5, what="A-VPT gates shut")
+    assert not any(b.gates_shut for b in blocks)

@@ -127,6 +127,73 @@ def test_table10_row(benchmark, results, row_name, method_name, overrides):
         torch.cuda.empty_cache()
 
 
+# ----------------------------------------------------------------------------------------------
+# Backbone + injected PIM (issue 16): the drop-in API on the same frozen backbone, beside the
+# backbone alone
+# ----------------------------------------------------------------------------------------------
+# A PIM before every block with learned prompts (A-VPT's sizes: K=6, 4 heads x 16, gate 16; one
+# PIM per block, no anatomy branch): inference is open_clip's encode_image of the injected tower
+# (compare the "backbone" row); the training step is the linear probe's (CLS + SEG) through the
+# injected tower, training the head and the added weights.
+PIM_ROWS = [("backbone+pim-eager", "torch"), ("backbone+pim-fused", "triton")]
+
+
+@pytest.mark.parametrize("row_name,backend", PIM_ROWS, ids=[r[0] for r in PIM_ROWS])
+def test_injected_pim_row(benchmark, results, row_name, backend):
+    import avpt_kernels as ak
+
+    row = dict(kind="model", method=row_name, model=MODEL, batch=BATCH, device=DEVICE,
+               autocast="bf16" if ON_GPU else "off")
+    if backend == "triton" and not importlib.import_module("avpt_kernels.pim").HAS_TRITON:
+        results.add(**row, status="unavailable: PIM has no Triton kernel")
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        method = build_method("linear", model_name=MODEL)
+    ak.inject_pim(method.visual, num_prompts=6, num_heads=4, head_dim=16, gate_hidden=16,
+                  backend=backend)
+    method = method.to(DEVICE)
+    report = parameter_report(method)
+    added = sum(t.numel() for t in ak.pim_state_dict(method.visual).values())
+    row.update(trainable=added, visual_params=report.visual,
+               trainable_percent=100.0 * added / report.visual)
+    images, maps, labels, masks = _batch(method)
+
+    method.eval()
+    encode = lambda: method.backbone.encode_image(images)  # noqa: E731
+    with torch.no_grad(), torch.autocast(**AUTOCAST):
+        infer = measure(benchmark, encode, rounds=ROUNDS)
+        row.update(_launches(encode))
+    row.update(infer_ms=infer["median_ms"], infer_iqr_ms=infer["iqr_ms"],
+               infer_ms_per_image=infer["median_ms"] / BATCH if infer["median_ms"] else None,
+               infer_peak_mem_bytes=infer["peak_mem_total_bytes"])
+
+    if backend == "triton" and not ON_GPU:
+        # a step through the Triton interpreter takes ~15 s even at the tiny size: the smoke run
+        # times the fused inference only
+        results.add(**row, status="ok", train_step="skipped on CPU (Triton interpreter)")
+        return
+    method.train()
+    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-4,
+                            weight_decay=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(**AUTOCAST):
+            loss = method_loss(method, method(images), labels, masks)["loss"]
+        loss.backward()
+        opt.step()
+
+    train = _timed_again(step)
+    row.update(train_step_ms=train["median_ms"], train_iqr_ms=train["iqr_ms"],
+               train_peak_mem_bytes=train["peak_mem_bytes"])
+    results.add(**row, status="ok")
+    del method, opt
+    gc.collect()
+    if ON_GPU:
+        torch.cuda.empty_cache()
+
+
 def _timed_again(fn):
     """A second timing in the same test (pytest-benchmark allows one per fixture): the same
     discipline by hand — warm-up excluded, synchronised, median and IQR of the rounds."""

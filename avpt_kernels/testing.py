@@ -29,9 +29,11 @@ def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
 
 
 def assert_close(actual: Tensor, expected: Tensor, dtype: Optional[torch.dtype] = None,
-                 name: str = "tensor") -> None:
+                 name: str = "tensor", scale: Optional[float] = None) -> None:
     """Compare ``actual`` with ``expected`` under the tolerance of ``dtype`` (default: the
-    dtype of ``actual``); on failure report the worst element, its index and the mismatch count."""
+    dtype of ``actual``); on failure report the worst element, its index and the mismatch count.
+    The absolute tolerance is relative to max|expected|, or to ``scale`` where the caller knows
+    the size of the terms that cancel into ``expected`` (say why at the call)."""
     atol, rtol = tolerance(dtype or actual.dtype)
     if actual.shape != expected.shape:
         raise AssertionError(f"{name}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}")
@@ -39,7 +41,9 @@ def assert_close(actual: Tensor, expected: Tensor, dtype: Optional[torch.dtype] 
     e = expected.detach().to(torch.float64).cpu()
     if not torch.isfinite(a).all():
         raise AssertionError(f"{name}: {int((~torch.isfinite(a)).sum())} non-finite value(s)")
-    scale = float(e.abs().max()) if e.numel() else 0.0
+    if scale is None:
+        scale = float(e.abs().max()) if e.numel() else 0.0
+    scale = float(scale)
     err = (a - e).abs()
     bound = atol * scale + rtol * e.abs()
     bad = err > bound

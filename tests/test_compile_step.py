@@ -26,9 +26,15 @@ from avpt_kernels.testing import assert_close
 from tests.tiny_models import trained_looking_tiny_avpt
 
 STEPS, LR, WD, CLIP = 2, 1e-3, 1e-2, 1.0
-# exactly zero in the math (softmax shift invariance): their "gradients" are rounding noise, which
-# Adam turns into O(lr) updates of either sign; checked for finiteness only
-ZERO_GRAD = ("t2p_k.bias", "p2t_k.bias")
+# Parameters that would be exactly zero-gradient in the math get checked for finiteness only. (The
+# PIM key biases, zero by softmax shift invariance, now sit inside each PIM's one packed vector,
+# whose moments are compared at the scale of the whole vector, where their noise is negligible.)
+ZERO_GRAD = ()
+# A gradient that is a sum of much larger terms which cancel in the math is compared at the scale
+# of those terms: the prompt LayerNorm bias receives sum_k dL/dP[k], and the Laplacian loss's
+# part of dL/dP, 2 L P, sums to exactly zero over the prompts (1^T L = 0), while the same terms
+# reach layer_bias uncancelled. So its Adam moments hold rounding noise of layer_bias's size.
+CANCELLING = {"prompt_bank.ln_bias": "prompt_bank.layer_bias"}
 
 
 def _tiny_avpt(backend_name):
@@ -116,7 +122,9 @@ def test_whole_training_step_compiles_fullgraph_and_matches_eager(backend_name):
         st, e_st = opt.state[p], e_opt.state[eager[name]]
         assert float(st["step"]) == float(e_st["step"]) == STEPS, name
         for key in ("exp_avg", "exp_avg_sq"):
-            assert_close(st[key], e_st[key], torch.float32, f"{key} of {name} ({backend_name})")
+            scale_of = e_opt.state[eager[CANCELLING.get(name, name)]][key]
+            assert_close(st[key], e_st[key], torch.float32, f"{key} of {name} ({backend_name})",
+                         scale=scale_of.abs().max())
     names = [n for n, p in model.named_parameters() if p.requires_grad and not n.endswith(ZERO_GRAD)]
     flat = torch.cat([dict(model.named_parameters())[n].detach().reshape(-1) for n in names])
     e_flat = torch.cat([eager[n].detach().reshape(-1) for n in names])

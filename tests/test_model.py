@@ -145,8 +145,8 @@ def test_hierarchical_carries_refined_prompts():
     with_carry = model(images, maps).features
     with torch.no_grad():
         for m in model.pims:
-            m.t2p_o.weight.zero_()
-            m.t2p_o.bias.zero_()
+            m.params().t2p_o_w.zero_()
+            m.params().t2p_o_b.zero_()
     no_carry = model(images, maps).features
     model.config.schedule = "all"  # same weights, no carry
     assert_close(model(images, maps).features, no_carry, torch.float32)

@@ -165,7 +165,7 @@ def test_module_triton_equals_torch_backend():
         m = ak.PromptTokenInteraction(32, 2, 16, gate_hidden=16, t2p_reduce="mean",
                                       backend=backend_name)
         with torch.no_grad():  # p2t_o starts at zero: randomise so every path is exercised
-            for prm in m.parameters():
+            for prm in m.params():  # named views of the packed vector
                 prm.copy_(torch.randn(prm.shape) * (prm.shape[-1] ** -0.5 if prm.dim() > 1 else 0.1))
         return m.to(DEVICE)
 

@@ -15,7 +15,7 @@ def train_gates(model):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in model.pims:
-            for p in m.parameters():
+            for p in m.params():  # named views of the packed vector, in nn.Linear order
                 p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
         model.prompt_bank.token_offset.copy_(
             torch.randn(model.prompt_bank.token_offset.shape, generator=g))

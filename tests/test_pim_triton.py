@@ -51,18 +51,19 @@ def _check(b, t, d, k, h, dh, dtype, reduce="sum", seed=0, logit_gain=1.0):
 
 
 # (b, t, d, k, h, dh, reduce): B=1, odd K=5, K=6, K=1, K=16, H=1, small A (16, 32), T=197 with
-# D=768, tails of every block size (T = 2, 17, 19, 33, 37), every column width HKP 16..64.
+# D=768, tails of every block size (T = 2, 17, 19, 33, 37), every column width HKP 16..32 (the
+# Triton path takes H*K <= 32), the widest attention width A = 64.
 SHAPES = {
     "t197_d768": (1, 197, 768, 6, 2, 16, "mean"),  # A=32, HKP=16, fp32 only (interpreter time)
     "k5_a16": (2, 37, 96, 5, 2, 8, "sum"),
     "k6_h3_b1": (1, 33, 48, 6, 3, 16, "mean"),  # HK=18 -> HKP=32
     "h1_k1_t2": (3, 2, 16, 1, 1, 16, "sum"),
-    "k16_h4": (2, 19, 192, 16, 4, 8, "sum"),  # HKP=64
-    "h5_k12": (1, 17, 32, 12, 5, 8, "mean"),  # HK=60 -> HKP=64, A=40
-    "h8_k8_a64": (1, 17, 32, 8, 8, 8, "sum"),  # HK=64 (the widest layout) with A=64 (widest keys)
+    "k16_h2": (2, 19, 192, 16, 2, 8, "sum"),  # HKP=32, the most prompts
+    "h5_k6": (1, 17, 32, 6, 5, 8, "mean"),  # HK=30 -> HKP=32, A=40
+    "h4_k8_a64": (1, 17, 32, 8, 4, 16, "sum"),  # HK=32 (the widest layout) with A=64 (widest keys)
 }
-CASES = [("t197_d768", torch.float32), ("h8_k8_a64", torch.bfloat16)] + [
-    (name, dtype) for name in ("k5_a16", "k6_h3_b1", "h1_k1_t2", "k16_h4", "h5_k12")
+CASES = [("t197_d768", torch.float32), ("h4_k8_a64", torch.bfloat16)] + [
+    (name, dtype) for name in ("k5_a16", "k6_h3_b1", "h1_k1_t2", "k16_h2", "h5_k6")
     for dtype in (torch.float32, torch.bfloat16, torch.float16)]
 
 
@@ -73,8 +74,8 @@ def test_outputs_attention_and_grads_match_reference(name, dtype):
 
 
 @pytest.mark.parametrize("programs,name,dtype", [
-    (1, "k5_a16", torch.float32), (2, "k5_a16", torch.bfloat16), (1, "k16_h4", torch.float16),
-    (1, "h5_k12", torch.float32), (3, "k6_h3_b1", torch.float32)])
+    (1, "k5_a16", torch.float32), (2, "k5_a16", torch.bfloat16), (1, "k16_h2", torch.float16),
+    (1, "h5_k6", torch.float32), (3, "k6_h3_b1", torch.float32)])
 def test_row_chunks_per_program(monkeypatch, programs, name, dtype):
     """The reduction kernels give each program a chunk of row blocks (TARGET_PROGRAMS per launch):
     one chunk per image, uneven chunks with an all-padding last block, and several chunks."""
@@ -240,16 +241,18 @@ def test_torch_compile_fullgraph_forward_and_backward():
     ("K above 16", dict(k=17), "K=17"),
     ("head width 4", dict(dh=4), "head width 4"),
     ("head width 128", dict(dh=128, d=16), "head width 128"),
-    ("too many head-prompt columns", dict(h=9, k=16, dh=8, d=16, dtype=torch.bfloat16),
-     "num_heads=9 with K=16"),
-    ("fp32 above 64 columns", dict(h=5, k=13, dh=8, d=16), "num_heads=5 with K=13"),
+    ("too many head-prompt columns", dict(h=4, k=9, dh=8, d=16, dtype=torch.bfloat16),
+     "num_heads=4 with K=9"),
+    ("fp32 above 32 columns", dict(h=3, k=11, dh=8, d=16), "num_heads=3 with K=11"),
+    ("attention width 128", dict(h=4, k=2, dh=32, d=32), "attention width A=128"),
+    ("gate hidden 65", dict(g=65), "gate hidden width 65"),
     ("float64", dict(dtype=torch.float64), "dtype torch.float64"),
 ])
 def test_out_of_range_raises_for_triton_and_auto_picks_torch(what, kwargs, shape):
     args = dict(b=1, t=5, d=32, k=3, h=2, dh=8, dtype=torch.float32)
     args.update(kwargs)
     z, p, w = _inputs(args["b"], args["t"], args["d"], args["k"], args["h"], args["dh"],
-                      dtype=args["dtype"])
+                      g=args.get("g", 8), dtype=args["dtype"])
     with pytest.raises(ValueError, match=shape):
         ak.pim(z, p, w, args["h"], backend="triton")
     got = ak.pim(z, p, w, args["h"], backend="auto")
@@ -302,13 +305,15 @@ def test_key_columns_picks_the_two_read_path_where_it_pays(d, a, dtype, want):
 
 def test_aot_configs_cover_the_key_widths_the_launchers_pick():
     """aot_configs pairs each HKP with the 3-read path (0) and the KEY_COLS it can come with, the
-    model's layout (HKP 32, KEY_COLS 64) included, none above MAX_KEY_COLS."""
+    model's layout (HKP 32, KEY_COLS 64) included, none above MAX_KEY_COLS, HKP at most 32."""
     for dtype in pim_mod.TRITON_DTYPES:
-        widths = pim_mod._key_widths(dtype)
-        assert 64 in widths[pim_mod.num_columns(4, 6)]
-        for columns, found in widths.items():
-            assert found[0] == 0 and all(w in (16, 32, 64) for w in found[1:])
-            assert max(found) <= pim_mod.MAX_KEY_COLS[dtype]
+        layouts = pim_mod._layouts(dtype)
+        assert max(layouts) == 32
+        assert (pim_mod.AP, 64) in layouts[pim_mod.num_columns(4, 6)]
+        for columns, pairs in layouts.items():
+            widths = sorted({kc for _, kc in pairs})
+            assert widths[0] == 0 and all(w in (16, 32, 64) for w in widths[1:])
+            assert max(widths) <= pim_mod.MAX_KEY_COLS[dtype]
 
 
 # ---- the 2-read forward (pass 1 also writes K2 = Z W'k^T; stats and update read K2) and the
@@ -387,8 +392,8 @@ def test_forward_paths_match_reference_and_read_z_as_designed(monkeypatch, path,
 
 
 @pytest.mark.parametrize("path,name,dtype", [
-    ("3-read", "k5_a16", torch.bfloat16), ("3-read", "k16_h4", torch.float32),
-    ("2-read", "k6_h3_b1", torch.float16), ("2-read", "h8_k8_a64", torch.float32),
+    ("3-read", "k5_a16", torch.bfloat16), ("3-read", "k16_h2", torch.float32),
+    ("2-read", "k6_h3_b1", torch.float16), ("2-read", "h4_k8_a64", torch.float32),
     ("2-read", "h1_k1_t2", torch.bfloat16)])
 def test_each_path_on_shapes_that_default_to_the_other(monkeypatch, path, name, dtype):
     """The SHAPES matrix runs each shape on its default path (see the next test); here each path
@@ -404,5 +409,5 @@ def test_default_paths_of_the_shape_matrix(dtype):
     paths = {name: pim_mod.key_columns(d, h * dh, dtype) > 0
              for name, (b, t, d, k, h, dh, reduce) in SHAPES.items()}
     assert paths == {"t197_d768": True, "k5_a16": True, "k6_h3_b1": False,
-                     "h1_k1_t2": False, "k16_h4": True, "h5_k12": False,
-                     "h8_k8_a64": False}
+                     "h1_k1_t2": False, "k16_h2": True, "h5_k6": False,
+                     "h4_k8_a64": False}

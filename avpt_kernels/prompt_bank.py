@@ -435,13 +435,16 @@ def _backward(grad_out, region_emb, token_offset, U, V, layer_bias, ln_weight, l
     bk = b * k
     stage = _stage_tensor(layer_stage, dev)
     grad_out = grad_out.contiguous()
+    if wdt != dt:  # 16-bit inputs, fp32 master weights: the backward kernels run on fp32 inputs
+        # (their mixed-dtype builds spill under Triton 3.6); two small casts, d_emb cast back
+        grad_out, region_emb = grad_out.float(), region_emb.float()
     V, layer_bias, ln_weight = V.contiguous(), layer_bias.contiguous(), ln_weight.contiguous()
     f32 = dict(dtype=torch.float32, device=dev)
     dlow = torch.empty((n_layers, bk, rank), **f32)
     c1 = torch.empty((n_layers, bk), **f32)
     c2 = torch.empty((n_layers, bk), **f32)
     dv_layer = torch.empty((n_layers, rank, d), **f32)
-    d_emb = torch.empty((b, r, d), dtype=dt, device=dev)
+    d_emb = torch.empty((b, r, d), dtype=region_emb.dtype, device=dev)
     d_off = torch.empty((k, d), dtype=wdt, device=dev)  # weight gradients in the weights' dtype
     d_u = torch.empty(U.shape, dtype=wdt, device=dev)
     d_v = torch.empty(V.shape, dtype=wdt, device=dev)
@@ -463,7 +466,7 @@ def _backward(grad_out, region_emb, token_offset, U, V, layer_bias, ln_weight, l
         dv_layer, d_emb, d_off, d_u, d_v,
         b, k, k // r, r, d, rank, n_layers, n_stages, n_group_tiles, n_token_tiles, **blocks,
         **_INPUTS_BLOCKS, num_warps=_INPUTS_WARPS)
-    return d_emb, d_off, d_u, d_v, d_bias, d_lnw, d_lnb
+    return d_emb.to(dt), d_off, d_u, d_v, d_bias, d_lnw, d_lnb
 
 
 # --------------------------------------------------------------------------------------------
@@ -609,6 +612,8 @@ def aot_configs() -> List:
                 n_token_tiles="i32"),
         }
         for fn, sig in sigs.items():
+            if wty != ty and fn is not _prompt_bank_fwd_kernel:
+                continue  # the backward runs mixed-dtype calls on fp32 inputs (see _backward)
             consts = dict(blocks)
             warps = _LAYER_WARPS if fn is _prompt_bank_bwd_layer_kernel else _WARPS
             if fn is _prompt_bank_bwd_inputs_kernel:

@@ -135,9 +135,11 @@ class AVPT(Method):
                                       t2p_reduce=c.t2p_reduce, backend=c.backend)
             for _ in range(max(self.group) + 1))
         # One PIMBlock per injected block, sharing the stage's PIM; prompts=None: the prompts
-        # come from the bank in encode. Registered after the backbone and ``pims``, so every
-        # parameter keeps its name (named_parameters lists a shared tensor once, first name).
-        self.pim_blocks = nn.ModuleList(ak.make_pim_blocks(
+        # come from the bank in encode. A plain list, not a registered ModuleList: everything a
+        # PIMBlock holds is already registered (the backbone's blocks, ``pims``), and registering
+        # it again would list the frozen blocks twice in state_dict() (shared storage, which
+        # safetensors refuses). .to() / deepcopy reach the same modules through those owners.
+        self.pim_blocks = list(ak.make_pim_blocks(
             self.visual, self.layers, prompts=None, pim=[self.pims[g] for g in self.group]))
         self.contrast_proj = nn.Linear(dim, c.contrast_dim)  # h_phi of Eq. 11
 
@@ -166,7 +168,7 @@ class AVPT(Method):
     def gates_shut(self):
         """``with model.gates_shut(): ...`` forces alpha = 0 in every PIM (Eq. 10 -> z_out = z):
         ``avpt_kernels.pim_gates_shut`` on the model's PIMBlocks."""
-        return ak.pim_gates_shut(self)
+        return ak.pim_gates_shut(nn.ModuleList(self.pim_blocks))
 
     # -- forward -------------------------------------------------------------------------------
     def encode(self, images: Tensor, maps=None, modality=None, return_attn: bool = False) -> Dict:

@@ -64,6 +64,22 @@ def _forward(row_name, method, images, maps):
     return method(images, maps=maps) if method.name == "avpt" else method(images)
 
 
+def _time_train_step(row: dict, method, params, forward, labels, masks) -> None:
+    """Time forward + loss (autocast) + backward + AdamW step; the figures go into ``row``."""
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast(**AUTOCAST):
+            loss = method_loss(method, forward(), labels, masks)["loss"]
+        loss.backward()
+        opt.step()
+
+    train = _timed_again(step)
+    row.update(train_step_ms=train["median_ms"], train_iqr_ms=train["iqr_ms"],
+               train_peak_mem_bytes=train["peak_mem_bytes"])
+
+
 def _launches(fn) -> dict:
     """Kernel launches of one forward: CUDA kernels on a GPU, dispatched aten ops on CPU."""
     from torch.profiler import ProfilerActivity, profile
@@ -107,19 +123,8 @@ def test_table10_row(benchmark, results, row_name, method_name, overrides):
     if row_name != "backbone":
         method.train()
         params = [p for p in method.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
-
-        def step():
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(**AUTOCAST):
-                out = _forward(row_name, method, images, maps)
-                loss = method_loss(method, out, labels, masks)["loss"]
-            loss.backward()
-            opt.step()
-
-        train = _timed_again(step)
-        row.update(train_step_ms=train["median_ms"], train_iqr_ms=train["iqr_ms"],
-                   train_peak_mem_bytes=train["peak_mem_bytes"])
+        _time_train_step(row, method, params, lambda: _forward(row_name, method, images, maps),
+                         labels, masks)
     results.add(**row, status="ok")
     del method
     gc.collect()
@@ -174,21 +179,10 @@ def test_injected_pim_row(benchmark, results, row_name, backend):
         results.add(**row, status="ok", train_step="skipped on CPU (Triton interpreter)")
         return
     method.train()
-    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-4,
-                            weight_decay=1e-4)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(**AUTOCAST):
-            loss = method_loss(method, method(images), labels, masks)["loss"]
-        loss.backward()
-        opt.step()
-
-    train = _timed_again(step)
-    row.update(train_step_ms=train["median_ms"], train_iqr_ms=train["iqr_ms"],
-               train_peak_mem_bytes=train["peak_mem_bytes"])
+    _time_train_step(row, method, [p for p in method.parameters() if p.requires_grad],
+                     lambda: method(images), labels, masks)
     results.add(**row, status="ok")
-    del method, opt
+    del method
     gc.collect()
     if ON_GPU:
         torch.cuda.empty_cache()

@@ -186,6 +186,11 @@ def test_params_takes_the_backbone_names_of_train(capsys):
     assert "linear" in capsys.readouterr().out
 
 
+# Far more epochs than the test waits for (an epoch of the tiny run takes ~0.1 s): the run must
+# still be going when the second run is refused and SIGINT arrives, however slow the machine.
+EPOCHS_UNTIL_INTERRUPTED = 100000
+
+
 def _cmd(out, epochs):
     c = [sys.executable, "-m", "avpt.cli", *_train_args(out)]
     c[c.index("--epochs") + 1] = str(epochs)
@@ -200,7 +205,7 @@ def test_concurrent_run_is_refused_and_ctrl_c_is_one_line_exit_130(tmp_path, cap
     env.pop("TRITON_INTERPRET", None)
     env.pop("AVPT_TRACEBACK", None)
     out = tmp_path / "run"
-    proc = subprocess.Popen(_cmd(out, 200), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cmd(out, EPOCHS_UNTIL_INTERRUPTED), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
         ckpt = out / "checkpoint.pt"
@@ -209,7 +214,7 @@ def test_concurrent_run_is_refused_and_ctrl_c_is_one_line_exit_130(tmp_path, cap
             time.sleep(0.05)
         assert ckpt.exists(), proc.stderr.read()[-2000:] if proc.poll() is not None else "timeout"
         t0 = time.time()
-        rc = main(_cmd(out, 200)[3:])  # the same command, in this process
+        rc = main(_cmd(out, EPOCHS_UNTIL_INTERRUPTED)[3:])  # the same command, in this process
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1, err
         assert f"is in use by another avpt run: pid {proc.pid}" in err[0], err
@@ -227,7 +232,7 @@ def test_concurrent_run_is_refused_and_ctrl_c_is_one_line_exit_130(tmp_path, cap
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("avpt train: interrupted;") and "checkpoint.pt" in last, last
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)   # whole, and safe to load
-    assert 1 <= ckpt["epoch"] < 200
+    assert 1 <= ckpt["epoch"] < EPOCHS_UNTIL_INTERRUPTED
     assert not [f for f in os.listdir(out) if ".tmp" in f]
     # nothing of the refused second run: log.csv rows are the first run's epochs, in order
     import csv

@@ -51,7 +51,7 @@ CASES = [
     ("bank ln L", lambda: _bank(ln_weight=torch.randn(3, 8)), ValueError, r"ln_weight must have shape \(4, 8\) \[L, D\]"),
     ("bank stage range", lambda: _bank(layer_stage=[0, 0, 1, 2]), ValueError, r"layer_stage must be 4 ints .* in \[0, 2\)"),
     ("bank stage count", lambda: _bank(layer_stage=[0, 1]), ValueError, "layer_stage must be 4 ints"),
-    ("bank dtype", lambda: _bank(U=torch.randn(2, 8, 4, dtype=torch.float64)), TypeError, "U has dtype torch.float64 but region_emb"),
+    ("bank dtype", lambda: _bank(U=torch.randn(2, 8, 4, dtype=torch.float64)), TypeError, "U has dtype torch.float64 but token_offset"),
     ("bank R=0", lambda: _bank(region_emb=torch.randn(2, 0, 8)), ValueError, r"region_emb must have at least one region \(R\)"),
     # pim
     ("pim z 2-D", lambda: ak.pim(Z[0], P, W, 2), ValueError, r"z must be 3-D \[B, T, D\]"),

@@ -168,9 +168,6 @@ def evaluate(model, dataset, cfg: Dict, device, dtype=None) -> Dict[str, np.ndar
     return res
 
 
-predict = evaluate  # the name the CLI and older code use
-
-
 def score(pred: Dict[str, np.ndarray]) -> Dict[str, float]:
     """Test metrics of ``evaluate``'s predictions: auc, f1, accuracy, ..., dice, iou, hd95, n."""
     out = M.classification_metrics(pred["labels"], pred["probs"])

@@ -36,7 +36,7 @@ from .compiled_step import WholeStep, adam_update, init_adam_state  # noqa: F401
 from .config import (BACKBONE_ALIASES, COMPILE_MODES, DEFAULTS, check_compile_mode,  # noqa: F401
                      load_config, parse_value, read_yaml, set_key)
 from .engine import (LOG_EVERY, Optimization, TrainStep, evaluate, lr_lambda,  # noqa: F401
-                     make_loader, make_optimizer, model_inputs, predict, score, train_one_epoch,
+                     make_loader, make_optimizer, model_inputs, score, train_one_epoch,
                      undefined_metrics)
 from .run_io import (CHECKPOINT_KEYS, RUN_CONTROL, append_csv, atomic_save,  # noqa: F401
                      backbone_record, check_resume, read_checkpoint, rng_state, set_rng_state,
@@ -194,6 +194,28 @@ def _build_method(cfg: Dict, device, dist: Dist):
     return model
 
 
+def _step_module(model, loss_fn: nn.Module, dtype, dist: Dist, device) -> nn.Module:
+    """Forward + loss as one module (``TrainStep``), in DistributedDataParallel when launched by
+    torchrun (unused parameters allowed: a loss term may be off)."""
+    step_module: nn.Module = TrainStep(model, loss_fn, dtype)
+    if dist.active:
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=True, broadcast_buffers=False)
+    return step_module
+
+
+def _train_loader(cfg: Dict, train_set, dist: Dist):
+    """(DataLoader, sampler) of this rank's training batches; no batch at all is a DataError."""
+    batch_sizes = {"default": cfg["batch_size"], "MRI": cfg["batch_size_mri"]}
+    loader, sampler = make_loader(train_set, batch_sizes, True, cfg["seed"], dist.rank, dist.world)
+    if len(sampler) == 0:
+        from .data import DataError
+        raise DataError(f"no training batch: {len(train_set)} training samples for "
+                        f"{dist.world} processes")
+    return loader, sampler
+
+
 def _optimization(cfg: Dict, model, steps_per_epoch: int, compile_mode: str, device,
                   dtype) -> Optimization:
     """AdamW over the trainable parameters, warm-up + cosine per step, the fp16 GradScaler."""
@@ -231,6 +253,31 @@ def _tensorboard(cfg: Dict, dist: Dist):
     return SummaryWriter(os.path.join(cfg["out"], "tensorboard"))
 
 
+def _compile_mode(cfg: Dict, dtype, dist: Dist) -> str:
+    """The ``compile`` setting, refused with fp16 (GradScaler) or several processes (DDP)."""
+    mode = check_compile_mode(cfg["compile"])
+    if mode != "none" and (dtype == torch.float16 or dist.active):
+        raise ValueError(f"compile={mode} needs amp off or bf16 (no fp16 GradScaler) and one "
+                         f"process (no DistributedDataParallel); use compile=none")
+    return mode
+
+
+def _epoch_row(cfg: Dict, epoch: int, sums: Dict[str, float], seen: int, elapsed: float,
+               opt: Optimization, dist: Dist, model, test_set, device, dtype) -> Dict:
+    """The epoch's log row: learning rate, throughput, mean loss terms (over all processes) and,
+    on rank 0 every ``eval_every`` epochs and after the last, the test metrics."""
+    epochs = int(cfg["epochs"])
+    row = {"epoch": epoch + 1, "lr": float(opt.scheduler.get_last_lr()[0]),
+           "images_per_s": dist.mean(seen / max(elapsed, 1e-9)) * dist.world, "time_s": elapsed}
+    row.update({f"train_{k}": dist.mean(v / max(seen, 1)) for k, v in sums.items()})
+    if dist.main and cfg["eval_every"] and ((epoch + 1) % int(cfg["eval_every"]) == 0
+                                            or epoch + 1 == epochs):
+        metrics = score(evaluate(model, test_set, cfg, device, dtype))
+        row.update({f"test_{k}": v for k, v in metrics.items()
+                    if k in ("auc", "f1", "dice", "iou", "hd95")})
+    return row
+
+
 def _log_epoch(row: Dict, epochs: int, out: str, writer) -> None:
     """The epoch's row to log.csv, TensorBoard and the log."""
     epoch = row["epoch"]
@@ -253,30 +300,16 @@ def _run(cfg: Dict, backbone: Dict) -> Dict:
     device = resolve_device(cfg["device"])
     dist = Dist(device)
     dtype = amp_dtype(cfg["amp"], device)
-    compile_mode = check_compile_mode(cfg["compile"])
-    if compile_mode != "none" and (dtype == torch.float16 or dist.active):
-        raise ValueError(f"compile={compile_mode} needs amp off or bf16 (no fp16 GradScaler) and one "
-                         f"process (no DistributedDataParallel); use compile=none")
-
+    compile_mode = _compile_mode(cfg, dtype, dist)
     ckpt_path = os.path.join(out, "checkpoint.pt")
     ckpt = _open_checkpoint(cfg, ckpt_path, device, backbone, dist)
     dist.barrier()
     model = _build_method(cfg, device, dist)
     train_set, test_set, info = build_data(cfg, int(model.visual.image_size[0]), out, dist.main)
     loss_fn = model.make_loss(rcl_positives=cfg["rcl_positives"]).to(device)
-    step_module: nn.Module = TrainStep(model, loss_fn, dtype)
-    if dist.active:
-        step_module = nn.parallel.DistributedDataParallel(
-            step_module, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=True, broadcast_buffers=False)
-
-    batch_sizes = {"default": cfg["batch_size"], "MRI": cfg["batch_size_mri"]}
-    loader, sampler = make_loader(train_set, batch_sizes, True, cfg["seed"], dist.rank, dist.world)
+    step_module = _step_module(model, loss_fn, dtype, dist, device)
+    loader, sampler = _train_loader(cfg, train_set, dist)
     steps_per_epoch = len(sampler)
-    if steps_per_epoch == 0:
-        from .data import DataError
-        raise DataError(f"no training batch: {len(train_set)} training samples for "
-                        f"{dist.world} processes")
     epochs = int(cfg["epochs"])
     opt = _optimization(cfg, model, steps_per_epoch, compile_mode, device, dtype)
     history: List[Dict] = []
@@ -298,14 +331,7 @@ def _run(cfg: Dict, backbone: Dict) -> Dict:
         sums, seen, elapsed = train_one_epoch(
             step_module, opt, loader, steps_per_epoch, device, dtype,
             desc=f"epoch {epoch + 1}/{epochs}", progress=cfg["progress"] and dist.main)
-        row = {"epoch": epoch + 1, "lr": float(opt.scheduler.get_last_lr()[0]),
-               "images_per_s": dist.mean(seen / max(elapsed, 1e-9)) * dist.world,
-               "time_s": elapsed}
-        row.update({f"train_{k}": dist.mean(v / max(seen, 1)) for k, v in sums.items()})
-        if dist.main and cfg["eval_every"] and ((epoch + 1) % int(cfg["eval_every"]) == 0
-                                                or epoch + 1 == epochs):
-            row.update({f"test_{k}": v for k, v in score(evaluate(model, test_set, cfg, device, dtype)).items()
-                        if k in ("auc", "f1", "dice", "iou", "hd95")})
+        row = _epoch_row(cfg, epoch, sums, seen, elapsed, opt, dist, model, test_set, device, dtype)
         history.append(row)
         if dist.main:
             _log_epoch(row, epochs, out, writer)

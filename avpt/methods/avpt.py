@@ -255,7 +255,6 @@ class SharedModules(nn.ModuleList):
     @staticmethod
     def _fill_own_keys(module, state_dict, prefix, local_metadata, strict, missing_keys,
                        unexpected_keys, error_msgs) -> None:
-        tensors = {**dict(module.named_parameters(remove_duplicate=False)),
-                   **dict(module.named_buffers(remove_duplicate=False))}
-        for name, tensor in tensors.items():
-            state_dict.setdefault(prefix + name, tensor.detach())
+        for index, child in enumerate(module):  # the children's own state dicts: what they load
+            for name, tensor in child.state_dict(keep_vars=True).items():
+                state_dict.setdefault(f"{prefix}{index}.{name}", tensor.detach())

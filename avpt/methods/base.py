@@ -142,7 +142,9 @@ class Method(nn.Module):
         """The training objective, a module called as ``loss(out, labels [B], masks [B, 1, H, W],
         modality [B], update_state: bool) -> {term: scalar tensor}`` with every active term and
         their weighted total under ``"loss"``; ``update_state`` (training) lets the loss update
-        its own buffers (queues, centroids), saved in the training checkpoint. ``options``: the
+        its own buffers (queues, centroids), saved in the training checkpoint (``loss_state``).
+        The loss holds no model: what it needs of the method comes in ``out`` (a method adds
+        fields to its ``MethodOutput`` for that, as A-VPT does). ``options``: the
         run's loss settings (e.g. ``rcl_positives``); a method ignores those it does not use.
         Default: CLS + lambda_seg * SEG (``avpt.losses.MethodLoss``)."""
         return MethodLoss(self.config)

@@ -13,7 +13,7 @@ the pooled region features go through ``AnatomyMLP`` (Eq. 3).
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -168,3 +168,25 @@ def region_adjacency(maps: Tensor, eps: float = 1e-6) -> Tensor:
         adj = torch.maximum(adj, adj.transpose(1, 2))
         eye = torch.eye(adj.shape[1], dtype=torch.bool, device=adj.device)
         return adj.masked_fill(eye, 0.0)
+
+
+def per_image_modalities(modality, batch: int, default: str) -> List[str]:
+    """Modality per image as names: None (default), a name, names, or indices into MODALITIES."""
+    if modality is None:
+        return [default] * batch
+    if isinstance(modality, str):
+        names = [modality] * batch
+    elif isinstance(modality, Tensor):
+        names = [MODALITIES[int(i)] for i in modality.reshape(-1)]
+    else:
+        names = [m if isinstance(m, str) else MODALITIES[int(m)] for m in modality]
+    if len(names) != batch or any(n not in MODALITIES for n in names):
+        raise ValueError(f"modality must be one of {MODALITIES} or one per image ({batch}), "
+                         f"got {modality!r}")
+    return names
+
+
+def modality_indices(modality, batch: int, device=None) -> Tensor:
+    """Modality per image as a long tensor [B] of indices into MODALITIES."""
+    names = per_image_modalities(modality, batch, MODALITIES[0])
+    return torch.tensor([MODALITIES.index(n) for n in names], dtype=torch.long, device=device)

@@ -132,16 +132,27 @@ def load_trainable(directory: Union[str, os.PathLike], pretrained=_KEEP,
         raise ConfigError(f"{path / WEIGHTS_FILE} is not readable safetensors (truncated or corrupt: "
                           f"{str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__}); "
                           f"{_start_fresh(path)}") from None
+    load_trainable_state(method, state, f"{path / WEIGHTS_FILE}", saved["method"])
+    return method
+
+
+def load_trainable_state(method: Method, state: Dict[str, torch.Tensor], source: str,
+                         method_name: Optional[str] = None) -> None:
+    """Copy ``state`` (parameter name -> tensor) into ``method``'s trainable parameters, in place.
+    ``state`` must hold exactly the trainable parameters, each with the parameter's shape; else a
+    one-line ``ConfigError`` naming ``source`` (the file the state came from)."""
+    from .validate import ConfigError
+
     params = dict(method.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:
-        raise ConfigError(f"{path / WEIGHTS_FILE} does not match method {saved['method']!r}: "
+        raise ConfigError(f"{source} does not match method {method_name or method.name!r}: "
                           f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    for name, tensor in state.items():
+        if params[name].shape != tensor.shape:
+            raise ConfigError(f"{source}: {name} has shape {tuple(tensor.shape)}, "
+                              f"the model {tuple(params[name].shape)}")
     with torch.no_grad():
         for name, tensor in state.items():
-            if params[name].shape != tensor.shape:
-                raise ConfigError(f"{path / WEIGHTS_FILE}: {name} has shape {tuple(tensor.shape)}, "
-                                  f"the model {tuple(params[name].shape)}")
             params[name].copy_(tensor)
-    return method

@@ -78,7 +78,7 @@ def _overrides(args) -> Dict:
 def _config(args, extra: Optional[Dict] = None, base: Optional[Dict] = None) -> Dict:
     """DEFAULTS < --config (+ --variant) < ``base`` < flags < ``extra`` < --set, validated.
     ``base`` may hold None values (e.g. a training run's ``fold: null``)."""
-    from .train import load_config
+    from .config import load_config
 
     flags = {k: v for k, v in _overrides(args).items() if v is not None}
     flags.update(extra or {})
@@ -152,7 +152,7 @@ def _saved_model(args):
     model's, except model.backend, the op backend that runs it; --pretrained is checked by
     sha256 when the model is loaded)."""
     from .checkpoint import read_saved
-    from .train import BACKBONE_ALIASES
+    from .config import BACKBONE_ALIASES
     from .validate import ConfigError
 
     if not os.path.isdir(args.checkpoint):
@@ -168,7 +168,7 @@ def _saved_model(args):
     if args.backbone is not None and BACKBONE_ALIASES.get(args.backbone.lower(), args.backbone) != name:
         raise ConfigError(f"--backbone {args.backbone} contradicts the checkpoint: {where} was "
                           f"trained on {name!r}; drop --backbone")
-    from .train import parse_value
+    from .config import parse_value
 
     for item in args.sets:
         k, _, v = item.partition("=")
@@ -243,7 +243,8 @@ def cmd_eval(args) -> int:
 def _cv(base: Dict, seeds: List[int]) -> Dict:
     """k-fold x seeds runs of one config; writes OUT/cv_metrics.json; returns the summary."""
     from .metrics import aggregate
-    from .train import _write_json, run
+    from .run_io import write_json
+    from .train import run
 
     runs, rows = [], []
     folds_file = base["folds_file"] or os.path.join(base["out"], "folds.json")
@@ -257,7 +258,7 @@ def _cv(base: Dict, seeds: List[int]) -> Dict:
             rows.append({"seed": seed, "fold": fold, **res["test"]})
             print(f"seed {seed} fold {fold}: {_summary(res)}", flush=True)
     agg = aggregate(runs)
-    _write_json(os.path.join(base["out"], "cv_metrics.json"),
+    write_json(os.path.join(base["out"], "cv_metrics.json"),
                 {"summary": agg, "runs": rows, "config": base, "folds_file": folds_file})
     return agg
 
@@ -269,7 +270,8 @@ def _mean_std(agg: Dict, k: str) -> str:
 def cmd_cv(args) -> int:
     """Cross-validation; ``--variant all`` runs every variant of the YAML file (an ablation
     table) over the same folds and prints the table."""
-    from .train import _write_json, read_yaml
+    from .config import read_yaml
+    from .run_io import write_json
     from .validate import ConfigError, check_out, run_lock
 
     seeds = args.seeds
@@ -293,7 +295,7 @@ def cmd_cv(args) -> int:
                 base["folds_file"] = base["folds_file"] or os.path.join(out, "folds.json")
                 print(f"== variant {name}", flush=True)
                 table[name] = _cv(base, seeds or [base["seed"]])
-            _write_json(os.path.join(out, "ablation.json"), table)
+            write_json(os.path.join(out, "ablation.json"), table)
         keys = ("auc", "f1", "dice", "hd95")
         print(f"{'variant':<16}" + "".join(f"{k:>22}" for k in keys))
         for name, agg in table.items():
@@ -312,16 +314,18 @@ def cmd_cv(args) -> int:
 
 def cmd_explain(args) -> int:
     from .checkpoint import load_trainable
-    from .report import _pick, rollout_and_prompt_types, write_html
-    from .train import build_data, resolve_device
+    from .methods import get_method_class
+    from .report import pick_examples, write_html
+    from .runtime import resolve_device
+    from .train import build_data
     from .validate import ConfigError, check_paths, run_lock
 
     if args.num < 1:
         raise ConfigError(f"--num must be an integer >= 1, got {args.num}")
     model_dir, saved = _saved_model(args)
-    if saved["method"] != "avpt":
-        raise ConfigError(f"avpt explain needs an A-VPT model (rollout of its prompts), got "
-                          f"{saved['method']!r}")
+    if not get_method_class(saved["method"]).has_report_sections:
+        raise ConfigError(f"avpt explain needs a model with explanation figures (A-VPT: rollout "
+                          f"of its prompts), got {saved['method']!r}")
     _check_side_out(args, "explain")
     cfg = _eval_config(args, saved)
     check_paths(cfg)
@@ -331,10 +335,9 @@ def cmd_explain(args) -> int:
         _, test_set, _ = build_data(cfg, int(model.visual.image_size[0]), cfg["out"])
         fig_dir = os.path.join(cfg["out"], "figures")
         os.makedirs(fig_dir, exist_ok=True)
-        roll, types = rollout_and_prompt_types(model, test_set, _pick(test_set, args.num), device, fig_dir)
-        figs = {"rollout overlays (Eq. 18)": roll, "attention by prompt type (Figs. 7-8)": types}
+        figs = model.report_sections(test_set, pick_examples(test_set, args.num), device, fig_dir)
         path = write_html(os.path.join(cfg["out"], "explain.html"), "A-VPT explanations", [], figs)
-    print(f"figures: {roll}, {types}\nreport: {path}")
+    print(f"figures: {', '.join(str(f) for f in figs.values())}\nreport: {path}")
     return 0
 
 
@@ -344,16 +347,21 @@ def cmd_params(args) -> int:
     return params_main(args.rest)
 
 
+# ``avpt compare``'s integer options (those of ``python -m avpt_kernels.compare``): name, default,
+# least value, what it is; the parser and the range check are both made from this one table.
+COMPARE_SIZES = (("batch", 2, 1, "batch size B"), ("tokens", 197, 2, "tokens T"),
+                 ("dim", 768, 1, "width D"), ("prompts", 6, 1, "prompt tokens K"))
+
+
 def compare_parser():
     """``avpt compare``'s options (those of ``python -m avpt_kernels.compare``), checked here."""
     from .validate import OneLineParser
 
     ap = OneLineParser(prog="avpt compare", description="op-level backend comparison: every "
                        "backend of every op against the fp64 reference (avpt_kernels.compare)")
-    ap.add_argument("--batch", type=int, default=2, help="batch size B >= 1 (default 2)")
-    ap.add_argument("--tokens", type=int, default=197, help="tokens T >= 2 (default 197)")
-    ap.add_argument("--dim", type=int, default=768, help="width D >= 1 (default 768)")
-    ap.add_argument("--prompts", type=int, default=6, help="prompt tokens K >= 1 (default 6)")
+    for name, default, least, what in COMPARE_SIZES:
+        ap.add_argument(f"--{name}", type=int, default=default,
+                        help=f"{what} >= {least} (default {default})")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     return ap
@@ -363,9 +371,9 @@ def cmd_compare(args) -> int:
     from .validate import ConfigError, check_device
 
     ns = compare_parser().parse_args(args.rest)
-    for name, lo in (("batch", 1), ("tokens", 2), ("dim", 1), ("prompts", 1)):
-        if getattr(ns, name) < lo:
-            raise ConfigError(f"--{name} must be an integer >= {lo}, got {getattr(ns, name)}")
+    for name, _, least, _ in COMPARE_SIZES:
+        if getattr(ns, name) < least:
+            raise ConfigError(f"--{name} must be an integer >= {least}, got {getattr(ns, name)}")
     if ns.device is not None:
         if ns.device not in ("cpu", "cuda"):
             raise ConfigError(f"--device must be cpu or cuda, got {ns.device!r}")
@@ -433,54 +441,47 @@ def _demo(args, main_cfg, tr_cfg, gpu, t0) -> int:
     return 0
 
 
+def _run_command(sub, name: str, func, help: str, description: str) -> argparse.ArgumentParser:
+    """A sub-command that takes the run options (``--out`` defaults to runs/NAME)."""
+    p = sub.add_parser(name, help=help, description=description)
+    _add_run_args(p, f"runs/{name}")
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .validate import OneLineParser
 
     parser = OneLineParser(prog="avpt", description="Anatomy-guided Visual Prompt Tuning")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("demo", help="the main job: phantom training, evaluation, transfer, report",
-                       description="avpt demo: A-VPT on the synthetic phantom, one cross-modal "
-                                   "transfer, report.html")
-    _add_run_args(p, "runs/demo")
+    p = _run_command(sub, "demo", cmd_demo,
+                     "the main job: phantom training, evaluation, transfer, report",
+                     "avpt demo: A-VPT on the synthetic phantom, one cross-modal transfer, "
+                     "report.html")
     p.add_argument("--transfer", nargs=2, default=("MG", "US"), metavar=("FROM", "TO"),
                    choices=("MG", "US", "MRI"), help="transfer modalities (default MG US)")
-    p.set_defaults(func=cmd_demo)
-
-    p = sub.add_parser("train", help="train and evaluate one run",
-                       description="avpt train: train and evaluate one run")
-    _add_run_args(p, "runs/train")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("eval", help="evaluate a saved model",
-                       description="avpt eval: evaluate a saved model; data settings default to "
-                                   "the training run's, the model is the saved one")
-    _add_run_args(p, "runs/eval")
+    _run_command(sub, "train", cmd_train, "train and evaluate one run",
+                 "avpt train: train and evaluate one run")
+    p = _run_command(sub, "eval", cmd_eval, "evaluate a saved model",
+                     "avpt eval: evaluate a saved model; data settings default to the training "
+                     "run's, the model is the saved one")
     p.add_argument("--checkpoint", required=True, help="a run folder or its model/ folder")
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("transfer", help="train on one modality/data set, test on another",
-                       description="avpt transfer: train on one modality/data set, test on another")
-    _add_run_args(p, "runs/transfer")
+    p = _run_command(sub, "transfer", cmd_transfer, "train on one modality/data set, test on another",
+                     "avpt transfer: train on one modality/data set, test on another")
     p.add_argument("--train-modality", nargs="+", choices=("MG", "US", "MRI"))
     p.add_argument("--test-modality", nargs="+", choices=("MG", "US", "MRI"))
     p.add_argument("--test-dataset", choices=("phantom", "busi", "inbreast", "duke"))
     p.add_argument("--test-data-root")
-    p.set_defaults(func=cmd_transfer)
-
-    p = sub.add_parser("cv", help="k-fold cross-validation over seeds (mean +- std); "
-                            "--variant all runs an ablation table",
-                       description="avpt cv: patient-level k-fold cross-validation over seeds")
-    _add_run_args(p, "runs/cv")
+    p = _run_command(sub, "cv", cmd_cv, "k-fold cross-validation over seeds (mean +- std); "
+                     "--variant all runs an ablation table",
+                     "avpt cv: patient-level k-fold cross-validation over seeds")
     p.add_argument("--seeds", type=int, nargs="+")
-    p.set_defaults(func=cmd_cv)
-
-    p = sub.add_parser("explain", help="rollout and prompt-type attention figures of a saved model",
-                       description="avpt explain: rollout and prompt-type attention figures")
-    _add_run_args(p, "runs/explain")
+    p = _run_command(sub, "explain", cmd_explain,
+                     "rollout and prompt-type attention figures of a saved model",
+                     "avpt explain: rollout and prompt-type attention figures")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--num", type=int, default=4, help="number of images")
-    p.set_defaults(func=cmd_explain)
 
     p = sub.add_parser("params", help="trainable-parameter table (avpt params --help)", add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -238,8 +238,7 @@ class AVPTLoss(nn.Module):
         if rcl_positives not in RCL_POSITIVES:
             raise ValueError(f"rcl_positives must be one of {RCL_POSITIVES}, got {rcl_positives!r}")
         self.rcl_positives = rcl_positives
-        c = self.config = model.config
-        self.model = [model]  # not a submodule: the loss owns no trainable parameters
+        c = self.config = model.config  # the model itself is not kept: ``out`` carries its parts
         self.tokens_per_region = c.num_prompts // c.num_regions
         self.queue = RegionQueue(len(MODALITIES), c.queue_size, c.contrast_dim) if c.queue_size else None
         self.centroids = EMACentroids(c.num_regions, c.contrast_dim, c.ema_momentum) \
@@ -262,17 +261,16 @@ class AVPTLoss(nn.Module):
 
     def forward(self, out, labels: Optional[Tensor] = None, masks: Optional[Tensor] = None,
                 modality=None, update_state: bool = False) -> Dict[str, Tensor]:
-        c, model = self.config, self.model[0]
-        terms: Dict[str, Tensor] = {}
-        if labels is not None and out.logits is not None:
-            terms["cls"] = cls_loss(out.logits, labels)
-        if c.lambda_seg and masks is not None and out.seg_logits is not None:
-            terms["seg"] = seg_loss(out.seg_logits, masks, c.seg_bce_weight)
+        """``out``: the model's ``MethodOutput`` (its ``region_contrast``, ``region_text``,
+        ``prompts`` and ``maps`` feed RCL, TXT and LAP); labels [B]; masks [B, 1, H, W];
+        modality [B] indices, names or None."""
+        c = self.config
+        terms = cls_seg_terms(c, out, labels, masks)
         b = out.features.shape[0]
         mod = _modality_tensor(modality, b, out.features.device)
         r = types = None
-        if out.region_emb is not None and (c.lambda_rcl or c.lambda_txt):
-            r = model.region_contrast(out.region_emb)
+        if out.region_contrast is not None and (c.lambda_rcl or c.lambda_txt):
+            r = out.region_contrast
             types = self.region_types(r)
         if c.lambda_rcl and r is not None:
             q_emb = q_types = q_mod = None
@@ -282,7 +280,7 @@ class AVPTLoss(nn.Module):
             terms["rcl"] = rcl_loss(r, types, mod, c.tau, q_emb, q_types, queue_modality=q_mod,
                                     positives=self.rcl_positives)
         if c.lambda_txt and r is not None:
-            terms["txt"] = txt_loss(model.region_text_space(out.region_emb), self.text, types, c.tau_txt)
+            terms["txt"] = txt_loss(out.region_text, self.text, types, c.tau_txt)
         if c.lambda_lap and out.prompts is not None:
             adj = region_adjacency(out.maps) if out.maps is not None else self.default_adjacency
             terms["lap"] = lap_loss(out.prompts, adj, self.tokens_per_region)
@@ -304,7 +302,7 @@ def _modality_tensor(modality, batch: int, device) -> Tensor:
     """Modality indices [B] on ``device`` without a host sync: a tensor is used as it is (its
     values are the loader's, validated there), None or one name fills on the device; only a
     Python list of names/indices goes through ``modality_indices`` (a host-to-device copy)."""
-    from .model import modality_indices
+    from .anatomy import modality_indices
 
     if isinstance(modality, Tensor):
         if modality.shape != (batch,):
@@ -319,15 +317,36 @@ def _modality_tensor(modality, batch: int, device) -> Tensor:
     return modality_indices(modality, batch, device)
 
 
+def cls_seg_terms(config, out, labels: Optional[Tensor], masks: Optional[Tensor]
+                  ) -> Dict[str, Tensor]:
+    """The terms every method trains: CLS (Eq. 14) with labels [B], SEG (Eq. 15) with masks
+    [B, 1, H, W] when ``config.lambda_seg`` is on and the method segments."""
+    terms: Dict[str, Tensor] = {}
+    if labels is not None and out.logits is not None:
+        terms["cls"] = cls_loss(out.logits, labels)
+    if config.lambda_seg and masks is not None and out.seg_logits is not None:
+        terms["seg"] = seg_loss(out.seg_logits, masks, config.seg_bce_weight)
+    return terms
+
+
 def method_loss(method, out, labels=None, masks=None) -> Dict[str, Tensor]:
     """CLS + lambda_seg SEG for any method (the baselines' objective)."""
     c = method.config
-    terms = {}
-    if labels is not None:
-        terms["cls"] = cls_loss(out.logits, labels)
-    if c.lambda_seg and masks is not None and out.seg_logits is not None:
-        terms["seg"] = seg_loss(out.seg_logits, masks, c.seg_bce_weight)
+    terms = cls_seg_terms(c, out, labels, masks)
     if not terms:
         raise ValueError("pass labels and/or masks")
     terms["loss"] = terms.get("cls", 0.0) + c.lambda_seg * terms.get("seg", 0.0)
     return terms
+
+
+class MethodLoss(nn.Module):
+    """``method_loss`` as the loss module of ``Method.make_loss``: no state of its own."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    def forward(self, out, labels: Optional[Tensor] = None, masks: Optional[Tensor] = None,
+                modality=None, update_state: bool = False) -> Dict[str, Tensor]:
+        """CLS + lambda_seg SEG of ``out`` (``modality`` and ``update_state`` are not used)."""
+        return method_loss(self, out, labels=labels, masks=masks)

@@ -40,7 +40,7 @@ def _save(fig, path: str) -> str:
     return path
 
 
-def _pick(dataset, n: int, seed: int = 0) -> List[int]:
+def pick_examples(dataset, n: int, seed: int = 0) -> List[int]:
     """Up to n indices, spread over modalities and labels, deterministic."""
     rng = np.random.default_rng(seed)
     groups: Dict[Tuple[str, int], List[int]] = {}
@@ -123,13 +123,14 @@ def _relevance(model, batch, maps) -> np.ndarray:
 
 
 def rollout_and_prompt_types(model, dataset, indices: List[int], device, dir_: str):
-    """(rollout.png, prompt_types.png) for an A-VPT model, else (None, None)."""
-    if getattr(model, "name", "") != "avpt" or not indices:
+    """(rollout.png, prompt_types.png) of a model with A-VPT's prompt bank (``model.prompt_bank``
+    and PIM attention for ``avpt.explain.relevance``), or (None, None) without images."""
+    if not indices:
         return None, None
     plt = _plt()
     model.eval()
     batch = _batch(dataset, indices, device)
-    maps = batch["maps"] if model.config.region_source == "given" else None
+    maps = model.forward_maps(batch)
     anatomy = _relevance(model, batch, maps)
     fig, axes = plt.subplots(1, len(indices), figsize=(2.2 * len(indices), 2.5), squeeze=False)
     for ax, i, rel in zip(axes[0], indices, anatomy):
@@ -186,12 +187,10 @@ def tsne(model, datasets, device, path: str, max_images: int = 150) -> Optional[
     feats, mods, kinds = [], [], []
     model.eval()
     for ds in datasets:
-        idx = _pick(ds, max_images)
+        idx = pick_examples(ds, max_images)
         for start in range(0, len(idx), 32):
             batch = _batch(ds, idx[start:start + 32], device)
-            maps = batch["maps"] if getattr(model, "name", "") == "avpt" and \
-                model.config.region_source == "given" else None
-            out = model(batch["image"], maps=maps, modality=batch["modality"])
+            out = model(batch["image"], maps=model.forward_maps(batch), modality=batch["modality"])
             names = [ds.records[i].modality for i in idx[start:start + 32]]
             if out.region_emb is not None:
                 e = out.region_emb.float().cpu().numpy()
@@ -235,13 +234,11 @@ def write_run_report(model, train_set, test_set, pred: Dict, result: Dict, out: 
         logging.getLogger(__name__).warning("matplotlib is not installed: report without figures")
         write_html(path, "A-VPT run report", [("Run", result)], {})
         return {}, path
-    idx = _pick(test_set, num_images)
+    idx = pick_examples(test_set, num_images)
     figures["training curves"] = curves(result.get("history", []), os.path.join(fig_dir, "curves.png"))
     figures["segmentation overlays (Fig. 5)"] = segmentation(test_set, pred, idx,
                                                              os.path.join(fig_dir, "segmentation.png"))
-    roll, types = rollout_and_prompt_types(model, test_set, idx[:4], device, fig_dir)
-    figures["rollout overlays (Eq. 18)"] = roll
-    figures["attention by prompt type: random / static / anatomy (Figs. 7-8)"] = types
+    figures.update(model.report_sections(test_set, idx[:4], device, fig_dir))
     figures["t-SNE of tissue embeddings by modality (Fig. 6)"] = tsne(
         model, [train_set, test_set], device, os.path.join(fig_dir, "tsne.png"))
     figures = {k: v for k, v in figures.items() if v}

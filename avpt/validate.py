@@ -204,9 +204,9 @@ def _data_settings(cfg: Dict) -> None:
 
 
 def validate_config(cfg: Dict) -> Dict:
-    """Every setting of a resolved config (``avpt.train.DEFAULTS`` keys): type, range, known
+    """Every setting of a resolved config (``avpt.config.DEFAULTS`` keys): type, range, known
     keys, consistency; raises ``ConfigError`` with one line. Pure: reads no data."""
-    from .train import DEFAULTS, check_compile_mode
+    from .config import DEFAULTS, check_compile_mode
 
     unknown = sorted(set(cfg) - set(DEFAULTS))
     if unknown:

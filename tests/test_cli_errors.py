@@ -180,6 +180,18 @@ def test_subcommand_help_names_itself(capsys):
         assert f"usage: avpt {cmd}" in capsys.readouterr().out, cmd
 
 
+def test_python_m_avpt_params_bad_method_is_one_line_exit_2():
+    """``python -m avpt.params`` (not only ``avpt params``): a bad method name is one line on
+    stderr and exit code 2, no traceback."""
+    env = {k: v for k, v in os.environ.items() if k != "AVPT_TRACEBACK"}
+    res = subprocess.run([sys.executable, "-m", "avpt.params", "--methods", "nope"],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--methods must name methods among" in lines[0], res.stderr
+    assert "Traceback" not in res.stderr
+
+
 def test_params_takes_the_backbone_names_of_train(capsys):
     assert main(["params", "--model", "tiny", "--methods", "linear"]) == 0
     assert main(["params", "--backbone", "avpt-tiny", "--methods", "linear"]) == 0

@@ -34,7 +34,7 @@ def tiny(name, **overrides):
 
 
 def run(method, images, maps):
-    return method(images, maps if method.name == "avpt" else None)
+    return method(images, method.forward_maps({"image": images, "maps": maps}))
 
 
 def test_registry_lists_every_method():
@@ -186,3 +186,91 @@ def test_parameter_report_counts():
     assert reports["avpt"].trainable == sum(reports["avpt"].breakdown.values())
     text = format_reports(list(reports.values()))
     assert "avpt" in text and "% of visual" in text and "pims" in text
+
+
+def test_forward_maps_and_make_loss_are_asked_of_the_method():
+    """The hooks: only A-VPT with region_source="given" takes the batch's maps; every method's
+    ``make_loss`` gives a module whose terms add up to "loss" (A-VPT's: Eq. 17, the others'
+    CLS + SEG), and options a method does not use are ignored."""
+    from avpt.losses import AVPTLoss, MethodLoss
+
+    images, maps = torch.randn(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    labels, masks = torch.tensor([0, 1]), (torch.rand(2, 1, 64, 64) > 0.5).float()
+    batch = {"image": images, "maps": maps}
+    for name in METHODS:
+        method = tiny(name)
+        loss_fn = method.make_loss(rcl_positives="within_modality")
+        assert isinstance(loss_fn, AVPTLoss if name == "avpt" else MethodLoss), name
+        given = method.forward_maps(batch)
+        assert given is (maps if name == "avpt" else None), name
+        terms = loss_fn(method(images, given), labels, masks, torch.tensor([0, 1]),
+                        update_state=True)
+        assert {"cls", "seg", "loss"} <= set(terms), name
+    assert tiny("avpt", region_source="prior").forward_maps(batch) is None
+
+
+def test_a_method_registered_elsewhere_is_built_and_trained_by_name():
+    """A method module needs only ``@register``: ``build_method`` finds it, and the trainer's step
+    (``TrainStep`` with ``make_loss``) runs it with the default hooks."""
+    from dataclasses import dataclass
+
+    from avpt.methods import MethodConfig, get_method_class, register
+    from avpt.methods import base
+    from avpt.methods.base import Method, frozen_encode
+    from avpt.train import TrainStep
+
+    @dataclass
+    class ProbeConfig(MethodConfig):
+        pass
+
+    @register("test-probe")
+    class Probe(Method):
+        config_class = ProbeConfig
+
+        def encode(self, images, maps=None, modality=None, return_attn=False):
+            return frozen_encode(self, images)
+
+    try:
+        assert get_method_class("test-probe") is Probe and "test-probe" in method_names()
+        method = tiny("test-probe")
+        batch = dict(image=torch.randn(2, 3, 64, 64), maps=torch.rand(2, 3, 64, 64),
+                     label=torch.tensor([0, 1]), mask=torch.zeros(2, 1, 64, 64),
+                     modality=torch.tensor([0, 0]))
+        terms = TrainStep(method, method.make_loss())(batch)
+        terms["loss"].backward()
+        assert method.head.fc.weight.grad is not None
+    finally:
+        base._REGISTRY.pop("test-probe", None)
+
+
+def test_avpt_pim_blocks_are_registered_but_not_saved_twice():
+    """A-VPT's PIMBlocks are submodules (no module hidden in a list), yet state_dict() keeps the
+    keys it had (each tensor once, under its owner: safetensors needs that) and a state dict
+    without them loads strictly, into the shared tensors."""
+    method, fresh = tiny("avpt"), tiny("avpt")
+    blocks = list(method.pim_blocks)
+    assert blocks and all(any(b is m for m in method.modules()) for b in blocks)
+    keys = list(method.state_dict())
+    assert not [k for k in keys if k.startswith("pim_blocks.")]
+    params, buffers = dict(method.named_parameters()), dict(method.named_buffers())
+    assert set(params) <= set(keys) <= set(params) | set(buffers)  # each tensor once
+    with torch.no_grad():
+        for p in method.pims.parameters():
+            p.add_(1.0)
+    fresh.load_state_dict(method.state_dict(), strict=True)
+    for a, b in zip(method.pims.parameters(), fresh.pims.parameters()):
+        assert torch.equal(a, b)
+    assert all(b.pim is fresh.pims[g] for b, g in zip(fresh.pim_blocks, fresh.group))
+
+
+def test_no_behaviour_is_chosen_by_comparing_method_names():
+    """What differs between methods is asked of the method object (issue 12)."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "avpt"
+    found = [f"{path.relative_to(root)}:{i}" for path in root.rglob("*.py")
+             for i, line in enumerate(path.read_text().splitlines(), 1)
+             if re.search(r"""[!=]= *["']avpt["']""", line)]
+    assert not found, found
+

@@ -11,7 +11,7 @@ from avpt import backbone as bb
 from avpt.anatomy import tissue_prior_maps
 from avpt.explain import relevance, rollout
 from avpt.methods import build_method
-from avpt.model import SCHEDULES, injection_plan
+from avpt.methods.avpt import SCHEDULES, injection_plan
 import importlib
 from avpt_kernels.testing import assert_close
 from tests.tiny_models import train_gates

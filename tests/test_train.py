@@ -106,6 +106,8 @@ def test_checkpoint_of_an_older_version_still_resumes(tmp_path):
     cfg = dict(ckpt["config"])
     del cfg["rcl_positives"]  # and the older config had no such key (its behaviour: within)
     ckpt["config"] = cfg
+    # and the loss state sat under "inner." (the trainer's wrapper before issue 12)
+    ckpt["loss_state"] = {f"inner.{k}": v for k, v in ckpt["loss_state"].items()}
     torch.save(ckpt, path)
     assert isinstance(read_checkpoint(str(path), "cpu")["rng"]["numpy"][1], np.ndarray)
     with pytest.raises(ValueError, match=r"differs in \['rcl_positives'\]"):

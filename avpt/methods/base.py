@@ -3,15 +3,15 @@ the task heads, and the registry by name (PEFT-style: config dataclass + module 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Type
+from typing import Any, Dict, List, Optional, Type
 
 from torch import Tensor, nn
 
 from .. import vit
 from ..backbone import VIT_B16, load_backbone
 from ..heads import ClassificationHead, SegDecoder
+from ..losses import MethodLoss
 
 
 @dataclass
@@ -50,8 +50,9 @@ class MethodOutput:
     """What a method's forward returns. logits [B, C]; seg_logits [B, 1, H, W] or None;
     features [B, E] (= encode_image for an unchanged backbone); pooled [B, D] (ln_post class
     token); tokens [B, N, D] (ln_post patch tokens). A-VPT also fills region_emb [B, R, D],
-    prompts [L_inj, B, K, D], maps [B, R, h, w] and, on request, attn (one [B, H, K, T] per
-    injected layer)."""
+    prompts [L_inj, B, K, D], maps [B, R, h, w], region_contrast [B, R, d_c] (Eq. 11) and
+    region_text [B, R, E] (the t_k of Eq. 13) when its loss uses them, and, on request, attn
+    (one [B, H, K, T] per injected layer)."""
     logits: Optional[Tensor]
     seg_logits: Optional[Tensor]
     features: Tensor
@@ -61,14 +62,30 @@ class MethodOutput:
     prompts: Optional[Tensor] = None
     maps: Optional[Tensor] = None
     attn: Optional[List[Tensor]] = None
+    region_contrast: Optional[Tensor] = None
+    region_text: Optional[Tensor] = None
 
 
 class Method(nn.Module):
     """A frozen open_clip backbone plus heads. Subclasses implement ``encode`` (images ->
-    final tokens [B, T, D] and extras) and decide what is trainable."""
+    final tokens [B, T, D] and extras) and decide what is trainable.
+
+    What differs between methods is asked of the method, never decided by its name: the hooks
+    ``forward_maps`` (inputs from a batch), ``make_loss`` (the training objective),
+    ``report_sections`` (extra figures) and the class attributes ``has_report_sections``,
+    ``param_breakdown_title`` and ``param_budget_percent`` (parameter reports). Their defaults
+    fit a method that needs nothing beyond images; a method overrides what it does differently.
+    """
 
     name = ""
     config_class: Type[MethodConfig] = MethodConfig
+    # True when ``report_sections`` draws figures (``avpt explain`` refuses other methods)
+    has_report_sections = False
+    # ``avpt params``: print the trainable-parameter breakdown under this title (None: no breakdown)
+    param_breakdown_title: Optional[str] = None
+    # ``avpt params`` on ViT-B/16 exits 1 when the trainable share of the visual tower (in %)
+    # exceeds this budget (None: no budget)
+    param_budget_percent: Optional[float] = None
 
     def __init__(self, config: MethodConfig):
         super().__init__()
@@ -114,13 +131,46 @@ class Method(nn.Module):
     def trainable_state_dict(self) -> Dict[str, Tensor]:
         return {n: p.detach() for n, p in self.named_parameters() if p.requires_grad}
 
+    # -- hooks: what the trainer, the report and ``avpt params`` ask of a method ----------------
+    def forward_maps(self, batch: Dict[str, Tensor]) -> Optional[Tensor]:
+        """What ``forward`` takes as ``maps`` from a loader batch (keys ``image`` [B, 3, H, W],
+        ``maps`` [B, R, H, W], ``mask``, ``label``, ``modality``, ``index``). Default: None (the
+        method reads images only)."""
+        return None
+
+    def make_loss(self, **options: Any) -> nn.Module:
+        """The training objective, a module called as ``loss(out, labels [B], masks [B, 1, H, W],
+        modality [B], update_state: bool) -> {term: scalar tensor}`` with every active term and
+        their weighted total under ``"loss"``; ``update_state`` (training) lets the loss update
+        its own buffers (queues, centroids), saved in the training checkpoint (``loss_state``).
+        The loss holds no model: what it needs of the method comes in ``out`` (a method adds
+        fields to its ``MethodOutput`` for that, as A-VPT does). ``options``: the
+        run's loss settings (e.g. ``rcl_positives``); a method ignores those it does not use.
+        Default: CLS + lambda_seg * SEG (``avpt.losses.MethodLoss``)."""
+        return MethodLoss(self.config)
+
+    def report_sections(self, dataset, indices: List[int], device, fig_dir: str
+                        ) -> Dict[str, Optional[str]]:
+        """Figures only this method has, for ``report.html`` and ``avpt explain``: {caption: PNG
+        path under ``fig_dir``, or None where a figure could not be drawn}, of the images
+        ``dataset[i]`` for ``i`` in ``indices``. Default: none."""
+        return {}
+
+
+def frozen_encode(method: Method, images: Tensor) -> Dict:
+    """The unchanged backbone's blocks: images [B, 3, H, W] -> dict(z=final tokens [B, T, D])."""
+    visual = method.visual
+    z = vit.embed(visual, vit.patch_embed(visual, images))
+    for layer in range(vit.num_layers(visual)):
+        z = vit.block(visual, layer, z)
+    return dict(z=z)
+
 
 # ----------------------------------------------------------------------------------------------
 # Registry
 # ----------------------------------------------------------------------------------------------
+# Filled by ``@register`` as ``avpt.methods`` imports each method's module.
 _REGISTRY: Dict[str, Type[Method]] = {}
-# Modules whose import registers methods (imported lazily: avpt.model imports this file).
-_PROVIDERS = ("avpt.methods.baselines", "avpt.model")
 
 
 def register(name: str):
@@ -132,18 +182,11 @@ def register(name: str):
     return wrap
 
 
-def _ensure_registered() -> None:
-    for module in _PROVIDERS:
-        importlib.import_module(module)
-
-
 def method_names() -> List[str]:
-    _ensure_registered()
     return list(_REGISTRY)
 
 
 def get_method_class(name: str) -> Type[Method]:
-    _ensure_registered()
     if name not in _REGISTRY:
         raise ValueError(f"unknown method {name!r}; expected one of {list(_REGISTRY)}")
     return _REGISTRY[name]
@@ -164,5 +207,5 @@ def build_method(name: str, config: Optional[MethodConfig] = None, **overrides) 
     return cls(config)
 
 
-__all__ = ["MethodConfig", "MethodOutput", "Method", "register", "build_method", "method_names",
+__all__ = ["MethodConfig", "MethodOutput", "Method", "frozen_encode", "register", "build_method", "method_names",
            "get_method_class", "get_config_class"]

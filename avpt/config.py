@@ -1,0 +1,210 @@
+"""The run configuration: ``DEFAULTS``, YAML files (with named variants) and ``--set key=value``
+overrides merged into one plain dict, then validated (``avpt.validate``).
+
+Configs are plain dicts; YAML files under ``configs/`` and ``--set key=value`` override
+``DEFAULTS`` (``model.*`` keys go to the method's config dataclass, ``data.*`` to the loader).
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Dict, List, Optional
+
+log = logging.getLogger("avpt.train")
+
+BACKBONE_ALIASES = {"tiny": "avpt-tiny", "vit-b-16": "ViT-B-16", "vit-b/16": "ViT-B-16"}
+
+DEFAULTS: Dict[str, Any] = {
+    "dataset": "phantom",        # phantom | busi | inbreast | duke
+    "data_root": None,
+    "modality": None,            # phantom: list of MG/US/MRI (None: all three)
+    "test_dataset": None,        # cross-modal transfer: another data set / modality to test on
+    "test_data_root": None,
+    "test_modality": None,
+    "method": "avpt",
+    "backbone": "ViT-B-16",      # or "tiny" (avpt-tiny) or any open_clip config name
+    "pretrained": None,          # local open_clip checkpoint; None: random weights (warned)
+    "epochs": 50,
+    "batch_size": 32,            # 2-D modalities
+    "batch_size_mri": 8,
+    "eval_batch_size": 64,
+    "lr": 1e-4,
+    "weight_decay": 1e-4,
+    "warmup_epochs": 5,
+    "grad_clip": 1.0,
+    "amp": "auto",               # auto (bf16 on CUDA, off on CPU) | off | bf16 | fp16
+    "compile": "none",           # none | default | reduce-overhead (CUDA graphs): WholeStep
+    "compile_backend": "inductor",  # torch.compile backend of compile != none (aot_eager: tests)
+    "seed": 0,
+    "deterministic": True,
+    "device": "auto",
+    "threads": 0,                # torch CPU threads (0: torch's default)
+    "folds": 5,                  # patient-level stratified k-fold
+    "fold": 0,                   # which fold is the test set (None: no split, test on train)
+    "folds_file": None,          # default OUT/folds.json
+    "skip_bad": False,
+    "clahe": True,
+    "rotation": 10.0,
+    "flip": True,
+    "eval_every": 1,
+    "progress": True,
+    "tensorboard": True,
+    "report": True,              # figures + report.html at the end
+    "resume": True,              # resume from OUT/checkpoint.pt when it exists
+    "rcl_positives": "cross_modal",  # Eq. 12 positives: cross_modal (queues of other modalities
+                                 # too) | within_modality (in-batch only; the ablation)
+    "stop_after_epoch": None,    # testing aid: exit after this epoch's checkpoint (simulated kill)
+    "out": "runs/avpt",
+    "model": {},                 # method config overrides (e.g. schedule, num_prompts, rank, lambda_*)
+    "data": {},                  # loader options (phantom: num_patients, views; busi: normal; ...)
+}
+
+
+
+def parse_value(text: str):
+    """A --set value: YAML scalars/lists, plus numbers such as 1e-3 that YAML 1.1 reads as text."""
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except Exception:
+        return text
+    return _number(value)
+
+
+def _number(value):
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            try:
+                return float(value)
+            except ValueError:
+                return value
+    return value
+
+
+def set_key(cfg: Dict, dotted: str, value) -> None:
+    from .validate import ConfigError
+
+    keys = dotted.split(".")
+    if keys[0] not in DEFAULTS:
+        raise ConfigError(f"unknown config key {keys[0]!r}; known: {', '.join(sorted(DEFAULTS))} "
+                          f"(method settings go under model., loader settings under data.)")
+    if len(keys) > 1 and keys[0] not in ("model", "data"):
+        raise ConfigError(f"config key {dotted!r}: {keys[0]} is not a section (sections: model., data.)")
+    if len(keys) > 2 or any(not k for k in keys):
+        raise ConfigError(f"config key {dotted!r}: expected KEY, model.KEY or data.KEY")
+    node = cfg
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key {dotted!r}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: Optional[str] = None, variant: Optional[str] = None,
+                overrides: Optional[Dict] = None, sets: Optional[List[str]] = None,
+                validate: bool = True) -> Dict:
+    """DEFAULTS < YAML file (its ``variants:`` entry ``variant`` on top) < overrides < --set,
+    then ``avpt.validate.validate_config`` (one-line ``ConfigError`` for any bad setting)."""
+    from .validate import ConfigError, validate_config
+
+    cfg = copy.deepcopy(DEFAULTS)
+    if path:
+        data = read_yaml(path)
+        variants = data.pop("variants", {}) or {}
+        data.pop("description", None)
+        if not isinstance(variants, dict):
+            raise ConfigError(f"{path}: 'variants' must be a mapping of name -> settings")
+        if variant is not None:
+            if variant not in variants:
+                raise ConfigError(f"{path}: no variant {variant!r}; has {sorted(variants)}")
+            data = _merge(data, variants[variant])
+        elif variants:
+            log.info("%s has variants %s; using the base settings", path, sorted(variants))
+        for k, v in _flatten(data).items():
+            try:
+                set_key(cfg, k, _number(v) if isinstance(v, str) and k.startswith("model.") else v)
+            except ValueError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            set_key(cfg, k, v)
+    for k in ("lr", "weight_decay", "grad_clip", "rotation"):  # YAML 1.1 reads 1e-4 as text
+        cfg[k] = _number(cfg[k])
+    for item in sets or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        set_key(cfg, k.strip(), parse_value(v))
+    if isinstance(cfg["backbone"], str):
+        cfg["backbone"] = BACKBONE_ALIASES.get(cfg["backbone"].lower(), cfg["backbone"])
+    if isinstance(cfg["modality"], str):
+        cfg["modality"] = [cfg["modality"]]
+    if isinstance(cfg["test_modality"], str):
+        cfg["test_modality"] = [cfg["test_modality"]]
+    if cfg["amp"] is False:  # YAML reads a bare off as false
+        cfg["amp"] = "off"
+    if cfg["compile"] is False:  # YAML reads a bare off as false
+        cfg["compile"] = "none"
+    if validate:
+        validate_config(cfg)
+    return cfg
+
+
+def read_yaml(path: str) -> Dict:
+    """A YAML config file as a dict; a missing file, a syntax error (with its line) or a file
+    that is not a mapping is a one-line ``ConfigError``."""
+    import yaml
+
+    from .validate import ConfigError
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path!r}: no such file (see configs/)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--config {path!r} cannot be read: {exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"--config {path!r}: YAML syntax error at{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path!r} must be a mapping of settings (key: value), got "
+                          f"a {type(data).__name__}")
+    return data
+
+
+COMPILE_MODES = ("none", "default", "reduce-overhead")
+
+
+def check_compile_mode(mode) -> str:
+    """The ``compile`` setting, or a one-line ValueError naming the option."""
+    if mode not in COMPILE_MODES:
+        from .validate import ConfigError
+
+        raise ConfigError(f"compile must be none|default|reduce-overhead, got {mode!r}")
+    return mode
+
+
+def _merge(a: Dict, b: Dict) -> Dict:
+    out = copy.deepcopy(a)
+    for k, v in (b or {}).items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _flatten(d: Dict, prefix: str = "") -> Dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k in ("model", "data") and not prefix:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out

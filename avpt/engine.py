@@ -1,0 +1,205 @@
+"""The training loop and evaluation, as timm's train.py has them: ``train_one_epoch`` (AdamW with
+a per-step warm-up + cosine schedule, gradient clipping, optional mixed precision with a
+GradScaler for fp16, or the compiled ``WholeStep``) and ``evaluate`` (predictions of a data set)
+with ``score`` (AUC, F1, Dice, IoU, HD95)."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import metrics as M
+from .config import check_compile_mode
+
+log = logging.getLogger("avpt.train")
+
+# The progress bar shows the loss every LOG_EVERY steps (one host sync each time); the epoch's
+# mean loss terms are accumulated on the device and read once per epoch.
+LOG_EVERY = 25
+
+
+def make_loader(dataset, batch_sizes, shuffle: bool, seed: int, rank: int = 0, world: int = 1):
+    """(DataLoader, ModalityBatchSampler): single-modality batches, ``batch_sizes`` an int or
+    {modality or "default": size}; rank ``rank`` of ``world`` gets every world-th batch."""
+    from torch.utils.data import DataLoader
+
+    from .data import ModalityBatchSampler
+
+    sampler = ModalityBatchSampler(dataset.modalities, batch_sizes, shuffle=shuffle, seed=seed,
+                                   rank=rank, world_size=world)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=0), sampler
+
+
+def model_inputs(model, batch: Dict[str, torch.Tensor], amp_dtype=None):
+    """(images [B, 3, H, W], maps or None, modality [B]) of a batch already on the device, as the
+    method's forward takes them (``Method.forward_maps``). Under autocast the images come in the
+    autocast dtype: A-VPT casts the region maps to the images' dtype and region_pool wants them in
+    the dtype of the (autocast) patch features."""
+    images = batch["image"]
+    if amp_dtype is not None:
+        images = images.to(amp_dtype)
+    return images, model.forward_maps(batch), batch["modality"]
+
+
+class TrainStep(nn.Module):
+    """Forward + loss in one module, so DistributedDataParallel sees every trainable parameter
+    used by the loss. ``forward(batch) -> {term: scalar}`` (``loss_fn``'s terms, total "loss")."""
+
+    def __init__(self, model, loss_fn, amp_dtype=None):
+        super().__init__()
+        self.model, self.loss_fn, self.amp_dtype = model, loss_fn, amp_dtype
+
+    def forward(self, batch):
+        images, maps, modality = model_inputs(self.model, batch, self.amp_dtype)
+        out = self.model(images, maps=maps, modality=modality)
+        return self.loss_fn(out, batch["label"], batch["mask"], batch["modality"], update_state=True)
+
+
+def make_optimizer(params, lr: float, weight_decay: float, compile_mode: str = "none",
+                   device=None) -> torch.optim.AdamW:
+    """AdamW for the trainer: the eager one, or for a compiled step ``capturable=True`` with the
+    learning rate as a 0-d tensor on ``device`` (the scheduler fills it in place)."""
+    if check_compile_mode(compile_mode) == "none":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=torch.tensor(float(lr), device=device),
+                             weight_decay=weight_decay, capturable=True)
+
+
+def lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """Linear warm-up to the base rate, then cosine annealing to 0 (per optimizer step)."""
+    def f(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return f
+
+
+@dataclass
+class Optimization:
+    """What one optimizer step needs: the AdamW optimizer, its per-step scheduler, the fp16
+    GradScaler (disabled otherwise), the trainable parameters for clipping, and the compiled
+    ``WholeStep`` when ``compile != none`` (it then does forward to update itself)."""
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    trainable: List[nn.Parameter]
+    grad_clip: float
+    whole_step: Optional[Callable] = None
+
+    def step(self, step_module: nn.Module, batch: Dict[str, torch.Tensor], device,
+             amp_dtype) -> Dict[str, torch.Tensor]:
+        """Forward, loss, backward, clipping, AdamW and the scheduler for one batch; returns the
+        loss terms."""
+        if self.whole_step is not None:  # forward, loss, backward, clipping, AdamW: one graph
+            terms = self.whole_step(batch)
+        else:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                terms = step_module(batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(terms["loss"]).backward()
+            if self.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.trainable, self.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        with warnings.catch_warnings():  # fp16: GradScaler skips steps with inf gradients
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.scheduler.step()
+        return terms
+
+
+def train_one_epoch(step_module: nn.Module, opt: Optimization, loader, steps: int, device,
+                    amp_dtype=None, desc: str = "", progress: bool = True
+                    ) -> Tuple[Dict[str, float], int, float]:
+    """One pass over ``loader`` (``steps`` batches): ({term: sum over images}, images seen,
+    seconds). The sums stay on the device until the end of the epoch (one host sync per term)."""
+    from tqdm import tqdm
+
+    sums: Dict[str, torch.Tensor] = {}
+    seen, t0 = 0, time.time()
+    bar = tqdm(loader, total=steps, desc=desc, disable=not progress, leave=False,
+               dynamic_ncols=True)
+    for step_in_epoch, batch in enumerate(bar, 1):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        terms = opt.step(step_module, batch, device, amp_dtype)
+        n = batch["image"].shape[0]
+        seen += n
+        for k, v in terms.items():
+            v = v.detach().float() * n
+            sums[k] = sums[k] + v if k in sums else v
+        if step_in_epoch % LOG_EVERY == 0 and not bar.disable:  # one sync every LOG_EVERY
+            bar.set_postfix(loss=f"{float(terms['loss'].detach()):.4f}",
+                            img_s=f"{seen / max(time.time() - t0, 1e-9):.1f}")
+    return {k: float(v) for k, v in sums.items()}, seen, time.time() - t0
+
+
+@torch.no_grad()
+def evaluate(model, dataset, cfg: Dict, device, dtype=None) -> Dict[str, np.ndarray]:
+    """Predictions of ``dataset`` in its order: malignant probabilities ``probs`` [N], predicted
+    masks ``preds`` [N, H, W] bool (None without a segmentation head), truths ``gts`` [N, H, W]
+    and ``labels`` [N], ``modalities`` [N] names."""
+    loader, _ = make_loader(dataset, cfg["eval_batch_size"], False, cfg["seed"])
+    model.eval()
+    probs, preds, gts, labels, order = [], [], [], [], []
+    for batch in loader:
+        images, maps, modality = model_inputs(model, {k: v.to(device) for k, v in batch.items()},
+                                              dtype)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            out = model(images, maps=maps, modality=modality)
+        probs.append(torch.softmax(out.logits.float(), -1)[:, 1].cpu())
+        if out.seg_logits is not None:
+            preds.append((out.seg_logits.float() > 0).squeeze(1).cpu())
+        gts.append(batch["mask"].squeeze(1) > 0.5)
+        labels.append(batch["label"])
+        order.append(batch["index"])
+    order_t = torch.cat(order).argsort()
+    res = dict(probs=torch.cat(probs)[order_t].numpy(), labels=torch.cat(labels)[order_t].numpy(),
+               gts=torch.cat(gts)[order_t].numpy())
+    res["preds"] = torch.cat(preds)[order_t].numpy() if preds else None
+    res["modalities"] = np.array(dataset.modalities)
+    return res
+
+
+def score(pred: Dict[str, np.ndarray]) -> Dict[str, float]:
+    """Test metrics of ``evaluate``'s predictions: auc, f1, accuracy, ..., dice, iou, hd95, n."""
+    out = M.classification_metrics(pred["labels"], pred["probs"])
+    if pred["preds"] is not None:
+        out.update(M.segmentation_metrics(pred["preds"], pred["gts"]))
+    else:
+        out.update(dice=float("nan"), iou=float("nan"), hd95=float("nan"))
+    out["n"] = int(len(pred["labels"]))
+    return out
+
+
+def _undefined(value) -> bool:
+    return value is None or (isinstance(value, float) and not math.isfinite(value))
+
+
+def undefined_metrics(pred: Dict[str, np.ndarray], metrics: Dict) -> Dict[str, str]:
+    """Why each undefined (NaN -> null) test metric is undefined; each reason is also warned."""
+    reasons: Dict[str, str] = {}
+    labels = np.asarray(pred["labels"])
+    classes = sorted({int(v) for v in labels})
+    if len(classes) < 2:
+        names = {0: "benign", 1: "malignant"}
+        reasons["auc"] = (f"the test set has one class only ({', '.join(names.get(c, str(c)) for c in classes) or 'no images'}, "
+                          f"{len(labels)} images): ROC AUC needs both classes")
+    if pred["preds"] is None:
+        for k in ("dice", "iou", "hd95"):
+            reasons[k] = "the method has no segmentation head"
+    elif not np.asarray(pred["gts"]).any():
+        for k in ("dice", "iou", "hd95"):
+            if _undefined(metrics.get(k)):
+                reasons[k] = "no test image has a lesion mask"
+    undefined = {k: why for k, why in reasons.items() if _undefined(metrics.get(k))}
+    for k, why in undefined.items():
+        log.warning("test %s is undefined: %s", k, why)
+    return undefined

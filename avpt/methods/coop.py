@@ -1,0 +1,65 @@
+"""CoOp (Zhou et al. 2022): learned text context through the frozen text tower."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Method, MethodConfig, frozen_encode, register
+
+
+@dataclass
+class CoOpConfig(MethodConfig):
+    num_context: int = 4
+    class_names: Tuple[str, ...] = ("benign lesion", "malignant lesion")
+
+
+@register("coop")
+class CoOp(Method):
+    """CoOp (Zhou et al. 2022): class prompts ``[ctx_1..ctx_M] <class name>.`` with learned
+    context vectors through the frozen text tower; logits = logit_scale * cos(image, text).
+    The segmentation decoder is the shared one."""
+    config_class = CoOpConfig
+    uses_linear_head = False
+
+    def __init__(self, config):
+        super().__init__(config)
+        if len(config.class_names) != config.num_classes:
+            raise ValueError(f"class_names needs num_classes={config.num_classes} names, got "
+                             f"{len(config.class_names)}")
+        clip = self.backbone
+        tokenizer = open_clip.get_tokenizer(config.model_name)
+        placeholder = " ".join(["X"] * config.num_context)
+        tokens = tokenizer([f"{placeholder} {name}." for name in config.class_names])
+        with torch.no_grad():
+            embedded = clip.token_embedding(tokens)
+        m = config.num_context
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.register_buffer("prefix", embedded[:, :1].clone(), persistent=False)
+        self.register_buffer("suffix", embedded[:, 1 + m:].clone(), persistent=False)
+        self.context = nn.Parameter(torch.randn(m, embedded.shape[-1]) * 0.02)
+
+    def text_features(self) -> Tensor:
+        """Class text features [C, E], normalised."""
+        clip = self.backbone
+        c = self.prefix.shape[0]
+        ctx = self.context.unsqueeze(0).expand(c, -1, -1)
+        x = torch.cat([self.prefix, ctx, self.suffix], dim=1)
+        x = x + clip.positional_embedding.to(x.dtype)
+        x = clip.transformer(x, attn_mask=clip.attn_mask)
+        x = clip.ln_final(x)
+        x = x[torch.arange(c, device=x.device), self.tokens.argmax(dim=-1)]  # end-of-text token
+        x = x @ clip.text_projection if not isinstance(clip.text_projection, nn.Linear) \
+            else clip.text_projection(x)
+        return F.normalize(x, dim=-1)
+
+    def encode(self, images, maps=None, modality=None, return_attn=False):
+        return frozen_encode(self, images)
+
+    def classify(self, pooled: Tensor, features: Tensor) -> Tensor:
+        scale = self.backbone.logit_scale.exp()
+        return scale * F.normalize(features, dim=-1) @ self.text_features().t()

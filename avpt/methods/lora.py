@@ -1,0 +1,81 @@
+"""LoRA: low-rank updates of the attention projections of every block."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import Method, MethodConfig, frozen_encode, register
+
+
+@dataclass
+class LoRAConfig(MethodConfig):
+    rank: int = 8
+    alpha: float = 8.0
+    targets: Tuple[str, ...] = ("q", "v")  # any of q, k, v, o
+
+
+class LoRAMultiheadAttention(nn.Module):
+    """Wraps a frozen ``nn.MultiheadAttention``: W_x + (alpha / r) B_x A_x for each target
+    projection x in (q, k, v, o); B starts at zero, so the wrapped layer starts unchanged."""
+
+    def __init__(self, mha: nn.MultiheadAttention, rank: int, alpha: float, targets):
+        super().__init__()
+        bad = set(targets) - set("qkvo")
+        if bad or not targets:
+            raise ValueError(f"LoRA targets must be a non-empty subset of q, k, v, o, got {targets!r}")
+        self.mha, self.targets, self.scaling = mha, tuple(targets), alpha / rank
+        d = mha.embed_dim
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        for t in self.targets:
+            a = torch.empty(rank, d)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.lora_A[t] = nn.Parameter(a)
+            self.lora_B[t] = nn.Parameter(torch.zeros(d, rank))
+
+    @property
+    def batch_first(self):
+        return self.mha.batch_first
+
+    def _delta(self, t: str) -> Optional[Tensor]:
+        if t not in self.targets:
+            return None
+        return (self.lora_B[t] @ self.lora_A[t]) * self.scaling
+
+    def forward(self, query, key, value, need_weights=False, attn_mask=None, **_):
+        mha = self.mha
+        w_in = mha.in_proj_weight
+        d = mha.embed_dim
+        deltas = [self._delta(t) for t in "qkv"]
+        if any(x is not None for x in deltas):
+            w_in = w_in + torch.cat([x if x is not None else w_in.new_zeros(d, d) for x in deltas])
+        w_out = mha.out_proj.weight
+        if "o" in self.targets:
+            w_out = w_out + self._delta("o")
+        if mha.batch_first:
+            query, key, value = (x.transpose(0, 1) for x in (query, key, value))
+        out, _ = F.multi_head_attention_forward(
+            query, key, value, d, mha.num_heads, w_in, mha.in_proj_bias, None, None, False, 0.0,
+            w_out, mha.out_proj.bias, training=self.training, need_weights=False, attn_mask=attn_mask)
+        if mha.batch_first:
+            out = out.transpose(0, 1)
+        return out, None
+
+
+@register("lora")
+class LoRA(Method):
+    """LoRA (Hu et al. 2022) of rank r on the attention projections of every block."""
+    config_class = LoRAConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        for blk in self.visual.transformer.resblocks:
+            blk.attn = LoRAMultiheadAttention(blk.attn, config.rank, config.alpha, config.targets)
+
+    def encode(self, images, maps=None, modality=None, return_attn=False):
+        return frozen_encode(self, images)

@@ -246,33 +246,27 @@ class CILMP(Method):
         return project_knowledge(x.reshape(L, B * C * T, d_k), self.A, self.B).view(L, B, C, T, -1)
 
     def _knowledge_fast(self, v: Tensor) -> Tensor:
-        """The same e [L, B, C, T, W] without dropout, with every per-image tensor rank r wide:
-        e = B_l A_l h + B_l (A_l R)(s - R^T h) on the intervened tokens."""
+        """The same e [L, B, C, T, W] without dropout, every per-image tensor before the output
+        rank-r wide: e = B_l A_l h (batch-independent) + B_l [A_l R_pre | A_l R_suf] d with
+        d [.., 2r] = (s - R_pre^T h, 0) on prefix tokens, (0, s - R_suf^T h) on suffix tokens, 0
+        elsewhere -- one rank-r chain per term."""
         cfg, h = self.config, self.knowledge
         L, B = self.A.shape[0], v.shape[0]
         C, T, d_k = h.shape
-        base = project_knowledge(h.reshape(C * T, d_k), self.A, self.B)       # [L, C*T, W]
-        base = base.view(L, 1, C, T, -1)
-        W = base.shape[-1]
-        delta = base.new_zeros(L, B, C, T, W)
+        r = self.A.shape[1]
+        base = project_knowledge(h.reshape(C * T, d_k), self.A, self.B).view(L, 1, C, T, -1)
+        d_pre = h.new_zeros(L, B, C, T, r)
+        d_suf = h.new_zeros(L, B, C, T, r)
         if cfg.prefix_length:
             n = cfg.prefix_length
-            part = self._delta(self.prefix, h[:, :n], v)
-            delta = torch.cat([part, delta[..., n:, :]], dim=3)
+            d_pre = torch.cat([self.prefix.low_rank_delta(h[:, :n], v), d_pre[..., n:, :]], dim=3)
         if cfg.suffix_length:
-            idx = self.suffix_index[:, :, None].expand(-1, -1, d_k)
-            part = self._delta(self.suffix, h.gather(1, idx), v)
-            out = self.suffix_index[None, None, :, :, None].expand(L, B, -1, -1, W)
-            delta = delta.scatter(3, out, part)
-        return base + delta
-
-    def _delta(self, side: Intervention, h: Tensor, v: Tensor) -> Tensor:
-        """B_l (A_l R_l)(s - R_l^T h): h [C, n, d_k] -> [L, B, C, n, W]."""
-        L, B = self.A.shape[0], v.shape[0]
-        C, n = h.shape[:2]
-        AR = self.A @ side.R                                                  # [L, r, r]
-        d = side.low_rank_delta(h, v).reshape(L, B * C * n, -1)
-        return project_knowledge(d, AR, self.B).view(L, B, C, n, -1)
+            idx = self.suffix_index[:, :, None]
+            part = self.suffix.low_rank_delta(h.gather(1, idx.expand(-1, -1, d_k)), v)
+            d_suf = d_suf.scatter(3, idx.expand(L, B, -1, -1, r), part)
+        AR = torch.cat([self.A @ self.prefix.R, self.A @ self.suffix.R], dim=-1)  # [L, r, 2r]
+        d = torch.cat([d_pre, d_suf], dim=-1).view(L, B * C * T, 2 * r)
+        return base + project_knowledge(d, AR, self.B).view(L, B, C, T, -1)
 
     def knowledge_prompts(self, v: Tensor, fast: Optional[bool] = None) -> Tensor:
         """Knowledge prompts e [L_t, B, C, T, W] for normalised image embeddings v [B, E]

@@ -295,18 +295,29 @@ def test_autocast_bf16_forward_backward():
 TINY_KNOWLEDGE = {"model.prefix_length": 2, "model.suffix_length": 2, "model.knowledge_length": 4}
 
 
-def test_trains_through_avpt_train_on_the_phantom(tmp_path):
-    from .test_train import TINY
-    from avpt.train import load_config, run
+def test_trains_and_evaluates_through_the_cli_on_the_phantom(tmp_path):
+    import json
 
-    sets = [s for s in TINY if not s.startswith("model.")] + [f"{k}={v}" for k, v in TINY_KNOWLEDGE.items()]
-    res = run(load_config(overrides=dict(backbone="tiny", epochs=2, out=str(tmp_path), method="cilmp",
-                                         modality=["MG", "US"]), sets=sets))
-    assert res["config"]["method"] == "cilmp" and res["test"]["n"] == 6
-    assert any(h["lr"] > 0 for h in res["history"]) and all(math.isfinite(h["train_loss"]) for h in res["history"])
+    from avpt.cli import main
     from safetensors.torch import load_file
-    saved = load_file(str(tmp_path / "model" / "trainable.safetensors"))
+
+    data = ["--dataset", "phantom", "--set", "data.num_patients=3", "--set", "data.views=1"]
+    fast = ["--set", "batch_size=4", "--set", "eval_batch_size=8", "--set", "progress=false",
+            "--set", "threads=1", "--set", "report=false"]
+    knowledge = [a for k, v in TINY_KNOWLEDGE.items() for a in ("--set", f"{k}={v}")]
+    out = tmp_path / "run"
+    assert main(["train", "--method", "cilmp", "--backbone", "tiny", "--epochs", "2", "--out",
+                 str(out)] + data + fast + knowledge) == 0
+    res = json.load(open(out / "metrics.json"))
+    assert res["config"]["method"] == "cilmp" and res["test"]["n"] > 0
+    assert any(h["lr"] > 0 for h in res["history"]) and all(math.isfinite(h["train_loss"])
+                                                            for h in res["history"])
+    saved = load_file(str(out / "model" / "trainable.safetensors"))
     assert {"visual_prompts", "text_context", "prefix.W_s", "suffix.R", "A", "B"} <= set(saved)
+    # evaluation rebuilds the method from the saved config (knowledge texts and hash included)
+    assert main(["eval", "--checkpoint", str(out), "--out", str(tmp_path / "eval")] + data) == 0
+    again = json.load(open(tmp_path / "eval" / "metrics.json"))
+    assert again["test"]["auc"] == res["test"]["auc"]
 
 
 def test_trains_on_three_class_busi(tmp_path):

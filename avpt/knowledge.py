@@ -15,6 +15,7 @@ Two sources:
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -82,6 +83,15 @@ def load_knowledge_dir(path: str, class_names: Sequence[str],
     return states
 
 
+def states_hash(class_names: Sequence[str], states: Sequence[Tensor]) -> str:
+    """sha256 (first 16 hex digits) of the states per class (names, shapes, float32 bytes)."""
+    digest = hashlib.sha256()
+    for name, h in zip(class_names, states):
+        digest.update(f"{name}:{tuple(h.shape)};".encode())
+        digest.update(h.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def pad_states(states: Sequence[Tensor]) -> Tuple[Tensor, List[int]]:
     """[L_c, d] per class -> (h [C, T, d] zero padded, T = max L_c; lengths [C])."""
     lengths = [int(h.shape[0]) for h in states]
@@ -91,4 +101,4 @@ def pad_states(states: Sequence[Tensor]) -> Tuple[Tensor, List[int]]:
     return out, lengths
 
 
-__all__ = ["description_states", "load_knowledge_dir", "pad_states"]
+__all__ = ["description_states", "load_knowledge_dir", "pad_states", "states_hash"]

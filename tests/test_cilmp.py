@@ -234,6 +234,16 @@ def test_errors_name_the_argument(tmp_path, change, match):
         build_method("cilmp", knowledge_dir=folder, **dict(SMALL, **change))
 
 
+def test_knowledge_dir_hash_is_recorded_and_checked(tmp_path, small):
+    assert len(small.config.knowledge_hash) == 16 and small.config.knowledge_texts is None
+    folder = write_knowledge(tmp_path)
+    build_method("cilmp", knowledge_dir=folder, knowledge_hash=small.config.knowledge_hash, **SMALL)
+    write_knowledge(tmp_path, dict(LENGTHS, normal=5))
+    with pytest.raises(ValueError, match="does not match the knowledge_dir states"):
+        build_method("cilmp", knowledge_dir=folder, knowledge_hash=small.config.knowledge_hash,
+                     **SMALL)
+
+
 def test_knowledge_dir_missing_class_and_too_long_prompt(tmp_path):
     folder = write_knowledge(tmp_path, {"normal": 4, "benign": 4})
     with pytest.raises(FileNotFoundError, match="no file for class 'malignant'"):

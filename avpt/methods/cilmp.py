@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from .. import vit
 from ..descriptions import descriptions_for, texts_hash
-from ..knowledge import description_states, load_knowledge_dir, pad_states
+from ..knowledge import description_states, load_knowledge_dir, pad_states, states_hash
 from ..text_tower import encode_embedded, eot_positions, prompt_length
 from .base import Method, MethodConfig, register
 
@@ -194,20 +194,26 @@ class CILMP(Method):
     def _knowledge(self, clip: nn.Module, tokenizer, text_width: int) -> List[Tensor]:
         cfg = self.config
         if cfg.knowledge_dir is not None:
-            return load_knowledge_dir(cfg.knowledge_dir, cfg.class_names, cfg.knowledge_width)
+            states = load_knowledge_dir(cfg.knowledge_dir, cfg.class_names, cfg.knowledge_width)
+            self._record_hash(states_hash(cfg.class_names, states), "knowledge_dir states")
+            return states
         if cfg.knowledge_width is not None and cfg.knowledge_width != text_width:
             raise ValueError(f"knowledge_width={cfg.knowledge_width}: description states have the "
                              f"text width {text_width}; give knowledge_dir for other widths")
         texts = cfg.knowledge_texts
         if texts is None:
             texts = {n: list(descriptions_for(n)) for n in cfg.class_names}
-        digest = texts_hash(texts)
-        if cfg.knowledge_hash is not None and cfg.knowledge_hash != digest:
-            raise ValueError(f"knowledge_hash={cfg.knowledge_hash!r} does not match the knowledge "
-                             f"texts (hash {digest!r}): the description texts changed")
+        self._record_hash(texts_hash(texts), "knowledge texts")
         cfg.knowledge_texts = {n: list(t) for n, t in texts.items()}
-        cfg.knowledge_hash = digest
         return description_states(clip, tokenizer, texts, cfg.class_names, cfg.knowledge_length)
+
+    def _record_hash(self, digest: str, what: str) -> None:
+        """Record the knowledge's hash in the config; a hash given there must match."""
+        cfg = self.config
+        if cfg.knowledge_hash is not None and cfg.knowledge_hash != digest:
+            raise ValueError(f"knowledge_hash={cfg.knowledge_hash!r} does not match the {what} "
+                             f"(hash {digest!r}): the knowledge changed since that config")
+        cfg.knowledge_hash = digest
 
     def _build_prompts(self, clip: nn.Module, tokenizer, lengths: List[int]) -> None:
         """Token ids of [SOS, X*K, H*L_c, class name, ".", EOS] per class; errors if too long."""

@@ -75,6 +75,15 @@ def project_knowledge(x: Tensor, A: Tensor, B: Tensor) -> Tensor:
     return torch.einsum("lnd,lrd->lnr", x, A) @ B.transpose(1, 2)
 
 
+def _check_lengths(cfg: CILMPConfig, states: List[Tensor]) -> List[Tensor]:
+    need = cfg.prefix_length + cfg.suffix_length
+    short = [(n, int(h.shape[0])) for n, h in zip(cfg.class_names, states) if h.shape[0] < need]
+    if short:
+        raise ValueError(f"prefix_length + suffix_length = {need} needs as many knowledge tokens "
+                         f"per class; too few for {short}")
+    return states
+
+
 def _uniform_(t: Tensor, fan_in: int) -> Tensor:
     """nn.Linear's default init (kaiming_uniform a=sqrt(5) == U(+-1/sqrt(fan_in)))."""
     bound = 1.0 / math.sqrt(fan_in)
@@ -149,19 +158,18 @@ class CILMP(Method):
             raise ValueError(f"averaging must be one of {AVERAGING_MODES}, got {cfg.averaging!r}")
         if cfg.knowledge_width is not None and cfg.knowledge_width < 1:
             raise ValueError(f"knowledge_width must be >= 1 or None, got {cfg.knowledge_width!r}")
+        states = None
+        if cfg.knowledge_dir is not None:  # user files first: their errors before any build
+            states = _check_lengths(cfg, load_knowledge_dir(cfg.knowledge_dir, cfg.class_names,
+                                                            cfg.knowledge_width))
         super().__init__(config)
         clip = self.backbone
         tokenizer = open_clip.get_tokenizer(cfg.model_name)
         text_width = clip.token_embedding.weight.shape[1]
         embed = clip.text_projection.shape[1] if isinstance(clip.text_projection, Tensor) \
             else clip.text_projection.out_features
-        states = self._knowledge(clip, tokenizer, text_width)
+        states = _check_lengths(cfg, self._knowledge(clip, tokenizer, text_width, states))
         lengths = [int(h.shape[0]) for h in states]
-        short = [(n, l) for n, l in zip(cfg.class_names, lengths)
-                 if l < cfg.prefix_length + cfg.suffix_length]
-        if short:
-            raise ValueError(f"prefix_length + suffix_length = {cfg.prefix_length + cfg.suffix_length}"
-                             f" needs as many knowledge tokens per class; too few for {short}")
         h, _ = pad_states(states)
         d_k = h.shape[-1]
         text_layers = len(clip.transformer.resblocks)
@@ -191,10 +199,11 @@ class CILMP(Method):
         self.B = nn.Parameter(_uniform_(torch.empty(text_layers, text_width, cfg.rank), cfg.rank))
 
     # ------------------------------------------------------------------------------------------
-    def _knowledge(self, clip: nn.Module, tokenizer, text_width: int) -> List[Tensor]:
+    def _knowledge(self, clip: nn.Module, tokenizer, text_width: int,
+                   states: Optional[List[Tensor]]) -> List[Tensor]:
+        """h_c per class: the loaded ``states`` or the description texts' (hash recorded)."""
         cfg = self.config
-        if cfg.knowledge_dir is not None:
-            states = load_knowledge_dir(cfg.knowledge_dir, cfg.class_names, cfg.knowledge_width)
+        if states is not None:
             self._record_hash(states_hash(cfg.class_names, states), "knowledge_dir states")
             return states
         if cfg.knowledge_width is not None and cfg.knowledge_width != text_width:

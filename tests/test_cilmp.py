@@ -204,6 +204,25 @@ def test_trainable_count_is_its_formula(small):
     assert got == want == CILMP.num_trainable_formula(4, 64, 2, 32, 32, d_k, r, 4, 4)
 
 
+def test_a_side_of_length_zero_has_no_parameters_and_every_parameter_is_used(tmp_path):
+    folder = write_knowledge(tmp_path)
+    for change in (dict(prefix_length=0), dict(suffix_length=0), dict(prefix_length=0, suffix_length=0)):
+        m = build_method("cilmp", knowledge_dir=folder, **dict(SMALL, **change)).double()
+        sides = (m.prefix is not None) + (m.suffix is not None)
+        assert sides == 2 - len(change)
+        got = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        assert got == CILMP.num_trainable_formula(4, 64, 2, 32, 32, D_K, 3, 4, 4, sides)
+        v = F.normalize(torch.randn(2, 32, dtype=torch.float64), dim=-1)
+        for fast in (True, False):
+            m.zero_grad()
+            e = m.knowledge_prompts(v, fast)
+            e.square().sum().backward()
+            assert all(p.grad is not None for n, p in m.named_parameters()
+                       if p.requires_grad and n not in ("visual_prompts", "text_context"))
+        torch.testing.assert_close(m.knowledge_prompts(v, True), m.knowledge_prompts(v, False),
+                                   rtol=0, atol=1e-12)
+
+
 def test_description_knowledge_states_and_hash(tmp_path):
     cfg = dict(SMALL, knowledge_length=4, class_names=("benign lesion", "malignant lesion"),
                num_classes=2)

@@ -193,8 +193,9 @@ class CILMP(Method):
         with torch.no_grad():
             context[0] = clip.token_embedding(init)[0, 1:1 + k]
         self.text_context = nn.Parameter(context)
-        self.prefix = Intervention(text_layers, d_k, cfg.rank, embed)
-        self.suffix = Intervention(text_layers, d_k, cfg.rank, embed)
+        # a side of length 0 has no parameters (none unused under DDP)
+        self.prefix = Intervention(text_layers, d_k, cfg.rank, embed) if cfg.prefix_length else None
+        self.suffix = Intervention(text_layers, d_k, cfg.rank, embed) if cfg.suffix_length else None
         self.A = nn.Parameter(_uniform_(torch.empty(text_layers, cfg.rank, d_k), d_k))
         self.B = nn.Parameter(_uniform_(torch.empty(text_layers, text_width, cfg.rank), cfg.rank))
 
@@ -270,17 +271,21 @@ class CILMP(Method):
         C, T, d_k = h.shape
         r = self.A.shape[1]
         base = project_knowledge(h.reshape(C * T, d_k), self.A, self.B).view(L, 1, C, T, -1)
-        d_pre = h.new_zeros(L, B, C, T, r)
-        d_suf = h.new_zeros(L, B, C, T, r)
+        ds, ARs = [], []
         if cfg.prefix_length:
             n = cfg.prefix_length
-            d_pre = torch.cat([self.prefix.low_rank_delta(h[:, :n], v), d_pre[..., n:, :]], dim=3)
+            part = self.prefix.low_rank_delta(h[:, :n], v)
+            ds.append(torch.cat([part, part.new_zeros(L, B, C, T - n, r)], dim=3))
+            ARs.append(self.A @ self.prefix.R)
         if cfg.suffix_length:
             idx = self.suffix_index[:, :, None]
             part = self.suffix.low_rank_delta(h.gather(1, idx.expand(-1, -1, d_k)), v)
-            d_suf = d_suf.scatter(3, idx.expand(L, B, -1, -1, r), part)
-        AR = torch.cat([self.A @ self.prefix.R, self.A @ self.suffix.R], dim=-1)  # [L, r, 2r]
-        d = torch.cat([d_pre, d_suf], dim=-1).view(L, B * C * T, 2 * r)
+            ds.append(part.new_zeros(L, B, C, T, r).scatter(3, idx.expand(L, B, -1, -1, r), part))
+            ARs.append(self.A @ self.suffix.R)
+        if not ds:
+            return base.expand(L, B, C, T, base.shape[-1])
+        d = torch.cat(ds, dim=-1).view(L, B * C * T, -1)                    # [L, N, 2r]
+        AR = torch.cat(ARs, dim=-1)                                           # [L, r, 2r]
         return base + project_knowledge(d, AR, self.B).view(L, B, C, T, -1)
 
     def knowledge_prompts(self, v: Tensor, fast: Optional[bool] = None) -> Tensor:
@@ -346,10 +351,12 @@ class CILMP(Method):
 
     @staticmethod
     def num_trainable_formula(layers_v: int, width_v: int, layers_t: int, width_t: int,
-                              embed: int, d_k: int, r: int, k_v: int, k_t: int) -> int:
-        """Trainable parameters without the segmentation decoder."""
+                              embed: int, d_k: int, r: int, k_v: int, k_t: int,
+                              sides: int = 2) -> int:
+        """Trainable parameters without the segmentation decoder (``sides``: interventions
+        per layer, 2 unless a prefix or suffix length is 0)."""
         side = d_k * r + r * 2 * d_k + r + r * embed + r + d_k * r + d_k
-        return layers_v * k_v * width_v + layers_t * (k_t * width_t + 2 * side + r * d_k
+        return layers_v * k_v * width_v + layers_t * (k_t * width_t + sides * side + r * d_k
                                                       + width_t * r)
 
 

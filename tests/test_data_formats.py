@@ -179,3 +179,17 @@ def test_duke_corrupt_and_inconsistent(tmp_path):
         f.write("Breast_MRI_003,1,2,3,4,5,x\n")
     with pytest.raises(DataError, match="Annotation_Boxes.csv"):
         load_records("duke", root)
+
+
+def test_busi_three_classes(tmp_path):
+    """normal="class": normal / benign / malignant are labels 0 / 1 / 2; the default is unchanged."""
+    from .test_data import write_busi
+
+    write_busi(str(tmp_path), n_per_class=2, size=24)
+    three = {r.sample_id: r.label for r in load_records("busi", str(tmp_path), options={"normal": "class"})}
+    assert three == {"busi-normal-1": 0, "busi-normal-2": 0, "busi-benign-1": 1, "busi-benign-2": 1,
+                     "busi-malignant-1": 2, "busi-malignant-2": 2}
+    default = {r.sample_id: r.label for r in load_records("busi", str(tmp_path))}
+    assert default["busi-normal-1"] == 0 and default["busi-benign-1"] == 0 and default["busi-malignant-1"] == 1
+    with pytest.raises(ValueError, match="normal must be one of"):
+        load_records("busi", str(tmp_path), options={"normal": "classes"})

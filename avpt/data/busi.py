@@ -6,7 +6,9 @@ Layout: ``ROOT/Dataset_BUSI_with_GT/{benign,malignant,normal}/NAME (i).png`` wit
 Masks are never samples. Normal images have empty masks (their mask files, when present, are
 read and checked to be empty-compatible; when absent the mask is all zero).
 BUSI has no patient ids: every image is its own group. ``normal``: "benign" labels normal images
-0 (not malignant, the default), "exclude" leaves them out (a documented change of the count).
+0 (not malignant, the default), "exclude" leaves them out (a documented change of the count),
+"class" makes three classes for methods that need them (CILMP): normal 0, benign 1, malignant 2
+(``THREE_CLASSES``).
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ import numpy as np
 from .records import DataError, RawSample, Record, read_png_gray, to_unit
 
 CLASSES = ("benign", "malignant", "normal")
+THREE_CLASSES = ("normal", "benign", "malignant")  # labels 0, 1, 2 with normal="class"
+NORMAL_OPTIONS = ("benign", "exclude", "class")
 _IMAGE = re.compile(r"^(?P<stem>.+\(\d+\))\.png$", re.IGNORECASE)
 _MASK = re.compile(r"^(?P<stem>.+\(\d+\))_mask(?:_\d+)?\.png$", re.IGNORECASE)
 
@@ -45,8 +49,8 @@ def _loader(image_path: str, mask_paths: List[str]):
 
 
 def load_busi(root: str, normal: str = "benign") -> List[Record]:
-    if normal not in ("benign", "exclude"):
-        raise ValueError(f"normal must be 'benign' or 'exclude', got {normal!r}")
+    if normal not in NORMAL_OPTIONS:
+        raise ValueError(f"normal must be one of {NORMAL_OPTIONS}, got {normal!r}")
     base = find_root(root)
     records: List[Record] = []
     for cls in CLASSES:
@@ -81,7 +85,8 @@ def load_busi(root: str, normal: str = "benign") -> List[Record]:
                 raise DataError(f"{path}: no mask file ({stem}_mask.png) for a {cls} image")
             num = re.search(r"\((\d+)\)", stem).group(1)
             sid = f"busi-{cls}-{num}"
-            records.append(Record(sample_id=sid, patient_id=sid, label=int(cls == "malignant"),
+            label = THREE_CLASSES.index(cls) if normal == "class" else int(cls == "malignant")
+            records.append(Record(sample_id=sid, patient_id=sid, label=label,
                                   modality="US", loader=_loader(path, mask_paths), source=path,
                                   report=f"US {sid}: {cls} breast ultrasound."))
     if not records:

@@ -59,6 +59,9 @@ class CILMPConfig(MethodConfig):
     knowledge_dir: Optional[str] = None
     knowledge_width: Optional[int] = None   # d_k; None: the source's width
     knowledge_length: int = 16       # description tokens kept per class (description source)
+    fit_context: bool = True         # description source: cut knowledge_length (and prefix and
+                                     # suffix to half of it each) to what the text context holds;
+                                     # the values used are written back to the config
     knowledge_texts: Optional[Dict[str, List[str]]] = None
     knowledge_hash: Optional[str] = None
     fast_path: bool = True           # rank-r path whenever dropout is inactive (exact)
@@ -73,6 +76,22 @@ def project_knowledge(x: Tensor, A: Tensor, B: Tensor) -> Tensor:
     if x.dim() == 2:
         return torch.einsum("nd,lrd->lnr", x, A) @ B.transpose(1, 2)
     return torch.einsum("lnd,lrd->lnr", x, A) @ B.transpose(1, 2)
+
+
+def _fit_to_context(cfg: CILMPConfig, tokenizer) -> None:
+    """Shrink ``knowledge_length`` to the tokens the text context has left after [SOS, context,
+    the longest class name, ".", EOS], and prefix/suffix to half of it each where they no longer
+    fit (the tiny backbone's 16-token context holds 5; ViT-B/16's 77 hold the paper's 16)."""
+    names = tokenizer([f"{n}." for n in cfg.class_names], context_length=tokenizer.context_length
+                      + 256)
+    available = tokenizer.context_length - 1 - cfg.text_context - int(eot_positions(names).max())
+    if available < 1:
+        raise ValueError(f"class_names/text_context: no room for knowledge tokens in the "
+                         f"{tokenizer.context_length}-token text context")
+    cfg.knowledge_length = min(cfg.knowledge_length, available)
+    if cfg.prefix_length + cfg.suffix_length > cfg.knowledge_length:
+        cfg.prefix_length = min(cfg.prefix_length, cfg.knowledge_length // 2)
+        cfg.suffix_length = min(cfg.suffix_length, cfg.knowledge_length // 2)
 
 
 def _check_lengths(cfg: CILMPConfig, states: List[Tensor]) -> List[Tensor]:
@@ -165,6 +184,8 @@ class CILMP(Method):
         super().__init__(config)
         clip = self.backbone
         tokenizer = open_clip.get_tokenizer(cfg.model_name)
+        if states is None and cfg.fit_context:
+            _fit_to_context(cfg, tokenizer)
         text_width = clip.token_embedding.weight.shape[1]
         embed = clip.text_projection.shape[1] if isinstance(clip.text_projection, Tensor) \
             else clip.text_projection.out_features

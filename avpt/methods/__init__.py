@@ -7,3 +7,4 @@ from .base import (Method, MethodConfig, MethodOutput, build_method, get_config_
 
 __all__ = ["Method", "MethodConfig", "MethodOutput", "build_method", "get_config_class",
            "get_method_class", "method_names", "register"]
+from . import biomedap  # noqa: F401

@@ -96,11 +96,16 @@ class GatedCrossModalFusion(nn.Module):
         return v_out, self.side_t(t, t_att)
 
 
+def _wide(x: Tensor) -> Tensor:
+    """At least fp32 (bf16/fp16 under autocast go up; fp64 stays fp64)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def alignment_loss(text_out: Tensor, ctx: Tensor) -> Tensor:
     """mean_l (1 - mean_b cos(mean_m T_out[l, b], mean_m ctx)): text_out [L, B, M, d_t] (the
     text side of every fusion layer for this rank's images), ctx [M, d_t]."""
-    pooled = F.normalize(text_out.float().mean(dim=2), dim=-1)        # [L, B, d_t]
-    target = F.normalize(ctx.float().mean(dim=0), dim=-1)             # [d_t]
+    pooled = F.normalize(_wide(text_out).mean(dim=2), dim=-1)        # [L, B, d_t]
+    target = F.normalize(_wide(ctx).mean(dim=0), dim=-1)             # [d_t]
     return (1 - (pooled * target).sum(-1).mean(dim=1)).mean()
 
 
@@ -116,16 +121,17 @@ def loss_terms(logits: Tensor, features: Tensor, text: Tensor, scale: Tensor, a_
     descriptions, as the reference code does: the image features are the prompted ones).
     ``text_out`` [L, B, M, d_t] and ``ctx`` [M, d_t] give the alignment term (absent with no
     fusion layer)."""
-    text = text.float()
-    logp = F.log_softmax(logits.float(), dim=-1)
-    zs = scale.float() * F.normalize(features.float(), dim=-1) @ a_high.float().t()
+    text = _wide(text)
+    a_high, a_low = a_high.to(text.dtype), a_low.to(text.dtype)
+    logp = F.log_softmax(_wide(logits), dim=-1)
+    zs = _wide(scale) * F.normalize(_wide(features), dim=-1) @ a_high.t()
     logp_zs = F.log_softmax(zs, dim=-1)
     terms = {}
     if labels is not None:
         terms["cls"] = F.nll_loss(logp, labels)
-    terms["high"] = (text - a_high.float()).abs().mean()
+    terms["high"] = (text - a_high).abs().mean()
     terms["kl"] = (logp_zs.exp() * (logp_zs - logp)).sum() / logits.numel()
-    terms["low"] = (text - a_low.float()).abs().mean()
+    terms["low"] = (text - a_low).abs().mean()
     if text_out is not None:
         terms["align"] = alignment_loss(text_out, ctx)
     total = terms.get("cls", 0.0)

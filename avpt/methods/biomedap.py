@@ -135,7 +135,8 @@ class BiomedAP(CoOp):
     """BiomedAP on CoOp: text context + zero visual prompts + gated fusion + dual anchors.
 
     Buffers: ``anchor_high`` [C, E], ``anchor_low`` [C, E] (normalised; persistent; in
-    ``low_anchor="paper"`` mode zero until ``set_visual_prototypes``), ``prototypes_ready`` []."""
+    ``low_anchor="paper"`` mode zero until ``set_visual_prototypes`` in this process, which the
+    loss checks with a Python flag: no host sync, nothing for torch.compile to break on)."""
     config_class = BiomedAPConfig
 
     def __init__(self, config: BiomedAPConfig):
@@ -168,7 +169,7 @@ class BiomedAP(CoOp):
         low = self._frozen_text(tokenizer(list(config.class_names)))
         self.register_buffer("anchor_high", F.normalize(high, dim=-1))
         self.register_buffer("anchor_low", low if config.low_anchor == "code" else torch.zeros_like(low))
-        self.register_buffer("prototypes_ready", torch.tensor(config.low_anchor == "code"))
+        self.prototypes_ready = config.low_anchor == "code"
         d_v, d_t = vit.width(self.visual), clip.ln_final.weight.shape[0]
         text_side = config.lambda_align > 0   # T_out feeds only the alignment loss
         self.fusion = nn.ModuleDict({str(i): GatedCrossModalFusion(
@@ -287,7 +288,7 @@ class BiomedAP(CoOp):
                              f"{[self.config.class_names[i] for i in missing]}")
         mean = onehot.t() @ F.normalize(features.float(), dim=-1)
         self.anchor_low.copy_(F.normalize(mean, dim=-1))
-        self.prototypes_ready.fill_(True)
+        self.prototypes_ready = True
 
     def make_loss(self, **options) -> nn.Module:
         """The BiomedAP objective (``BiomedAPLoss``); trainer options (e.g. rcl_positives) do
@@ -304,7 +305,6 @@ class BiomedAPLoss(nn.Module):
     def __init__(self, method: BiomedAP):
         super().__init__()
         self.method_ref = [method]
-        self._checked = False
 
     def forward(self, out, labels=None, masks=None, modality=None, update_state: bool = False):
         from ..losses import seg_loss
@@ -314,11 +314,9 @@ class BiomedAPLoss(nn.Module):
         if not isinstance(out, BiomedAPOutput):
             raise TypeError(f"BiomedAPLoss needs the BiomedAPOutput of a BiomedAP forward, got "
                             f"{type(out).__name__}")
-        if not self._checked:   # one host sync, on the first call only
-            if not bool(m.prototypes_ready):
-                raise RuntimeError("low_anchor='paper' needs method.set_visual_prototypes("
-                                   "features, labels) before the loss is used")
-            self._checked = True
+        if not m.prototypes_ready:
+            raise RuntimeError("low_anchor='paper' needs method.set_visual_prototypes("
+                               "features, labels) before the loss is used")
         if c.lambda_align > 0 and m.fusion_layers and out.text_out is None:
             raise ValueError("lambda_align > 0 with fusion layers needs out.text_out (the "
                              "output of this forward), got None")

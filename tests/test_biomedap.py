@@ -393,3 +393,6 @@ def test_trains_through_the_trainer(tmp_path):
     res = run(tiny_cfg(tmp_path, epochs=1, method="biomedap", sets={"model": {}}))
     assert res["config"]["method"] == "biomedap" and res["test"]["n"] == 6
     assert all(math.isfinite(h["train_loss"]) for h in res["history"])
+    if hasattr(base.Method, "make_loss"):   # the trainer hook: the run must use BiomedAP's loss
+        for term in ("cls", "high", "kl", "low", "align"):
+            assert all(math.isfinite(h[f"train_{term}"]) for h in res["history"]), term

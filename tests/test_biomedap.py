@@ -396,3 +396,57 @@ def test_trains_through_the_trainer(tmp_path):
     if hasattr(base.Method, "make_loss"):   # the trainer hook: the run must use BiomedAP's loss
         for term in ("cls", "high", "kl", "low", "align"):
             assert all(math.isfinite(h[f"train_{term}"]) for h in res["history"]), term
+
+
+# ---------------------------------------------------------------- DDP (extended: ~1 min on CPU)
+def _ddp_step_module(method):
+    class Step(nn.Module):   # what the trainer's TrainStep does: forward and loss in one module
+        def __init__(self):
+            super().__init__()
+            self.m, self.loss = method, method.make_loss()
+
+        def forward(self, x, y):
+            return self.loss(self.m(x), y, None, None, True)
+    return Step()
+
+
+def _ddp_fresh():
+    torch.manual_seed(0)
+    return tiny(seg=False, fusion_dropout=0.0).double()
+
+
+def _ddp_worker(rank, world, port, x, y):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        m = _ddp_fresh()
+        ddp = nn.parallel.DistributedDataParallel(_ddp_step_module(m), find_unused_parameters=True)
+        shard = slice(2 * rank, 2 * rank + 2)
+        terms = ddp(x[shard], y[shard])
+        terms["loss"].backward()
+        alone = _ddp_step_module(_ddp_fresh())(x[shard], y[shard])
+        assert float(terms["align"]) > 0.01, "alignment term vanished under DDP"
+        close(terms["align"], alone["align"], "this rank's alignment term")
+        grads = []
+        for r in range(world):
+            g = _ddp_fresh()
+            _ddp_step_module(g)(x[2 * r:2 * r + 2], y[2 * r:2 * r + 2])["loss"].backward()
+            grads.append(dict(g.named_parameters()))
+        for n, p in m.named_parameters():
+            if p.requires_grad:
+                close(p.grad, (grads[0][n].grad + grads[1][n].grad) / 2, f"DDP grad {n}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.extended
+def test_ddp_alignment_is_each_ranks_own_and_gradients_average():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    x, y = torch.randn(4, 3, 64, 64, dtype=torch.float64), torch.tensor([0, 1, 1, 0])
+    torch.multiprocessing.spawn(_ddp_worker, args=(2, port, x, y), nprocs=2)

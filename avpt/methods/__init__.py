@@ -14,3 +14,4 @@ from . import linear, full, vpt, lora, adapter, coop, avpt, cilmp  # noqa: E402,
 
 __all__ = ["Method", "MethodConfig", "MethodOutput", "build_method", "get_config_class",
            "get_method_class", "method_names", "register"]
+from . import biomedap  # noqa: F401

@@ -1,0 +1,334 @@
+"""BiomedAP: vision-informed dual-anchor prompt tuning with gated cross-modal fusion (issue 15;
+paper "BiomedAP", code github tongdiedie/BiomedAP), on the shared frozen open_clip backbone.
+
+* Text: CoOp (``coop``) with M = 4 context vectors initialised from "a {modality} photo of a"
+  in the template "a {modality} photo of a {class} in the breast." (the context overwrites the
+  template's first M tokens, as the reference code does), through the frozen text tower cut
+  after the longest end-of-text (``avpt.text_tower.encode_embedded``).
+* Visual: K = 4 prompt tokens overwrite patch tokens 1..K before every block (zeros: not
+  trained). Before each fusion block i (default the paper's {5, 8} of 12 blocks, scaled to the
+  depth) the prompt positions get V_out of ``GatedCrossModalFusion(V, T = ctx)``. V is the
+  image's own tokens at those positions (``fusion_input="paper"``: vision-informed) or zeros
+  (``"code"``: one constant for every image, computed once per step and broadcast).
+* Loss (``make_loss``): CE + l_h |t^ - a_high| + l_kl KL(p_zs || p)/(B C) + l_l |t^ - a_low|
+  + l_a (1 - cos(mean T_out, mean ctx)) (+ lambda_seg SEG), see ``biomedap_fusion.loss_terms``.
+  a_high: normalised mean of the per-class description features (``avpt.descriptions``);
+  a_low: the bare class-name text (``low_anchor="code"``) or few-shot visual prototypes
+  (``"paper"``, set by ``set_visual_prototypes``).
+
+The forward returns a ``BiomedAPOutput`` (a ``MethodOutput`` with ``text_features`` [C, E] and
+``text_out`` [L_f, B, M, d_t]), so the loss reads everything from this forward's output: the
+alignment term is this rank's own under DDP, never a value cached on a module.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import vit
+from ..descriptions import descriptions_for, texts_hash
+from ..text_tower import encode_embedded, eot_positions, prompt_length
+from .base import MethodOutput, register
+from .baselines import CoOp, CoOpConfig, _frozen_encode
+from .biomedap_fusion import GatedCrossModalFusion, loss_terms
+
+PAPER_FUSION_LAYERS, PAPER_DEPTH = (5, 8), 12
+FUSION_INPUTS = ("paper", "code")
+LOW_ANCHORS = ("code", "paper")
+
+
+@dataclass
+class BiomedAPConfig(CoOpConfig):
+    """BiomedAP settings (defaults: the paper / the reference code's BUSI config).
+
+    ``ctx_init``/``template``: ``{modality}`` is replaced by ``modality_word``; ``ctx_init=None``
+    starts the context at N(0, 0.02^2) like ``coop``. ``fusion_layers``: 0-based block indices
+    (fusion runs before that block); None = (5, 8) of 12 blocks scaled to the backbone's depth
+    (round(i * depth / 12)); () = no fusion. ``fusion_input``: "paper" (the image's tokens at
+    the prompt positions) or "code" (zeros). ``fusion_broadcast``: in "code" mode compute the
+    fusion once and broadcast (False: per image; equal results, kept for tests/benchmarks).
+    ``low_anchor``: "code" (bare class-name text) or "paper" (visual prototypes).
+    ``descriptions_hash``: filled at build with the hash of the a_high texts; a different value
+    given is refused."""
+    num_context: int = 4
+    modality_word: str = "ultrasound"
+    ctx_init: Optional[str] = "a {modality} photo of a"
+    template: str = "a {modality} photo of a {class} in the breast."
+    num_visual_prompts: int = 4
+    fusion_layers: Optional[Tuple[int, ...]] = None
+    fusion_heads: int = 8
+    fusion_dropout: float = 0.1
+    fusion_input: str = "paper"
+    fusion_broadcast: bool = True
+    low_anchor: str = "code"
+    lambda_high: float = 18.75
+    lambda_kl: float = 1.0
+    lambda_low: float = 1.0
+    lambda_align: float = 0.1
+    descriptions_hash: Optional[str] = None
+
+
+@dataclass
+class BiomedAPOutput(MethodOutput):
+    """``MethodOutput`` plus text_features [C, E] (normalised t^) and text_out [L_f, B, M, d_t]
+    (the text side of each fusion layer; None without fusion or with lambda_align = 0)."""
+    text_features: Optional[Tensor] = None
+    text_out: Optional[Tensor] = None
+
+
+def resolve_fusion_layers(layers: Optional[Tuple[int, ...]], depth: int) -> Tuple[int, ...]:
+    """The fusion block indices for a tower of ``depth`` blocks (see ``BiomedAPConfig``)."""
+    if layers is None:
+        return tuple(sorted({round(i * depth / PAPER_DEPTH) for i in PAPER_FUSION_LAYERS}))
+    layers = tuple(layers)
+    bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < depth]
+    if bad or len(set(layers)) != len(layers):
+        raise ValueError(f"fusion_layers must be distinct block indices in [0, {depth}) for this "
+                         f"{depth}-block backbone, got {list(layers)}")
+    return tuple(sorted(layers))
+
+
+def _check_config(c: BiomedAPConfig) -> Tuple[int, ...]:
+    """Every argument error before any work (one line each); returns the fusion layers."""
+    if len(c.class_names) != c.num_classes:
+        raise ValueError(f"class_names needs num_classes={c.num_classes} names, got "
+                         f"{len(c.class_names)}")
+    if c.fusion_input not in FUSION_INPUTS:
+        raise ValueError(f"fusion_input must be one of {FUSION_INPUTS}, got {c.fusion_input!r}")
+    if c.low_anchor not in LOW_ANCHORS:
+        raise ValueError(f"low_anchor must be one of {LOW_ANCHORS}, got {c.low_anchor!r}")
+    if c.num_context < 1:
+        raise ValueError(f"num_context must be >= 1, got {c.num_context}")
+    if "{class}" not in c.template:
+        raise ValueError(f"template must contain '{{class}}', got {c.template!r}")
+    for name in ("lambda_high", "lambda_kl", "lambda_low", "lambda_align"):
+        if getattr(c, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(c, name)}")
+    if not 0 <= c.fusion_dropout < 1:
+        raise ValueError(f"fusion_dropout must be in [0, 1), got {c.fusion_dropout}")
+    if c.model_name not in open_clip.list_models():
+        return ()  # load_backbone names the problem
+    cfg = open_clip.get_model_config(c.model_name)
+    vis, txt = cfg["vision_cfg"], cfg["text_cfg"]
+    depth, grid = vis["layers"], (vis["image_size"] // vis["patch_size"]) ** 2
+    if not 0 <= c.num_visual_prompts <= grid:
+        raise ValueError(f"num_visual_prompts must be in [0, {grid}] (the patch tokens it "
+                         f"overwrites), got {c.num_visual_prompts}")
+    layers = resolve_fusion_layers(c.fusion_layers, depth)
+    if layers and c.num_visual_prompts == 0:
+        raise ValueError(f"fusion_layers={list(layers)} needs num_visual_prompts >= 1 (the fused "
+                         f"tokens go there); use fusion_layers=() for no fusion")
+    u = max(vis["width"], txt["width"])
+    if layers and (c.fusion_heads < 1 or u % c.fusion_heads):
+        raise ValueError(f"fusion_heads must divide the unified width {u}, got {c.fusion_heads}")
+    return layers
+
+
+@register("biomedap")
+class BiomedAP(CoOp):
+    """BiomedAP on CoOp: text context + zero visual prompts + gated fusion + dual anchors.
+
+    Buffers: ``anchor_high`` [C, E], ``anchor_low`` [C, E] (normalised; persistent; in
+    ``low_anchor="paper"`` mode zero until ``set_visual_prototypes`` in this process, which the
+    loss checks with a Python flag: no host sync, nothing for torch.compile to break on)."""
+    config_class = BiomedAPConfig
+
+    def __init__(self, config: BiomedAPConfig):
+        if not isinstance(config, BiomedAPConfig):
+            raise TypeError(f"BiomedAP needs a BiomedAPConfig, got {type(config).__name__}")
+        layers = _check_config(config)
+        texts = {name: descriptions_for(name) for name in config.class_names}
+        digest = texts_hash(texts)
+        if config.descriptions_hash not in (None, digest):
+            raise ValueError(f"descriptions_hash={config.descriptions_hash!r} does not match the "
+                             f"description texts of {list(config.class_names)} ({digest})")
+        tokenizer = open_clip.get_tokenizer(config.model_name)
+        ctx_tokens = self._context_tokens(config, tokenizer)
+        config = dataclasses.replace(config, fusion_layers=layers, descriptions_hash=digest)
+        super().__init__(config)  # backbone, seg decoder, context ~ N(0, 0.02^2) as coop
+        clip, m = self.backbone, config.num_context
+        with torch.no_grad():
+            if ctx_tokens is not None:
+                self.context.copy_(clip.token_embedding(ctx_tokens)[0, 1:1 + m])
+            word = config.modality_word
+            tokens = tokenizer([config.template.replace("{modality}", word).replace("{class}", n)
+                                for n in config.class_names])
+            embedded = clip.token_embedding(tokens)
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.register_buffer("prefix", embedded[:, :1].clone(), persistent=False)
+        self.register_buffer("suffix", embedded[:, 1 + m:].clone(), persistent=False)
+        self.register_buffer("eot", eot_positions(tokens), persistent=False)
+        self.length = prompt_length(tokens)
+        high = torch.stack([self._frozen_text(tokenizer(list(t))).mean(0) for t in texts.values()])
+        low = self._frozen_text(tokenizer(list(config.class_names)))
+        self.register_buffer("anchor_high", F.normalize(high, dim=-1))
+        self.register_buffer("anchor_low", low if config.low_anchor == "code" else torch.zeros_like(low))
+        self.prototypes_ready = config.low_anchor == "code"
+        d_v, d_t = vit.width(self.visual), clip.ln_final.weight.shape[0]
+        text_side = config.lambda_align > 0   # T_out feeds only the alignment loss
+        self.fusion = nn.ModuleDict({str(i): GatedCrossModalFusion(
+            d_v, d_t, config.fusion_heads, config.fusion_dropout, text_side) for i in layers})
+        self.fusion_layers: List[int] = list(layers)
+
+    @staticmethod
+    def _context_tokens(config: BiomedAPConfig, tokenizer) -> Optional[Tensor]:
+        """Tokens of ``ctx_init`` (None for a random start); checks the template leaves the
+        class name after the M context tokens."""
+        m, word = config.num_context, config.modality_word
+        head = config.template.replace("{modality}", word).split("{class}")[0]
+        if int(eot_positions(tokenizer([head]))[0]) - 1 < m:
+            raise ValueError(f"template {config.template!r} needs >= num_context={m} tokens "
+                             f"before '{{class}}' (the context overwrites them)")
+        if config.ctx_init is None:
+            return None
+        tokens = tokenizer([config.ctx_init.replace("{modality}", word)])
+        if int(eot_positions(tokens)[0]) - 1 < m:
+            raise ValueError(f"ctx_init {config.ctx_init!r} has fewer than num_context={m} tokens")
+        return tokens
+
+    @torch.no_grad()
+    def _frozen_text(self, tokens: Tensor) -> Tensor:
+        """Normalised frozen text features [N, E] of tokenised texts [N, S]."""
+        clip = self.backbone
+        feats = encode_embedded(clip, clip.token_embedding(tokens), eot_positions(tokens),
+                                prompt_length(tokens))
+        return F.normalize(feats.float(), dim=-1)
+
+    # ------------------------------------------------------------------------------------------
+    def text_features(self) -> Tensor:
+        """Class text features t^ [C, E], normalised (the frozen tower, cut after the EOT)."""
+        c = self.prefix.shape[0]
+        ctx = self.context.unsqueeze(0).expand(c, -1, -1).to(self.prefix.dtype)
+        x = torch.cat([self.prefix, ctx, self.suffix], dim=1)
+        return F.normalize(encode_embedded(self.backbone, x, self.eot, self.length), dim=-1)
+
+    def _fuse(self, layer: int, z: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """Fusion before block ``layer``: z [B, T, D] -> (V_out [B, K, D], T_out [B, M, d_t])."""
+        b, k = z.shape[0], self.config.num_visual_prompts
+        fusion = self.fusion[str(layer)]
+        t = self.context.unsqueeze(0)                                   # [1, M, d_t]
+        if self.config.fusion_input == "paper":
+            return fusion(z[:, 1:1 + k], t.expand(b, -1, -1))
+        if self.config.fusion_broadcast:   # image-independent inputs: once, then broadcast
+            v_out, t_out = fusion(z.new_zeros(1, k, z.shape[-1]), t)
+            return v_out.expand(b, -1, -1), None if t_out is None else t_out.expand(b, -1, -1)
+        return fusion(z.new_zeros(b, k, z.shape[-1]), t.expand(b, -1, -1))
+
+    def encode(self, images, maps=None, modality=None, return_attn=False) -> Dict:
+        """images [B, 3, H, W] -> dict(z [B, T, D], text_out [L_f, B, M, d_t] or None)."""
+        k = self.config.num_visual_prompts
+        if k == 0:
+            return dict(_frozen_encode(self, images), text_out=None)
+        visual = self.visual
+        z = vit.embed(visual, vit.patch_embed(visual, images))
+        zeros = z.new_zeros(z.shape[0], k, z.shape[-1])
+        text_out = []
+        for layer in range(vit.num_layers(visual)):
+            prompt = zeros
+            if layer in self.fusion_layers:
+                prompt, t_out = self._fuse(layer, z)
+                if t_out is not None:
+                    text_out.append(t_out)
+            z = torch.cat([z[:, :1], prompt.to(z.dtype), z[:, 1 + k:]], dim=1)
+            z = vit.block(visual, layer, z)
+        return dict(z=z, text_out=torch.stack(text_out) if text_out else None)
+
+    def logits(self, features: Tensor, text: Tensor) -> Tensor:
+        """logit_scale * cos(image, class text): features [B, E], text [C, E] -> [B, C]."""
+        return self.backbone.logit_scale.exp() * F.normalize(features, dim=-1) @ text.t()
+
+    def classify(self, pooled: Tensor, features: Tensor) -> Tensor:
+        return self.logits(features, self.text_features())
+
+    def forward(self, images: Tensor, maps: Optional[Tensor] = None, modality=None,
+                return_attn: bool = False) -> BiomedAPOutput:
+        """images [B, 3, H, W] -> ``BiomedAPOutput`` (logits [B, C], seg_logits [B, 1, H, W] or
+        None, features [B, E], pooled [B, D], tokens [B, N, D], text_features [C, E],
+        text_out [L_f, B, M, d_t] or None). The class text features are computed once."""
+        vit.check_images(self.visual, images)
+        enc = self.encode(images)
+        pooled, tokens, features = vit.pool(self.visual, enc["z"])
+        text = self.text_features()
+        decoder = self.seg_decoder
+        return BiomedAPOutput(
+            logits=self.logits(features, text), features=features, pooled=pooled, tokens=tokens,
+            seg_logits=None if decoder is None else decoder(tokens, self.visual.grid_size,
+                                                            tuple(images.shape[2:])),
+            text_features=text, text_out=enc["text_out"])
+
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def frozen_image_features(self, images: Tensor) -> Tensor:
+        """The frozen backbone's image features [B, E] (no prompts): what the visual
+        prototypes average."""
+        return vit.pool(self.visual, _frozen_encode(self, images)["z"])[2]
+
+    @torch.no_grad()
+    def set_visual_prototypes(self, features: Tensor, labels: Tensor) -> None:
+        """``low_anchor="paper"``: a_low[c] = normalise(mean of the normalised features of
+        class c). features [N, E] (``frozen_image_features`` of the few-shot training images),
+        labels [N]. Call it before training, at every start (resume included: the trainer's
+        checkpoints hold trainable parameters only; the prototypes are deterministic)."""
+        c = self.config.num_classes
+        if features.dim() != 2 or features.shape[-1] != self.anchor_low.shape[-1]:
+            raise ValueError(f"features must be [N, {self.anchor_low.shape[-1]}], got "
+                             f"{tuple(features.shape)}")
+        if labels.shape != features.shape[:1]:
+            raise ValueError(f"labels must be [N={features.shape[0]}], got {tuple(labels.shape)}")
+        onehot = F.one_hot(labels.long(), c).to(features.device, torch.float32)
+        missing = (onehot.sum(0) == 0).nonzero().flatten().tolist()
+        if missing:
+            raise ValueError(f"set_visual_prototypes needs >= 1 image of every class; none of "
+                             f"{[self.config.class_names[i] for i in missing]}")
+        mean = onehot.t() @ F.normalize(features.float(), dim=-1)
+        self.anchor_low.copy_(F.normalize(mean, dim=-1))
+        self.prototypes_ready = True
+
+    def make_loss(self, **options) -> nn.Module:
+        """The BiomedAP objective (``BiomedAPLoss``); trainer options (e.g. rcl_positives) do
+        not apply and are ignored."""
+        return BiomedAPLoss(self)
+
+
+class BiomedAPLoss(nn.Module):
+    """forward(out: BiomedAPOutput, labels [B] or None, masks [B, 1, H, W] or None, modality,
+    update_state) -> terms (cls, high, kl, low, align, seg) and their weighted total "loss".
+    Everything comes from ``out`` and the method's parameters/buffers: no state from an earlier
+    forward. The method is held by reference (not a submodule: no duplicated parameters)."""
+
+    def __init__(self, method: BiomedAP):
+        super().__init__()
+        self.method_ref = [method]
+
+    def forward(self, out, labels=None, masks=None, modality=None, update_state: bool = False):
+        from ..losses import seg_loss
+
+        m = self.method_ref[0]
+        c = m.config
+        if not isinstance(out, BiomedAPOutput):
+            raise TypeError(f"BiomedAPLoss needs the BiomedAPOutput of a BiomedAP forward, got "
+                            f"{type(out).__name__}")
+        if not m.prototypes_ready:
+            raise RuntimeError("low_anchor='paper' needs method.set_visual_prototypes("
+                               "features, labels) before the loss is used")
+        if c.lambda_align > 0 and m.fusion_layers and out.text_out is None:
+            raise ValueError("lambda_align > 0 with fusion layers needs out.text_out (the "
+                             "output of this forward), got None")
+        weights = dict(high=c.lambda_high, kl=c.lambda_kl, low=c.lambda_low, align=c.lambda_align)
+        terms = loss_terms(out.logits, out.features, out.text_features,
+                           m.backbone.logit_scale.exp(), m.anchor_high, m.anchor_low, labels,
+                           weights, out.text_out, m.context)
+        if c.seg and c.lambda_seg and masks is not None and out.seg_logits is not None:
+            terms["seg"] = seg_loss(out.seg_logits, masks, c.seg_bce_weight)
+            terms["loss"] = terms["loss"] + c.lambda_seg * terms["seg"]
+        return terms
+
+
+__all__ = ["BiomedAPConfig", "BiomedAP", "BiomedAPOutput", "BiomedAPLoss",
+           "resolve_fusion_layers"]

@@ -1,6 +1,7 @@
 """Every method by name on the tiny backbone: forward and backward, what trains and what stays
 frozen, identity at initialisation where the method promises it, the trainable-state save/load
 round trip onto a fresh backbone, and parameter accounting."""
+import re
 import warnings
 
 import pytest
@@ -12,7 +13,7 @@ from avpt.methods import build_method, get_config_class, method_names
 from avpt.params import format_reports, parameter_report
 from avpt_kernels.testing import assert_close
 
-METHODS = ["linear", "full", "vpt", "lora", "adapter", "coop", "avpt", "cilmp"]
+METHODS = ["linear", "full", "vpt", "lora", "adapter", "coop", "avpt", "cilmp", "biomedap"]
 # which parameter-name prefixes may train for each method (heads are shared by all)
 TRAINABLE = {
     "linear": ("head.", "seg_decoder."),
@@ -21,9 +22,13 @@ TRAINABLE = {
     "lora": ("head.", "seg_decoder.", "backbone.visual.transformer.resblocks."),
     "adapter": ("head.", "seg_decoder.", "attn_adapters.", "mlp_adapters."),
     "coop": ("seg_decoder.", "context"),
+    "biomedap": ("seg_decoder.", "context", "fusion."),
     "cilmp": ("seg_decoder.", "visual_prompts", "text_context", "prefix.", "suffix.", "A", "B"),
     "avpt": ("head.", "seg_decoder.", "anatomy_mlp.", "prompt_bank.", "pims.", "contrast_proj."),
 }
+
+
+LOSS_ONLY = re.compile(r"^fusion\..*\.(attn_t|side_t|t_back)\.")
 
 
 def tiny(name, **overrides):
@@ -57,7 +62,8 @@ def test_forward_backward_and_frozen_parts(name):
     for n, p in method.named_parameters():
         if p.requires_grad:
             assert n.startswith(TRAINABLE[name]), f"{name}: {n} should be frozen"
-            if not n.startswith("contrast_proj."):  # used by the RCL loss only
+            # used by a loss only: A-VPT's RCL projector, BiomedAP's text half of the fusion
+            if not (n.startswith("contrast_proj.") or LOSS_ONLY.search(n)):
                 assert p.grad is not None, f"{name}: no gradient for {n}"
         else:
             assert p.grad is None, f"{name}: frozen {n} got a gradient"
@@ -195,14 +201,16 @@ def test_forward_maps_and_make_loss_are_asked_of_the_method():
     ``make_loss`` gives a module whose terms add up to "loss" (A-VPT's: Eq. 17, the others'
     CLS + SEG), and options a method does not use are ignored."""
     from avpt.losses import AVPTLoss, MethodLoss
+    from avpt.methods.biomedap import BiomedAPLoss
 
+    own_loss = {"avpt": AVPTLoss, "biomedap": BiomedAPLoss}
     images, maps = torch.randn(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
     labels, masks = torch.tensor([0, 1]), (torch.rand(2, 1, 64, 64) > 0.5).float()
     batch = {"image": images, "maps": maps}
     for name in METHODS:
         method = tiny(name)
         loss_fn = method.make_loss(rcl_positives="within_modality")
-        assert isinstance(loss_fn, AVPTLoss if name == "avpt" else MethodLoss), name
+        assert isinstance(loss_fn, own_loss.get(name, MethodLoss)), name
         given = method.forward_maps(batch)
         assert given is (maps if name == "avpt" else None), name
         terms = loss_fn(method(images, given), labels, masks, torch.tensor([0, 1]),

@@ -35,7 +35,8 @@ from .. import vit
 from ..descriptions import descriptions_for, texts_hash
 from ..text_tower import encode_embedded, eot_positions, prompt_length
 from .base import MethodOutput, register
-from .baselines import CoOp, CoOpConfig, _frozen_encode
+from .base import frozen_encode as _frozen_encode
+from .coop import CoOp, CoOpConfig
 from .biomedap_fusion import GatedCrossModalFusion, loss_terms
 
 PAPER_FUSION_LAYERS, PAPER_DEPTH = (5, 8), 12

@@ -7,7 +7,12 @@ or the compiled ``WholeStep``), writes a checkpoint atomically after every epoch
 it exactly (same data order, augmentation, optimizer/scheduler/loss-state and RNG), logs to CSV
 and TensorBoard, evaluates (AUC, F1, Dice, IoU, HD95), saves the trainable weights
 (``avpt.checkpoint``, with what rebuilds the frozen backbone: weights sha256 or random-init
-seed) and writes ``OUT/metrics.json``. One run per OUT (a lock file); the resume fingerprint
+seed) and writes ``OUT/metrics.json``. A method with an epoch averager
+(``Method.make_epoch_averager``, e.g. CILMP's Gaussian prompt averaging) has it updated after
+every epoch and kept in the checkpoint; its average is what is evaluated, saved and reported
+(log.csv's per-epoch test metrics are of each epoch's own weights). The data's classes
+(``avpt.validate.data_classes``; BUSI with ``data.normal=class``: normal, benign, malignant) set
+the method's ``num_classes`` and, for text-prompt methods, ``class_names``. One run per OUT (a lock file); the resume fingerprint
 covers every setting that changes results, ``epochs`` included (a changed total is refused).
 
 Multi-process: launched by ``torchrun`` (WORLD_SIZE > 1) it joins a process group

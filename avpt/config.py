@@ -12,7 +12,8 @@ from typing import Any, Dict, List, Optional
 
 log = logging.getLogger("avpt.train")
 
-BACKBONE_ALIASES = {"tiny": "avpt-tiny", "vit-b-16": "ViT-B-16", "vit-b/16": "ViT-B-16"}
+BACKBONE_ALIASES = {"tiny": "avpt-tiny", "vit-b-16": "ViT-B-16", "vit-b/16": "ViT-B-16",
+                    "vitb16": "ViT-B-16"}
 
 DEFAULTS: Dict[str, Any] = {
     "dataset": "phantom",        # phantom | busi | inbreast | duke

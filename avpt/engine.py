@@ -143,9 +143,10 @@ def train_one_epoch(step_module: nn.Module, opt: Optimization, loader, steps: in
 
 @torch.no_grad()
 def evaluate(model, dataset, cfg: Dict, device, dtype=None) -> Dict[str, np.ndarray]:
-    """Predictions of ``dataset`` in its order: malignant probabilities ``probs`` [N], predicted
-    masks ``preds`` [N, H, W] bool (None without a segmentation head), truths ``gts`` [N, H, W]
-    and ``labels`` [N], ``modalities`` [N] names."""
+    """Predictions of ``dataset`` in its order: malignant (last-class) probabilities ``probs``
+    [N], with C > 2 classes also ``class_probs`` [N, C]; predicted masks ``preds`` [N, H, W]
+    bool (None without a segmentation head), truths ``gts`` [N, H, W] and ``labels`` [N],
+    ``modalities`` [N] names."""
     loader, _ = make_loader(dataset, cfg["eval_batch_size"], False, cfg["seed"])
     model.eval()
     probs, preds, gts, labels, order = [], [], [], [], []
@@ -154,23 +155,31 @@ def evaluate(model, dataset, cfg: Dict, device, dtype=None) -> Dict[str, np.ndar
                                               dtype)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             out = model(images, maps=maps, modality=modality)
-        probs.append(torch.softmax(out.logits.float(), -1)[:, 1].cpu())
+        probs.append(torch.softmax(out.logits.float(), -1).cpu())
         if out.seg_logits is not None:
             preds.append((out.seg_logits.float() > 0).squeeze(1).cpu())
         gts.append(batch["mask"].squeeze(1) > 0.5)
         labels.append(batch["label"])
         order.append(batch["index"])
     order_t = torch.cat(order).argsort()
-    res = dict(probs=torch.cat(probs)[order_t].numpy(), labels=torch.cat(labels)[order_t].numpy(),
+    class_probs = torch.cat(probs)[order_t].numpy()
+    res = dict(probs=class_probs[:, -1], labels=torch.cat(labels)[order_t].numpy(),
                gts=torch.cat(gts)[order_t].numpy())
+    if class_probs.shape[1] > 2:
+        res["class_probs"] = class_probs
     res["preds"] = torch.cat(preds)[order_t].numpy() if preds else None
     res["modalities"] = np.array(dataset.modalities)
     return res
 
 
 def score(pred: Dict[str, np.ndarray]) -> Dict[str, float]:
-    """Test metrics of ``evaluate``'s predictions: auc, f1, accuracy, ..., dice, iou, hd95, n."""
-    out = M.classification_metrics(pred["labels"], pred["probs"])
+    """Test metrics of ``evaluate``'s predictions: auc, f1, accuracy, ..., dice, iou, hd95, n.
+    Two classes: of the malignant probability; C > 2 (``class_probs``): AUC one-vs-rest macro,
+    F1 macro (``avpt.metrics.metric_kind``)."""
+    if pred.get("class_probs") is not None:
+        out = M.multiclass_metrics(pred["labels"], pred["class_probs"])
+    else:
+        out = M.classification_metrics(pred["labels"], pred["probs"])
     if pred["preds"] is not None:
         out.update(M.segmentation_metrics(pred["preds"], pred["gts"]))
     else:
@@ -188,7 +197,11 @@ def undefined_metrics(pred: Dict[str, np.ndarray], metrics: Dict) -> Dict[str, s
     reasons: Dict[str, str] = {}
     labels = np.asarray(pred["labels"])
     classes = sorted({int(v) for v in labels})
-    if len(classes) < 2:
+    needed = pred["class_probs"].shape[1] if pred.get("class_probs") is not None else 2
+    if needed > 2 and len(classes) < needed:
+        reasons["auc"] = (f"the test set has classes {classes} of {needed} ({len(labels)} images): "
+                          f"one-vs-rest AUC needs every class")
+    elif len(classes) < 2:
         names = {0: "benign", 1: "malignant"}
         reasons["auc"] = (f"the test set has one class only ({', '.join(names.get(c, str(c)) for c in classes) or 'no images'}, "
                           f"{len(labels)} images): ROC AUC needs both classes")

@@ -73,6 +73,32 @@ def classification_metrics(labels, probs, threshold: float = 0.5) -> Dict[str, f
     return {"auc": auc(labels, probs), "f1": f1(labels, preds), "accuracy": accuracy(labels, preds)}
 
 
+def multiclass_metrics(labels, probs) -> Dict[str, float]:
+    """labels [N] in {0..C-1}, probs [N, C] class probabilities (C > 2): AUC one-vs-rest macro
+    (NaN unless every class is in ``labels``), F1 macro, accuracy of the arg-max class."""
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    labels = np.asarray(labels)
+    probs = np.asarray(probs, dtype=np.float64)
+    classes = np.arange(probs.shape[1])
+    preds = probs.argmax(axis=1)
+    if set(np.unique(labels).tolist()) == set(classes.tolist()):
+        auc_ = float(roc_auc_score(labels, probs / probs.sum(axis=1, keepdims=True),
+                                   multi_class="ovr", average="macro", labels=classes))
+    else:
+        auc_ = float("nan")
+    f1_ = float(f1_score(labels, preds, average="macro", labels=classes, zero_division=0))
+    return {"auc": auc_, "f1": f1_, "accuracy": accuracy(labels, preds)}
+
+
+def metric_kind(num_classes: int) -> str:
+    """What ``auc`` and ``f1`` mean for ``num_classes`` classes (metrics.json, the report)."""
+    if num_classes <= 2:
+        return "binary: AUC of the malignant probability, F1 of malignant at p >= 0.5, accuracy"
+    return (f"{num_classes} classes: AUC one-vs-rest macro, F1 macro, accuracy of the arg-max "
+            f"class")
+
+
 def segmentation_metrics(preds: Iterable[np.ndarray], gts: Iterable[np.ndarray],
                          spacing: float = 1.0) -> Dict[str, float]:
     """Mean Dice, IoU, HD95 over images with a non-empty ground truth (NaN when there is none)."""

@@ -59,9 +59,9 @@ def parameter_report(method: nn.Module) -> ParamReport:
 
 
 def format_reports(reports: List[ParamReport]) -> str:
-    lines = [f"{'method':<10} {'trainable':>12} {'total':>12} {'% of visual':>12}"]
+    lines = [f"{'method':<16} {'trainable':>12} {'total':>12} {'% of visual':>12}"]
     for r in reports:
-        lines.append(f"{r.method:<10} {r.trainable:>12,} {r.total:>12,} {r.percent_of_visual:>11.3f}%")
+        lines.append(f"{r.method:<16} {r.trainable:>12,} {r.total:>12,} {r.percent_of_visual:>11.3f}%")
     if reports:
         lines.append(f"(visual tower: {reports[0].visual:,} parameters)")
     for r in reports:
@@ -73,19 +73,34 @@ def format_reports(reports: List[ParamReport]) -> str:
 
 
 def report_methods(model_name: str = VIT_B16, methods: Optional[List[str]] = None,
-                   **overrides) -> List[ParamReport]:
-    """Build each method on ``model_name`` (random weights suffice to count) and report it."""
-    from .methods import build_method, method_names
+                   presets: bool = False, **overrides) -> List[ParamReport]:
+    """Build each method on ``model_name`` (random weights suffice to count) and report it; with
+    ``presets`` also each of its config's named presets (``PRESETS``, e.g. ``vpt[table10]``)."""
+    from .methods import method_names
 
     reports = []
     for name in methods or method_names():
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            method = build_method(name, model_name=model_name, **overrides)
-        reports.append(parameter_report(method))
-        del method
-        gc.collect()
+        reports.append(_report_one(name, model_name, overrides))
+        if presets and "preset" not in overrides:
+            from .methods import get_config_class
+
+            for preset in get_config_class(name).PRESETS:  # e.g. vpt[table10]
+                report = _report_one(name, model_name, dict(overrides, preset=preset))
+                report.method = f"{name}[{preset}]"
+                reports.append(report)
     return reports
+
+
+def _report_one(name: str, model_name: str, overrides: Dict) -> ParamReport:
+    from .methods import build_method
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        method = build_method(name, model_name=model_name, **overrides)
+    report = parameter_report(method)
+    del method
+    gc.collect()
+    return report
 
 
 def main(argv=None) -> int:
@@ -109,8 +124,11 @@ def main(argv=None) -> int:
     if bad or args.methods == []:
         raise ConfigError(f"--methods must name methods among {', '.join(method_names())}, "
                           f"got {bad or 'none'}")
-    reports = report_methods(model, args.methods)
+    reports = report_methods(model, args.methods, presets=True)
     print(format_reports(reports))
+    if any("[" in r.method for r in reports):
+        print("method[preset]: the named preset of the method's config (--set model.preset=NAME); "
+              "table10 reproduces the trainable shares of the paper's Table 10 on ViT-B-16")
     over = [r for r in reports if r.over_budget] if model == VIT_B16 else []
     for r in over:
         print(f"{r.method} exceeds its {r.budget_percent}% budget")

@@ -7,7 +7,12 @@ or the compiled ``WholeStep``), writes a checkpoint atomically after every epoch
 it exactly (same data order, augmentation, optimizer/scheduler/loss-state and RNG), logs to CSV
 and TensorBoard, evaluates (AUC, F1, Dice, IoU, HD95), saves the trainable weights
 (``avpt.checkpoint``, with what rebuilds the frozen backbone: weights sha256 or random-init
-seed) and writes ``OUT/metrics.json``. One run per OUT (a lock file); the resume fingerprint
+seed) and writes ``OUT/metrics.json``. A method with an epoch averager
+(``Method.make_epoch_averager``, e.g. CILMP's Gaussian prompt averaging) has it updated after
+every epoch and kept in the checkpoint; its average is what is evaluated, saved and reported
+(log.csv's per-epoch test metrics are of each epoch's own weights). The data's classes
+(``avpt.validate.data_classes``; BUSI with ``data.normal=class``: normal, benign, malignant) set
+the method's ``num_classes`` and, for text-prompt methods, ``class_names``. One run per OUT (a lock file); the resume fingerprint
 covers every setting that changes results, ``epochs`` included (a changed total is refused).
 
 Multi-process: launched by ``torchrun`` (WORLD_SIZE > 1) it joins a process group
@@ -96,11 +101,29 @@ def build_data(cfg: Dict, image_size: int, out: str, main: bool = True):
     return Subset(full, idx["train"], True), Subset(full, idx["test"], False), info
 
 
+def class_settings(cfg: Dict, given: Dict) -> Dict:
+    """Method settings from the data's classes (``avpt.validate.data_classes``) that ``given``
+    (the user's model settings) leaves open: with C > 2 classes ``num_classes`` = C and, for a
+    method whose config has ``class_names`` (text prompts), the data's class names. Two classes
+    change nothing (the configs' defaults)."""
+    from .methods import get_config_class
+    from .validate import data_classes
+
+    classes = data_classes(cfg["dataset"], cfg["data"])
+    if len(classes) == 2:
+        return {}
+    out: Dict[str, Any] = {"num_classes": len(classes)}
+    if "class_names" in get_config_class(cfg["method"]).__dataclass_fields__:
+        out["class_names"] = tuple(classes)
+    return {k: v for k, v in out.items() if k not in given}
+
+
 def build_model(cfg: Dict):
     from .methods import build_method, get_config_class
 
     overrides = dict(cfg["model"])
     overrides.setdefault("model_name", cfg["backbone"])
+    overrides.update(class_settings(cfg, overrides))
     if cfg["pretrained"] is not None:
         overrides["pretrained"] = cfg["pretrained"]
     fields = get_config_class(cfg["method"]).__dataclass_fields__
@@ -229,9 +252,16 @@ def _optimization(cfg: Dict, model, steps_per_epoch: int, compile_mode: str, dev
     return Optimization(optimizer, scheduler, scaler, trainable, cfg["grad_clip"])
 
 
-def _resume(ckpt: Dict, model, loss_fn: nn.Module, opt: Optimization, path: str):
-    """Load every state of the checkpoint; returns (history, epochs done)."""
+def _resume(ckpt: Dict, model, loss_fn: nn.Module, opt: Optimization, path: str, averager=None):
+    """Load every state of the checkpoint (the epoch averager's too); returns (history, epochs
+    done)."""
     load_trainable_state(model, ckpt["trainable"], path)
+    if averager is not None:
+        if "averager" not in ckpt:
+            from .validate import ConfigError
+            raise ConfigError(f"{path} has no epoch-averaging state (written before the trainer "
+                              f"kept it); start afresh with resume=false")
+        averager.load_state_dict(ckpt["averager"])
     # loss state written before the loss was the method's own module sat under "inner."
     loss_fn.load_state_dict({k[len("inner."):] if k.startswith("inner.") else k: v
                              for k, v in ckpt["loss_state"].items()})
@@ -314,8 +344,9 @@ def _run(cfg: Dict, backbone: Dict) -> Dict:
     opt = _optimization(cfg, model, steps_per_epoch, compile_mode, device, dtype)
     history: List[Dict] = []
     start_epoch = 0
+    averager = model.make_epoch_averager(epochs)
     if ckpt is not None:
-        history, start_epoch = _resume(ckpt, model, loss_fn, opt, ckpt_path)
+        history, start_epoch = _resume(ckpt, model, loss_fn, opt, ckpt_path, averager)
         ckpt = None
         if dist.main:
             log.info("resumed from %s after epoch %d", ckpt_path, start_epoch)
@@ -331,15 +362,20 @@ def _run(cfg: Dict, backbone: Dict) -> Dict:
         sums, seen, elapsed = train_one_epoch(
             step_module, opt, loader, steps_per_epoch, device, dtype,
             desc=f"epoch {epoch + 1}/{epochs}", progress=cfg["progress"] and dist.main)
+        if averager is not None:
+            averager.update(model, epoch + 1)
         row = _epoch_row(cfg, epoch, sums, seen, elapsed, opt, dist, model, test_set, device, dtype)
         history.append(row)
         if dist.main:
             _log_epoch(row, epochs, out, writer)
-            atomic_save({"epoch": epoch + 1, "config": cfg, "backbone": backbone,
-                         "trainable": {k: v.cpu() for k, v in model.trainable_state_dict().items()},
-                         "loss_state": loss_fn.state_dict(), "optimizer": opt.optimizer.state_dict(),
-                         "scheduler": opt.scheduler.state_dict(), "scaler": opt.scaler.state_dict(),
-                         "rng": rng_state(), "history": history}, ckpt_path)
+            state = {"epoch": epoch + 1, "config": cfg, "backbone": backbone,
+                     "trainable": {k: v.cpu() for k, v in model.trainable_state_dict().items()},
+                     "loss_state": loss_fn.state_dict(), "optimizer": opt.optimizer.state_dict(),
+                     "scheduler": opt.scheduler.state_dict(), "scaler": opt.scaler.state_dict(),
+                     "rng": rng_state(), "history": history}
+            if averager is not None:
+                state["averager"] = averager.state_dict()
+            atomic_save(state, ckpt_path)
         dist.barrier()
         if cfg["stop_after_epoch"] is not None and epoch + 1 >= int(cfg["stop_after_epoch"]) \
                 and epoch + 1 < epochs:
@@ -350,6 +386,8 @@ def _run(cfg: Dict, backbone: Dict) -> Dict:
 
     if writer is not None:
         writer.close()
+    if averager is not None:  # the averaged weights are the run's result
+        averager.load_into(model)
     result: Dict[str, Any] = {}
     if dist.main:
         result = _finish(cfg, model, train_set, test_set, info, history, backbone, device, dtype,
@@ -373,6 +411,7 @@ def _finish(cfg: Dict, model, train_set, test_set, info: Dict, history: List[Dic
     result = {
         "test": test_metrics,
         "undefined": undefined_metrics(pred, test_metrics),
+        "classes": _classes_record(cfg),
         "config": cfg,
         "backbone": backbone,
         "data": dict(info, train_samples=len(train_set), test_samples=len(test_set)),
@@ -392,6 +431,27 @@ def _finish(cfg: Dict, model, train_set, test_set, info: Dict, history: List[Dic
     return result
 
 
+def _check_saved_classes(model_dir: str, saved: Dict, cfg: Dict) -> None:
+    """A saved model of C classes is evaluated on data of C classes (one-line ConfigError)."""
+    from .validate import ConfigError, data_classes
+
+    classes = data_classes(cfg["dataset"], cfg["data"])
+    if int(saved.get("num_classes", 2)) != len(classes):
+        raise ConfigError(f"--model {model_dir!r} tells {saved.get('num_classes')} classes apart, "
+                          f"dataset {cfg['dataset']!r} with these data settings has "
+                          f"{len(classes)} ({', '.join(classes)}); for BUSI's three classes give "
+                          f"--set data.normal=class")
+
+
+def _classes_record(cfg: Dict) -> Dict:
+    """metrics.json's ``classes``: the class names (labels 0..C-1) and what auc/f1 mean."""
+    from .metrics import metric_kind
+    from .validate import data_classes
+
+    names = data_classes(cfg["dataset"], cfg["data"])
+    return {"names": list(names), "metrics": metric_kind(len(names))}
+
+
 def evaluate_checkpoint(model_dir: str, cfg: Dict) -> Dict:
     """Evaluate a saved model (``OUT/model`` of a run) on the test split given by ``cfg``.
 
@@ -406,6 +466,7 @@ def evaluate_checkpoint(model_dir: str, cfg: Dict) -> Dict:
     cfg = dict(cfg, method=saved["method"], backbone=saved["config"]["model_name"])
     validate_config(cfg)
     check_paths(cfg)
+    _check_saved_classes(model_dir, saved["config"], cfg)
     device = resolve_device(cfg["device"])
     if not saved.get("backbone") and saved["config"].get("pretrained") is None \
             and not cfg["pretrained"]:
@@ -427,7 +488,8 @@ def evaluate_checkpoint(model_dir: str, cfg: Dict) -> Dict:
         cfg["pretrained"] = model.config.pretrained
         cfg["model"] = {k: v for k, v in model.config.to_dict().items()
                         if k not in ("model_name", "pretrained")}
-        result = {"test": metrics, "undefined": undefined_metrics(pred, metrics), "config": cfg,
+        result = {"test": metrics, "undefined": undefined_metrics(pred, metrics),
+                  "classes": _classes_record(cfg), "config": cfg,
                   "model": os.path.abspath(model_dir), "method": saved["method"],
                   "backbone": saved.get("backbone"),
                   "data": dict(info, test_samples=len(test_set))}

@@ -45,7 +45,8 @@ _PHASE = (lambda v: v in ("pre", "post"), "'pre' or 'post'")
 DATA_OPTIONS: Dict[str, Dict[str, tuple]] = {
     "phantom": {"num_patients": _POS_INT, "views": _POS_INT, "phase": _PHASE,
                 "lesion_scale": (lambda v: _is_num(v) and 0 < v <= 10, "a number in (0, 10]")},
-    "busi": {"normal": (lambda v: v in ("benign", "exclude"), "'benign' or 'exclude'")},
+    "busi": {"normal": (lambda v: v in ("benign", "exclude", "class"),
+                        "'benign', 'exclude' or 'class' (three classes: normal, benign, malignant)")},
     "inbreast": {"birads_threshold": (lambda v: str(v).strip().lower().replace(" ", "") in
                                       ("1", "2", "3", "4", "4a", "4b", "4c", "5", "6"),
                                       "a BI-RADS category: 1, 2, 3, 4a, 4b, 4c, 5 or 6")},
@@ -135,7 +136,7 @@ def check_backbone(name) -> None:
 
 _MODEL_INT_ZERO_OK = {"queue_size"}            # 0 switches the memory queues off
 _MODEL_POSITIVE = {"tau", "tau_txt", "alpha"}   # temperatures, LoRA scale
-_MODEL_UNIT = {"ema_momentum"}
+_MODEL_UNIT = {"ema_momentum", "prompt_dropout"}
 
 
 def _model_settings(cfg: Dict) -> None:
@@ -173,6 +174,10 @@ def _model_settings(cfg: Dict) -> None:
                     raise _bad(key, v, "a number in [0, 1]")
             elif not _is_num(v) or v < 0:
                 raise _bad(key, v, "a finite number >= 0")
+        elif k == "preset":
+            from .methods.base import preset_names
+            if v not in preset_names(get_config_class(cfg["method"])):
+                raise _bad(key, v, f"one of {', '.join(preset_names(get_config_class(cfg['method'])))}")
         elif k == "backend":
             if v not in (None, "auto", "torch", "triton"):
                 raise _bad(key, v, "auto, torch or triton")
@@ -201,6 +206,46 @@ def _data_settings(cfg: Dict) -> None:
         check, accepted = known[k]
         if not check(v):
             raise _bad(f"data.{k}", v, accepted)
+
+
+BINARY_CLASSES = ("benign", "malignant")
+
+
+def data_classes(dataset: str, data: Dict) -> tuple:
+    """The class names of a data set's labels 0..C-1 under its loader settings ``data``: BUSI
+    with ``normal: class`` has ("normal", "benign", "malignant"), every other setting the two
+    classes ("benign", "malignant")."""
+    if dataset == "busi" and data.get("normal") == "class":
+        from .data.busi import THREE_CLASSES
+        return tuple(THREE_CLASSES)
+    return BINARY_CLASSES
+
+
+def _classes(cfg: Dict) -> None:
+    """The method takes the data's classes: model.num_classes / model.class_names, when given,
+    must agree with them, a transfer test set must have the same classes, and a method that only
+    does two classes (``Method.max_classes``) refuses more."""
+    from .methods import get_method_class
+
+    classes = data_classes(cfg["dataset"], cfg["data"])
+    if cfg["test_dataset"] is not None:
+        test = data_classes(cfg["test_dataset"], cfg["data"])
+        if test != classes:
+            raise ConfigError(f"test_dataset {cfg['test_dataset']!r} has classes {list(test)}, the "
+                              f"training data {list(classes)}: a transfer needs the same classes")
+    given = cfg["model"].get("num_classes")
+    if given is not None and given != len(classes):
+        raise ConfigError(f"model.num_classes must be {len(classes)} (the classes of dataset "
+                          f"{cfg['dataset']!r}: {', '.join(classes)}), got {given!r}")
+    names = cfg["model"].get("class_names")
+    if names is not None and len(names) != len(classes):
+        raise ConfigError(f"model.class_names must have {len(classes)} names (the classes of "
+                          f"dataset {cfg['dataset']!r}: {', '.join(classes)}), got {list(names)}")
+    limit = get_method_class(cfg["method"]).max_classes
+    if limit is not None and len(classes) > limit:
+        raise ConfigError(f"method {cfg['method']!r} takes at most {limit} classes; dataset "
+                          f"{cfg['dataset']!r} with these data settings has {len(classes)} "
+                          f"({', '.join(classes)})")
 
 
 def validate_config(cfg: Dict) -> Dict:
@@ -236,6 +281,7 @@ def validate_config(cfg: Dict) -> Dict:
     check_backbone(cfg["backbone"])
     _model_settings(cfg)
     _data_settings(cfg)
+    _classes(cfg)
     _int(cfg, "epochs", 1)
     for key in ("batch_size", "batch_size_mri", "eval_batch_size"):
         _int(cfg, key, 1)

@@ -104,6 +104,10 @@ CASES = [
     ("num_patients", ["train", "--set", "data.num_patients=0"], "data.num_patients must be an integer >= 1"),
     ("modality choice", ["train", "--modality", "CT"], "argument --modality: invalid choice: 'CT'"),
     ("busi without root", ["train", "--dataset", "busi"], "dataset 'busi' needs --data-root"),
+    ("busi normal", ["train", "--dataset", "busi", "--data-root", "{base}", "--set", "data.normal=three"], "data.normal must be 'benign', 'exclude' or 'class'"),
+    ("classes vs num_classes", ["train", "--set", "model.num_classes=3"], "model.num_classes must be 2 (the classes of dataset 'phantom'"),
+    ("three-class transfer", ["transfer", "--dataset", "busi", "--data-root", "{base}", "--set", "data.normal=class", "--test-dataset", "phantom"], "a transfer needs the same classes"),
+    ("preset", ["train", "--set", "model.preset=table10"], "model.preset must be one of default, got 'table10'"),
     ("busi modality", ["train", "--dataset", "busi", "--data-root", "{base}", "--modality", "MG"], "has US images only"),
     ("backbone", ["train", "--backbone", "vit-z"], "backbone must be tiny, ViT-B-16"),
     ("method", ["train", "--method", "nope"], "method must be one of"),
@@ -342,3 +346,30 @@ def test_eval_with_pretrained_weights_checks_their_sha256(tmp_path, capsys):
     assert main(_train_args(run, "--pretrained", str(other))) == 2
     assert "another config" in capsys.readouterr().err
     assert _snapshot(run) == before
+
+
+def test_a_two_class_method_refuses_three_classes(monkeypatch, tmp_path, capsys):
+    """``Method.max_classes``: a method that only tells two classes apart is refused up front."""
+    from avpt.methods import base
+    from avpt.methods.linear import LinearProbe
+
+    class TwoOnly(LinearProbe):
+        max_classes = 2
+
+    monkeypatch.setitem(base._REGISTRY, "two_only", TwoOnly)
+    os.makedirs(tmp_path / "data")
+    rc = main(["train", "--method", "two_only", "--dataset", "busi", "--data-root",
+               str(tmp_path / "data"), "--set", "data.normal=class", "--backbone", "tiny",
+               "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1
+    assert "method 'two_only' takes at most 2 classes" in err[0] and "(normal, benign, malignant)" in err[0]
+    from avpt.config import load_config
+    from avpt.validate import ConfigError
+
+    busi = dict(dataset="busi", data_root=str(tmp_path / "data"), backbone="tiny")
+    with pytest.raises(ConfigError, match=r"model.class_names must have 3 names .*got \['a', 'b'\]"):
+        load_config(overrides=dict(busi, method="coop"),
+                    sets=["data.normal=class", "model.class_names=[a,b]"])
+    with pytest.raises(ConfigError, match="model.preset must be one of default, table10, got 'table9'"):
+        load_config(overrides=dict(busi, method="vpt"), sets=["model.preset=table9"])

@@ -284,3 +284,48 @@ def test_no_behaviour_is_chosen_by_comparing_method_names():
              if re.search(r"""[!=]= *["']avpt["']""", line)]
     assert not found, found
 
+
+
+def test_vpt_prompt_dropout_in_training_only():
+    """Official VPT: dropout 0.1 on the prompt tokens while training, none in eval."""
+    method = tiny("vpt", num_prompts=3)
+    assert method.config.prompt_dropout == 0.1 and method.prompt_dropout.p == 0.1
+    images = torch.randn(2, 3, 64, 64)
+    torch.manual_seed(0)
+    a, b = method.train()(images).features, method(images).features
+    assert (a - b).abs().max() > 1e-4                      # random masks on the prompts
+    ev = method.eval()(images).features
+    assert torch.equal(ev, method(images).features)
+    plain = tiny("vpt", num_prompts=3, prompt_dropout=0.0)
+    plain.load_state_dict(method.state_dict())
+    assert_close(plain.train()(images).features, ev, torch.float32)   # eval = no dropout
+
+
+def test_coop_context_starts_from_a_photo_of_a_or_random():
+    import open_clip
+
+    method = tiny("coop")
+    assert method.config.context_init == "a photo of a" and method.config.num_context == 4
+    tokens = open_clip.get_tokenizer(bb.TINY_MODEL)(["a photo of a"])
+    with torch.no_grad():
+        words = method.backbone.token_embedding(tokens)[0, 1:5]
+    assert torch.equal(method.context.detach(), words)
+    rand = tiny("coop", num_context=16, context_init="")
+    assert rand.context.shape == (16, words.shape[-1]) and rand.context.std() < 0.05
+    with pytest.raises(ValueError, match="context_init='a photo' is 2 tokens; num_context=4"):
+        tiny("coop", context_init="a photo")
+
+
+@pytest.mark.parametrize("name,target,fields", [
+    ("vpt", 2.1, {"num_prompts": 192}),
+    ("lora", 2.8, {"rank": 33, "alpha": 33.0, "targets": ("q", "k", "v", "o")}),
+    ("adapter", 3.6, {"bottleneck": 83})])
+def test_table10_presets_give_the_papers_shares_on_vit_b16(name, target, fields):
+    """Table 10's trainable shares of ViT-B/16's visual tower (random weights: counting only)."""
+    method = build_method(name, preset="table10")   # ViT-B-16, the default backbone
+    assert {k: getattr(method.config, k) for k in fields} == fields
+    assert abs(parameter_report(method).percent_of_visual - target) < 0.1
+    kept = get_config_class(name)(preset="table10", seg_hidden=16)
+    assert kept.seg_hidden == 16 and get_config_class(name).from_dict(kept.to_dict()) == kept
+    with pytest.raises(ValueError, match="preset must be one of"):
+        get_config_class(name)(preset="table9")

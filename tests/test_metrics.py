@@ -67,3 +67,23 @@ def test_aggregate_mean_std():
     assert agg["auc"]["mean"] == pytest.approx(0.9)
     assert agg["auc"]["std"] == pytest.approx(0.1)
     assert agg["dice"]["n"] == 2 and agg["dice"]["mean"] == pytest.approx(0.6)
+
+
+def test_three_class_metrics_are_one_vs_rest_macro():
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    from avpt.engine import score, undefined_metrics
+
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 1, 2, 0, 1, 2, 2, 1, 0])
+    probs = rng.dirichlet(np.ones(3), size=len(labels))
+    m = M.multiclass_metrics(labels, probs)
+    assert m["auc"] == roc_auc_score(labels, probs, multi_class="ovr", average="macro")
+    assert m["f1"] == f1_score(labels, probs.argmax(1), average="macro")
+    assert m["accuracy"] == np.mean(probs.argmax(1) == labels)
+    pred = dict(labels=labels, probs=probs[:, -1], class_probs=probs, preds=None, gts=None)
+    assert {k: score(pred)[k] for k in m} == m
+    missing = dict(pred, labels=np.array([0, 1, 1, 0, 1, 0, 0, 1, 0]))
+    assert np.isnan(score(missing)["auc"])
+    assert "one-vs-rest AUC needs every class" in undefined_metrics(missing, score(missing))["auc"]
+    assert "one-vs-rest macro" in M.metric_kind(3) and M.metric_kind(2).startswith("binary")

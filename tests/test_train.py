@@ -199,3 +199,55 @@ def test_sigkill_mid_training_then_resume_gives_the_same_result(tmp_path):
     b = json.load(open(tmp_path / "full" / "metrics.json"))
     assert a["test"] == b["test"]
     assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+
+
+def test_epoch_averager_is_used_and_resumes_exactly(tmp_path):
+    """A method's ``make_epoch_averager`` (CILMP's Gaussian averaging): updated after every
+    epoch, kept in the checkpoint, its average is the saved model; a resume is exact."""
+    from avpt.methods.cilmp import PromptAveraging
+
+    sets = {"model": {}, "model.knowledge_length": 4, "model.prefix_length": 2, "model.suffix_length": 2,
+            "model.averaging_mean": 2, "model.averaging_std": 1}
+    cfg = dict(method="cilmp", sets=sets)
+    full = run(tiny_cfg(tmp_path / "full", epochs=3, **cfg))
+    ckpt = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)
+    avg = PromptAveraging(3, 2, 1)
+    avg.load_state_dict(ckpt["averager"])
+    assert avg.total == pytest.approx(sum(avg.weight(e) for e in (1, 2, 3)))
+    saved, latest = _trainable(tmp_path / "full"), ckpt["trainable"]
+    expected = avg.state()
+    assert all(torch.equal(saved[k], expected[k]) for k in expected if k in saved)
+    assert any(not torch.equal(saved[k], latest[k]) for k in expected if k in saved)
+    assert run(tiny_cfg(tmp_path / "k", epochs=3, stop_after_epoch=1, **cfg)) == {"stopped_after_epoch": 1}
+    resumed = run(tiny_cfg(tmp_path / "k", epochs=3, **cfg))
+    assert resumed["test"] == full["test"]
+    b = _trainable(tmp_path / "k")
+    assert saved.keys() == b.keys() and all(torch.equal(saved[k], b[k]) for k in saved)
+
+
+def test_three_busi_classes_through_the_cli(tmp_path, capsys):
+    """BUSI with data.normal=class: normal / benign / malignant; the method gets 3 classes (and
+    CoOp the class names), metrics.json has macro AUC/F1; eval refuses two-class data."""
+    from avpt.cli import main
+
+    from .test_data import write_busi
+
+    write_busi(str(tmp_path), n_per_class=3, size=32)
+    common = ["--dataset", "busi", "--data-root", str(tmp_path), "--backbone", "tiny",
+              "--set", "fold=null", "--set", "batch_size=4", "--set", "eval_batch_size=8",
+              "--set", "progress=false", "--set", "threads=1", "--set", "report=false"]
+    out = tmp_path / "out"
+    assert main(["train", "--method", "coop", "--epochs", "1", "--out", str(out),
+                 "--set", "data.normal=class"] + common) == 0
+    saved = json.load(open(out / "metrics.json"))
+    assert saved["classes"]["names"] == ["normal", "benign", "malignant"]
+    assert "one-vs-rest macro" in saved["classes"]["metrics"]
+    assert 0 <= saved["test"]["auc"] <= 1 and saved["test"]["n"] == 9
+    model_cfg = json.load(open(out / "model" / "avpt_config.json"))["config"]
+    assert model_cfg["num_classes"] == 3 and model_cfg["class_names"] == ["normal", "benign", "malignant"]
+    assert main(["eval", "--checkpoint", str(out), "--out", str(tmp_path / "ev"),
+                 "--set", "data.normal=benign"] + common) == 2
+    assert "tells 3 classes apart" in capsys.readouterr().err
+    assert main(["train", "--method", "linear", "--epochs", "1", "--out", str(tmp_path / "bad"),
+                 "--set", "data.normal=class", "--set", "model.num_classes=2"] + common) == 2
+    assert "model.num_classes must be 3" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, ClassVar, Dict
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -12,7 +13,11 @@ from .base import Method, MethodConfig, register
 
 @dataclass
 class AdapterConfig(MethodConfig):
+    """``bottleneck``: the adapters' hidden width. Presets (``preset``): "default" 64 (2.80% of
+    ViT-B/16's visual tower with the heads); "table10" 83 (the paper's Table 10 share, 3.6%;
+    measured 3.615%)."""
     bottleneck: int = 64
+    PRESETS: ClassVar[Dict[str, Dict[str, Any]]] = {"table10": {"bottleneck": 83}}
 
 
 class Adapter(nn.Module):

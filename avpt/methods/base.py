@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Type
+from typing import Any, ClassVar, Dict, List, Optional, Type
 
 from torch import Tensor, nn
 
@@ -26,6 +26,22 @@ class MethodConfig:
     seg_hidden: int = 32
     lambda_seg: float = 1.0   # weight of L_SEG in Eq. 17 (all methods train CLS + SEG)
     seg_bce_weight: float = 1.0  # beta of Eq. 15
+    # "default" or a name in the config class's PRESETS: the preset's values replace the fields
+    # still at their defaults (a field given a non-default value keeps it)
+    preset: str = "default"
+    PRESETS: ClassVar[Dict[str, Dict[str, Any]]] = {}
+
+    def __post_init__(self):
+        if self.preset == "default":
+            return
+        if self.preset not in self.PRESETS:
+            raise ValueError(f"preset must be one of {preset_names(type(self))}, got {self.preset!r}")
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        for k, v in self.PRESETS[self.preset].items():
+            f = fields[k]
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            if getattr(self, k) == default:
+                setattr(self, k, v)
 
     def to_dict(self) -> Dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
@@ -43,6 +59,11 @@ class MethodConfig:
                 default = names[k].default_factory()  # type: ignore[misc]
             fixed[k] = tuple(v) if isinstance(v, list) and isinstance(default, tuple) else v
         return cls(**fixed)
+
+
+def preset_names(config_class: Type[MethodConfig]) -> List[str]:
+    """The presets a method config takes: "default" and its ``PRESETS``."""
+    return ["default", *config_class.PRESETS]
 
 
 @dataclass
@@ -86,6 +107,8 @@ class Method(nn.Module):
     # ``avpt params`` on ViT-B/16 exits 1 when the trainable share of the visual tower (in %)
     # exceeds this budget (None: no budget)
     param_budget_percent: Optional[float] = None
+    # the most classes the method can tell apart (None: any number, ``num_classes``)
+    max_classes: Optional[int] = None
 
     def __init__(self, config: MethodConfig):
         super().__init__()
@@ -149,6 +172,14 @@ class Method(nn.Module):
         Default: CLS + lambda_seg * SEG (``avpt.losses.MethodLoss``)."""
         return MethodLoss(self.config)
 
+    def make_epoch_averager(self, epochs: int) -> Optional[Any]:
+        """An averager of the trainable weights over the epochs of a run of ``epochs`` epochs, or
+        None (default: the last epoch's weights are the result). The trainer calls its
+        ``update(model, epoch)`` after each epoch (1-based), saves ``state_dict()`` in the
+        training checkpoint and ``load_state_dict`` on resume, and ``load_into(model)`` before
+        the final evaluation and saving."""
+        return None
+
     def report_sections(self, dataset, indices: List[int], device, fig_dir: str
                         ) -> Dict[str, Optional[str]]:
         """Figures only this method has, for ``report.html`` and ``avpt explain``: {caption: PNG
@@ -207,5 +238,5 @@ def build_method(name: str, config: Optional[MethodConfig] = None, **overrides) 
     return cls(config)
 
 
-__all__ = ["MethodConfig", "MethodOutput", "Method", "frozen_encode", "register", "build_method", "method_names",
+__all__ = ["MethodConfig", "preset_names", "MethodOutput", "Method", "frozen_encode", "register", "build_method", "method_names",
            "get_method_class", "get_config_class"]

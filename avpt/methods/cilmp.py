@@ -364,6 +364,10 @@ class CILMP(Method):
         return self.backbone.logit_scale.exp() * torch.einsum("be,bce->bc", v, text.to(v.dtype))
 
     # ------------------------------------------------------------------------------------------
+    def make_epoch_averager(self, epochs: int) -> "PromptAveraging":
+        """The trainer's hook (``Method.make_epoch_averager``): CILMP's Gaussian averaging."""
+        return self.make_averager(epochs)
+
     def make_averager(self, epochs: int) -> "PromptAveraging":
         """The Gaussian epoch averaging of this config (``averaging``, mean, std) for a run of
         ``epochs`` epochs."""

@@ -14,7 +14,12 @@ from .base import Method, MethodConfig, frozen_encode, register
 
 @dataclass
 class CoOpConfig(MethodConfig):
+    """``num_context`` M learned context tokens; ``context_init``: the words they start from
+    (CoOp's default, "a photo of a": M = 4, as many tokens as the words have), or "" for M
+    random vectors N(0, 0.02^2) (CoOp's 16-token setting: ``num_context: 16, context_init:
+    ""``). ``class_names``: one per class (set from the data's classes when not given)."""
     num_context: int = 4
+    context_init: str = "a photo of a"
     class_names: Tuple[str, ...] = ("benign lesion", "malignant lesion")
 
 
@@ -41,7 +46,21 @@ class CoOp(Method):
         self.register_buffer("tokens", tokens, persistent=False)
         self.register_buffer("prefix", embedded[:, :1].clone(), persistent=False)
         self.register_buffer("suffix", embedded[:, 1 + m:].clone(), persistent=False)
-        self.context = nn.Parameter(torch.randn(m, embedded.shape[-1]) * 0.02)
+        self.context = nn.Parameter(self._initial_context(tokenizer, m, embedded.shape[-1]))
+
+    def _initial_context(self, tokenizer, m: int, width: int) -> Tensor:
+        """[M, width]: the token embeddings of ``context_init`` (which must be M tokens), or
+        N(0, 0.02^2) when it is ""."""
+        init = self.config.context_init
+        if not init:
+            return torch.randn(m, width) * 0.02
+        tokens = tokenizer([init])
+        n = int(tokens[0].argmax()) - 1  # tokens between start- and end-of-text
+        if n != m:
+            raise ValueError(f"context_init={init!r} is {n} tokens; num_context={m} expected "
+                             f"(or context_init='' for random context)")
+        with torch.no_grad():
+            return self.backbone.token_embedding(tokens)[0, 1:1 + m].clone()
 
     def text_features(self) -> Tensor:
         """Class text features [C, E], normalised."""

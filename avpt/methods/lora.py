@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Any, ClassVar, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -14,9 +14,16 @@ from .base import Method, MethodConfig, frozen_encode, register
 
 @dataclass
 class LoRAConfig(MethodConfig):
+    """``rank`` r, ``alpha`` (scale alpha / r), ``targets``: any of q, k, v, o. Presets
+    (``preset``): "default" r = 8 on q, v (Hu et al.; 0.38% of ViT-B/16's visual tower with the
+    heads); "table10" r = 33 on q, k, v, o with alpha = 33 (the paper's Table 10 share, 2.8%;
+    measured 2.785%; like the default, the share's denominator counts the visual tower with
+    its LoRA factors, as ``avpt params`` does)."""
     rank: int = 8
     alpha: float = 8.0
-    targets: Tuple[str, ...] = ("q", "v")  # any of q, k, v, o
+    targets: Tuple[str, ...] = ("q", "v")
+    PRESETS: ClassVar[Dict[str, Dict[str, Any]]] = {
+        "table10": {"rank": 33, "alpha": 33.0, "targets": ("q", "k", "v", "o")}}
 
 
 class LoRAMultiheadAttention(nn.Module):

@@ -103,7 +103,7 @@ def run(out: str = "runs/demo", config: Optional[str] = None, pretrained: Option
     """The whole demo; returns the exit code. ``pretrained``: a weights file, "default" (the
     shipped one) or None (random weights: every number is then meaningless, and the report
     says so). ``overrides``: top-level config keys (e.g. ``device``, ``epochs``)."""
-    from .report import write_html
+    from .report import _img_tag, write_html
     from .validate import ConfigError, check_out, run_lock
 
     t0 = time.time()
@@ -163,9 +163,10 @@ def run(out: str = "runs/demo", config: Optional[str] = None, pretrained: Option
                     f"({main['config']['epochs']} epochs, lr {main['config']['lr']}), settings fixed "
                     f"in advance (no tuning on the test set). {verdict}</p>"
                     + C.comparison_html(rows, "test metrics, 95% bootstrap intervals")
-                    + (f"<p><img style='max-width:100%' src='figures/comparison.png'></p>" if plot else "")
+                    + (_img_tag(plot) if plot else "")
                     + _figure_notes(bool(pretrained)))
-        report_runs = [(f"{NAMES[m]}, {'fold' if s == 'fold' else 'transfer'}", r)
+        report_runs = [(f"{NAMES[m]}, " + ("phantom " + r["data"]["split"] if s == "fold" else
+                                           f"transfer {transfer[0]} -> {transfer[1]}"), r)
                        for (m, s), r in results.items()]
         report = write_html(os.path.join(out, "report.html"), "A-VPT demo report", report_runs,
                             main.get("figures") or {}, f"Total time {time.time() - t0:.0f} s.")

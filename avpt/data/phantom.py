@@ -46,6 +46,7 @@ class PhantomSample:
     modality: str
     patient_id: str
     report: str
+    caption: str = ""
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, sigma: float) -> np.ndarray:
@@ -217,7 +218,8 @@ def make_phantom(seed: int, modality: str, patient: int, view: int = 0, size: in
     pid = f"{modality}-P{patient:04d}"
     return PhantomSample(image=img, tissue=tissue, mask=mask, label=int(malignant), modality=modality,
                          patient_id=pid, report=phantom_report(modality, pid, malignant, cy_l / s,
-                                                              cx_l / s, radius_frac))
+                                                              cx_l / s, radius_frac),
+                         caption=phantom_caption(modality, malignant, cy_l / s, cx_l / s, radius_frac))
 
 
 def phantom_report(modality: str, patient_id: str, malignant: bool, y: float, x: float,
@@ -236,6 +238,23 @@ def phantom_report(modality: str, patient_id: str, malignant: bool, y: float, x:
                    else "oval mass with smooth margins and homogeneous enhancement")
     birads = "BI-RADS 5, highly suggestive of malignancy" if malignant else "BI-RADS 3, probably benign"
     return f"{modality} {patient_id}: {size_mm} mm {finding} in the {where} quadrant; {birads}."
+
+
+_CAPTION_FINDING = {  # (benign, malignant): morphology words that carry the label
+    "MG": ("oval circumscribed mass", "irregular spiculated mass calcified"),
+    "US": ("oval circumscribed mass enhancement", "irregular angular mass shadowing"),
+    "MRI": ("oval smooth mass homogeneous", "irregular spiculated mass rim"),
+}
+
+
+def phantom_caption(modality: str, malignant: bool, y: float, x: float, radius_frac: float) -> str:
+    """A short report (about 12 BPE tokens, fits a 16-token text context) for contrastive
+    pretraining: modality, label-bearing morphology, position on a 3x3 grid of the image (y, x
+    in [0, 1]) and size, e.g. ``"mg irregular spiculated mass calcified upper left 31 mm"``."""
+    row = ("upper", "middle", "lower")[min(2, int(y * 3))]
+    col = ("left", "centre", "right")[min(2, int(x * 3))]
+    size_mm = int(round(radius_frac * 2 * 100))
+    return f"{modality.lower()} {_CAPTION_FINDING[modality][int(bool(malignant))]} {row} {col} {size_mm} mm"
 
 
 def phantom_index(num_patients: int, views: int = 2, modalities=MODALITIES) -> List[Dict]:

@@ -1,0 +1,198 @@
+"""``avpt demo``: methods side by side on the phantom with a pretrained tiny backbone.
+
+``run(out, ...)`` trains and evaluates every method of ``methods`` (default linear probe, VPT-deep,
+LoRA, A-VPT) on the same patient-level fold and on one cross-modal transfer (train on FROM, test
+on TO, no fine-tuning), computes 95% bootstrap intervals over test images
+(``avpt.comparison``) and writes ``OUT/report.html`` opening with the comparison table and plot,
+``OUT/comparison.json`` and ``OUT/summary.json``. The backbone weights default to the shipped
+``avpt/weights/avpt-tiny-phantom-clip.safetensors`` (made by ``avpt pretrain``, command in its
+``.json`` sidecar); the phantom seed of the evaluation must differ from the weights' seed.
+
+Settings are chosen by a fixed rule, never on the test set: every method gets the demo config's
+schedule (epochs, lr, batch size); A-VPT's ``model:`` settings come from the config, the
+baselines keep their own defaults.
+
+The trainer is called in one place only (``_train_predict``).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from . import comparison as C
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "demo_cpu.yaml"
+METHODS = ("linear", "vpt", "lora", "avpt")
+NAMES = {"linear": "linear probe", "vpt": "VPT-deep", "lora": "LoRA", "avpt": "A-VPT",
+         "adapter": "Adapter", "coop": "CoOp", "full": "full fine-tuning"}
+
+
+def _default_weights() -> str:
+    from .pretrain import DEFAULT_WEIGHTS
+
+    return DEFAULT_WEIGHTS
+
+
+def _train_predict(cfg: Dict) -> Tuple[Dict, Dict]:
+    """Train + evaluate one run with the trainer (``avpt.train.run``), then reload the saved
+    model and predict its test split again for per-image metrics. Returns (metrics dict of the
+    run, prediction dict: probs [N], labels [N], preds [N, H, W] or None, gts [N, H, W])."""
+    from .checkpoint import load_trainable
+    from .train import build_data, predict, resolve_device, run as train_run
+
+    res = train_run(cfg)
+    device = resolve_device(cfg["device"])
+    model = load_trainable(os.path.join(cfg["out"], "model")).to(device)
+    _, test_set, _ = build_data(cfg, int(model.visual.image_size[0]), cfg["out"])
+    return res, predict(model, test_set, cfg, device)
+
+
+def _configs(config: str, out: str, methods: Sequence[str], transfer: Tuple[str, str],
+             pretrained: Optional[str], sets: Sequence[str], overrides: Dict) -> List[Tuple[str, str, Dict]]:
+    """(method, split name, config) of every run, all validated before the first one starts."""
+    from .train import load_config, read_yaml
+    from .validate import validate_config
+
+    base_model = read_yaml(config).get("model") or {}
+    src, dst = transfer
+    runs = []
+    for method in methods:
+        for split in ("fold", "transfer"):
+            extra = dict(overrides, method=method, pretrained=pretrained,
+                         out=os.path.join(out, method if split == "fold" else f"{method}_{src}_to_{dst}"))
+            if split == "transfer":
+                extra.update(modality=[src], test_modality=[dst])
+            cfg = load_config(config, None, extra, list(sets), validate=False)
+            if method != "avpt":  # the A-VPT settings of the config are not the baselines'
+                cfg["model"] = {k: v for k, v in cfg["model"].items() if k not in base_model}
+            cfg.update(tensorboard=False, progress=False, report=method == "avpt" and split == "fold")
+            validate_config(cfg)
+            runs.append((method, split, cfg))
+    return runs
+
+
+def _insert_after_title(path: str, fragment: str) -> None:
+    with open(path) as f:
+        text = f.read()
+    cut = text.index("</h1>") + len("</h1>")
+    with open(path, "w") as f:
+        f.write(text[:cut] + fragment + text[cut:])
+
+
+def _verdict(rows: List[Dict], split: str) -> str:
+    """One plain sentence: does A-VPT beat the others on ``split`` (AUC, Dice), with numbers."""
+    by = {r["method"]: r["metrics"] for r in rows if r["split"] == split}
+    if "A-VPT" not in by or len(by) < 2:
+        return ""
+    a = by["A-VPT"]["auc"][0]
+    better = [m for m, v in by.items() if m != "A-VPT" and v["auc"][0] > a]
+    if better:
+        return (f"On {split}, A-VPT does NOT have the best AUC: A-VPT {a:.3f} vs "
+                + ", ".join(f"{m} {by[m]['auc'][0]:.3f}" for m in better) + ".")
+    return f"On {split}, A-VPT has the best AUC ({a:.3f}); overlapping intervals mean the gap is not resolved."
+
+
+def run(out: str = "runs/demo", config: Optional[str] = None, pretrained: Optional[str] = "default",
+        methods: Sequence[str] = METHODS, transfer: Tuple[str, str] = ("MG", "US"),
+        sets: Sequence[str] = (), overrides: Optional[Dict] = None, n_resamples: int = 1000) -> int:
+    """The whole demo; returns the exit code. ``pretrained``: a weights file, "default" (the
+    shipped one) or None (random weights: every number is then meaningless, and the report
+    says so). ``overrides``: top-level config keys (e.g. ``device``, ``epochs``)."""
+    from .report import _img_tag, write_html
+    from .validate import ConfigError, check_out, run_lock
+
+    t0 = time.time()
+    config = str(config or DEFAULT_CONFIG)
+    if not os.path.isfile(config):
+        raise ConfigError(f"--config {config} not found (configs/ ships with the repository)")
+    if pretrained == "default":
+        pretrained = _default_weights()
+        if not os.path.isfile(pretrained):
+            raise ConfigError(f"the shipped weights {pretrained} are missing: make them with "
+                              f"`avpt pretrain` or pass --pretrained FILE")
+    if transfer[0] == transfer[1]:
+        raise ConfigError(f"--transfer FROM TO must name two different modalities, got {transfer}")
+    unknown = [m for m in methods if m not in NAMES]
+    if unknown:
+        raise ConfigError(f"methods {unknown} unknown; expected some of {sorted(NAMES)}")
+    check_out(out)
+    runs = _configs(config, out, methods, transfer, pretrained, sets, dict(overrides or {}))
+    if pretrained:
+        from .pretrain import read_meta
+
+        seed = read_meta(pretrained).get("seed")
+        if seed is not None and any(cfg["seed"] == seed for _, _, cfg in runs):
+            raise ConfigError(f"seed {seed} is the pretraining seed of {pretrained}: evaluate on "
+                              f"another phantom seed")
+    rows, results = [], {}
+    with run_lock(out, "demo"):
+        for method, split, cfg in runs:
+            name = NAMES[method]
+            where = cfg["data"].get("num_patients", "?")
+            print(f"[demo] {name}: {'fold ' + str(cfg['fold']) if split == 'fold' else f'transfer {transfer[0]}->{transfer[1]}'}"
+                  f" ({where} patients per modality, {cfg['epochs']} epochs)", flush=True)
+            res, pred = _train_predict(cfg)
+            arrays = C.per_image(pred)
+            ci = C.bootstrap_ci(arrays, n_resamples=n_resamples, seed=cfg["seed"])
+            label = res["data"]["split"] if split == "fold" else f"transfer {transfer[0]}->{transfer[1]}"
+            rows.append(dict(method=name, split=label, n=int(len(arrays["labels"])), metrics=ci,
+                             trainable_pct=res["params"]["percent_of_visual"],
+                             time_s=res.get("time_s")))
+            results[(method, split)] = res
+            print(f"[demo] {name} {label}: " + " ".join(
+                f"{k}={ci[k][0]:.3f} [{ci[k][1]:.3f},{ci[k][2]:.3f}]" for k in C.KEYS
+                if ci[k][0] == ci[k][0]) + f" ({res.get('time_s', 0):.0f} s)", flush=True)
+        fig_dir = os.path.join(out, "figures")
+        os.makedirs(fig_dir, exist_ok=True)
+        plot = C.comparison_plot(rows, os.path.join(fig_dir, "comparison.png"))
+        main = results.get(("avpt", "fold")) or results[(methods[0], "fold")]
+        weights = (f"backbone {main['config']['backbone']} with weights {os.path.basename(pretrained)} "
+                   f"(CLIP-style pretraining on phantom seed {read_meta(pretrained).get('seed')}, "
+                   f"disjoint from the evaluation seed {main['config']['seed']})" if pretrained else
+                   "<b>RANDOM backbone weights: every number below only shows that the pipeline "
+                   "runs; nothing is learned from a random frozen backbone</b>")
+        verdict = " ".join(v for v in (_verdict(rows, rows[0]["split"]),
+                                       _verdict(rows, f"transfer {transfer[0]}->{transfer[1]}")) if v)
+        fragment = ("<h2>Methods side by side</h2>"
+                    f"<p>{weights}. Every method: the same folds, the same schedule "
+                    f"({main['config']['epochs']} epochs, lr {main['config']['lr']}), settings fixed "
+                    f"in advance (no tuning on the test set). {verdict}</p>"
+                    + C.comparison_html(rows, "test metrics, 95% bootstrap intervals")
+                    + (_img_tag(plot) if plot else "")
+                    + _figure_notes(bool(pretrained)))
+        report_runs = [(f"{NAMES[m]}, " + ("phantom " + r["data"]["split"] if s == "fold" else
+                                           f"transfer {transfer[0]} -> {transfer[1]}"), r)
+                       for (m, s), r in results.items()]
+        report = write_html(os.path.join(out, "report.html"), "A-VPT demo report", report_runs,
+                            main.get("figures") or {}, f"Total time {time.time() - t0:.0f} s.")
+        _insert_after_title(report, fragment)
+        with open(os.path.join(out, "comparison.json"), "w") as f:
+            json.dump({"rows": rows, "pretrained": pretrained}, f, indent=1, default=str)
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump({"main": main.get("test"), "rows": rows, "time_s": time.time() - t0}, f,
+                      indent=1, default=str)
+    print(f"[demo] done in {time.time() - t0:.0f} s\n[demo] report: {os.path.abspath(report)}", flush=True)
+    return 0
+
+
+def _figure_notes(pretrained: bool) -> str:
+    """How to read the A-VPT figures further down (captions the figures lack)."""
+    items = [
+        "<b>Random / static / anatomy prompts</b>: one trained A-VPT model whose prompts are swapped "
+        "at test time (random tokens of matched spread; the batch-mean static prompt; its own "
+        "anatomy-guided prompts). These are prompt swaps of ONE model, not separately trained models.",
+        "<b>RCL curve</b>: the region contrastive loss (Eq. 12) pulls each tissue's region embedding "
+        "toward the same tissue in other images/modalities; a falling curve means the tissue "
+        "embeddings separate by tissue type, not that classification improves.",
+        "<b>Rollout relevance</b>: attention rollout from the prompts (Eq. 18), normalised per image "
+        "to [0, 1] (bright = more relevant).",
+    ]
+    if not pretrained:
+        items.append("<b>Random weights</b>: the backbone is random, so every figure is of an "
+                     "untrained feature extractor.")
+    return "<h3>Reading the figures</h3><ul>" + "".join(f"<li>{i}</li>" for i in items) + "</ul>"

@@ -1,0 +1,43 @@
+"""Bootstrap intervals on known cases and the comparison table/plot."""
+import numpy as np
+
+from avpt.comparison import bootstrap_ci, comparison_html, comparison_plot, per_image
+
+
+def _arrays(probs, labels, dice=None):
+    n = len(labels)
+    d = np.full(n, np.nan) if dice is None else np.asarray(dice, float)
+    return dict(probs=np.asarray(probs, float), labels=np.asarray(labels), dice=d, iou=d.copy(),
+                hd95=d.copy())
+
+
+def test_perfect_separation_gives_degenerate_interval():
+    labels = np.array([0, 1] * 30)
+    ci = bootstrap_ci(_arrays(labels * 0.8 + 0.1, labels, np.full(60, 0.7)), n_resamples=200)
+    assert ci["auc"] == (1.0, 1.0, 1.0) and ci["f1"] == (1.0, 1.0, 1.0)
+    assert np.allclose(ci["dice"], 0.7)
+
+
+def test_interval_covers_estimate_and_shrinks_with_n():
+    rng = np.random.default_rng(0)
+    widths = []
+    for n in (60, 600):
+        labels = rng.integers(0, 2, n)
+        probs = np.clip(labels * 0.3 + rng.normal(0.35, 0.2, n), 0, 1)
+        est, lo, hi = bootstrap_ci(_arrays(probs, labels), keys=("auc",), n_resamples=300)["auc"]
+        assert lo <= est <= hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2
+
+
+def test_no_segmentation_head_is_nan_and_rendered_na(tmp_path):
+    pred = dict(probs=np.array([0.2, 0.9, 0.4, 0.6]), labels=np.array([0, 1, 0, 1]), preds=None,
+                gts=np.ones((4, 8, 8), bool))
+    ci = bootstrap_ci(per_image(pred), n_resamples=50)
+    assert np.isnan(ci["dice"][0])
+    rows = [dict(method="linear probe", split="fold 0", n=4, metrics=ci, trainable_pct=0.05),
+            dict(method="A-VPT", split="fold 0", n=4, metrics=ci, trainable_pct=12.5)]
+    html = comparison_html(rows, "cap")
+    assert html.count("<tr>") == 3 and "n/a" in html and "12.50%" in html and "1.87%" in html
+    assert "<td>1.000" in html  # AUC estimate; 4 images: resamples of one class leave no interval
+    assert comparison_plot(rows, str(tmp_path / "c.png")) and (tmp_path / "c.png").stat().st_size > 0

@@ -384,61 +384,26 @@ def cmd_compare(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    """Phantom -> A-VPT (classification + segmentation) -> MG->US transfer -> report.html."""
+    """Phantom -> methods side by side (classification + segmentation, bootstrap intervals) ->
+    MG->US transfer -> report.html (``avpt.demo.run``)."""
     import torch
 
-    from .validate import ConfigError, check_out, run_lock
+    from .demo import run as demo_run
+    from .validate import ConfigError
 
-    t0 = time.time()
     gpu = torch.cuda.is_available() and args.device != "cpu"
     config = args.config or str(CONFIG_DIR / ("demo_gpu.yaml" if gpu else "demo_cpu.yaml"))
-    if not os.path.isfile(config):
-        raise ConfigError(f"{config} not found (configs/ ships with the repository)")
-    src, dst = args.transfer
-    if src == dst:
-        raise ConfigError(f"--transfer FROM TO must name two different modalities, got {src} {dst}")
     if args.modality:
         raise ConfigError("avpt demo takes no --modality (the demo config's); --transfer FROM TO "
                           "sets the transfer's")
-    args.config, args.variant = config, None
-    out = args.out
-    check_out(out)
-    # both runs' configs are checked before the first one starts
-    main_cfg = _config(args, {"out": os.path.join(out, "avpt")})
-    tr_cfg = _config(args, {"out": os.path.join(out, f"transfer_{src}_to_{dst}"), "modality": [src],
-                            "test_modality": [dst]})
-    tr_cfg["report"] = False
-    with run_lock(out, "demo"):
-        return _demo(args, main_cfg, tr_cfg, gpu, t0)
-
-
-def _demo(args, main_cfg, tr_cfg, gpu, t0) -> int:
-    from .report import write_html
-    from .train import run
-
-    out, (src, dst) = args.out, args.transfer
-    print(f"[demo] A-VPT on the synthetic phantom ({', '.join(main_cfg['modality'] or ['MG', 'US', 'MRI'])}), "
-          f"backbone {main_cfg['backbone']}, {main_cfg['epochs']} epochs, device "
-          f"{'cuda' if gpu else 'cpu'}", flush=True)
-    main_res = run(main_cfg)
-    print(f"[demo] fold {main_cfg['fold']} test: {_summary(main_res)}", flush=True)
-    print(f"[demo] cross-modal transfer: train on {src}, test on {dst} (no fine-tuning)", flush=True)
-    tr_res = run(tr_cfg)
-    print(f"[demo] transfer {src}->{dst} test: {_summary(tr_res)}", flush=True)
-    notes = (f"Main job of avpt: A-VPT trained on the synthetic breast phantom ({'GPU' if gpu else 'CPU'}, "
-             f"backbone {main_cfg['backbone']}"
-             f"{'' if main_cfg['pretrained'] else ', random backbone weights: the numbers only show that the pipeline works'}). "
-             f"Total time {time.time() - t0:.0f} s.")
-    report = write_html(os.path.join(out, "report.html"), "A-VPT demo report",
-                        [("A-VPT, phantom " + main_res["data"]["split"], main_res),
-                         (f"A-VPT transfer {src} -> {dst}", tr_res)],
-                        main_res.get("figures", {}), notes)
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump({"main": main_res.get("test"), "transfer": tr_res.get("test"),
-                   "time_s": time.time() - t0}, f, indent=2, default=str)
-    print(f"[demo] done in {time.time() - t0:.0f} s")
-    print(f"[demo] report: {os.path.abspath(report)}")
-    return 0
+    if args.method:
+        raise ConfigError("avpt demo takes --methods NAME [NAME ...], not --method")
+    flags = {k: v for k, v in _overrides(args).items()
+             if v is not None and k not in ("out", "pretrained", "method", "modality")}
+    # the shipped weights are the tiny backbone's; the GPU demo's ViT-B/16 needs --pretrained
+    pretrained = args.pretrained or (None if gpu else "default")
+    return demo_run(args.out, config=config, pretrained=pretrained, methods=args.methods,
+                    transfer=tuple(args.transfer), sets=args.sets, overrides=flags)
 
 
 def _run_command(sub, name: str, func, help: str, description: str) -> argparse.ArgumentParser:
@@ -461,6 +426,12 @@ def build_parser() -> argparse.ArgumentParser:
                      "report.html")
     p.add_argument("--transfer", nargs=2, default=("MG", "US"), metavar=("FROM", "TO"),
                    choices=("MG", "US", "MRI"), help="transfer modalities (default MG US)")
+    p.add_argument("--methods", nargs="+", default=["linear", "avpt"],
+                   choices=("linear", "vpt", "lora", "avpt", "adapter", "coop", "full"),
+                   help="methods side by side (default linear avpt; the issue-14 table: "
+                        "linear vpt lora avpt)")
+    from .pretrain import add_parser as add_pretrain_parser
+    add_pretrain_parser(sub)
     _run_command(sub, "train", cmd_train, "train and evaluate one run",
                  "avpt train: train and evaluate one run")
     p = _run_command(sub, "eval", cmd_eval, "evaluate a saved model",

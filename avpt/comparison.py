@@ -101,11 +101,11 @@ def comparison_html(rows: List[Dict], caption: str = "") -> str:
 def comparison_plot(rows: List[Dict], path: str, keys: Sequence[str] = ("auc", "f1", "dice")) -> Optional[str]:
     """Grouped bars (one panel per split, one group per metric) with the bootstrap intervals as
     error bars; the legend sits outside the axes. Returns ``path`` or None without rows."""
-    from .report import _plt, _save
+    from .report import pyplot, save_figure
 
     if not rows:
         return None
-    plt = _plt()
+    plt = pyplot()
     splits = list(dict.fromkeys(r["split"] for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     fig, axes = plt.subplots(1, len(splits), figsize=(4.2 * len(splits) + 1.5, 3.2), squeeze=False)
@@ -126,4 +126,4 @@ def comparison_plot(rows: List[Dict], path: str, keys: Sequence[str] = ("auc", "
         ax.set_title(split, fontsize=9)
     axes[0][-1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False)
     fig.suptitle("test metrics with 95% bootstrap intervals (dotted: AUC of chance)", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)

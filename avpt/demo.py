@@ -43,13 +43,14 @@ def _train_predict(cfg: Dict) -> Tuple[Dict, Dict]:
     model and predict its test split again for per-image metrics. Returns (metrics dict of the
     run, prediction dict: probs [N], labels [N], preds [N, H, W] or None, gts [N, H, W])."""
     from .checkpoint import load_trainable
-    from .train import build_data, predict, resolve_device, run as train_run
+    from .engine import evaluate
+    from .train import build_data, resolve_device, run as train_run
 
     res = train_run(cfg)
     device = resolve_device(cfg["device"])
     model = load_trainable(os.path.join(cfg["out"], "model")).to(device)
     _, test_set, _ = build_data(cfg, int(model.visual.image_size[0]), cfg["out"])
-    return res, predict(model, test_set, cfg, device)
+    return res, evaluate(model, test_set, cfg, device)
 
 
 def _configs(config: str, out: str, methods: Sequence[str], transfer: Tuple[str, str],
@@ -103,7 +104,7 @@ def run(out: str = "runs/demo", config: Optional[str] = None, pretrained: Option
     """The whole demo; returns the exit code. ``pretrained``: a weights file, "default" (the
     shipped one) or None (random weights: every number is then meaningless, and the report
     says so). ``overrides``: top-level config keys (e.g. ``device``, ``epochs``)."""
-    from .report import _img_tag, write_html
+    from .report import img_tag, write_html
     from .validate import ConfigError, check_out, run_lock
 
     t0 = time.time()
@@ -163,7 +164,7 @@ def run(out: str = "runs/demo", config: Optional[str] = None, pretrained: Option
                     f"({main['config']['epochs']} epochs, lr {main['config']['lr']}), settings fixed "
                     f"in advance (no tuning on the test set). {verdict}</p>"
                     + C.comparison_html(rows, "test metrics, 95% bootstrap intervals")
-                    + (_img_tag(plot) if plot else "")
+                    + (img_tag(plot) if plot else "")
                     + _figure_notes(bool(pretrained)))
         report_runs = [(f"{NAMES[m]}, " + ("phantom " + r["data"]["split"] if s == "fold" else
                                            f"transfer {transfer[0]} -> {transfer[1]}"), r)

@@ -25,7 +25,7 @@ from torch import nn
 TISSUES = ("glandular", "fatty", "ductal")
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -34,9 +34,9 @@ def _plt():
     return plt
 
 
-def _save(fig, path: str) -> str:
+def save_figure(fig, path: str) -> str:
     fig.savefig(path, dpi=90, bbox_inches="tight")
-    _plt().close(fig)
+    pyplot().close(fig)
     return path
 
 
@@ -73,7 +73,7 @@ def _title(dataset, i: int) -> str:
 def curves(history: List[Dict], path: str) -> Optional[str]:
     if not history:
         return None
-    plt = _plt()
+    plt = pyplot()
     ep = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for k in sorted(k for k in history[0] if k.startswith("train_")):
@@ -85,13 +85,13 @@ def curves(history: List[Dict], path: str) -> Optional[str]:
             axes[1].plot(ep, [np.nan if v is None else v for v in vals], marker="o", label=k[5:])
     axes[1].set_xlabel("epoch"), axes[1].set_title("test metrics"), axes[1].set_ylim(0, 1.05)
     axes[1].legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def segmentation(dataset, pred: Dict, indices: List[int], path: str) -> Optional[str]:
     if pred.get("preds") is None or not indices:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(indices), figsize=(2.2 * len(indices), 2.5), squeeze=False)
     for ax, i in zip(axes[0], indices):
         ax.imshow(_gray(dataset[i]["image"]), cmap="gray")
@@ -102,7 +102,7 @@ def segmentation(dataset, pred: Dict, indices: List[int], path: str) -> Optional
         ax.set_title(f"{_title(dataset, i)}\np={pred['probs'][i]:.2f}", fontsize=7)
         ax.axis("off")
     fig.suptitle("segmentation: truth (green) vs prediction (red)", fontsize=9)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 class _FixedPrompts(nn.Module):
@@ -127,7 +127,7 @@ def rollout_and_prompt_types(model, dataset, indices: List[int], device, dir_: s
     and PIM attention for ``avpt.explain.relevance``), or (None, None) without images."""
     if not indices:
         return None, None
-    plt = _plt()
+    plt = pyplot()
     model.eval()
     batch = _batch(dataset, indices, device)
     maps = model.forward_maps(batch)
@@ -138,7 +138,7 @@ def rollout_and_prompt_types(model, dataset, indices: List[int], device, dir_: s
         ax.imshow(rel, cmap="jet", alpha=0.45, vmin=0, vmax=1)
         ax.set_title(_title(dataset, i), fontsize=7), ax.axis("off")
     fig.suptitle("prompt-guided rollout relevance (Eq. 18)", fontsize=9)
-    rollout_path = _save(fig, os.path.join(dir_, "rollout.png"))
+    rollout_path = save_figure(fig, os.path.join(dir_, "rollout.png"))
 
     gen = torch.Generator(device="cpu").manual_seed(0)
 
@@ -175,7 +175,7 @@ def rollout_and_prompt_types(model, dataset, indices: List[int], device, dir_: s
             ax.set_xticks([]), ax.set_yticks([])
     axes[0, 0].set_title("image + lesion", fontsize=8)
     fig.suptitle("attention (rollout) by prompt type (Figs. 7-8)", fontsize=9)
-    return rollout_path, _save(fig, os.path.join(dir_, "prompt_types.png"))
+    return rollout_path, save_figure(fig, os.path.join(dir_, "prompt_types.png"))
 
 
 @torch.no_grad()
@@ -183,7 +183,7 @@ def tsne(model, datasets, device, path: str, max_images: int = 150) -> Optional[
     """t-SNE of region embeddings [R per image] (A-VPT) or pooled features (other methods)."""
     from sklearn.manifold import TSNE
 
-    plt = _plt()
+    plt = pyplot()
     feats, mods, kinds = [], [], []
     model.eval()
     for ds in datasets:
@@ -217,7 +217,7 @@ def tsne(model, datasets, device, path: str, max_images: int = 150) -> Optional[
                            c=colors.get(k, "tab:green"), alpha=0.7, label=f"{m} {k}")
     ax.legend(fontsize=6, ncol=2)
     ax.set_title("t-SNE of tissue embeddings (marker: modality, colour: tissue)", fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def write_run_report(model, train_set, test_set, pred: Dict, result: Dict, out: str, device,
@@ -246,7 +246,7 @@ def write_run_report(model, train_set, test_set, pred: Dict, result: Dict, out: 
     return figures, path
 
 
-def _img_tag(path: str) -> str:
+def img_tag(path: str) -> str:
     with open(path, "rb") as f:
         data = base64.b64encode(f.read()).decode()
     return f'<img src="data:image/png;base64,{data}" style="max-width:100%">'
@@ -286,7 +286,7 @@ def write_html(path: str, title: str, runs: List[Tuple[str, Dict]], figures: Dic
             parts.append(f"<p>{html.escape(name)}: {p['trainable']:,} trainable parameters, "
                          f"{p['percent_of_visual']:.3f}% of the visual tower.</p>")
     for caption, fig in figures.items():
-        parts.append(f"<h2>{html.escape(caption)}</h2>{_img_tag(fig)}")
+        parts.append(f"<h2>{html.escape(caption)}</h2>{img_tag(fig)}")
     for name, res in runs:
         cfg = {k: v for k, v in res.items() if k in ("config", "data")}
         parts.append(f"<h2>Configuration: {html.escape(name)}</h2><pre>"

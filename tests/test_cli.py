@@ -91,7 +91,7 @@ def test_transfer_cv_and_params(tmp_path, capsys):
 
 
 def test_demo_small_budget(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--epochs", "1", "--device", "cpu",
+    assert main(["demo", "--out", str(tmp_path), "--epochs", "1", "--device", "cpu", "--methods", "avpt",
                  "--set", "data.num_patients=5", "--set", "data.views=1"] + FAST) == 0
     out = capsys.readouterr().out
     assert f"report: {tmp_path / 'report.html'}" in out

@@ -8,10 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from ._autocast import autocast_dtype
-from .pim import packed_size, pim, pim_packed, unpack_weights
-from .prompt_bank import prompt_bank
+from .ops.pim import packed_size, pim, pim_packed, unpack_weights
+from .ops.prompt_bank import prompt_bank
 from .reference import PIMParams
-from .region_pool import region_pool
+from .ops.region_pool import region_pool
 
 # The ops compute in fp32 whatever autocast says (autocast is off inside them); the modules
 # follow nn.Linear instead: under torch.autocast they cast inputs and weights to the autocast

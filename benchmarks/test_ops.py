@@ -6,16 +6,15 @@ On a GPU the default shape is B=32, T=197, D=768, K=6, R=3, r=8, L=12 plus a swe
 on CPU small shapes through the interpreter (smoke run).
 """
 import functools
-import importlib
 
 import pytest
 import torch
 
 from avpt_kernels import reference
 from avpt_kernels.modules import contiguous_stages
-from avpt_kernels.pim import pim_min_bytes
-from avpt_kernels.prompt_bank import prompt_bank_min_bytes
-from avpt_kernels.region_pool import region_pool_min_bytes
+from avpt_kernels.ops.pim import pim_min_bytes
+from avpt_kernels.ops.prompt_bank import prompt_bank_min_bytes
+from avpt_kernels.ops.region_pool import region_pool_min_bytes
 from avpt_kernels.testing import random_pim_params
 from benchmarks.harness import ON_GPU, measure
 

@@ -1,7 +1,6 @@
 """The fused Triton PIM (Eqs. 5-10) against the reference, evaluated in fp64 on copies of the same
 inputs: outputs, the prompt->token attention and every gradient, fp32/bf16/fp16. Runs on CPU
 tensors through the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1 without a GPU)."""
-import importlib
 
 import pytest
 import torch
@@ -11,7 +10,8 @@ from avpt_kernels import reference
 from avpt_kernels.reference import PIMParams
 from avpt_kernels.testing import assert_close, assert_grads_close, random_pim_params
 
-pim_mod = importlib.import_module("avpt_kernels.pim")
+from avpt_kernels.ops.pim import configs as pim_configs
+from avpt_kernels.ops.pim import launch as pim_mod
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("z", "p", *PIMParams._fields)
 
@@ -307,7 +307,7 @@ def test_aot_configs_cover_the_key_widths_the_launchers_pick():
     """aot_configs pairs each HKP with the 3-read path (0) and the KEY_COLS it can come with, the
     model's layout (HKP 32, KEY_COLS 64) included, none above MAX_KEY_COLS, HKP at most 32."""
     for dtype in pim_mod.TRITON_DTYPES:
-        layouts = pim_mod._layouts(dtype)
+        layouts = pim_configs._layouts(dtype)
         assert max(layouts) == 32
         assert (pim_mod.AP, 64) in layouts[pim_mod.num_columns(4, 6)]
         for columns, pairs in layouts.items():

@@ -46,11 +46,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _checks, reference
-from ._compat import for_triton
-from .backend import get_backend, resolve
-
-HAS_TRITON = True
+from .. import _checks, reference
+from .._compat import for_triton
+from ..backend import resolve
 
 # Dtypes the kernels take (float64 runs on the torch backend: see ``prompt_bank``).
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -540,6 +538,15 @@ def prompt_bank_min_bytes(batch: int, regions: int, tokens: int, dim: int, rank:
     return size * (inputs + prompts) if not backward else size * (2 * inputs + prompts)
 
 
+def triton_unsupported_reason(region_emb: Tensor, U: Tensor) -> Optional[str]:
+    """Why the Triton kernels cannot take these (already validated) arguments, or None."""
+    if region_emb.dtype not in KERNEL_DTYPES:
+        return f"region_emb dtype {region_emb.dtype} (the kernels take {KERNEL_DTYPES})"
+    if U.shape[2] > MAX_RANK:
+        return f"U with rank r={U.shape[2]} (the kernels take rank r <= {MAX_RANK})"
+    return None
+
+
 def prompt_bank(region_emb: Tensor, token_offset: Tensor, U: Tensor, V: Tensor,
                 layer_bias: Tensor, ln_weight: Tensor, ln_bias: Tensor,
                 layer_stage: Sequence[int], eps: float = 1e-5, *,
@@ -556,19 +563,8 @@ def prompt_bank(region_emb: Tensor, token_offset: Tensor, U: Tensor, V: Tensor,
     """
     check_args(region_emb, token_offset, U, V, layer_bias, ln_weight, ln_bias, layer_stage, eps)
     stages = [int(x) for x in layer_stage]
-    use = resolve("prompt_bank", region_emb.device, backend, has_triton=HAS_TRITON)
-    if use == "triton":
-        explicit = (backend or get_backend()) == "triton"
-        if region_emb.dtype not in KERNEL_DTYPES:
-            if explicit:
-                raise TypeError(f"region_emb: the Triton prompt_bank kernels take "
-                                f"{KERNEL_DTYPES}, got {region_emb.dtype}; use backend='torch'")
-            use = "torch"
-        elif U.shape[2] > MAX_RANK:
-            if explicit:
-                raise ValueError(f"U: the Triton prompt_bank kernels take rank r <= {MAX_RANK}, "
-                                 f"got r={U.shape[2]}; use backend='torch'")
-            use = "torch"
+    use = resolve("prompt_bank", region_emb.device, backend,
+                  lambda: triton_unsupported_reason(region_emb, U))
     if use == "torch":
         return reference.prompt_bank(region_emb, token_offset, U, V, layer_bias, ln_weight,
                                      ln_bias, stages, eps)
@@ -579,39 +575,25 @@ def prompt_bank(region_emb: Tensor, token_offset: Tensor, U: Tensor, V: Tensor,
 # --------------------------------------------------------------------------------------------
 # Ahead-of-time compile list
 # --------------------------------------------------------------------------------------------
-_TL_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_INPUT_POINTERS = ("emb_ptr", "out_ptr", "dout_ptr", "demb_ptr")
+_FP32_POINTERS = ("low_ptr", "mean_ptr", "rstd_ptr", "dlow_ptr", "c1_ptr", "c2_ptr", "dv_layer_ptr")
 
 
 def aot_configs() -> List:
-    """Every kernel configuration the launchers above can select (per input dtype)."""
-    from .aot import KernelConfig
+    """Every kernel configuration the launchers above can select (per input and weight dtype);
+    signatures from the kernels' parameter lists: pointers in the input dtype, the fp32
+    intermediates, the int32 stage table, and the weights (and their gradients) in the rest."""
+    from ..aot import KernelConfig, signature, tl_type
 
     blocks = dict(BLOCK_T=_BLOCK_T, BLOCK_RANK=_BLOCK_RANK, BLOCK_D=_BLOCK_D)
     configs = []
     # (input dtype, weight dtype): the weights in the input dtype, or fp32 master weights
-    pairs = [(ty, ty) for ty in _TL_TYPES.values()] + [("bf16", "fp32"), ("fp16", "fp32")]
-    for ty, wty in pairs:
-        p, w, f32 = f"*{ty}", f"*{wty}", "*fp32"
-        sigs = {
-            _prompt_bank_fwd_kernel: dict(
-                emb_ptr=p, off_ptr=w, u_ptr=w, v_ptr=w, bias_ptr=w, lnw_ptr=w, lnb_ptr=w,
-                stage_ptr="*i32", out_ptr=p, low_ptr=f32, mean_ptr=f32, rstd_ptr=f32,
-                BK="i32", K="i32", M="i32", R="i32", D="i32", RANK="i32", eps="fp32"),
-            _prompt_bank_bwd_rows_kernel: dict(
-                dout_ptr=p, v_ptr=w, bias_ptr=w, lnw_ptr=w, stage_ptr="*i32", low_ptr=f32,
-                mean_ptr=f32, rstd_ptr=f32, dlow_ptr=f32, c1_ptr=f32, c2_ptr=f32,
-                BK="i32", D="i32", RANK="i32"),
-            _prompt_bank_bwd_layer_kernel: dict(
-                dout_ptr=p, v_ptr=w, bias_ptr=w, lnw_ptr=w, stage_ptr="*i32", low_ptr=f32,
-                mean_ptr=f32, rstd_ptr=f32, c1_ptr=f32, c2_ptr=f32, dlnw_ptr=w, dlnb_ptr=w,
-                dbias_ptr=w, dv_layer_ptr=f32, BK="i32", D="i32", RANK="i32"),
-            _prompt_bank_bwd_inputs_kernel: dict(
-                emb_ptr=p, off_ptr=w, u_ptr=w, stage_ptr="*i32", dlow_ptr=f32, dv_layer_ptr=f32,
-                demb_ptr=p, doff_ptr=w, du_ptr=w, dv_ptr=w, B="i32", K="i32", M="i32", R="i32",
-                D="i32", RANK="i32", L="i32", S="i32", n_group_tiles="i32",
-                n_token_tiles="i32"),
-        }
-        for fn, sig in sigs.items():
+    types = [tl_type(dt) for dt in KERNEL_DTYPES]
+    for ty, wty in [(ty, ty) for ty in types] + [("bf16", "fp32"), ("fp16", "fp32")]:
+        pointers = {**{n: f"*{ty}" for n in _INPUT_POINTERS},
+                    **{n: "*fp32" for n in _FP32_POINTERS}, "stage_ptr": "*i32"}
+        for fn in (_prompt_bank_fwd_kernel, _prompt_bank_bwd_rows_kernel,
+                   _prompt_bank_bwd_layer_kernel, _prompt_bank_bwd_inputs_kernel):
             if wty != ty and fn is not _prompt_bank_fwd_kernel:
                 continue  # the backward runs mixed-dtype calls on fp32 inputs (see _backward)
             consts = dict(blocks)
@@ -619,6 +601,6 @@ def aot_configs() -> List:
             if fn is _prompt_bank_bwd_inputs_kernel:
                 consts.update(_INPUTS_BLOCKS)
                 warps = _INPUTS_WARPS
-            configs.append(KernelConfig(fn, {**sig, **{k: "constexpr" for k in consts}}, consts,
-                                        num_warps=warps))
+            sig = signature(fn, pointers, ("eps",), pointer=f"*{wty}")
+            configs.append(KernelConfig(fn, sig, consts, num_warps=warps))
     return configs

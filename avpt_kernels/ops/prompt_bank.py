@@ -1,5 +1,4 @@
-"""Low-rank, stage-shared prompt bank (Eq. 4): public entry point, checks, Triton kernels and
-autograd.
+"""Low-rank, stage-shared prompt bank (Eq. 4): entry point, checks, Triton kernels, autograd.
 
 ``prompt_bank(region_emb[B,R,D], token_offset[K,D], U[S,D,r], V[S,r,D], layer_bias[L,D],
 ln_weight[L,D], ln_bias[L,D], layer_stage[L]) -> prompts[L,B,K,D]`` (all layers, one call).
@@ -22,20 +21,15 @@ Kernels (fp32 accumulation, rank padded to 16 for ``tl.dot``, fp32 dots in ieee 
   3. ``_prompt_bank_bwd_inputs_kernel``, grid (D chunks, E tiles + offset tiles + S):
      d region_emb, d token_offset (``dlow @ U^T`` summed over the layers) and, per stage,
      dU = ``e^T sum_{l in s} dlow[l]`` and dV = ``sum_{l in s} dV_l``.
+  The launchers make inputs, parameters and the prompts' gradient contiguous (a stride-0
+  gradient, from ``prompts.sum()``, is materialised once).
 
-Inputs and parameters are small and are made contiguous by the launchers (``.contiguous()``), as
-is the prompts' gradient (a stride-0 gradient, from ``prompts.sum()``, is materialised once).
-
-Precision (the bounded-error rule of ``avpt_kernels.testing``: on the same 16-bit inputs, the
-kernels' error against the fp64 truth stays within 2x the torch backend's; tested in
-``tests/test_bounded_error_ops.py``). No contraction here has two exact 16-bit operands, so every
-``tl.dot`` takes fp32 operands and accumulates in fp32: ``e @ U`` (e = E + off is an fp32 sum of
-two 16-bit values), ``low @ V``, ``dx @ V^T``, ``low^T dx``, ``dlow @ U^T``, ``e^T dlow`` (low, dx
-and dlow are fp32 intermediates). The LayerNorm statistics, the row terms c1 and c2 and the
-column sums over rows are fp32 too, and everything the backward reads besides the inputs (low,
-mean, rstd, dlow, c1, c2, the per-layer dV) stays in fp32: the backward recomputes x from the
-fp32 ``low``, never from the prompts rounded to the input dtype. Each result is rounded to the
-input dtype once, when stored.
+Precision (the bounded-error rule of ``avpt_kernels.testing``, tested in
+``tests/test_bounded_error_ops.py``): no contraction here has two exact 16-bit operands, so every
+``tl.dot`` takes fp32 operands and accumulates in fp32 (``e = E + off`` is an fp32 sum; low, dx,
+dlow are fp32 intermediates). The LayerNorm statistics, c1, c2 and the column sums are fp32, and
+the backward rebuilds x from the fp32 ``low``, never from the prompts rounded to the input dtype.
+Each result is rounded to the input dtype once, when stored.
 """
 from __future__ import annotations
 
@@ -99,9 +93,7 @@ def check_args(region_emb, token_offset, U, V, layer_bias, ln_weight, ln_bias, l
 
 
 
-# --------------------------------------------------------------------------------------------
-# Triton kernels
-# --------------------------------------------------------------------------------------------
+# ---- Triton kernels ---------------------------------------------------------------------------
 @triton.jit
 def _token_embedding(emb_ptr, off_ptr, rows, mask_rows, K, M, R, D, offs_d, mask_d):
     """e[row, d] = E[b, k // M, d] + off[k, d] in fp32, [BLOCK_T, BLOCK_D] (zero outside)."""
@@ -120,6 +112,19 @@ def _layer_preact(low, v_ptr, bias_ptr, stage, layer, RANK, D, offs_q, mask_q, o
                 mask=mask_q[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + layer * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     return tl.dot(low, v, input_precision="ieee") + bias[None, :]
+
+
+@triton.jit
+def _ln_grad_inputs(low, v_ptr, bias_ptr, dout_ptr, stage, layer, rows, mask_rows, mean, rstd, BK,
+                    RANK, D, offs_q, mask_q, offs_d, mask_d):
+    """What the LayerNorm backward reads for one [BLOCK_T, BLOCK_D] chunk of layer l, fp32:
+    xhat = (x - mean) * rstd with x rebuilt from the fp32 ``low`` (never from the prompts
+    rounded to the input dtype), and dy = dL/dP from dout [L,BK,D]."""
+    x = _layer_preact(low, v_ptr, bias_ptr, stage, layer, RANK, D, offs_q, mask_q, offs_d, mask_d)
+    xhat = (x - mean[:, None]) * rstd[:, None]
+    dy = tl.load(dout_ptr + (layer * BK + rows).to(tl.int64)[:, None] * D + offs_d[None, :],
+                 mask=mask_rows[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+    return xhat, dy
 
 
 @triton.jit
@@ -205,19 +210,15 @@ def _prompt_bank_bwd_rows_kernel(
                   mask=mask_rows[:, None] & mask_q[None, :], other=0.0)
     mean = tl.load(mean_ptr + stat, mask=mask_rows, other=0.0)
     rstd = tl.load(rstd_ptr + stat, mask=mask_rows, other=0.0)
-    dout_rows = dout_ptr + (layer * BK + rows).to(tl.int64)[:, None] * D
 
     c1 = tl.zeros((BLOCK_T,), dtype=tl.float32)
     c2 = tl.zeros((BLOCK_T,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
-        x = _layer_preact(low, v_ptr, bias_ptr, stage, layer, RANK, D, offs_q, mask_q, offs_d,
-                          mask_d)
-        xhat = (x - mean[:, None]) * rstd[:, None]
+        xhat, dy = _ln_grad_inputs(low, v_ptr, bias_ptr, dout_ptr, stage, layer, rows, mask_rows,
+                                   mean, rstd, BK, RANK, D, offs_q, mask_q, offs_d, mask_d)
         w = tl.load(lnw_ptr + layer * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        dy = tl.load(dout_rows + offs_d[None, :], mask=mask_rows[:, None] & mask_d[None, :],
-                     other=0.0).to(tl.float32)
         dxhat = dy * w[None, :]
         c1 += tl.sum(dxhat, axis=1)
         c2 += tl.sum(dxhat * xhat, axis=1)
@@ -228,12 +229,9 @@ def _prompt_bank_bwd_rows_kernel(
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
-        x = _layer_preact(low, v_ptr, bias_ptr, stage, layer, RANK, D, offs_q, mask_q, offs_d,
-                          mask_d)
-        xhat = (x - mean[:, None]) * rstd[:, None]
+        xhat, dy = _ln_grad_inputs(low, v_ptr, bias_ptr, dout_ptr, stage, layer, rows, mask_rows,
+                                   mean, rstd, BK, RANK, D, offs_q, mask_q, offs_d, mask_d)
         w = tl.load(lnw_ptr + layer * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        dy = tl.load(dout_rows + offs_d[None, :], mask=mask_rows[:, None] & mask_d[None, :],
-                     other=0.0).to(tl.float32)
         dx = rstd[:, None] * (dy * w[None, :] - c1[:, None] - xhat * c2[:, None])
         dx = tl.where(mask_d[None, :], dx, 0.0)
         v = tl.load(v_ptr + (stage * RANK + offs_q)[:, None] * D + offs_d[None, :],
@@ -276,11 +274,8 @@ def _prompt_bank_bwd_layer_kernel(
         rstd = tl.load(rstd_ptr + stat, mask=mask_rows, other=0.0)
         c1 = tl.load(c1_ptr + stat, mask=mask_rows, other=0.0)
         c2 = tl.load(c2_ptr + stat, mask=mask_rows, other=0.0)
-        x = _layer_preact(low, v_ptr, bias_ptr, stage, layer, RANK, D, offs_q, mask_q, offs_d,
-                          mask_d)
-        xhat = (x - mean[:, None]) * rstd[:, None]
-        dy = tl.load(dout_ptr + (layer * BK + rows).to(tl.int64)[:, None] * D + offs_d[None, :],
-                     mask=mask_rows[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        xhat, dy = _ln_grad_inputs(low, v_ptr, bias_ptr, dout_ptr, stage, layer, rows, mask_rows,
+                                   mean, rstd, BK, RANK, D, offs_q, mask_q, offs_d, mask_d)
         dx = rstd[:, None] * (dy * w[None, :] - c1[:, None] - xhat * c2[:, None])
         dx = tl.where(mask_rows[:, None], dx, 0.0)  # padded rows have rstd = 0 already
         dlnb += tl.sum(dy, axis=0)
@@ -386,9 +381,7 @@ def _prompt_bank_bwd_inputs_kernel(
                  du.to(du_ptr.dtype.element_ty), mask=mask_d[:, None] & mask_q[None, :])
 
 
-# --------------------------------------------------------------------------------------------
-# Launchers
-# --------------------------------------------------------------------------------------------
+# ---- Launchers --------------------------------------------------------------------------------
 _BLOCK_T = 16
 _BLOCK_RANK = MAX_RANK
 _BLOCK_D = 64
@@ -467,9 +460,7 @@ def _backward(grad_out, region_emb, token_offset, U, V, layer_bias, ln_weight, l
     return d_emb.to(dt), d_off, d_u, d_v, d_bias, d_lnw, d_lnb
 
 
-# --------------------------------------------------------------------------------------------
-# Custom ops + autograd
-# --------------------------------------------------------------------------------------------
+# ---- Custom ops + autograd --------------------------------------------------------------------
 @torch.library.custom_op("avpt::prompt_bank", mutates_args=())
 def prompt_bank_op(region_emb: Tensor, token_offset: Tensor, U: Tensor, V: Tensor,
                    layer_bias: Tensor, ln_weight: Tensor, ln_bias: Tensor,
@@ -572,9 +563,7 @@ def prompt_bank(region_emb: Tensor, token_offset: Tensor, U: Tensor, V: Tensor,
                           float(eps))[0]
 
 
-# --------------------------------------------------------------------------------------------
-# Ahead-of-time compile list
-# --------------------------------------------------------------------------------------------
+# ---- Ahead-of-time compile list ---------------------------------------------------------------
 _INPUT_POINTERS = ("emb_ptr", "out_ptr", "dout_ptr", "demb_ptr")
 _FP32_POINTERS = ("low_ptr", "mean_ptr", "rstd_ptr", "dlow_ptr", "c1_ptr", "c2_ptr", "dv_layer_ptr")
 

@@ -25,18 +25,13 @@ input dtype: G = dout / (den + eps) can exceed the float16 range for an empty ma
 tensor-core variant of the forward cannot be validated here (Triton's interpreter mishandles
 bfloat16 ``tl.dot`` operands).
 
-Precision (the bounded-error rule of ``avpt_kernels.testing``: on the same 16-bit inputs, the
-kernels' error against the fp64 truth stays within 2x the torch backend's). Every product and
-sum is formed and accumulated in fp32: the forward's ``A^T F`` and ``sum_p A`` (the pixel-map
-box averages A are fp32 values, not 16-bit ones), the backward's ``A G`` and ``F G^T`` (G =
-dout / (den + eps) is an fp32 value) and ``out . G``. Only the results are rounded to the input
-dtype, once. In particular ``dA = F.G - out.G`` suffers cancellation whenever the features share
-a large common component (every token close to the region mean, as with the large shared
-channels of a ViT's features): ``out.G`` must then be the fp32 ``num / (den + eps)``, not the
-16-bit ``out`` rounded to the input dtype, whose rounding error (u |out| |G|) would be amplified
-by |out| / |F - out| in dA. So for 16-bit inputs the forward also writes ``out`` in fp32
-([B,R,D], a few KB: R << N), which is what the backward saves and reads; for fp32 inputs ``out``
-itself is that tensor.
+Precision (the bounded-error rule of ``avpt_kernels.testing``): every product and sum is formed
+and accumulated in fp32 (the pixel-map box averages A and G are fp32 values); results are
+rounded to the input dtype once. ``dA = F.G - out.G`` cancels when the features share a large
+common component (a ViT's large shared channels): ``out.G`` must then use the fp32
+``num / (den + eps)``, not ``out`` rounded to 16 bits (its error u |out| |G| would be amplified by
+|out| / |F - out|). So for 16-bit inputs the forward also writes ``out`` in fp32 ([B,R,D], a few
+KB), which the backward saves and reads; for fp32 inputs ``out`` itself is that tensor.
 """
 from __future__ import annotations
 
@@ -108,9 +103,7 @@ def check_args(features: Tensor, maps: Tensor, eps: float,
 
 
 
-# --------------------------------------------------------------------------------------------
-# Triton kernels
-# --------------------------------------------------------------------------------------------
+# ---- Triton kernels ---------------------------------------------------------------------------
 @triton.jit
 def _area_weights_tile(maps_ptr, pid_b, offs_p, mask_p, offs_r, R,
                        stride_mb, stride_m1, stride_m2, stride_m3, grid_w, factor,
@@ -314,9 +307,7 @@ def _region_pool_bwd_kernel(
                      da.to(dmaps_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_r[None, :])
 
 
-# --------------------------------------------------------------------------------------------
-# Launch configuration (shared by the launchers and aot_configs)
-# --------------------------------------------------------------------------------------------
+# ---- Launch configuration (shared by the launchers and aot_configs) ---------------------------
 _BLOCK_P = 16
 _BWD_BLOCK_D = 64
 _TOKEN_FWD_BLOCK_D = 128
@@ -438,9 +429,7 @@ def _backward(grad_out: Tensor, features: Tensor, maps: Tensor, out: Tensor, den
     return dfeat, dmaps
 
 
-# --------------------------------------------------------------------------------------------
-# Custom ops + autograd
-# --------------------------------------------------------------------------------------------
+# ---- Custom ops + autograd --------------------------------------------------------------------
 @torch.library.custom_op("avpt::region_pool", mutates_args=())
 def region_pool_op(features: Tensor, maps: Tensor, eps: float, grid_h: int,
                    grid_w: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -515,9 +504,7 @@ def region_pool_min_bytes(features_shape, maps_shape, dtype=torch.float32,
     return size * (2 * patch_elems + 2 * maps_elems + 2 * out_elems)
 
 
-# --------------------------------------------------------------------------------------------
-# Public entry point
-# --------------------------------------------------------------------------------------------
+# ---- Public entry point -----------------------------------------------------------------------
 def triton_unsupported_reason(features: Tensor, maps: Tensor) -> Optional[str]:
     """Why the Triton kernels cannot take these (already validated) arguments, or None."""
     regions = maps.shape[1] if maps.dim() == 4 else maps.shape[2]
@@ -562,9 +549,7 @@ def region_pool(features: Tensor, maps: Tensor, eps: float = 1e-6, *,
     return region_pool_op(features, maps, float(eps), grid_h, grid_w)[0]
 
 
-# --------------------------------------------------------------------------------------------
-# Ahead-of-time compile list
-# --------------------------------------------------------------------------------------------
+# ---- Ahead-of-time compile list ---------------------------------------------------------------
 _INPUT_POINTERS = ("feat_ptr", "maps_ptr", "out_ptr", "dout_ptr", "dfeat_ptr", "dmaps_ptr")
 
 

@@ -9,41 +9,18 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, List, Sequence
 
 import torch
 
 from . import backend as backends
-from .modules import contiguous_stages
-from .ops.pim import pim
-from .ops.prompt_bank import prompt_bank
-from .reference import PIMParams
-from .ops.region_pool import region_pool
-from .testing import random_pim_params, tolerance
-
-
-def _cases(b: int, t: int, d: int, k: int, r: int, device, dtype) -> Dict[str, tuple]:
-    """op name -> (callable(*tensors, backend=) returning a tuple of outputs, input tensors)."""
-    def leaf(*shape, unit=False):
-        x = torch.rand(*shape) if unit else torch.randn(*shape)
-        return x.to(device=device, dtype=dtype).requires_grad_(True)
-
-    heads, head_dim, layers, rank = max(1, d // 64), 16, 12, 8
-    w = random_pim_params(d, heads * head_dim, 32, dtype=dtype, device=device)
-    stages = contiguous_stages(layers, 3)
-    return {
-        "region_pool": (lambda f, a, backend: (region_pool(f, a, backend=backend),),
-                        [leaf(b, t, d), leaf(b, t - 1, r, unit=True)]),
-        "prompt_bank": (lambda *xs, backend: (prompt_bank(*xs, stages, backend=backend),),
-                        [leaf(b, r, d), leaf(k, d), leaf(3, d, rank), leaf(3, rank, d),
-                         leaf(layers, d), leaf(layers, d), leaf(layers, d)]),
-        "pim": (lambda z, p, *ws, backend: pim(z, p, PIMParams(*ws), heads, backend=backend),
-                [leaf(b, t, d), leaf(b, k, d), *w]),
-    }
+from .ops.specs import SPECS, Shape
+from .testing import tolerance
 
 
 def _run(fn: Callable, inputs: Sequence[torch.Tensor], backend: str):
     outs = fn(*inputs, backend=backend)
+    outs = outs if isinstance(outs, tuple) else (outs,)
     g = torch.Generator().manual_seed(0)
     loss = sum((o.float() * torch.randn(o.shape, generator=g).to(o.device)).sum() for o in outs)
     grads = torch.autograd.grad(loss, inputs)
@@ -63,8 +40,13 @@ def _rel_err(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float
 
 
 def compare(b=2, t=197, d=768, k=6, r=3, device="cpu", dtype=torch.float32) -> List[dict]:
+    """Every op (``avpt_kernels.ops.specs``: token maps, the A-VPT model's PIM layout) on both
+    backends against its fp64 evaluation."""
     rows = []
-    for op, (fn, inputs) in _cases(b, t, d, k, r, device, dtype).items():
+    shape = Shape(B=b, T=t, D=d, K=k, R=r)
+    for op, spec in SPECS.items():
+        fn = spec.op(shape)
+        inputs = spec.inputs(shape, dtype, device, requires_grad=True)
         truth_in = [x.detach().double().requires_grad_(True) for x in inputs]
         want_out, want_grad = _run(fn, truth_in, "torch")
         for name in ("torch", "triton"):

@@ -10,7 +10,6 @@ prompt broadcasting, the init behaviour, callable prompts, errors, the fused bac
 the torch one, torch.compile(fullgraph=True), autocast, and the launches the wrapper adds.
 """
 import copy
-import importlib
 
 import pytest
 import torch
@@ -338,7 +337,7 @@ def _count(model, dense_prompts=False):
     view)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    L = importlib.import_module("benchmarks.launches")
+    from benchmarks import launches as L
     aten = torch.ops.aten
 
     class Counter(L.LaunchCounter):

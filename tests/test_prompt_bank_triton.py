@@ -59,8 +59,15 @@ def _check(args, stages, dtype, eps=1e-5):
         assert_close(got, want, dtype, f"d {name}")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", list(CASES))
+# The model's shape (D=768, L=12, r=16: ~70 s a dtype under the interpreter) runs in bf16, the
+# GPU dtype, in CI and in the other dtypes under ``extended``; the small shapes run every dtype.
+MATCH_CASES = [pytest.param(case, dtype, id=f"{case}-{dtype}",
+                            marks=pytest.mark.extended if case.startswith("vitb")
+                            and dtype != torch.bfloat16 else ())
+               for case in CASES for dtype in DTYPES]
+
+
+@pytest.mark.parametrize("case,dtype", MATCH_CASES)
 def test_matches_reference(case, dtype):
     b, r, m, d, rank, n_layers, n_stages = CASES[case]
     _check(_inputs(b, r, m, d, rank, n_layers, n_stages, dtype), _stages(n_layers, n_stages),

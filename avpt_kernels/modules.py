@@ -88,7 +88,7 @@ class LowRankPromptBank(nn.Module):
 class PromptTokenInteraction(nn.Module):
     """PIM, Eqs. 5-10: ``forward(z [B,T,D], p [B,K,D]) -> (z_out [B,T,D], p_tilde [B,K,D])``.
 
-    All 20 weights live in one flat parameter ``packed`` [N] (``pim.pack_weights`` layout:
+    All 20 weights live in one flat parameter ``packed`` [N] (``ops.pim.pack_weights`` layout:
     t2p q, k, v (Linear D->A), o (A->D), the same four p2t ones, then the gate Linear(2D, G),
     GELU, Linear(G, 1); A = num_heads * head_dim), initialised as those ``nn.Linear`` layers
     would be. The fused kernels read it in place and return its gradient as one tensor: no

@@ -188,6 +188,9 @@ def _prompt_bank_fwd_kernel(
     tl.store(rstd_ptr + stat, rstd, mask=mask_rows)
 
 
+# The three row kernels open alike (layer, row tile, stage, rank offsets, the saved low / mean /
+# rstd rows) and end alike (masked row stores): kept inline, as each kernel reads in one screen
+# and a helper returning six tensors would say less than the lines it replaces.
 @triton.jit
 def _prompt_bank_bwd_rows_kernel(
         dout_ptr, v_ptr, bias_ptr, lnw_ptr, stage_ptr, low_ptr, mean_ptr, rstd_ptr,

@@ -226,6 +226,7 @@ def _region_pool_finalize_kernel(
         tl.store(den_ptr + pid_b * R + offs_r, den, mask=mask_r)
 
 
+# (Its prologue has the shape of the finalize kernel's: program ids, offsets and masks, inline.)
 @triton.jit
 def _region_pool_bwd_kernel(
         feat_ptr, maps_ptr, out_ptr, den_ptr, dout_ptr, dfeat_ptr, dmaps_ptr,

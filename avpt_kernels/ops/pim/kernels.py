@@ -247,6 +247,10 @@ def _p2t_update_kernel(z_ptr, x_ptr, m_ptr, mpart_ptr, lpart_ptr, m2_ptr, l2_ptr
         tl.store(out_ptr + b * T * D + ptrs, (zt + alpha * upd).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# The two backward kernels below keep their tile loads inline, sharing one offset and mask
+# between the Z and dY tiles (and one [BLOCK_D, HKP] offset between Mq/Mk and Nv/dG): loaded
+# through the helpers above they spill 12-28 bytes under Triton 3.6 (AOT, sm_80/sm_90a), where
+# they already sit at the 255-register cap.
 @triton.jit
 def _p2t_grad_reduce_kernel(z_ptr, y_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_ptr, m2_ptr, l2_ptr, s2_ptr,
                             ws2_ptr, e_ptr, f1_ptr, f2_ptr, g1_ptr, ysum_ptr, delta_ptr, T, D, A,
@@ -285,15 +289,18 @@ def _p2t_grad_reduce_kernel(z_ptr, y_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_ptr, m2_p
             logits = tl.zeros((BLOCK_T, HKP), dtype=tl.float32)
         yn = tl.zeros((BLOCK_T, HKP), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
-            dd, d_ok = _d_block(d0, D, BLOCK_D)
-            zt = _tile(z_img, rows, row_ok, dd, d_ok, D)
-            yt = _tile(y_img, rows, row_ok, dd, d_ok, D)
+            dd = d0 + tl.arange(0, BLOCK_D)
+            d_ok = dd < D
+            tile = rows[:, None] * D + dd[None, :]
+            mask = row_ok[:, None] & d_ok[None, :]
+            zt = tl.load(z_img + tile, mask=mask, other=0.0)
+            yt = tl.load(y_img + tile, mask=mask, other=0.0)
             if KEY_COLS > 0:
                 keys += _key_step(zt, wk_ptr, A, D, dd, d_ok, KEY_COLS, DOT_MODE)
             else:
-                mk = _cols_tile(mk_ptr + b * D * HKP, dd, d_ok, HKP)
+                mk = tl.load(mk_ptr + b * D * HKP + dd[:, None] * HKP + cols[None, :], mask=d_ok[:, None], other=0.0)
                 logits += _mm_split(zt, mk, 1, DOT_MODE)
-            nvt = _cols_tile_t(nv_img, dd, d_ok, D, HKP)
+            nvt = tl.load(nv_img + cols[None, :] * D + dd[:, None], mask=d_ok[:, None], other=0.0)
             yn += _mm_split(yt, nvt, 1, DOT_MODE)
         if KEY_COLS > 0:
             logits = _key_logits(keys, qexp_ptr + b * KEY_COLS * HKP, HKP, KEY_COLS)
@@ -308,7 +315,8 @@ def _p2t_grad_reduce_kernel(z_ptr, y_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_ptr, m2_p
     tl.debug_barrier()  # the chunk's S2 rows, written by other threads, are read back below
     out = b * HKP * D + cols[:, None] * D
     for d0 in range(0, D, BLOCK_D):
-        dd, d_ok = _d_block(d0, D, BLOCK_D)
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dd < D
         acc_e = tl.zeros((HKP, BLOCK_D), dtype=tl.float32)
         acc_f1 = tl.zeros((HKP, BLOCK_D), dtype=tl.float32)
         acc_f2 = tl.zeros((HKP, BLOCK_D), dtype=tl.float32)
@@ -316,8 +324,10 @@ def _p2t_grad_reduce_kernel(z_ptr, y_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_ptr, m2_p
         for blk in range(0, chunk_blocks):
             rows = row0 + blk * BLOCK_T + tl.arange(0, BLOCK_T)
             row_ok = rows < T
-            zt = _tile(z_img, rows, row_ok, dd, d_ok, D)
-            yt = _tile(y_img, rows, row_ok, dd, d_ok, D)
+            tile = rows[:, None] * D + dd[None, :]
+            mask = row_ok[:, None] & d_ok[None, :]
+            zt = tl.load(z_img + tile, mask=mask, other=0.0)
+            yt = tl.load(y_img + tile, mask=mask, other=0.0)
             s2 = tl.load(s2_ptr + scratch + rows[:, None] * HKP + cols[None, :])
             ws2 = tl.load(ws2_ptr + scratch + rows[:, None] * HKP + cols[None, :])
             s2t = tl.trans(s2)
@@ -369,16 +379,21 @@ def _grad_z_kernel(z_ptr, y_ptr, mq_ptr, cq_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_pt
     yn = tl.zeros((BLOCK_T, HKP), dtype=tl.float32)
     ds1 = tl.zeros((BLOCK_T, HKP), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        dd, d_ok = _d_block(d0, D, BLOCK_D)
-        zt = _tile(z_img, rows, row_ok, dd, d_ok, D)
-        yt = _tile(y_img, rows, row_ok, dd, d_ok, D)
-        logits1 += _mm_split(zt, _cols_tile(mq_img, dd, d_ok, HKP), 1, DOT_MODE)
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dd < D
+        tile = rows[:, None] * D + dd[None, :]
+        mask = row_ok[:, None] & d_ok[None, :]
+        zt = tl.load(z_img + tile, mask=mask, other=0.0)
+        yt = tl.load(y_img + tile, mask=mask, other=0.0)
+        small = dd[:, None] * HKP + cols[None, :]  # [BLOCK_D, HKP] of a [D, HKP] matrix
+        small_t = cols[None, :] * D + dd[:, None]  # [BLOCK_D, HKP] of a [HKP, D] matrix
+        logits1 += _mm_split(zt, tl.load(mq_img + small, mask=d_ok[:, None], other=0.0), 1, DOT_MODE)
         if KEY_COLS > 0:
             keys += _key_step(zt, wk_ptr, A, D, dd, d_ok, KEY_COLS, DOT_MODE)
         else:
-            logits2 += _mm_split(zt, _cols_tile(mk_img, dd, d_ok, HKP), 1, DOT_MODE)
-        yn += _mm_split(yt, _cols_tile_t(nv_img, dd, d_ok, D, HKP), 1, DOT_MODE)
-        ds1 += _mm_split(zt, _cols_tile_t(dg_img, dd, d_ok, D, HKP), 1, DOT_MODE)
+            logits2 += _mm_split(zt, tl.load(mk_img + small, mask=d_ok[:, None], other=0.0), 1, DOT_MODE)
+        yn += _mm_split(yt, tl.load(nv_img + small_t, mask=d_ok[:, None], other=0.0), 1, DOT_MODE)
+        ds1 += _mm_split(zt, tl.load(dg_img + small_t, mask=d_ok[:, None], other=0.0), 1, DOT_MODE)
     if KEY_COLS > 0:
         logits2 = _key_logits(keys, qexp_ptr + b * KEY_COLS * HKP, HKP, KEY_COLS)
     logits1 += tl.load(cq_ptr + b * HKP + cols)[None, :]
@@ -392,7 +407,8 @@ def _grad_z_kernel(z_ptr, y_ptr, mq_ptr, cq_ptr, mk_ptr, wk_ptr, qexp_ptr, nv_pt
     tl.atomic_add(dcq_ptr + b * HKP + cols, tl.sum(dl1, axis=0), sem="relaxed")
     tl.store(dl1_ptr + b * t_pad * HKP + rows[:, None] * HKP + cols[None, :], dl1)
     for d0 in range(0, D, BLOCK_D):
-        dd, d_ok = _d_block(d0, D, BLOCK_D)
+        dd = d0 + tl.arange(0, BLOCK_D)
+        d_ok = dd < D
         tile = rows[:, None] * D + dd[None, :]
         mask = row_ok[:, None] & d_ok[None, :]
         yt = tl.load(y_img + tile, mask=mask, other=0.0).to(tl.float32)

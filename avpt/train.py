@@ -143,12 +143,6 @@ def build_model(cfg: Dict):
                           f"{cfg['backbone']!r}: {first}") from None
 
 
-def LossFn(model, rcl_positives: str = "cross_modal") -> nn.Module:  # noqa: N802
-    """The method's training objective, ``model.make_loss(rcl_positives=...)`` (the name older
-    code and tests import)."""
-    return model.make_loss(rcl_positives=rcl_positives)
-
-
 # ----------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """avpt-kernels: fused ops for Anatomy-guided Visual Prompt Tuning (A-VPT).
 
-Ops: ``region_pool`` (Eq. 2), ``prompt_bank`` (Eq. 4), ``pim`` / ``pim_packed`` (Eqs. 5-10); modules
+Ops (``avpt_kernels.ops.<op>``: kernels, launchers, custom ops): ``region_pool`` (Eq. 2),
+``prompt_bank`` (Eq. 4), ``pim`` / ``pim_packed`` (Eqs. 5-10, the Prompt-token Interaction Module); modules
 ``RegionPool``, ``LowRankPromptBank``, ``PromptTokenInteraction``. Backend switch in
 ``avpt_kernels.backend`` (``set_backend``, ``use_backend``); ground truth in
 ``avpt_kernels.reference``. Drop-in PIM for open_clip, timm and Hugging Face ViTs:
@@ -12,10 +13,10 @@ from .backend import get_backend, set_backend, use_backend
 from .inject import (PIMBlock, inject_pim, load_pim_state_dict, make_pim_blocks, pim_gates_shut,
                      pim_state_dict, remove_pim)
 from .modules import LowRankPromptBank, PromptTokenInteraction, RegionPool, contiguous_stages
-from .pim import pack_weights, pim, pim_packed, unpack_weights
-from .prompt_bank import prompt_bank
+from .ops.pim import pack_weights, pim, pim_packed, unpack_weights
+from .ops.prompt_bank import prompt_bank
+from .ops.region_pool import region_pool
 from .reference import PIMParams
-from .region_pool import region_pool
 
 __version__ = "0.1.0"
 

@@ -33,13 +33,13 @@ import re
 import subprocess
 import sys
 import tempfile
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 # The per-version hook, defined in ``_compat`` (op modules call it at import time; importing
 # this module from the package would shadow ``python -m avpt_kernels.aot``).
 from ._compat import for_triton, triton_version  # noqa: F401
 
-OP_MODULES = ("avpt_kernels.pim", "avpt_kernels.region_pool", "avpt_kernels.prompt_bank")
+OP_MODULES = ("avpt_kernels.ops.pim", "avpt_kernels.ops.region_pool", "avpt_kernels.ops.prompt_bank")
 
 # target name -> (compute capability, max shared memory per block in bytes, opt-in)
 TARGETS = {"sm_80": (80, 163 * 1024), "sm_90a": (90, 227 * 1024)}
@@ -66,6 +66,44 @@ class KernelConfig:
         extra = [f"maxnreg={self.maxnreg}"] if self.maxnreg else []
         return ",".join(parts + [f"num_warps={self.num_warps}", f"num_stages={self.num_stages}"]
                         + extra)
+
+
+def parameters(fn) -> List[tuple]:
+    """(name, is_constexpr) of each parameter of kernel ``fn``, in order: from the jitted
+    function's own record, or (under TRITON_INTERPRET=1, where ``@triton.jit`` gives an
+    interpreted function) from the Python signature's ``tl.constexpr`` annotations."""
+    if hasattr(fn, "params"):
+        return [(p.name, bool(p.is_constexpr)) for p in fn.params]
+    import inspect
+
+    params = inspect.signature(getattr(fn, "fn", fn)).parameters.values()
+    return [(p.name, "constexpr" in str(p.annotation)) for p in params]
+
+
+def signature(fn, pointers: Optional[Dict[str, str]] = None, floats: Sequence[str] = (),
+              pointer: str = "*fp32") -> Dict[str, str]:
+    """The compile signature of kernel ``fn`` read from its own parameter list, so that the AOT
+    list cannot drift from the kernel: constexpr parameters -> "constexpr"; ``*_ptr`` parameters
+    -> ``pointers[name]`` where given, else ``pointer``; parameters named in ``floats`` -> "fp32";
+    every other one (sizes, strides, flags) -> "i32". Names the kernel lacks are ignored (one
+    table serves all of an op's kernels)."""
+    pointers = dict(pointers or {})
+    sig = {}
+    for name, is_constexpr in parameters(fn):
+        if is_constexpr:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = pointers.get(name, pointer)
+        else:
+            sig[name] = "fp32" if name in floats else "i32"
+    return sig
+
+
+def tl_type(dtype) -> str:
+    """Triton's name of a torch floating dtype ("fp32", "fp16", "bf16")."""
+    import torch
+
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
 
 
 def collect() -> List[KernelConfig]:
@@ -126,6 +164,18 @@ def run(configs: List[KernelConfig], targets=tuple(TARGETS)) -> List[Dict[str, A
 _COLLECTED: List[KernelConfig] = []
 
 
+def sample(configs: Sequence[KernelConfig]) -> List[int]:
+    """Indices of a representative subset of ``configs``: the first and the last configuration of
+    each kernel (in ``collect()`` order: the smallest and the largest column / dtype layout). What
+    CI compiles (``--sample``); the full list is ``make aot`` and the extended test."""
+    first: Dict[str, int] = {}
+    last: Dict[str, int] = {}
+    for i, cfg in enumerate(configs):
+        first.setdefault(cfg.kernel, i)
+        last[cfg.kernel] = i
+    return sorted(set(first.values()) | set(last.values()))
+
+
 def _compile_collected(job) -> Dict[str, Any]:
     """Worker: compile configuration ``index`` of ``collect()`` (rebuilt once per process, as
     jitted functions do not pickle) for ``target``."""
@@ -135,11 +185,12 @@ def _compile_collected(job) -> Dict[str, Any]:
     return compile_one(_COLLECTED[index], target)
 
 
-def run_collected(workers: int = 0, targets=tuple(TARGETS)) -> List[Dict[str, Any]]:
-    """Every collected configuration for every target, over ``workers`` processes (0: one per
-    CPU); rows come back in the order of ``run(collect())``."""
-    count = len(collect())
-    jobs = [(i, t) for i in range(count) for t in targets]
+def run_collected(workers: int = 0, targets=tuple(TARGETS),
+                  only: Optional[Sequence[int]] = None) -> List[Dict[str, Any]]:
+    """Every collected configuration (or those at the indices ``only``) for every target, over
+    ``workers`` processes (0: one per CPU); rows come back in the order of ``run(collect())``."""
+    indices = range(len(collect())) if only is None else only
+    jobs = [(i, t) for i in indices for t in targets]
     workers = workers or os.cpu_count() or 1
     if workers == 1 or len(jobs) < 2:
         return [_compile_collected(job) for job in jobs]
@@ -198,6 +249,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="AOT-compile every kernel configuration")
     ap.add_argument("--out", default=os.path.join("benchmarks", "results", "aot.json"))
     ap.add_argument("--workers", type=int, default=0, help="compile processes (0: one per CPU)")
+    ap.add_argument("--sample", action="store_true",
+                    help="compile only the first and last configuration of each kernel (CI)")
     args = ap.parse_args(argv)
     import time
 
@@ -205,7 +258,7 @@ def main(argv=None) -> int:
     import torch
 
     start = time.perf_counter()
-    rows = run_collected(args.workers)
+    rows = run_collected(args.workers, only=sample(collect()) if args.sample else None)
     seconds = time.perf_counter() - start
     print(format_table(rows) if rows else "no Triton kernel configurations to compile")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -213,6 +266,7 @@ def main(argv=None) -> int:
     entry = {"torch": torch.__version__, "python": sys.version.split()[0],
              "workers": args.workers or os.cpu_count() or 1, "seconds": round(seconds, 1),
              "failing": failing, "spill_bytes": sum(r.get("spill_bytes", 0) for r in rows),
+             "sample": args.sample,
              "rows": rows}
     data = _merge(args.out, triton.__version__, entry)
     with open(args.out, "w") as fh:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -62,23 +62,30 @@ def triton_can_run(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())
 
 
-def resolve(op: str, device: torch.device, backend: Optional[str], has_triton: bool) -> str:
-    """The backend ("torch" or "triton") that runs ``op`` on ``device``.
+def resolve(op: str, device: torch.device, backend: Optional[str],
+            unsupported: Callable[[], Optional[str]]) -> str:
+    """The backend ("torch" or "triton") that runs ``op`` on ``device``: the one dispatch rule of
+    every op.
 
-    ``backend`` is the per-call choice (None: the process-wide one); ``has_triton`` says
-    whether ``op`` has a Triton implementation. Asking for "triton" where it cannot run is an
-    error, never a silent fallback.
+    ``backend`` is the per-call choice (None: the process-wide one); ``unsupported()`` says why
+    the op's Triton kernels cannot take these (already validated) arguments, or None (each op
+    module's ``triton_unsupported_reason``). "auto" falls back to torch where Triton cannot run
+    or the kernels do not take the arguments; "triton" raises ``ValueError`` with the reason
+    instead: never a silent fallback.
     """
     name = _default if backend is None else _checked(backend, "backend")
     if name == "torch":
         return "torch"
-    runnable = triton_can_run(device)
-    if name == "triton":
-        if not has_triton:
-            raise NotImplementedError(f"{op}: no Triton kernel is available yet; use backend='torch'")
-        if not runnable:
+    if not triton_can_run(device):
+        if name == "triton":
             raise ValueError(
                 f"{op}: backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 "
                 f"set before triton is imported; got tensors on {device}")
+        return "torch"
+    reason = unsupported()
+    if reason is None:
         return "triton"
-    return "triton" if (has_triton and runnable) else "torch"
+    if name == "triton":
+        raise ValueError(f"{op}: backend='triton' does not support {reason}; "
+                         f"use backend='torch' or 'auto'")
+    return "torch"

@@ -8,10 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from ._autocast import autocast_dtype
-from .pim import packed_size, pim, pim_packed, unpack_weights
-from .prompt_bank import prompt_bank
+from .ops.pim import packed_size, pim, pim_packed, unpack_weights
+from .ops.prompt_bank import prompt_bank
 from .reference import PIMParams
-from .region_pool import region_pool
+from .ops.region_pool import region_pool
 
 # The ops compute in fp32 whatever autocast says (autocast is off inside them); the modules
 # follow nn.Linear instead: under torch.autocast they cast inputs and weights to the autocast
@@ -88,7 +88,7 @@ class LowRankPromptBank(nn.Module):
 class PromptTokenInteraction(nn.Module):
     """PIM, Eqs. 5-10: ``forward(z [B,T,D], p [B,K,D]) -> (z_out [B,T,D], p_tilde [B,K,D])``.
 
-    All 20 weights live in one flat parameter ``packed`` [N] (``pim.pack_weights`` layout:
+    All 20 weights live in one flat parameter ``packed`` [N] (``ops.pim.pack_weights`` layout:
     t2p q, k, v (Linear D->A), o (A->D), the same four p2t ones, then the gate Linear(2D, G),
     GELU, Linear(G, 1); A = num_heads * head_dim), initialised as those ``nn.Linear`` layers
     would be. The fused kernels read it in place and return its gradient as one tensor: no

@@ -11,7 +11,6 @@ GPU: ViT-B/16, batch 32, 224x224, bf16 autocast. CPU: the tiny config, batch 2 (
 Every method is trained on the same CLS + SEG objective so that step times compare like for like.
 """
 import gc
-import importlib
 import os as _os
 import warnings
 
@@ -42,11 +41,6 @@ METHODS = [
 ]
 
 
-def _fused_available() -> bool:
-    return all(importlib.import_module(f"avpt_kernels.{op}").HAS_TRITON
-               for op in ("pim", "region_pool", "prompt_bank"))
-
-
 def _batch(method):
     size = method.visual.image_size
     size = size if isinstance(size, tuple) else (size, size)
@@ -61,7 +55,7 @@ def _batch(method):
 def _forward(row_name, method, images, maps):
     if row_name == "backbone":  # the frozen backbone alone: open_clip's encode_image
         return method.backbone.encode_image(images)
-    return method(images, maps=maps) if method.name == "avpt" else method(images)
+    return method(images, maps=method.forward_maps({"maps": maps}))
 
 
 def _time_train_step(row: dict, method, params, forward, labels, masks) -> None:
@@ -100,9 +94,6 @@ def _launches(fn) -> dict:
 def test_table10_row(benchmark, results, row_name, method_name, overrides):
     row = dict(kind="model", method=row_name, model=MODEL, batch=BATCH, device=DEVICE,
                autocast="bf16" if ON_GPU else "off")
-    if overrides.get("backend") == "triton" and not _fused_available():
-        results.add(**row, status="unavailable: not every op has its Triton kernel yet")
-        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         method = build_method(method_name, model_name=MODEL, **overrides).to(DEVICE)
@@ -149,9 +140,6 @@ def test_injected_pim_row(benchmark, results, row_name, backend):
 
     row = dict(kind="model", method=row_name, model=MODEL, batch=BATCH, device=DEVICE,
                autocast="bf16" if ON_GPU else "off")
-    if backend == "triton" and not importlib.import_module("avpt_kernels.pim").HAS_TRITON:
-        results.add(**row, status="unavailable: PIM has no Triton kernel")
-        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         method = build_method("linear", model_name=MODEL)
@@ -249,9 +237,6 @@ def test_compiled_step_row(results, row_name, method_name, overrides, mode):
     if not ON_GPU and not (cpu_opt_in and mode == "default" and row_name != "avpt-fused"):
         results.add(**row, status="skipped: compiled steps run on a GPU (CPU: AVPT_BENCH_COMPILE=1, "
                     "aot_eager, default mode, torch-backend ops)")
-        return
-    if overrides.get("backend") == "triton" and not _fused_available():
-        results.add(**row, status="unavailable: not every op has its Triton kernel yet")
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

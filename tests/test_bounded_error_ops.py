@@ -26,7 +26,6 @@ The cases at the model's shapes take seconds each under the Triton interpreter: 
 representative few run in CI, the rest carry the ``extended`` marker (``make test-extended``).
 Run with ``-s`` to print the measured errors of every tensor.
 """
-import importlib
 
 import pytest
 import torch
@@ -34,8 +33,8 @@ import torch
 from avpt_kernels.testing import BOUND_FACTOR, UNIT_ROUNDOFF, assert_bounded_error, \
     relative_error
 
-rp = importlib.import_module("avpt_kernels.region_pool")
-pb = importlib.import_module("avpt_kernels.prompt_bank")
+from avpt_kernels.ops import prompt_bank as pb
+from avpt_kernels.ops import region_pool as rp
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = (torch.float16, torch.bfloat16)
 EXT = pytest.mark.extended

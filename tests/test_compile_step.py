@@ -21,7 +21,7 @@ import copy
 import pytest
 import torch
 
-from avpt.train import LossFn, TrainStep, WholeStep, init_adam_state, load_config, make_optimizer
+from avpt.train import TrainStep, WholeStep, init_adam_state, load_config, make_optimizer
 from avpt_kernels.testing import assert_close
 from tests.tiny_models import trained_looking_tiny_avpt
 
@@ -58,7 +58,7 @@ def _trainable(model):
 
 
 def _eager_steps(model, batches):
-    loss_fn = LossFn(model)
+    loss_fn = model.make_loss()
     step_module, params = TrainStep(model, loss_fn), _trainable(model)
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=WD)
     terms = []
@@ -75,7 +75,7 @@ def _eager_steps(model, batches):
 def _compiled_steps(model, batches):
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    loss_fn = LossFn(model)
+    loss_fn = model.make_loss()
     opt = torch.optim.AdamW(_trainable(model), lr=torch.tensor(LR), weight_decay=WD,
                             capturable=True)
     counter = CompileCounterWithBackend("aot_eager")

@@ -10,7 +10,6 @@ prompt broadcasting, the init behaviour, callable prompts, errors, the fused bac
 the torch one, torch.compile(fullgraph=True), autocast, and the launches the wrapper adds.
 """
 import copy
-import importlib
 
 import pytest
 import torch
@@ -338,7 +337,7 @@ def _count(model, dense_prompts=False):
     view)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    L = importlib.import_module("benchmarks.launches")
+    from benchmarks import launches as L
     aten = torch.ops.aten
 
     class Counter(L.LaunchCounter):
@@ -388,7 +387,6 @@ def test_avpt_model_uses_pim_blocks():
     """A-VPT's PIMs sit in PIMBlocks (make_pim_blocks) around the frozen backbone's blocks, kept
     beside the backbone: encode_image is untouched, parameter names are as before, gates_shut is
     pim_gates_shut, and with the gates shut the model gives encode_image."""
-    from avpt.model import stage_of_layers
     from tests.tiny_models import trained_looking_tiny_avpt
 
     model = trained_looking_tiny_avpt("torch", schedule="hierarchical")
@@ -397,7 +395,7 @@ def test_avpt_model_uses_pim_blocks():
     assert all(isinstance(b, ak.PIMBlock) and b.prompt_kind == "none" for b in blocks)
     assert [b.layer for b in blocks] == model.layers == list(range(len(resblocks)))
     assert all(b.block is resblocks[i] for b, i in zip(blocks, model.layers))
-    assert [list(model.pims).index(b.pim) for b in blocks] == stage_of_layers(len(resblocks))
+    assert [list(model.pims).index(b.pim) for b in blocks] == ak.contiguous_stages(len(resblocks), 3)
     assert not any(isinstance(m, ak.PIMBlock) for m in model.backbone.modules())
     trainable = [n for n, p in model.named_parameters() if p.requires_grad and "pim" in n]
     assert trainable == [f"pims.{g}.packed" for g in range(3)]

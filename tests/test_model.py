@@ -12,7 +12,6 @@ from avpt.anatomy import tissue_prior_maps
 from avpt.explain import relevance, rollout
 from avpt.methods import build_method
 from avpt.methods.avpt import SCHEDULES, injection_plan
-import importlib
 from avpt_kernels.testing import assert_close
 from tests.tiny_models import train_gates
 
@@ -266,11 +265,9 @@ def _compare(actual_model, expected_model, images, maps, tag):
         assert_close(g, grads_e[name], torch.float32, f"{tag} grad {name}")
 
 
-# (op module holding HAS_TRITON, module class); the package re-exports the functions under the
-# same names, hence import_module.
-OPS = {name: (importlib.import_module(f"avpt_kernels.{name}"), cls) for name, cls in (
-    ("region_pool", ak.RegionPool), ("prompt_bank", ak.LowRankPromptBank),
-    ("pim", ak.PromptTokenInteraction))}
+# op name -> the module class that runs it
+OPS = {"region_pool": ak.RegionPool, "prompt_bank": ak.LowRankPromptBank,
+       "pim": ak.PromptTokenInteraction}
 
 
 @pytest.mark.parametrize("which", ["region_pool", "prompt_bank", "pim", "all"])
@@ -278,25 +275,19 @@ def test_triton_backend_matches_torch(which, monkeypatch):
     """The same model with the op(s) on backend='triton' (on CUDA when a GPU is present, else the
     interpreter on CPU) gives the same outputs and gradients as on backend='torch': both are
     checked against the fp64 evaluation of the model under the fp32 tolerance (two fp32 roundings
-    compared with each other would need twice the tolerance). The torch half always runs; the
-    triton half is skipped, with the reason, while the op's kernels have not landed
-    (``HAS_TRITON`` False)."""
+    compared with each other would need twice the tolerance)."""
     names = list(OPS) if which == "all" else [which]
     model = train_gates(tiny_avpt(backend="torch"))
     reference = copy.deepcopy(model).double()
     images, maps = inputs()
     _compare(model, reference, images, maps, "torch vs fp64")
-    missing = [n for n in names if not OPS[n][0].HAS_TRITON]
-    if missing:
-        pytest.skip(f"triton half not run: no Triton kernel yet for {missing} "
-                    f"(avpt_kernels.<op>.HAS_TRITON is False); torch half ran")
     # With a GPU the triton model runs on CUDA, where cuDNN convolutions (the patch embedding)
     # default to TF32 (~1e-3 relative error, far beyond the fp32 tolerance): keep full fp32
     # (cuBLAS matmuls are full fp32 by default already).
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     triton_model = copy.deepcopy(model).to(DEVICE)  # _compare moves the inputs to DEVICE
     for module in triton_model.modules():
-        if any(isinstance(module, OPS[n][1]) for n in names):
+        if any(isinstance(module, OPS[n]) for n in names):
             module.backend = "triton"
     _compare(triton_model, reference, images, maps, f"triton[{which}] vs fp64")
 

@@ -108,18 +108,19 @@ def test_backend_switch():
     assert backend.get_backend() in backend.BACKENDS
     with backend.use_backend("torch"):
         assert backend.get_backend() == "torch"
-        assert backend.resolve("pim", torch.device("cpu"), None, has_triton=True) == "torch"
+        assert backend.resolve("pim", torch.device("cpu"), None, lambda: None) == "torch"
     with pytest.raises(ValueError, match="backend must be one of"):
         backend.set_backend("cuda")
     with pytest.raises(ValueError, match="backend must be one of"):
         ak.region_pool(torch.randn(1, 5, 4), torch.rand(1, 4, 2), backend="fast")
     cpu = torch.device("cpu")
-    # auto: Triton only where the op has a kernel and the device can run it.
-    assert backend.resolve("x", cpu, "auto", has_triton=False) == "torch"
-    assert backend.resolve("x", cpu, "auto", has_triton=True) == (
+    # auto: Triton only where the kernels take the arguments and the device can run them.
+    assert backend.resolve("x", cpu, "auto", lambda: "K=99") == "torch"
+    assert backend.resolve("x", cpu, "auto", lambda: None) == (
         "triton" if backend.interpreter_enabled() else "torch")
-    with pytest.raises(NotImplementedError, match="no Triton kernel"):
-        backend.resolve("x", cpu, "triton", has_triton=False)
+    if backend.interpreter_enabled():  # "triton" raises with the op's reason, never falls back
+        with pytest.raises(ValueError, match="x: backend='triton' does not support K=99"):
+            backend.resolve("x", cpu, "triton", lambda: "K=99")
     meta = torch.device("meta")
     with pytest.raises(ValueError, match="needs CUDA tensors"):
-        backend.resolve("x", meta, "triton", has_triton=True)
+        backend.resolve("x", meta, "triton", lambda: None)

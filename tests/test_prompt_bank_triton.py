@@ -2,7 +2,6 @@
 copies: prompts and all seven gradients, every kernel dtype, ranks 4/8/16, the op registration
 (opcheck, torch.compile) and the backend routing. Runs on CUDA tensors when a GPU is present,
 otherwise on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py)."""
-import importlib
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import avpt_kernels as ak
 from avpt_kernels import backend, reference
 from avpt_kernels.testing import DTYPES, assert_close
 
-pb = importlib.import_module("avpt_kernels.prompt_bank")
+from avpt_kernels.ops import prompt_bank as pb
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 NAMES = ("region_emb", "token_offset", "U", "V", "layer_bias", "ln_weight", "ln_bias")
@@ -60,8 +59,15 @@ def _check(args, stages, dtype, eps=1e-5):
         assert_close(got, want, dtype, f"d {name}")
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("case", list(CASES))
+# The model's shape (D=768, L=12, r=16: ~70 s a dtype under the interpreter) runs in bf16, the
+# GPU dtype, in CI and in the other dtypes under ``extended``; the small shapes run every dtype.
+MATCH_CASES = [pytest.param(case, dtype, id=f"{case}-{dtype}",
+                            marks=pytest.mark.extended if case.startswith("vitb")
+                            and dtype != torch.bfloat16 else ())
+               for case in CASES for dtype in DTYPES]
+
+
+@pytest.mark.parametrize("case,dtype", MATCH_CASES)
 def test_matches_reference(case, dtype):
     b, r, m, d, rank, n_layers, n_stages = CASES[case]
     _check(_inputs(b, r, m, d, rank, n_layers, n_stages, dtype), _stages(n_layers, n_stages),
@@ -197,10 +203,10 @@ def test_unsupported_inputs_fall_back_or_raise():
     out = pb.prompt_bank(*args, [0, 0], backend="auto")  # float64: the torch path under auto
     assert_close(out, reference.prompt_bank(*[a.detach() for a in args], [0, 0]), torch.float64,
                  "fp64 auto")
-    with pytest.raises(TypeError, match="region_emb"):
+    with pytest.raises(ValueError, match="region_emb dtype"):  # one rule: resolve raises ValueError
         pb.prompt_bank(*args, [0, 0], backend="triton")
     wide = _inputs(1, 1, 2, 32, 17, 2, 1, torch.float32)
-    with pytest.raises(ValueError, match="U: .*rank r <= 16"):
+    with pytest.raises(ValueError, match="U with rank r=17 .*rank r <= 16"):
         pb.prompt_bank(*wide, [0, 0], backend="triton")
 
 

@@ -1,10 +1,13 @@
 """The reference ops against independent compositions, fp64 gradcheck, and the properties the
 contract fixes (class token excluded, all-zero maps, area down-sampling, gate shut, softmax axes)."""
+import dataclasses
+
 import pytest
 import torch
 
 import avpt_kernels as ak
 from avpt_kernels import reference
+from avpt_kernels.ops.specs import SPECS, Shape
 from avpt_kernels.testing import assert_close, assert_grads_close, random_pim_params
 
 from . import independent
@@ -172,3 +175,22 @@ def test_low_precision_inputs_keep_dtype_and_stay_close(dtype):
     for x, y, name in zip(low, high, ("z_out", "p_tilde")):
         assert x.dtype == dtype
         assert_close(x, y, dtype=dtype, name=name)
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_op_specs_describe_each_op(name):
+    """The shared op description (tests, benchmarks, compare.py): its inputs run through the
+    reference and through the public op on the torch backend to the same values, and its traffic
+    floor grows with the backward pass."""
+    spec = SPECS[name]
+    shape = Shape(B=2, T=17, D=32, K=6, R=3, layers=4, stages=2, rank=4)
+    for maps_in_pixels in ((0, 8) if name == "region_pool" else (0,)):
+        s = dataclasses.replace(shape, map_side=maps_in_pixels)
+        inputs = spec.inputs(s, torch.float64, seed=1)
+        assert all(torch.equal(a, b) for a, b in zip(inputs, spec.inputs(s, torch.float64, seed=1)))
+        want = spec.reference(s)(*inputs)
+        got = spec.op(s)(*inputs, backend="torch")
+        for x, y in zip(*(v if isinstance(v, tuple) else (v,) for v in (got, want))):
+            assert torch.equal(x, y)
+        assert 0 < spec.min_bytes(s, torch.bfloat16, False) < (
+            spec.min_bytes(s, torch.bfloat16, False) + spec.min_bytes(s, torch.bfloat16, True))

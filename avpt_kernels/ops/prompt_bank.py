@@ -1,5 +1,4 @@
-"""Low-rank, stage-shared prompt bank (Eq. 4): public entry point, checks, Triton kernels and
-autograd.
+"""Low-rank, stage-shared prompt bank (Eq. 4): entry point, checks, Triton kernels, autograd.
 
 ``prompt_bank(region_emb[B,R,D], token_offset[K,D], U[S,D,r], V[S,r,D], layer_bias[L,D],
 ln_weight[L,D], ln_bias[L,D], layer_stage[L]) -> prompts[L,B,K,D]`` (all layers, one call).
@@ -22,20 +21,15 @@ Kernels (fp32 accumulation, rank padded to 16 for ``tl.dot``, fp32 dots in ieee 
   3. ``_prompt_bank_bwd_inputs_kernel``, grid (D chunks, E tiles + offset tiles + S):
      d region_emb, d token_offset (``dlow @ U^T`` summed over the layers) and, per stage,
      dU = ``e^T sum_{l in s} dlow[l]`` and dV = ``sum_{l in s} dV_l``.
+  The launchers make inputs, parameters and the prompts' gradient contiguous (a stride-0
+  gradient, from ``prompts.sum()``, is materialised once).
 
-Inputs and parameters are small and are made contiguous by the launchers (``.contiguous()``), as
-is the prompts' gradient (a stride-0 gradient, from ``prompts.sum()``, is materialised once).
-
-Precision (the bounded-error rule of ``avpt_kernels.testing``: on the same 16-bit inputs, the
-kernels' error against the fp64 truth stays within 2x the torch backend's; tested in
-``tests/test_bounded_error_ops.py``). No contraction here has two exact 16-bit operands, so every
-``tl.dot`` takes fp32 operands and accumulates in fp32: ``e @ U`` (e = E + off is an fp32 sum of
-two 16-bit values), ``low @ V``, ``dx @ V^T``, ``low^T dx``, ``dlow @ U^T``, ``e^T dlow`` (low, dx
-and dlow are fp32 intermediates). The LayerNorm statistics, the row terms c1 and c2 and the
-column sums over rows are fp32 too, and everything the backward reads besides the inputs (low,
-mean, rstd, dlow, c1, c2, the per-layer dV) stays in fp32: the backward recomputes x from the
-fp32 ``low``, never from the prompts rounded to the input dtype. Each result is rounded to the
-input dtype once, when stored.
+Precision (the bounded-error rule of ``avpt_kernels.testing``, tested in
+``tests/test_bounded_error_ops.py``): no contraction here has two exact 16-bit operands, so every
+``tl.dot`` takes fp32 operands and accumulates in fp32 (``e = E + off`` is an fp32 sum; low, dx,
+dlow are fp32 intermediates). The LayerNorm statistics, c1, c2 and the column sums are fp32, and
+the backward rebuilds x from the fp32 ``low``, never from the prompts rounded to the input dtype.
+Each result is rounded to the input dtype once, when stored.
 """
 from __future__ import annotations
 
@@ -46,11 +40,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _checks, reference
-from ._compat import for_triton
-from .backend import get_backend, resolve
-
-HAS_TRITON = True
+from .. import _checks, reference
+from .._compat import for_triton
+from ..backend import resolve
 
 # Dtypes the kernels take (float64 runs on the torch backend: see ``prompt_bank``).
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -101,9 +93,7 @@ def check_args(region_emb, token_offset, U, V, layer_bias, ln_weight, ln_bias, l
 
 
 
-# --------------------------------------------------------------------------------------------
-# Triton kernels
-# --------------------------------------------------------------------------------------------
+# ---- Triton kernels ---------------------------------------------------------------------------
 @triton.jit
 def _token_embedding(emb_ptr, off_ptr, rows, mask_rows, K, M, R, D, offs_d, mask_d):
     """e[row, d] = E[b, k // M, d] + off[k, d] in fp32, [BLOCK_T, BLOCK_D] (zero outside)."""
@@ -122,6 +112,19 @@ def _layer_preact(low, v_ptr, bias_ptr, stage, layer, RANK, D, offs_q, mask_q, o
                 mask=mask_q[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + layer * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     return tl.dot(low, v, input_precision="ieee") + bias[None, :]
+
+
+@triton.jit
+def _ln_grad_inputs(low, v_ptr, bias_ptr, dout_ptr, stage, layer, rows, mask_rows, mean, rstd, BK,
+                    RANK, D, offs_q, mask_q, offs_d, mask_d):
+    """What the LayerNorm backward reads for one [BLOCK_T, BLOCK_D] chunk of layer l, fp32:
+    xhat = (x - mean) * rstd with x rebuilt from the fp32 ``low`` (never from the prompts
+    rounded to the input dtype), and dy = dL/dP from dout [L,BK,D]."""
+    x = _layer_preact(low, v_ptr, bias_ptr, stage, layer, RANK, D, offs_q, mask_q, offs_d, mask_d)
+    xhat = (x - mean[:, None]) * rstd[:, None]
+    dy = tl.load(dout_ptr + (layer * BK + rows).to(tl.int64)[:, None] * D + offs_d[None, :],
+                 mask=mask_rows[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+    return xhat, dy
 
 
 @triton.jit
@@ -185,6 +188,9 @@ def _prompt_bank_fwd_kernel(
     tl.store(rstd_ptr + stat, rstd, mask=mask_rows)
 
 
+# The three row kernels open alike (layer, row tile, stage, rank offsets, the saved low / mean /
+# rstd rows) and end alike (masked row stores): kept inline, as each kernel reads in one screen
+# and a helper returning six tensors would say less than the lines it replaces.
 @triton.jit
 def _prompt_bank_bwd_rows_kernel(
         dout_ptr, v_ptr, bias_ptr, lnw_ptr, stage_ptr, low_ptr, mean_ptr, rstd_ptr,
@@ -207,19 +213,15 @@ def _prompt_bank_bwd_rows_kernel(
                   mask=mask_rows[:, None] & mask_q[None, :], other=0.0)
     mean = tl.load(mean_ptr + stat, mask=mask_rows, other=0.0)
     rstd = tl.load(rstd_ptr + stat, mask=mask_rows, other=0.0)
-    dout_rows = dout_ptr + (layer * BK + rows).to(tl.int64)[:, None] * D
 
     c1 = tl.zeros((BLOCK_T,), dtype=tl.float32)
     c2 = tl.zeros((BLOCK_T,), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
-        x = _layer_preact(low, v_ptr, bias_ptr, stage, layer, RANK, D, offs_q, mask_q, offs_d,
-                          mask_d)
-        xhat = (x - mean[:, None]) * rstd[:, None]
+        xhat, dy = _ln_grad_inputs(low, v_ptr, bias_ptr, dout_ptr, stage, layer, rows, mask_rows,
+                                   mean, rstd, BK, RANK, D, offs_q, mask_q, offs_d, mask_d)
         w = tl.load(lnw_ptr + layer * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        dy = tl.load(dout_rows + offs_d[None, :], mask=mask_rows[:, None] & mask_d[None, :],
-                     other=0.0).to(tl.float32)
         dxhat = dy * w[None, :]
         c1 += tl.sum(dxhat, axis=1)
         c2 += tl.sum(dxhat * xhat, axis=1)
@@ -230,12 +232,9 @@ def _prompt_bank_bwd_rows_kernel(
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
         mask_d = offs_d < D
-        x = _layer_preact(low, v_ptr, bias_ptr, stage, layer, RANK, D, offs_q, mask_q, offs_d,
-                          mask_d)
-        xhat = (x - mean[:, None]) * rstd[:, None]
+        xhat, dy = _ln_grad_inputs(low, v_ptr, bias_ptr, dout_ptr, stage, layer, rows, mask_rows,
+                                   mean, rstd, BK, RANK, D, offs_q, mask_q, offs_d, mask_d)
         w = tl.load(lnw_ptr + layer * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-        dy = tl.load(dout_rows + offs_d[None, :], mask=mask_rows[:, None] & mask_d[None, :],
-                     other=0.0).to(tl.float32)
         dx = rstd[:, None] * (dy * w[None, :] - c1[:, None] - xhat * c2[:, None])
         dx = tl.where(mask_d[None, :], dx, 0.0)
         v = tl.load(v_ptr + (stage * RANK + offs_q)[:, None] * D + offs_d[None, :],
@@ -278,11 +277,8 @@ def _prompt_bank_bwd_layer_kernel(
         rstd = tl.load(rstd_ptr + stat, mask=mask_rows, other=0.0)
         c1 = tl.load(c1_ptr + stat, mask=mask_rows, other=0.0)
         c2 = tl.load(c2_ptr + stat, mask=mask_rows, other=0.0)
-        x = _layer_preact(low, v_ptr, bias_ptr, stage, layer, RANK, D, offs_q, mask_q, offs_d,
-                          mask_d)
-        xhat = (x - mean[:, None]) * rstd[:, None]
-        dy = tl.load(dout_ptr + (layer * BK + rows).to(tl.int64)[:, None] * D + offs_d[None, :],
-                     mask=mask_rows[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+        xhat, dy = _ln_grad_inputs(low, v_ptr, bias_ptr, dout_ptr, stage, layer, rows, mask_rows,
+                                   mean, rstd, BK, RANK, D, offs_q, mask_q, offs_d, mask_d)
         dx = rstd[:, None] * (dy * w[None, :] - c1[:, None] - xhat * c2[:, None])
         dx = tl.where(mask_rows[:, None], dx, 0.0)  # padded rows have rstd = 0 already
         dlnb += tl.sum(dy, axis=0)
@@ -388,9 +384,7 @@ def _prompt_bank_bwd_inputs_kernel(
                  du.to(du_ptr.dtype.element_ty), mask=mask_d[:, None] & mask_q[None, :])
 
 
-# --------------------------------------------------------------------------------------------
-# Launchers
-# --------------------------------------------------------------------------------------------
+# ---- Launchers --------------------------------------------------------------------------------
 _BLOCK_T = 16
 _BLOCK_RANK = MAX_RANK
 _BLOCK_D = 64
@@ -469,9 +463,7 @@ def _backward(grad_out, region_emb, token_offset, U, V, layer_bias, ln_weight, l
     return d_emb.to(dt), d_off, d_u, d_v, d_bias, d_lnw, d_lnb
 
 
-# --------------------------------------------------------------------------------------------
-# Custom ops + autograd
-# --------------------------------------------------------------------------------------------
+# ---- Custom ops + autograd --------------------------------------------------------------------
 @torch.library.custom_op("avpt::prompt_bank", mutates_args=())
 def prompt_bank_op(region_emb: Tensor, token_offset: Tensor, U: Tensor, V: Tensor,
                    layer_bias: Tensor, ln_weight: Tensor, ln_bias: Tensor,
@@ -540,6 +532,15 @@ def prompt_bank_min_bytes(batch: int, regions: int, tokens: int, dim: int, rank:
     return size * (inputs + prompts) if not backward else size * (2 * inputs + prompts)
 
 
+def triton_unsupported_reason(region_emb: Tensor, U: Tensor) -> Optional[str]:
+    """Why the Triton kernels cannot take these (already validated) arguments, or None."""
+    if region_emb.dtype not in KERNEL_DTYPES:
+        return f"region_emb dtype {region_emb.dtype} (the kernels take {KERNEL_DTYPES})"
+    if U.shape[2] > MAX_RANK:
+        return f"U with rank r={U.shape[2]} (the kernels take rank r <= {MAX_RANK})"
+    return None
+
+
 def prompt_bank(region_emb: Tensor, token_offset: Tensor, U: Tensor, V: Tensor,
                 layer_bias: Tensor, ln_weight: Tensor, ln_bias: Tensor,
                 layer_stage: Sequence[int], eps: float = 1e-5, *,
@@ -556,19 +557,8 @@ def prompt_bank(region_emb: Tensor, token_offset: Tensor, U: Tensor, V: Tensor,
     """
     check_args(region_emb, token_offset, U, V, layer_bias, ln_weight, ln_bias, layer_stage, eps)
     stages = [int(x) for x in layer_stage]
-    use = resolve("prompt_bank", region_emb.device, backend, has_triton=HAS_TRITON)
-    if use == "triton":
-        explicit = (backend or get_backend()) == "triton"
-        if region_emb.dtype not in KERNEL_DTYPES:
-            if explicit:
-                raise TypeError(f"region_emb: the Triton prompt_bank kernels take "
-                                f"{KERNEL_DTYPES}, got {region_emb.dtype}; use backend='torch'")
-            use = "torch"
-        elif U.shape[2] > MAX_RANK:
-            if explicit:
-                raise ValueError(f"U: the Triton prompt_bank kernels take rank r <= {MAX_RANK}, "
-                                 f"got r={U.shape[2]}; use backend='torch'")
-            use = "torch"
+    use = resolve("prompt_bank", region_emb.device, backend,
+                  lambda: triton_unsupported_reason(region_emb, U))
     if use == "torch":
         return reference.prompt_bank(region_emb, token_offset, U, V, layer_bias, ln_weight,
                                      ln_bias, stages, eps)
@@ -576,42 +566,26 @@ def prompt_bank(region_emb: Tensor, token_offset: Tensor, U: Tensor, V: Tensor,
                           float(eps))[0]
 
 
-# --------------------------------------------------------------------------------------------
-# Ahead-of-time compile list
-# --------------------------------------------------------------------------------------------
-_TL_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# ---- Ahead-of-time compile list ---------------------------------------------------------------
+_INPUT_POINTERS = ("emb_ptr", "out_ptr", "dout_ptr", "demb_ptr")
+_FP32_POINTERS = ("low_ptr", "mean_ptr", "rstd_ptr", "dlow_ptr", "c1_ptr", "c2_ptr", "dv_layer_ptr")
 
 
 def aot_configs() -> List:
-    """Every kernel configuration the launchers above can select (per input dtype)."""
-    from .aot import KernelConfig
+    """Every kernel configuration the launchers above can select (per input and weight dtype);
+    signatures from the kernels' parameter lists: pointers in the input dtype, the fp32
+    intermediates, the int32 stage table, and the weights (and their gradients) in the rest."""
+    from ..aot import KernelConfig, signature, tl_type
 
     blocks = dict(BLOCK_T=_BLOCK_T, BLOCK_RANK=_BLOCK_RANK, BLOCK_D=_BLOCK_D)
     configs = []
     # (input dtype, weight dtype): the weights in the input dtype, or fp32 master weights
-    pairs = [(ty, ty) for ty in _TL_TYPES.values()] + [("bf16", "fp32"), ("fp16", "fp32")]
-    for ty, wty in pairs:
-        p, w, f32 = f"*{ty}", f"*{wty}", "*fp32"
-        sigs = {
-            _prompt_bank_fwd_kernel: dict(
-                emb_ptr=p, off_ptr=w, u_ptr=w, v_ptr=w, bias_ptr=w, lnw_ptr=w, lnb_ptr=w,
-                stage_ptr="*i32", out_ptr=p, low_ptr=f32, mean_ptr=f32, rstd_ptr=f32,
-                BK="i32", K="i32", M="i32", R="i32", D="i32", RANK="i32", eps="fp32"),
-            _prompt_bank_bwd_rows_kernel: dict(
-                dout_ptr=p, v_ptr=w, bias_ptr=w, lnw_ptr=w, stage_ptr="*i32", low_ptr=f32,
-                mean_ptr=f32, rstd_ptr=f32, dlow_ptr=f32, c1_ptr=f32, c2_ptr=f32,
-                BK="i32", D="i32", RANK="i32"),
-            _prompt_bank_bwd_layer_kernel: dict(
-                dout_ptr=p, v_ptr=w, bias_ptr=w, lnw_ptr=w, stage_ptr="*i32", low_ptr=f32,
-                mean_ptr=f32, rstd_ptr=f32, c1_ptr=f32, c2_ptr=f32, dlnw_ptr=w, dlnb_ptr=w,
-                dbias_ptr=w, dv_layer_ptr=f32, BK="i32", D="i32", RANK="i32"),
-            _prompt_bank_bwd_inputs_kernel: dict(
-                emb_ptr=p, off_ptr=w, u_ptr=w, stage_ptr="*i32", dlow_ptr=f32, dv_layer_ptr=f32,
-                demb_ptr=p, doff_ptr=w, du_ptr=w, dv_ptr=w, B="i32", K="i32", M="i32", R="i32",
-                D="i32", RANK="i32", L="i32", S="i32", n_group_tiles="i32",
-                n_token_tiles="i32"),
-        }
-        for fn, sig in sigs.items():
+    types = [tl_type(dt) for dt in KERNEL_DTYPES]
+    for ty, wty in [(ty, ty) for ty in types] + [("bf16", "fp32"), ("fp16", "fp32")]:
+        pointers = {**{n: f"*{ty}" for n in _INPUT_POINTERS},
+                    **{n: "*fp32" for n in _FP32_POINTERS}, "stage_ptr": "*i32"}
+        for fn in (_prompt_bank_fwd_kernel, _prompt_bank_bwd_rows_kernel,
+                   _prompt_bank_bwd_layer_kernel, _prompt_bank_bwd_inputs_kernel):
             if wty != ty and fn is not _prompt_bank_fwd_kernel:
                 continue  # the backward runs mixed-dtype calls on fp32 inputs (see _backward)
             consts = dict(blocks)
@@ -619,6 +593,6 @@ def aot_configs() -> List:
             if fn is _prompt_bank_bwd_inputs_kernel:
                 consts.update(_INPUTS_BLOCKS)
                 warps = _INPUTS_WARPS
-            configs.append(KernelConfig(fn, {**sig, **{k: "constexpr" for k in consts}}, consts,
-                                        num_warps=warps))
+            sig = signature(fn, pointers, ("eps",), pointer=f"*{wty}")
+            configs.append(KernelConfig(fn, sig, consts, num_warps=warps))
     return configs

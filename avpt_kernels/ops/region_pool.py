@@ -25,18 +25,13 @@ input dtype: G = dout / (den + eps) can exceed the float16 range for an empty ma
 tensor-core variant of the forward cannot be validated here (Triton's interpreter mishandles
 bfloat16 ``tl.dot`` operands).
 
-Precision (the bounded-error rule of ``avpt_kernels.testing``: on the same 16-bit inputs, the
-kernels' error against the fp64 truth stays within 2x the torch backend's). Every product and
-sum is formed and accumulated in fp32: the forward's ``A^T F`` and ``sum_p A`` (the pixel-map
-box averages A are fp32 values, not 16-bit ones), the backward's ``A G`` and ``F G^T`` (G =
-dout / (den + eps) is an fp32 value) and ``out . G``. Only the results are rounded to the input
-dtype, once. In particular ``dA = F.G - out.G`` suffers cancellation whenever the features share
-a large common component (every token close to the region mean, as with the large shared
-channels of a ViT's features): ``out.G`` must then be the fp32 ``num / (den + eps)``, not the
-16-bit ``out`` rounded to the input dtype, whose rounding error (u |out| |G|) would be amplified
-by |out| / |F - out| in dA. So for 16-bit inputs the forward also writes ``out`` in fp32
-([B,R,D], a few KB: R << N), which is what the backward saves and reads; for fp32 inputs ``out``
-itself is that tensor.
+Precision (the bounded-error rule of ``avpt_kernels.testing``): every product and sum is formed
+and accumulated in fp32 (the pixel-map box averages A and G are fp32 values); results are
+rounded to the input dtype once. ``dA = F.G - out.G`` cancels when the features share a large
+common component (a ViT's large shared channels): ``out.G`` must then use the fp32
+``num / (den + eps)``, not ``out`` rounded to 16 bits (its error u |out| |G| would be amplified by
+|out| / |F - out|). So for 16-bit inputs the forward also writes ``out`` in fp32 ([B,R,D], a few
+KB), which the backward saves and reads; for fp32 inputs ``out`` itself is that tensor.
 """
 from __future__ import annotations
 
@@ -48,11 +43,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _checks, reference
-from ._compat import for_triton
-from .backend import get_backend, resolve
-
-HAS_TRITON = True
+from .. import _checks, reference
+from .._compat import for_triton
+from ..backend import resolve
 
 _LAYOUT_F = "[B, T, D] (class token first) or [B, N, D]"
 _LAYOUT_M = "[B, N, R] (token resolution) or [B, R, H, W] (pixel resolution)"
@@ -110,9 +103,7 @@ def check_args(features: Tensor, maps: Tensor, eps: float,
 
 
 
-# --------------------------------------------------------------------------------------------
-# Triton kernels
-# --------------------------------------------------------------------------------------------
+# ---- Triton kernels ---------------------------------------------------------------------------
 @triton.jit
 def _area_weights_tile(maps_ptr, pid_b, offs_p, mask_p, offs_r, R,
                        stride_mb, stride_m1, stride_m2, stride_m3, grid_w, factor,
@@ -235,6 +226,7 @@ def _region_pool_finalize_kernel(
         tl.store(den_ptr + pid_b * R + offs_r, den, mask=mask_r)
 
 
+# (Its prologue has the shape of the finalize kernel's: program ids, offsets and masks, inline.)
 @triton.jit
 def _region_pool_bwd_kernel(
         feat_ptr, maps_ptr, out_ptr, den_ptr, dout_ptr, dfeat_ptr, dmaps_ptr,
@@ -316,9 +308,7 @@ def _region_pool_bwd_kernel(
                      da.to(dmaps_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_r[None, :])
 
 
-# --------------------------------------------------------------------------------------------
-# Launch configuration (shared by the launchers and aot_configs)
-# --------------------------------------------------------------------------------------------
+# ---- Launch configuration (shared by the launchers and aot_configs) ---------------------------
 _BLOCK_P = 16
 _BWD_BLOCK_D = 64
 _TOKEN_FWD_BLOCK_D = 128
@@ -332,8 +322,9 @@ _PIXEL_FWD_BLOCK_D = tuple(block_d for block_d, _ in _PIXEL_FWD)
 _PIXEL_BLOCK_PIX = 128  # pixels of one patch box per step (a 16 x 16 box in two steps)
 
 
-def _block_r(num_regions: int) -> int:
-    return MAX_REGIONS  # R <= 16, padded to 16 because tl.dot needs every dim >= 16
+# Regions padded to one block of MAX_REGIONS whatever R is (tl.dot needs every dim >= 16): one
+# configuration to compile for every R.
+_BLOCK_R = MAX_REGIONS
 
 
 def _block_pix(pixel_maps: bool) -> int:
@@ -407,13 +398,13 @@ def _forward(features: Tensor, maps: Tensor, eps: float, grid_h: int,
         features, maps, dst, dst_den, out32 if fwd_write_f32 else dst_den, n, r, d, cls_offset,
         eps, max(grid_w, 1), factor,
         patches_per_split, *features.stride(), *_map_strides(maps), *dst_strides,
-        PIXEL_MAPS=pixel, SPLIT=splits > 1, BLOCK_P=_BLOCK_P, BLOCK_R=_block_r(r),
+        PIXEL_MAPS=pixel, SPLIT=splits > 1, BLOCK_P=_BLOCK_P, BLOCK_R=_BLOCK_R,
         BLOCK_D=block_d, BLOCK_PIX=_block_pix(pixel), WRITE_F32=fwd_write_f32,
         num_warps=_fwd_warps(pixel, block_d))
     if splits > 1:
         _region_pool_finalize_kernel[(b, triton.cdiv(d, _FINALIZE_BLOCK_D))](
             dst, dst_den, out, den, out32 if write_f32 else den, splits, r, d, eps,
-            *out.stride(), BLOCK_R=_block_r(r), BLOCK_D=_FINALIZE_BLOCK_D, WRITE_F32=write_f32,
+            *out.stride(), BLOCK_R=_BLOCK_R, BLOCK_D=_FINALIZE_BLOCK_D, WRITE_F32=write_f32,
             num_warps=4)
     return out, den, out32
 
@@ -434,14 +425,12 @@ def _backward(grad_out: Tensor, features: Tensor, maps: Tensor, out: Tensor, den
             n, r, d, cls_offset, eps, max(grid_w, 1), factor,
             *features.stride(), *_map_strides(maps), *out.stride(), *grad_out.stride(),
             PIXEL_MAPS=pixel, COMPUTE_DFEAT=need_features, COMPUTE_DMAPS=need_maps,
-            BLOCK_P=_BLOCK_P, BLOCK_R=_block_r(r), BLOCK_D=_BWD_BLOCK_D,
+            BLOCK_P=_BLOCK_P, BLOCK_R=_BLOCK_R, BLOCK_D=_BWD_BLOCK_D,
             BLOCK_PIX=_block_pix(pixel), num_warps=_BWD_WARPS)
     return dfeat, dmaps
 
 
-# --------------------------------------------------------------------------------------------
-# Custom ops + autograd
-# --------------------------------------------------------------------------------------------
+# ---- Custom ops + autograd --------------------------------------------------------------------
 @torch.library.custom_op("avpt::region_pool", mutates_args=())
 def region_pool_op(features: Tensor, maps: Tensor, eps: float, grid_h: int,
                    grid_w: int) -> Tuple[Tensor, Tensor, Tensor]:
@@ -516,9 +505,17 @@ def region_pool_min_bytes(features_shape, maps_shape, dtype=torch.float32,
     return size * (2 * patch_elems + 2 * maps_elems + 2 * out_elems)
 
 
-# --------------------------------------------------------------------------------------------
-# Public entry point
-# --------------------------------------------------------------------------------------------
+# ---- Public entry point -----------------------------------------------------------------------
+def triton_unsupported_reason(features: Tensor, maps: Tensor) -> Optional[str]:
+    """Why the Triton kernels cannot take these (already validated) arguments, or None."""
+    regions = maps.shape[1] if maps.dim() == 4 else maps.shape[2]
+    if features.dtype not in KERNEL_DTYPES:
+        return f"features dtype {features.dtype} (the kernels take {KERNEL_DTYPES})"
+    if regions > MAX_REGIONS:
+        return f"maps with R={regions} regions (the kernels take at most {MAX_REGIONS} regions)"
+    return None
+
+
 def region_pool(features: Tensor, maps: Tensor, eps: float = 1e-6, *,
                 backend: Optional[str] = None, check_values: Optional[bool] = None) -> Tensor:
     """Soft region pooling, Eq. 2: ``out[b,k] = sum_p A[b,p,k] F[b,p] / (sum_p A[b,p,k] + eps)``.
@@ -545,84 +542,49 @@ def region_pool(features: Tensor, maps: Tensor, eps: float = 1e-6, *,
     maps where they are loaded. ``check_values=False`` skips the check on CPU too.
     """
     grid = check_args(features, maps, eps, check_values)
-    use = resolve("region_pool", features.device, backend, has_triton=HAS_TRITON)
-    if use == "triton":
-        explicit = (backend or get_backend()) == "triton"
-        regions = maps.shape[1] if maps.dim() == 4 else maps.shape[2]
-        if features.dtype not in KERNEL_DTYPES:
-            if explicit:
-                raise TypeError(f"features: the Triton region_pool kernels take "
-                                f"{KERNEL_DTYPES}, got {features.dtype}; use backend='torch'")
-            use = "torch"
-        elif regions > MAX_REGIONS:
-            if explicit:
-                raise ValueError(f"maps: the Triton region_pool kernels take at most "
-                                 f"{MAX_REGIONS} regions, got R={regions}; use backend='torch'")
-            use = "torch"
+    use = resolve("region_pool", features.device, backend,
+                  lambda: triton_unsupported_reason(features, maps))
     if use == "torch":
         return reference.region_pool(features, maps, eps, grid)
     grid_h, grid_w = grid if grid is not None else (0, 0)
     return region_pool_op(features, maps, float(eps), grid_h, grid_w)[0]
 
 
-# --------------------------------------------------------------------------------------------
-# Ahead-of-time compile list
-# --------------------------------------------------------------------------------------------
-_TL_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+# ---- Ahead-of-time compile list ---------------------------------------------------------------
+_INPUT_POINTERS = ("feat_ptr", "maps_ptr", "out_ptr", "dout_ptr", "dfeat_ptr", "dmaps_ptr")
 
 
 def aot_configs() -> List:
-    """Every kernel configuration the launchers above can select (per input dtype)."""
-    from .aot import KernelConfig
+    """Every kernel configuration the launchers above can select (per input dtype); signatures
+    from the kernels' parameter lists (pointers in the input dtype or fp32, sizes i32, eps fp32)."""
+    from ..aot import KernelConfig, signature, tl_type
 
-    ints = ("N", "R", "D", "cls_offset", "grid_w", "factor")
     configs = []
-    for dtype, ty in _TL_TYPES.items():
-        ptr = f"*{ty}"
-        fwd_sig = {"feat_ptr": ptr, "maps_ptr": ptr, "out_ptr": ptr, "den_ptr": "*fp32",
-                   "out32_ptr": "*fp32", **{k: "i32" for k in ints[:4]}, "eps": "fp32",
-                   **{k: "i32" for k in ints[4:] + ("patches_per_split",)},
-                   **{k: "i32" for k in ("stride_fb", "stride_ft", "stride_fd", "stride_mb",
-                                         "stride_m1", "stride_m2", "stride_m3", "stride_ob",
-                                         "stride_os", "stride_or", "stride_od")}}
-        fwd_const = ("PIXEL_MAPS", "SPLIT", "BLOCK_P", "BLOCK_R", "BLOCK_D", "BLOCK_PIX",
-                     "WRITE_F32")
+    for dtype in KERNEL_DTYPES:
+        inputs = {n: f"*{tl_type(dtype)}" for n in _INPUT_POINTERS}
         write_f32 = dtype != torch.float32  # 16-bit inputs also write out in fp32
-        fwd_sig.update({k: "constexpr" for k in fwd_const})
         # Token maps: one split. Pixel maps: one split, or partial sums (fp32 out) + finalize.
         fwd_choices = [(False, False, _TOKEN_FWD_BLOCK_D)] + [
             (True, split, bd) for split in (False, True) for bd in _PIXEL_FWD_BLOCK_D]
         for pixel, split, block_d in fwd_choices:
-            sig = dict(fwd_sig, out_ptr="*fp32") if split else fwd_sig
+            sig = signature(_region_pool_fwd_kernel,
+                            dict(inputs, out_ptr="*fp32") if split else inputs, ("eps",))
             configs.append(KernelConfig(
                 _region_pool_fwd_kernel, sig,
-                dict(PIXEL_MAPS=pixel, SPLIT=split, BLOCK_P=_BLOCK_P, BLOCK_R=_block_r(1),
+                dict(PIXEL_MAPS=pixel, SPLIT=split, BLOCK_P=_BLOCK_P, BLOCK_R=_BLOCK_R,
                      BLOCK_D=block_d, BLOCK_PIX=_block_pix(pixel),
                      WRITE_F32=write_f32 and not split), num_warps=_fwd_warps(pixel, block_d)))
         configs.append(KernelConfig(
             _region_pool_finalize_kernel,
-            {"part_num_ptr": "*fp32", "part_den_ptr": "*fp32", "out_ptr": ptr, "den_ptr": "*fp32",
-             "out32_ptr": "*fp32", "n_splits": "i32", "R": "i32", "D": "i32", "eps": "fp32",
-             "stride_ob": "i32", "stride_or": "i32", "stride_od": "i32", "BLOCK_R": "constexpr",
-             "BLOCK_D": "constexpr", "WRITE_F32": "constexpr"},
-            dict(BLOCK_R=_block_r(1), BLOCK_D=_FINALIZE_BLOCK_D, WRITE_F32=write_f32),
+            signature(_region_pool_finalize_kernel, {"out_ptr": inputs["out_ptr"]}, ("eps",)),
+            dict(BLOCK_R=_BLOCK_R, BLOCK_D=_FINALIZE_BLOCK_D, WRITE_F32=write_f32),
             num_warps=4))
-        bwd_sig = {"feat_ptr": ptr, "maps_ptr": ptr, "out_ptr": "*fp32", "den_ptr": "*fp32",
-                   "dout_ptr": ptr, "dfeat_ptr": ptr, "dmaps_ptr": ptr,
-                   **{k: "i32" for k in ints[:4]}, "eps": "fp32",
-                   **{k: "i32" for k in ints[4:]},
-                   **{k: "i32" for k in ("stride_fb", "stride_ft", "stride_fd", "stride_mb",
-                                         "stride_m1", "stride_m2", "stride_m3", "stride_ob",
-                                         "stride_or", "stride_od", "stride_gb", "stride_gr",
-                                         "stride_gd")}}
-        bwd_const = ("PIXEL_MAPS", "COMPUTE_DFEAT", "COMPUTE_DMAPS", "BLOCK_P", "BLOCK_R",
-                     "BLOCK_D", "BLOCK_PIX")
-        bwd_sig.update({k: "constexpr" for k in bwd_const})
+        bwd_sig = signature(_region_pool_bwd_kernel, dict(inputs, out_ptr="*fp32"), ("eps",))
         for pixel in (False, True):
             for need_f, need_m in ((True, True), (True, False), (False, True)):
                 configs.append(KernelConfig(
                     _region_pool_bwd_kernel, bwd_sig,
                     dict(PIXEL_MAPS=pixel, COMPUTE_DFEAT=need_f, COMPUTE_DMAPS=need_m,
-                         BLOCK_P=_BLOCK_P, BLOCK_R=_block_r(1), BLOCK_D=_BWD_BLOCK_D,
+                         BLOCK_P=_BLOCK_P, BLOCK_R=_BLOCK_R, BLOCK_D=_BWD_BLOCK_D,
                          BLOCK_PIX=_block_pix(pixel)), num_warps=_BWD_WARPS))
     return configs

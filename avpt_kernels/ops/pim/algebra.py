@@ -1,5 +1,5 @@
 """The per-image algebra of PIM as Triton kernels: one launch each for the small matrices before
-and between the token passes of ``pim.py``, and one each for their backward.
+and between the token passes (``kernels``), and one each for their backward.
 
 Per image b (P [K,D] prompts, weights in nn.Linear layout packed in one flat vector, A = H*dh
 attention width, columns c = h*K + k padded to HKP, scale = 1/sqrt(dh)):
@@ -20,19 +20,19 @@ attention width, columns c = h*K + k padded to HKP, scale = 1/sqrt(dh)):
 
 One program per image (grid (B,)); the weight gradients, summed over images, are fp32 atomic adds
 into one zeroed flat buffer laid out like the weights. Every product of two fp32 operands is a
-split dot (``pim._mm_split``: ~fp32 accuracy on 16-bit tensor cores, IEEE fp32 for fp32 inputs),
+split dot (``dots._mm_split``: ~fp32 accuracy on 16-bit tensor cores, IEEE fp32 for fp32 inputs),
 a product with the exact 16-bit prompts P a two-part one; the 0/1 gathers (``_expand``,
 ``_collapse``) are IEEE fp32 dots, exact. Shapes: K <= KP = 16 prompts, A <= AP <= 64,
-gate hidden G <= GP = 64 (``pim.triton_unsupported_reason`` routes anything larger to torch).
+gate hidden G <= GP = 64 (``launch.triton_unsupported_reason`` routes anything larger to torch).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from .pim_dots import _mm_split
+from .dots import _mm_split
 
-# Field indices of PIMParams in the flat weight vector (``pim.weight_layout`` is the Python twin).
+# Field indices of PIMParams in the flat weight vector (``launch.weight_shapes`` is the Python twin).
 T2P_Q_W, T2P_Q_B, T2P_K_W, T2P_K_B = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2), tl.constexpr(3)
 T2P_V_W, T2P_V_B, T2P_O_W, T2P_O_B = tl.constexpr(4), tl.constexpr(5), tl.constexpr(6), tl.constexpr(7)
 P2T_Q_W, P2T_Q_B, P2T_K_W, P2T_K_B = tl.constexpr(8), tl.constexpr(9), tl.constexpr(10), tl.constexpr(11)

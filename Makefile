@@ -59,7 +59,7 @@ compare: $(STAMP)
 # registers, spills and shared memory per config -> benchmarks/results/aot.json, one entry per
 # Triton version: 3.8 (.venv, what CI checks via tests/test_aot.py) and 3.6 (.venv-triton36, the
 # GPU machines' version; created on first use). Runs both, fails if either fails. Measured on
-# this project's 2-core CPU machine (177 configs x 2 targets each, one compile process each, the
+# this project's 2-core CPU machine (176 configs x 2 targets each, one compile process each, the
 # two checks side by side): 3.8 check 6.2 min, 3.6 check 5.7 min.
 AOT_JSON := benchmarks/results/aot.json
 aot: $(STAMP) $(STAMP36)

@@ -21,7 +21,7 @@ PAPER = {
     "vpt": ("Visual Prompt Tuning (VPT)", 2.1, 15.3, 9.8),
     "avpt-fused": ("A-VPT (ours)", 1.87, 15.4, 9.9),
 }
-ORDER = ("backbone", "full", "adapter", "lora", "vpt", "avpt-eager", "avpt-fused")
+ORDER = ("backbone", "full", "adapter", "lora", "vpt", "avpt-eager", "avpt-fused", "cilmp", "biomedap")
 
 
 def _fmt(value, spec: str) -> str:

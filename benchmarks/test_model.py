@@ -38,6 +38,8 @@ METHODS = [
     ("vpt", "vpt", {}),
     ("avpt-eager", "avpt", {"backend": "torch"}),
     ("avpt-fused", "avpt", {"backend": "triton"}),
+    ("cilmp", "cilmp", {}),
+    ("biomedap", "biomedap", {}),
 ]
 
 

@@ -33,12 +33,10 @@ $(STAMP36): pyproject.toml setup.py Makefile
 	$(BIN36)/python -c "import triton; v = triton.__version__; assert v.startswith('3.6.'), v"
 	@touch $(STAMP36)
 
-# One pytest worker per core (pytest-xdist): the interpreter-bound tests are single-threaded.
-TEST_WORKERS ?= auto
 # The unit tests, then the benchmarks as a smoke run (every row produced, nothing timed; the
 # JSON goes to a temporary folder so a test run leaves the tree clean).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) -m "not extended" tests
+	$(BIN)/python -m pytest -q -m "not extended" tests
 	AVPT_BENCH_RESULTS=$$(mktemp -d) $(BIN)/python -m pytest -q -p no:cacheprovider benchmarks --benchmark-disable
 
 # The slow cases `make test` leaves out (pytest marker `extended`: the bounded-error rule at the

@@ -17,6 +17,7 @@ The trainer is called in one place only (``_train_predict``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -56,6 +57,7 @@ def _train_predict(cfg: Dict) -> Tuple[Dict, Dict]:
 def _configs(config: str, out: str, methods: Sequence[str], transfer: Tuple[str, str],
              pretrained: Optional[str], sets: Sequence[str], overrides: Dict) -> List[Tuple[str, str, Dict]]:
     """(method, split name, config) of every run, all validated before the first one starts."""
+    from .methods import get_method_class
     from .train import load_config, read_yaml
     from .validate import validate_config
 
@@ -69,9 +71,13 @@ def _configs(config: str, out: str, methods: Sequence[str], transfer: Tuple[str,
             if split == "transfer":
                 extra.update(modality=[src], test_modality=[dst])
             cfg = load_config(config, None, extra, list(sets), validate=False)
-            if method != "avpt":  # the A-VPT settings of the config are not the baselines'
-                cfg["model"] = {k: v for k, v in cfg["model"].items() if k not in base_model}
-            cfg.update(tensorboard=False, progress=False, report=method == "avpt" and split == "fold")
+            own = get_method_class(method)
+            fields = {f.name for f in dataclasses.fields(own.config_class)}
+            # the config's model: section is A-VPT's; a method takes the settings it has
+            cfg["model"] = {k: v for k, v in cfg["model"].items()
+                            if k not in base_model or k in fields}
+            cfg.update(tensorboard=False, progress=False,
+                       report=own.has_report_sections and split == "fold")
             validate_config(cfg)
             runs.append((method, split, cfg))
     return runs

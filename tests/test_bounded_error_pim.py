@@ -80,8 +80,9 @@ def check_rule(shape_name, family, dtype):
 
 DTYPES = (torch.bfloat16, torch.float16)
 SMALL = [(s, f, d) for s in ("odd", "hkp32") for f in FAMILIES for d in DTYPES]
-# The model shape costs ~10 s a case under the interpreter: a representative few in CI.
-MODEL_CI = [("model", "high_norm_x100", torch.bfloat16), ("model", "sharp_x5", torch.float16)]
+# The model shape costs 80-100 s a case under the interpreter on 2 cores: one representative in
+# CI (16-bit, the high-norm family); the other families and dtypes run in the extended suite.
+MODEL_CI = [("model", "high_norm_x100", torch.bfloat16)]
 MODEL_EXTENDED = [("model", f, d) for f in FAMILIES for d in DTYPES if ("model", f, d) not in MODEL_CI]
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..text_tower import encode_embedded, eot_positions, prompt_length
 from .base import Method, MethodConfig, frozen_encode, register
 
 
@@ -44,6 +45,8 @@ class CoOp(Method):
             embedded = clip.token_embedding(tokens)
         m = config.num_context
         self.register_buffer("tokens", tokens, persistent=False)
+        self.register_buffer("eot", eot_positions(tokens), persistent=False)
+        self.prompt_length = prompt_length(tokens)  # int: the cut needs no host sync
         self.register_buffer("prefix", embedded[:, :1].clone(), persistent=False)
         self.register_buffer("suffix", embedded[:, 1 + m:].clone(), persistent=False)
         self.context = nn.Parameter(self._initial_context(tokenizer, m, embedded.shape[-1]))
@@ -68,13 +71,7 @@ class CoOp(Method):
         c = self.prefix.shape[0]
         ctx = self.context.unsqueeze(0).expand(c, -1, -1)
         x = torch.cat([self.prefix, ctx, self.suffix], dim=1)
-        x = x + clip.positional_embedding.to(x.dtype)
-        x = clip.transformer(x, attn_mask=clip.attn_mask)
-        x = clip.ln_final(x)
-        x = x[torch.arange(c, device=x.device), self.tokens.argmax(dim=-1)]  # end-of-text token
-        x = x @ clip.text_projection if not isinstance(clip.text_projection, nn.Linear) \
-            else clip.text_projection(x)
-        return F.normalize(x, dim=-1)
+        return F.normalize(encode_embedded(clip, x, self.eot, self.prompt_length), dim=-1)
 
     def encode(self, images, maps=None, modality=None, return_attn=False):
         return frozen_encode(self, images)

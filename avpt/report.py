@@ -122,6 +122,13 @@ def _relevance(model, batch, maps) -> np.ndarray:
     return relevance(model, batch["image"], maps=maps, modality=batch["modality"]).cpu().numpy()
 
 
+def _relevance_colorbar(fig, heat, axes) -> None:
+    """One shared colorbar for relevance overlays (each map is scaled to [0, 1] per image)."""
+    bar = fig.colorbar(heat, ax=list(np.ravel(axes)), fraction=0.03, pad=0.02)
+    bar.set_label("relevance (min-max per image)", fontsize=7)
+    bar.ax.tick_params(labelsize=6)
+
+
 def rollout_and_prompt_types(model, dataset, indices: List[int], device, dir_: str):
     """(rollout.png, prompt_types.png) of a model with A-VPT's prompt bank (``model.prompt_bank``
     and PIM attention for ``avpt.explain.relevance``), or (None, None) without images."""
@@ -135,8 +142,9 @@ def rollout_and_prompt_types(model, dataset, indices: List[int], device, dir_: s
     fig, axes = plt.subplots(1, len(indices), figsize=(2.2 * len(indices), 2.5), squeeze=False)
     for ax, i, rel in zip(axes[0], indices, anatomy):
         ax.imshow(_gray(dataset[i]["image"]), cmap="gray")
-        ax.imshow(rel, cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        heat = ax.imshow(rel, cmap="jet", alpha=0.45, vmin=0, vmax=1)
         ax.set_title(_title(dataset, i), fontsize=7), ax.axis("off")
+    _relevance_colorbar(fig, heat, axes)
     fig.suptitle("prompt-guided rollout relevance (Eq. 18)", fontsize=9)
     rollout_path = save_figure(fig, os.path.join(dir_, "rollout.png"))
 
@@ -168,13 +176,15 @@ def rollout_and_prompt_types(model, dataset, indices: List[int], device, dir_: s
         axes[r, 0].set_ylabel(_title(dataset, i), fontsize=7)
         for c, (name, rel) in enumerate(rels.items(), start=1):
             axes[r, c].imshow(img, cmap="gray")
-            axes[r, c].imshow(rel[r], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+            heat = axes[r, c].imshow(rel[r], cmap="jet", alpha=0.45, vmin=0, vmax=1)
             if r == 0:
                 axes[r, c].set_title(f"{name} prompts", fontsize=8)
         for ax in axes[r]:
             ax.set_xticks([]), ax.set_yticks([])
     axes[0, 0].set_title("image + lesion", fontsize=8)
-    fig.suptitle("attention (rollout) by prompt type (Figs. 7-8)", fontsize=9)
+    _relevance_colorbar(fig, heat, axes[:, 1:])
+    fig.suptitle("attention (rollout) by prompt type (Figs. 7-8): prompt swaps of one trained "
+                 "model", fontsize=9)
     return rollout_path, save_figure(fig, os.path.join(dir_, "prompt_types.png"))
 
 
@@ -220,6 +230,16 @@ def tsne(model, datasets, device, path: str, max_images: int = 150) -> Optional[
     return save_figure(fig, path)
 
 
+def backbone_note(result: Dict) -> str:
+    """The report's warning when the run's frozen backbone had random weights ("" otherwise)."""
+    record = result.get("backbone") or {}
+    if record.get("pretrained") or not record:
+        return ""
+    return ("<b>Warning: the frozen backbone has random weights</b> (no <code>--pretrained</code>"
+            f"; {html.escape(str(record.get('model_name')))}, init seed {record.get('init_seed')}): "
+            "these numbers show that the pipeline runs, not what the method can learn.")
+
+
 def write_run_report(model, train_set, test_set, pred: Dict, result: Dict, out: str, device,
                      num_images: int = 6) -> Tuple[Dict[str, str], str]:
     """All figures of a run and OUT/report.html; returns ({name: path}, report path)."""
@@ -232,7 +252,7 @@ def write_run_report(model, train_set, test_set, pred: Dict, result: Dict, out: 
     except ImportError:
         import logging
         logging.getLogger(__name__).warning("matplotlib is not installed: report without figures")
-        write_html(path, "A-VPT run report", [("Run", result)], {})
+        write_html(path, "A-VPT run report", [("Run", result)], {}, notes=backbone_note(result))
         return {}, path
     idx = pick_examples(test_set, num_images)
     figures["training curves"] = curves(result.get("history", []), os.path.join(fig_dir, "curves.png"))
@@ -242,7 +262,7 @@ def write_run_report(model, train_set, test_set, pred: Dict, result: Dict, out: 
     figures["t-SNE of tissue embeddings by modality (Fig. 6)"] = tsne(
         model, [train_set, test_set], device, os.path.join(fig_dir, "tsne.png"))
     figures = {k: v for k, v in figures.items() if v}
-    write_html(path, "A-VPT run report", [("Run", result)], figures)
+    write_html(path, "A-VPT run report", [("Run", result)], figures, notes=backbone_note(result))
     return figures, path
 
 

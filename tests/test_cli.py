@@ -36,6 +36,7 @@ def test_train_busi_writes_metrics_and_report(busi_run):
     assert (out / "folds.json").exists()
     html = open(out / "report.html").read()
     assert html.count("data:image/png;base64,") >= 4 and "Test metrics" in html
+    assert "the frozen backbone has random weights" in html  # no --pretrained in this run
     for name in ("curves.png", "segmentation.png", "rollout.png", "prompt_types.png", "tsne.png"):
         assert (out / "figures" / name).exists(), name
 
@@ -98,3 +99,4 @@ def test_demo_small_budget(tmp_path, capsys):
     html = open(tmp_path / "report.html").read()
     assert "transfer MG -&gt; US" in html and "data:image/png;base64," in html
     assert json.load(open(tmp_path / "avpt" / "metrics.json"))["config"]["backbone"] == "avpt-tiny"
+    assert "random weights" not in open(tmp_path / "avpt" / "report.html").read()  # shipped weights

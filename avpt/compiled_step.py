@@ -36,6 +36,23 @@ def init_adam_state(optimizer: torch.optim.Optimizer) -> None:
                 state["step"] = state["step"].to(p.device)
 
 
+# Inductor settings on top of the mode's: loop reordering after fusion off. In torch 2.11 it
+# asserts on the AdamW update's foreach nodes (``ForeachKernelSchedulerNode`` in
+# ``reorder_loops_by_dep_pair``; seen on an H200, VPT-deep and A-VPT steps alike).
+INDUCTOR_OVERRIDES = {"loop_ordering_after_fusion": False}
+
+
+def inductor_options(mode: Optional[str]) -> dict:
+    """``torch.compile(options=...)`` for ``mode`` (None/"default", "reduce-overhead",
+    "max-autotune", ...): the mode's own inductor options plus ``INDUCTOR_OVERRIDES`` (mode and
+    options cannot both be given to ``torch.compile``)."""
+    from torch._inductor import list_mode_options
+
+    options = dict(list_mode_options(mode or "default"))
+    options.update(INDUCTOR_OVERRIDES)
+    return options
+
+
 class WholeStep:
     """One whole training step as one function: forward and loss under autocast
     (``TrainStep``), backward (``torch.autograd.grad``), gradient clipping by the global norm
@@ -74,7 +91,9 @@ class WholeStep:
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
         self.lists = self._state_lists()
         kwargs = {"fullgraph": True, "backend": backend}
-        if mode is not None and mode != "default":
+        if backend == "inductor":
+            kwargs["options"] = inductor_options(mode)
+        elif mode is not None and mode != "default":
             kwargs["mode"] = mode
         self.compiled = torch.compile(self._step, **kwargs)
 

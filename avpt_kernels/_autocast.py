@@ -17,9 +17,18 @@ import torch
 from torch import Tensor
 
 
+# Device types with an autocast, read once at import: ``torch.amp.is_autocast_available`` is a C
+# call that Dynamo cannot trace in torch 2.11 (a graph break, fatal under fullgraph=True), while a
+# set lookup traces as a constant.
+_AUTOCAST_DEVICE_TYPES = frozenset(
+    t for t in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia", "xla", "ipu", "maia",
+                torch._C._get_privateuse1_backend_name())
+    if torch.amp.is_autocast_available(t))
+
+
 def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
     """The autocast dtype active for ``device``'s type, or None when autocast is off there."""
-    if torch.amp.is_autocast_available(device.type) and torch.is_autocast_enabled(device.type):
+    if device.type in _AUTOCAST_DEVICE_TYPES and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return None
 
@@ -27,7 +36,7 @@ def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
 def autocast_disabled(device_type: str):
     """A context that switches autocast off for ``device_type`` (a no-op where autocast does not
     exist, e.g. meta tensors)."""
-    if torch.amp.is_autocast_available(device_type):
+    if device_type in _AUTOCAST_DEVICE_TYPES:
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 

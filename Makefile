@@ -36,7 +36,7 @@ $(STAMP36): pyproject.toml setup.py Makefile
 # The unit tests, then the benchmarks as a smoke run (every row produced, nothing timed; the
 # JSON goes to a temporary folder so a test run leaves the tree clean).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not extended" tests
+	$(BIN)/python -m pytest -q -m "not extended" --durations=15 tests
 	AVPT_BENCH_RESULTS=$$(mktemp -d) $(BIN)/python -m pytest -q -p no:cacheprovider benchmarks --benchmark-disable
 
 # The slow cases `make test` leaves out (pytest marker `extended`: the bounded-error rule at the

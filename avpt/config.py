@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 
 log = logging.getLogger("avpt.train")
 
-BACKBONE_ALIASES = {"tiny": "avpt-tiny", "vit-b-16": "ViT-B-16", "vit-b/16": "ViT-B-16",
+BACKBONE_ALIASES = {"tiny": "avpt-tiny", "tiny-p8": "avpt-tiny-p8", "vit-b-16": "ViT-B-16", "vit-b/16": "ViT-B-16",
                     "vitb16": "ViT-B-16"}
 
 DEFAULTS: Dict[str, Any] = {

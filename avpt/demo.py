@@ -5,7 +5,7 @@ LoRA, A-VPT) on the same patient-level fold and on one cross-modal transfer (tra
 on TO, no fine-tuning), computes 95% bootstrap intervals over test images
 (``avpt.comparison``) and writes ``OUT/report.html`` opening with the comparison table and plot,
 ``OUT/comparison.json`` and ``OUT/summary.json``. The backbone weights default to the shipped
-``avpt/weights/avpt-tiny-phantom-clip.safetensors`` (made by ``avpt pretrain``, command in its
+``avpt/weights/avpt-tiny-p8-phantom-clip.safetensors`` (made by ``avpt pretrain``, command in its
 ``.json`` sidecar); the phantom seed of the evaluation must differ from the weights' seed.
 
 Settings are chosen by a fixed rule, never on the test set: every method gets the demo config's

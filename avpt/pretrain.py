@@ -1,10 +1,16 @@
 """``avpt pretrain``: CLIP-style contrastive pretraining of a tiny open_clip backbone, offline.
 
 Nothing can be downloaded, so the CPU demo makes its own pretrained backbone the way CLIP was made:
-both towers of the open_clip model (``avpt-tiny`` by default) are trained from scratch with the
-symmetric InfoNCE objective (``open_clip.loss.ClipLoss``, learned logit scale) on phantom images
-and their short reports (``avpt.data.phantom.phantom_caption``: modality, label-bearing
-morphology words, position on a 3x3 grid, size). The phantom seed (default ``PRETRAIN_SEED``) is
+both towers of the open_clip model (``avpt-tiny-p8`` by default) are trained from scratch with
+the symmetric InfoNCE objective (``open_clip.loss.ClipLoss``, learned logit scale) on phantom
+images and their short reports: ``--captions findings`` (default) the finding only, modality and
+label-bearing morphology words (``phantom_finding_caption``); ``full`` adds the position on a 3x3
+grid and the size (``phantom_caption``). Each batch is augmented (random horizontal flips and one
+random shift of up to ``--max-shift`` pixels), which the tiny ViT needs not to memorise the
+images. The recipe was chosen on the held-out probe seed (never on an evaluation set), one
+thread each, 1,000 patients per modality, 40 epochs, lr 5e-4, flips + shifts: held-out probe AUC
+0.892 with finding captions, 0.818 with full captions; patch 16 instead of 8 (100-400 patients,
+lr 2e-3, no augmentation) 0.55-0.64. The phantom seed (default ``PRETRAIN_SEED``) is
 disjoint from every evaluation seed (the demo, ``avpt train`` and ``avpt cv`` use small seeds;
 ``avpt.demo`` refuses an evaluation seed equal to the weights' recorded seed), and the lesion
 size is drawn per patient from a wider range than the demo's (a wider phantom family).
@@ -31,32 +37,37 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .backbone import TINY_MODEL
+from .backbone import TINY_P8_MODEL
 from .data import transforms as T
-from .data.phantom import MODALITIES, make_phantom
+from .data.phantom import MODALITIES, make_phantom, phantom_finding_caption
 
 PRETRAIN_SEED = 90_210          # phantom seed of the pretraining images (evaluations use 0..999)
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights",
-                               "avpt-tiny-phantom-clip.safetensors")
+                               "avpt-tiny-p8-phantom-clip.safetensors")
 LESION_SCALE = (1.0, 2.4)       # per-patient lesion scale range (the demo uses 1.8)
+CAPTIONS = ("findings", "full")
+PROBE_PATIENTS = 60             # per modality, 2 views: the held-out probe set (seed + 1)
 
 
 def make_pretrain_data(seed: int = PRETRAIN_SEED, num_patients: int = 200, views: int = 2,
                        image_size: int = 64, modalities: Sequence[str] = MODALITIES,
-                       lesion_scale: Tuple[float, float] = LESION_SCALE, progress: bool = False
-                       ) -> Dict:
+                       lesion_scale: Tuple[float, float] = LESION_SCALE, progress: bool = False,
+                       captions: str = "findings") -> Dict:
     """Phantom images with captions: ``images`` [N, 3, S, S] float32 (CLAHE, per-modality
-    standardised), ``captions`` list of N str, ``labels`` [N] int64 (1 malignant), ``modalities``
-    list of N str. N = len(modalities) * num_patients * views."""
+    standardised), ``captions`` list of N str (``captions``: "findings" or "full", see the module
+    docstring), ``labels`` [N] int64 (1 malignant), ``modalities`` list of N str.
+    N = len(modalities) * num_patients * views."""
     from tqdm import tqdm
 
+    if captions not in CAPTIONS:
+        raise ValueError(f"captions must be one of {CAPTIONS}, got {captions!r}")
     items = [(m, p, v) for m in modalities for p in range(num_patients) for v in range(views)]
     imgs, caps, labels, mods = [], [], [], []
     for m, p, v in tqdm(items, desc="phantom images", disable=not progress, leave=False):
         scale = np.random.default_rng((seed, 77, MODALITIES.index(m), p)).uniform(*lesion_scale)
         s = make_phantom(seed, m, p, v, size=image_size, lesion_scale=float(scale))
         imgs.append(T.clahe(s.image).astype(np.float32))
-        caps.append(s.caption)
+        caps.append(s.caption if captions == "full" else phantom_finding_caption(m, s.label))
         labels.append(s.label)
         mods.append(m)
     stats = T.modality_stats({m: [i for i, mm in zip(imgs, mods) if mm == m] for m in set(mods)})
@@ -77,12 +88,24 @@ def _param_groups(model: torch.nn.Module, weight_decay: float):
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def pretrain(data: Dict, model_name: str = TINY_MODEL, epochs: int = 30, batch_size: int = 128,
-             lr: float = 2e-3, weight_decay: float = 0.1, seed: int = 0, progress: bool = True):
+def augment(images: Tensor, gen: torch.Generator, max_shift: int) -> Tensor:
+    """images [B, 3, S, S] -> the same, each flipped left-right with probability 1/2, then the
+    batch shifted by one random (dy, dx) in [-max_shift, max_shift] (circular)."""
+    flip = torch.rand(images.shape[0], 1, 1, 1, generator=gen) < 0.5
+    images = torch.where(flip, images.flip(-1), images)
+    if max_shift:
+        dy, dx = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,), generator=gen))
+        images = torch.roll(images, shifts=(dy, dx), dims=(-2, -1))
+    return images
+
+
+def pretrain(data: Dict, model_name: str = TINY_P8_MODEL, epochs: int = 40, batch_size: int = 64,
+             lr: float = 5e-4, weight_decay: float = 0.1, seed: int = 0, progress: bool = True,
+             max_shift: int = 4):
     """Train both towers of a fresh open_clip ``model_name`` with the CLIP loss on ``data``
-    (``make_pretrain_data``); AdamW, linear warm-up (one epoch) then cosine decay, gradient
-    clipping 1.0, logit scale clamped to ln(100) as in CLIP. Returns (model in eval mode,
-    history list of per-epoch mean losses)."""
+    (``make_pretrain_data``), every batch through ``augment`` (``max_shift`` pixels); AdamW,
+    linear warm-up (one epoch) then cosine decay, gradient clipping 1.0, logit scale clamped to
+    ln(100) as in CLIP. Returns (model in eval mode, history list of per-epoch mean losses)."""
     import open_clip
     from open_clip.loss import ClipLoss
 
@@ -105,7 +128,7 @@ def pretrain(data: Dict, model_name: str = TINY_MODEL, epochs: int = 30, batch_s
         t0, order, total_loss = time.time(), torch.randperm(n, generator=gen), 0.0
         for step in range(steps_per_epoch):
             idx = order[step * batch_size:(step + 1) * batch_size]
-            img_f, txt_f, scale = model(images[idx], tokens[idx])
+            img_f, txt_f, scale = model(augment(images[idx], gen, max_shift), tokens[idx])
             loss = loss_fn(img_f, txt_f, scale)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -116,7 +139,7 @@ def pretrain(data: Dict, model_name: str = TINY_MODEL, epochs: int = 30, batch_s
                 model.logit_scale.clamp_(0, math.log(100))
             total_loss += float(loss.detach())
         history.append({"epoch": epoch + 1, "loss": total_loss / steps_per_epoch,
-                        "logit_scale": float(model.logit_scale.exp()), "time_s": time.time() - t0})
+                        "logit_scale": float(model.logit_scale.detach().exp()), "time_s": time.time() - t0})
         if progress:
             h = history[-1]
             print(f"[pretrain] epoch {epoch + 1}/{epochs} clip loss {h['loss']:.4f} "
@@ -189,14 +212,19 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                     "towers of a tiny open_clip model on phantom images and their reports; writes "
                     "a weights file for --pretrained")
     p.add_argument("--out", default=DEFAULT_WEIGHTS, help="weights file (.safetensors or .pt)")
-    p.add_argument("--backbone", default=TINY_MODEL, help="open_clip config name (default avpt-tiny)")
+    p.add_argument("--backbone", default=TINY_P8_MODEL,
+                   help=f"open_clip config name (default {TINY_P8_MODEL})")
     p.add_argument("--seed", type=int, default=PRETRAIN_SEED,
                    help=f"phantom seed, disjoint from evaluation seeds (default {PRETRAIN_SEED})")
-    p.add_argument("--patients", type=int, default=200, help="patients per modality (default 200)")
+    p.add_argument("--patients", type=int, default=1000, help="patients per modality (default 1000)")
     p.add_argument("--views", type=int, default=2, help="views per patient (default 2)")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--captions", choices=CAPTIONS, default="findings",
+                   help="findings (default): modality + morphology words; full: + position, size")
+    p.add_argument("--max-shift", type=int, default=4,
+                   help="random shift augmentation in pixels (default 4; 0: flips only)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--fp32", action="store_true", help="store fp32 weights (default fp16)")
     p.set_defaults(func=main)
@@ -208,7 +236,8 @@ def _check(args) -> None:
 
     from .validate import ConfigError
 
-    for name, lo in (("patients", 4), ("views", 1), ("epochs", 1), ("batch_size", 2), ("threads", 1)):
+    for name, lo in (("patients", 4), ("views", 1), ("epochs", 1), ("batch_size", 2), ("threads", 1),
+                     ("max_shift", 0)):
         if getattr(args, name) < lo:
             raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= {lo}, "
                               f"got {getattr(args, name)}")
@@ -241,18 +270,20 @@ def main(args) -> int:
         size = int(open_clip.get_model_config(args.backbone)["vision_cfg"]["image_size"])
         print(f"[pretrain] {args.backbone}: {3 * args.patients * args.views} phantom images "
               f"(seed {args.seed}) + held-out probe set", flush=True)
-        data = make_pretrain_data(args.seed, args.patients, args.views, size, progress=True)
-        probe = make_pretrain_data(args.seed + 1, max(20, args.patients // 4), 1, size)
+        data = make_pretrain_data(args.seed, args.patients, args.views, size, progress=True,
+                                  captions=args.captions)
+        probe = make_pretrain_data(args.seed + 1, PROBE_PATIENTS, 2, size)
         torch.manual_seed(args.seed)
         random_auc = probe_auc(open_clip.create_model(args.backbone), probe)
         model, history = pretrain(data, args.backbone, args.epochs, args.batch_size, args.lr,
-                                  seed=args.seed)
+                                  seed=args.seed, max_shift=args.max_shift)
         auc = probe_auc(model, probe)
         print(f"[pretrain] held-out linear probe AUC: random weights {random_auc:.3f}, "
               f"pretrained {auc:.3f}", flush=True)
         cmd = (f"avpt pretrain --backbone {args.backbone} --seed {args.seed} --patients "
                f"{args.patients} --views {args.views} --epochs {args.epochs} --batch-size "
-               f"{args.batch_size} --lr {args.lr} --threads {args.threads}"
+               f"{args.batch_size} --lr {args.lr} --captions {args.captions} --max-shift "
+               f"{args.max_shift} --threads {args.threads}"
                + (" --fp32" if args.fp32 else ""))
         meta = dict(command=cmd, backbone=args.backbone, seed=args.seed, probe_seed=args.seed + 1,
                     images=int(data["images"].shape[0]), history=history,

@@ -257,6 +257,12 @@ def phantom_caption(modality: str, malignant: bool, y: float, x: float, radius_f
     return f"{modality.lower()} {_CAPTION_FINDING[modality][int(bool(malignant))]} {row} {col} {size_mm} mm"
 
 
+def phantom_finding_caption(modality: str, malignant: bool) -> str:
+    """The report's finding only: modality and the label-bearing morphology words, e.g.
+    ``"us irregular angular mass shadowing"`` (what ``avpt pretrain --captions findings`` uses)."""
+    return f"{modality.lower()} {_CAPTION_FINDING[modality][int(bool(malignant))]}"
+
+
 def phantom_index(num_patients: int, views: int = 2, modalities=MODALITIES) -> List[Dict]:
     """The sample list of a phantom data set: one entry per (modality, patient, view)."""
     return [dict(modality=m, patient=p, view=v) for m in modalities for p in range(num_patients)

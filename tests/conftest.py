@@ -28,3 +28,13 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_runtest_logreport(report):
+    """With AVPT_FAILURE_LOG set, each failure's traceback is appended to that file as it
+    happens (also under pytest-xdist, whose workers report here): a run cut off by a time
+    limit, as on a lent GPU machine, still leaves its tracebacks."""
+    path = os.environ.get("AVPT_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a") as f:
+            f.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")

@@ -84,7 +84,11 @@ def curves(history: List[Dict], path: str) -> Optional[str]:
         if not all(v is None or np.isnan(v) for v in vals):
             axes[1].plot(ep, [np.nan if v is None else v for v in vals], marker="o", label=k[5:])
     axes[1].set_xlabel("epoch"), axes[1].set_title("test metrics"), axes[1].set_ylim(0, 1.05)
-    axes[1].legend(fontsize=7)
+    if axes[1].lines:
+        axes[1].legend(fontsize=7)
+    else:  # eval_every 0: the test set is scored once, at the end, not per epoch
+        axes[1].text(0.5, 0.5, "test set scored once, after training\n(see the metrics table)",
+                     ha="center", va="center", fontsize=8, transform=axes[1].transAxes)
     return save_figure(fig, path)
 
 

@@ -3,6 +3,7 @@ packed weight layout, and ``_forward`` / ``_backward`` (the launch sequences des
 ``avpt_kernels.ops.pim``)."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Optional, Tuple
 
@@ -92,23 +93,32 @@ def key_columns(d: int, a: int, dtype: torch.dtype) -> int:
 
 def triton_unsupported_reason(z: Tensor, p: Tensor, params: PIMParams, num_heads: int) -> Optional[str]:
     """Why the Triton path cannot run these (already validated) arguments, or None."""
-    d, k, a = z.shape[2], p.shape[1], params.t2p_q_w.shape[0]
-    head_dim = a // num_heads
-    if z.dtype not in TRITON_DTYPES:
-        return f"z dtype {z.dtype} (the kernels take float32, float16 or bfloat16)"
+    a = params.t2p_q_w.shape[0]
+    return unsupported_sizes(z.dtype, z.shape[2], p.shape[1], num_heads, a // num_heads,
+                             params.gate_w1.shape[0])
+
+
+@functools.lru_cache(maxsize=None)
+def unsupported_sizes(dtype: torch.dtype, d: int, k: int, num_heads: int, head_dim: int,
+                      gate_hidden: int) -> Optional[str]:
+    """``triton_unsupported_reason`` from the sizes alone (memoised: a model calls it with a
+    handful of size tuples, once per layer and step)."""
+    z_dtype, a = dtype, num_heads * head_dim
+    if z_dtype not in TRITON_DTYPES:
+        return f"z dtype {z_dtype} (the kernels take float32, float16 or bfloat16)"
     if d % 16 or d > MAX_DIM:
         return f"D={d} (the kernels need D a multiple of 16, at most {MAX_DIM})"
     if k > MAX_PROMPTS:
         return f"K={k} prompts (the kernels take 1 to {MAX_PROMPTS})"
     if not HEAD_WIDTHS[0] <= head_dim <= HEAD_WIDTHS[1]:
         return f"head width {head_dim} (the kernels take {HEAD_WIDTHS[0]} to {HEAD_WIDTHS[1]})"
-    if num_heads * k > MAX_COLUMNS[z.dtype]:
+    if num_heads * k > MAX_COLUMNS[z_dtype]:
         return (f"num_heads={num_heads} with K={k} ({num_heads * k} head-prompt columns, the "
-                f"{z.dtype} kernels take at most {MAX_COLUMNS[z.dtype]})")
+                f"{z_dtype} kernels take at most {MAX_COLUMNS[z_dtype]})")
     if a > MAX_WIDTH:
         return f"attention width A={a} (num_heads * head width; the kernels take at most {MAX_WIDTH})"
-    if params.gate_w1.shape[0] > MAX_GATE_HIDDEN:
-        return (f"gate hidden width {params.gate_w1.shape[0]} (the kernels take at most "
+    if gate_hidden > MAX_GATE_HIDDEN:
+        return (f"gate hidden width {gate_hidden} (the kernels take at most "
                 f"{MAX_GATE_HIDDEN})")
     return None
 
@@ -171,10 +181,15 @@ def unpack_weights(flat: Tensor, d: int, a: int, gate_hidden: int) -> PIMParams:
 
 def _field(flat: Tensor, name: str, d: int, a: int, gate_hidden: int) -> Tensor:
     """The flat view of one field (a pointer the kernels index themselves)."""
+    return flat.narrow(0, *_field_span(name, d, a, gate_hidden))
+
+
+@functools.lru_cache(maxsize=None)
+def _field_span(name: str, d: int, a: int, gate_hidden: int) -> Tuple[int, int]:
+    """(offset, numel) of one field in the flat layout."""
     shapes = weight_shapes(d, a, gate_hidden)
     i = PIMParams._fields.index(name)
-    offset = sum(math.prod(s) for s in shapes[:i])
-    return flat.narrow(0, offset, math.prod(shapes[i]))
+    return sum(math.prod(s) for s in shapes[:i]), math.prod(shapes[i])
 
 # --------------------------------------------------------------------------------------------
 # Launchers
@@ -213,43 +228,73 @@ def _carve_size(fields: dict) -> int:
 def _carve(buf: Tensor, fields: dict) -> dict:
     """Contiguous views of one flat buffer, one per field, in order (no gaps: every element of
     the buffer is written, so that the state is a deterministic output of the op)."""
-    out, offset = {}, 0
-    for name, shape in fields.items():
+    return {name: buf.narrow(0, offset, n).view(shape)
+            for name, offset, n, shape in _carve_plan(tuple(fields.items()))}
+
+
+@functools.lru_cache(maxsize=256)
+def _carve_plan(fields: Tuple[Tuple[str, Tuple[int, ...]], ...]) -> List[Tuple[str, int, int, tuple]]:
+    """(name, offset, numel, shape) of each field, in order."""
+    plan, offset = [], 0
+    for name, shape in fields:
         n = math.prod(shape)
-        out[name] = buf.narrow(0, offset, n).view(shape)
+        plan.append((name, offset, n, shape))
         offset += n
-    return out
+    return plan
 
 
-class _Layout:
-    """Sizes and launch choices of one call, shared by forward, backward and the fake impls."""
+def _Layout(z: Tensor, p: Tensor, num_heads: int, head_dim: int, gate_hidden: int) -> "Layout":
+    """The ``Layout`` of a call on z [B,T,D], p [B,K,D] (memoised by sizes, dtype and device
+    type: the same few layouts recur every layer and step, and building one costs host time)."""
+    b, t, d = z.shape
+    k = p.shape[1]
+    if not all(type(n) is int for n in (b, t, d, k)):  # symbolic sizes (tracing): not hashable
+        return Layout(b, t, d, k, num_heads, head_dim, gate_hidden, z.dtype, z.device.type)
+    # the module-level choices a layout reads are part of the key, so that changing them (tests
+    # force paths and chunk counts that way) is never answered from the cache
+    return _layout(b, t, d, k, num_heads, head_dim, gate_hidden, z.dtype, z.device.type,
+                   TARGET_PROGRAMS, key_columns)
 
-    def __init__(self, z: Tensor, p: Tensor, num_heads: int, head_dim: int, gate_hidden: int):
-        self.b, self.t, self.d = z.shape
-        self.k, self.h, self.dh, self.gh = p.shape[1], num_heads, head_dim, gate_hidden
+
+@functools.lru_cache(maxsize=256)
+def _layout(b, t, d, k, num_heads, head_dim, gate_hidden, dtype, device_type, _target_programs,
+            _key_columns) -> "Layout":
+    return Layout(b, t, d, k, num_heads, head_dim, gate_hidden, dtype, device_type)
+
+
+class Layout:
+    """Sizes and launch choices of one call, shared by forward, backward and the fake impls
+    (read-only: instances are shared through ``_layout``'s cache)."""
+
+    def __init__(self, b: int, t: int, d: int, k: int, num_heads: int, head_dim: int,
+                 gate_hidden: int, dtype: torch.dtype, device_type: str):
+        self.b, self.t, self.d = b, t, d
+        self.k, self.h, self.dh, self.gh = k, num_heads, head_dim, gate_hidden
         self.a = num_heads * head_dim
         self.hkp = num_columns(num_heads, self.k)
         self.ap = AP
-        self.block_t, self.block_d, self.warps = launch_config(self.hkp, z.dtype)
+        self.block_t, self.block_d, self.warps = launch_config(self.hkp, dtype)
         self.ntb = triton.cdiv(self.t, self.block_t)
         self.n_chunks, self.chunk_blocks = _chunks(self.b, self.t, self.block_t)
         self.t_pad = self.n_chunks * self.chunk_blocks * self.block_t
-        self.key_cols = key_columns(self.d, self.a, z.dtype)
-        self.mode = _dot_mode(z.dtype, z.device)
+        self.key_cols = key_columns(self.d, self.a, dtype)
+        self.mode = _dot_mode(dtype, torch.device(device_type))
         self.scale = 1.0 / math.sqrt(head_dim)
         self.state_fields = _state_fields(self.b, self.d, self.hkp, self.ap, self.key_cols)
         self.state_size = _carve_size(self.state_fields)
+        self._big = dict(BLOCK_D=self.block_d, HKP=self.hkp, DOT_MODE=self.mode,
+                         num_warps=self.warps, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS)
+        self._small = dict(BLOCK_D=SMALL_BLOCK_D, HKP=self.hkp, KP=KP, AP=self.ap,
+                           DOT_MODE=self.mode, num_warps=SMALL_WARPS, num_stages=NUM_STAGES,
+                           maxnreg=MAX_REGISTERS)
 
     def big(self, block_t: Optional[int] = None, **const):
         """Launch options of the token kernels."""
-        return dict(BLOCK_T=block_t or self.block_t, BLOCK_D=self.block_d, HKP=self.hkp,
-                    DOT_MODE=self.mode, num_warps=self.warps, num_stages=NUM_STAGES,
-                    maxnreg=MAX_REGISTERS, **const)
+        return dict(self._big, BLOCK_T=block_t or self.block_t, **const)
 
     def small(self, **const):
         """Launch options of the per-image algebra kernels."""
-        return dict(BLOCK_D=SMALL_BLOCK_D, HKP=self.hkp, KP=KP, AP=self.ap, DOT_MODE=self.mode,
-                    num_warps=SMALL_WARPS, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS, **const)
+        return dict(self._small, **const)
 
     def dims(self):
         """(K, H, dh, G): the runtime sizes of the per-image algebra kernels."""
@@ -306,7 +351,7 @@ def _forward(z: Tensor, p: Tensor, w: Tensor, num_heads: int, head_dim: int, gat
     return out, p_tilde, attn, state
 
 
-def _accumulator_fields(L: _Layout, n_weights: int) -> dict:
+def _accumulator_fields(L: Layout, n_weights: int) -> dict:
     """The backward's atomic accumulators, zeroed together in one buffer: pass A's E, F1, F2, G1,
     sum_t dY, delta; pass C's dMq and B's dcq; the flat weight gradient."""
     b, d, hkp = L.b, L.d, L.hkp

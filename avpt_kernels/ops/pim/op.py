@@ -11,12 +11,19 @@ from ... import _checks, reference
 from ...backend import resolve
 from ...reference import PIMParams
 from . import launch
-from .launch import pack_weights, packed_size, triton_unsupported_reason, unpack_weights
+from .launch import (pack_weights, packed_size, triton_unsupported_reason, unpack_weights,
+                     unsupported_sizes)
 
 T2P_REDUCE = ("sum", "mean")
 
 
 def check_args(z: Tensor, p: Tensor, params: PIMParams, num_heads: int, t2p_reduce: str) -> None:
+    check_tokens(z, p, num_heads, t2p_reduce)
+    _check_params(z, params, num_heads)
+
+
+def check_tokens(z: Tensor, p: Tensor, num_heads: int, t2p_reduce: str) -> None:
+    """The checks of ``check_args`` that do not involve the weights."""
     _checks.tensor(z, "z", 3, "[B, T, D]")
     _checks.tensor(p, "p", 3, "[B, K, D]")
     b, t, d = z.shape
@@ -29,12 +36,17 @@ def check_args(z: Tensor, p: Tensor, params: PIMParams, num_heads: int, t2p_redu
         raise ValueError(f"p must have shape ({b}, K, {d}) [B, K, D] to match z {tuple(z.shape)}, "
                          f"got {tuple(p.shape)}")
     _checks.nonempty(p.shape[1], "p", "prompt token (K)")
-    if not isinstance(params, PIMParams):
-        raise TypeError(f"params must be a PIMParams, got {type(params).__name__}")
     if not isinstance(num_heads, int) or isinstance(num_heads, bool) or num_heads < 1:
         raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
     if t2p_reduce not in T2P_REDUCE:
         raise ValueError(f"t2p_reduce must be one of {T2P_REDUCE}, got {t2p_reduce!r}")
+    _checks.same_dtype_device("z", z, p=p)
+
+
+def _check_params(z: Tensor, params: PIMParams, num_heads: int) -> None:
+    d = z.shape[2]
+    if not isinstance(params, PIMParams):
+        raise TypeError(f"params must be a PIMParams, got {type(params).__name__}")
     for name in PIMParams._fields:
         _checks.tensor(getattr(params, name), f"params.{name}", (1, 2), "")
     a = params.t2p_q_w.shape[0]
@@ -51,14 +63,17 @@ def check_args(z: Tensor, p: Tensor, params: PIMParams, num_heads: int, t2p_redu
     expected.update(gate_w1=(g, 2 * d), gate_b1=(g,), gate_w2=(1, g), gate_b2=(1,))
     for name, shape in expected.items():
         _checks.shape(getattr(params, name), f"params.{name}", shape, f"(D={d}, A={a}, G={g})")
-    _checks.same_dtype_device("z", z, p=p)
     _checks.same_dtype_device("params.t2p_q_w", params.t2p_q_w,
                               **{f"params.{n}": getattr(params, n) for n in PIMParams._fields[1:]})
-    if params.t2p_q_w.device != z.device:
-        raise ValueError(f"params are on {params.t2p_q_w.device} but z is on {z.device}; "
+    _check_weights_match(z, params.t2p_q_w, "params")
+
+
+def _check_weights_match(z: Tensor, w: Tensor, name: str) -> None:
+    if w.device != z.device:
+        raise ValueError(f"{name} are on {w.device} but z is on {z.device}; "
                          f"move them to one device")
-    if params.t2p_q_w.dtype not in (z.dtype, torch.float32):
-        raise TypeError(f"params have dtype {params.t2p_q_w.dtype}; expected z's dtype "
+    if w.dtype not in (z.dtype, torch.float32):
+        raise TypeError(f"{name} have dtype {w.dtype}; expected z's dtype "
                         f"({z.dtype}) or float32 master weights")
 
 
@@ -170,9 +185,18 @@ def pim_packed(z: Tensor, p: Tensor, weights: Tensor, num_heads: int, head_dim: 
     if weights.numel() != want:
         raise ValueError(f"weights must have {want} elements (D={d}, A={num_heads * head_dim}, "
                          f"G={gate_hidden}: see packed_size), got {weights.numel()}")
-    params = unpack_weights(weights, d, num_heads * head_dim, gate_hidden)
-    check_args(z, p, params, num_heads, t2p_reduce)
-    if _pick_backend(z, p, params, num_heads, backend) == "torch":
+    # The weights are one tensor of the right size, so their views have the right shapes and
+    # share one dtype and device: only the token checks and that match remain (host time: this
+    # runs every layer of every step).
+    check_tokens(z, p, num_heads, t2p_reduce)
+    _check_weights_match(z, weights, "weights")
+    unsupported = lambda: unsupported_sizes(z.dtype, d, p.shape[1], num_heads,  # noqa: E731
+                                            head_dim, gate_hidden)
+    if resolve("pim", z.device, backend, unsupported) == "torch":
+        params = unpack_weights(weights, d, num_heads * head_dim, gate_hidden)
         return reference.pim(z, p, params, num_heads, t2p_reduce, return_attn)
-    return _fused(z, p, weights, params, num_heads, t2p_reduce, return_attn)
+    w = weights.float()  # the kernels read fp32 weights: a no-op for fp32 (master) weights
+    z_out, p_tilde, attn, _ = pim_forward_op(z, p, w, num_heads, head_dim, gate_hidden,
+                                             t2p_reduce == "mean", return_attn)
+    return (z_out, p_tilde, attn) if return_attn else (z_out, p_tilde)
 

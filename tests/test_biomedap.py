@@ -512,6 +512,11 @@ def test_cli_train_end_to_end(tmp_path, anchor):
                for h in res["history"])
     saved = json.load(open(tmp_path / "model" / "avpt_config.json"))["config"]
     assert saved["low_anchor"] == anchor
+    if anchor == "paper":   # the saved model evaluates to the run's numbers (anchors: loss only)
+        assert main(["eval", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "ev"),
+                     "--device", "cpu"]) == 0
+        again = json.load(open(tmp_path / "ev" / "metrics.json"))["test"]
+        assert all(again[k] == res["test"][k] for k in ("auc", "f1", "dice", "n"))
 
 
 # ---------------------------------------------------------------- DDP (extended: ~1 min on CPU)

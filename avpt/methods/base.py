@@ -96,8 +96,8 @@ class Method(nn.Module):
     (state computed from the training set before training), ``report_sections`` (extra
     figures) and the class attributes ``display_name`` (tables and reports),
     ``has_report_sections``, ``param_breakdown_title`` and ``param_budget_percent`` (parameter
-    reports). Their defaults
-    fit a method that needs nothing beyond images; a method overrides what it does differently.
+    reports). Their defaults fit a method that needs nothing beyond images; a method overrides
+    what it does differently.
     """
 
     name = ""

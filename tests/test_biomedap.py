@@ -457,6 +457,9 @@ def test_prepare_names_a_class_without_training_images():
     with pytest.raises(ValueError, match="class 'benign' has none") as err:
         m.prepare(data, "cpu")
     assert "\n" not in str(err.value) and not m.prototypes_ready
+    items = [data[i] for i in range(len(data))]   # a plain sequence (no labels): after the pass
+    with pytest.raises(ValueError, match="class 'benign' has none in the 3 training images"):
+        m.prepare(items, "cpu")
 
 
 def test_code_anchor_ignores_prepare():

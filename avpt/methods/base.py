@@ -181,8 +181,9 @@ class Method(nn.Module):
         """Called by the trainer before the first training step of every start (fresh run and
         resume, every DDP rank), after the data are built: state the method computes from the
         training data (e.g. BiomedAP's visual prototypes). ``train_set``: the whole training set
-        un-augmented (eval transforms), items as a ``BreastDataset``'s (``image`` [3, H, W],
-        ``label`` [], ``modality`` [], ...; iterate it with ``unaugmented_batches``);
+        un-augmented (eval transforms), a sequence of items as a ``BreastDataset``'s (``image``
+        [3, H, W], ``label`` [], ...; the trainer's also has ``labels`` [N]; iterate it with
+        ``unaugmented_batches``);
         ``device`` the run's device, ``dtype`` its autocast dtype (None: full precision),
         ``batch_size`` the run's evaluation batch size. Whatever it sets must be deterministic
         (a resume recomputes it). Default: nothing."""

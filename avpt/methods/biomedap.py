@@ -306,24 +306,30 @@ class BiomedAP(CoOp):
         ``low_anchor="code"``: nothing (the class-name text anchor is set at build)."""
         if self.config.low_anchor != "paper":
             return
-        labels = torch.as_tensor(train_set.labels, dtype=torch.long)
+        if hasattr(train_set, "labels"):   # a data set's labels: refuse before any image is read
+            self._check_every_class(torch.as_tensor(train_set.labels, dtype=torch.long))
+        device = torch.device(device)
+        was_training = self.training
+        self.eval()
+        feats, labels = [], []
+        for batch in unaugmented_batches(train_set, batch_size, device):
+            images = batch["image"] if dtype is None else batch["image"].to(dtype)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                feats.append(self.frozen_image_features(images).float())
+            labels.append(batch["label"])
+        self.train(was_training)
+        labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+        self._check_every_class(labels)
+        self.set_visual_prototypes(torch.cat(feats), labels)
+
+    def _check_every_class(self, labels: Tensor) -> None:
+        """labels [N]: a one-line ValueError naming the first class without a training image."""
         present = set(labels.tolist())
         missing = [n for i, n in enumerate(self.config.class_names) if i not in present]
         if missing:
             raise ValueError(f"low_anchor='paper' needs >= 1 training image of every class; class "
                              f"{missing[0]!r} has none in the {len(labels)} training images (use "
                              f"low_anchor='code' for the class-name text anchor)")
-        device = torch.device(device)
-        was_training = self.training
-        self.eval()
-        feats, seen = [], []
-        for batch in unaugmented_batches(train_set, batch_size, device):
-            images = batch["image"] if dtype is None else batch["image"].to(dtype)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                feats.append(self.frozen_image_features(images).float())
-            seen.append(batch["label"])
-        self.train(was_training)
-        self.set_visual_prototypes(torch.cat(feats), torch.cat(seen).to(labels.device))
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         """A state dict with a non-zero ``anchor_low`` (e.g. another prepared model's) makes

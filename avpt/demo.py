@@ -29,8 +29,14 @@ from . import comparison as C
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "demo_cpu.yaml"
 METHODS = ("linear", "vpt", "lora", "avpt")
-NAMES = {"linear": "linear probe", "vpt": "VPT-deep", "lora": "LoRA", "avpt": "A-VPT",
-         "adapter": "Adapter", "coop": "CoOp", "full": "full fine-tuning"}
+
+
+def display_name(method: str) -> str:
+    """How tables and reports name the registered method ``method`` (its class's
+    ``display_name``)."""
+    from .methods import get_method_class
+
+    return get_method_class(method).display_name
 
 
 def _default_weights() -> str:
@@ -94,14 +100,15 @@ def _insert_after_title(path: str, fragment: str) -> None:
 def _verdict(rows: List[Dict], split: str) -> str:
     """One plain sentence: does A-VPT beat the others on ``split`` (AUC, Dice), with numbers."""
     by = {r["method"]: r["metrics"] for r in rows if r["split"] == split}
-    if "A-VPT" not in by or len(by) < 2:
+    ours = display_name("avpt")
+    if ours not in by or len(by) < 2:
         return ""
-    a = by["A-VPT"]["auc"][0]
-    better = [m for m, v in by.items() if m != "A-VPT" and v["auc"][0] > a]
+    a = by[ours]["auc"][0]
+    better = [m for m, v in by.items() if m != ours and v["auc"][0] > a]
     if better:
-        return (f"On {split}, A-VPT does NOT have the best AUC: A-VPT {a:.3f} vs "
+        return (f"On {split}, {ours} does NOT have the best AUC: {ours} {a:.3f} vs "
                 + ", ".join(f"{m} {by[m]['auc'][0]:.3f}" for m in better) + ".")
-    return f"On {split}, A-VPT has the best AUC ({a:.3f}); overlapping intervals mean the gap is not resolved."
+    return f"On {split}, {ours} has the best AUC ({a:.3f}); overlapping intervals mean the gap is not resolved."
 
 
 def run(out: str = "runs/demo", config: Optional[str] = None, pretrained: Optional[str] = "default",
@@ -124,9 +131,11 @@ def run(out: str = "runs/demo", config: Optional[str] = None, pretrained: Option
                               f"`avpt pretrain` or pass --pretrained FILE")
     if transfer[0] == transfer[1]:
         raise ConfigError(f"--transfer FROM TO must name two different modalities, got {transfer}")
-    unknown = [m for m in methods if m not in NAMES]
+    from .methods import method_names
+
+    unknown = [m for m in methods if m not in method_names()]
     if unknown:
-        raise ConfigError(f"methods {unknown} unknown; expected some of {sorted(NAMES)}")
+        raise ConfigError(f"methods {unknown} unknown; expected some of {sorted(method_names())}")
     check_out(out)
     runs = _configs(config, out, methods, transfer, pretrained, sets, dict(overrides or {}))
     if pretrained:
@@ -139,7 +148,7 @@ def run(out: str = "runs/demo", config: Optional[str] = None, pretrained: Option
     rows, results = [], {}
     with run_lock(out, "demo"):
         for method, split, cfg in runs:
-            name = NAMES[method]
+            name = display_name(method)
             where = cfg["data"].get("num_patients", "?")
             print(f"[demo] {name}: {'fold ' + str(cfg['fold']) if split == 'fold' else f'transfer {transfer[0]}->{transfer[1]}'}"
                   f" ({where} patients per modality, {cfg['epochs']} epochs)", flush=True)
@@ -172,7 +181,7 @@ def run(out: str = "runs/demo", config: Optional[str] = None, pretrained: Option
                     + C.comparison_html(rows, "test metrics, 95% bootstrap intervals")
                     + (img_tag(plot) if plot else "")
                     + _figure_notes(bool(pretrained)))
-        report_runs = [(f"{NAMES[m]}, " + ("phantom " + r["data"]["split"] if s == "fold" else
+        report_runs = [(f"{display_name(m)}, " + ("phantom " + r["data"]["split"] if s == "fold" else
                                            f"transfer {transfer[0]} -> {transfer[1]}"), r)
                        for (m, s), r in results.items()]
         report = write_html(os.path.join(out, "report.html"), "A-VPT demo report", report_runs,

@@ -10,7 +10,9 @@ and TensorBoard, evaluates (AUC, F1, Dice, IoU, HD95), saves the trainable weigh
 seed) and writes ``OUT/metrics.json``. A method with an epoch averager
 (``Method.make_epoch_averager``, e.g. CILMP's Gaussian prompt averaging) has it updated after
 every epoch and kept in the checkpoint; its average is what is evaluated, saved and reported
-(log.csv's per-epoch test metrics are of each epoch's own weights). The data's classes
+(log.csv's per-epoch test metrics are of each epoch's own weights). Before training, at every
+start (fresh or resumed, every rank), the method's ``prepare`` hook reads the un-augmented
+training set (BiomedAP: its visual prototypes). The data's classes
 (``avpt.validate.data_classes``; BUSI with ``data.normal=class``: normal, benign, malignant) set
 the method's ``num_classes`` and, for text-prompt methods, ``class_names``. One run per OUT (a lock file); the resume fingerprint
 covers every setting that changes results, ``epochs`` included (a changed total is refused).
@@ -99,6 +101,16 @@ def build_data(cfg: Dict, image_size: int, out: str, main: bool = True):
     info.update(split=f"fold {cfg['fold']} of {len(folds)}", folds_file=folds_file,
                 skipped=len(full.skipped))
     return Subset(full, idx["train"], True), Subset(full, idx["test"], False), info
+
+
+def unaugmented(train_set):
+    """The training set of ``build_data`` with the evaluation transforms: the same items in the
+    same order, no augmentation (what ``Method.prepare`` reads)."""
+    from .data import Subset
+
+    if isinstance(train_set, Subset):
+        return Subset(train_set.base, train_set.indices, False)
+    return Subset(train_set, range(len(train_set)), False)
 
 
 def class_settings(cfg: Dict, given: Dict) -> Dict:
@@ -330,6 +342,8 @@ def _run(cfg: Dict, backbone: Dict) -> Dict:
     dist.barrier()
     model = _build_method(cfg, device, dist)
     train_set, test_set, info = build_data(cfg, int(model.visual.image_size[0]), out, dist.main)
+    # every start, every rank, before a resume restores the RNG: state from the training data
+    model.prepare(unaugmented(train_set), device, dtype, int(cfg["eval_batch_size"]))
     loss_fn = model.make_loss(rcl_positives=cfg["rcl_positives"]).to(device)
     step_module = _step_module(model, loss_fn, dtype, dist, device)
     loader, sampler = _train_loader(cfg, train_set, dist)

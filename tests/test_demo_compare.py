@@ -41,3 +41,43 @@ def test_no_segmentation_head_is_nan_and_rendered_na(tmp_path):
     assert html.count("<tr>") == 3 and "n/a" in html and "12.50%" in html and "1.87%" in html
     assert "<td>1.000" in html  # AUC estimate; 4 images: resamples of one class leave no interval
     assert comparison_plot(rows, str(tmp_path / "c.png")) and (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_display_names_are_the_methods_own():
+    from avpt.demo import display_name
+    from avpt.methods import get_method_class, method_names
+
+    names = {m: display_name(m) for m in method_names()}
+    assert names["cilmp"] == "CILMP" and names["biomedap"] == "BiomedAP" and names["avpt"] == "A-VPT"
+    assert all(names[m] == get_method_class(m).display_name for m in names)
+    assert len(set(names.values())) == len(names)   # one row label per method
+
+
+def test_demo_table_has_cilmp_and_biomedap_rows(tmp_path, monkeypatch):
+    """``avpt demo --methods cilmp biomedap`` on a tiny budget (5 patients a modality, 1 epoch;
+    50 bootstrap resamples instead of 1000, which took 3/4 of the time): both methods train and
+    evaluate on the fold and the MG->US transfer, and the comparison table names them by their
+    display names."""
+    import json
+    import re
+
+    from avpt import demo
+    from avpt.cli import main
+
+    ci = demo.C.bootstrap_ci
+    monkeypatch.setattr(demo.C, "bootstrap_ci", lambda a, n_resamples, seed: ci(a, n_resamples=50,
+                                                                                  seed=seed))
+
+    assert main(["demo", "--out", str(tmp_path), "--epochs", "1", "--device", "cpu",
+                 "--methods", "cilmp", "biomedap", "--set", "data.num_patients=5",
+                 "--set", "data.views=1", "--set", "batch_size=4", "--set", "eval_batch_size=8",
+                 "--set", "progress=false", "--set", "threads=1"]) == 0
+    rows = json.load(open(tmp_path / "comparison.json"))["rows"]
+    assert [(r["method"], r["split"].split()[0]) for r in rows] == [
+        ("CILMP", "fold"), ("CILMP", "transfer"), ("BiomedAP", "fold"), ("BiomedAP", "transfer")]
+    assert all(r["n"] > 0 and r["metrics"]["auc"][0] == r["metrics"]["auc"][0] for r in rows)
+    html = open(tmp_path / "report.html").read()
+    table = html[html.index("Methods side by side"):]
+    assert re.findall(r"<tr><td>([^<]+)</td>", table)[:4] == ["CILMP", "CILMP", "BiomedAP", "BiomedAP"]
+    low = json.load(open(tmp_path / "biomedap" / "metrics.json"))["config"]["model"]
+    assert low.get("low_anchor", "paper") == "paper"   # the demo trains the paper's anchor

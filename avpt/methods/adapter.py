@@ -38,6 +38,7 @@ class Adapter(nn.Module):
 class AdapterTuning(Method):
     """Houlsby-style adapters on the output of each attention and each MLP sub-layer, before the
     residual add, in every block."""
+    display_name = "Adapter"
     config_class = AdapterConfig
 
     def __init__(self, config):

@@ -97,6 +97,7 @@ def injection_plan(schedule: str, num_layers: int) -> Tuple[List[int], List[int]
 class AVPT(Method):
     """A-VPT: anatomy-guided prompts and a PIM before each injected frozen block."""
 
+    display_name = "A-VPT"
     config_class = AVPTConfig
     has_report_sections = True
     param_breakdown_title = "A-VPT trainable breakdown"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict, List, Optional, Type
+from typing import Any, ClassVar, Dict, Iterator, List, Optional, Type
 
 from torch import Tensor, nn
 
@@ -92,13 +92,18 @@ class Method(nn.Module):
     final tokens [B, T, D] and extras) and decide what is trainable.
 
     What differs between methods is asked of the method, never decided by its name: the hooks
-    ``forward_maps`` (inputs from a batch), ``make_loss`` (the training objective),
-    ``report_sections`` (extra figures) and the class attributes ``has_report_sections``,
-    ``param_breakdown_title`` and ``param_budget_percent`` (parameter reports). Their defaults
-    fit a method that needs nothing beyond images; a method overrides what it does differently.
+    ``forward_maps`` (inputs from a batch), ``make_loss`` (the training objective), ``prepare``
+    (state computed from the training set before training), ``report_sections`` (extra
+    figures) and the class attributes ``display_name`` (tables and reports),
+    ``has_report_sections``, ``param_breakdown_title`` and ``param_budget_percent`` (parameter
+    reports). Their defaults fit a method that needs nothing beyond images; a method overrides
+    what it does differently.
     """
 
     name = ""
+    # how tables and reports name the method (e.g. "A-VPT"); ``register`` sets it to the
+    # registered name where a class gives none of its own
+    display_name = ""
     config_class: Type[MethodConfig] = MethodConfig
     # True when ``report_sections`` draws figures (``avpt explain`` refuses other methods)
     has_report_sections = False
@@ -172,6 +177,18 @@ class Method(nn.Module):
         Default: CLS + lambda_seg * SEG (``avpt.losses.MethodLoss``)."""
         return MethodLoss(self.config)
 
+    def prepare(self, train_set, device, dtype=None, batch_size: int = 64) -> None:
+        """Called by the trainer before the first training step of every start (fresh run and
+        resume, every DDP rank), after the data are built: state the method computes from the
+        training data (e.g. BiomedAP's visual prototypes). ``train_set``: the whole training set
+        un-augmented (eval transforms), a sequence of items as a ``BreastDataset``'s (``image``
+        [3, H, W], ``label`` [], ...; the trainer's also has ``labels`` [N]; iterate it with
+        ``unaugmented_batches``);
+        ``device`` the run's device, ``dtype`` its autocast dtype (None: full precision),
+        ``batch_size`` the run's evaluation batch size. Whatever it sets must be deterministic
+        (a resume recomputes it). Default: nothing."""
+        return None
+
     def make_epoch_averager(self, epochs: int) -> Optional[Any]:
         """An averager of the trainable weights over the epochs of a run of ``epochs`` epochs, or
         None (default: the last epoch's weights are the result). The trainer calls its
@@ -186,6 +203,19 @@ class Method(nn.Module):
         path under ``fig_dir``, or None where a figure could not be drawn}, of the images
         ``dataset[i]`` for ``i`` in ``indices``. Default: none."""
         return {}
+
+
+def unaugmented_batches(dataset, batch_size: int, device) -> Iterator[Dict[str, Tensor]]:
+    """The items of ``dataset`` in order, ``batch_size`` at a time, collated and on ``device``
+    (``image`` [B, 3, H, W], ``label`` [B], ...). No DataLoader: draws nothing from the RNG."""
+    from torch.utils.data import default_collate
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for start in range(0, len(dataset), batch_size):
+        batch = default_collate([dataset[i] for i in range(start, min(start + batch_size,
+                                                                      len(dataset)))])
+        yield {k: v.to(device) for k, v in batch.items()}
 
 
 def frozen_encode(method: Method, images: Tensor) -> Dict:
@@ -208,6 +238,8 @@ def register(name: str):
     """Class decorator: make a ``Method`` subclass buildable by ``name``."""
     def wrap(cls: Type[Method]) -> Type[Method]:
         cls.name = name
+        if not cls.__dict__.get("display_name"):   # not inherited: a subclass names itself
+            cls.display_name = name
         _REGISTRY[name] = cls
         return cls
     return wrap
@@ -238,5 +270,5 @@ def build_method(name: str, config: Optional[MethodConfig] = None, **overrides) 
     return cls(config)
 
 
-__all__ = ["MethodConfig", "preset_names", "MethodOutput", "Method", "frozen_encode", "register", "build_method", "method_names",
+__all__ = ["MethodConfig", "preset_names", "MethodOutput", "Method", "frozen_encode", "unaugmented_batches", "register", "build_method", "method_names",
            "get_method_class", "get_config_class"]

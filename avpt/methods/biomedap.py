@@ -13,8 +13,10 @@ paper "BiomedAP", code github tongdiedie/BiomedAP), on the shared frozen open_cl
 * Loss (``make_loss``): CE + l_h |t^ - a_high| + l_kl KL(p_zs || p)/(B C) + l_l |t^ - a_low|
   + l_a (1 - cos(mean T_out, mean ctx)) (+ lambda_seg SEG), see ``biomedap_fusion.loss_terms``.
   a_high: normalised mean of the per-class description features (``avpt.descriptions``);
-  a_low: the bare class-name text (``low_anchor="code"``) or few-shot visual prototypes
-  (``"paper"``, set by ``set_visual_prototypes``).
+  a_low: few-shot visual prototypes (``low_anchor="paper"``, the default, as the paper
+  describes: per class the normalised mean of the frozen, normalised image features of that
+  class's training images, computed by ``prepare`` before training at every start) or the bare
+  class-name text (``"code"``, as the reference code does).
 
 The forward returns a ``BiomedAPOutput`` (a ``MethodOutput`` with ``text_features`` [C, E] and
 ``text_out`` [L_f, B, M, d_t]), so the loss reads everything from this forward's output: the
@@ -34,14 +36,14 @@ from torch import Tensor, nn
 from .. import vit
 from ..descriptions import descriptions_for, texts_hash
 from ..text_tower import encode_embedded, eot_positions, prompt_length
-from .base import MethodOutput, register
+from .base import MethodOutput, register, unaugmented_batches
 from .base import frozen_encode as _frozen_encode
 from .coop import CoOp, CoOpConfig
 from .biomedap_fusion import GatedCrossModalFusion, loss_terms
 
 PAPER_FUSION_LAYERS, PAPER_DEPTH = (5, 8), 12
 FUSION_INPUTS = ("paper", "code")
-LOW_ANCHORS = ("code", "paper")
+LOW_ANCHORS = ("paper", "code")
 
 
 @dataclass
@@ -54,7 +56,8 @@ class BiomedAPConfig(CoOpConfig):
     (round(i * depth / 12)); () = no fusion. ``fusion_input``: "paper" (the image's tokens at
     the prompt positions) or "code" (zeros). ``fusion_broadcast``: in "code" mode compute the
     fusion once and broadcast (False: per image; equal results, kept for tests/benchmarks).
-    ``low_anchor``: "code" (bare class-name text) or "paper" (visual prototypes).
+    ``low_anchor``: "paper" (default: visual prototypes of the training images, set by
+    ``prepare``/``set_visual_prototypes``) or "code" (bare class-name text features).
     ``descriptions_hash``: filled at build with the hash of the a_high texts; a different value
     given is refused."""
     num_context: int = 4
@@ -67,7 +70,7 @@ class BiomedAPConfig(CoOpConfig):
     fusion_dropout: float = 0.1
     fusion_input: str = "paper"
     fusion_broadcast: bool = True
-    low_anchor: str = "code"
+    low_anchor: str = "paper"
     lambda_high: float = 18.75
     lambda_kl: float = 1.0
     lambda_low: float = 1.0
@@ -136,8 +139,10 @@ class BiomedAP(CoOp):
     """BiomedAP on CoOp: text context + zero visual prompts + gated fusion + dual anchors.
 
     Buffers: ``anchor_high`` [C, E], ``anchor_low`` [C, E] (normalised; persistent; in
-    ``low_anchor="paper"`` mode zero until ``set_visual_prototypes`` in this process, which the
-    loss checks with a Python flag: no host sync, nothing for torch.compile to break on)."""
+    ``low_anchor="paper"`` mode zero until ``prepare``/``set_visual_prototypes`` in this process,
+    which the loss checks with a Python flag: no host sync, nothing for torch.compile to break
+    on)."""
+    display_name = "BiomedAP"
     config_class = BiomedAPConfig
 
     def __init__(self, config: BiomedAPConfig):
@@ -290,6 +295,48 @@ class BiomedAP(CoOp):
         mean = onehot.t() @ F.normalize(features.float(), dim=-1)
         self.anchor_low.copy_(F.normalize(mean, dim=-1))
         self.prototypes_ready = True
+
+    @torch.no_grad()
+    def prepare(self, train_set, device, dtype=None, batch_size: int = 64) -> None:
+        """``low_anchor="paper"``: a_low [C, E] = the visual prototypes of ``train_set`` (the
+        whole un-augmented training set, in order: ``frozen_image_features`` of every image
+        [N, E] under autocast ``dtype``, ``batch_size`` at a time, then
+        ``set_visual_prototypes`` with the labels [N]). Deterministic, so a resume recomputes the
+        same anchors. A class without a training image is a one-line ValueError naming it.
+        ``low_anchor="code"``: nothing (the class-name text anchor is set at build)."""
+        if self.config.low_anchor != "paper":
+            return
+        if hasattr(train_set, "labels"):   # a data set's labels: refuse before any image is read
+            self._check_every_class(torch.as_tensor(train_set.labels, dtype=torch.long))
+        device = torch.device(device)
+        was_training = self.training
+        self.eval()
+        feats, labels = [], []
+        for batch in unaugmented_batches(train_set, batch_size, device):
+            images = batch["image"] if dtype is None else batch["image"].to(dtype)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                feats.append(self.frozen_image_features(images).float())
+            labels.append(batch["label"])
+        self.train(was_training)
+        labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
+        self._check_every_class(labels)
+        self.set_visual_prototypes(torch.cat(feats), labels)
+
+    def _check_every_class(self, labels: Tensor) -> None:
+        """labels [N]: a one-line ValueError naming the first class without a training image."""
+        present = set(labels.tolist())
+        missing = [n for i, n in enumerate(self.config.class_names) if i not in present]
+        if missing:
+            raise ValueError(f"low_anchor='paper' needs >= 1 training image of every class; class "
+                             f"{missing[0]!r} has none in the {len(labels)} training images (use "
+                             f"low_anchor='code' for the class-name text anchor)")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        """A state dict with a non-zero ``anchor_low`` (e.g. another prepared model's) makes
+        this model's prototypes ready too."""
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if prefix + "anchor_low" in state_dict and bool(self.anchor_low.abs().sum() > 0):
+            self.prototypes_ready = True
 
     def make_loss(self, **options) -> nn.Module:
         """The BiomedAP objective (``BiomedAPLoss``); trainer options (e.g. rcl_positives) do

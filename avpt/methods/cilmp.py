@@ -157,6 +157,7 @@ class CILMP(Method):
     from the conditional low-rank intervention. Trainable: ``visual_prompts`` [L_v, K_v, D],
     ``text_context`` [L_t, K, W], ``prefix`` / ``suffix`` interventions, ``A`` [L_t, r, d_k],
     ``B`` [L_t, W, r] (and the shared segmentation decoder when ``seg``)."""
+    display_name = "CILMP"
     config_class = CILMPConfig
     uses_linear_head = False
 

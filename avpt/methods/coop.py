@@ -29,6 +29,7 @@ class CoOp(Method):
     """CoOp (Zhou et al. 2022): class prompts ``[ctx_1..ctx_M] <class name>.`` with learned
     context vectors through the frozen text tower; logits = logit_scale * cos(image, text).
     The segmentation decoder is the shared one."""
+    display_name = "CoOp"
     config_class = CoOpConfig
     uses_linear_head = False
 

@@ -14,6 +14,7 @@ class FullConfig(MethodConfig):
 @register("full")
 class FullFineTune(Method):
     """Every parameter of the visual tower trains (the text tower stays frozen)."""
+    display_name = "full fine-tuning"
     config_class = FullConfig
 
     def __init__(self, config):

@@ -14,6 +14,7 @@ class LinearConfig(MethodConfig):
 @register("linear")
 class LinearProbe(Method):
     """Frozen backbone; only the heads train."""
+    display_name = "linear probe"
     config_class = LinearConfig
 
     def encode(self, images, maps=None, modality=None, return_attn=False):

@@ -77,6 +77,7 @@ class LoRAMultiheadAttention(nn.Module):
 @register("lora")
 class LoRA(Method):
     """LoRA (Hu et al. 2022) of rank r on the attention projections of every block."""
+    display_name = "LoRA"
     config_class = LoRAConfig
 
     def __init__(self, config):

@@ -30,6 +30,7 @@ class VPTDeep(Method):
     block; at each block the previous block's prompt outputs are dropped and replaced by that
     block's own prompts (official VPT), each [B, K, D] after dropout (training only, as
     the official code). Prompts are removed before pooling."""
+    display_name = "VPT-deep"
     config_class = VPTConfig
 
     def __init__(self, config):

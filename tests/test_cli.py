@@ -98,5 +98,5 @@ def test_demo_small_budget(tmp_path, capsys):
     assert f"report: {tmp_path / 'report.html'}" in out
     html = open(tmp_path / "report.html").read()
     assert "transfer MG -&gt; US" in html and "data:image/png;base64," in html
-    assert json.load(open(tmp_path / "avpt" / "metrics.json"))["config"]["backbone"] == "avpt-tiny"
+    assert json.load(open(tmp_path / "avpt" / "metrics.json"))["config"]["backbone"] == "avpt-tiny-p8"
     assert "random weights" not in open(tmp_path / "avpt" / "report.html").read()  # shipped weights

@@ -209,6 +209,7 @@ def test_forward_maps_and_make_loss_are_asked_of_the_method():
     batch = {"image": images, "maps": maps}
     for name in METHODS:
         method = tiny(name)
+        method.prepare([dict(image=i, label=y) for i, y in zip(images, labels)], "cpu")
         loss_fn = method.make_loss(rcl_positives="within_modality")
         assert isinstance(loss_fn, own_loss.get(name, MethodLoss)), name
         given = method.forward_maps(batch)

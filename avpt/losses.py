@@ -250,8 +250,10 @@ class AVPTLoss(nn.Module):
         text = torch.zeros(0)
         if c.lambda_txt:
             tokenizer = text_tokenizer or open_clip.get_tokenizer(c.model_name)
+            # the tokens on the backbone's device: the trainer moves the model before make_loss
+            tokens = tokenizer(list(c.text_phrases)).to(next(model.backbone.parameters()).device)
             with torch.no_grad():
-                text = model.backbone.encode_text(tokenizer(list(c.text_phrases)), normalize=True)
+                text = model.backbone.encode_text(tokens, normalize=True)
         self.register_buffer("text", text)
 
     def region_types(self, r: Tensor) -> Tensor:

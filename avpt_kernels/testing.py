@@ -40,7 +40,10 @@ def assert_close(actual: Tensor, expected: Tensor, dtype: Optional[torch.dtype] 
     a = actual.detach().to(torch.float64).cpu()
     e = expected.detach().to(torch.float64).cpu()
     if not torch.isfinite(a).all():
-        raise AssertionError(f"{name}: {int((~torch.isfinite(a)).sum())} non-finite value(s)")
+        first = tuple(int(i) for i in (~torch.isfinite(a)).nonzero()[0])
+        raise AssertionError(f"{name}: {int((~torch.isfinite(a)).sum())}/{a.numel()} non-finite "
+                             f"value(s), the first at {first}: {a[first].item()} (expected "
+                             f"{e[first].item():.6g})")
     if scale is None:
         scale = float(e.abs().max()) if e.numel() else 0.0
     scale = float(scale)
@@ -50,10 +53,14 @@ def assert_close(actual: Tensor, expected: Tensor, dtype: Optional[torch.dtype] 
     if bad.any():
         worst = int(torch.argmax(err - bound))
         idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), e.shape))
+        nonzero = e != 0
+        rel = float((err[nonzero] / e[nonzero].abs()).max()) if nonzero.any() else float("nan")
         raise AssertionError(
             f"{name}: {int(bad.sum())}/{e.numel()} elements off (atol={atol} x max|expected|="
             f"{scale:.3g}, rtol={rtol}); worst at {idx}: actual {a[idx].item():.6g}, expected "
-            f"{e[idx].item():.6g}, |diff| {err[idx].item():.3g}; max |diff| {float(err.max()):.3g}")
+            f"{e[idx].item():.6g}, |diff| {err[idx].item():.3g}; max |diff| {float(err.max()):.3g}"
+            f" ({float(err.max()) / scale if scale > 0 else float('inf'):.3g} x max|expected|); "
+            f"max |diff|/|expected| {rel:.3g} (over expected != 0)")
 
 
 def random_pim_params(dim: int, width: int, gate_hidden: int, dtype=torch.float32,

@@ -272,6 +272,16 @@ def test_knowledge_dir_missing_class_and_too_long_prompt(tmp_path):
         build_method("cilmp", knowledge_dir=folder, **SMALL)
 
 
+def _data_parallel(module):
+    """nn.DataParallel(module) with the module left on its device: on a machine with one GPU
+    DataParallel moves the module to cuda:0 (this CPU module's later states would be on CUDA,
+    the earlier ones on the CPU, and the shared fixture would stay on the GPU)."""
+    device = next(module.parameters()).device
+    wrapped = nn.DataParallel(module)
+    module.to(device)
+    return wrapped
+
+
 def test_gaussian_averaging_of_the_trainable_state_only(small):
     m = small
     frozen = {n: p.detach().clone() for n, p in m.named_parameters() if not p.requires_grad}
@@ -285,7 +295,7 @@ def test_gaussian_averaging_of_the_trainable_state_only(small):
                     p.add_(epoch)
         states.append({n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad})
         for a in avg.values():
-            a.update(nn.DataParallel(m) if epoch == 2 else m, epoch)   # a wrapper is unwrapped
+            a.update(_data_parallel(m) if epoch == 2 else m, epoch)   # a wrapper is unwrapped
     w = [math.exp(-0.5 * (e - 2.0) ** 2) for e in (1, 2, 3)]
     mean = {n: sum(wi * s[n] for wi, s in zip(w, states)) / sum(w) for n in start}
     paper, code = avg["paper"].state(), avg["code"].state()

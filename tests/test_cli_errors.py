@@ -23,13 +23,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--set", "model.backend=torch", "--set", "eval_batch_size=8",
         "--set", "progress=false", "--set", "threads=1", "--set", "model.queue_size=16",
         "--set", "report=false", "--set", "tensorboard=false"]
+# The device is not what these tests are about: runs and evals are pinned to the CPU (on a GPU
+# machine --device auto picks CUDA, with bf16 autocast; eval must reproduce a run's metrics on the
+# device it was trained on).
+CPU = ["--device", "cpu"]
 PHANTOM = ["--dataset", "phantom", "--backbone", "tiny", "--modality", "MG", "US",
            "--set", "data.num_patients=3", "--set", "data.views=1", "--set", "fold=null"]
 
 
 def _train_args(out, *extra):
     return ["train", *PHANTOM, "--epochs", "1", "--batch-size", "4", "--out", str(out), *FAST,
-            *extra]
+            *CPU, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +148,11 @@ def test_bad_input_is_one_line_exit_2_and_touches_no_run(runs, argv, message, ca
     fresh = tmp_path / "fresh_out"
     if argv[0] in ("train", "eval", "explain", "transfer", "cv", "demo") and "--out" not in argv:
         argv += ["--out", str(fresh)]
+    if argv[0] in ("train", "eval", "explain", "transfer", "cv", "demo") and "--device" not in argv:
+        argv += CPU
+    if "--device" in argv and argv[argv.index("--device") + 1] == "cuda":
+        # the refusal of a machine without a GPU: on a GPU machine --device cuda is valid input
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     if argv[0] in ("train", "transfer", "cv"):  # a tiny run, should a check be missing
         if argv[argv.index("--out") + 1] == str(run):  # the run's own command, one change
             argv += ["--seed", "3", *PHANTOM]
@@ -267,7 +276,7 @@ def test_eval_reproduces_training_with_seed_and_random_backbone(runs, tmp_path):
     evaluated."""
     run = runs / "run"
     assert main(["eval", "--checkpoint", str(run), "--out", str(tmp_path / "ev"),
-                 "--set", "progress=false"]) == 0
+                 "--set", "progress=false", *CPU]) == 0
     ev = json.load(open(tmp_path / "ev" / "metrics.json"))
     tr = json.load(open(run / "metrics.json"))
     assert ev["test"] == tr["test"]
@@ -278,7 +287,7 @@ def test_eval_reproduces_training_with_seed_and_random_backbone(runs, tmp_path):
     # another data seed: other phantom images, the same (recorded) backbone: the load checks
     # the frozen weights' fingerprint, so this only runs if the backbone is the trained one
     assert main(["eval", "--checkpoint", str(run), "--out", str(tmp_path / "ev5"),
-                 "--seed", "5"]) == 0
+                 "--seed", "5", *CPU]) == 0
     ev5 = json.load(open(tmp_path / "ev5" / "metrics.json"))
     assert ev5["config"]["seed"] == 5 and ev5["backbone"]["init_seed"] == 3
 
@@ -293,7 +302,7 @@ def test_tampered_backbone_record_is_refused(runs, tmp_path, capsys):
     cfg = json.load(open(model / "avpt_config.json"))
     cfg["backbone"]["init_seed"] = 4
     json.dump(cfg, open(model / "avpt_config.json", "w"))
-    assert main(["eval", "--checkpoint", str(model), "--out", str(tmp_path / "ev")]) == 2
+    assert main(["eval", "--checkpoint", str(model), "--out", str(tmp_path / "ev"), *CPU]) == 2
     assert "rebuilt frozen backbone differs" in capsys.readouterr().err
 
 
@@ -332,13 +341,13 @@ def test_eval_with_pretrained_weights_checks_their_sha256(tmp_path, capsys):
     torch.save({k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()}, other)
     run = tmp_path / "run"
     assert main(_train_args(run, "--pretrained", str(weights))) == 0
-    assert main(["eval", "--checkpoint", str(run), "--out", str(tmp_path / "ev")]) == 0
+    assert main(["eval", "--checkpoint", str(run), "--out", str(tmp_path / "ev"), *CPU]) == 0
     ev = json.load(open(tmp_path / "ev" / "metrics.json"))
     assert ev["test"] == json.load(open(run / "metrics.json"))["test"]
     assert ev["backbone"]["sha256"] and ev["backbone"]["init_seed"] is None
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(run), "--out", str(tmp_path / "ev2"),
-                 "--pretrained", str(other)]) == 2
+                 "--pretrained", str(other), *CPU]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not the backbone the model was trained on" in err[0], err
     # and a resume of the run with the other weights is refused before anything is written

@@ -23,7 +23,7 @@ import torch
 
 from avpt.train import TrainStep, WholeStep, init_adam_state, load_config, make_optimizer
 from avpt_kernels.testing import assert_close
-from tests.tiny_models import trained_looking_tiny_avpt
+from tests.tiny_models import trained_looking_tiny_avpt, triton_device
 
 STEPS, LR, WD, CLIP = 2, 1e-3, 1e-2, 1.0
 # Parameters that would be exactly zero-gradient in the math get checked for finiteness only. (The
@@ -38,10 +38,11 @@ CANCELLING = {"prompt_bank.ln_bias": "prompt_bank.layer_bias"}
 
 
 def _tiny_avpt(backend_name):
-    return trained_looking_tiny_avpt(backend_name, region_types="ema").train()
+    model = trained_looking_tiny_avpt(backend_name, region_types="ema").train()
+    return model.to(triton_device(backend_name))
 
 
-def _batches(size=64):
+def _batches(size=64, device="cpu"):
     g = torch.Generator().manual_seed(2)
     out = []
     for _ in range(STEPS):
@@ -50,7 +51,7 @@ def _batches(size=64):
                         label=torch.tensor([0, 1]),
                         mask=(torch.rand(2, 1, size, size, generator=g) > 0.5).float(),
                         modality=torch.tensor([0, 1])))
-    return out
+    return [{k: v.to(device) for k, v in b.items()} for b in out]
 
 
 def _trainable(model):
@@ -58,7 +59,7 @@ def _trainable(model):
 
 
 def _eager_steps(model, batches):
-    loss_fn = model.make_loss()
+    loss_fn = model.make_loss().to(next(model.parameters()).device)
     step_module, params = TrainStep(model, loss_fn), _trainable(model)
     opt = torch.optim.AdamW(params, lr=LR, weight_decay=WD)
     terms = []
@@ -75,11 +76,12 @@ def _eager_steps(model, batches):
 def _compiled_steps(model, batches):
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    loss_fn = model.make_loss()
-    opt = torch.optim.AdamW(_trainable(model), lr=torch.tensor(LR), weight_decay=WD,
+    device = next(model.parameters()).device
+    loss_fn = model.make_loss().to(device)
+    opt = torch.optim.AdamW(_trainable(model), lr=torch.tensor(LR, device=device), weight_decay=WD,
                             capturable=True)
     counter = CompileCounterWithBackend("aot_eager")
-    step = WholeStep(TrainStep(model, loss_fn), opt, "cpu", grad_clip=CLIP, mode=None,
+    step = WholeStep(TrainStep(model, loss_fn), opt, device, grad_clip=CLIP, mode=None,
                      backend=counter)
     return [step(batch) for batch in batches], loss_fn, opt, counter
 
@@ -90,7 +92,7 @@ def test_whole_training_step_compiles_fullgraph_and_matches_eager(backend_name):
     eager_model = _tiny_avpt(backend_name)
     model = copy.deepcopy(eager_model)
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    batches = _batches()
+    batches = _batches(device=triton_device(backend_name))
 
     terms, loss_fn, opt, counter = _compiled_steps(model, batches)
     e_terms, e_loss_fn, e_opt = _eager_steps(eager_model, batches)

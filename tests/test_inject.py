@@ -17,6 +17,7 @@ from torch import nn
 
 import avpt_kernels as ak
 from avpt_kernels.inject import broadcast_prompts, find_adapter
+from tests.tiny_models import triton_device
 
 SIZE, PATCH, DIM, DEPTH, HEADS = 32, 8, 64, 2, 2
 PIM_KW = dict(num_prompts=4, num_heads=2, head_dim=16, gate_hidden=16)  # fits the Triton limits
@@ -73,7 +74,7 @@ def _close(a, b, tol=1e-6, what=""):
 def _loss(out):
     # not out.square().mean(): a LayerNorm'd output (HF last_hidden_state) has a constant one
     target = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
-    return (out * target).sum()
+    return (out * target.to(out.device)).sum()
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -275,17 +276,18 @@ def test_callable_prompts_module_and_function():
 # ----------------------------------------------------------------------------------------------
 # backends, compile, autocast, launches
 # ----------------------------------------------------------------------------------------------
-def _trained_timm(backend):
+def _trained_timm(backend, device="cpu"):
     model = ak.inject_pim(_timm().eval(), layers=[1], backend=backend, **PIM_KW)
     _randomise(model.blocks[1])
-    return model
+    return model.to(device)
 
 
 def test_fused_backend_matches_torch():
-    """One tiny case on backend='triton' (the Triton interpreter on CPU): outputs and the
-    gradients of the added weights match the torch backend within the fp32 tolerance."""
-    x = _images()
-    ref = _trained_timm("torch")
+    """One tiny case on backend='triton' (the Triton interpreter on CPU, CUDA with a GPU): outputs
+    and the gradients of the added weights match the torch backend within the fp32 tolerance."""
+    device = triton_device("triton")
+    x = _images().to(device)
+    ref = _trained_timm("torch", device)
     fused = copy.deepcopy(ref)
     fused.blocks[1].pim.backend = "triton"
     results = []
@@ -304,8 +306,8 @@ def test_fused_backend_matches_torch():
 def test_compile_fullgraph_matches_eager(backend):
     """The injected model compiles as one graph (aot_eager: dynamo + AOTAutograd, no inductor
     code generation on CPU), forward and backward, and agrees with eager."""
-    model = _trained_timm(backend)
-    x = _images()
+    model = _trained_timm(backend, triton_device(backend))
+    x = _images().to(triton_device(backend))
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     out = compiled(x)
     _close(out, model(x), tol=1e-5, what="compiled")
@@ -315,11 +317,12 @@ def test_compile_fullgraph_matches_eager(backend):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_autocast_tracks_fp32(backend):
-    model = _trained_timm(backend)
-    x = _images()
+    device = triton_device(backend)
+    model = _trained_timm(backend, device)
+    x = _images().to(device)
     with torch.no_grad():
         fp32 = model(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device, dtype=torch.bfloat16):
             bf16 = model(x)
             with ak.pim_gates_shut(model):
                 shut = model(x)

@@ -258,3 +258,21 @@ def test_method_loss_for_baselines():
     assert torch.allclose(terms["loss"], terms["cls"] + terms["seg"])
     with pytest.raises(ValueError, match="labels"):
         method_loss(model, out)
+
+
+def test_txt_class_phrases_are_encoded_on_the_models_device():
+    """The trainer builds the loss after moving the model (``model.to(device)``, then
+    ``make_loss``): the TXT term's phrase tokens must go to the backbone's device. Checked on fake
+    CUDA tensors (no GPU needed), where an op on tensors of two devices raises as on a GPU."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from benchmarks.launch_counter import fake_copy
+
+    model = tiny()
+    assert model.config.lambda_txt > 0
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    (fake,) = fake_copy((model,), mode, "cuda")
+    with mode:
+        loss = fake.make_loss()
+    assert loss.text.device.type == "cuda"
+    assert loss.text.shape[0] == len(model.config.text_phrases)

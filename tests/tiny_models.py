@@ -22,6 +22,13 @@ def train_gates(model):
     return model
 
 
+def triton_device(backend_name):
+    """Where a test of ``backend_name`` runs: backend='triton' on CUDA tensors when a GPU is
+    present (tests/conftest.py sets TRITON_INTERPRET=1 only without one, and the Triton backend
+    refuses CPU tensors without the interpreter); everything else on the CPU."""
+    return "cuda" if backend_name == "triton" and torch.cuda.is_available() else "cpu"
+
+
 def trained_looking_tiny_avpt(backend_name, **overrides):
     """``train_gates`` of A-VPT on the tiny backbone (random frozen weights, warning silenced);
     ``overrides`` go to ``build_method`` (queue_size 16 unless given). On CPU."""

@@ -274,6 +274,20 @@ def _triton_counted(counter: LaunchCounter) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def tensor_ctor_copies_dispatched():
+    """torch.tensor/as_tensor(data, device="cuda") build the tensor on the CPU and move it with a
+    dispatched copy that the counter sees. FakeTensorMode sets this only where no GPU is present
+    (``avoid_device_init``): on a GPU machine the ctor's host-to-device copy is made on the real
+    device below the dispatcher and only ``lift_fresh`` reaches the modes (no sync, no launch)."""
+    prev = torch._C._only_lift_cpu_tensors()
+    torch._C._set_only_lift_cpu_tensors(True)
+    try:
+        yield
+    finally:
+        torch._C._set_only_lift_cpu_tensors(prev)
+
+
+@contextlib.contextmanager
 def _env(**values: str) -> Iterator[None]:
     old = {k: os.environ.get(k) for k in values}
     os.environ.update(values)

@@ -70,7 +70,8 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from benchmarks.launch_counter import (  # noqa: F401  (the tests reach them through here)
-    SECTIONS, HostSync, LaunchCounter, _env, _triton_counted, autocast_for, fake_copy)
+    SECTIONS, HostSync, LaunchCounter, _env, _triton_counted, autocast_for, fake_copy,
+    tensor_ctor_copies_dispatched)
 
 # (row name, method, config overrides): the rows of Table 10 whose launches issue 11 budgets.
 METHODS = [
@@ -158,7 +159,7 @@ def count_method(row: str, method_name: str, overrides: Dict, model_name: str, b
     fmethod, floss = fake_copy((method, loss_fn) if loss_fn is not None else (method, nn.Identity()),
                                mode, "cuda")
     floss = floss if loss_fn is not None else None
-    with mode:
+    with mode, tensor_ctor_copies_dispatched():
         inputs = _inputs(fmethod, batch, "cuda")
         counter = LaunchCounter("cuda").attach(fmethod)
         fmethod.eval()
@@ -175,7 +176,7 @@ def count_method(row: str, method_name: str, overrides: Dict, model_name: str, b
         return result
 
     # -- training step: forward (+ backward) on fake CUDA --------------------------------------
-    with mode:
+    with mode, tensor_ctor_copies_dispatched():
         fmethod.train()
         params = [p for p in fmethod.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4, foreach=True)
@@ -261,7 +262,7 @@ def _backward_on_cpu(row, method, loss_fn, batch, dtype, cuda_grad_casts: Counte
     objs = (method, loss_fn) if loss_fn is not None else (method, nn.Identity())
     cmethod, closs = fake_copy(objs, mode, "cpu")
     closs = closs if loss_fn is not None else None
-    with mode, _env(TRITON_INTERPRET="1"):
+    with mode, _env(TRITON_INTERPRET="1"), tensor_ctor_copies_dispatched():
         cmethod.train()
         inputs = _inputs(cmethod, batch, "cpu")
         warm = LaunchCounter("cpu")

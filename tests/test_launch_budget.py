@@ -8,7 +8,6 @@ forward; fused inference <= VPT-deep + 100, step <= VPT-deep + 300) are asserted
 PIM layer launches fewer kernels than the eager one, forward and backward. The counts are
 recorded as test properties (``record_property``) and printed with ``-s``.
 """
-import contextlib
 
 import pytest
 import torch
@@ -53,26 +52,12 @@ def test_no_host_sync_in_forward_or_model_loss_part_of_a_step(counts, backend, r
     assert r["inference"]["aten"] > 0 and r["train"]["backward"]["aten"] > 0
 
 
-@contextlib.contextmanager
-def _tensor_ctor_copies_dispatched():
-    """torch.tensor/as_tensor(data, device="cuda") build the tensor on the CPU and move it with a
-    dispatched copy that the counter sees. FakeTensorMode sets this only where no GPU is present
-    (``avoid_device_init``): on a GPU machine the ctor's host-to-device copy is made on the real
-    device below the dispatcher and only ``lift_fresh`` reaches the modes (no sync, no launch)."""
-    prev = torch._C._only_lift_cpu_tensors()
-    torch._C._set_only_lift_cpu_tensors(True)
-    try:
-        yield
-    finally:
-        torch._C._set_only_lift_cpu_tensors(prev)
-
-
 def test_counter_sees_syncs_and_h2d_copies():
     """The counter itself: .item(), bool() and a list -> CUDA copy are syncs; views are free."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     mode = FakeTensorMode()
-    with mode, _tensor_ctor_copies_dispatched():
+    with mode, L.tensor_ctor_copies_dispatched():
         x = torch.randn(4, 4, device="cuda")
         c = L.LaunchCounter("cuda")
         with L._triton_counted(c), c:

@@ -1,7 +1,8 @@
 """avpt-kernels: fused ops for Anatomy-guided Visual Prompt Tuning (A-VPT).
 
 Ops (``avpt_kernels.ops.<op>``: kernels, launchers, custom ops): ``region_pool`` (Eq. 2),
-``prompt_bank`` (Eq. 4), ``pim`` / ``pim_packed`` (Eqs. 5-10, the Prompt-token Interaction Module); modules
+``prompt_bank`` (Eq. 4), ``pim`` / ``pim_packed`` (Eqs. 5-10, the Prompt-token Interaction Module),
+``low_rank_project`` (CILMP's per-layer rank-r chain); modules
 ``RegionPool``, ``LowRankPromptBank``, ``PromptTokenInteraction``. Backend switch in
 ``avpt_kernels.backend`` (``set_backend``, ``use_backend``); ground truth in
 ``avpt_kernels.reference``. Drop-in PIM for open_clip, timm and Hugging Face ViTs:
@@ -14,6 +15,7 @@ from .inject import (PIMBlock, inject_pim, load_pim_state_dict, make_pim_blocks,
                      pim_state_dict, remove_pim)
 from .modules import LowRankPromptBank, PromptTokenInteraction, RegionPool, contiguous_stages
 from .ops.pim import pack_weights, pim, pim_packed, unpack_weights
+from .ops.low_rank_project import low_rank_project
 from .ops.prompt_bank import prompt_bank
 from .ops.region_pool import region_pool
 from .reference import PIMParams
@@ -21,7 +23,7 @@ from .reference import PIMParams
 __version__ = "0.1.0"
 
 __all__ = [
-    "region_pool", "prompt_bank", "pim", "pim_packed", "pack_weights", "unpack_weights", "PIMParams",
+    "region_pool", "prompt_bank", "low_rank_project", "pim", "pim_packed", "pack_weights", "unpack_weights", "PIMParams",
     "RegionPool", "LowRankPromptBank", "PromptTokenInteraction", "contiguous_stages",
     "get_backend", "set_backend", "use_backend", "__version__",
     "PIMBlock", "inject_pim", "remove_pim", "pim_state_dict", "load_pim_state_dict",

@@ -39,7 +39,8 @@ from typing import Any, Dict, List, Optional, Sequence
 # this module from the package would shadow ``python -m avpt_kernels.aot``).
 from ._compat import for_triton, triton_version  # noqa: F401
 
-OP_MODULES = ("avpt_kernels.ops.pim", "avpt_kernels.ops.region_pool", "avpt_kernels.ops.prompt_bank")
+OP_MODULES = ("avpt_kernels.ops.pim", "avpt_kernels.ops.region_pool", "avpt_kernels.ops.prompt_bank",
+              "avpt_kernels.ops.low_rank_project")
 
 # target name -> (compute capability, max shared memory per block in bytes, opt-in)
 TARGETS = {"sm_80": (80, 163 * 1024), "sm_90a": (90, 227 * 1024)}

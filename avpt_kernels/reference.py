@@ -7,7 +7,8 @@ enclosing ``torch.autocast`` region does not turn the fp32 math into bf16/fp16 m
 outputs have the documented dtypes whatever the caller's autocast state. (Autograd replays the
 backward outside this guard: take the backward outside the autocast region, as PyTorch
 recommends.) No argument checking happens here: the public entry points
-(``avpt_kernels.region_pool`` / ``prompt_bank`` / ``pim``) validate before dispatching.
+(``avpt_kernels.region_pool`` / ``prompt_bank`` / ``pim`` / ``low_rank_project``) validate
+before dispatching.
 
 Notation: B batch, T = N+1 tokens (class token at index 0), N patch tokens, D hidden size,
 K prompt tokens, R regions, H heads, dh head width, A = H*dh, L layers, S stages, r rank.
@@ -122,6 +123,21 @@ def prompt_bank(region_emb: Tensor, token_offset: Tensor, U: Tensor, V: Tensor,
     y = (x - mu) * torch.rsqrt(var + eps)
     y = y * ln_weight.to(cdt)[:, None, None, :] + ln_bias.to(cdt)[:, None, None, :]
     return y.to(region_emb.dtype)
+
+
+@no_autocast
+def low_rank_project(x: Tensor, U: Tensor, V: Tensor, layer_stage: Sequence[int]) -> Tensor:
+    """Every layer's rank-r projection, ``out[l] = x(l) U[s(l)] V[s(l)]`` (CILMP's x A_l^T B_l^T).
+
+    x: [N, Din] (shared by every layer) or [L, N, Din] (x(l) = x[l]).
+    U: [S, Din, r], V: [S, r, Dout]  stage factors; layer_stage: L ints, the stage of each layer.
+    returns: [L, N, Dout] in the dtype of ``x``.
+    """
+    cdt = compute_dtype(x.dtype)
+    stage = stage_index(layer_stage, x.device)
+    u, v = U.to(cdt)[stage], V.to(cdt)[stage]  # [L, Din, r], [L, r, Dout]
+    low = torch.einsum("nd,ldr->lnr" if x.dim() == 2 else "lnd,ldr->lnr", x.to(cdt), u)
+    return (low @ v).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------

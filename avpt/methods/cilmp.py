@@ -31,6 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from avpt_kernels import low_rank_project
+from avpt_kernels._autocast import autocast_dtype
+
 from .. import vit
 from ..descriptions import descriptions_for, texts_hash
 from ..knowledge import description_states, load_knowledge_dir, pad_states, states_hash
@@ -68,14 +71,22 @@ class CILMPConfig(MethodConfig):
     averaging: str = "paper"         # Gaussian epoch averaging: paper | code | off
     averaging_mean: float = 100.0
     averaging_std: float = 30.0
+    backend: Optional[str] = None    # avpt_kernels backend of project_knowledge (None: process-wide)
 
 
-def project_knowledge(x: Tensor, A: Tensor, B: Tensor) -> Tensor:
+def project_knowledge(x: Tensor, A: Tensor, B: Tensor, backend: Optional[str] = None) -> Tensor:
     """The per-layer rank-r chain: x [N, Din] (shared) or [L, N, Din], A [L, r, Din],
-    B [L, Dout, r] -> [L, N, Dout] = x A_l^T B_l^T for every layer l."""
-    if x.dim() == 2:
-        return torch.einsum("nd,lrd->lnr", x, A) @ B.transpose(1, 2)
-    return torch.einsum("lnd,lrd->lnr", x, A) @ B.transpose(1, 2)
+    B [L, Dout, r] -> [L, N, Dout] = x A_l^T B_l^T for every layer l.
+
+    One ``avpt_kernels.low_rank_project`` call (U = A^T, V = B^T as strided views, no copies;
+    stage l for layer l): the fused Triton kernels where they apply (``backend`` None: the
+    process-wide avpt_kernels backend, "auto" by default). The three tensors go in one dtype:
+    the autocast dtype inside an autocast region (as the einsums it replaces ran), else their
+    common dtype."""
+    dt = autocast_dtype(x.device) or torch.promote_types(torch.promote_types(x.dtype, A.dtype),
+                                                         B.dtype)
+    return low_rank_project(x.to(dt), A.to(dt).transpose(1, 2), B.to(dt).transpose(1, 2),
+                            range(A.shape[0]), backend=backend)
 
 
 def _fit_to_context(cfg: CILMPConfig, tokenizer) -> None:
@@ -281,7 +292,8 @@ class CILMP(Method):
             phi = self.suffix.phi(h.gather(1, idx), v)
             phi = F.dropout(phi, cfg.phi_dropout, self.training)
             x = x.scatter(3, idx.expand(L, B, -1, -1, -1), phi)
-        return project_knowledge(x.reshape(L, B * C * T, d_k), self.A, self.B).view(L, B, C, T, -1)
+        return project_knowledge(x.reshape(L, B * C * T, d_k), self.A, self.B,
+                                 cfg.backend).view(L, B, C, T, -1)
 
     def _knowledge_fast(self, v: Tensor) -> Tensor:
         """The same e [L, B, C, T, W] without dropout, every per-image tensor before the output
@@ -292,7 +304,8 @@ class CILMP(Method):
         L, B = self.A.shape[0], v.shape[0]
         C, T, d_k = h.shape
         r = self.A.shape[1]
-        base = project_knowledge(h.reshape(C * T, d_k), self.A, self.B).view(L, 1, C, T, -1)
+        base = project_knowledge(h.reshape(C * T, d_k), self.A, self.B,
+                                 cfg.backend).view(L, 1, C, T, -1)
         ds, ARs = [], []
         if cfg.prefix_length:
             n = cfg.prefix_length
@@ -308,7 +321,7 @@ class CILMP(Method):
             return base.expand(L, B, C, T, base.shape[-1])
         d = torch.cat(ds, dim=-1).view(L, B * C * T, -1)                    # [L, N, 2r]
         AR = torch.cat(ARs, dim=-1)                                           # [L, r, 2r]
-        return base + project_knowledge(d, AR, self.B).view(L, B, C, T, -1)
+        return base + project_knowledge(d, AR, self.B, cfg.backend).view(L, B, C, T, -1)
 
     def knowledge_prompts(self, v: Tensor, fast: Optional[bool] = None) -> Tensor:
         """Knowledge prompts e [L_t, B, C, T, W] for normalised image embeddings v [B, E]

@@ -4,6 +4,7 @@ rule (``triton_unsupported_reason``, decided by ``avpt_kernels.backend.resolve``
 floor (``*_min_bytes``) and its AOT list (``aot_configs``).
 
 ``region_pool`` (Eq. 2), ``prompt_bank`` (Eq. 4), ``pim`` (Eqs. 5-10: the Prompt-token
-Interaction Module; ``avpt_kernels.modules.PromptTokenInteraction`` is its ``nn.Module``). The
+Interaction Module; ``avpt_kernels.modules.PromptTokenInteraction`` is its ``nn.Module``),
+``low_rank_project`` (CILMP's per-layer rank-r chain ``x A_l^T B_l^T``). The
 torch references live in ``avpt_kernels.reference``; the package re-exports the public functions
 (``avpt_kernels.pim`` etc. are the functions; the modules are ``avpt_kernels.ops.<op>``)."""

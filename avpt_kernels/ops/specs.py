@@ -19,6 +19,7 @@ from torch import Tensor
 
 from .. import reference
 from ..testing import random_pim_params
+from .low_rank_project import low_rank_project, low_rank_project_min_bytes
 from .pim import pim, pim_min_bytes
 from .prompt_bank import prompt_bank, prompt_bank_min_bytes
 from .region_pool import region_pool, region_pool_min_bytes
@@ -90,6 +91,12 @@ def _prompt_bank_make(s: Shape, leaf, _) -> Tuple[Tensor, ...]:
             leaf(s.layers, s.D))
 
 
+def _low_rank_project_make(s: Shape, leaf, _) -> Tuple[Tensor, ...]:
+    # Rows N = B*K (e.g. classes x knowledge tokens), shared by every layer; Din = Dout = D (the
+    # Shape has one width: the op's Din != Dout and per-layer x are its own tests' cases).
+    return (leaf(s.B * s.K, s.D), leaf(s.stages, s.D, s.rank), leaf(s.stages, s.rank, s.D))
+
+
 def _pim_make(s: Shape, leaf, pim_params) -> Tuple[Tensor, ...]:
     z, p = leaf(s.B, s.T, s.D), leaf(s.B, s.K, s.D)
     return (z, p, *pim_params(s.D, s.heads * s.head_dim, s.gate))
@@ -115,6 +122,13 @@ SPECS: Dict[str, OpSpec] = {
         op=lambda s: lambda *xs, backend=None: prompt_bank(*xs, _stages(s), backend=backend),
         min_bytes=lambda s, dtype, backward: prompt_bank_min_bytes(
             s.B, s.R, s.K, s.D, s.rank, s.layers, s.stages, dtype, backward)),
+    "low_rank_project": OpSpec(
+        "low_rank_project", _low_rank_project_make,
+        reference=lambda s: lambda *xs: reference.low_rank_project(*xs, _stages(s)),
+        op=lambda s: lambda *xs, backend=None: low_rank_project(*xs, _stages(s),
+                                                                backend=backend),
+        min_bytes=lambda s, dtype, backward: low_rank_project_min_bytes(
+            s.B * s.K, s.D, s.D, s.rank, s.layers, s.stages, True, dtype, backward)),
     "pim": OpSpec(
         "pim", _pim_make,
         reference=lambda s: lambda z, p, *w: reference.pim(z, p, reference.PIMParams(*w), s.heads),

@@ -10,6 +10,9 @@ import copy
 import logging
 from typing import Any, Dict, List, Optional
 
+# ``avpt demo``'s methods side by side (issue 14's table), unless --methods says otherwise
+DEMO_METHODS = ("linear", "vpt", "lora", "avpt")
+
 log = logging.getLogger("avpt.train")
 
 BACKBONE_ALIASES = {"tiny": "avpt-tiny", "tiny-p8": "avpt-tiny-p8", "vit-b-16": "ViT-B-16", "vit-b/16": "ViT-B-16",

@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import comparison as C
+from .config import DEMO_METHODS
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "demo_cpu.yaml"
-METHODS = ("linear", "vpt", "lora", "avpt")
+METHODS = DEMO_METHODS
 
 
 def display_name(method: str) -> str:

@@ -15,7 +15,9 @@ function), so tests call it in a subprocess.
 One file holds the tables of several Triton versions (``make aot`` runs the check in ``.venv``,
 Triton 3.8, and in ``.venv-triton36``, Triton 3.6, the GPU machines' version): the output is
 ``{"targets": [...], "by_triton": {"<triton version>": {"torch": ..., "seconds": ..., "rows":
-[...]}}}`` and a run replaces only its own version's entry (``load_rows`` reads one back).
+[...]}}}`` and a run replaces only its own version's entry (``load_rows`` reads one back);
+``--ops NAME ...`` compiles only those op modules and replaces only their kernels' rows in it
+(a new op checked without recompiling the rest: ``seconds`` is then that run's).
 
 Register allocation differs between Triton versions, so a launch choice may have to depend on
 the version: op modules pick such values with ``for_triton`` at import time, and both their
@@ -177,6 +179,23 @@ def sample(configs: Sequence[KernelConfig]) -> List[int]:
     return sorted(set(first.values()) | set(last.values()))
 
 
+def _op_indices(ops: Sequence[str]) -> List[int]:
+    """Indices in ``collect()`` of the configurations of the op modules named in ``ops`` (short
+    names: "pim", "low_rank_project", ...)."""
+    known = {name.rsplit(".", 1)[-1]: name for name in OP_MODULES}
+    unknown = [op for op in ops if op not in known]
+    if unknown:
+        raise SystemExit(f"avpt_kernels.aot: --ops {unknown} unknown; expected some of {sorted(known)}")
+    indices, offset = [], 0
+    for name in OP_MODULES:
+        module = importlib.import_module(name)
+        n = len(module.aot_configs()) if hasattr(module, "aot_configs") else 0
+        if name.rsplit(".", 1)[-1] in ops:
+            indices.extend(range(offset, offset + n))
+        offset += n
+    return indices
+
+
 def _compile_collected(job) -> Dict[str, Any]:
     """Worker: compile configuration ``index`` of ``collect()`` (rebuilt once per process, as
     jitted functions do not pickle) for ``target``."""
@@ -252,22 +271,36 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=0, help="compile processes (0: one per CPU)")
     ap.add_argument("--sample", action="store_true",
                     help="compile only the first and last configuration of each kernel (CI)")
+    ap.add_argument("--ops", nargs="+", metavar="OP",
+                    help="compile only these op modules (e.g. low_rank_project) and replace their "
+                         "kernels' rows in the recorded entry, keeping the others")
     args = ap.parse_args(argv)
     import time
 
     import triton
     import torch
 
+    only = sample(collect()) if args.sample else None
+    kept: List[Dict[str, Any]] = []
+    if args.ops:
+        only = _op_indices(args.ops)
+        mine = {collect()[i].kernel for i in only}
+        try:
+            kept = [r for r in load_rows(args.out) if r["kernel"] not in mine]
+        except (OSError, KeyError, ValueError):
+            kept = []
     start = time.perf_counter()
-    rows = run_collected(args.workers, only=sample(collect()) if args.sample else None)
+    rows = run_collected(args.workers, only=only)
     seconds = time.perf_counter() - start
     print(format_table(rows) if rows else "no Triton kernel configurations to compile")
+    rows = kept + rows
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     failing = sum(not r["ok"] for r in rows)
     entry = {"torch": torch.__version__, "python": sys.version.split()[0],
              "workers": args.workers or os.cpu_count() or 1, "seconds": round(seconds, 1),
              "failing": failing, "spill_bytes": sum(r.get("spill_bytes", 0) for r in rows),
              "sample": args.sample,
+             "last_ops": args.ops,  # None: every op compiled in this run; else only these
              "rows": rows}
     data = _merge(args.out, triton.__version__, entry)
     with open(args.out, "w") as fh:

@@ -2,6 +2,7 @@
 metrics.json and report.html, eval and explain of the saved model, corrupt files, transfer,
 cross-validation, params, and the demo on a tiny budget."""
 import json
+import math
 import os
 
 import pytest
@@ -103,3 +104,41 @@ def test_demo_small_budget(tmp_path, capsys):
     assert "transfer MG -&gt; US" in html and "data:image/png;base64," in html
     assert json.load(open(tmp_path / "avpt" / "metrics.json"))["config"]["backbone"] == "avpt-tiny-p8"
     assert "random weights" not in open(tmp_path / "avpt" / "report.html").read()  # shipped weights
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("cilmp", ["--set", "model.prefix_length=2", "--set", "model.suffix_length=2",
+               "--set", "model.knowledge_length=4"]),
+    ("biomedap", [])])
+def test_new_methods_train_and_eval_on_a_three_class_busi_folder(tmp_path, method, extra):
+    """CILMP and BiomedAP (paper anchor: class prototypes of the training images) through the
+    CLI on a BUSI-layout folder, normal / benign / malignant as three classes; eval of the saved
+    model reproduces the run's test numbers."""
+    root = tmp_path / "busi"
+    write_busi(str(root), n_per_class=5, size=40)  # 5 folds need 5 a class
+    out = tmp_path / "run"
+    three = ["--dataset", "busi", "--data-root", str(root), "--set", "data.normal=class"]
+    assert main(["train", "--method", method, "--backbone", "tiny", "--epochs", "1", "--out",
+                 str(out), "--set", "report=false", *three, *_without_avpt_settings(FAST),
+                 *extra]) == 0
+    res = json.load(open(out / "metrics.json"))
+    saved = json.load(open(out / "model" / "avpt_config.json"))["config"]
+    assert res["config"]["method"] == method and saved["num_classes"] == 3
+    assert list(saved["class_names"]) == ["normal", "benign", "malignant"]
+    assert res["test"]["n"] > 0 and math.isfinite(res["history"][-1]["train_loss"])
+    assert main(["eval", "--checkpoint", str(out), "--out", str(tmp_path / "ev"), *three,
+                 "--device", "cpu"]) == 0
+    again = json.load(open(tmp_path / "ev" / "metrics.json"))["test"]
+    assert all(again[k] == res["test"][k] for k in ("auc", "f1", "n"))
+
+
+def _without_avpt_settings(args):
+    """FAST minus the A-VPT model settings (--set pairs whose key starts with model.)."""
+    out, i = [], 0
+    while i < len(args):
+        if args[i] == "--set" and args[i + 1].startswith("model."):
+            i += 2
+            continue
+        out.append(args[i])
+        i += 1
+    return out

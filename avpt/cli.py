@@ -220,6 +220,18 @@ def _eval_config(args, saved: Dict) -> Dict:
             if k not in run_cfg or k in set_keys or (not same_data and k != "seed"):
                 continue
             base[k] = run_cfg[k]  # (--set data.KEY=VALUE then changes one loader setting)
+    if getattr(args, "modality", None) and base.get("test_modality"):
+        # a transfer run tests on every image of its test_modality: --modality names the
+        # modalities to evaluate, never one it trained on (whose images it has seen)
+        seen = sorted(set(args.modality) & set(base.get("modality") or []))
+        if seen:
+            from .validate import ConfigError
+
+            raise ConfigError(f"--modality {' '.join(args.modality)}: this transfer run trained on "
+                              f"{' '.join(base['modality'])}, so its images are not a test set; "
+                              f"evaluate on modalities it did not train on (it tested on "
+                              f"{' '.join(base['test_modality'])})")
+        base["test_modality"] = list(args.modality)
     extra = {"method": saved["method"], "backbone": saved["config"]["model_name"]}
     cfg = _config(args, extra, base)
     model_dir = _model_dir(args.checkpoint)

@@ -77,6 +77,13 @@ def test_transfer_cv_and_params(tmp_path, capsys):
     tr = json.load(open(tmp_path / "tr" / "metrics.json"))
     assert tr["data"]["train_modalities"] == ["MG"] and tr["data"]["test_modalities"] == ["US"]
     assert tr["data"]["test_samples"] == 3
+    # eval of a transfer model: --modality picks the unseen modality it is scored on, and a
+    # modality it trained on is refused (those images are not a test set)
+    ev = ["eval", "--checkpoint", str(tmp_path / "tr"), "--device", "cpu"]
+    assert main(ev + ["--modality", "MRI", "--out", str(tmp_path / "ev")]) == 0
+    assert json.load(open(tmp_path / "ev" / "metrics.json"))["data"]["test_modalities"] == ["MRI"]
+    assert main(ev + ["--modality", "MG", "--out", str(tmp_path / "ev2")]) == 2
+    assert "trained on MG, so its images are not a test set" in capsys.readouterr().err
     assert main(["cv", *TINY_PHANTOM, "--modality", "MG", "US", "--epochs", "1",
                  "--out", str(tmp_path / "cv"), "--set", "folds=2", "--set", "report=false",
                  "--set", "eval_every=0"] + FAST) == 0

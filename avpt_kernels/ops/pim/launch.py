@@ -98,11 +98,10 @@ def triton_unsupported_reason(z: Tensor, p: Tensor, params: PIMParams, num_heads
                              params.gate_w1.shape[0])
 
 
-@functools.lru_cache(maxsize=None)
 def unsupported_sizes(dtype: torch.dtype, d: int, k: int, num_heads: int, head_dim: int,
                       gate_hidden: int) -> Optional[str]:
-    """``triton_unsupported_reason`` from the sizes alone (memoised: a model calls it with a
-    handful of size tuples, once per layer and step)."""
+    """``triton_unsupported_reason`` from the sizes alone (a few comparisons: ``pim_packed``
+    needs no weight views for it)."""
     z_dtype, a = dtype, num_heads * head_dim
     if z_dtype not in TRITON_DTYPES:
         return f"z dtype {z_dtype} (the kernels take float32, float16 or bfloat16)"

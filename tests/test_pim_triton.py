@@ -423,3 +423,28 @@ def test_default_paths_of_the_shape_matrix(dtype):
     assert paths == {"t197_d768": True, "k5_a16": True, "k6_h3_b1": False,
                      "h1_k1_t2": False, "k16_h2": True, "h5_k6": False,
                      "h4_k8_a64": False}
+
+
+def test_deterministic_mode_is_told_the_gpu_kernels_use_atomics():
+    """On CUDA the kernels' fp32 atomic adds are not bit-reproducible: under
+    torch.use_deterministic_algorithms(True) the launchers warn (warn_only) or raise, like torch's
+    own such ops; on CPU (the interpreter runs programs in order) and outside that mode, silence."""
+    import warnings
+
+    alert = pim_mod.alert_not_deterministic
+    before = (torch.are_deterministic_algorithms_enabled(),
+              torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="avpt::pim_backward adds fp32 partial sums"):
+            alert("pim_backward", torch.device("cuda"))
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="backend='torch' for bit-reproducible runs"):
+            alert("pim_forward", torch.device("cuda"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            alert("pim_backward", torch.device("cpu"))
+            torch.use_deterministic_algorithms(False)
+            alert("pim_backward", torch.device("cuda"))
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import List, Optional, Tuple
 
 import torch
@@ -308,6 +309,23 @@ def _chunks(b: int, t: int, block_t: int) -> Tuple[int, int]:
     return triton.cdiv(blocks, chunk_blocks), chunk_blocks
 
 
+def alert_not_deterministic(op: str, device: torch.device) -> None:
+    """The GPU kernels sum fp32 partials with atomic adds (in an order that varies run to run),
+    so on CUDA they are not bit-reproducible. Under ``torch.use_deterministic_algorithms(True)``
+    this warns (``warn_only=True``, the trainer's setting) or raises, as torch's own such ops do.
+    The interpreter (CPU) runs programs in order: deterministic there."""
+    if device.type != "cuda" or not torch.are_deterministic_algorithms_enabled():
+        return
+    message = (f"avpt::{op} adds fp32 partial sums with atomic adds on the GPU, so its results "
+               f"can differ run to run at fp32 rounding level, while "
+               f"torch.use_deterministic_algorithms(True) is set; use backend='torch' for "
+               f"bit-reproducible runs")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, UserWarning, stacklevel=3)
+    else:
+        raise RuntimeError(message)
+
+
 def _f32(b: int, *shape: int, like: Tensor) -> Tensor:
     return torch.empty((b,) + shape, device=like.device, dtype=torch.float32)
 
@@ -318,6 +336,8 @@ def _forward(z: Tensor, p: Tensor, w: Tensor, num_heads: int, head_dim: int, gat
     """5 launches: per-image t2p algebra, pass 1, per-image p2t algebra, stats, update."""
     z, p = z.contiguous(), p.contiguous()
     L = _Layout(z, p, num_heads, head_dim, gate_hidden)
+    if L.n_chunks > 1:  # several programs add partials of one image's G, colsum
+        alert_not_deterministic("pim_forward", z.device)
     b, t, d = L.b, L.t, L.d
     state = torch.empty(L.state_size, device=z.device, dtype=torch.float32)
     st = _carve(state, L.state_fields)
@@ -367,6 +387,7 @@ def _backward(grad_out: Tensor, grad_p_tilde: Optional[Tensor], z: Tensor, p: Te
     t2p algebra backward. -> dz [B,T,D], dp [B,K,D], dw [N] (fp32, the flat layout)."""
     z, y, p = z.contiguous(), grad_out.contiguous(), p.contiguous()
     L = _Layout(z, p, num_heads, head_dim, gate_hidden)
+    alert_not_deterministic("pim_backward", z.device)  # the weight gradient: B programs add
     b, t, d = L.b, L.t, L.d
     st = _carve(state, L.state_fields)
     fields = _accumulator_fields(L, w.numel())

@@ -154,7 +154,7 @@ def pooled_features(model, images: Tensor, batch_size: int = 256) -> np.ndarray:
     model.eval()
     feats = [model.encode_image(images[i:i + batch_size], normalize=True)
              for i in range(0, images.shape[0], batch_size)]
-    return torch.cat(feats).float().numpy()
+    return torch.cat(feats).float().cpu().numpy()
 
 
 def probe_auc(model, data: Dict, train_frac: float = 0.5, seed: int = 0) -> float:

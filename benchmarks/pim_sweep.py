@@ -1,0 +1,108 @@
+"""Launch-parameter sweep of the fused PIM on a GPU: the per-image algebra kernels' D block and
+warps (``SMALL_BLOCK_D``, ``SMALL_WARPS``) and the reduction kernels' ``TARGET_PROGRAMS``, at the
+model's shape (B=32, T=197, D=768, K=6, 4 heads x 16, bf16). Each configuration is checked
+against the default one (outputs and gradients, relative to their size) before it is timed
+(``triton.testing.do_bench``, forward and forward+backward). A tool for a GPU session (the first
+H200 run found these kernels latency-bound: ``_p2t_small_kernel`` 261 us a layer, one program per
+image); a configuration that wins must then join ``aot_configs`` and pass ``make aot`` (spills)::
+
+    python -m benchmarks.pim_sweep [--out DIR]     # JSON rows + a table on stdout
+
+Without a GPU it runs one small shape through the interpreter, as a smoke test (no timing).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import time
+
+import torch
+
+ON_GPU = torch.cuda.is_available()
+if not ON_GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import avpt_kernels as ak  # noqa: E402
+from avpt_kernels.ops.pim import launch  # noqa: E402
+from avpt_kernels.ops.pim import pack_weights  # noqa: E402
+from avpt_kernels.testing import random_pim_params  # noqa: E402
+
+HEADS, HEAD_DIM, GATE = 4, 16, 32
+SHAPE = (32, 197, 768, 6) if ON_GPU else (2, 17, 64, 3)  # B, T, D, K
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+DEVICE = "cuda" if ON_GPU else "cpu"
+GRID = dict(SMALL_BLOCK_D=(16, 32, 64), SMALL_WARPS=(4, 8), TARGET_PROGRAMS=(256, 512, 1024))
+
+
+def _inputs():
+    b, t, d, k = SHAPE
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(b, t, d, generator=g).to(DEVICE, DTYPE).requires_grad_(True)
+    p = torch.randn(b, k, d, generator=g).to(DEVICE, DTYPE).requires_grad_(True)
+    w = random_pim_params(d, HEADS * HEAD_DIM, GATE, dtype=torch.float32, generator=g)
+    with torch.no_grad():
+        w.p2t_o_w.normal_(0, 0.05)  # p2t_o starts at zero: make the update path matter
+    flat = pack_weights(w).to(DEVICE).requires_grad_(True)
+    return z, p, flat
+
+
+def _run(z, p, flat):
+    z_out, p_tilde = ak.pim_packed(z, p, flat, HEADS, HEAD_DIM, GATE, backend="triton")
+    return z_out, p_tilde
+
+
+def _fwd_bwd(z, p, flat, gz, gp):
+    outs = _run(z, p, flat)
+    return (*outs, *torch.autograd.grad(outs, (z, p, flat), (gz, gp)))
+
+
+def _apply(config):
+    for name, value in config.items():
+        setattr(launch, name, value)
+    launch._layout.cache_clear()  # layouts read these when built
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join("benchmarks", "results"))
+    args = ap.parse_args(argv)
+    z, p, flat = _inputs()
+    default = {name: getattr(launch, name) for name in GRID}
+    gz = torch.randn_like(z)
+    gp = torch.randn_like(p)
+    want = _fwd_bwd(z, p, flat, gz, gp)
+    rows = []
+    for values in itertools.product(*GRID.values()):
+        config = dict(zip(GRID, values))
+        _apply(config)
+        row = dict(config, shape=dict(zip("BTDK", SHAPE)), dtype=str(DTYPE), device=DEVICE)
+        try:
+            got = _fwd_bwd(z, p, flat, gz, gp)
+            row["max_rel_diff_vs_default"] = max(
+                float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+                for a, b in zip(got, want))
+            if ON_GPU:
+                from triton.testing import do_bench
+
+                with torch.no_grad():
+                    row["fwd_ms"] = do_bench(lambda: _run(z, p, flat))
+                row["fwd_bwd_ms"] = do_bench(lambda: _fwd_bwd(z, p, flat, gz, gp))
+            row["status"] = "ok"
+        except Exception as e:  # a configuration that does not compile or run: recorded, not fatal
+            row["status"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        rows.append(row)
+        print({k: (float(f"{v:.3g}") if isinstance(v, float) else v) for k, v in row.items()
+               if k not in ("shape", "dtype", "device")}, flush=True)
+    _apply(default)
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"pim_sweep_{DEVICE}_{time.strftime('%Y-%m-%d_%H%M%S')}.json")
+    with open(path, "w") as fh:
+        json.dump(dict(default=default, rows=rows), fh, indent=1)
+    print(f"pim_sweep: {len(rows)} configurations -> {path}")
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

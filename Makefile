@@ -14,7 +14,7 @@ BIN36    := $(VENV36)/bin
 TORCH36_PIN := torch==2.11.0 'numpy>=2.4' pytest
 STAMP36  := $(VENV36)/.installed
 
-.PHONY: setup setup-triton36 test demo compare aot aot-triton38 aot-triton36 bench gpu-wheels gpu-check gpu-profile clean
+.PHONY: setup setup-triton36 test demo compare aot aot-triton38 aot-triton36 bench gpu-wheels gpu-check gpu-profile gpu-sweep clean
 
 setup: $(STAMP)
 
@@ -107,6 +107,10 @@ gpu-check:
 # Where a forward's time goes on the GPU (wall vs GPU busy, top kernels): benchmarks/gpu_profile.py
 gpu-profile:
 	PYTHONPATH=.:$(GPU_SITE) $(PYTHON) -m benchmarks.gpu_profile > $(GPU_OUT)/gpu-profile.txt 2>&1
+
+# The fused PIM's launch parameters swept at the model shape (benchmarks/pim_sweep.py)
+gpu-sweep:
+	PYTHONPATH=.:$(GPU_SITE) $(PYTHON) -m benchmarks.pim_sweep --out $(GPU_OUT)
 
 clean:
 	rm -rf $(VENV) $(VENV36) build *.egg-info .pytest_cache

@@ -330,3 +330,35 @@ def test_table10_presets_give_the_papers_shares_on_vit_b16(name, target, fields)
     assert kept.seg_hidden == 16 and get_config_class(name).from_dict(kept.to_dict()) == kept
     with pytest.raises(ValueError, match="preset must be one of"):
         get_config_class(name)(preset="table9")
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_training_forward_and_loss_keep_to_the_models_device(name):
+    """Every method's ``prepare``, training forward and loss on a model moved to CUDA, as the
+    trainer runs them (model, then loss ``.to(device)``), on fake tensors: no GPU needed, and an
+    op on tensors of two devices raises as on a GPU, so a tensor made on the CPU inside a method
+    or its loss (A-VPT's TXT phrases once were) fails here. (Without a GPU torch disables CUDA
+    autocast, so this runs in fp32.)"""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from benchmarks.launch_counter import fake_copy
+
+    # BiomedAP's paper anchor reads label values in prepare (which fake tensors do not have):
+    # its code anchor here, the paper anchor's prepare in tests/test_biomedap.py
+    overrides = {"avpt": dict(backend="auto"), "biomedap": dict(low_anchor="code")}
+    method = tiny(name, **overrides.get(name, {}))
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    (fake,) = fake_copy((method,), mode, "cuda")
+    size = fake.visual.image_size
+    size = size if isinstance(size, tuple) else (size, size)
+    with mode:
+        images = torch.randn(2, 3, *size, device="cuda")
+        maps = torch.rand(2, 3, *size, device="cuda")
+        labels = torch.tensor([0, 1], device="cuda")
+        masks = (torch.rand(2, 1, *size, device="cuda") > 0.5).float()
+        fake.prepare([dict(image=images[i], label=labels[i]) for i in range(2)], "cuda")
+        loss_fn = fake.make_loss().to("cuda")
+        fake.train()
+        out = fake(images, maps=fake.forward_maps({"image": images, "maps": maps}))
+        terms = loss_fn(out, labels, masks, torch.tensor([0, 1], device="cuda"), True)
+        assert terms["loss"].device.type == "cuda"

@@ -228,18 +228,19 @@ def _carve_size(fields: dict) -> int:
 def _carve(buf: Tensor, fields: dict) -> dict:
     """Contiguous views of one flat buffer, one per field, in order (no gaps: every element of
     the buffer is written, so that the state is a deterministic output of the op)."""
-    return {name: buf.narrow(0, offset, n).view(shape)
-            for name, offset, n, shape in _carve_plan(tuple(fields.items()))}
+    base = buf.storage_offset()  # one as_strided per field: a third of narrow + view's host time
+    return {name: buf.as_strided(shape, stride, base + offset)
+            for name, offset, shape, stride in _carve_plan(tuple(fields.items()))}
 
 
 @functools.lru_cache(maxsize=256)
-def _carve_plan(fields: Tuple[Tuple[str, Tuple[int, ...]], ...]) -> List[Tuple[str, int, int, tuple]]:
-    """(name, offset, numel, shape) of each field, in order."""
+def _carve_plan(fields: Tuple[Tuple[str, Tuple[int, ...]], ...]) -> List[Tuple[str, int, tuple, tuple]]:
+    """(name, offset, shape, contiguous strides) of each field, in order."""
     plan, offset = [], 0
     for name, shape in fields:
-        n = math.prod(shape)
-        plan.append((name, offset, n, shape))
-        offset += n
+        stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+        plan.append((name, offset, shape, stride))
+        offset += math.prod(shape)
     return plan
 
 

@@ -287,11 +287,8 @@ class BiomedAP(CoOp):
                              f"{tuple(features.shape)}")
         if labels.shape != features.shape[:1]:
             raise ValueError(f"labels must be [N={features.shape[0]}], got {tuple(labels.shape)}")
+        self._check_every_class(labels)
         onehot = F.one_hot(labels.long(), c).to(features.device, torch.float32)
-        missing = (onehot.sum(0) == 0).nonzero().flatten().tolist()
-        if missing:
-            raise ValueError(f"set_visual_prototypes needs >= 1 image of every class; none of "
-                             f"{[self.config.class_names[i] for i in missing]}")
         mean = onehot.t() @ F.normalize(features.float(), dim=-1)
         self.anchor_low.copy_(F.normalize(mean, dim=-1))
         self.prototypes_ready = True
@@ -319,8 +316,9 @@ class BiomedAP(CoOp):
             labels.append(batch["label"])
         self.train(was_training)
         labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long)
-        self._check_every_class(labels)
-        self.set_visual_prototypes(torch.cat(feats), labels)
+        if not feats:  # an empty set: the class check names the first class
+            self._check_every_class(labels)
+        self.set_visual_prototypes(torch.cat(feats), labels)  # checks every class has an image
 
     def _check_every_class(self, labels: Tensor) -> None:
         """labels [N]: a one-line ValueError naming the first class without a training image."""

@@ -29,7 +29,6 @@ from .config import DEMO_METHODS
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "demo_cpu.yaml"
-METHODS = DEMO_METHODS
 
 
 def display_name(method: str) -> str:
@@ -113,7 +112,7 @@ def _verdict(rows: List[Dict], split: str) -> str:
 
 
 def run(out: str = "runs/demo", config: Optional[str] = None, pretrained: Optional[str] = "default",
-        methods: Sequence[str] = METHODS, transfer: Tuple[str, str] = ("MG", "US"),
+        methods: Sequence[str] = DEMO_METHODS, transfer: Tuple[str, str] = ("MG", "US"),
         sets: Sequence[str] = (), overrides: Optional[Dict] = None, n_resamples: int = 1000) -> int:
     """The whole demo; returns the exit code. ``pretrained``: a weights file, "default" (the
     shipped one) or None (random weights: every number is then meaningless, and the report

@@ -179,21 +179,17 @@ def sample(configs: Sequence[KernelConfig]) -> List[int]:
     return sorted(set(first.values()) | set(last.values()))
 
 
-def _op_indices(ops: Sequence[str]) -> List[int]:
-    """Indices in ``collect()`` of the configurations of the op modules named in ``ops`` (short
-    names: "pim", "low_rank_project", ...)."""
+def _op_indices(configs: Sequence[KernelConfig], ops: Sequence[str]) -> List[int]:
+    """Indices in ``configs`` (``collect()``) of the kernels defined by the op modules named in
+    ``ops`` (short names: "pim", "low_rank_project", ...; a package covers its submodules)."""
     known = {name.rsplit(".", 1)[-1]: name for name in OP_MODULES}
     unknown = [op for op in ops if op not in known]
     if unknown:
         raise SystemExit(f"avpt_kernels.aot: --ops {unknown} unknown; expected some of {sorted(known)}")
-    indices, offset = [], 0
-    for name in OP_MODULES:
-        module = importlib.import_module(name)
-        n = len(module.aot_configs()) if hasattr(module, "aot_configs") else 0
-        if name.rsplit(".", 1)[-1] in ops:
-            indices.extend(range(offset, offset + n))
-        offset += n
-    return indices
+    prefixes = tuple(known[op] for op in ops)
+    return [i for i, cfg in enumerate(configs)
+            if (getattr(cfg.fn, "fn", cfg.fn).__module__ + ".").startswith(
+                tuple(p + "." for p in prefixes))]
 
 
 def _compile_collected(job) -> Dict[str, Any]:
@@ -280,11 +276,12 @@ def main(argv=None) -> int:
     import triton
     import torch
 
-    only = sample(collect()) if args.sample else None
+    configs = collect()
+    only = sample(configs) if args.sample else None
     kept: List[Dict[str, Any]] = []
     if args.ops:
-        only = _op_indices(args.ops)
-        mine = {collect()[i].kernel for i in only}
+        only = _op_indices(configs, args.ops)
+        mine = {configs[i].kernel for i in only}
         try:
             kept = [r for r in load_rows(args.out) if r["kernel"] not in mine]
         except (OSError, KeyError, ValueError):

@@ -32,8 +32,8 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DOT_MODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def _dot_mode(dtype: torch.dtype, device: torch.device) -> int:
-    if device.type == "cpu" and dtype != torch.float32:
+def _dot_mode(dtype: torch.dtype, device_type: str) -> int:
+    if device_type == "cpu" and dtype != torch.float32:
         return {torch.bfloat16: 3, torch.float16: 4}[dtype]  # interpreter: see _mm
     return _DOT_MODE[dtype]
 
@@ -103,18 +103,18 @@ def unsupported_sizes(dtype: torch.dtype, d: int, k: int, num_heads: int, head_d
                       gate_hidden: int) -> Optional[str]:
     """``triton_unsupported_reason`` from the sizes alone (a few comparisons: ``pim_packed``
     needs no weight views for it)."""
-    z_dtype, a = dtype, num_heads * head_dim
-    if z_dtype not in TRITON_DTYPES:
-        return f"z dtype {z_dtype} (the kernels take float32, float16 or bfloat16)"
+    a = num_heads * head_dim
+    if dtype not in TRITON_DTYPES:
+        return f"z dtype {dtype} (the kernels take float32, float16 or bfloat16)"
     if d % 16 or d > MAX_DIM:
         return f"D={d} (the kernels need D a multiple of 16, at most {MAX_DIM})"
     if k > MAX_PROMPTS:
         return f"K={k} prompts (the kernels take 1 to {MAX_PROMPTS})"
     if not HEAD_WIDTHS[0] <= head_dim <= HEAD_WIDTHS[1]:
         return f"head width {head_dim} (the kernels take {HEAD_WIDTHS[0]} to {HEAD_WIDTHS[1]})"
-    if num_heads * k > MAX_COLUMNS[z_dtype]:
+    if num_heads * k > MAX_COLUMNS[dtype]:
         return (f"num_heads={num_heads} with K={k} ({num_heads * k} head-prompt columns, the "
-                f"{z_dtype} kernels take at most {MAX_COLUMNS[z_dtype]})")
+                f"{dtype} kernels take at most {MAX_COLUMNS[dtype]})")
     if a > MAX_WIDTH:
         return f"attention width A={a} (num_heads * head width; the kernels take at most {MAX_WIDTH})"
     if gate_hidden > MAX_GATE_HIDDEN:
@@ -279,7 +279,7 @@ class Layout:
         self.n_chunks, self.chunk_blocks = _chunks(self.b, self.t, self.block_t)
         self.t_pad = self.n_chunks * self.chunk_blocks * self.block_t
         self.key_cols = key_columns(self.d, self.a, dtype)
-        self.mode = _dot_mode(dtype, torch.device(device_type))
+        self.mode = _dot_mode(dtype, device_type)
         self.scale = 1.0 / math.sqrt(head_dim)
         self.state_fields = _state_fields(self.b, self.d, self.hkp, self.ap, self.key_cols)
         self.state_size = _carve_size(self.state_fields)

@@ -11,8 +11,7 @@ from ... import _checks, reference
 from ...backend import resolve
 from ...reference import PIMParams
 from . import launch
-from .launch import (pack_weights, packed_size, triton_unsupported_reason, unpack_weights,
-                     unsupported_sizes)
+from .launch import pack_weights, packed_size, unpack_weights, unsupported_sizes
 
 T2P_REDUCE = ("sum", "mean")
 
@@ -133,17 +132,17 @@ pim_forward_op.register_autograd(_backward_formula, setup_context=_setup_context
 # --------------------------------------------------------------------------------------------
 # Public entry points
 # --------------------------------------------------------------------------------------------
-def _pick_backend(z: Tensor, p: Tensor, params: PIMParams, num_heads: int,
+def _pick_backend(z: Tensor, p: Tensor, num_heads: int, head_dim: int, gate_hidden: int,
                   backend: Optional[str]) -> str:
     return resolve("pim", z.device, backend,
-                   lambda: triton_unsupported_reason(z, p, params, num_heads))
+                   lambda: unsupported_sizes(z.dtype, z.shape[2], p.shape[1], num_heads, head_dim,
+                                             gate_hidden))
 
 
-def _fused(z: Tensor, p: Tensor, flat: Tensor, params: PIMParams, num_heads: int,
+def _fused(z: Tensor, p: Tensor, flat: Tensor, num_heads: int, head_dim: int, gate_hidden: int,
            t2p_reduce: str, return_attn: bool):
-    a, gate_hidden = params.t2p_q_w.shape[0], params.gate_w1.shape[0]
     w = flat.float()  # the kernels read fp32 weights: a no-op for fp32 (master) weights
-    z_out, p_tilde, attn, _ = pim_forward_op(z, p, w, num_heads, a // num_heads, gate_hidden,
+    z_out, p_tilde, attn, _ = pim_forward_op(z, p, w, num_heads, head_dim, gate_hidden,
                                              t2p_reduce == "mean", return_attn)
     return (z_out, p_tilde, attn) if return_attn else (z_out, p_tilde)
 
@@ -161,9 +160,11 @@ def pim(z: Tensor, p: Tensor, params: PIMParams, num_heads: int, t2p_reduce: str
     first (one copy); ``pim_packed`` takes them packed.
     """
     check_args(z, p, params, num_heads, t2p_reduce)
-    if _pick_backend(z, p, params, num_heads, backend) == "torch":
+    head_dim, gate_hidden = params.t2p_q_w.shape[0] // num_heads, params.gate_w1.shape[0]
+    if _pick_backend(z, p, num_heads, head_dim, gate_hidden, backend) == "torch":
         return reference.pim(z, p, params, num_heads, t2p_reduce, return_attn)
-    return _fused(z, p, pack_weights(params), params, num_heads, t2p_reduce, return_attn)
+    return _fused(z, p, pack_weights(params), num_heads, head_dim, gate_hidden, t2p_reduce,
+                  return_attn)
 
 
 def pim_packed(z: Tensor, p: Tensor, weights: Tensor, num_heads: int, head_dim: int,
@@ -190,13 +191,8 @@ def pim_packed(z: Tensor, p: Tensor, weights: Tensor, num_heads: int, head_dim: 
     # runs every layer of every step).
     check_tokens(z, p, num_heads, t2p_reduce)
     _check_weights_match(z, weights, "weights")
-    unsupported = lambda: unsupported_sizes(z.dtype, d, p.shape[1], num_heads,  # noqa: E731
-                                            head_dim, gate_hidden)
-    if resolve("pim", z.device, backend, unsupported) == "torch":
+    if _pick_backend(z, p, num_heads, head_dim, gate_hidden, backend) == "torch":
         params = unpack_weights(weights, d, num_heads * head_dim, gate_hidden)
         return reference.pim(z, p, params, num_heads, t2p_reduce, return_attn)
-    w = weights.float()  # the kernels read fp32 weights: a no-op for fp32 (master) weights
-    z_out, p_tilde, attn, _ = pim_forward_op(z, p, w, num_heads, head_dim, gate_hidden,
-                                             t2p_reduce == "mean", return_attn)
-    return (z_out, p_tilde, attn) if return_attn else (z_out, p_tilde)
+    return _fused(z, p, weights, num_heads, head_dim, gate_hidden, t2p_reduce, return_attn)
 

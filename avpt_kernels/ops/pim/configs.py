@@ -1,71 +1,62 @@
 """PIM's ahead-of-time list: every kernel configuration the launchers can select (checked for
 compile errors and spills by ``avpt_kernels.aot``). Signatures come from the kernels' own
-parameter lists (``aot.signature``); only the pointer dtypes and constexpr values are chosen here."""
+parameter lists (``aot.signature``); the constexprs and launch options from ``Layout.meta``, the
+launchers' own source, over every padded size the limits allow."""
 from __future__ import annotations
 
 import torch
 
-from .algebra import _p2t_small_grad_kernel, _p2t_small_kernel, _t2p_small_grad_kernel, _t2p_small_kernel
-from .kernels import (_grad_z_kernel, _p2t_grad_reduce_kernel, _p2t_stats_kernel, _p2t_update_kernel,
-                      _t2p_grad_reduce_kernel, _t2p_reduce_kernel)
-from .launch import (_DOT_MODE, AP, DZ_BLOCK_T, GP, HEAD_WIDTHS, KP, MAX_COLUMNS, MAX_DIM,
-                     MAX_PROMPTS, MAX_REGISTERS, MAX_WIDTH, NUM_STAGES, SMALL_BLOCK_D, SMALL_WARPS,
-                     key_columns, launch_config, num_columns)
+from . import backward, forward
+from .launch import (_DOT_MODE, HEAD_WIDTHS, KERNELS, MAX_WIDTH, REDUCE_BLOCK, WARPS, Layout,
+                     _pow2)
 
-# Pointer parameters in the input dtype (all others are fp32 scratch, state or weights)
+# Pointer parameters in the input dtype (all others are fp32 state, scratch or weights)
 _INPUT_POINTERS = ("z_ptr", "y_ptr", "p_ptr", "out_ptr", "dz_ptr", "dp_ptr", "gpt_ptr", "p_tilde_ptr")
 _FLOATS = ("scale", "inv_tokens")
+# The wgrad kernel's two uses: dWz = dx^T z (z exact: EXACT=2, b_ptr in the input dtype) and
+# dW'o = y^T (alpha o2) (y exact: EXACT=1, a_ptr in the input dtype)
+_WGRAD_USES = ((dict(HAS_SCALE=False, EXACT=2), "b_ptr"), (dict(HAS_SCALE=True, EXACT=1), "a_ptr"))
 
 
-def _layouts(dtype: torch.dtype) -> dict:
-    """HKP -> the (AP, KEY_COLS) pairs (KEY_COLS 0: 3-read path) the launchers can pair with it
-    for dtype, over every supported head count, prompt count, head width and D."""
-    found = {}
-    for h in range(1, MAX_COLUMNS[dtype] + 1):
-        for k in range(1, min(MAX_PROMPTS, MAX_COLUMNS[dtype] // h) + 1):
-            pairs = found.setdefault(num_columns(h, k), set())
-            for dh in range(HEAD_WIDTHS[0], min(HEAD_WIDTHS[1], MAX_WIDTH // h) + 1):
-                pairs.update({(AP, 0), (AP, key_columns(MAX_DIM, h * dh, dtype))})
-    return {hkp: sorted(pairs) for hkp, pairs in sorted(found.items()) if pairs}
+def _kernel(name: str):
+    return getattr(forward, f"_{name}_kernel", None) or getattr(backward, f"_{name}_kernel")
+
+
+def _layouts():
+    """One Layout per distinct padded (head width, attention width) pair the limits allow, at a
+    nominal size (the constexprs depend on the paddings only)."""
+    seen = {}
+    for dh in range(HEAD_WIDTHS[0], HEAD_WIDTHS[1] + 1):
+        for h in range(1, MAX_WIDTH // dh + 1):
+            seen.setdefault((_pow2(dh), _pow2(h * dh)), (h, dh))
+    return list(seen.values())
 
 
 def aot_configs():
-    """Every kernel configuration the launchers can select: HKP in {16, ..., MAX_COLUMNS} x input
-    dtype, each with the (BLOCK_T, BLOCK_D, num_warps) that launch_config picks for it; for the
-    kernels that build K2 = Z W'k^T every KEY_COLS that HKP can come with (0: 3-read path), and
-    for the per-image algebra kernels every AP (and KEY_COLS) it can come with."""
+    """Every (kernel, dtype, constexprs, warps, stages) the launchers can select."""
     from ...aot import KernelConfig, signature, tl_type
 
-    configs = []
-    for dtype, mode in _DOT_MODE.items():
+    configs, keys = [], set()
+
+    def add(fn, meta, pointers):
+        meta = dict(meta)
+        warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
+        key = (fn, tuple(sorted(meta.items())), tuple(sorted(pointers.items())), warps, stages)
+        if key not in keys:
+            keys.add(key)
+            configs.append(KernelConfig(fn, signature(fn, pointers, _FLOATS), meta,
+                                        num_warps=warps, num_stages=stages))
+
+    for dtype in _DOT_MODE:
         ptr = "*" + tl_type(dtype)
-        for hkp, pairs in _layouts(dtype).items():
-            block_t, block_d, warps = launch_config(hkp, dtype)
-
-            def add(fn, small=False, inputs=_INPUT_POINTERS, **const):
-                if small:
-                    const.update(BLOCK_D=SMALL_BLOCK_D, KP=KP, AP=AP)
+        inputs = {n: ptr for n in _INPUT_POINTERS}
+        for h, dh in _layouts():
+            L = Layout(2, 17, 64, 6, h, dh, 16, dtype, "cuda")
+            for name in KERNELS:
+                if name == "wgrad":
+                    for const, exact_ptr in _WGRAD_USES:
+                        add(_kernel(name), dict(L.meta(name), **const), {exact_ptr: ptr})
                 else:
-                    const.update(BLOCK_T=DZ_BLOCK_T if fn is _grad_z_kernel else block_t,
-                                 BLOCK_D=block_d)
-                const.update(HKP=hkp, DOT_MODE=mode)
-                sig = signature(fn, {n: ptr for n in inputs}, _FLOATS)
-                if "GP" in sig:
-                    const.update(GP=GP)
-                configs.append(KernelConfig(fn, sig, const,
-                                            num_warps=SMALL_WARPS if small else warps,
-                                            num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS))
-
-            for kc in sorted({kc for _, kc in pairs}):
-                for fn in (_t2p_reduce_kernel, _p2t_grad_reduce_kernel, _grad_z_kernel):
-                    add(fn, KEY_COLS=kc)
-            for from_keys in sorted({kc > 0 for _, kc in pairs}):
-                # FROM_KEYS: logits2 from K2 (fp32) on the 2-read path, else from Z (x_ptr)
-                inputs = _INPUT_POINTERS + (() if from_keys else ("x_ptr",))
-                for fn in (_p2t_stats_kernel, _p2t_update_kernel):
-                    add(fn, inputs=inputs, FROM_KEYS=from_keys)
-            add(_t2p_grad_reduce_kernel)
-            for fn in (_t2p_small_kernel, _p2t_small_grad_kernel, _t2p_small_grad_kernel,
-                       _p2t_small_kernel):
-                add(fn, small=True)
+                    add(_kernel(name), L.meta(name), inputs)
+    add(backward._reduce_kernel, dict(BLOCK=REDUCE_BLOCK, num_warps=WARPS, num_stages=1), {})
     return configs

@@ -1,11 +1,9 @@
-"""PIM launchers: the limits of the Triton path, launch configuration, the traffic model, the
-packed weight layout, and ``_forward`` / ``_backward`` (the launch sequences described in
-``avpt_kernels.ops.pim``)."""
+"""PIM launchers: the Triton path's limits, the launch configuration of each pass (``Layout``),
+the traffic model, and ``_forward`` / ``_backward`` (the launch sequences of ``ops.pim``)."""
 from __future__ import annotations
 
 import functools
 import math
-import warnings
 from typing import List, Optional, Tuple
 
 import torch
@@ -14,82 +12,30 @@ from torch import Tensor
 
 from ..._autocast import no_autocast
 from ...reference import PIMParams
-from .algebra import _p2t_small_grad_kernel, _p2t_small_kernel, _t2p_small_grad_kernel, _t2p_small_kernel
-from .kernels import (_grad_z_kernel, _p2t_grad_reduce_kernel, _p2t_stats_kernel, _p2t_update_kernel,
-                      _t2p_grad_reduce_kernel, _t2p_reduce_kernel)
+from .backward import (_grad_o2_kernel, _grad_z_kernel, _p2t_attn_bwd_kernel, _prompt_bwd_kernel,
+                       _prompt_wgrad_kernel, _reduce_kernel, _t2p_attn_bwd_kernel, _wgrad_kernel)
+from .forward import (_output_kernel, _p2t_attn_kernel, _project_kernel, _prompt_kernel,
+                      _t2p_attn_kernel)
+from .weights import field_offsets, pack_weights, packed_size, unpack_weights, weight_shapes  # noqa: F401
 
-MAX_DIM = 1024
+# Limits of the Triton path (anything else: ValueError for backend="triton", torch for "auto").
+# K, dh and G are padded to one power-of-two tile (>= 16, the tensor-core minimum) in the
+# per-(image, head) attention kernels; A to one in the prompt-row kernels.
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_PROMPTS = 16
 HEAD_WIDTHS = (8, 64)
-# Attention width A = H * head width and gate hidden units G the per-image algebra kernels take
-# (their [HKP, A] and [G, BLOCK_D] fp32 tiles; wider goes to the torch path).
-MAX_WIDTH = 64
+MAX_WIDTH = 128
 MAX_GATE_HIDDEN = 64
-# Most (head, prompt) columns H*K: at 64 the per-image backward kernel (algebra) spills in
-# the 16-bit dtypes (AOT, Triton 3.8), so the Triton path takes H*K <= 32.
-MAX_COLUMNS = {torch.float32: 32, torch.float16: 32, torch.bfloat16: 32}
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The gate's hidden units are padded to GP whatever G is (one compiled configuration fewer per
+# kernel that reads them; the [rows, GP] tiles are small).
+GP = MAX_GATE_HIDDEN
 _DOT_MODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 def _dot_mode(dtype: torch.dtype, device_type: str) -> int:
     if device_type == "cpu" and dtype != torch.float32:
-        return {torch.bfloat16: 3, torch.float16: 4}[dtype]  # interpreter: see _mm
+        return {torch.bfloat16: 3, torch.float16: 4}[dtype]  # interpreter: see dots._mm
     return _DOT_MODE[dtype]
-
-
-# --------------------------------------------------------------------------------------------
-# Shapes, padding and launch configuration
-# --------------------------------------------------------------------------------------------
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def num_columns(num_heads: int, num_prompts: int) -> int:
-    """HKP: the (head, prompt) column axis c = h*K + k padded to a power of two >= 16."""
-    return max(16, _next_pow2(num_heads * num_prompts))
-
-
-def launch_config(columns: int, dtype: torch.dtype) -> Tuple[int, int, int]:
-    """(BLOCK_T, BLOCK_D, num_warps) for HKP = ``columns`` and the input dtype: row blocks shrink
-    as the [BLOCK_T, HKP] fp32 tiles widen, so the widest kernel (the dZ kernel, ~7 such tiles)
-    does not spill; fp32 (IEEE FMA dots) needs smaller tiles than the tensor-core dtypes."""
-    return _LAUNCH[(columns, dtype == torch.float32)]
-
-
-# (HKP, fp32?) -> (BLOCK_T, BLOCK_D, num_warps); every entry is in aot_configs (num_stages=1:
-# the D loops are short and software pipelining only adds registers here).
-_LAUNCH = {
-    (16, True): (16, 32, 8), (32, True): (16, 32, 8), (64, True): (16, 16, 8),
-    (16, False): (32, 32, 8), (32, False): (32, 32, 8), (64, False): (16, 32, 8),
-}
-NUM_STAGES = 1
-# The dZ kernel, the register-heaviest (S1, S2, their gradients and the fp32 key tile at once),
-# takes row blocks of 16 in every dtype: at 32 (16-bit, HKP = 32, KEY_COLS = 64: the model's
-# layout) it spills 16 bytes on sm_90a under Triton 3.6.
-DZ_BLOCK_T = 16
-# Every launch lets ptxas use up to 255 registers a thread: left to itself, at 8 warps it caps
-# some of these kernels at 128 and spills (AOT, Triton 3.6 and 3.8), where 130-170 fit.
-MAX_REGISTERS = 255
-
-# The 2-read forward: pass 1 also writes the raw prompt->token keys K2 = Z W'k^T [B,T,KEY_COLS]
-# (fp32) and the stats pass reads K2 instead of Z. Taken where K2's write + 2 reads cost no more
-# than the Z read they replace (``key_columns``) and K2's [BLOCK_T, KEY_COLS] fp32 accumulator
-# keeps every kernel that builds K2 (pass 1 and the backward kernels A and B) spill-free
-# (KEY_COLS <= MAX_KEY_COLS, checked by aot_configs: at 128 the dZ and grad-reduce kernels spill
-# for some HKP in every dtype); else the 3-read path. (With ptxas free to use 255 registers,
-# MAX_REGISTERS, no (HKP, KEY_COLS) layout below that needs excluding any more.)
-MAX_KEY_COLS = {torch.float32: 64, torch.float16: 64, torch.bfloat16: 64}
-
-
-def key_columns(d: int, a: int, dtype: torch.dtype) -> int:
-    """KEY_COLS of the 2-read forward for D, A = H * head width (padded to a power of two >= 16),
-    and the input dtype, or 0 where the forward takes the 3-read path."""
-    width = max(16, _next_pow2(a))
-    # K2 is fp32: written once and read twice, it must cost no more than the Z read it replaces
-    if width > MAX_KEY_COLS[dtype] or 3 * width * 4 > d * dtype.itemsize:
-        return 0
-    return width
 
 
 def triton_unsupported_reason(z: Tensor, p: Tensor, params: PIMParams, num_heads: int) -> Optional[str]:
@@ -106,119 +52,137 @@ def unsupported_sizes(dtype: torch.dtype, d: int, k: int, num_heads: int, head_d
     a = num_heads * head_dim
     if dtype not in TRITON_DTYPES:
         return f"z dtype {dtype} (the kernels take float32, float16 or bfloat16)"
-    if d % 16 or d > MAX_DIM:
-        return f"D={d} (the kernels need D a multiple of 16, at most {MAX_DIM})"
     if k > MAX_PROMPTS:
         return f"K={k} prompts (the kernels take 1 to {MAX_PROMPTS})"
     if not HEAD_WIDTHS[0] <= head_dim <= HEAD_WIDTHS[1]:
         return f"head width {head_dim} (the kernels take {HEAD_WIDTHS[0]} to {HEAD_WIDTHS[1]})"
-    if num_heads * k > MAX_COLUMNS[dtype]:
-        return (f"num_heads={num_heads} with K={k} ({num_heads * k} head-prompt columns, the "
-                f"{dtype} kernels take at most {MAX_COLUMNS[dtype]})")
     if a > MAX_WIDTH:
         return f"attention width A={a} (num_heads * head width; the kernels take at most {MAX_WIDTH})"
     if gate_hidden > MAX_GATE_HIDDEN:
-        return (f"gate hidden width {gate_hidden} (the kernels take at most "
-                f"{MAX_GATE_HIDDEN})")
+        return f"gate hidden width {gate_hidden} (the kernels take at most {MAX_GATE_HIDDEN})"
     return None
 
 
-def pim_min_bytes(B: int, T: int, D: int, K: int, A: int, dtype: torch.dtype,
-                  backward: bool = False) -> int:
-    """Traffic floor of one PIM layer (the DESIGN.md target): forward reads Z twice and writes
-    z_out once; backward reads Z and dZ_out twice each and writes dZ once. The K- and A-sized
-    operands (P, P~, weights) are added once. What the kernels here move: ``pim_achieved_bytes``."""
-    e = torch.empty((), dtype=dtype).element_size()
-    big = B * T * D * e
-    small = (2 * B * K * D + 8 * A * D) * e
-    return (5 if backward else 3) * big + small
+def _pow2(n: int) -> int:
+    """n padded to a power of two >= 16 (a tensor-core tile side)."""
+    return max(16, 1 << max(0, (int(n) - 1).bit_length()))
 
-
-def pim_achieved_bytes(B: int, T: int, D: int, K: int, A: int, dtype: torch.dtype,
-                       backward: bool = False) -> int:
-    """DRAM traffic model of these kernels (Z-sized streams plus the small operands). Forward on
-    the 2-read path (``key_columns(D, A, dtype) > 0``): 2 reads of Z + 1 write of z_out, plus the
-    key scratch K2 [B,T,KEY_COLS] (fp32) written once and read twice (stats, update);
-    otherwise 3 reads of Z + 1 write. Backward: 3 reads of Z, 2 of dY, 1 write of dZ. Not counted:
-    the [T, HKP] fp32 scratch rows (S1, S2, dl1), written and read back at once (L2), and the
-    re-read of a program's own Z tiles inside the chunked reductions (L2 hits)."""
-    e = torch.empty((), dtype=dtype).element_size()
-    big = B * T * D * e
-    small = (2 * B * K * D + 8 * A * D) * e
-    if backward:
-        return 6 * big + small
-    key_cols = key_columns(D, A, dtype)
-    if key_cols:
-        return 3 * big + 3 * B * T * key_cols * 4 + small
-    return 4 * big + small
 
 # --------------------------------------------------------------------------------------------
-# Packed weights: one flat vector per layer, in PIMParams order
+# Launch configuration: (tile constexprs, num_warps, num_stages) per kernel. Token-row GEMMs take
+# 64-row tiles (99 x D/128 = 594 programs at B=32, T=197, D=768: 4.5 per SM on 132 SMs), the
+# per-(image, head) attention kernels B*H programs with 64-token blocks, the prompt-row kernels
+# 16-row x 64-column tiles. Every entry is compiled by ``configs.aot_configs``.
 # --------------------------------------------------------------------------------------------
-def weight_shapes(d: int, a: int, gate_hidden: int) -> List[Tuple[int, ...]]:
-    """Shapes of the PIMParams fields in order: the flat layout of ``pack_weights``, which the
-    kernels address through ``algebra._w``."""
-    side = [(a, d), (a,)] * 3 + [(d, a), (d,)]
-    return side + side + [(gate_hidden, 2 * d), (gate_hidden,), (1, gate_hidden), (1,)]
+PROJ = dict(BM=64, BK=64)            # + BN = min(64, AP)
+ATTN_BT = 64
+PROMPT = dict(BMP=16, BD=64)
+OUTPUT = dict(BM=64, BN=128)         # + BKA = min(64, AP)
+GRAD_O2 = dict(BM=32, BK=64)
+WGRAD = dict(BNA=64, BNB=64, BR=64)
+REDUCE_BLOCK = 1024
+PROMPT_WGRAD = dict(BD=32, BR=32)
+WARPS = 4
+GEMM_STAGES = 3                      # software pipelining of the D (or row) loops of the GEMMs
+ATTN_STAGES = 1
+# Programs the split-over-rows weight gradients aim for: two per SM of a 132-SM GPU.
+TARGET_PROGRAMS = 264
+SM_COUNT = 132
 
 
-def packed_size(d: int, a: int, gate_hidden: int) -> int:
-    """Elements of the flat weight vector of a layer with width D, attention width A, gate G."""
-    return sum(math.prod(s) for s in weight_shapes(d, a, gate_hidden))
+def _chunks(rows: int, tiles: int, block: int) -> Tuple[int, int]:
+    """(n_chunks, chunk_rows) splitting ``rows`` for a weight gradient of ``tiles`` output tiles."""
+    n = max(1, min(triton.cdiv(rows, block), triton.cdiv(TARGET_PROGRAMS, tiles)))
+    chunk_rows = triton.cdiv(triton.cdiv(rows, n), block) * block
+    return triton.cdiv(rows, chunk_rows), chunk_rows
 
 
-def pack_weights(params: PIMParams) -> Tensor:
-    """PIMParams -> one flat vector [N] (``weight_shapes`` layout); differentiable."""
-    return torch.cat([w.reshape(-1) for w in params])
+def _Layout(z: Tensor, p: Tensor, num_heads: int, head_dim: int, gate_hidden: int) -> "Layout":
+    """The ``Layout`` of a call on z [B,T,D], p [B,K,D] (memoised by sizes, dtype and device
+    type: the same few layouts recur every layer and step, and building one costs host time)."""
+    b, t, d = z.shape
+    k = p.shape[1]
+    if not all(type(n) is int for n in (b, t, d, k)):  # symbolic sizes (tracing): not hashable
+        return Layout(b, t, d, k, num_heads, head_dim, gate_hidden, z.dtype, z.device.type)
+    return _layout(b, t, d, k, num_heads, head_dim, gate_hidden, z.dtype, z.device.type)
 
 
-def unpack_weights(flat: Tensor, d: int, a: int, gate_hidden: int) -> PIMParams:
-    """Views of a flat weight vector [N] as PIMParams (a ``split``: its backward is one cat)."""
-    shapes = weight_shapes(d, a, gate_hidden)
-    parts = flat.split([math.prod(s) for s in shapes])
-    return PIMParams(*(x.view(s) for x, s in zip(parts, shapes)))
+@functools.lru_cache(maxsize=256)
+def _layout(b, t, d, k, num_heads, head_dim, gate_hidden, dtype, device_type) -> "Layout":
+    return Layout(b, t, d, k, num_heads, head_dim, gate_hidden, dtype, device_type)
 
 
-def _field(flat: Tensor, name: str, d: int, a: int, gate_hidden: int) -> Tensor:
-    """The flat view of one field (a pointer the kernels index themselves)."""
-    return flat.narrow(0, *_field_span(name, d, a, gate_hidden))
+class Layout:
+    """Sizes, paddings, grids and buffer layouts of one call, shared by forward, backward and
+    the fake impls (read-only: instances are shared through ``_layout``'s cache)."""
+
+    def __init__(self, b: int, t: int, d: int, k: int, num_heads: int, head_dim: int,
+                 gate_hidden: int, dtype: torch.dtype, device_type: str):
+        self.b, self.t, self.d, self.k = b, t, d, k
+        self.h, self.dh, self.gh = num_heads, head_dim, gate_hidden
+        self.a = a = num_heads * head_dim
+        self.mz, self.mp = b * t, b * k
+        self.kp, self.dhp, self.ap = _pow2(k), _pow2(head_dim), _pow2(a)
+        self.gp = GP
+        self.mode = _dot_mode(dtype, device_type)
+        self.scale = 1.0 / math.sqrt(head_dim)
+        self.off = field_offsets(d, a, gate_hidden)
+        self.n_dtiles = triton.cdiv(d, PROMPT["BD"])
+        self.proj_bn = min(64, self.ap)
+        self.bka = min(64, self.ap)
+        cdiv = triton.cdiv
+        self.grid_proj = (cdiv(self.mz, PROJ["BM"]) * 3 * cdiv(a, self.proj_bn)
+                          + cdiv(self.mp, PROJ["BM"]) * cdiv(a, self.proj_bn),)
+        self.grid_heads = (b, num_heads)
+        self.grid_prompt = (cdiv(self.mp, PROMPT["BMP"]), self.n_dtiles)
+        self.grid_tokens = (cdiv(self.mz, OUTPUT["BM"]), cdiv(d, OUTPUT["BN"]))
+        self.grid_grad_o2 = (cdiv(self.mz, GRAD_O2["BM"]),)
+        self.grid_prompt_wgrad = (cdiv(d, PROMPT_WGRAD["BD"]), 6)
+        # weight gradients over the token rows: dWz = dx^T z [3A, D], dW'o = y^T (alpha o2) [D, A]
+        self.wz_tiles = (cdiv(3 * a, WGRAD["BNA"]), cdiv(d, WGRAD["BNB"]))
+        self.wo_tiles = (cdiv(d, WGRAD["BNA"]), cdiv(a, WGRAD["BNB"]))
+        self.wz_chunks = _chunks(self.mz, math.prod(self.wz_tiles), WGRAD["BR"])
+        self.wo_chunks = _chunks(self.mz, math.prod(self.wo_tiles), WGRAD["BR"])
+        self.state_fields = dict(
+            x=(self.mz, 3 * a), o2=(self.mz, a), k1=(self.mp, a), msg=(self.mp, a),
+            pt32=(self.mp, d), qv2=(self.mp, 2 * a), stats=(2, b, num_heads, self.kp),
+            pre=(b, self.gp), alpha=(b,))
+        self.state_size = _carve_size(self.state_fields)
+        self.part_fields = dict(part=(self.n_dtiles, self.mp, 2 * self.ap + 2 * self.gp))
+        nz, no = self.wz_chunks[0], self.wo_chunks[0]
+        self.grad_fields = dict(
+            dx=(self.mz, 3 * a), do2=(self.mz, a), dalpha=(self.mz,), dqv2=(self.mp, 2 * a),
+            dpt=(self.mp, d), dk1=(self.mp, a), dmsg_part=(self.n_dtiles, self.mp, self.ap),
+            dz0=(b, d), dpre=(b, self.gp), dlogit=(b,),
+            wz_part=(nz * (3 * a * d + 3 * a),), wo_part=(no * (d * a + d),))
+        self.grad_size = _carve_size(self.grad_fields)
+        self._common = dict(DOT_MODE=self.mode, num_warps=WARPS)
+
+    def meta(self, kernel: str) -> dict:
+        """Constexprs and launch options of ``kernel`` (a name in ``KERNELS``)."""
+        heads = dict(BT=ATTN_BT, KP=self.kp, DHP=self.dhp, num_stages=ATTN_STAGES)
+        return dict(self._common, **{
+            "project": dict(PROJ, BN=self.proj_bn, num_stages=GEMM_STAGES),
+            "t2p_attn": heads,
+            "prompt": dict(PROMPT, AP=self.ap, GP=self.gp, num_stages=1),
+            "p2t_attn": dict(heads, GP=self.gp),
+            "output": dict(OUTPUT, BKA=self.bka, num_stages=GEMM_STAGES),
+            "grad_o2": dict(GRAD_O2, AP=self.ap, num_stages=GEMM_STAGES),
+            "p2t_attn_bwd": dict(heads, GP=self.gp),
+            "prompt_bwd": dict(PROMPT, AP=self.ap, GP=self.gp, num_stages=1),
+            "t2p_attn_bwd": heads,
+            "grad_z": dict(OUTPUT, BKA=self.bka, num_stages=GEMM_STAGES),
+            "wgrad": dict(WGRAD, num_stages=GEMM_STAGES),
+            "prompt_wgrad": dict(PROMPT_WGRAD, AP=self.ap, GP=self.gp, num_stages=1),
+        }[kernel])
+
+    def o(self, *names: str) -> List[int]:
+        """Offsets of weight fields in the flat vector, in the order asked."""
+        return [self.off[n] for n in names]
 
 
-@functools.lru_cache(maxsize=None)
-def _field_span(name: str, d: int, a: int, gate_hidden: int) -> Tuple[int, int]:
-    """(offset, numel) of one field in the flat layout."""
-    shapes = weight_shapes(d, a, gate_hidden)
-    i = PIMParams._fields.index(name)
-    return sum(math.prod(s) for s in shapes[:i]), math.prod(shapes[i])
-
-# --------------------------------------------------------------------------------------------
-# Launchers
-# --------------------------------------------------------------------------------------------
-# Programs to aim for in the reduction kernels: a few waves on a 132-SM GPU. Fewer programs mean
-# fewer fp32 atomic adds of [HKP, D] partials (one per program and D block); more programs mean
-# more parallelism for small batches.
-TARGET_PROGRAMS = 512
-# The per-image algebra kernels (algebra): prompts padded to KP rows, the gate hidden layer
-# to GP, A to AP = max(16, next power of two); D in blocks of SMALL_BLOCK_D.
-KP = MAX_PROMPTS
-GP = MAX_GATE_HIDDEN
-SMALL_BLOCK_D = 16
-SMALL_WARPS = 8
-
-
-# The per-image algebra kernels pad A to AP = MAX_WIDTH whatever A is: one configuration per
-# (HKP, dtype) to compile, at the cost of padded work in kernels that are small anyway.
-AP = MAX_WIDTH
-
-
-def _state_fields(b: int, d: int, hkp: int, ap: int, key_cols: int) -> dict:
-    """name -> shape of what the forward keeps for the backward (fp32, one buffer): pass 1's G
-    and colsum, the softmax-over-T statistics m2, l2, and the per-image algebra's results."""
-    # every size but the last is a multiple of 16 elements: each field starts 64-byte aligned
-    return dict(g=(b, hkp, d), colsum=(b, hkp), m2=(b, hkp), l2=(b, hkp), mq=(b, d, hkp),
-                cq=(b, hkp), k1=(b, KP, ap), mk=(b, d, hkp), qexp=(b, key_cols, hkp),
-                nv=(b, hkp, d), pt32=(b, KP, d), msg=(b, KP, ap), q2=(b, KP, ap),
-                v2=(b, KP, ap), pre=(b, GP), alpha=(b,))
+KERNELS = ("project", "t2p_attn", "prompt", "p2t_attn", "output", "grad_o2", "p2t_attn_bwd",
+           "prompt_bwd", "t2p_attn_bwd", "grad_z", "wgrad", "prompt_wgrad")
 
 
 def _carve_size(fields: dict) -> int:
@@ -226,8 +190,7 @@ def _carve_size(fields: dict) -> int:
 
 
 def _carve(buf: Tensor, fields: dict) -> dict:
-    """Contiguous views of one flat buffer, one per field, in order (no gaps: every element of
-    the buffer is written, so that the state is a deterministic output of the op)."""
+    """Contiguous views of one flat buffer, one per field, in order (no gaps)."""
     base = buf.storage_offset()  # one as_strided per field: a third of narrow + view's host time
     return {name: buf.as_strided(shape, stride, base + offset)
             for name, offset, shape, stride in _carve_plan(tuple(fields.items()))}
@@ -244,184 +207,137 @@ def _carve_plan(fields: Tuple[Tuple[str, Tuple[int, ...]], ...]) -> List[Tuple[s
     return plan
 
 
-def _Layout(z: Tensor, p: Tensor, num_heads: int, head_dim: int, gate_hidden: int) -> "Layout":
-    """The ``Layout`` of a call on z [B,T,D], p [B,K,D] (memoised by sizes, dtype and device
-    type: the same few layouts recur every layer and step, and building one costs host time)."""
-    b, t, d = z.shape
-    k = p.shape[1]
-    if not all(type(n) is int for n in (b, t, d, k)):  # symbolic sizes (tracing): not hashable
-        return Layout(b, t, d, k, num_heads, head_dim, gate_hidden, z.dtype, z.device.type)
-    # the module-level choices a layout reads are part of the key, so that changing them (tests
-    # force paths and chunk counts that way) is never answered from the cache
-    return _layout(b, t, d, k, num_heads, head_dim, gate_hidden, z.dtype, z.device.type,
-                   TARGET_PROGRAMS, key_columns)
+def _f32(n: int, like: Tensor) -> Tensor:
+    return torch.empty(n, device=like.device, dtype=torch.float32)
 
 
-@functools.lru_cache(maxsize=256)
-def _layout(b, t, d, k, num_heads, head_dim, gate_hidden, dtype, device_type, _target_programs,
-            _key_columns) -> "Layout":
-    return Layout(b, t, d, k, num_heads, head_dim, gate_hidden, dtype, device_type)
+# --------------------------------------------------------------------------------------------
+# Traffic model
+# --------------------------------------------------------------------------------------------
+def pim_min_bytes(B: int, T: int, D: int, K: int, A: int, dtype: torch.dtype,
+                  backward: bool = False) -> int:
+    """Traffic floor of one PIM layer: forward reads Z twice and writes z_out once; backward
+    reads Z and dZ_out twice each and writes dZ once. The K- and A-sized operands (P, P~,
+    weights) are added once. What the kernels here move: ``pim_achieved_bytes``."""
+    e = torch.empty((), dtype=dtype).element_size()
+    big = B * T * D * e
+    small = (2 * B * K * D + 8 * A * D) * e
+    return (5 if backward else 3) * big + small
 
 
-class Layout:
-    """Sizes and launch choices of one call, shared by forward, backward and the fake impls
-    (read-only: instances are shared through ``_layout``'s cache)."""
-
-    def __init__(self, b: int, t: int, d: int, k: int, num_heads: int, head_dim: int,
-                 gate_hidden: int, dtype: torch.dtype, device_type: str):
-        self.b, self.t, self.d = b, t, d
-        self.k, self.h, self.dh, self.gh = k, num_heads, head_dim, gate_hidden
-        self.a = num_heads * head_dim
-        self.hkp = num_columns(num_heads, self.k)
-        self.ap = AP
-        self.block_t, self.block_d, self.warps = launch_config(self.hkp, dtype)
-        self.ntb = triton.cdiv(self.t, self.block_t)
-        self.n_chunks, self.chunk_blocks = _chunks(self.b, self.t, self.block_t)
-        self.t_pad = self.n_chunks * self.chunk_blocks * self.block_t
-        self.key_cols = key_columns(self.d, self.a, dtype)
-        self.mode = _dot_mode(dtype, device_type)
-        self.scale = 1.0 / math.sqrt(head_dim)
-        self.state_fields = _state_fields(self.b, self.d, self.hkp, self.ap, self.key_cols)
-        self.state_size = _carve_size(self.state_fields)
-        self._big = dict(BLOCK_D=self.block_d, HKP=self.hkp, DOT_MODE=self.mode,
-                         num_warps=self.warps, num_stages=NUM_STAGES, maxnreg=MAX_REGISTERS)
-        self._small = dict(BLOCK_D=SMALL_BLOCK_D, HKP=self.hkp, KP=KP, AP=self.ap,
-                           DOT_MODE=self.mode, num_warps=SMALL_WARPS, num_stages=NUM_STAGES,
-                           maxnreg=MAX_REGISTERS)
-
-    def big(self, block_t: Optional[int] = None, **const):
-        """Launch options of the token kernels."""
-        return dict(self._big, BLOCK_T=block_t or self.block_t, **const)
-
-    def small(self, **const):
-        """Launch options of the per-image algebra kernels."""
-        return dict(self._small, **const)
-
-    def dims(self):
-        """(K, H, dh, G): the runtime sizes of the per-image algebra kernels."""
-        return self.k, self.h, self.dh, self.gh
+def pim_achieved_bytes(B: int, T: int, D: int, K: int, A: int, dtype: torch.dtype,
+                       backward: bool = False) -> int:
+    """DRAM traffic model of these kernels: the Z-sized streams (Z, z_out, dY, dZ) plus the fp32
+    token-row intermediates (X [B*T, 3A], o2, dX, dO2: ``row`` = B*T*A*4 bytes a column group
+    of A) and the small operands (P, p_tilde, weights). Forward: Z read twice (projection,
+    output), z_out written once; X written (3 rows) and read (Q1, V1: 2; K2: 1), o2 written
+    and read (2): 3 big + 8 rows. Backward: dY read 3 times (dO2, dZ, dW'o), Z once (dWz), dZ
+    written once; o2 read twice (dO2's dalpha, dW'o), dO2 written and read (2), K2 and Q1, V1
+    read (3), dX written (3) and read twice (dZ, dWz: 6): 5 big + 16 rows. Not counted: the
+    second pass of a head kernel over its own rows and the weight-gradient partials (L2)."""
+    e = torch.empty((), dtype=dtype).element_size()
+    big = B * T * D * e
+    row = B * T * A * 4  # one fp32 [B*T, A] stream
+    small = (2 * B * K * D + 8 * A * D) * e
+    if backward:
+        return 5 * big + (3 + 3 * 3 + 2 + 2) * row + small
+    return 3 * big + (3 + 3 + 2) * row + small
 
 
-def _chunks(b: int, t: int, block_t: int) -> Tuple[int, int]:
-    """(n_chunks, chunk_blocks): each image's row blocks split into n_chunks programs."""
-    blocks = triton.cdiv(t, block_t)
-    n_chunks = max(1, min(blocks, TARGET_PROGRAMS // b))
-    chunk_blocks = triton.cdiv(blocks, n_chunks)
-    return triton.cdiv(blocks, chunk_blocks), chunk_blocks
-
-
-def alert_not_deterministic(op: str, device: torch.device) -> None:
-    """The GPU kernels sum fp32 partials with atomic adds (in an order that varies run to run),
-    so on CUDA they are not bit-reproducible. Under ``torch.use_deterministic_algorithms(True)``
-    this warns (``warn_only=True``, the trainer's setting) or raises, as torch's own such ops do.
-    The interpreter (CPU) runs programs in order: deterministic there."""
-    if device.type != "cuda" or not torch.are_deterministic_algorithms_enabled():
-        return
-    message = (f"avpt::{op} adds fp32 partial sums with atomic adds on the GPU, so its results "
-               f"can differ run to run at fp32 rounding level, while "
-               f"torch.use_deterministic_algorithms(True) is set; use backend='torch' for "
-               f"bit-reproducible runs")
-    if torch.is_deterministic_algorithms_warn_only_enabled():
-        warnings.warn(message, UserWarning, stacklevel=3)
-    else:
-        raise RuntimeError(message)
-
-
-def _f32(b: int, *shape: int, like: Tensor) -> Tensor:
-    return torch.empty((b,) + shape, device=like.device, dtype=torch.float32)
-
-
+# --------------------------------------------------------------------------------------------
+# Launch sequences
+# --------------------------------------------------------------------------------------------
 @no_autocast
 def _forward(z: Tensor, p: Tensor, w: Tensor, num_heads: int, head_dim: int, gate_hidden: int,
              mean_reduce: bool, return_attn: bool):
-    """5 launches: per-image t2p algebra, pass 1, per-image p2t algebra, stats, update."""
+    """5 launches: projection, token->prompt heads, prompt rows, prompt->token heads, output."""
     z, p = z.contiguous(), p.contiguous()
     L = _Layout(z, p, num_heads, head_dim, gate_hidden)
-    if L.n_chunks > 1:  # several programs add partials of one image's G, colsum
-        alert_not_deterministic("pim_forward", z.device)
-    b, t, d = L.b, L.t, L.d
-    state = torch.empty(L.state_size, device=z.device, dtype=torch.float32)
+    b, t, d, a = L.b, L.t, L.d, L.a
+    state = _f32(L.state_size, z)
     st = _carve(state, L.state_fields)
+    part = _f32(_carve_size(L.part_fields), z)
     inv_tokens = 1.0 / t if mean_reduce else 1.0
-    _t2p_small_kernel[(b,)](p, w, st["mq"], st["cq"], st["k1"], st["g"], st["colsum"], d, *L.dims(),
-                            L.scale, **L.small())
-    s1 = _f32(b, L.t_pad, L.hkp, like=z)
-    wk = _field(w, "p2t_k_w", d, L.a, gate_hidden)
-    # 2-read forward: pass 1 also writes K2 = Z W'k^T in fp32 (else a placeholder the kernel ignores)
-    k2 = _f32(b, t, L.key_cols, like=z) if L.key_cols else z
-    _t2p_reduce_kernel[(b, L.n_chunks)](z, st["mq"], st["cq"], wk, s1, st["g"], st["colsum"], k2, t,
-                                        d, L.k, L.h, L.a, L.chunk_blocks,
-                                        **L.big(KEY_COLS=L.key_cols))
+    _project_kernel[L.grid_proj](
+        z, p, w, st["x"], st["k1"], L.mz, L.mp, d, a,
+        *L.o("t2p_q_w", "t2p_q_b", "t2p_v_w", "t2p_v_b", "p2t_k_w", "t2p_k_w", "t2p_k_b"),
+        **L.meta("project"))
+    _t2p_attn_kernel[L.grid_heads](st["x"], st["k1"], st["msg"], t, L.k, a, head_dim, L.scale,
+                                   inv_tokens, **L.meta("t2p_attn"))
     p_tilde = torch.empty_like(p)
-    _p2t_small_kernel[(b,)](p, z, w, st["g"], st["colsum"], p_tilde, st["pt32"], st["msg"], st["q2"],
-                            st["v2"], st["pre"], st["alpha"], st["qexp"], st["mk"], st["nv"], t, d, *L.dims(),
-                            L.key_cols, L.scale, inv_tokens, **L.small(GP=GP))
-    # logits2 = K2 Qexp (2-read path: stats and update read K2 [T, KEY_COLS], not Z) or Z Mk
-    logits_in, width = ((k2, st["qexp"]), L.key_cols) if L.key_cols else ((z, st["mk"]), d)
-    mpart, lpart = _f32(2, b, L.ntb, L.hkp, like=z).unbind(0)
-    _p2t_stats_kernel[(b, L.ntb)](*logits_in, mpart, lpart, t, width,
-                                  **L.big(FROM_KEYS=bool(L.key_cols)))
-    out = torch.empty_like(z)
-    attn = torch.empty((b, L.h, L.k, t) if return_attn else (0,), device=z.device,
+    _prompt_kernel[L.grid_prompt](
+        p, z, w, st["msg"], p_tilde, st["pt32"], part, L.mp, t, L.k, d, a, gate_hidden,
+        *L.o("t2p_o_w", "t2p_o_b", "p2t_q_w", "p2t_v_w", "gate_w1"), **L.meta("prompt"))
+    attn = torch.empty((b, num_heads, L.k, t) if return_attn else (0,), device=z.device,
                        dtype=torch.float32)
-    _p2t_update_kernel[(b, L.ntb)](z, *logits_in, mpart, lpart, st["m2"], st["l2"], st["nv"],
-                                   _field(w, "p2t_o_b", d, L.a, gate_hidden), st["alpha"], out, attn,
-                                   t, d, width, L.h * L.k, int(return_attn),
-                                   **L.big(FROM_KEYS=bool(L.key_cols)))
+    _p2t_attn_kernel[L.grid_heads](
+        st["x"], part, w, st["qv2"], st["o2"], attn, st["stats"], st["pre"], st["alpha"], t, L.k,
+        a, head_dim, gate_hidden, num_heads, L.mp, L.n_dtiles, L.ap,
+        *L.o("p2t_q_b", "p2t_v_b", "gate_b1", "gate_w2", "gate_b2"), L.scale, int(return_attn),
+        **L.meta("p2t_attn"))
+    out = torch.empty_like(z)
+    _output_kernel[L.grid_tokens](z, st["o2"], w, st["alpha"], out, L.mz, t, d, a,
+                                  *L.o("p2t_o_w", "p2t_o_b"), **L.meta("output"))
     return out, p_tilde, attn, state
-
-
-def _accumulator_fields(L: Layout, n_weights: int) -> dict:
-    """The backward's atomic accumulators, zeroed together in one buffer: pass A's E, F1, F2, G1,
-    sum_t dY, delta; pass C's dMq and B's dcq; the flat weight gradient."""
-    b, d, hkp = L.b, L.d, L.hkp
-    # dw first (an output: storage offset 0), padded so that the rest starts 64-byte aligned
-    return dict(dw=(n_weights,), pad=(-n_weights % 16,), e=(b, hkp, d), f1=(b, hkp, d),
-                f2=(b, hkp, d), g1=(b, hkp, d), ysum=(b, d), delta=(b, hkp), dmq=(b, d, hkp),
-                dcq=(b, hkp))
 
 
 @no_autocast
 def _backward(grad_out: Tensor, grad_p_tilde: Optional[Tensor], z: Tensor, p: Tensor, w: Tensor,
               state: Tensor, num_heads: int, head_dim: int, gate_hidden: int, mean_reduce: bool):
-    """6 launches: zero the accumulators, pass A, p2t algebra backward, pass B (dZ), pass C,
-    t2p algebra backward. -> dz [B,T,D], dp [B,K,D], dw [N] (fp32, the flat layout)."""
+    """10 launches, no atomics, no zero-fill: dO2, prompt->token heads, prompt rows, token->prompt
+    heads, dZ, dWz (chunks, reduce), dW'o (chunks, reduce), the prompt-row weight gradients and
+    dP. -> dz [B,T,D], dp [B,K,D], dw [N] (fp32, the flat layout)."""
     z, y, p = z.contiguous(), grad_out.contiguous(), p.contiguous()
     L = _Layout(z, p, num_heads, head_dim, gate_hidden)
-    alert_not_deterministic("pim_backward", z.device)  # the weight gradient: B programs add
-    b, t, d = L.b, L.t, L.d
+    b, t, d, a = L.b, L.t, L.d, L.a
     st = _carve(state, L.state_fields)
-    fields = _accumulator_fields(L, w.numel())
-    acc = _carve(torch.zeros(_carve_size(fields), device=z.device, dtype=torch.float32), fields)
+    g = _carve(_f32(L.grad_size, z), L.grad_fields)
+    dw = _f32(w.numel(), z)
     inv_tokens = 1.0 / t if mean_reduce else 1.0
-    wk = _field(w, "p2t_k_w", d, L.a, gate_hidden)
-    # Pass A: prompt->token reductions over (Z, dZ_out)
-    s2 = _f32(b, L.t_pad, L.hkp, like=z)
-    ws2 = torch.empty_like(s2)
-    _p2t_grad_reduce_kernel[(b, L.n_chunks)](
-        z, y, st["mk"], wk, st["qexp"], st["nv"], st["m2"], st["l2"], s2, ws2, acc["e"], acc["f1"],
-        acc["f2"], acc["g1"], acc["ysum"], acc["delta"], t, d, L.a, L.chunk_blocks,
-        **L.big(KEY_COLS=L.key_cols))
-    dg, dpt = _f32(b, L.hkp, d, like=z), _f32(b, KP, d, like=z)
-    dcolsum, dz0 = _f32(b, L.hkp, like=z), _f32(b, d, like=z)
+    _grad_o2_kernel[L.grid_grad_o2](y, st["o2"], w, st["alpha"], g["do2"], g["dalpha"], L.mz, t, d,
+                                    a, *L.o("p2t_o_w", "p2t_o_b"), **L.meta("grad_o2"))
+    _p2t_attn_bwd_kernel[L.grid_heads](
+        st["x"], st["qv2"], st["stats"], g["do2"], g["dalpha"], st["alpha"], st["pre"], w, g["dx"],
+        g["dqv2"], g["dpre"], g["dlogit"], t, L.k, a, head_dim, gate_hidden, num_heads,
+        L.off["gate_w2"], L.scale, **L.meta("p2t_attn_bwd"))
     has_gpt = grad_p_tilde is not None
     gpt = grad_p_tilde.contiguous() if has_gpt else p  # placeholder when p_tilde got no gradient
-    _p2t_small_grad_kernel[(b,)](
-        z, w, gpt, int(has_gpt), acc["e"], acc["f1"], acc["f2"], acc["g1"], acc["delta"],
-        acc["ysum"], st["g"], st["colsum"], st["pt32"], st["msg"], st["q2"], st["v2"], st["pre"],
-        st["alpha"], dg, dcolsum, dz0, dpt, acc["dw"], t, d, *L.dims(), L.scale, inv_tokens,
-        **L.small(GP=GP))
-    # Pass B: dZ, and the token-side reductions of the token->prompt backward
+    _prompt_bwd_kernel[L.grid_prompt](
+        gpt, int(has_gpt), g["dqv2"], g["dpre"], w, g["dpt"], g["dz0"], g["dmsg_part"], L.mp, L.k,
+        d, a, gate_hidden, *L.o("p2t_q_w", "p2t_v_w", "gate_w1", "t2p_o_w"),
+        **L.meta("prompt_bwd"))
+    _t2p_attn_bwd_kernel[L.grid_heads](
+        st["x"], st["k1"], g["dmsg_part"], g["dx"], g["dk1"], t, L.k, a, head_dim, L.mp,
+        L.n_dtiles, L.ap, L.scale, inv_tokens, **L.meta("t2p_attn_bwd"))
     dz = torch.empty_like(z)
-    dl1 = s2  # pass A's scratch is free again
-    _grad_z_kernel[(b, triton.cdiv(t, DZ_BLOCK_T))](
-        z, y, st["mq"], st["cq"], st["mk"], wk, st["qexp"], st["nv"], st["m2"], st["l2"],
-        st["alpha"], acc["delta"], dg, dcolsum, dz0, dz, dl1, acc["dcq"], t, d, L.k, L.h, L.a,
-        L.t_pad, **L.big(DZ_BLOCK_T, KEY_COLS=L.key_cols))
-    _t2p_grad_reduce_kernel[(b, L.n_chunks)](z, dl1, acc["dmq"], t, d, L.t_pad, L.chunk_blocks,
-                                             **L.big())
+    _grad_z_kernel[L.grid_tokens](y, g["dx"], w, g["dz0"], dz, L.mz, t, d, a,
+                                  *L.o("t2p_q_w", "t2p_v_w", "p2t_k_w"), **L.meta("grad_z"))
+    # dWz = dx^T z [3A, D] -> t2p q, t2p v, p2t k (its bias gradient is zero: b'k drops out)
+    nz, rows_z = L.wz_chunks
+    _wgrad_kernel[L.wz_tiles + (nz,)](
+        g["dx"], z, st["alpha"], g["wz_part"], L.mz, 3 * a, d, 3 * a, d, t, rows_z,
+        HAS_SCALE=False, EXACT=2, **L.meta("wgrad"))
+    _reduce(g["wz_part"], dw, nz, 3 * a, d, a, L.o("t2p_q_w", "t2p_v_w", "p2t_k_w"),
+            L.o("t2p_q_b", "t2p_v_b", "p2t_k_b"), 2)
+    # dW'o = y^T (alpha o2) [D, A], db'o = y^T alpha
+    no, rows_o = L.wo_chunks
+    _wgrad_kernel[L.wo_tiles + (no,)](
+        y, st["o2"], st["alpha"], g["wo_part"], L.mz, d, a, d, a, t, rows_o,
+        HAS_SCALE=True, EXACT=1, **L.meta("wgrad"))
+    _reduce(g["wo_part"], dw, no, d, a, d, L.o("p2t_o_w") * 3, L.o("p2t_o_b") * 3, 1)
     dp = torch.empty_like(p)
-    _t2p_small_grad_kernel[(b,)](p, w, acc["dmq"], acc["dcq"], st["k1"], dpt, dp, acc["dw"], d,
-                                 *L.dims(), L.scale, **L.small())
-    return dz, dp, acc["dw"]
+    _prompt_wgrad_kernel[L.grid_prompt_wgrad](
+        p, z, w, st["msg"], st["pt32"], g["dpt"], g["dqv2"], g["dk1"], g["dpre"], g["dlogit"],
+        st["pre"], dw, dp, b, L.mp, t, L.k, d, a, gate_hidden,
+        *L.o("t2p_k_w", "t2p_k_b", "t2p_o_w", "t2p_o_b", "p2t_q_w", "p2t_q_b", "p2t_v_w",
+             "p2t_v_b", "gate_w1", "gate_b1", "gate_w2", "gate_b2"),
+        **L.meta("prompt_wgrad"))
+    return dz, dp, dw
 
+
+def _reduce(part: Tensor, dw: Tensor, n_chunks: int, na: int, nb: int, seg_rows: int,
+            w_offsets: List[int], b_offsets: List[int], n_bias_segs: int) -> None:
+    n = na * nb + na
+    _reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK),)](
+        part, dw, n_chunks, na, nb, seg_rows, *w_offsets, *b_offsets, n_bias_segs,
+        BLOCK=REDUCE_BLOCK, num_warps=WARPS)

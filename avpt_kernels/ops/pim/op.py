@@ -11,7 +11,8 @@ from ... import _checks, reference
 from ...backend import resolve
 from ...reference import PIMParams
 from . import launch
-from .launch import pack_weights, packed_size, unpack_weights, unsupported_sizes
+from .launch import unsupported_sizes
+from .weights import pack_weights, packed_size, unpack_weights
 
 T2P_REDUCE = ("sum", "mean")
 

@@ -35,9 +35,10 @@ G=16 in bf16; "row" = one fp32 [B*T, A] stream, 1.6 MB):
 Backward, 10 launches, every weight gradient a fixed-order sum (deterministic on a GPU):
   1. ``_grad_o2_kernel``   (32 token rows) 197 programs: dO2 = alpha dY W'o, and per row the
      gate's dalpha = o2 . dY W'o + dY . b'o.
-  2. ``_p2t_attn_bwd_kernel`` per (image, head): dv2 = S2 dO2, dL2 = S2 (v2 dO2^T - rowsum(v2
-     dv2)), dq2 = scale dL2 K2, dK2 = scale dL2^T q2 (-> dX's last A columns); head 0: the gate
-     back to dpre.
+  2. ``_p2t_attn_bwd_kernel`` per (image, head), two passes over T: dS2 = v2 dO2^T, dv2 = S2 dO2,
+     delta = rowsum(S2 dS2) (from the same dS2 values as dL2, so a saturated row gives exactly
+     0, as torch's softmax backward does), then dL2 = S2 (dS2 - delta), dq2 = scale dL2 K2,
+     dK2 = scale dL2^T q2 (-> dX's last A columns); head 0: the gate back to dpre.
   3. ``_prompt_bwd_kernel`` per (16 prompt rows, 64 D columns): dp_tilde = dP~ + dq2 W'q + dv2
      W'v + dpre W1[:, :D] / K, the class token's gate gradient dz0, partial dmsg = dp_tilde Wo.
   4. ``_t2p_attn_bwd_kernel`` per (image, head): dV1 = S1 dM, dL1 = S1 (V1 dM^T - rowsum), dQ1 =

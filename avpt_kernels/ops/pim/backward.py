@@ -53,7 +53,7 @@ def _p2t_attn_bwd_kernel(x_ptr, qv2_ptr, stats_ptr, do2_ptr, dalpha_ptr, alpha_p
                          BT: tl.constexpr, KP: tl.constexpr, DHP: tl.constexpr,
                          GP: tl.constexpr, DOT_MODE: tl.constexpr):
     """Grid (B, H). Backward of Eqs. 7-8 for head h of image b, from do2 [MZ, A]:
-    dv2 = S2 do2, delta = rowsum(v2 * dv2) (= rowsum(S2 * dS2)), dL2 = S2 (v2 do2^T - delta),
+    dS2 = v2 do2^T, dv2 = S2 do2, delta = rowsum(S2 * dS2), dL2 = S2 (dS2 - delta),
     dq2 = scale dL2 K2 -> dqv2 [MP, 2A]; dK2 = scale dL2^T q2 -> dx [MZ, 3A] (columns 2A..3A).
     S2 is rebuilt from K2 (x) and the forward's statistics. Head 0 also takes the gate back:
     dalpha (its image's row sums, in order) -> dlogit [B], dpre [B, GP]."""
@@ -68,6 +68,7 @@ def _p2t_attn_bwd_kernel(x_ptr, qv2_ptr, stats_ptr, do2_ptr, dalpha_ptr, alpha_p
     m = tl.load(stats_ptr + stat)
     inv_l = 1.0 / tl.load(stats_ptr + tl.num_programs(0) * H * KP + stat)
     dv2 = tl.zeros((KP, DHP), dtype=tl.float32)
+    delta = tl.zeros((KP,), dtype=tl.float32)
     for t0 in range(0, T, BT):
         ts = t0 + tl.arange(0, BT)
         t_ok = ts < T
@@ -77,7 +78,11 @@ def _p2t_attn_bwd_kernel(x_ptr, qv2_ptr, stats_ptr, do2_ptr, dalpha_ptr, alpha_p
                           float("-inf"))
         s2 = tl.where(k_ok[:, None], tl.exp(logits - m[:, None]) * inv_l[:, None], 0.0)
         dv2 += _mm_split(s2, do, 0, DOT_MODE)
-    delta = tl.sum(v2 * dv2, axis=1)
+        # delta from the very dS2 values the second pass subtracts it from (v2 . dv2 is the
+        # same sum in exact arithmetic, but not in fp32): a saturated softmax row then gives
+        # dL2 = 1 * (dS2 - dS2) = 0 exactly, as the torch backend's softmax backward does,
+        # instead of rounding noise that the x1000 query weights of sharp attention amplify
+        delta += tl.sum(s2 * _mm_split(v2, tl.trans(do), 0, DOT_MODE), axis=1)
     dq2 = tl.zeros((KP, DHP), dtype=tl.float32)
     for t0 in range(0, T, BT):
         ts = t0 + tl.arange(0, BT)

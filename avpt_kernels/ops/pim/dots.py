@@ -39,6 +39,27 @@ def _fp16_parts(x):
 
 
 @triton.jit
+def _fp16_parts3(x):
+    """``_fp16_parts`` with a third part: (hi, mid, lo, inv_scale), x = (hi + mid + lo) *
+    inv_scale to ~2^-33 of max|x| (lo may be subnormal in fp16: it only adds bits)."""
+    hi, lo, inv_scale = _fp16_parts(x)
+    xs = x * (1.0 / inv_scale)  # the same power-of-two scaling: exact
+    r = xs - hi.to(tl.float32)
+    mid = r.to(tl.float16)
+    return hi, mid, (r - mid.to(tl.float32)).to(tl.float16), inv_scale
+
+
+@triton.jit
+def _bf16_parts3(x):
+    """fp32 tile x -> (hi, mid, lo) bfloat16 with x = hi + mid + lo to ~2^-24 relative (each part
+    the rounding error of the ones before, rounded to bf16)."""
+    hi = x.to(tl.bfloat16)
+    r = x - hi.to(tl.float32)
+    mid = r.to(tl.bfloat16)
+    return hi, mid, (r - mid.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
 def _mm_split(a, b, EXACT: tl.constexpr, DOT_MODE: tl.constexpr):
     """a @ b to near-fp32 accuracy on 16-bit tensor cores, for products with an fp32
     intermediate operand (softmax probabilities, the per-image matrices Mq/Mk/Nv, gradients).
@@ -57,17 +78,45 @@ def _mm_split(a, b, EXACT: tl.constexpr, DOT_MODE: tl.constexpr):
     a32 = a.to(tl.float32)
     b32 = b.to(tl.float32)
     if DOT_MODE == 1 or DOT_MODE == 4:
+        # an operand exact in fp16 times an fp32 one: three fp16 parts of the scaled fp32 tile
+        # (~2^-33 of its largest element: fp32 accuracy even for elements 2^9 below it, as in a
+        # tile that spans images of very different scales)
         if EXACT == 1:
-            b_hi, b_lo, b_inv = _fp16_parts(b32)
+            b_hi, b_mid, b_lo, b_inv = _fp16_parts3(b32)
             a16 = a.to(tl.float16)
-            return (tl.dot(a16, b_hi) + tl.dot(a16, b_lo)) * b_inv
+            return ((tl.dot(a16, b_lo) + tl.dot(a16, b_mid)) + tl.dot(a16, b_hi)) * b_inv
         if EXACT == 2:
-            a_hi, a_lo, a_inv = _fp16_parts(a32)
+            a_hi, a_mid, a_lo, a_inv = _fp16_parts3(a32)
             b16 = b.to(tl.float16)
-            return (tl.dot(a_hi, b16) + tl.dot(a_lo, b16)) * a_inv
+            return ((tl.dot(a_lo, b16) + tl.dot(a_mid, b16)) + tl.dot(a_hi, b16)) * a_inv
         a_hi, a_lo, a_inv = _fp16_parts(a32)
         b_hi, b_lo, b_inv = _fp16_parts(b32)
         return (tl.dot(a_hi, b_hi) + tl.dot(a_lo, b_hi) + tl.dot(a_hi, b_lo)) * (a_inv * b_inv)
+    if EXACT != 0:
+        # one operand exact in bf16, the other fp32: three bf16 parts of the fp32 one (8 + 8 + 8
+        # bits: fp32's 24), three dots, ~fp32 accuracy (what an fp32 result such as a weight
+        # gradient needs to stay within 2x of the torch backend's fp32 error)
+        if EXACT == 1:
+            x_hi, x_mid, x_lo = _bf16_parts3(b32)
+            e16 = a32.to(tl.bfloat16)
+            if DOT_MODE == 3:
+                e = e16.to(tl.float32)
+                acc = tl.dot(e, x_hi.to(tl.float32), input_precision="ieee")
+                acc = tl.dot(e, x_mid.to(tl.float32), acc, input_precision="ieee")
+                return tl.dot(e, x_lo.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(e16, x_hi)
+            acc = tl.dot(e16, x_mid, acc)
+            return tl.dot(e16, x_lo, acc)
+        x_hi, x_mid, x_lo = _bf16_parts3(a32)
+        e16 = b32.to(tl.bfloat16)
+        if DOT_MODE == 3:
+            e = e16.to(tl.float32)
+            acc = tl.dot(x_hi.to(tl.float32), e, input_precision="ieee")
+            acc = tl.dot(x_mid.to(tl.float32), e, acc, input_precision="ieee")
+            return tl.dot(x_lo.to(tl.float32), e, acc, input_precision="ieee")
+        acc = tl.dot(x_hi, e16)
+        acc = tl.dot(x_mid, e16, acc)
+        return tl.dot(x_lo, e16, acc)
     a_hi = a32.to(tl.bfloat16)
     b_hi = b32.to(tl.bfloat16)
     a_lo = (a32 - a_hi.to(tl.float32)).to(tl.bfloat16)

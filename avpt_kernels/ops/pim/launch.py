@@ -104,11 +104,15 @@ def _Layout(z: Tensor, p: Tensor, num_heads: int, head_dim: int, gate_hidden: in
     k = p.shape[1]
     if not all(type(n) is int for n in (b, t, d, k)):  # symbolic sizes (tracing): not hashable
         return Layout(b, t, d, k, num_heads, head_dim, gate_hidden, z.dtype, z.device.type)
-    return _layout(b, t, d, k, num_heads, head_dim, gate_hidden, z.dtype, z.device.type)
+    # TARGET_PROGRAMS is part of the key: changing it (tests force chunk counts that way) is
+    # never answered from the cache
+    return _layout(b, t, d, k, num_heads, head_dim, gate_hidden, z.dtype, z.device.type,
+                   TARGET_PROGRAMS)
 
 
 @functools.lru_cache(maxsize=256)
-def _layout(b, t, d, k, num_heads, head_dim, gate_hidden, dtype, device_type) -> "Layout":
+def _layout(b, t, d, k, num_heads, head_dim, gate_hidden, dtype, device_type,
+            _target_programs) -> "Layout":
     return Layout(b, t, d, k, num_heads, head_dim, gate_hidden, dtype, device_type)
 
 
@@ -156,12 +160,15 @@ class Layout:
             dz0=(b, d), dpre=(b, self.gp), dlogit=(b,),
             wz_part=(nz * (3 * a * d + 3 * a),), wo_part=(no * (d * a + d),))
         self.grad_size = _carve_size(self.grad_fields)
-        self._common = dict(DOT_MODE=self.mode, num_warps=WARPS)
+        self._common = dict(num_warps=WARPS)
 
     def meta(self, kernel: str) -> dict:
         """Constexprs and launch options of ``kernel`` (a name in ``KERNELS``)."""
         heads = dict(BT=ATTN_BT, KP=self.kp, DHP=self.dhp, num_stages=ATTN_STAGES)
-        return dict(self._common, **{
+        # The token-row GEMMs run on tensor cores with split dots; the head and prompt-row
+        # kernels (< 1% of the FLOPs) use IEEE fp32 dots: exact fp32, whatever the input dtype
+        mode = self.mode if kernel in GEMM_KERNELS else 0
+        return dict(self._common, DOT_MODE=mode, **{
             "project": dict(PROJ, BN=self.proj_bn, num_stages=GEMM_STAGES),
             "t2p_attn": heads,
             "prompt": dict(PROMPT, AP=self.ap, GP=self.gp, num_stages=1),
@@ -181,6 +188,7 @@ class Layout:
         return [self.off[n] for n in names]
 
 
+GEMM_KERNELS = ("project", "output", "grad_o2", "grad_z", "wgrad")
 KERNELS = ("project", "t2p_attn", "prompt", "p2t_attn", "output", "grad_o2", "p2t_attn_bwd",
            "prompt_bwd", "t2p_attn_bwd", "grad_z", "wgrad", "prompt_wgrad")
 

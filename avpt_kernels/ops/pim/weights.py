@@ -37,9 +37,16 @@ def unpack_weights(flat: Tensor, d: int, a: int, gate_hidden: int) -> PIMParams:
     return PIMParams(*(x.view(s) for x, s in zip(parts, shapes)))
 
 
-@functools.lru_cache(maxsize=64)
 def field_offsets(d: int, a: int, gate_hidden: int) -> Dict[str, int]:
-    """Field name -> element offset in the flat layout (the kernels index the vector with these)."""
+    """Field name -> element offset in the flat layout (the kernels index the vector with these;
+    memoised, except for symbolic sizes while tracing)."""
+    if all(type(n) is int for n in (d, a, gate_hidden)):
+        return _field_offsets(d, a, gate_hidden)
+    return _field_offsets.__wrapped__(d, a, gate_hidden)
+
+
+@functools.lru_cache(maxsize=64)
+def _field_offsets(d: int, a: int, gate_hidden: int) -> Dict[str, int]:
     offsets, at = {}, 0
     for name, shape in zip(PIMParams._fields, weight_shapes(d, a, gate_hidden)):
         offsets[name] = at

@@ -1,10 +1,11 @@
-"""Launch-parameter sweep of the fused PIM on a GPU: the per-image algebra kernels' D block and
-warps (``SMALL_BLOCK_D``, ``SMALL_WARPS``) and the reduction kernels' ``TARGET_PROGRAMS``, at the
-model's shape (B=32, T=197, D=768, K=6, 4 heads x 16, bf16). Each configuration is checked
-against the default one (outputs and gradients, relative to their size) before it is timed
-(``triton.testing.do_bench``, forward and forward+backward). A tool for a GPU session (the first
-H200 run found these kernels latency-bound: ``_p2t_small_kernel`` 261 us a layer, one program per
-image); a configuration that wins must then join ``aot_configs`` and pass ``make aot`` (spills)::
+"""Launch-parameter sweep of the fused PIM on a GPU, one axis at a time from the defaults: the
+token-row GEMM tiles (``PROJ``, ``OUTPUT``, ``GRAD_O2``), the head kernels' token block
+(``ATTN_BT``), warps, pipeline stages, and the programs the weight gradients aim for
+(``TARGET_PROGRAMS``: each value changes the chunk count at B=32), at the model's shape (B=32,
+T=197, D=768, K=6, 4 heads x 16, gate 16, bf16). Each configuration is checked against the
+default one (outputs and gradients, relative to their size) before it is timed
+(``triton.testing.do_bench``, forward and forward+backward). A configuration that wins must then
+join ``aot_configs`` and pass ``make aot`` (spills)::
 
     python -m benchmarks.pim_sweep [--out DIR]     # JSON rows + a table on stdout
 
@@ -13,7 +14,6 @@ Without a GPU it runs one small shape through the interpreter, as a smoke test (
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import time
@@ -29,11 +29,27 @@ from avpt_kernels.ops.pim import launch  # noqa: E402
 from avpt_kernels.ops.pim import pack_weights  # noqa: E402
 from avpt_kernels.testing import random_pim_params  # noqa: E402
 
-HEADS, HEAD_DIM, GATE = 4, 16, 32
+HEADS, HEAD_DIM, GATE = 4, 16, 16
 SHAPE = (32, 197, 768, 6) if ON_GPU else (2, 17, 64, 3)  # B, T, D, K
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 DEVICE = "cuda" if ON_GPU else "cpu"
-GRID = dict(SMALL_BLOCK_D=(16, 32, 64), SMALL_WARPS=(4, 8), TARGET_PROGRAMS=(256, 512, 1024))
+AXES = dict(
+    PROJ=(dict(BM=128, BK=64), dict(BM=64, BK=32)),
+    OUTPUT=(dict(BM=128, BN=64), dict(BM=64, BN=64), dict(BM=128, BN=128)),
+    GRAD_O2=(dict(BM=64, BK=64), dict(BM=16, BK=64)),
+    ATTN_BT=(32, 128),
+    WARPS=(8,),
+    GEMM_STAGES=(2, 4),
+    TARGET_PROGRAMS=(132, 528),
+)
+
+
+def _configs():
+    """The default, then each axis's other values with every other axis at its default."""
+    yield {}
+    for name, values in AXES.items():
+        for value in values:
+            yield {name: value}
 
 
 def _inputs():
@@ -69,15 +85,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join("benchmarks", "results"))
     args = ap.parse_args(argv)
     z, p, flat = _inputs()
-    default = {name: getattr(launch, name) for name in GRID}
+    default = {name: getattr(launch, name) for name in AXES}
     gz = torch.randn_like(z)
     gp = torch.randn_like(p)
     want = _fwd_bwd(z, p, flat, gz, gp)
     rows = []
-    for values in itertools.product(*GRID.values()):
-        config = dict(zip(GRID, values))
-        _apply(config)
-        row = dict(config, shape=dict(zip("BTDK", SHAPE)), dtype=str(DTYPE), device=DEVICE)
+    for config in _configs():
+        _apply(dict(default, **config))
+        row = dict(changed=config or "default", shape=dict(zip("BTDK", SHAPE)), dtype=str(DTYPE),
+                   device=DEVICE)
         try:
             got = _fwd_bwd(z, p, flat, gz, gp)
             row["max_rel_diff_vs_default"] = max(

@@ -275,20 +275,22 @@ def _wgrad_kernel(a_ptr, b_ptr, alpha_ptr, part_ptr, M, NA, NB, lda, ldb, T, chu
 
 @triton.jit
 def _reduce_kernel(part_ptr, dw_ptr, n_chunks, NA, NB, seg_rows, off_w0, off_w1, off_w2, off_b0,
-                   off_b1, off_b2, n_bias_segs, BLOCK: tl.constexpr):
-    """Grid (cdiv(NA * NB + NA, BLOCK),): the chunks of ``_wgrad_kernel`` added in order and
-    written into the flat weight gradient: row i of [NA, NB] goes to segment s = i // seg_rows
-    (a weight field at off_w<s>, [seg_rows, NB]), bias i to off_b<s>; segments >= n_bias_segs
-    get a zero bias gradient (b'k, which drops out of the forward)."""
+                   off_b1, off_b2, n_bias_segs, BLOCK: tl.constexpr, CHUNKS: tl.constexpr):
+    """Grid (cdiv(NA * NB + NA, BLOCK),): the chunks of ``_wgrad_kernel`` (n_chunks <= CHUNKS)
+    loaded as one [CHUNKS, BLOCK] tile and summed over the chunk axis (one fixed reduction tree:
+    deterministic, no serial loop), written into the flat weight gradient: row i of [NA, NB]
+    goes to segment s = i // seg_rows (a weight field at off_w<s>, [seg_rows, NB]), bias i to
+    off_b<s>; segments >= n_bias_segs get a zero bias gradient (b'k, which drops out)."""
     e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     n_w = NA * NB
     ok = e < n_w + NA
     is_w = e < n_w
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
     src = tl.where(is_w, e, n_chunks * n_w + (e - n_w)).to(tl.int64)
-    step = tl.where(is_w, n_w, NA)
-    for c in range(0, n_chunks):
-        acc += tl.load(part_ptr + src + c * step, mask=ok, other=0.0)
+    step = tl.where(is_w, n_w, NA).to(tl.int64)
+    c = tl.arange(0, CHUNKS)
+    tile = tl.load(part_ptr + src[None, :] + c.to(tl.int64)[:, None] * step[None, :],
+                   mask=(c < n_chunks)[:, None] & ok[None, :], other=0.0)
+    acc = tl.sum(tile, axis=0)
     row = tl.where(is_w, e // NB, e - n_w)
     seg = row // seg_rows
     local = row - seg * seg_rows

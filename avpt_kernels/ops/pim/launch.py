@@ -75,13 +75,15 @@ def _pow2(n: int) -> int:
 # 16-row x 64-column tiles. Every entry is compiled by ``configs.aot_configs``.
 # --------------------------------------------------------------------------------------------
 PROJ = dict(BM=64, BK=64)            # + BN = min(64, AP)
-ATTN_BT = 64
+ATTN_BT = 128
 PROMPT = dict(BMP=16, BD=64)
 OUTPUT = dict(BM=64, BN=128)         # + BKA = min(64, AP)
 GRAD_O2 = dict(BM=32, BK=64)
 WGRAD = dict(BNA=64, BNB=64, BR=64)
-REDUCE_BLOCK = 1024
-PROMPT_WGRAD = dict(BD=32, BR=32)
+REDUCE_BLOCK = 128
+# Most row chunks of a weight gradient: the reduce kernel sums them as one [MAX_CHUNKS, BLOCK] tile
+MAX_CHUNKS = 32
+PROMPT_WGRAD = dict(BD=32, BR=64)
 WARPS = 4
 GEMM_STAGES = 3                      # software pipelining of the D (or row) loops of the GEMMs
 ATTN_STAGES = 1
@@ -92,7 +94,7 @@ SM_COUNT = 132
 
 def _chunks(rows: int, tiles: int, block: int) -> Tuple[int, int]:
     """(n_chunks, chunk_rows) splitting ``rows`` for a weight gradient of ``tiles`` output tiles."""
-    n = max(1, min(triton.cdiv(rows, block), triton.cdiv(TARGET_PROGRAMS, tiles)))
+    n = max(1, min(triton.cdiv(rows, block), triton.cdiv(TARGET_PROGRAMS, tiles), MAX_CHUNKS))
     chunk_rows = triton.cdiv(triton.cdiv(rows, n), block) * block
     return triton.cdiv(rows, chunk_rows), chunk_rows
 
@@ -348,4 +350,4 @@ def _reduce(part: Tensor, dw: Tensor, n_chunks: int, na: int, nb: int, seg_rows:
     n = na * nb + na
     _reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK),)](
         part, dw, n_chunks, na, nb, seg_rows, *w_offsets, *b_offsets, n_bias_segs,
-        BLOCK=REDUCE_BLOCK, num_warps=WARPS)
+        BLOCK=REDUCE_BLOCK, CHUNKS=MAX_CHUNKS, num_warps=WARPS)

@@ -71,11 +71,13 @@ def _pow2(n: int) -> int:
 # --------------------------------------------------------------------------------------------
 # Launch configuration: (tile constexprs, num_warps, num_stages) per kernel. Token-row GEMMs take
 # 64-row tiles (99 x D/128 = 594 programs at B=32, T=197, D=768: 4.5 per SM on 132 SMs), the
-# per-(image, head) attention kernels B*H programs with 64-token blocks, the prompt-row kernels
-# 16-row x 64-column tiles. Every entry is compiled by ``configs.aot_configs``.
+# per-(image, head) attention kernels B*H programs with 256-token blocks (T=197 in one block a
+# pass: B*H = 128 programs of one or two iterations), the prompt-row kernels 16-row x 64-column
+# tiles. Every entry is compiled by ``configs.aot_configs``.
 # --------------------------------------------------------------------------------------------
 PROJ = dict(BM=64, BK=64)            # + BN = min(64, AP)
-ATTN_BT = 128
+ATTN_BT = 256
+ATTN_WARPS = 8
 PROMPT = dict(BMP=16, BD=64)
 OUTPUT = dict(BM=64, BN=128)         # + BKA = min(64, AP)
 GRAD_O2 = dict(BM=32, BK=64)
@@ -166,7 +168,8 @@ class Layout:
 
     def meta(self, kernel: str) -> dict:
         """Constexprs and launch options of ``kernel`` (a name in ``KERNELS``)."""
-        heads = dict(BT=ATTN_BT, KP=self.kp, DHP=self.dhp, num_stages=ATTN_STAGES)
+        heads = dict(BT=ATTN_BT, KP=self.kp, DHP=self.dhp, num_stages=ATTN_STAGES,
+                     num_warps=ATTN_WARPS)
         # The token-row GEMMs run on tensor cores with split dots; the head and prompt-row
         # kernels (< 1% of the FLOPs) use IEEE fp32 dots: exact fp32, whatever the input dtype
         mode = self.mode if kernel in GEMM_KERNELS else 0

@@ -1,0 +1,49 @@
+"""The kernel model (benchmarks/kernel_model.py) of the fused A-VPT path at ViT-B/16, B=32: the
+structure a GPU would call latency-bound is absent. Every Triton launch of the forward and the
+training step is recorded (not run) at the model's shape and costed from its grid, occupancy,
+serial iterations, bytes and FLOPs."""
+import pytest
+
+from benchmarks import kernel_model as km
+
+
+@pytest.fixture(scope="module")
+def launches():
+    return km.model_launches()
+
+
+def test_every_launch_fills_the_gpu_or_is_short(launches):
+    """No launch of the fused path runs fewer programs than the GPU has SMs (132) unless its
+    estimated time is under 5 us."""
+    thin = [(l.phase, l.kernel, l.grid, round(l.est_us, 1)) for l in launches
+            if l.programs < km.SMS and l.est_us >= 5.0]
+    assert not thin, f"launches with < {km.SMS} programs and >= 5 us: {thin}"
+
+
+def test_no_atomics_in_the_backward(launches):
+    """Every gradient is a fixed-order sum: no backward kernel uses an atomic."""
+    assert {l.kernel for l in launches if "backward" in l.phase and l.atomics} == set()
+
+
+def test_pim_layer_within_the_issue_targets(launches):
+    """The model's estimate of one PIM layer at B=32: forward <= 40 us, backward <= 80 us of GPU
+    time (the GPU targets); 5 and 10 launches."""
+    per_layer = {}
+    for l in launches:
+        if l.phase.startswith("pim"):
+            per_layer.setdefault(l.phase, []).append(l)
+    layers = km.MODEL["L"]
+    fwd, bwd = per_layer["pim forward"], per_layer["pim backward"]
+    assert len(fwd) == 5 * layers and len(bwd) == 10 * layers
+    assert sum(l.est_us for l in fwd) / layers <= 40.0
+    assert sum(l.est_us for l in bwd) / layers <= 80.0
+
+
+def test_grids_are_the_launchers_own(launches):
+    """The recorded grids are the launchers' (e.g. the projection over all B*T token rows in
+    64-row tiles, three weights, plus the prompt rows; the output over 64 x 128 tiles)."""
+    grids = {l.kernel: l.grid for l in launches if l.phase == "pim forward"}
+    b, t, d, k = (km.MODEL[n] for n in "BTDK")
+    assert grids["_project_kernel"] == (-(-b * t // 64) * 3 + -(-b * k // 64), 1, 1)
+    assert grids["_output_kernel"] == (-(-b * t // 64), d // 128, 1)
+    assert grids["_p2t_attn_kernel"] == (b, km.MODEL["H"], 1)

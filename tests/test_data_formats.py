@@ -1,6 +1,6 @@
-"""INbreast and Duke-Breast-Cancer-MRI loaders on small files written in their exact formats
-(DICOM via pydicom, OsiriX plist XML, the ;-separated BI-RADS table, Annotation_Boxes xlsx/csv),
-including corrupt files."""
+"""INbreast (and BUSI's classes) on small files written in their exact formats (DICOM via
+pydicom, OsiriX plist XML, the ;-separated BI-RADS table), including corrupt files. Duke is in
+tests/test_duke.py."""
 import csv
 import os
 import plistlib
@@ -108,77 +108,7 @@ def test_inbreast_corrupt_files(tmp_path):
         BreastDataset(load_records("inbreast", root), 32, skip_bad=False)
 
 
-# ----------------------------------------------------------------------------------------------
-# Duke
-# ----------------------------------------------------------------------------------------------
-def write_duke(root, table="xlsx", n_slices=8, size=32):
-    rng = np.random.default_rng(1)
-    boxes = {"Breast_MRI_001": (5, 12, 8, 20, 3, 5), "Breast_MRI_002": (10, 20, 4, 14, 5, 6)}
-    for pid in boxes:
-        for series, desc in ((3, "ax dyn pre"), (4, "ax dyn 1st pass")):
-            for k in range(n_slices):
-                path = os.path.join(root, "Duke-Breast-Cancer-MRI", pid, "01-01-1990-NA-MRI",
-                                    f"{series}.000000-{desc}", f"1-{k + 1:03d}.dcm")
-                value = 500 if series == 3 else 1500
-                arr = rng.integers(0, 200, (size, size)) + value
-                write_dicom(path, arr, SeriesInstanceUID=f"1.2.3.{int(pid[-3:])}.{series}",
-                            SeriesDescription=desc, SeriesNumber=series, InstanceNumber=k + 1,
-                            PatientID=pid)
-    header = ["Patient ID", "Start Row", "End Row", "Start Column", "End Column", "Start Slice", "End Slice"]
-    rows = [[pid, *b] for pid, b in boxes.items()]
-    if table == "xlsx":
-        import openpyxl
-        wb = openpyxl.Workbook()
-        ws = wb.active
-        ws.append(header)
-        for r in rows:
-            ws.append(r)
-        wb.save(os.path.join(root, "Annotation_Boxes.xlsx"))
-    else:
-        with open(os.path.join(root, "Annotation_Boxes.csv"), "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(header)
-            w.writerows(rows)
-    return boxes
-
-
-@pytest.mark.parametrize("table", ["xlsx", "csv"])
-def test_duke_loader(tmp_path, table):
-    root = str(tmp_path)
-    write_duke(root, table)
-    recs = load_records("duke", root, options={"slices_per_lesion": 2, "negatives_per_patient": 1})
-    by_id = {r.sample_id: r for r in recs}
-    # patient 1: box slices 3..5 (1-based) -> central 2 slices 4, 3 (ties to the lower); one
-    # negative at least 3 slices away from the box: slice 8
-    assert sorted(i for i in by_id if "001" in i) == ["duke-Breast_MRI_001-s3", "duke-Breast_MRI_001-s4",
-                                                      "duke-Breast_MRI_001-s8"]
-    pos = by_id["duke-Breast_MRI_001-s4"].load()
-    assert pos.mask.sum() == (12 - 5 + 1) * (20 - 8 + 1)
-    assert pos.mask[4, 7] and not pos.mask[3, 7] and pos.mask[11, 19] and not pos.mask[12, 19]
-    neg = by_id["duke-Breast_MRI_001-s8"]
-    assert neg.label == 0 and not neg.load().mask.any()
-    assert {r.patient_id for r in recs} == {"duke-Breast_MRI_001", "duke-Breast_MRI_002"}
-    # phase selection: post-contrast slices are the bright series
-    post_img = by_id["duke-Breast_MRI_001-s4"].source
-    assert "1st pass" in post_img
-    pre = load_records("duke", root, options={"phase": "pre", "slices_per_lesion": 1})
-    assert all("pre" in r.source for r in pre)
-
-
-def test_duke_corrupt_and_inconsistent(tmp_path):
-    root = str(tmp_path)
-    write_duke(root, "csv")
-    bad = os.path.join(root, "Duke-Breast-Cancer-MRI", "Breast_MRI_002", "01-01-1990-NA-MRI",
-                       "4.000000-ax dyn 1st pass", "1-005.dcm")
-    with open(bad, "wb") as f:
-        f.write(b"\x00" * 10)
-    with pytest.raises(DataError, match="1-005.dcm"):
-        load_records("duke", root)
-    os.remove(bad)
-    with open(os.path.join(root, "Annotation_Boxes.csv"), "a") as f:
-        f.write("Breast_MRI_003,1,2,3,4,5,x\n")
-    with pytest.raises(DataError, match="Annotation_Boxes.csv"):
-        load_records("duke", root)
+# Duke-Breast-Cancer-MRI: tests/test_duke.py (both naming conventions, indexing, sampling).
 
 
 def test_busi_three_classes(tmp_path):

@@ -49,7 +49,9 @@ DATA_OPTIONS: Dict[str, Dict[str, tuple]] = {
                         "'benign', 'exclude' or 'class' (three classes: normal, benign, malignant)")},
     "inbreast": {"birads_threshold": (lambda v: str(v).strip().lower().replace(" ", "") in
                                       ("1", "2", "3", "4", "4a", "4b", "4c", "5", "6"),
-                                      "a BI-RADS category: 1, 2, 3, 4a, 4b, 4c, 5 or 6")},
+                                      "a BI-RADS category: 1, 2, 3, 4a, 4b, 4c, 5 or 6"),
+                 "window": (lambda v: isinstance(v, bool),
+                            "true (the DICOM display window) or false (full range)")},
     "duke": {"phase": _PHASE, "negatives_per_patient": _NONNEG_INT,
              "slices_per_lesion": _POS_INT,
              "annotations": (lambda v: v is None or isinstance(v, str), "a file path"),

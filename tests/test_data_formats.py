@@ -241,3 +241,18 @@ def test_busi_three_classes(tmp_path):
     assert default["busi-normal-1"] == 0 and default["busi-benign-1"] == 0 and default["busi-malignant-1"] == 1
     with pytest.raises(ValueError, match="normal must be one of"):
         load_records("busi", str(tmp_path), options={"normal": "classes"})
+
+
+def test_resize_keeps_the_aspect_ratio():
+    """A 40 x 20 image with a disc: square output, the disc still round, zero padding left and
+    right, the mask (order 0) on the disc."""
+    from avpt.data.transforms import resize
+
+    r, c = np.mgrid[:40, :20]
+    disc = ((r - 20) ** 2 + (c - 10) ** 2 <= 64).astype(np.float32)
+    img, mask = resize(0.5 + 0.5 * disc, 32), resize(disc, 32, order=0) > 0.5
+    assert img.shape == mask.shape == (32, 32)
+    rows, cols = np.nonzero(mask)
+    assert np.ptp(rows) == np.ptp(cols)                          # round, not stretched 2:1
+    assert (img[:, :8] == 0).all() and (img[:, 24:] == 0).all() and img[:, 8:24].min() > 0.4
+    assert img[mask].min() > 0.75 and img[mask].mean() > 0.9     # aligned with the disc

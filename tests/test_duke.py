@@ -255,3 +255,17 @@ def test_corrupt_and_inconsistent(tmp_path):
     write_table(root, ["Breast_MRI_001", "Breast_MRI_002"], box=(5, 12, 4, 10, 38, 41))
     with pytest.raises(DataError, match="outside the 40 slices"):
         load_records("duke", root)
+
+
+@pytest.mark.parametrize("key,value,accepted", [
+    ("unresolved", "maybe", "'skip' or 'error'"), ("slice_order", "z", "'instance' or 'position'"),
+    ("negative_gap", 0, "an integer >= 1"), ("edge_margin", 0.5, r"a number in \[0, 0.5\)"),
+])
+def test_new_loader_settings_checked_in_one_line(key, value, accepted):
+    from avpt.validate import ConfigError, _data_settings
+
+    with pytest.raises(ConfigError, match=f"data.{key} must be {accepted}, got"):
+        _data_settings({"dataset": "duke", "test_dataset": None, "data": {key: value}})
+    _data_settings({"dataset": "duke", "test_dataset": None,
+                    "data": {"unresolved": "error", "slice_order": "position", "negative_gap": 3,
+                             "edge_margin": 0.0}})

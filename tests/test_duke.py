@@ -222,6 +222,24 @@ def test_chosen_series_recorded_in_the_run(tmp_path):
     assert "Breast_MRI_004" in info["duke_unresolved"]
 
 
+def test_several_phases_in_one_series_unresolved(tmp_path):
+    """A series holding two acquisitions per slice position (unique InstanceNumbers) is not
+    taken as one volume of twice the slices."""
+    root = str(tmp_path)
+    pid = "Breast_MRI_040"
+    write_series(root, pid, 600, "Ax Vibrant MultiPhase", "102000", 500,
+                 position=lambda inst: (inst - 1) % (N_SLICES // 2))
+    write_series(root, pid, 601, "Ph1/Ax Vibrant MultiPhase", "103000", 1500)
+    write_patients(root, {"Breast_MRI_001": NAMED})
+    write_table(root, ["Breast_MRI_001", pid], box=(5, 12, 4, 10, 12, 13))
+    for phase in ("pre", "post"):   # the pre series is checked when it is the one read
+        recs = load_records("duke", root, options={"phase": phase})
+        if phase == "pre":
+            assert "20 positions (several phases" in recs.provenance["duke_unresolved"][pid]
+        else:
+            assert chosen(recs, pid) == "Ph1/Ax Vibrant MultiPhase"
+
+
 @pytest.mark.parametrize("table", ["xlsx", "csv"])
 def test_annotation_table_formats(tmp_path, table):
     root = str(tmp_path)

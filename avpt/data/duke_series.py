@@ -141,18 +141,22 @@ def ordered_slices(series: Series, order: str = "instance") -> Tuple[List[str], 
     ``position``: by position along the slice normal, ascending."""
     inst = [i for i, _, _ in series.slices]
     pos = [p for _, p, _ in series.slices]
+    if None not in pos and len(set(np.round(pos, 3))) < len(pos):
+        raise Unresolved(f"series {series.description!r} has {len(pos)} slices at "
+                         f"{len(set(np.round(pos, 3)))} positions (several phases or a repeat "
+                         f"in one series)")
     usable_inst = None not in inst and len(set(inst)) == len(inst)
-    usable_pos = None not in pos and len(set(np.round(pos, 3))) == len(pos)
+    usable_pos = None not in pos
     if not usable_inst and not usable_pos:
         raise Unresolved(f"series {series.description!r} has repeated or missing InstanceNumbers "
-                         f"and slice positions (several phases in one series?)")
+                         f"and no slice positions")
     if order == "instance" and usable_inst:
         return [p for _, _, p in sorted(series.slices, key=lambda s: s[0])], "InstanceNumber"
     if order == "instance" or usable_pos:
         how = "position (InstanceNumber unusable)" if order == "instance" else "position"
         return [p for _, _, p in sorted(series.slices, key=lambda s: s[1])], how
-    raise Unresolved(f"series {series.description!r}: slice positions missing or repeated, "
-                     f"cannot order by position")
+    raise Unresolved(f"series {series.description!r}: slice positions missing, cannot order by "
+                     f"position")
 
 
 def acquired_before(a: Series, b: Series) -> Tuple[Optional[bool], str]:

@@ -33,6 +33,7 @@ BARE_3D = [(1, "ax t1 pre", None, 100), (500, "ax 3d dyn", None, 500),
 NO_FIRST = [(3, "ax dyn pre", "102000", 500), (5, "ax dyn 2nd pass", "104000", 1600)]
 TWO_BARE_UNTIMED = [(5, "ax dynamic", None, 500), (6, "ax dynamic", None, 1500)]
 TWO_BARE_TIMED = [(9, "ax dynamic", "103000", 1500), (8, "ax dynamic", "102000", 500)]
+ONLY_PHASED = [(601, "Ph1/ax dyn", "103000", 1500), (602, "Ph2/ax dyn", "104000", 1600)]
 CONTRADICTED = [(3, "ax dyn pre", "104000", 500), (4, "ax dyn 1st pass", "103000", 1500)]
 
 
@@ -98,7 +99,7 @@ def test_series_choice_both_conventions(tmp_path, caplog):
     write_patients(root, {"Breast_MRI_001": NAMED, "Breast_MRI_002": BARE_GE,
                           "Breast_MRI_003": BARE_3D, "Breast_MRI_004": NO_FIRST,
                           "Breast_MRI_005": TWO_BARE_UNTIMED, "Breast_MRI_006": TWO_BARE_TIMED,
-                          "Breast_MRI_007": CONTRADICTED})
+                          "Breast_MRI_007": CONTRADICTED, "Breast_MRI_008": ONLY_PHASED})
     with caplog.at_level(logging.WARNING, logger="avpt.data.duke"):
         post = load_records("duke", root, options={"phase": "post"})
     assert chosen(post, "Breast_MRI_001") == "ax dyn 1st pass"
@@ -112,9 +113,10 @@ def test_series_choice_both_conventions(tmp_path, caplog):
     assert "no first post-contrast" in skipped["Breast_MRI_004"]
     assert "no distinct acquisition times" in skipped["Breast_MRI_005"]
     assert "contradict" in skipped["Breast_MRI_007"]
-    summary = [r.getMessage() for r in caplog.records if "skipped 3 of 7" in r.getMessage()]
+    summary = [r.getMessage() for r in caplog.records if "skipped 3 of 8" in r.getMessage()]
     assert len(summary) == 1 and all(p in summary[0] for p in skipped)
-    assert {r.patient_id for r in post} == {f"duke-Breast_MRI_00{i}" for i in (1, 2, 3, 6)}
+    assert chosen(post, "Breast_MRI_008") == "Ph1/ax dyn"                    # no pre needed
+    assert {r.patient_id for r in post} == {f"duke-Breast_MRI_00{i}" for i in (1, 2, 3, 6, 8)}
     assert all(("1st pass" in r.source or "Ph1" in r.source or "9.000000" in r.source) for r in post)
 
     pre = load_records("duke", root, options={"phase": "pre"})
@@ -123,7 +125,9 @@ def test_series_choice_both_conventions(tmp_path, caplog):
     assert chosen(pre, "Breast_MRI_003") == "ax 3d dyn"                      # by series number
     assert chosen(pre, "Breast_MRI_004") == "ax dyn pre"                     # pre needs no phase 1
     assert pre.provenance["duke_series"]["Breast_MRI_006"]["series_number"] == 8
-    assert set(pre.provenance["duke_unresolved"]) == {"Breast_MRI_005", "Breast_MRI_007"}
+    assert set(pre.provenance["duke_unresolved"]) == {"Breast_MRI_005", "Breast_MRI_007",
+                                                      "Breast_MRI_008"}
+    assert "0 pre-contrast" in pre.provenance["duke_unresolved"]["Breast_MRI_008"]
     pos = next(r for r in pre if r.patient_id == "duke-Breast_MRI_002" and r.label == 1)
     assert os.path.basename(os.path.dirname(pos.source)).startswith("600.000000-Ax Vibrant")
 

@@ -20,11 +20,11 @@ data set, e.g. the Duke MRI series maps in github.com/LangDaniel/MAEMI utils/ an
 Resolution (``resolve``): dynamic series = descriptions naming a dynamic acquisition (``dyn``,
 ``dynamic``, ``vibrant``, ``multiphase``) or the fat-saturated ``ax 3d pre``; a phase number
 from ``PhN`` or an ordinal (``1st`` .. ``4th``); ``pre`` or no number = pre-contrast. Exactly
-one pre-contrast and one phase-1 series must remain; when no series carries a phase number and
-several bare dynamic series do, they are ordered by acquisition time (first = pre, second =
-phase 1) if every one has a distinct time. The acquisition order (the first of Acquisition,
-Trigger, Content, Series Time that both series carry with different values, else the series
-number) must agree with the names: pre before phase 1. Anything else is
+one series must remain for the phase asked (pre-contrast, or phase 1). When no series carries a
+phase number and several bare dynamic series do, they are ordered by acquisition time (first =
+pre, second = phase 1) if every one has a distinct time. The acquisition order (the first of
+Acquisition, Trigger, Content, Series Time that both series carry with different values, else
+the series number) must put every pre-contrast candidate before phase 1. Anything else is
 unresolved, with the reason, never guessed.
 """
 from __future__ import annotations
@@ -189,15 +189,16 @@ def resolve(series: List[Series], phase: str) -> Tuple[Series, str]:
                              f"distinct acquisition times to order them: {names}")
         by_time = sorted(pres, key=lambda s: s.time(tag))
         pres, firsts, how = [by_time[0]], [by_time[1]], "by acquisition time (names carry no phase)"
-    if len(pres) != 1:
+    if phase == "pre" and len(pres) != 1:
         raise Unresolved(f"{len(pres)} pre-contrast dynamic series candidates "
                          f"{sorted(s.description for s in pres)} among {names}")
     if phase == "post" and len(firsts) != 1:
         what = "no" if not firsts else f"{len(firsts)}"
         raise Unresolved(f"{what} first post-contrast series among {names}")
-    if firsts and len(firsts) == 1:
-        before, basis = acquired_before(pres[0], firsts[0])
-        if before is False:
-            raise Unresolved(f"{basis} puts {pres[0].description!r} after "
-                             f"{firsts[0].description!r}: the names contradict the acquisition order")
+    for pre in pres:        # every pre-contrast candidate must come before phase 1
+        for first in firsts:
+            before, basis = acquired_before(pre, first)
+            if before is False:
+                raise Unresolved(f"{basis} puts {pre.description!r} after {first.description!r}: "
+                                 f"the names contradict the acquisition order")
     return (pres[0] if phase == "pre" else firsts[0]), how

@@ -17,8 +17,8 @@ row is an image row (y), a column an image column (x), and slice k is the k-th s
 InstanceNumber order (TCIA's ``1-NNN.dcm`` numbering). This is how the data set's own tutorial
 reads the table: the Mazurowski lab's Duke MRI deep-learning tutorial (its DICOM-to-PNG step)
 compares Start/End Slice, "indices start at 1 here", with the slice number of ``1-NNN.dcm``, and
-github.com/LangDaniel/MAEMI (utils/bboxes) converts the boxes taking the slice index along
-InstanceNumber and reversing it where InstanceNumber runs against the slice position.
+github.com/LangDaniel/MAEMI utils/bboxes/bboxes_ROI.py converts the boxes taking the slice index
+along InstanceNumber and reversing it where InstanceNumber runs against the slice position.
 ``slice_order="position"`` orders by position along the slice normal instead.
 
 2-D samples per patient: ``slices_per_lesion`` positives spread across the box (the centres of

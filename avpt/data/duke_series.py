@@ -13,9 +13,10 @@ The data set (TCIA, 922 patients, several scanners 2000-2014) names its series t
 
 Beside them, non-fat-saturated T1 series (``ax t1``, ``ax t1 pre``, ``ax t1 +c``, ``ax t1 tse``,
 ``Ax 3D T1 NON FS``, ``ax 3d t1 bilateral``, ``AX IDEAL Breast``) are never the dynamic series,
-whatever their series number or a "pre" in their name. (Name lists as compiled by users of the
-data set, e.g. the Duke MRI series maps in github.com/LangDaniel/MAEMI utils/ and the TCIA
-"what do the DICOM stacks represent" forum thread.)
+whatever their series number or a "pre" in their name. (The collection's SeriesDescriptions
+as listed and typed fat-saturated / non-fat-saturated / phase N by github.com/LangDaniel/MAEMI
+utils/download_MRI_data.py; "ax t1" as non-fat-saturated T1 per the data set's forum,
+reddit.com/r/DukeDCEMRIData "what do the DICOM stacks represent specifically".)
 
 Resolution (``resolve``): dynamic series = descriptions naming a dynamic acquisition (``dyn``,
 ``dynamic``, ``vibrant``, ``multiphase``) or the fat-saturated ``ax 3d pre``; a phase number

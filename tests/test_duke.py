@@ -174,8 +174,8 @@ def test_annotation_indexing_instance_order_and_one_based(tmp_path):
 
 
 def test_slice_sampling_rule(tmp_path):
-    assert positive_slices(19, 23, 3) == [19, 21, 23]                      # across the box
-    assert positive_slices(19, 20, 3) == [19, 20]
+    assert positive_slices(19, 23, 3) == [19, 21, 22]       # across the box, End Slice left out
+    assert positive_slices(19, 20, 3) == [19] and positive_slices(19, 19, 2) == [19]
     assert positive_slices(10, 30, 1) == [20]
     cands = negative_candidates(40, 19, 23)
     assert cands == [k for k in range(6, 34) if k <= 14 or k >= 28]
@@ -189,7 +189,7 @@ def test_slice_sampling_rule(tmp_path):
     assert len(negs) == 9 and all(r.load().mask.sum() == 0 for r in a if r.label == 0)
     assert all(int(s.rsplit("-s", 1)[1]) in NEG_ALLOWED_1B for s in negs)  # never an edge slice
     assert {r.sample_id for r in a if r.label} == {f"duke-{p}-s{k}" for p in pids
-                                                   for k in (20, 22, 24)}
+                                                   for k in (20, 22, 23)}
     assert negs == {r.sample_id for r in load_records("duke", root, seed=0, options=opts)
                     if r.label == 0}                                       # seeded
     assert negs != {r.sample_id for r in load_records("duke", root, seed=1, options=opts)

@@ -14,15 +14,18 @@ and named in one warning (``unresolved="skip"``, the default) or stops the load 
 
 Annotation indexing (``index_base=1``): rows, columns and slices are 1-based and inclusive, a
 row is an image row (y), a column an image column (x), and slice k is the k-th slice in
-InstanceNumber order (TCIA's ``1-NNN.dcm`` numbering). This is how the data set's own tutorial
-reads the table: the Mazurowski lab's Duke MRI deep-learning tutorial (its DICOM-to-PNG step)
-compares Start/End Slice, "indices start at 1 here", with the slice number of ``1-NNN.dcm``, and
+InstanceNumber order (TCIA's ``1-NNN.dcm`` numbering, whose zero padding varies, so file names
+are not used). This is how the data set's authors read the table: the Mazurowski lab's slice
+extractor (github.com/mazurowski-lab/MRI-parameter-prediction data/dbc/png_extractor.py, also in
+the lab's Duke MRI tutorial) compares Start/End Slice, "index start at 1 here", with the slice
+number of the file, positives ``start <= k < end``, negatives more than 5 slices away; and
 github.com/LangDaniel/MAEMI utils/bboxes/bboxes_ROI.py converts the boxes taking the slice index
 along InstanceNumber and reversing it where InstanceNumber runs against the slice position.
 ``slice_order="position"`` orders by position along the slice normal instead.
 
 2-D samples per patient: ``slices_per_lesion`` positives spread across the box (the centres of
-equal sub-ranges of Start..End Slice; label 1, the box as mask) and ``negatives_per_patient``
+equal sub-ranges of Start Slice .. End Slice - 1, see ``positive_slices``; label 1, the box as
+mask, rows and columns inclusive) and ``negatives_per_patient``
 negatives (label 0, empty mask) drawn, seeded by (seed, patient), from the slices at least
 ``negative_gap`` slices from the box (5, the tutorial's rule) and outside the first and last
 ``edge_margin`` of the volume (where the field of view leaves the breast).
@@ -127,11 +130,15 @@ def read_series(patient_dir: str) -> List[Series]:
 
 
 def positive_slices(s0: int, s1: int, n: int) -> List[int]:
-    """``n`` slices spread across the box s0..s1 (0-based, inclusive): the centres of n equal
-    sub-ranges, all box slices when the box is n slices deep or less."""
-    depth = s1 - s0 + 1
+    """``n`` slices spread across the box s0..s1 (0-based Start..End Slice): the centres of n
+    equal sub-ranges of s0..s1-1, every one of them when there are n or fewer. The End Slice is
+    left out (unless it is the only one): the lab's own extractor counts it outside the tumour
+    (``start <= k < end``) while the column's name reads inclusive; the slices before it are
+    tumour under both readings."""
+    last = s1 - 1 if s1 > s0 else s1
+    depth = last - s0 + 1
     if n >= depth:
-        return list(range(s0, s1 + 1))
+        return list(range(s0, last + 1))
     return sorted({s0 + int((i + 0.5) * depth / n) for i in range(n)})
 
 

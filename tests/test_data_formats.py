@@ -121,7 +121,7 @@ def test_inbreast_labels_table_and_grouping(tmp_path):
     assert not recs[0].load().mask.any()                         # no XML: no lesion
 
 
-def test_inbreast_roi_polygons_to_the_pixel(tmp_path):
+def test_inbreast_roi_polygons_to_the_pixel(tmp_path, caplog):
     root = str(tmp_path)
     write_inbreast(root)
     mask = read_rois(os.path.join(root, "AllXML", "20586934.xml"), (ROWS, COLS))
@@ -131,6 +131,13 @@ def test_inbreast_roi_polygons_to_the_pixel(tmp_path):
     assert (mask == expect).all()                                # filled, point ROI left out
     for name in ("22678622", "22678646"):                        # misspelt names still lesions
         assert read_rois(os.path.join(root, "AllXML", f"{name}.xml"), (ROWS, COLS)).sum() == 11 * 11
+    other = os.path.join(root, "AllXML", "other.xml")
+    with open(other, "wb") as f:
+        plistlib.dump({"Images": [{"ROIs": [{"Name": "Pectoral", "Point_px": mass_polygon(
+            lambda d: d)}]}]}, f)
+    with caplog.at_level("WARNING"):
+        assert read_rois(other, (ROWS, COLS)).sum() == 11 * 11
+    assert "'Pectoral' is not one of INbreast's lesion types" in caplog.text
     assert [roi_type(n) for n in ("Espiculated Region", "Assymetry", "Calcifications", " mass ",
                                   "Cluster", "Distortion", "Pectoral")] == \
         ["spiculated region", "asymmetry", "calcification", "mass", "cluster", "distortion", "other"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import logging
 import os
 import plistlib
 import re
@@ -29,6 +30,9 @@ import numpy as np
 from .dicom import read_image
 from .mammo import preprocess
 from .records import DataError, RawSample, Record
+
+log = logging.getLogger(__name__)
+_UNKNOWN_NAMES: set = set()   # names already warned about (once per process)
 
 BIRADS_ORDER = ("1", "2", "3", "4a", "4b", "4c", "5", "6")
 ROI_TYPES = {"mass": "mass", "calcification": "calcification", "calcifications": "calcification",
@@ -81,6 +85,11 @@ def read_rois(path: str, shape) -> np.ndarray:
     mask = np.zeros(shape, dtype=bool)
     for image in images:
         for roi in image.get("ROIs", []):
+            name = roi.get("Name", "")
+            if roi_type(name) == "other" and name not in _UNKNOWN_NAMES:
+                _UNKNOWN_NAMES.add(name)
+                log.warning("%s: ROI name %r is not one of INbreast's lesion types; its polygon "
+                            "still counts as a lesion", path, name)
             pts = []
             for p in roi.get("Point_px", []):
                 m = re.match(r"\s*\(\s*([-\d.eE+]+)\s*,\s*([-\d.eE+]+)\s*\)", str(p))

@@ -17,7 +17,7 @@ row is an image row (y), a column an image column (x), and slice k is the k-th s
 InstanceNumber order (TCIA's ``1-NNN.dcm`` numbering, whose zero padding varies, so file names
 are not used). This is how the data set's authors read the table: the Mazurowski lab's slice
 extractor (github.com/mazurowski-lab/MRI-parameter-prediction data/dbc/png_extractor.py, also in
-the lab's Duke MRI tutorial) compares Start/End Slice, "index start at 1 here", with the slice
+the lab's Duke MRI tutorial code) compares Start/End Slice, "index start at 1 here", with the slice
 number of the file, positives ``start <= k < end``, negatives more than 5 slices away; and
 github.com/LangDaniel/MAEMI utils/bboxes/bboxes_ROI.py converts the boxes taking the slice index
 along InstanceNumber and reversing it where InstanceNumber runs against the slice position.

@@ -263,3 +263,20 @@ def test_resize_keeps_the_aspect_ratio():
     assert np.ptp(rows) == np.ptp(cols)                          # round, not stretched 2:1
     assert (img[:, :8] == 0).all() and (img[:, 24:] == 0).all() and img[:, 8:24].min() > 0.4
     assert img[mask].min() > 0.75 and img[mask].mean() > 0.9     # aligned with the disc
+
+
+def test_voi_lut_table_from_the_file():
+    """A VOI LUT Sequence (a table, not a window) maps through pydicom onto [0, 1] by the
+    table's own output range."""
+    from pydicom.dataset import Dataset
+
+    from avpt.data.dicom import display_unit
+
+    ds = Dataset()
+    ds.PhotometricInterpretation, ds.BitsStored, ds.PixelRepresentation = "MONOCHROME2", 16, 0
+    table = np.linspace(100, 4000, 4096).astype(int)
+    item = Dataset()
+    item.LUTDescriptor, item.LUTData = [4096, 0, 12], table.tolist()
+    ds.VOILUTSequence = [item]
+    out = display_unit(np.array([[0.0, 1000.0], [2000.0, 5000.0]]), ds)
+    assert np.allclose(out.ravel(), (table[[0, 1000, 2000, 4095]] - 100) / 3900, atol=1e-6)

@@ -71,9 +71,13 @@ def display_unit(arr: np.ndarray, ds, use_window: bool = True) -> np.ndarray:
     if use_window and has_window(ds):
         from pydicom.pixels import apply_voi_lut
 
-        out = np.asarray(apply_voi_lut(arr, ds, prefer_lut=True), dtype=np.float64)
-        ends = np.asarray(apply_voi_lut(np.array([-2.0 ** 40, 2.0 ** 40]), ds, prefer_lut=True),
-                          dtype=np.float64)
+        if ds.get("VOILUTSequence"):  # a table, indexed by integer values over its domain
+            n_entries, first = (int(v) for v in ds.VOILUTSequence[0].LUTDescriptor[:2])
+            inp, ends = np.rint(arr).astype(np.int64), np.arange(first, first + (n_entries or 65536))
+        else:                         # a window function: any value, the extremes saturate
+            inp, ends = arr, np.array([-2.0 ** 40, 2.0 ** 40])
+        out = np.asarray(apply_voi_lut(inp, ds, prefer_lut=True), dtype=np.float64)
+        ends = np.asarray(apply_voi_lut(ends, ds, prefer_lut=True), dtype=np.float64)
         lo, hi = float(ends.min()), float(ends.max())
         invert = _monochrome1(ds)
     else:  # MONOCHROME1 flipped first, so that the unclipped top is the densest structure

@@ -12,23 +12,24 @@ and named in one warning (``unresolved="skip"``, the default) or stops the load 
 (``unresolved="error"``). The chosen series per patient and the skipped patients are in
 ``records.provenance`` (the run writes them to ``metrics.json`` under ``data``).
 
-Annotation indexing (``index_base=1``): rows, columns and slices are 1-based and inclusive, a
-row is an image row (y), a column an image column (x), and slice k is the k-th slice in
-InstanceNumber order (TCIA's ``1-NNN.dcm`` numbering, whose zero padding varies, so file names
-are not used). This is how the data set's authors read the table: the Mazurowski lab's slice
-extractor (github.com/mazurowski-lab/MRI-parameter-prediction data/dbc/png_extractor.py, also in
-the lab's Duke MRI tutorial code) compares Start/End Slice, "index start at 1 here", with the slice
-number of the file, positives ``start <= k < end``, negatives more than 5 slices away; and
-github.com/LangDaniel/MAEMI utils/bboxes/bboxes_ROI.py converts the boxes taking the slice index
-along InstanceNumber and reversing it where InstanceNumber runs against the slice position.
-``slice_order="position"`` orders by position along the slice normal instead.
+Annotation indexing (``index_base=1``): rows, columns and slices are 1-based, rows and columns
+inclusive; a row is an image row (y), a column an image column (x), and slice k is the k-th
+slice in InstanceNumber order (TCIA's ``1-NNN.dcm`` numbering, whose zero padding varies, so
+file names are not used). This is how the data set's authors read the table: the Mazurowski
+lab's slice extractor (github.com/mazurowski-lab/MRI-parameter-prediction
+data/dbc/png_extractor.py; the same step is in the lab's Duke MRI tutorial code) compares
+Start/End Slice, "index start at 1 here", with the slice number of the file, positives
+``start <= k < end``, negatives more than 5 slices away; github.com/LangDaniel/MAEMI
+utils/bboxes/bboxes_ROI.py converts the boxes taking the slice index along InstanceNumber and
+reversing it where InstanceNumber runs against the slice position. ``slice_order="position"``
+orders by position along the slice normal instead.
 
 2-D samples per patient: ``slices_per_lesion`` positives spread across the box (the centres of
 equal sub-ranges of Start Slice .. End Slice - 1, see ``positive_slices``; label 1, the box as
-mask, rows and columns inclusive) and ``negatives_per_patient``
-negatives (label 0, empty mask) drawn, seeded by (seed, patient), from the slices at least
-``negative_gap`` slices from the box (5, the tutorial's rule) and outside the first and last
-``edge_margin`` of the volume (where the field of view leaves the breast).
+mask) and ``negatives_per_patient`` negatives (label 0, empty mask) drawn, seeded by (seed,
+patient), from the slices at least ``negative_gap`` slices from the box (5, the lab's rule) and
+outside the first and last ``edge_margin`` of the volume (where the field of view leaves the
+breast).
 Intensity: per volume, [1st percentile, maximum] of the volume -> [0, 1] (estimated on up to
 ``VOLUME_SAMPLE`` evenly spaced slices plus every slice served, so no served slice is clipped at
 the top, where an enhancing tumour is).
@@ -54,7 +55,7 @@ log = logging.getLogger(__name__)
 
 BOX_COLUMNS = ("Patient ID", "Start Row", "End Row", "Start Column", "End Column", "Start Slice",
                "End Slice")
-NEGATIVE_GAP = 5        # slices between a negative and the box (the Duke tutorial's rule)
+NEGATIVE_GAP = 5        # slices between a negative and the box (the Duke lab's extractor's rule)
 EDGE_MARGIN = 0.15      # fraction of the volume at each end never used for negatives
 VOLUME_SAMPLE = 16      # slices read to estimate a volume's intensity range
 

@@ -74,7 +74,7 @@ def mammogram(lat, seed=0):
 def mass_polygon(col):
     c0, c1 = sorted((col(MASS_DIST[0]), col(MASS_DIST[1] - 1)))
     r0, r1 = MASS_ROWS[0], MASS_ROWS[1] - 1
-    return [f"({x:.1f}, {y:.1f})" for x, y in ((c0, r0), (c1, r0), (c1, r1), (c0, r1))]
+    return [f"({x:.6f}, {y:.6f})" for x, y in ((c0, r0), (c1, r0), (c1, r1), (c0, r1))]
 
 
 def write_inbreast(root):
@@ -94,11 +94,15 @@ def write_inbreast(root):
                     img, **tags)
         if rois:
             os.makedirs(os.path.join(root, "AllXML"), exist_ok=True)
-            items = [{"Name": rois[0], "NumberOfPoints": 4, "Point_px": mass_polygon(col)}]
+            # as OsiriX writes them: Point_px "(x, y)" with 6 decimals, Point_mm, Area, Center...
+            items = [{"Name": rois[0], "NumberOfPoints": 4, "Point_px": mass_polygon(col),
+                      "Point_mm": ["(1.0, 2.0, 0.0)"] * 4, "Area": 0.6, "Center": "(1.0, 2.0, 0.0)",
+                      "IndexInImage": 0, "Type": 15}]
             if len(rois) > 1:
-                items.append({"Name": rois[1], "NumberOfPoints": 1,
-                              "Point_px": [f"({col(CALC_DIST[0] + 1):.1f}, {CALC_ROWS[0] + 1:.1f})"]})
-            plist = {"Images": [{"ImageIndex": 0, "NumberOfROIs": len(items), "ROIs": items}]}
+                items.append({"Name": rois[1], "NumberOfPoints": 1, "Type": 19,
+                              "Point_px": [f"({col(CALC_DIST[0] + 1):.6f}, {CALC_ROWS[0] + 1:.6f})"]})
+            plist = {"Images": [{"ImageIndex": 0, "ImageHeight": ROWS, "ImageWidth": COLS,
+                                 "NumberOfROIs": len(items), "ROIs": items}]}
             with open(os.path.join(root, "AllXML", f"{name}.xml"), "wb") as f:
                 plistlib.dump(plist, f)
 

@@ -68,13 +68,14 @@ def build_data(cfg: Dict, image_size: int, out: str, main: bool = True):
     common = dict(seed=cfg["seed"], clahe=cfg["clahe"], rotation=cfg["rotation"], flip=cfg["flip"],
                   skip_bad=cfg["skip_bad"])
     transfer = cfg["test_dataset"] is not None or cfg["test_modality"] is not None
-    info: Dict[str, Any] = {}
+    info: Dict[str, Any] = dict(getattr(recs, "provenance", None) or {})  # e.g. Duke's series
     if transfer:
         train = BreastDataset(recs, image_size, train=True, **common)
         test_recs = load_records(cfg["test_dataset"] or cfg["dataset"],
                                  cfg["test_data_root"] or cfg["data_root"], cfg["test_modality"],
                                  cfg["seed"], image_size, cfg["data"])
         test = BreastDataset(test_recs, image_size, train=False, stats=train.stats, **common)
+        info.update({f"test_{k}": v for k, v in (getattr(test_recs, "provenance", None) or {}).items()})
         info.update(split="transfer", skipped=len(train.skipped) + len(test.skipped),
                     train_modalities=sorted(set(train.modalities)),
                     test_modalities=sorted(set(test.modalities)))
@@ -82,7 +83,7 @@ def build_data(cfg: Dict, image_size: int, out: str, main: bool = True):
     full = BreastDataset(recs, image_size, train=False, **common)
     if cfg["fold"] is None:
         return Subset(full, range(len(full)), True), Subset(full, range(len(full)), False), \
-            dict(split="none (test = train)", skipped=len(full.skipped))
+            dict(info, split="none (test = train)", skipped=len(full.skipped))
     folds_file = cfg["folds_file"] or os.path.join(out, "folds.json")
     if main:
         folds = load_or_make_folds(folds_file, full.records, cfg["folds"], cfg["seed"])

@@ -49,11 +49,17 @@ DATA_OPTIONS: Dict[str, Dict[str, tuple]] = {
                         "'benign', 'exclude' or 'class' (three classes: normal, benign, malignant)")},
     "inbreast": {"birads_threshold": (lambda v: str(v).strip().lower().replace(" ", "") in
                                       ("1", "2", "3", "4", "4a", "4b", "4c", "5", "6"),
-                                      "a BI-RADS category: 1, 2, 3, 4a, 4b, 4c, 5 or 6")},
+                                      "a BI-RADS category: 1, 2, 3, 4a, 4b, 4c, 5 or 6"),
+                 "window": (lambda v: isinstance(v, bool),
+                            "true (the DICOM display window) or false (full range)")},
     "duke": {"phase": _PHASE, "negatives_per_patient": _NONNEG_INT,
              "slices_per_lesion": _POS_INT,
              "annotations": (lambda v: v is None or isinstance(v, str), "a file path"),
-             "index_base": (lambda v: v in (0, 1), "0 or 1")},
+             "index_base": (lambda v: v in (0, 1), "0 or 1"),
+             "unresolved": (lambda v: v in ("skip", "error"), "'skip' or 'error'"),
+             "slice_order": (lambda v: v in ("instance", "position"), "'instance' or 'position'"),
+             "negative_gap": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+             "edge_margin": (lambda v: _is_num(v) and 0 <= v < 0.5, "a number in [0, 0.5)")},
 }
 
 

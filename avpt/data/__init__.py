@@ -39,8 +39,9 @@ def load_records(dataset: str, root: Optional[str] = None, modalities: Optional[
                  seed: int = 0, image_size: int = 224, options: Optional[Dict] = None) -> List[Record]:
     """Records of ``dataset``. ``modalities`` selects phantom modalities (real data sets have one).
     ``options``: per-loader settings (phantom: num_patients, views, phase, lesion_scale; busi: normal;
-    inbreast: birads_threshold; duke: phase, negatives_per_patient, slices_per_lesion,
-    annotations, index_base)."""
+    inbreast: birads_threshold, window; duke: phase, negatives_per_patient, slices_per_lesion,
+    annotations, index_base, unresolved, slice_order, negative_gap, edge_margin). Duke's records
+    carry ``provenance`` (the series chosen per patient, the patients skipped)."""
     options = dict(options or {})
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
@@ -63,13 +64,19 @@ def load_records(dataset: str, root: Optional[str] = None, modalities: Optional[
         return load_busi(root, normal=options.get("normal", "benign"))
     if dataset == "inbreast":
         from .inbreast import load_inbreast
-        return load_inbreast(root, birads_threshold=str(options.get("birads_threshold", "4a")))
+        return load_inbreast(root, birads_threshold=str(options.get("birads_threshold", "4a")),
+                             window=bool(options.get("window", True)))
     from .duke import load_duke
+    from .duke import EDGE_MARGIN, NEGATIVE_GAP
     return load_duke(root, phase=options.get("phase", "post"),
                      negatives_per_patient=int(options.get("negatives_per_patient", 1)),
                      slices_per_lesion=int(options.get("slices_per_lesion", 3)),
                      annotations=options.get("annotations"),
-                     index_base=int(options.get("index_base", 1)))
+                     index_base=int(options.get("index_base", 1)), seed=seed,
+                     unresolved=options.get("unresolved", "skip"),
+                     slice_order=options.get("slice_order", "instance"),
+                     negative_gap=int(options.get("negative_gap", NEGATIVE_GAP)),
+                     edge_margin=float(options.get("edge_margin", EDGE_MARGIN)))
 
 
 __all__ = ["BreastDataset", "ModalityBatchSampler", "Subset", "DataError", "Record", "RawSample",

@@ -2,18 +2,24 @@
 
 Layout: ``ROOT/AllDICOMs/*.dcm`` named ``<FileName>_<PatientHash>_MG_<Lat>_<View>_ANON.dcm``,
 ``ROOT/AllXML/<FileName>.xml`` (OsiriX plist: ``Images[0].ROIs[*].Point_px``, a list of
-``"(x, y)"`` strings; every ROI with 3 or more points is a lesion polygon, the masks of an image
-are merged; point ROIs such as single calcifications are not areas and are left out), and the
-``;``-separated table ``ROOT/*.csv`` with the columns ``File Name`` and ``Bi-Rads``.
+``"(x, y)"`` strings, x = column, y = row, 0-based pixels; every ROI with 3 or more points is a
+lesion polygon whatever its name (the release's AllXML holds lesion annotations only: Mass,
+Calcification, Cluster, Asymmetry, Distortion, Spiculated Region, with the release's spellings
+``Assymetry``, ``Espiculated Region``, ``Calcifications``; ``roi_type`` names them), the masks of
+an image are merged; point ROIs (1-2 points: single calcifications) are not areas and are left
+out), and the ``;``-separated table ``ROOT/*.csv`` with the columns ``File Name`` and ``Bi-Rads``.
 BI-RADS -> label: malignant when BI-RADS >= ``birads_threshold`` (default ``4a``; order
 1 < 2 < 3 < 4a < 4b < 4c < 5 < 6, a bare ``4`` counts as ``4a``). Patients are grouped by the
 hash in the file name (the table's Patient ID column is anonymised away in the release).
 An image without an XML file has no annotated lesion (empty mask).
+Pixels: ``mammo.preprocess`` (the file's display window, ``window=False``: full range with no
+clip at the top; chest wall on the left by laterality; cropped to the breast; padded square).
 """
 from __future__ import annotations
 
 import csv
 import glob
+import logging
 import os
 import plistlib
 import re
@@ -21,10 +27,23 @@ from typing import Dict, List
 
 import numpy as np
 
-from .dicom import read_pixels
-from .records import DataError, RawSample, Record, to_unit
+from .dicom import read_image
+from .mammo import preprocess
+from .records import DataError, RawSample, Record
+
+log = logging.getLogger(__name__)
+_UNKNOWN_NAMES: set = set()   # names already warned about (once per process)
 
 BIRADS_ORDER = ("1", "2", "3", "4a", "4b", "4c", "5", "6")
+ROI_TYPES = {"mass": "mass", "calcification": "calcification", "calcifications": "calcification",
+             "cluster": "cluster", "asymmetry": "asymmetry", "assymetry": "asymmetry",
+             "distortion": "distortion", "spiculated region": "spiculated region",
+             "espiculated region": "spiculated region"}
+
+
+def roi_type(name) -> str:
+    """The lesion type of an INbreast ROI name (release spellings included); 'other' if unknown."""
+    return ROI_TYPES.get(re.sub(r"\s+", " ", str(name or "")).strip().lower(), "other")
 
 
 def birads_rank(value: str, where: str = "") -> int:
@@ -66,6 +85,11 @@ def read_rois(path: str, shape) -> np.ndarray:
     mask = np.zeros(shape, dtype=bool)
     for image in images:
         for roi in image.get("ROIs", []):
+            name = roi.get("Name", "")
+            if roi_type(name) == "other" and name not in _UNKNOWN_NAMES:
+                _UNKNOWN_NAMES.add(name)
+                log.warning("%s: ROI name %r is not one of INbreast's lesion types; its polygon "
+                            "still counts as a lesion", path, name)
             pts = []
             for p in roi.get("Point_px", []):
                 m = re.match(r"\s*\(\s*([-\d.eE+]+)\s*,\s*([-\d.eE+]+)\s*\)", str(p))
@@ -80,7 +104,7 @@ def read_rois(path: str, shape) -> np.ndarray:
     return mask
 
 
-def load_inbreast(root: str, birads_threshold: str = "4a") -> List[Record]:
+def load_inbreast(root: str, birads_threshold: str = "4a", window: bool = True) -> List[Record]:
     threshold = birads_rank(birads_threshold, "birads_threshold")
     dicom_dir, xml_dir = os.path.join(root, "AllDICOMs"), os.path.join(root, "AllXML")
     if not os.path.isdir(dicom_dir):
@@ -101,9 +125,10 @@ def load_inbreast(root: str, birads_threshold: str = "4a") -> List[Record]:
         xml = os.path.join(xml_dir, f"{file_name}.xml")
 
         def load(path=path, xml=xml) -> RawSample:
-            pixels = read_pixels(path)
+            pixels, ds = read_image(path)
             mask = read_rois(xml, pixels.shape) if os.path.isfile(xml) else np.zeros(pixels.shape, bool)
-            return RawSample(image=to_unit(pixels), mask=mask)
+            image, mask = preprocess(pixels, ds, mask, path, use_window=window)
+            return RawSample(image=image, mask=mask)
 
         view = "_".join(parts[3:5]) if len(parts) >= 5 else ""
         records.append(Record(sample_id=f"inbreast-{file_name}", patient_id=f"inbreast-{patient}",

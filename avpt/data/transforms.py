@@ -1,7 +1,7 @@
 """Preprocessing and augmentation (the paper's training protocol).
 
 Deterministic preprocessing, once per sample: resize to the backbone's image size (224 for
-ViT-B/16), CLAHE (``skimage.exposure.equalize_adapthist``) on the image only, tissue priors when
+ViT-B/16) keeping the aspect ratio (zero padding), CLAHE (``skimage.exposure.equalize_adapthist``) on the image only, tissue priors when
 the source has no tissue maps. Per-modality normalisation: (x - mean_m) / std_m with statistics of
 the training images of modality m. Augmentation in training: random rotation in [-10, 10] degrees
 and horizontal flip, the SAME geometric transform applied to the image, the tissue maps and the
@@ -21,16 +21,24 @@ MAX_ROTATION_DEG = 10.0
 
 
 def resize(arr: np.ndarray, size: int, order: int = 1) -> np.ndarray:
-    """[H, W] or [C, H, W] -> [.., size, size] (anti-aliased bilinear; order 0 for masks)."""
+    """[H, W] or [C, H, W] -> [.., size, size], keeping the aspect ratio: the longer side is
+    scaled to ``size`` (anti-aliased bilinear; order 0 for masks) and the shorter one is padded
+    with zeros evenly on both sides (the background of every modality is dark). An image, its
+    maps and its mask of the same shape get the same geometry. Loaders that know better where
+    to pad (mammograms: away from the chest wall) hand over square images."""
     from skimage.transform import resize as sk_resize
 
     if arr.ndim == 3:
         return np.stack([resize(a, size, order) for a in arr])
     if arr.shape == (size, size):
         return arr.astype(np.float32)
-    out = sk_resize(arr.astype(np.float32), (size, size), order=order,
-                    anti_aliasing=order > 0, preserve_range=True)
-    return out.astype(np.float32)
+    h, w = arr.shape
+    scale = size / max(h, w)
+    nh, nw = max(1, min(size, round(h * scale))), max(1, min(size, round(w * scale)))
+    out = sk_resize(arr.astype(np.float32), (nh, nw), order=order,
+                    anti_aliasing=order > 0 and scale < 1, preserve_range=True)
+    top, left = (size - nh) // 2, (size - nw) // 2
+    return np.pad(out, ((top, size - nh - top), (left, size - nw - left))).astype(np.float32)
 
 
 def clahe(image: np.ndarray, clip_limit: float = 0.01) -> np.ndarray:

@@ -10,8 +10,9 @@
   avpt params     trainable-parameter table of the methods
   avpt compare    op-level backend comparison (python -m avpt_kernels.compare)
 
-Every run writes OUT/metrics.json (a ``test`` object with auc, f1, dice, iou, hd95 and the
-resolved config) and, unless --set report=false, figures and OUT/report.html.
+Every run writes OUT/metrics.json (a ``test`` object with auc, f1, dice, iou, hd95 with
+hd95_unit and the conventions, ``test_by`` per patient/breast with --set metrics.groups=..., and
+the resolved config) and, unless --set report=false, figures and OUT/report.html.
 
 Every setting, file and folder is checked before any data is loaded or anything trained
 (``avpt.validate``); a mistake is one line ``avpt CMD: error: ...`` on stderr and exit code 2
@@ -106,6 +107,12 @@ def _summary(res: Dict) -> str:
     t = res.get("test", {})
     vals = " ".join(f"{k}={t[k]:.4f}" if isinstance(t.get(k), float) else f"{k}=n/a"
                     for k in ("auc", "f1", "dice", "iou", "hd95"))
+    if t.get("hd95_unit"):  # HD95's unit and where the segmentation figures were measured
+        vals += f" (hd95 in {t['hd95_unit']}, {t.get('resolution', 'native')} resolution)"
+    for group, g in (res.get("test_by") or {}).items():
+        vals += f"; per {group} (n={g.get('n')}): " + " ".join(
+            f"{k}={g[k]:.4f}" if isinstance(g.get(k), float) else f"{k}=n/a"
+            for k in ("auc", "f1", "dice", "hd95"))
     return vals
 
 

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .dicom import read_header, read_pixels
+from .dicom import read_header, read_pixels, read_spacing
 from .records import DataError, RawSample, Record, to_unit
 
 BOX_COLUMNS = ("Patient ID", "Start Row", "End Row", "Start Column", "End Column", "Start Slice",
@@ -131,7 +131,7 @@ def load_duke(root: str, phase: str = "post", negatives_per_patient: int = 1,
                         raise DataError(f"{path}: box rows {r0}..{r1}, columns {c0}..{c1} outside "
                                         f"the {pixels.shape} slice")
                     mask[r0:r1 + 1, c0:c1 + 1] = True
-                return RawSample(image=to_unit(pixels), mask=mask)
+                return RawSample(image=to_unit(pixels), mask=mask, spacing=read_spacing(path))
 
             records.append(Record(sample_id=f"duke-{pid}-s{k + index_base}", patient_id=f"duke-{pid}",
                                   label=int(positive), modality="MRI", loader=load, source=slices[k],

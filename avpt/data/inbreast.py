@@ -21,7 +21,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from .dicom import read_pixels
+from .dicom import read_pixels, read_spacing
 from .records import DataError, RawSample, Record, to_unit
 
 BIRADS_ORDER = ("1", "2", "3", "4a", "4b", "4c", "5", "6")
@@ -103,11 +103,12 @@ def load_inbreast(root: str, birads_threshold: str = "4a") -> List[Record]:
         def load(path=path, xml=xml) -> RawSample:
             pixels = read_pixels(path)
             mask = read_rois(xml, pixels.shape) if os.path.isfile(xml) else np.zeros(pixels.shape, bool)
-            return RawSample(image=to_unit(pixels), mask=mask)
+            return RawSample(image=to_unit(pixels), mask=mask, spacing=read_spacing(path))
 
         view = "_".join(parts[3:5]) if len(parts) >= 5 else ""
         records.append(Record(sample_id=f"inbreast-{file_name}", patient_id=f"inbreast-{patient}",
                               label=label, modality="MG", loader=load, source=path,
+                              laterality=parts[3] if len(parts) >= 5 else "",
                               report=f"MG {file_name} {view}: BI-RADS {birads[file_name]}."))
     if not records:
         raise DataError(f"{dicom_dir}: no .dcm file")

@@ -286,6 +286,9 @@ def undefined_metrics(pred: Dict[str, np.ndarray], metrics: Dict) -> Dict[str, s
         for k in ("dice", "iou", "hd95"):
             if _undefined(metrics.get(k)):
                 reasons[k] = "no test image has a lesion mask"
+    elif metrics.get("empty_prediction_images") == metrics.get("seg_images"):
+        reasons["hd95"] = ("every lesion image has an empty predicted mask and "
+                           "metrics.empty_prediction=skip leaves those out")
     undefined = {k: why for k, why in reasons.items() if _undefined(metrics.get(k))}
     for k, why in undefined.items():
         log.warning("test %s is undefined: %s", k, why)

@@ -41,15 +41,17 @@ def accuracy(labels, preds) -> float:
 
 
 def dice(pred: np.ndarray, gt: np.ndarray) -> float:
-    pred, gt = pred.astype(bool), gt.astype(bool)
-    denom = pred.sum() + gt.sum()
-    return 1.0 if denom == 0 else float(2.0 * (pred & gt).sum() / denom)
+    """2 |P & G| / (|P| + |G|); 1 for two empty masks (scores leave those out)."""
+    pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
+    denom = np.count_nonzero(pred) + np.count_nonzero(gt)
+    return 1.0 if denom == 0 else float(2.0 * np.count_nonzero(pred & gt) / denom)
 
 
 def iou(pred: np.ndarray, gt: np.ndarray) -> float:
-    pred, gt = pred.astype(bool), gt.astype(bool)
-    union = (pred | gt).sum()
-    return 1.0 if union == 0 else float((pred & gt).sum() / union)
+    """|P & G| / |P | G|; 1 for two empty masks (scores leave those out)."""
+    pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
+    union = np.count_nonzero(pred | gt)
+    return 1.0 if union == 0 else float(np.count_nonzero(pred & gt) / union)
 
 
 # HD95 conventions: both take the boundary pixels of each mask (a mask pixel with a 4-neighbour

@@ -169,6 +169,10 @@ def test_empty_mask_rules_and_counts():
     none = M.segmentation_metrics([a, z], [z, z])
     assert none["seg_images"] == 0 and math.isnan(none["dice"]) and math.isnan(none["hd95"])
     assert M.segmentation_metrics([b], [a])["hd95_unit"] == "px"
+    # one image without a spacing: every HD95 in pixels, never mm and px averaged together
+    mixed = M.image_segmentation_scores([(b, a), (b, a)], [(0.5, 0.5), None])
+    assert mixed["unit"] == "px" and mixed["spacing_missing"] == 1
+    assert mixed["hd95"][0] == mixed["hd95"][1] == M.hd95(b, a)
 
 
 def test_metric_settings_are_checked():

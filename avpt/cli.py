@@ -267,7 +267,7 @@ def _cv(base: Dict, seeds: List[int]) -> Dict:
     from .run_io import write_json
     from .train import run
 
-    runs, rows = [], []
+    runs, rows, by_group = [], [], {}
     folds_file = base["folds_file"] or os.path.join(base["out"], "folds.json")
     for seed in seeds:
         for fold in range(base["folds"]):
@@ -276,16 +276,23 @@ def _cv(base: Dict, seeds: List[int]) -> Dict:
                        out=os.path.join(base["out"], f"seed{seed}_fold{fold}"))
             res = run(cfg)
             runs.append(res["test"])
+            for group, metrics in (res.get("test_by") or {}).items():
+                by_group.setdefault(group, []).append(metrics)
             rows.append({"seed": seed, "fold": fold, **res["test"]})
             print(f"seed {seed} fold {fold}: {_summary(res)}", flush=True)
     agg = aggregate(runs)
+    summary_by = {group: aggregate(r) for group, r in by_group.items()}
     write_json(os.path.join(base["out"], "cv_metrics.json"),
-                {"summary": agg, "runs": rows, "config": base, "folds_file": folds_file})
+                {"summary": agg, "runs": rows, "config": base, "folds_file": folds_file,
+                 **({"summary_by": summary_by} if summary_by else {})})
     return agg
 
 
 def _mean_std(agg: Dict, k: str) -> str:
-    return f"{agg[k]['mean']:.4f} +- {agg[k]['std']:.4f}" if k in agg else "n/a"
+    if k not in agg:
+        return "n/a"
+    unit = f" {agg[k]['unit']}" if agg[k].get("unit") else ""
+    return f"{agg[k]['mean']:.4f} +- {agg[k]['std']:.4f}{unit}"
 
 
 def cmd_cv(args) -> int:

@@ -298,7 +298,8 @@ def group_metrics(groups: Sequence[str], labels, probs, per_image: Optional[Dict
 
 def aggregate(runs: List[Dict[str, float]]) -> Dict[str, Dict[str, float]]:
     """Mean and (sample) standard deviation of each numeric metric over runs (folds, seeds);
-    NaN runs are left out of that metric, and ``n`` says how many counted."""
+    NaN runs are left out of that metric, and ``n`` says how many counted. A metric with a unit
+    in the runs (``hd95_unit``) keeps it (``unit``; "mixed" if the runs disagree)."""
     out: Dict[str, Dict[str, float]] = {}
     keys = sorted({k for r in runs for k, v in r.items() if isinstance(v, (int, float))})
     for k in keys:
@@ -307,4 +308,7 @@ def aggregate(runs: List[Dict[str, float]]) -> Dict[str, Dict[str, float]]:
         out[k] = {"mean": float(vals.mean()) if len(vals) else float("nan"),
                   "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0 if len(vals) else float("nan"),
                   "n": int(len(vals))}
+        units = {r[f"{k}_unit"] for r in runs if r.get(f"{k}_unit")}
+        if units:
+            out[k]["unit"] = units.pop() if len(units) == 1 else "mixed"
     return out

@@ -292,9 +292,10 @@ def _metric_cell(t: Dict, k: str) -> str:
     return cell
 
 
-def segmentation_note(tests: List[Dict]) -> str:
+def segmentation_note(tests: List[Dict], grouped: bool = False) -> str:
     """What the segmentation figures of these test dicts are: resolution, HD95 unit and
-    convention, the empty-mask rules and how many images each touched."""
+    convention, the empty-mask rules and how many images each touched; with ``grouped``, how
+    the per-patient/per-breast rows are made."""
     from .metrics import EMPTY_PREDICTION_RULES, HD95_CONVENTIONS
 
     seg = [t for t in tests if t.get("hd95_convention")]
@@ -308,13 +309,14 @@ def segmentation_note(tests: List[Dict]) -> str:
                        f"({s.get('empty_truth_false_positives', 0)} with a predicted mask), "
                        f"{s.get('empty_prediction_images', 0)} lesion images with an empty "
                        f"prediction" for s in seg)
+    groups = (" Per-patient/per-breast rows: a group's probability is the mean of its views', "
+              "its label the largest; Dice, IoU, HD95 the mean over its lesion images, then over "
+              "groups with a lesion." if grouped else "")
     return (f"Dice, IoU and HD95 {where}, over test images with a lesion. HD95 in "
             f"{' / '.join(units)} (mm where the DICOM pixel spacing is known, else pixels), "
             f"convention {t['hd95_convention']}: {HD95_CONVENTIONS[t['hd95_convention']]}. A lesion "
             f"image with an empty prediction has Dice = IoU = 0 and for HD95 "
-            f"{EMPTY_PREDICTION_RULES[t['hd95_empty_prediction']]}. Per run: {counts}. Per "
-            f"patient/breast rows: probabilities averaged over the views, HD95/Dice averaged "
-            f"over a group's lesion images.")
+            f"{EMPTY_PREDICTION_RULES[t['hd95_empty_prediction']]}. Per run: {counts}.{groups}")
 
 
 def write_html(path: str, title: str, runs: List[Tuple[str, Dict]], figures: Dict[str, str],
@@ -338,7 +340,9 @@ def write_html(path: str, title: str, runs: List[Tuple[str, Dict]], figures: Dic
                          + "".join(f"<td>{_metric_cell(t, k)}</td>" for k in keys)
                          + f"<td>{_fmt(res.get('data', {}).get('split'))}</td>"
                          f"<td>{_fmt(res.get('device'))}</td><td>{_fmt(res.get('time_s'))}</td></tr>")
-    parts.append(f"</table><p>{html.escape(segmentation_note([r.get('test', {}) for _, r in runs]))}</p>")
+    note = segmentation_note([r.get("test", {}) for _, r in runs],
+                             any(r.get("test_by") for _, r in runs))
+    parts.append(f"</table><p>{html.escape(note)}</p>")
     for name, res in runs:
         if "params" in res:
             p = res["params"]

@@ -273,6 +273,11 @@ def test_aggregate_mean_std():
     assert agg["auc"]["mean"] == pytest.approx(0.9)
     assert agg["auc"]["std"] == pytest.approx(0.1)
     assert agg["dice"]["n"] == 2 and agg["dice"]["mean"] == pytest.approx(0.6)
+    assert "unit" not in agg["auc"]
+    units = M.aggregate([{"hd95": 1.0, "hd95_unit": "mm"}, {"hd95": 3.0, "hd95_unit": "mm"}])
+    assert units["hd95"] == {"mean": 2.0, "std": pytest.approx(math.sqrt(2)), "n": 2, "unit": "mm"}
+    assert M.aggregate([{"hd95": 1.0, "hd95_unit": "mm"},
+                        {"hd95": 3.0, "hd95_unit": "px"}])["hd95"]["unit"] == "mixed"
 
 
 def test_three_class_metrics_are_one_vs_rest_macro():

@@ -203,7 +203,8 @@ def segmentation_per_image(pred: Dict, settings: Optional[Dict] = None) -> Optio
         pairs = ((to_native(lg, m.shape), m.full()) for lg, m in zip(logits, native))
         spacings, resolution = [m.spacing for m in native], "native"
     else:
-        pairs, spacings, resolution = zip(pred["preds"], pred["gts"]), [None] * len(pred["gts"]), "input"
+        pairs, resolution = zip(pred["preds"], pred["gts"]), "input"
+        spacings = [None] * len(pred["gts"])
     per = M.image_segmentation_scores(pairs, spacings, *rule)
     per["resolution"] = resolution
     if resolution == "native" and per["unit"] == "px" and per["spacing_missing"] < len(spacings):
@@ -253,6 +254,13 @@ def score_groups(pred: Dict, settings: Optional[Dict] = None) -> Dict[str, Dict]
                             "is its own breast", unknown, len(keys))
         out[group] = M.group_metrics(keys, pred["labels"], probs, per)
     return out
+
+
+def grouped_record(pred: Dict, settings: Optional[Dict] = None) -> Dict:
+    """metrics.json's ``test_by`` entry: {"test_by": {patient|breast: metrics}} when
+    ``metrics.groups`` asks for groups, else {}."""
+    groups = score_groups(pred, settings)
+    return {"test_by": groups} if groups else {}
 
 
 def _has_lesion(pred: Dict) -> bool:

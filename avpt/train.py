@@ -43,7 +43,7 @@ from .compiled_step import WholeStep, adam_update, init_adam_state  # noqa: F401
 from .config import (BACKBONE_ALIASES, COMPILE_MODES, DEFAULTS, check_compile_mode,  # noqa: F401
                      load_config, parse_value, read_yaml, set_key)
 from .engine import (LOG_EVERY, Optimization, TrainStep, evaluate, lr_lambda,  # noqa: F401
-                     make_loader, make_optimizer, model_inputs, score, score_groups,
+                     make_loader, make_optimizer, model_inputs, score, grouped_record,
                      train_one_epoch, undefined_metrics)
 from .run_io import (CHECKPOINT_KEYS, RUN_CONTROL, append_csv, atomic_save,  # noqa: F401
                      backbone_record, check_resume, read_checkpoint, rng_state, set_rng_state,
@@ -419,7 +419,7 @@ def _finish(cfg: Dict, model, train_set, test_set, info: Dict, history: List[Dic
     result = {
         "test": test_metrics,
         "undefined": undefined_metrics(pred, test_metrics),
-        **_group_record(pred, cfg),
+        **grouped_record(pred, cfg.get("metrics")),
         "classes": _classes_record(cfg),
         "config": cfg,
         "backbone": backbone,
@@ -450,12 +450,6 @@ def _check_saved_classes(model_dir: str, saved: Dict, cfg: Dict) -> None:
                           f"dataset {cfg['dataset']!r} with these data settings has "
                           f"{len(classes)} ({', '.join(classes)}); for BUSI's three classes give "
                           f"--set data.normal=class")
-
-
-def _group_record(pred: Dict, cfg: Dict) -> Dict:
-    """metrics.json's ``test_by``: {patient|breast: metrics} when ``metrics.groups`` asks."""
-    groups = score_groups(pred, cfg.get("metrics"))
-    return {"test_by": groups} if groups else {}
 
 
 def _classes_record(cfg: Dict) -> Dict:
@@ -504,7 +498,7 @@ def evaluate_checkpoint(model_dir: str, cfg: Dict) -> Dict:
         cfg["model"] = {k: v for k, v in model.config.to_dict().items()
                         if k not in ("model_name", "pretrained")}
         result = {"test": metrics, "undefined": undefined_metrics(pred, metrics),
-                  **_group_record(pred, cfg),
+                  **grouped_record(pred, cfg.get("metrics")),
                   "classes": _classes_record(cfg), "config": cfg,
                   "model": os.path.abspath(model_dir), "method": saved["method"],
                   "backbone": saved.get("backbone"),

@@ -40,7 +40,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 _MISSING = object()
 EVAL_FROM_RUN = ("dataset", "data_root", "modality", "test_dataset", "test_data_root",
                  "test_modality", "seed", "folds", "fold", "folds_file", "clahe", "data",
-                 "skip_bad")
+                 "skip_bad", "metrics")
 
 
 def _add_run_args(p: argparse.ArgumentParser, out_default: Optional[str] = None) -> None:

@@ -77,10 +77,23 @@ def write_inbreast_native(root, spacing=(0.07, 0.05)):
 
 @pytest.fixture(scope="module")
 def phantom_model(tmp_path_factory):
+    """A 1-epoch tiny A-VPT on the phantom, scored with MedPy's HD95 convention."""
     out = tmp_path_factory.mktemp("native") / "run"
     assert main(["train", *TINY_PHANTOM, "--epochs", "1", "--out", str(out), "--set", "fold=null",
-                 "--set", "report=false", "--set", "tensorboard=false"] + FAST) == 0
+                 "--set", "report=false", "--set", "tensorboard=false",
+                 "--set", "metrics.hd95=medpy"] + FAST) == 0
     return out
+
+
+def test_eval_keeps_the_runs_metric_settings(phantom_model, tmp_path):
+    """On the run's own data the run's metrics. settings hold (the figures equal the run's);
+    the phantom has no spacing: pixels, at its original size (the model's input size)."""
+    assert main(["eval", "--checkpoint", str(phantom_model), "--out", str(tmp_path / "ev")]
+                + FAST) == 0
+    ev = json.load(open(tmp_path / "ev" / "metrics.json"))["test"]
+    assert ev == json.load(open(phantom_model / "metrics.json"))["test"]
+    assert ev["hd95_convention"] == "medpy" and ev["hd95_unit"] == "px"
+    assert ev["resolution"] == "native" and ev["seg_images"] + ev["empty_truth_images"] == ev["n"]
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@
   avpt params     trainable-parameter table of the methods
   avpt compare    op-level backend comparison (python -m avpt_kernels.compare)
 
-Every run writes OUT/metrics.json (a ``test`` object with auc, f1, dice, iou, hd95 and the
-resolved config) and, unless --set report=false, figures and OUT/report.html.
+Every run writes OUT/metrics.json (a ``test`` object with auc, f1, dice, iou, hd95 with
+hd95_unit and the conventions, ``test_by`` per patient/breast with --set metrics.groups=..., and
+the resolved config) and, unless --set report=false, figures and OUT/report.html.
 
 Every setting, file and folder is checked before any data is loaded or anything trained
 (``avpt.validate``); a mistake is one line ``avpt CMD: error: ...`` on stderr and exit code 2
@@ -39,7 +40,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 _MISSING = object()
 EVAL_FROM_RUN = ("dataset", "data_root", "modality", "test_dataset", "test_data_root",
                  "test_modality", "seed", "folds", "fold", "folds_file", "clahe", "data",
-                 "skip_bad")
+                 "skip_bad", "metrics")
 
 
 def _add_run_args(p: argparse.ArgumentParser, out_default: Optional[str] = None) -> None:
@@ -106,6 +107,12 @@ def _summary(res: Dict) -> str:
     t = res.get("test", {})
     vals = " ".join(f"{k}={t[k]:.4f}" if isinstance(t.get(k), float) else f"{k}=n/a"
                     for k in ("auc", "f1", "dice", "iou", "hd95"))
+    if t.get("hd95_unit"):  # HD95's unit and where the segmentation figures were measured
+        vals += f" (hd95 in {t['hd95_unit']}, {t.get('resolution', 'native')} resolution)"
+    for group, g in (res.get("test_by") or {}).items():
+        vals += f"; per {group} (n={g.get('n')}): " + " ".join(
+            f"{k}={g[k]:.4f}" if isinstance(g.get(k), float) else f"{k}=n/a"
+            for k in ("auc", "f1", "dice", "hd95"))
     return vals
 
 
@@ -260,7 +267,7 @@ def _cv(base: Dict, seeds: List[int]) -> Dict:
     from .run_io import write_json
     from .train import run
 
-    runs, rows = [], []
+    runs, rows, by_group = [], [], {}
     folds_file = base["folds_file"] or os.path.join(base["out"], "folds.json")
     for seed in seeds:
         for fold in range(base["folds"]):
@@ -269,16 +276,23 @@ def _cv(base: Dict, seeds: List[int]) -> Dict:
                        out=os.path.join(base["out"], f"seed{seed}_fold{fold}"))
             res = run(cfg)
             runs.append(res["test"])
+            for group, metrics in (res.get("test_by") or {}).items():
+                by_group.setdefault(group, []).append(metrics)
             rows.append({"seed": seed, "fold": fold, **res["test"]})
             print(f"seed {seed} fold {fold}: {_summary(res)}", flush=True)
     agg = aggregate(runs)
+    summary_by = {group: aggregate(r) for group, r in by_group.items()}
     write_json(os.path.join(base["out"], "cv_metrics.json"),
-                {"summary": agg, "runs": rows, "config": base, "folds_file": folds_file})
+                {"summary": agg, "runs": rows, "config": base, "folds_file": folds_file,
+                 **({"summary_by": summary_by} if summary_by else {})})
     return agg
 
 
 def _mean_std(agg: Dict, k: str) -> str:
-    return f"{agg[k]['mean']:.4f} +- {agg[k]['std']:.4f}" if k in agg else "n/a"
+    if k not in agg:
+        return "n/a"
+    unit = f" {agg[k]['unit']}" if agg[k].get("unit") else ""
+    return f"{agg[k]['mean']:.4f} +- {agg[k]['std']:.4f}{unit}"
 
 
 def cmd_cv(args) -> int:

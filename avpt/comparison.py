@@ -21,16 +21,19 @@ KEYS = ("auc", "f1", "dice", "iou", "hd95")
 PAPER_SHARE = 1.87  # the paper's A-VPT trainable share of ViT-B/16, percent
 
 
-def per_image(pred: Dict) -> Dict[str, np.ndarray]:
+def per_image(pred: Dict, settings: Optional[Dict] = None) -> Dict[str, np.ndarray]:
     """Per-image arrays: probs, labels [N]; dice, iou, hd95 [N] (NaN where no lesion or no
-    segmentation head)."""
+    segmentation head) as ``avpt.engine.score`` computes them (original resolution where the
+    data has it; ``settings`` the config's ``metrics.`` section), and ``unit`` of hd95."""
+    from .engine import segmentation_per_image
+
     n = len(pred["labels"])
     seg = {k: np.full(n, np.nan) for k in ("dice", "iou", "hd95")}
-    if pred.get("preds") is not None:
-        for i, (p, g) in enumerate(zip(pred["preds"], pred["gts"])):
-            if np.asarray(g).any():
-                seg["dice"][i], seg["iou"][i], seg["hd95"][i] = M.dice(p, g), M.iou(p, g), M.hd95(p, g)
-    return dict(probs=np.asarray(pred["probs"], float), labels=np.asarray(pred["labels"], int), **seg)
+    per = segmentation_per_image(pred, settings)
+    if per is not None:
+        seg = {k: per[k] for k in seg}
+    return dict(probs=np.asarray(pred["probs"], float), labels=np.asarray(pred["labels"], int),
+                unit=per["unit"] if per is not None else None, **seg)
 
 
 def _statistic(arrays: Dict[str, np.ndarray], key: str):
@@ -80,7 +83,9 @@ def _cell(v) -> str:
 def comparison_html(rows: List[Dict], caption: str = "") -> str:
     """An HTML table: one row per (method, split), AUC/F1/Dice/IoU/HD95 as 'est [lo, hi]', and
     the trainable share of the visual tower next to the paper's 1.87%."""
-    head = "".join(f"<th>{k.upper() if k != 'hd95' else 'HD95 (px)'}</th>" for k in KEYS)
+    units = sorted({r["hd95_unit"] for r in rows if r.get("hd95_unit")}) or ["px"]
+    hd95_head = "HD95 (" + "/".join(units) + ")"  # the unit beside the figures
+    head = "".join(f"<th>{k.upper() if k != 'hd95' else hd95_head}</th>" for k in KEYS)
     parts = [f"<table class='comparison'><caption>{html.escape(caption)}</caption><tr><th>method</th>"
              f"<th>test set</th><th>n</th>{head}<th>trainable % of visual tower</th></tr>"]
     for r in rows:
@@ -91,7 +96,9 @@ def comparison_html(rows: List[Dict], caption: str = "") -> str:
                      + f"<td>{'n/a' if pct is None else f'{pct:.2f}%'}</td></tr>")
     parts.append(f"</table><p>Point estimate on all test images, then the 95% percentile bootstrap "
                  f"interval (test images resampled, 1000 draws). Segmentation metrics are over "
-                 f"test images with a lesion; a method without a segmentation head shows n/a. "
+                 f"test images with a lesion, at each image's original size (HD95 in mm where "
+                 f"the pixel spacing is known, else pixels; MONAI's HD95 convention unless "
+                 f"metrics.hd95 says otherwise; see the README's metrics section); a method without a segmentation head shows n/a. "
                  f"Trainable share: trainable parameters over the visual tower's; the paper's "
                  f"A-VPT trains {PAPER_SHARE}% of ViT-B/16 — the tiny backbone has far fewer "
                  f"parameters, so the same modules are a larger share of it.</p>")

@@ -61,6 +61,8 @@ DEFAULTS: Dict[str, Any] = {
     "out": "runs/avpt",
     "model": {},                 # method config overrides (e.g. schedule, num_prompts, rank, lambda_*)
     "data": {},                  # loader options (phantom: num_patients, views; busi: normal; ...)
+    "metrics": {},               # evaluation: hd95 (monai | medpy), empty_prediction (max | skip),
+                                 # groups ([patient, breast]); avpt.metrics.METRIC_DEFAULTS
 }
 
 
@@ -95,10 +97,11 @@ def set_key(cfg: Dict, dotted: str, value) -> None:
     if keys[0] not in DEFAULTS:
         raise ConfigError(f"unknown config key {keys[0]!r}; known: {', '.join(sorted(DEFAULTS))} "
                           f"(method settings go under model., loader settings under data.)")
-    if len(keys) > 1 and keys[0] not in ("model", "data"):
-        raise ConfigError(f"config key {dotted!r}: {keys[0]} is not a section (sections: model., data.)")
+    if len(keys) > 1 and keys[0] not in ("model", "data", "metrics"):
+        raise ConfigError(f"config key {dotted!r}: {keys[0]} is not a section (sections: model., "
+                          f"data., metrics.)")
     if len(keys) > 2 or any(not k for k in keys):
-        raise ConfigError(f"config key {dotted!r}: expected KEY, model.KEY or data.KEY")
+        raise ConfigError(f"config key {dotted!r}: expected KEY, model.KEY, data.KEY or metrics.KEY")
     node = cfg
     for k in keys[:-1]:
         node = node.setdefault(k, {})

@@ -144,12 +144,15 @@ def train_one_epoch(step_module: nn.Module, opt: Optimization, loader, steps: in
 @torch.no_grad()
 def evaluate(model, dataset, cfg: Dict, device, dtype=None) -> Dict[str, np.ndarray]:
     """Predictions of ``dataset`` in its order: malignant (last-class) probabilities ``probs``
-    [N], with C > 2 classes also ``class_probs`` [N, C]; predicted masks ``preds`` [N, H, W]
-    bool (None without a segmentation head), truths ``gts`` [N, H, W] and ``labels`` [N],
-    ``modalities`` [N] names."""
+    [N], with C > 2 classes also ``class_probs`` [N, C]; predicted masks ``preds`` [N, S, S]
+    bool and their logits ``seg_logits`` [N, S, S] float32 (None without a segmentation head),
+    truths ``gts`` [N, S, S] at the model's input size S and ``labels`` [N], ``modalities`` [N]
+    names; ``native`` [N] the truths at the original sizes with their spacings
+    (``avpt.data.native.NativeMask``; None when the dataset has none), ``patients`` [N] and
+    ``breasts`` [N] (patient and laterality; None where the laterality is unknown)."""
     loader, _ = make_loader(dataset, cfg["eval_batch_size"], False, cfg["seed"])
     model.eval()
-    probs, preds, gts, labels, order = [], [], [], [], []
+    probs, logits, gts, labels, order = [], [], [], [], []
     for batch in loader:
         images, maps, modality = model_inputs(model, {k: v.to(device) for k, v in batch.items()},
                                               dtype)
@@ -157,7 +160,7 @@ def evaluate(model, dataset, cfg: Dict, device, dtype=None) -> Dict[str, np.ndar
             out = model(images, maps=maps, modality=modality)
         probs.append(torch.softmax(out.logits.float(), -1).cpu())
         if out.seg_logits is not None:
-            preds.append((out.seg_logits.float() > 0).squeeze(1).cpu())
+            logits.append(out.seg_logits.float().squeeze(1).cpu())
         gts.append(batch["mask"].squeeze(1) > 0.5)
         labels.append(batch["label"])
         order.append(batch["index"])
@@ -167,25 +170,104 @@ def evaluate(model, dataset, cfg: Dict, device, dtype=None) -> Dict[str, np.ndar
                gts=torch.cat(gts)[order_t].numpy())
     if class_probs.shape[1] > 2:
         res["class_probs"] = class_probs
-    res["preds"] = torch.cat(preds)[order_t].numpy() if preds else None
+    res["seg_logits"] = torch.cat(logits)[order_t].numpy() if logits else None
+    res["preds"] = res["seg_logits"] > 0 if logits else None
     res["modalities"] = np.array(dataset.modalities)
+    res["native"] = getattr(dataset, "native", None)
+    records = dataset.records
+    res["patients"] = [r.patient_id for r in records]
+    res["breasts"] = [f"{r.patient_id}/{r.laterality}" if getattr(r, "laterality", "") else None
+                      for r in records]
     return res
 
 
-def score(pred: Dict[str, np.ndarray]) -> Dict[str, float]:
-    """Test metrics of ``evaluate``'s predictions: auc, f1, accuracy, ..., dice, iou, hd95, n.
+def segmentation_per_image(pred: Dict, settings: Optional[Dict] = None) -> Optional[Dict]:
+    """Per-image Dice, IoU, HD95 (``avpt.metrics.image_segmentation_scores``) of ``evaluate``'s
+    predictions, at each image's original size when ``pred`` has ``native`` truths (the logits
+    resized back, ``avpt.data.native.to_native``; HD95 in mm where every spacing is known), else
+    at the model's input size in pixels; ``resolution`` says which. None without a segmentation
+    head. Cached in ``pred`` per (convention, empty-prediction rule)."""
+    if pred.get("preds") is None:
+        return None
+    settings = M.metric_settings(settings)
+    native, logits = pred.get("native"), pred.get("seg_logits")
+    rule = (settings["hd95"], settings["empty_prediction"])
+    # the arrays' identities too: a copy of ``pred`` with other arrays shares this cache
+    key = (*rule, id(native), id(logits), id(pred["preds"]), id(pred["gts"]))
+    cache = pred.setdefault("_seg_cache", {})
+    if key in cache:
+        return cache[key]
+    if native is not None and logits is not None:
+        from .data.native import to_native
+
+        pairs = ((to_native(lg, m.shape), m.full()) for lg, m in zip(logits, native))
+        spacings, resolution = [m.spacing for m in native], "native"
+    else:
+        pairs, resolution = zip(pred["preds"], pred["gts"]), "input"
+        spacings = [None] * len(pred["gts"])
+    per = M.image_segmentation_scores(pairs, spacings, *rule)
+    per["resolution"] = resolution
+    if resolution == "native" and per["unit"] == "px" and per["spacing_missing"] < len(spacings):
+        log.warning("HD95 in pixels: %d of %d test images have no pixel spacing in their header",
+                    per["spacing_missing"], len(spacings))
+    cache[key] = per
+    return per
+
+
+def score(pred: Dict[str, np.ndarray], settings: Optional[Dict] = None) -> Dict[str, float]:
+    """Test metrics of ``evaluate``'s predictions: auc, f1, accuracy, ..., dice, iou, hd95 with
+    ``hd95_unit``, ``resolution`` and the counts of ``avpt.metrics.summarise_segmentation``, n.
     Two classes: of the malignant probability; C > 2 (``class_probs``): AUC one-vs-rest macro,
-    F1 macro (``avpt.metrics.metric_kind``)."""
+    F1 macro (``avpt.metrics.metric_kind``). ``settings``: the config's ``metrics.`` section."""
+    settings = M.metric_settings(settings)
     if pred.get("class_probs") is not None:
         out = M.multiclass_metrics(pred["labels"], pred["class_probs"])
     else:
         out = M.classification_metrics(pred["labels"], pred["probs"])
-    if pred["preds"] is not None:
-        out.update(M.segmentation_metrics(pred["preds"], pred["gts"]))
+    per = segmentation_per_image(pred, settings)
+    if per is not None:
+        out.update(M.summarise_segmentation(per, settings["hd95"], settings["empty_prediction"],
+                                            per["resolution"]))
     else:
         out.update(dice=float("nan"), iou=float("nan"), hd95=float("nan"))
     out["n"] = int(len(pred["labels"]))
     return out
+
+
+def score_groups(pred: Dict, settings: Optional[Dict] = None) -> Dict[str, Dict]:
+    """{group: metrics} for each of ``settings['groups']`` (patient, breast): the images of a
+    patient, or of one breast (a patient's views of one side), scored together
+    (``avpt.metrics.group_metrics``). An image of unknown laterality is its own breast."""
+    settings = M.metric_settings(settings)
+    out: Dict[str, Dict] = {}
+    probs = pred["class_probs"] if pred.get("class_probs") is not None else pred["probs"]
+    per = segmentation_per_image(pred, settings)
+    for group in settings["groups"]:
+        if group == "patient":
+            keys = list(pred["patients"])
+        else:
+            keys = [b if b is not None else f"{p}/image{i}"
+                    for i, (p, b) in enumerate(zip(pred["patients"], pred["breasts"]))]
+            unknown = sum(b is None for b in pred["breasts"])
+            if unknown:
+                log.warning("per-breast scores: %d of %d test images have no laterality; each "
+                            "is its own breast", unknown, len(keys))
+        out[group] = M.group_metrics(keys, pred["labels"], probs, per)
+    return out
+
+
+def grouped_record(pred: Dict, settings: Optional[Dict] = None) -> Dict:
+    """metrics.json's ``test_by`` entry: {"test_by": {patient|breast: metrics}} when
+    ``metrics.groups`` asks for groups, else {}."""
+    groups = score_groups(pred, settings)
+    return {"test_by": groups} if groups else {}
+
+
+def _has_lesion(pred: Dict) -> bool:
+    native = pred.get("native")
+    if native is not None:
+        return any(not m.empty for m in native)
+    return bool(np.asarray(pred["gts"]).any())
 
 
 def _undefined(value) -> bool:
@@ -208,10 +290,13 @@ def undefined_metrics(pred: Dict[str, np.ndarray], metrics: Dict) -> Dict[str, s
     if pred["preds"] is None:
         for k in ("dice", "iou", "hd95"):
             reasons[k] = "the method has no segmentation head"
-    elif not np.asarray(pred["gts"]).any():
+    elif not _has_lesion(pred):
         for k in ("dice", "iou", "hd95"):
             if _undefined(metrics.get(k)):
                 reasons[k] = "no test image has a lesion mask"
+    elif metrics.get("empty_prediction_images") == metrics.get("seg_images"):
+        reasons["hd95"] = ("every lesion image has an empty predicted mask and "
+                           "metrics.empty_prediction=skip leaves those out")
     undefined = {k: why for k, why in reasons.items() if _undefined(metrics.get(k))}
     for k, why in undefined.items():
         log.warning("test %s is undefined: %s", k, why)

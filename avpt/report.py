@@ -284,6 +284,41 @@ def _fmt(v) -> str:
     return html.escape(str(v))
 
 
+def _metric_cell(t: Dict, k: str) -> str:
+    """A metrics-table cell; HD95 with its unit (mm or px) beside the figure."""
+    cell = _fmt(t.get(k))
+    if k == "hd95" and t.get("hd95_unit") and cell != "n/a":
+        cell += f" {html.escape(str(t['hd95_unit']))}"
+    return cell
+
+
+def segmentation_note(tests: List[Dict], grouped: bool = False) -> str:
+    """What the segmentation figures of these test dicts are: resolution, HD95 unit and
+    convention, the empty-mask rules and how many images each touched; with ``grouped``, how
+    the per-patient/per-breast rows are made."""
+    from .metrics import EMPTY_PREDICTION_RULES, HD95_CONVENTIONS
+
+    seg = [t for t in tests if t.get("hd95_convention")]
+    if not seg:
+        return "Segmentation metrics are over test images with a lesion."
+    t = seg[0]
+    where = ("at each image's original size (predicted masks resized back)"
+             if t.get("resolution") == "native" else "at the model's input size")
+    units = sorted({str(s.get("hd95_unit")) for s in seg})
+    counts = "; ".join(f"{s.get('empty_truth_images', 0)} without a lesion left out "
+                       f"({s.get('empty_truth_false_positives', 0)} with a predicted mask), "
+                       f"{s.get('empty_prediction_images', 0)} lesion images with an empty "
+                       f"prediction" for s in seg)
+    groups = (" Per-patient/per-breast rows: a group's probability is the mean of its views', "
+              "its label the largest; Dice, IoU, HD95 the mean over its lesion images, then over "
+              "groups with a lesion." if grouped else "")
+    return (f"Dice, IoU and HD95 {where}, over test images with a lesion. HD95 in "
+            f"{' / '.join(units)} (mm where the DICOM pixel spacing is known, else pixels), "
+            f"convention {t['hd95_convention']}: {HD95_CONVENTIONS[t['hd95_convention']]}. A lesion "
+            f"image with an empty prediction has Dice = IoU = 0 and for HD95 "
+            f"{EMPTY_PREDICTION_RULES[t['hd95_empty_prediction']]}. Per run: {counts}.{groups}")
+
+
 def write_html(path: str, title: str, runs: List[Tuple[str, Dict]], figures: Dict[str, str],
                notes: str = "") -> str:
     """A single HTML file: a metrics table per run, the figures inline, the resolved configs."""
@@ -298,12 +333,16 @@ def write_html(path: str, title: str, runs: List[Tuple[str, Dict]], figures: Dic
     parts.append("<h2>Test metrics</h2><table><tr><th>run</th>" +
                  "".join(f"<th>{k}</th>" for k in keys) + "<th>split</th><th>device</th><th>time (s)</th></tr>")
     for name, res in runs:
-        t = res.get("test", {})
-        parts.append(f"<tr><td>{html.escape(name)}</td>" + "".join(f"<td>{_fmt(t.get(k))}</td>" for k in keys)
-                     + f"<td>{_fmt(res.get('data', {}).get('split'))}</td><td>{_fmt(res.get('device'))}</td>"
-                     f"<td>{_fmt(res.get('time_s'))}</td></tr>")
-    parts.append("</table><p>HD95 in pixels at the model's input size. Segmentation metrics are over "
-                 "test images with a lesion.</p>")
+        rows = [(name, res.get("test", {}))] + [(f"{name}, per {group}", g) for group, g in
+                                                (res.get("test_by") or {}).items()]
+        for label, t in rows:
+            parts.append(f"<tr><td>{html.escape(label)}</td>"
+                         + "".join(f"<td>{_metric_cell(t, k)}</td>" for k in keys)
+                         + f"<td>{_fmt(res.get('data', {}).get('split'))}</td>"
+                         f"<td>{_fmt(res.get('device'))}</td><td>{_fmt(res.get('time_s'))}</td></tr>")
+    note = segmentation_note([r.get("test", {}) for _, r in runs],
+                             any(r.get("test_by") for _, r in runs))
+    parts.append(f"</table><p>{html.escape(note)}</p>")
     for name, res in runs:
         if "params" in res:
             p = res["params"]

@@ -30,7 +30,7 @@ def atomic_save(obj, path: str) -> None:
 # Settings that do not change a run's results: a resume may change them. Everything else,
 # ``epochs`` included (it sets the cosine schedule), must match the checkpoint.
 RUN_CONTROL = ("resume", "stop_after_epoch", "progress", "tensorboard", "report", "out",
-               "eval_every", "threads", "device")
+               "eval_every", "threads", "device", "metrics")
 # Settings of older checkpoints that predate a key: the behaviour they were trained with.
 _OLD_DEFAULTS = {"compile": "none", "compile_backend": "inductor", "rcl_positives": "within_modality"}
 

@@ -43,8 +43,8 @@ from .compiled_step import WholeStep, adam_update, init_adam_state  # noqa: F401
 from .config import (BACKBONE_ALIASES, COMPILE_MODES, DEFAULTS, check_compile_mode,  # noqa: F401
                      load_config, parse_value, read_yaml, set_key)
 from .engine import (LOG_EVERY, Optimization, TrainStep, evaluate, lr_lambda,  # noqa: F401
-                     make_loader, make_optimizer, model_inputs, score, train_one_epoch,
-                     undefined_metrics)
+                     make_loader, make_optimizer, model_inputs, score, grouped_record,
+                     train_one_epoch, undefined_metrics)
 from .run_io import (CHECKPOINT_KEYS, RUN_CONTROL, append_csv, atomic_save,  # noqa: F401
                      backbone_record, check_resume, read_checkpoint, rng_state, set_rng_state,
                      write_json)
@@ -309,7 +309,7 @@ def _epoch_row(cfg: Dict, epoch: int, sums: Dict[str, float], seen: int, elapsed
     row.update({f"train_{k}": dist.mean(v / max(seen, 1)) for k, v in sums.items()})
     if dist.main and cfg["eval_every"] and ((epoch + 1) % int(cfg["eval_every"]) == 0
                                             or epoch + 1 == epochs):
-        metrics = score(evaluate(model, test_set, cfg, device, dtype))
+        metrics = score(evaluate(model, test_set, cfg, device, dtype), cfg.get("metrics"))
         row.update({f"test_{k}": v for k, v in metrics.items()
                     if k in ("auc", "f1", "dice", "iou", "hd95")})
     return row
@@ -414,12 +414,13 @@ def _finish(cfg: Dict, model, train_set, test_set, info: Dict, history: List[Dic
 
     out = cfg["out"]
     pred = evaluate(model, test_set, cfg, device, dtype)
-    test_metrics = score(pred)
+    test_metrics = score(pred, cfg.get("metrics"))
     save_trainable(model, os.path.join(out, "model"), backbone=backbone, run_config=cfg)
     rep = parameter_report(model)
     result = {
         "test": test_metrics,
         "undefined": undefined_metrics(pred, test_metrics),
+        **grouped_record(pred, cfg.get("metrics")),
         "classes": _classes_record(cfg),
         "config": cfg,
         "backbone": backbone,
@@ -493,11 +494,12 @@ def evaluate_checkpoint(model_dir: str, cfg: Dict) -> Dict:
         model.to(device)
         _, test_set, info = build_data(cfg, int(model.visual.image_size[0]), cfg["out"])
         pred = evaluate(model, test_set, cfg, device, amp_dtype(cfg["amp"], device))
-        metrics = score(pred)
+        metrics = score(pred, cfg.get("metrics"))
         cfg["pretrained"] = model.config.pretrained
         cfg["model"] = {k: v for k, v in model.config.to_dict().items()
                         if k not in ("model_name", "pretrained")}
         result = {"test": metrics, "undefined": undefined_metrics(pred, metrics),
+                  **grouped_record(pred, cfg.get("metrics")),
                   "classes": _classes_record(cfg), "config": cfg,
                   "model": os.path.abspath(model_dir), "method": saved["method"],
                   "backbone": saved.get("backbone"),

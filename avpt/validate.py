@@ -214,6 +214,23 @@ def _data_settings(cfg: Dict) -> None:
             raise _bad(f"data.{k}", v, accepted)
 
 
+def _metric_settings(cfg: Dict) -> None:
+    """The ``metrics.`` section (``avpt.metrics.metric_settings``); per-breast scores need
+    mammograms of known laterality (INbreast's file names)."""
+    from .metrics import metric_settings
+
+    if not isinstance(cfg["metrics"], dict):
+        raise _bad("metrics", cfg["metrics"], "a section of evaluation settings (metrics.KEY=VALUE)")
+    try:
+        settings = metric_settings(cfg["metrics"])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    tested = cfg["test_dataset"] or cfg["dataset"]
+    if "breast" in settings["groups"] and tested != "inbreast":
+        raise ConfigError(f"metrics.groups: breast needs mammograms of known laterality (dataset "
+                          f"inbreast), the test set is {tested!r}; use patient")
+
+
 BINARY_CLASSES = ("benign", "malignant")
 
 
@@ -287,6 +304,7 @@ def validate_config(cfg: Dict) -> Dict:
     check_backbone(cfg["backbone"])
     _model_settings(cfg)
     _data_settings(cfg)
+    _metric_settings(cfg)
     _classes(cfg)
     _int(cfg, "epochs", 1)
     for key in ("batch_size", "batch_size_mri", "eval_batch_size"):

@@ -86,10 +86,12 @@ def test_transfer_cv_and_params(tmp_path, capsys):
     assert "trained on MG, so its images are not a test set" in capsys.readouterr().err
     assert main(["cv", *TINY_PHANTOM, "--modality", "MG", "US", "--epochs", "1",
                  "--out", str(tmp_path / "cv"), "--set", "folds=2", "--set", "report=false",
-                 "--set", "eval_every=0"] + FAST) == 0
+                 "--set", "eval_every=0", "--set", "metrics.groups=[patient]"] + FAST) == 0
     cv = json.load(open(tmp_path / "cv" / "cv_metrics.json"))
     assert len(cv["runs"]) == 2 and cv["summary"]["auc"]["n"] <= 2
     assert "dice" in cv["summary"] and (tmp_path / "cv" / "folds.json").exists()
+    assert cv["summary"]["hd95"]["unit"] == "px"       # the phantom has no pixel spacing
+    assert cv["summary_by"]["patient"]["dice"]["n"] <= 2
     cfg = tmp_path / "abl.yaml"
     cfg.write_text("variants:\n  no_lap: {model: {lambda_lap: 0.0}}\n  early: {model: {schedule: early}}\n")
     assert main(["cv", "--config", str(cfg), "--variant", "all", *TINY_PHANTOM, "--modality", "US",

@@ -9,6 +9,8 @@ construction (so a corrupt file fails at once, naming the file, or is skipped an
   label (long), modality (long index into MODALITIES), index (long).
 
 Augmentation depends only on (seed, epoch, index): call ``set_epoch`` before each epoch.
+``native`` [N] keeps each sample's original size, pixel spacing and lesion mask
+(``avpt.data.native.NativeMask``) for evaluation at the original resolution.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from torch.utils.data import Dataset, Sampler
 
 from ..anatomy import MODALITIES, tissue_prior_single
 from . import transforms as T
+from .native import NativeMask
 from .records import DataError, Record
 
 log = logging.getLogger(__name__)
@@ -35,7 +38,7 @@ class BreastDataset(Dataset):
         self.rotation, self.flip, self.epoch = rotation, flip, 0
         self.records: List[Record] = []
         self.skipped: List[str] = []
-        images, tissues, masks = [], [], []
+        images, tissues, masks, native = [], [], [], []
         for rec in records:
             try:
                 raw = rec.load()
@@ -69,11 +72,12 @@ class BreastDataset(Dataset):
             images.append(img.astype(np.float32))
             tissues.append(np.clip(tissue, 0, 1).astype(np.float16))
             masks.append(mask)
+            native.append(NativeMask.of(raw.mask, getattr(raw, "spacing", None)))
             self.records.append(rec)
         if not self.records:
             raise DataError("no usable sample: every record failed to load" if records
                             else "the data set is empty")
-        self.images, self.tissues, self.masks = images, tissues, masks
+        self.images, self.tissues, self.masks, self.native = images, tissues, masks, native
         if stats is None:
             by_mod: Dict[str, list] = {}
             for rec, img in zip(self.records, images):
@@ -133,6 +137,10 @@ class Subset(Dataset):
     @property
     def labels(self) -> np.ndarray:
         return self.base.labels[self.indices]
+
+    @property
+    def native(self) -> List[NativeMask]:
+        return [self.base.native[i] for i in self.indices]
 
     @property
     def modalities(self) -> List[str]:

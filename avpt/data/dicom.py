@@ -88,3 +88,24 @@ def display_unit(arr: np.ndarray, ds, use_window: bool = True) -> np.ndarray:
         return np.zeros(arr.shape, dtype=np.float32)
     unit = np.clip((out - lo) / (hi - lo), 0.0, 1.0)
     return (1.0 - unit if invert else unit).astype(np.float32)
+
+
+def read_spacing(path: str):
+    """(row, column) millimetres per pixel of a DICOM image, or None when the header has none:
+    PixelSpacing (0028,0030; in the patient plane, as MR and calibrated images give it) else
+    ImagerPixelSpacing (0018,1164; at the detector, as digital mammograms such as INbreast's give
+    it, magnification not corrected). Both are [row spacing, column spacing]. A present but
+    malformed value is a DataError naming the file."""
+    header = read_header(path)
+    for tag in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = getattr(header, tag, None)
+        if value is None or value == "":
+            continue
+        try:
+            row, col = (float(v) for v in value)
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: {tag} {value!r} is not two numbers (row, column mm)") from None
+        if not (np.isfinite(row) and np.isfinite(col) and row > 0 and col > 0):
+            raise DataError(f"{path}: {tag} {value!r} is not two positive numbers (row, column mm)")
+        return row, col
+    return None

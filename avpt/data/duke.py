@@ -46,7 +46,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from .dicom import read_header, read_pixels
+from .dicom import read_header, read_pixels, read_spacing
 from .duke_series import (HEADER_TAGS, Series, Unresolved, header_times, ordered_slices,
                           resolve, slice_position)
 from .records import DataError, RawSample, Record
@@ -247,7 +247,7 @@ def _patient_records(pid, slices, box, phase, index_base, seed, slices_per_lesio
                     raise DataError(f"{path}: box rows {r0}..{r1}, columns {c0}..{c1} outside "
                                     f"the {pixels.shape} slice")
                 mask[r0:r1 + 1, c0:c1 + 1] = True
-            return RawSample(image=window(pixels), mask=mask)
+            return RawSample(image=window(pixels), mask=mask, spacing=read_spacing(path))
 
         out.append(Record(sample_id=f"duke-{pid}-s{k + index_base}", patient_id=f"duke-{pid}",
                           label=int(positive), modality="MRI", loader=load, source=slices[k],

@@ -27,7 +27,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from .dicom import read_image
+from .dicom import read_image, read_spacing
 from .mammo import preprocess
 from .records import DataError, RawSample, Record
 
@@ -128,11 +128,12 @@ def load_inbreast(root: str, birads_threshold: str = "4a", window: bool = True) 
             pixels, ds = read_image(path)
             mask = read_rois(xml, pixels.shape) if os.path.isfile(xml) else np.zeros(pixels.shape, bool)
             image, mask = preprocess(pixels, ds, mask, path, use_window=window)
-            return RawSample(image=image, mask=mask)
+            return RawSample(image=image, mask=mask, spacing=read_spacing(path))
 
         view = "_".join(parts[3:5]) if len(parts) >= 5 else ""
         records.append(Record(sample_id=f"inbreast-{file_name}", patient_id=f"inbreast-{patient}",
                               label=label, modality="MG", loader=load, source=path,
+                              laterality=parts[3] if len(parts) >= 5 else "",
                               report=f"MG {file_name} {view}: BI-RADS {birads[file_name]}."))
     if not records:
         raise DataError(f"{dicom_dir}: no .dcm file")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import numpy as np
 
@@ -24,13 +24,14 @@ class RawSample:
     mask: np.ndarray                   # [H, W] bool
     tissue: Optional[np.ndarray] = None  # [3, H, W] float32 in [0, 1] (glandular, fatty, ductal)
     report: str = ""                   # one-line report, when the source makes one (phantom)
+    spacing: Optional[Tuple[float, float]] = None  # (row, column) mm per pixel, when known (DICOM)
 
 
 @dataclass
 class Record:
     """One sample: ``sample_id`` unique in its data set; ``patient_id`` groups the folds; ``label``
     0 benign / 1 malignant; ``modality`` one of MG, US, MRI; ``source`` the main file (for error
-    messages); ``report`` a one-line text, when known."""
+    messages); ``report`` a one-line text, when known; ``laterality`` L/R, when known."""
     sample_id: str
     patient_id: str
     label: int
@@ -38,6 +39,7 @@ class Record:
     loader: Callable[[], RawSample] = field(repr=False)
     source: str = ""
     report: str = ""
+    laterality: str = ""               # L or R when known (mammography): per-breast scores
 
     def load(self) -> RawSample:
         try:

@@ -33,12 +33,18 @@ def resize(arr: np.ndarray, size: int, order: int = 1) -> np.ndarray:
     if arr.shape == (size, size):
         return arr.astype(np.float32)
     h, w = arr.shape
+    (top, left), (nh, nw) = fit_geometry(h, w, size)
+    out = sk_resize(arr.astype(np.float32), (nh, nw), order=order,
+                    anti_aliasing=order > 0 and nh * nw < h * w, preserve_range=True)
+    return np.pad(out, ((top, size - nh - top), (left, size - nw - left))).astype(np.float32)
+
+
+def fit_geometry(h: int, w: int, size: int):
+    """((top, left), (nh, nw)): where ``resize`` puts an [h, w] image inside [size, size]
+    (the longer side scaled to ``size``, the shorter padded evenly); its inverse crops there."""
     scale = size / max(h, w)
     nh, nw = max(1, min(size, round(h * scale))), max(1, min(size, round(w * scale)))
-    out = sk_resize(arr.astype(np.float32), (nh, nw), order=order,
-                    anti_aliasing=order > 0 and scale < 1, preserve_range=True)
-    top, left = (size - nh) // 2, (size - nw) // 2
-    return np.pad(out, ((top, size - nh - top), (left, size - nw - left))).astype(np.float32)
+    return ((size - nh) // 2, (size - nw) // 2), (nh, nw)
 
 
 def clahe(image: np.ndarray, clip_limit: float = 0.01) -> np.ndarray:

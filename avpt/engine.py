@@ -141,23 +141,38 @@ def train_one_epoch(step_module: nn.Module, opt: Optimization, loader, steps: in
     return {k: float(v) for k, v in sums.items()}, seen, time.time() - t0
 
 
+def eval_forward(model) -> Callable:
+    """``(images, maps, modality) -> (logits [B, C], seg_logits [B, 1, H, W] or None)``: what
+    evaluation reads of the method's forward, as ``GraphedInference`` replays it."""
+    def forward(images, maps, modality):
+        out = model(images, maps=maps, modality=modality)
+        return out.logits, out.seg_logits
+    return forward
+
+
 @torch.no_grad()
 def evaluate(model, dataset, cfg: Dict, device, dtype=None) -> Dict[str, np.ndarray]:
     """Predictions of ``dataset`` in its order: malignant (last-class) probabilities ``probs``
     [N], with C > 2 classes also ``class_probs`` [N, C]; predicted masks ``preds`` [N, H, W]
     bool (None without a segmentation head), truths ``gts`` [N, H, W] and ``labels`` [N],
-    ``modalities`` [N] names."""
+    ``modalities`` [N] names. On a CUDA device the forward replays a CUDA graph per batch
+    shape (``avpt.graphed.GraphedInference``; the last batch of a modality padded), elsewhere
+    it runs eagerly."""
+    from .graphed import GraphedInference
+
     loader, _ = make_loader(dataset, cfg["eval_batch_size"], False, cfg["seed"])
     model.eval()
+    size = cfg["eval_batch_size"]
+    forward = GraphedInference(eval_forward(model), device, dtype,
+                               batch_size=size if isinstance(size, int) else 0)
     probs, preds, gts, labels, order = [], [], [], [], []
     for batch in loader:
         images, maps, modality = model_inputs(model, {k: v.to(device) for k, v in batch.items()},
                                               dtype)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = model(images, maps=maps, modality=modality)
-        probs.append(torch.softmax(out.logits.float(), -1).cpu())
-        if out.seg_logits is not None:
-            preds.append((out.seg_logits.float() > 0).squeeze(1).cpu())
+        logits, seg_logits = forward(images, maps, modality)
+        probs.append(torch.softmax(logits.float(), -1).cpu())
+        if seg_logits is not None:
+            preds.append((seg_logits.float() > 0).squeeze(1).cpu())
         gts.append(batch["mask"].squeeze(1) > 0.5)
         labels.append(batch["label"])
         order.append(batch["index"])

@@ -162,3 +162,43 @@ def test_nothing_is_cast_for_fp32_fp16_or_cpu_runs(dtype, device, force):
     model = _tiny("linear")
     assert store_frozen_weights(model, dtype, device, force) == 0
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_a_run_with_the_gpu_paths_forced_on_cpu_is_the_plain_run(tmp_path, monkeypatch):
+    """A tiny bf16-autocast training run with both GPU paths switched on on the CPU (frozen
+    weights stored in bf16, evaluation through GraphedInference with the replay stand-in of
+    tests/test_graphed.py) gives the plain run's test metrics and trainable weights bit for
+    bit, records the same frozen fingerprint, writes its report (fp32 weights restored), and
+    ``avpt eval`` of it (the same two paths) gives the same metrics again."""
+    import json
+
+    import avpt.train as train
+    from avpt import graphed
+    from tests.test_graphed import ReplayByRerun
+    from tests.test_train import _trainable, tiny_cfg
+
+    sets = {"report": "true", "tensorboard": "false"}
+    plain = train.run(tiny_cfg(tmp_path / "plain", epochs=1, amp="bf16",
+                               sets=dict(sets, report="false")))
+    cast_counts, replay = [], ReplayByRerun()
+
+    def forced(model, dtype, device, force=False):
+        cast_counts.append(store_frozen_weights(model, dtype, device, force=True))
+        return cast_counts[-1]
+
+    monkeypatch.setattr(train, "store_frozen_weights", forced)
+    monkeypatch.setattr(graphed, "graphs_available", lambda device: None)
+    monkeypatch.setattr(graphed, "cuda_graph_capture", replay)
+    cfg = tiny_cfg(tmp_path / "cast", epochs=1, amp="bf16", sets=sets)
+    cast = train.run(cfg)
+    assert cast_counts == [1 + 8 * 4] and replay.captures >= 2 and replay.replays >= 2
+    assert cast["test"] == plain["test"]
+    a, b = _trainable(tmp_path / "plain"), _trainable(tmp_path / "cast")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    sha = [json.load(open(tmp_path / d / "model" / "avpt_config.json"))["backbone"]["frozen_sha256"]
+           for d in ("plain", "cast")]
+    assert sha[0] == sha[1]
+    assert (tmp_path / "cast" / "report.html").exists()
+    again = train.evaluate_checkpoint(str(tmp_path / "cast" / "model"),
+                                      dict(cfg, out=str(tmp_path / "eval")))
+    assert cast_counts[-1] == 1 + 8 * 4 and again["test"] == plain["test"]

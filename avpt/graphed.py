@@ -15,7 +15,7 @@ replay overwrites).
 
 Capture (``cuda_graph_capture``, the recipe of the PyTorch CUDA-graphs notes): a few warm-up
 calls on a side stream first (Triton kernels compile, cuBLAS picks its algorithms, lazy state
-is made), then one call under ``torch.cuda.graph``. The forward runs under ``torch.no_grad()``
+is made; the last one refuses host syncs), then one call under ``torch.cuda.graph``. The forward runs under ``torch.no_grad()``
 and ``torch.autocast(..., cache_enabled=False)``: autocast's cast cache would hand the graph
 casts made outside it (of trainable fp32 weights), freed when the autocast region ends.
 
@@ -53,12 +53,23 @@ def _log_once(reason: str) -> None:
 def cuda_graph_capture(run: Callable[[], Outputs], warmup: int = WARMUP
                        ) -> Tuple[Callable[[], None], Outputs]:
     """Warm ``run`` up on a side stream, capture one call as a CUDA graph: (replay, the
-    graph's static outputs)."""
+    graph's static outputs). The last warm-up call runs with CUDA's sync debug mode at
+    "error": a host sync in the forward (``.item()``, a data-dependent shape, a blocking
+    copy), which would invalidate the capture, raises there, outside any capture, so the
+    caller's eager fallback starts from a clean state."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(warmup):
-            run()
+        for i in range(max(1, warmup)):
+            if i < warmup - 1:
+                run()
+                continue
+            previous = torch.cuda.get_sync_debug_mode()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                run()
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

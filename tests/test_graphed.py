@@ -164,3 +164,56 @@ def test_bad_inputs_and_outputs_are_refused_in_one_line():
     with pytest.raises(ValueError, match=r"output 0 has shape \(\); every output must have the "
                                          r"batch \(2 rows\) on dim 0"):
         scalar(torch.ones(2, 3))
+
+
+def test_cuda_capture_recipe_warms_up_on_a_side_stream_and_refuses_syncs_before_capture(
+        monkeypatch):
+    """``cuda_graph_capture``'s order of events, with torch.cuda's stream, graph and
+    sync-debug calls replaced by recorders (no GPU): warm-up on a side stream, the last warm-up
+    call under sync debug mode "error" (restored after), then one call inside the capture."""
+    import contextlib
+
+    events, mode = [], ["default"]
+
+    class Stream:
+        def __init__(self, name="side"):
+            self.name = name
+
+        def wait_stream(self, other):
+            events.append(f"{self.name} waits {other.name}")
+
+    class Graph:
+        def replay(self):
+            events.append("replay")
+
+    @contextlib.contextmanager
+    def on(stream):
+        events.append(f"enter {stream.name}")
+        yield
+        events.append(f"exit {stream.name}")
+
+    @contextlib.contextmanager
+    def capturing(graph):
+        events.append("capture begin")
+        yield
+        events.append("capture end")
+
+    def set_mode(m):
+        mode[0] = m
+
+    main = Stream("main")
+    for name, value in dict(Stream=Stream, CUDAGraph=Graph, stream=on, graph=capturing,
+                            current_stream=lambda: main, get_sync_debug_mode=lambda: mode[0],
+                            set_sync_debug_mode=set_mode).items():
+        monkeypatch.setattr(torch.cuda, name, value)
+
+    def run():
+        events.append(f"run (sync mode {mode[0]})")
+        return (torch.ones(2),)
+
+    replay, outputs = graphed.cuda_graph_capture(run, warmup=2)
+    replay()
+    assert events == ["side waits main", "enter side", "run (sync mode default)",
+                      "run (sync mode error)", "exit side", "main waits side", "capture begin",
+                      "run (sync mode default)", "capture end", "replay"]
+    assert mode == ["default"] and torch.equal(outputs[0], torch.ones(2))

@@ -90,7 +90,7 @@ def store_frozen_weights(method: nn.Module, amp_dtype: Optional[torch.dtype], de
     for name, (module, attr) in params.items():
         p = module._parameters[attr]
         masters[name] = p.detach().to("cpu", copy=True)
-        module._parameters[attr] = nn.Parameter(p.detach().to(STORED_DTYPE), requires_grad=False)
+        p.data = p.data.to(STORED_DTYPE)  # as Module.to(dtype) does: the same Parameter object
     object.__setattr__(method, MASTERS_ATTR, masters)
     if params:
         log.info("frozen backbone: %d weight tensors stored in bf16 (bit-identical under bf16 "
@@ -105,9 +105,8 @@ def restore_frozen_weights(method: nn.Module) -> int:
     modules = dict(method.named_modules())
     for name, value in masters.items():
         owner, attr = name.rsplit(".", 1)
-        module = modules[owner]
-        device = module._parameters[attr].device
-        module._parameters[attr] = nn.Parameter(value.to(device, copy=True), requires_grad=False)
+        p = modules[owner]._parameters[attr]
+        p.data = value.to(p.device, copy=True)
     object.__setattr__(method, MASTERS_ATTR, {})
     return len(masters)
 

@@ -202,3 +202,16 @@ def test_a_run_with_the_gpu_paths_forced_on_cpu_is_the_plain_run(tmp_path, monke
     again = train.evaluate_checkpoint(str(tmp_path / "cast" / "model"),
                                       dict(cfg, out=str(tmp_path / "eval")))
     assert cast_counts[-1] == 1 + 8 * 4 and again["test"] == plain["test"]
+
+
+def test_the_cast_keeps_each_parameter_object():
+    """Stored in place (``param.data``, as ``Module.to(dtype)``): whoever holds a frozen
+    Parameter (a wrapper, DDP) sees the bf16 values, and restore gives the same object back."""
+    model = _tiny("linear")
+    w = model.visual.transformer.resblocks[0].attn.in_proj_weight
+    store_frozen_weights(model, BF16, "cpu", force=True)
+    assert model.visual.transformer.resblocks[0].attn.in_proj_weight is w and w.dtype == BF16
+    assert not w.requires_grad and isinstance(w, torch.nn.Parameter)
+    restore_frozen_weights(model)
+    assert model.visual.transformer.resblocks[0].attn.in_proj_weight is w
+    assert w.dtype == torch.float32

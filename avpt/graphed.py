@@ -20,8 +20,9 @@ and ``torch.autocast(..., cache_enabled=False)``: autocast's cast cache would ha
 casts made outside it (of trainable fp32 weights), freed when the autocast region ends.
 
 Where graphs cannot run the wrapper runs the forward eagerly (same no-grad + autocast
-context), after one log line per reason and process: a device other than CUDA, the environment
-variable ``AVPT_CUDA_GRAPHS=0``, or a capture that failed (e.g. a host sync in the forward).
+context), after one log line per reason and process (logger ``avpt.graphs``): at INFO for a
+device other than CUDA or the environment variable ``AVPT_CUDA_GRAPHS=0``, at WARNING for a
+capture that failed (e.g. a host sync in the forward).
 ``capture`` is the seam the CPU tests use: any ``capture(run, warmup) -> (replay, outputs)``.
 """
 from __future__ import annotations
@@ -44,10 +45,10 @@ Outputs = Tuple[Optional[Tensor], ...]
 Capture = Callable[[Callable[[], Outputs], int], Tuple[Callable[[], None], Outputs]]
 
 
-def _log_once(reason: str) -> None:
+def _log_once(reason: str, level: int = logging.INFO) -> None:
     if reason not in _logged:
         _logged.add(reason)
-        log.info("%s", reason)
+        log.log(level, "%s", reason)
 
 
 def cuda_graph_capture(run: Callable[[], Outputs], warmup: int = WARMUP
@@ -152,7 +153,8 @@ class GraphedInference:
             replay, outputs = self.capture(lambda: self._run(static), self.warmup)
         except Exception as exc:  # noqa: BLE001 - any failure: run eager, say why once
             _log_once(f"CUDA graph capture failed ({type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0][:160] if str(exc) else ''}): inference runs eager")
+                      f"{str(exc).splitlines()[0][:160] if str(exc) else ''}): inference runs eager",
+                      logging.WARNING)  # unexpected on a GPU: said whatever the log level
             self.capture = None
             return None
         for i, o in enumerate(outputs):

@@ -215,3 +215,38 @@ def test_the_cast_keeps_each_parameter_object():
     restore_frozen_weights(model)
     assert model.visual.transformer.resblocks[0].attn.in_proj_weight is w
     assert w.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ("linear", "vpt", "lora", "adapter", "avpt", "full"))
+def test_under_cuda_autocast_the_stored_weights_are_not_cast_again(name):
+    """CUDA autocast's own cast policy, on fake CUDA tensors (no GPU: FakeTensorMode, and
+    ``benchmarks.launch_counter.autocast_for`` enters CUDA autocast without a device): a
+    training forward of the stored-bf16 model gives outputs of the fp32-weight model's dtypes
+    and shapes, with exactly one cast fewer per stored tensor (each is read once a forward).
+    (The CILMP, BiomedAP and CoOp forwards launch Triton kernels, which fake tensors do not run
+    outside the launch counter's own harness; their bit-identity is checked above.)"""
+    import collections
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from benchmarks.launch_counter import LaunchCounter, autocast_for, fake_copy
+
+    ref = _tiny(name)
+    cast = copy.deepcopy(ref)
+    n = store_frozen_weights(cast, BF16, "cuda")  # a CUDA run: no force needed
+    assert (n == 0) == (name == "full")
+    seen = []
+    for model in (ref, cast):
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        (fake,) = fake_copy((model,), mode, "cuda")
+        with mode:
+            images = torch.randn(2, 3, 64, 64, device="cuda")
+            maps = torch.rand(2, 3, 64, 64, device="cuda")
+            counter = LaunchCounter("cuda")
+            fake.train()
+            with counter, autocast_for("cuda", BF16):
+                out = fake(images.to(BF16), maps=fake.forward_maps({"maps": maps}))
+        casts = sum(k for (_, op), k in counter.ops.items() if op == "aten._to_copy.default")
+        seen.append((casts, {k: (v.dtype, v.shape) for k, v in _outputs(out).items()}))
+    assert seen[0][1] == seen[1][1]
+    assert seen[0][0] - seen[1][0] == n

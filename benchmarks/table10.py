@@ -151,7 +151,8 @@ def launch_section(data: dict) -> List[str]:
     if not rows:
         return []
     lines = ["", "## Kernel launches and host syncs (issue 11)", "",
-             "Counted on fake CUDA tensors (FakeTensorMode, no GPU), bf16 autocast: aten ops "
+             "Counted on fake CUDA tensors (FakeTensorMode, no GPU), bf16 autocast (frozen "
+             "weights stored in bf16 where a row's `frozen_weights` says so): aten ops "
              "that launch a kernel (views, allocations and host-only ops excluded; `_foreach_*` "
              "as multi_tensor_apply launches), Triton launches of the fused ops' launchers, host "
              "syncs (`.item()`/`bool()`/data-dependent shapes/host-to-device copies). Training "

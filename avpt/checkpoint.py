@@ -24,14 +24,19 @@ _KEEP = object()
 
 def frozen_fingerprint(method: Method) -> str:
     """sha256 over the names, shapes, dtypes and values of the frozen parameters (the
-    backbone): a rebuilt backbone with this fingerprint is bit-identical to the trained one."""
+    backbone): a rebuilt backbone with this fingerprint is bit-identical to the trained one.
+    Weights stored in bf16 for a bf16-autocast run (``avpt.frozen_weights``) are hashed from
+    their kept fp32 values, so the cast does not change the fingerprint."""
     import hashlib
 
+    from .frozen_weights import fp32_frozen_values
+
+    fp32 = fp32_frozen_values(method)
     h = hashlib.sha256()
     for name, p in method.named_parameters():
         if p.requires_grad:
             continue
-        t = p.detach().cpu().contiguous()
+        t = fp32.get(name, p).detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()

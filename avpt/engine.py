@@ -141,6 +141,15 @@ def train_one_epoch(step_module: nn.Module, opt: Optimization, loader, steps: in
     return {k: float(v) for k, v in sums.items()}, seen, time.time() - t0
 
 
+def eval_forward(model) -> Callable:
+    """``(images, maps, modality) -> (logits [B, C], seg_logits [B, 1, H, W] or None)``: what
+    evaluation reads of the method's forward, as ``GraphedInference`` replays it."""
+    def forward(images, maps, modality):
+        out = model(images, maps=maps, modality=modality)
+        return out.logits, out.seg_logits
+    return forward
+
+
 @torch.no_grad()
 def evaluate(model, dataset, cfg: Dict, device, dtype=None) -> Dict[str, np.ndarray]:
     """Predictions of ``dataset`` in its order: malignant (last-class) probabilities ``probs``
@@ -149,18 +158,24 @@ def evaluate(model, dataset, cfg: Dict, device, dtype=None) -> Dict[str, np.ndar
     truths ``gts`` [N, S, S] at the model's input size S and ``labels`` [N], ``modalities`` [N]
     names; ``native`` [N] the truths at the original sizes with their spacings
     (``avpt.data.native.NativeMask``; None when the dataset has none), ``patients`` [N] and
-    ``breasts`` [N] (patient and laterality; None where the laterality is unknown)."""
+    ``breasts`` [N] (patient and laterality; None where the laterality is unknown). On a CUDA
+    device the forward replays a CUDA graph per batch shape (``avpt.graphed.GraphedInference``;
+    the last batch of a modality padded), elsewhere it runs eagerly."""
+    from .graphed import GraphedInference
+
     loader, _ = make_loader(dataset, cfg["eval_batch_size"], False, cfg["seed"])
     model.eval()
+    size = cfg["eval_batch_size"]
+    forward = GraphedInference(eval_forward(model), device, dtype,
+                               batch_size=size if isinstance(size, int) else 0)
     probs, logits, gts, labels, order = [], [], [], [], []
     for batch in loader:
         images, maps, modality = model_inputs(model, {k: v.to(device) for k, v in batch.items()},
                                               dtype)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            out = model(images, maps=maps, modality=modality)
-        probs.append(torch.softmax(out.logits.float(), -1).cpu())
-        if out.seg_logits is not None:
-            logits.append(out.seg_logits.float().squeeze(1).cpu())
+        class_logits, seg_logits = forward(images, maps, modality)
+        probs.append(torch.softmax(class_logits.float(), -1).cpu())
+        if seg_logits is not None:
+            logits.append(seg_logits.float().squeeze(1).cpu())
         gts.append(batch["mask"].squeeze(1) > 0.5)
         labels.append(batch["label"])
         order.append(batch["index"])

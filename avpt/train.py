@@ -45,6 +45,7 @@ from .config import (BACKBONE_ALIASES, COMPILE_MODES, DEFAULTS, check_compile_mo
 from .engine import (LOG_EVERY, Optimization, TrainStep, evaluate, lr_lambda,  # noqa: F401
                      make_loader, make_optimizer, model_inputs, score, grouped_record,
                      train_one_epoch, undefined_metrics)
+from .frozen_weights import restore_frozen_weights, store_frozen_weights
 from .run_io import (CHECKPOINT_KEYS, RUN_CONTROL, append_csv, atomic_save,  # noqa: F401
                      backbone_record, check_resume, read_checkpoint, rng_state, set_rng_state,
                      write_json)
@@ -345,6 +346,8 @@ def _run(cfg: Dict, backbone: Dict) -> Dict:
     train_set, test_set, info = build_data(cfg, int(model.visual.image_size[0]), out, dist.main)
     # every start, every rank, before a resume restores the RNG: state from the training data
     model.prepare(unaugmented(train_set), device, dtype, int(cfg["eval_batch_size"]))
+    # bf16 autocast on CUDA: the frozen tower's weights in bf16 (bit-identical, no re-casts)
+    store_frozen_weights(model, dtype, device)
     loss_fn = model.make_loss(rcl_positives=cfg["rcl_positives"]).to(device)
     step_module = _step_module(model, loss_fn, dtype, dist, device)
     loader, sampler = _train_loader(cfg, train_set, dist)
@@ -435,6 +438,7 @@ def _finish(cfg: Dict, model, train_set, test_set, info: Dict, history: List[Dic
     }
     if cfg["report"]:
         from .report import write_run_report
+        restore_frozen_weights(model)  # the report's forwards run without autocast
         result["figures"], result["report"] = write_run_report(model, train_set, test_set, pred,
                                                                result, out, device)
     write_json(os.path.join(out, "metrics.json"), result)
@@ -492,8 +496,10 @@ def evaluate_checkpoint(model_dir: str, cfg: Dict) -> Dict:
                 kw["backend"] = cfg["model"]["backend"]
             model = load_trainable(model_dir, **kw)
         model.to(device)
+        dtype = amp_dtype(cfg["amp"], device)
+        store_frozen_weights(model, dtype, device)  # after the fingerprint check of the load
         _, test_set, info = build_data(cfg, int(model.visual.image_size[0]), cfg["out"])
-        pred = evaluate(model, test_set, cfg, device, amp_dtype(cfg["amp"], device))
+        pred = evaluate(model, test_set, cfg, device, dtype)
         metrics = score(pred, cfg.get("metrics"))
         cfg["pretrained"] = model.config.pretrained
         cfg["model"] = {k: v for k, v in model.config.to_dict().items()

@@ -4,7 +4,9 @@
 weights on the CPU, turns every parameter and buffer into a fake CUDA tensor
 (``torch._subclasses.fake_tensor.FakeTensorMode``: shapes, dtypes and devices, no storage, no
 compute) and runs, under bf16 autocast for CUDA, with a ``TorchDispatchMode`` that sees every
-aten op below autograd and autocast:
+aten op below autograd and autocast. Under bf16 autocast the frozen backbone's weights are
+stored in bf16 first, as a CUDA run prepares its model (``avpt.frozen_weights``; row field
+``frozen_weights``), so their per-forward casts are not counted:
 
 * **inference**: one forward under ``torch.no_grad()`` (``encode_image`` for the backbone row);
 * **training step**: forward + loss (CLS + SEG as Table 10's rows, or A-VPT's Eq. 17 loss with
@@ -69,6 +71,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from avpt.frozen_weights import store_frozen_weights
 from benchmarks.launch_counter import (  # noqa: F401  (the tests reach them through here)
     SECTIONS, HostSync, LaunchCounter, _env, _triton_counted, autocast_for, fake_copy,
     tensor_ctor_copies_dispatched)
@@ -149,10 +152,13 @@ def count_method(row: str, method_name: str, overrides: Dict, model_name: str, b
     optimizer, step} totals, each with ``by_section``; plus timing and how backward was run."""
     t0 = time.perf_counter()
     method, loss_fn = _build(method_name, overrides, model_name, loss)
+    # as a CUDA run prepares its model: frozen weights in bf16 under bf16 autocast
+    frozen = store_frozen_weights(method, dtype, "cuda")
     built = time.perf_counter() - t0
     result: Dict[str, Any] = dict(kind="launches", method=row, model=model_name, batch=batch,
                                   autocast=str(dtype).replace("torch.", "") if dtype else "off",
-                                  device="cuda (fake tensors)", loss=loss, build_s=built)
+                                  device="cuda (fake tensors)", loss=loss, build_s=built,
+                                  frozen_weights="bf16" if frozen else "fp32")
 
     # -- inference forward on fake CUDA tensors ----------------------------------------------
     mode = FakeTensorMode(allow_non_fake_inputs=True)

@@ -138,6 +138,7 @@ def render(data: dict) -> str:
                      "< 2 GB, trainable share <= 2.0% on ViT-B/16) are judged on a GPU run only.")
     lines += launch_section(data)
     lines += compiled_step_section(data)
+    lines += graphed_section(data)
     lines += ["", "Results JSON: `benchmarks/results/<device>_<date>[_<HHMMSS>].json` (a later run "
               "on the same day gets its own file), or under `$AVPT_BENCH_RESULTS` when set; "
               "`python -m benchmarks.table10 FILE.json` rewrites this table from one of them."]
@@ -150,7 +151,8 @@ def launch_section(data: dict) -> List[str]:
     if not rows:
         return []
     lines = ["", "## Kernel launches and host syncs (issue 11)", "",
-             "Counted on fake CUDA tensors (FakeTensorMode, no GPU), bf16 autocast: aten ops "
+             "Counted on fake CUDA tensors (FakeTensorMode, no GPU), bf16 autocast (frozen "
+             "weights stored in bf16 where a row's `frozen_weights` says so): aten ops "
              "that launch a kernel (views, allocations and host-only ops excluded; `_foreach_*` "
              "as multi_tensor_apply launches), Triton launches of the fused ops' launchers, host "
              "syncs (`.item()`/`bool()`/data-dependent shapes/host-to-device copies). Training "
@@ -204,6 +206,79 @@ def compiled_step_section(data: dict) -> List[str]:
         lines.append(f"| {r['method']} | {r.get('status', '-')} | {ms(r.get('compile_s'))} | "
                      f"{ms(r.get('train_step_ms'))} | {ms(base.get('train_step_ms'))} |")
     return lines
+
+
+def graphed_section(data: dict) -> List[str]:
+    """Eager beside graphed (kind ``graphed``: inference replayed from a CUDA graph; the
+    training step's ``+compile-reduce-overhead`` row), ratios graphed against graphed, and
+    issue 23's targets on a GPU run."""
+    graphed = {r["method"]: r for r in data["rows"] if r.get("kind") == "graphed"}
+    if not graphed:
+        return []
+    eager = {r["method"]: r for r in data["rows"] if r.get("kind") == "model"}
+    steps = {r["method"].split("+compile-")[0]: r for r in data["rows"]
+             if r.get("kind") == "compiled-step" and r.get("compile") == "reduce-overhead"
+             and r.get("status") == "ok"}
+    ms = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    base_infer = graphed.get("backbone", {}).get("infer_ms")
+    base_step = steps.get("vpt", {}).get("train_step_ms")
+    lines = ["", "## Graphed inference and training step (issue 23)", "",
+             "Inference replayed from a CUDA graph per batch shape (`avpt.graphed.GraphedInference`, "
+             "what `avpt eval` runs: input copy, replay, output copy), the training step as "
+             "`WholeStep` under `torch.compile(mode=\"reduce-overhead\")` (inductor's CUDA graphs); "
+             "the ratios compare graphed with graphed. Frozen weights: how the frozen backbone's "
+             "projection weights are stored (bf16 under bf16 autocast on a GPU, "
+             "`avpt.frozen_weights`), the same in the eager rows. GPU busy: the profiler's summed "
+             "kernel time of one call.", "",
+             "| method | frozen weights | infer ms eager | infer ms graphed | x graphed backbone "
+             "| GPU busy ms | wall / busy | step ms eager | step ms graphed | x graphed VPT-deep |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name in ORDER:
+        g = graphed.get(name)
+        if g is None:
+            continue
+        e, st = eager.get(name, {}), steps.get(name, {})
+        if g.get("status", "ok") != "ok":
+            lines.append(f"| {name} | {g.get('frozen_weights', '-')} | {ms(e.get('infer_ms'))} | "
+                         f"{g['status']} |  |  |  | {ms(e.get('train_step_ms'))} |  |  |")
+            continue
+        wob = g.get("wall_over_busy")
+        lines.append(
+            f"| {name} | {g.get('frozen_weights', '-')} | {ms(e.get('infer_ms'))} | "
+            f"{ms(g.get('infer_ms'))} | {_fmt(ratio(g.get('infer_ms'), base_infer), '.3f')} | "
+            f"{ms(g.get('gpu_busy_ms'))} | {_fmt(wob, '.3f')} | {ms(e.get('train_step_ms'))} | "
+            f"{ms(st.get('train_step_ms'))} | "
+            f"{_fmt(ratio(st.get('train_step_ms'), base_step), '.3f')} |")
+    env = data["environment"]
+    if not env["device"] or env["device"].startswith("cpu"):
+        return lines + ["", "Graphed rows run on a GPU only (the CPU smoke run goes through the "
+                        "eager fallback)."]
+    out = []
+
+    def check(text, value, ok):
+        out.append(f"- {text}: **{'holds' if ok else 'does not hold'}**" if value is not None
+                   else f"- {text}: not measured in this run")
+
+    fused = graphed.get("avpt-fused", {})
+    r = ratio(fused.get("infer_ms"), base_infer)
+    check(f"graphed A-VPT fused inference <= 1.15x the graphed backbone (x{_fmt(r, '.3f')}; "
+          f"stretch 1.05x)", r, r is not None and r <= 1.15)
+    r = ratio(steps.get("avpt-fused", {}).get("train_step_ms"), base_step)
+    check(f"graphed A-VPT fused training step <= 1.15x graphed VPT-deep (x{_fmt(r, '.3f')})", r,
+          r is not None and r <= 1.15)
+    r = ratio(eager.get("avpt-eager", {}).get("train_step_ms"),
+              steps.get("avpt-fused", {}).get("train_step_ms"))
+    check(f"graphed fused step >= 3x the eager A-VPT step (x{_fmt(r, '.2f')})", r,
+          r is not None and r >= 3.0)
+    worst = max((g["wall_over_busy"] for g in graphed.values() if g.get("wall_over_busy")),
+                default=None)
+    check(f"graph replay wall time within 5% of GPU busy, every graphed row (worst "
+          f"x{_fmt(worst, '.3f')})", worst, worst is not None and worst <= 1.05)
+    return lines + ["", "Targets (issue 23):", ""] + out
 
 
 def write(json_path: str, out: Optional[str] = None) -> str:

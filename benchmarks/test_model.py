@@ -5,7 +5,12 @@ per batch and per image, training step time (forward, CLS+SEG loss, backward, Ad
 memory of inference and of a training step, and kernel launches per forward (profiler). Rows
 ``<method>+compile-<mode>`` time the same step compiled whole (``avpt.train.WholeStep``, modes
 default and reduce-overhead = CUDA graphs) on a GPU; on CPU they are recorded as skipped unless
-AVPT_BENCH_COMPILE=1 (aot_eager, tiny config).
+AVPT_BENCH_COMPILE=1 (aot_eager, tiny config). Rows of kind ``graphed`` replay the inference
+forward from a CUDA graph (``avpt.graphed.GraphedInference``, what ``avpt eval`` runs) beside
+the eager rows, with the graph's GPU-busy time (profiler); on CPU they are smoke-run through
+the eager fallback and recorded as skipped. On a GPU every row stores the frozen backbone's
+weights in bf16 (``avpt.frozen_weights``, bit-identical under bf16 autocast), so eager and
+graphed rows of every method, the backbone's included, stand on the same footing.
 
 GPU: ViT-B/16, batch 32, 224x224, bf16 autocast. CPU: the tiny config, batch 2 (smoke run).
 Every method is trained on the same CLS + SEG objective so that step times compare like for like.
@@ -21,6 +26,7 @@ from avpt.backbone import TINY_MODEL, VIT_B16
 from avpt.losses import method_loss
 from avpt.methods import build_method
 from avpt.params import parameter_report
+from avpt.frozen_weights import store_frozen_weights
 from benchmarks.harness import ON_GPU, measure, sync
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -41,6 +47,13 @@ METHODS = [
     ("cilmp", "cilmp", {}),
     ("biomedap", "biomedap", {}),
 ]
+
+
+def _prepare(method) -> dict:
+    """The method as a run prepares it (frozen weights in bf16 under bf16 autocast on a GPU);
+    the row fields that say so."""
+    cast = store_frozen_weights(method, AUTOCAST["dtype"] if ON_GPU else None, DEVICE)
+    return {"frozen_weights": "bf16" if cast else "fp32"}
 
 
 def _batch(method):
@@ -100,6 +113,7 @@ def test_table10_row(benchmark, results, row_name, method_name, overrides):
         warnings.simplefilter("ignore")
         method = build_method(method_name, model_name=MODEL, **overrides).to(DEVICE)
     report = parameter_report(method)
+    row.update(_prepare(method))
     row.update(trainable=report.trainable if row_name != "backbone" else 0,
                visual_params=report.visual,
                trainable_percent=report.percent_of_visual if row_name != "backbone" else 0.0)
@@ -149,6 +163,7 @@ def test_injected_pim_row(benchmark, results, row_name, backend):
                   backend=backend)
     method = method.to(DEVICE)
     report = parameter_report(method)
+    row.update(_prepare(method))
     added = sum(t.numel() for t in ak.pim_state_dict(method.visual).values())
     row.update(trainable=added, visual_params=report.visual,
                trainable_percent=100.0 * added / report.visual)
@@ -243,6 +258,7 @@ def test_compiled_step_row(results, row_name, method_name, overrides, mode):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         method = build_method(method_name, model_name=MODEL, **overrides).to(DEVICE).train()
+    row.update(_prepare(method))
     images, maps, labels, masks = _batch(method)
     batch = dict(image=images, maps=maps, label=labels, mask=masks)
     params = [p for p in method.parameters() if p.requires_grad]
@@ -256,12 +272,85 @@ def test_compiled_step_row(results, row_name, method_name, overrides, mode):
     sync()
     compile_s = time.perf_counter() - start
     train = _timed_again(lambda: step(batch))
+    busy = gpu_busy_ms(lambda: step(batch))
     results.add(**row, status="ok", compile_s=compile_s, train_step_ms=train["median_ms"],
-                train_iqr_ms=train["iqr_ms"], train_peak_mem_bytes=train["peak_mem_bytes"])
+                train_iqr_ms=train["iqr_ms"], train_peak_mem_bytes=train["peak_mem_bytes"],
+                gpu_busy_ms=busy, wall_over_busy=train["median_ms"] / busy if busy else None)
     del method, step, opt
     gc.collect()
     if ON_GPU:
         torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------
+# Graphed inference (issue 23, item 4): the forward replayed from a CUDA graph, beside the eager
+# rows above (same frozen bf16 weights, same batch); the graphed training step is the
+# "+compile-reduce-overhead" row above (WholeStep under inductor's CUDA graphs)
+# ----------------------------------------------------------------------------------------------
+GRAPHED_METHODS = [m for m in METHODS if m[0] in ("backbone", "full", "lora", "vpt", "avpt-eager",
+                                                  "avpt-fused")]
+
+
+def graph_forward(row_name, method):
+    """``(images, maps) -> outputs`` (batch on dim 0) of a row, as GraphedInference takes it."""
+    if row_name == "backbone":
+        return lambda images, maps: (method.backbone.encode_image(images),)
+
+    def forward(images, maps):
+        out = _forward(row_name, method, images, maps)
+        return out.logits, out.seg_logits
+    return forward
+
+
+def gpu_busy_ms(fn) -> float:
+    """Summed CUDA kernel time of one call of ``fn`` (the profiler's GPU-busy time), ms; None
+    without a GPU or when the profiler saw no kernel."""
+    if not ON_GPU:
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        sync()
+    busy = sum(e.self_device_time_total for e in prof.key_averages()
+               if e.device_type == torch.autograd.DeviceType.CUDA)
+    return busy / 1e3 if busy else None
+
+
+@pytest.mark.parametrize("row_name,method_name,overrides", GRAPHED_METHODS,
+                         ids=[m[0] for m in GRAPHED_METHODS])
+def test_graphed_inference_row(benchmark, results, row_name, method_name, overrides):
+    from avpt.graphed import GraphedInference
+
+    row = dict(kind="graphed", method=row_name, model=MODEL, batch=BATCH, device=DEVICE,
+               autocast="bf16" if ON_GPU else "off")
+    if not ON_GPU and row_name == "avpt-fused":  # one more interpreter forward says nothing
+        results.add(**row, status="skipped: CUDA graphs need a GPU")
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        method = build_method(method_name, model_name=MODEL, **overrides).to(DEVICE).eval()
+    row.update(_prepare(method))
+    images, maps, _, _ = _batch(method)
+    graphed = GraphedInference(graph_forward(row_name, method), DEVICE,
+                               AUTOCAST["dtype"] if ON_GPU else None, batch_size=BATCH)
+    call = lambda: graphed(images, maps)  # noqa: E731  (input copy + replay + output copy)
+    infer = measure(benchmark, call, rounds=ROUNDS)  # the first call captures (a warm-up round)
+    if not graphed.enabled:  # CPU: the smoke run went through the eager fallback
+        results.add(**row, status="skipped: CUDA graphs need a GPU (eager fallback smoke-run)")
+        return
+    busy = gpu_busy_ms(call)
+    median = infer["median_ms"]
+    row.update(infer_ms=median, infer_iqr_ms=infer["iqr_ms"],
+               infer_ms_per_image=median / BATCH if median else None,
+               infer_peak_mem_bytes=infer["peak_mem_total_bytes"], gpu_busy_ms=busy,
+               wall_over_busy=median / busy if median and busy else None,
+               graphs=len([g for by in graphed.graphs.values() for g in by]))
+    results.add(**row, status="ok")
+    del method, graphed
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------

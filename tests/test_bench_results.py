@@ -66,3 +66,33 @@ def test_table10_renders_compiled_step_rows_beside_the_uncompiled_step():
     assert "| avpt-fused+compile-default | ok | 30.00 | 10.00 | 12.50 |" in lines
     assert "| vpt+compile-reduce-overhead | skipped: on a GPU | - | - | - |" in lines
     assert table10.compiled_step_section({"rows": data["rows"][:1]}) == []
+
+
+def test_table10_graphed_section_compares_graphed_with_graphed_and_judges_the_targets():
+    env = {"device": "NVIDIA H200"}
+    ro = dict(kind="compiled-step", compile="reduce-overhead", status="ok")
+    rows = [dict(kind="model", method="backbone", infer_ms=10.0),
+            dict(kind="model", method="avpt-eager", infer_ms=40.0, train_step_ms=120.0),
+            dict(kind="model", method="avpt-fused", infer_ms=30.0, train_step_ms=90.0),
+            dict(kind="graphed", method="backbone", status="ok", frozen_weights="bf16",
+                 infer_ms=5.0, gpu_busy_ms=4.9, wall_over_busy=5.0 / 4.9),
+            dict(kind="graphed", method="avpt-fused", status="ok", frozen_weights="bf16",
+                 infer_ms=5.5, gpu_busy_ms=5.0, wall_over_busy=1.1),
+            dict(ro, method="vpt+compile-reduce-overhead", train_step_ms=20.0),
+            dict(ro, method="avpt-fused+compile-reduce-overhead", train_step_ms=30.0),
+            dict(kind="compiled-step", compile="default", status="ok",
+                 method="avpt-fused+compile-default", train_step_ms=1.0)]
+    lines = table10.graphed_section({"environment": env, "rows": rows})
+    assert "| backbone | bf16 | 10.00 | 5.00 | 1.000 | 4.90 | 1.020 | - | - | - |" in lines
+    assert "| avpt-fused | bf16 | 30.00 | 5.50 | 1.100 | 5.00 | 1.100 | 90.00 | 30.00 | 1.500 |" \
+        in lines
+    text = "\n".join(lines)
+    assert "inference <= 1.15x the graphed backbone (x1.100; stretch 1.05x): **holds**" in text
+    assert "step <= 1.15x graphed VPT-deep (x1.500): **does not hold**" in text
+    assert ">= 3x the eager A-VPT step (x4.00): **holds**" in text
+    assert "within 5% of GPU busy, every graphed row (worst x1.100): **does not hold**" in text
+    cpu = table10.graphed_section({"environment": {"device": "cpu (x86_64)"}, "rows": [
+        dict(kind="graphed", method="vpt", status="skipped: CUDA graphs need a GPU")]})
+    assert any("| vpt | - | - | skipped: CUDA graphs need a GPU |" in x for x in cpu)
+    assert not any("Targets" in x for x in cpu)
+    assert table10.graphed_section({"environment": env, "rows": rows[:3]}) == []

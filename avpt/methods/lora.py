@@ -30,6 +30,10 @@ class LoRAMultiheadAttention(nn.Module):
     """Wraps a frozen ``nn.MultiheadAttention``: W_x + (alpha / r) B_x A_x for each target
     projection x in (q, k, v, o); B starts at zero, so the wrapped layer starts unchanged."""
 
+    # W + B A is summed in fp32 before autocast casts it: the wrapped weights must stay fp32
+    # (``avpt.frozen_weights`` skips this subtree; a bf16 W would change the sum's bits)
+    reads_frozen_weights = True
+
     def __init__(self, mha: nn.MultiheadAttention, rank: int, alpha: float, targets):
         super().__init__()
         bad = set(targets) - set("qkvo")

@@ -368,4 +368,9 @@ def test_training_step_pim_calls_under_autocast_obey_the_bounded_error_rule(monk
         assert_bounded_error(run(z, p, w, h, reduce, grads, "triton"),
                              run(z, p, w, h, reduce, grads, "torch"),
                              run(z, p, w, h, reduce, grads, None), torch.bfloat16,
-                             zero_scale=zero, label=f"PIM call {i} of an autocast step")
+                             zero_scale=zero, label=f"PIM call {i} of an autocast step",
+                             # the fp32 master weights' gradients at bf16 level here: the gate's
+                             # (a sum over T x D that cancels) differ from torch's fp32 by
+                             # rounding luck; test_bounded_error_pim judges them at fp32 level
+                             # on well-conditioned inputs
+                             fp32_floor=None)

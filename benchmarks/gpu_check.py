@@ -79,7 +79,8 @@ def _device_name(dry: bool) -> str:
 
 
 def _has_module(name: str, python: str, site: str) -> bool:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, site])))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(
+        None, [ROOT, site, os.environ.get("PYTHONPATH")])))
     return subprocess.run([python, "-c", f"import {name}"], env=env, cwd=ROOT,
                           capture_output=True).returncode == 0
 
@@ -167,7 +168,7 @@ def count_results(path: str) -> Dict:
 
 def build_phases(args, out_dir: str, python: str) -> List[Phase]:
     site = SITE if os.path.isdir(SITE) or glob.glob(os.path.join(ROOT, ".whl", "*.whl")) else ""
-    path = os.pathsep.join(filter(None, [ROOT, site]))
+    path = os.pathsep.join(filter(None, [ROOT, site, os.environ.get("PYTHONPATH")]))
     base_env = dict(PYTHONPATH=path, PYTHONUNBUFFERED="1", AVPT_PART_TIMES="1")
     if not _has_cuda():  # the kernels through the interpreter (the test conftests do the same)
         base_env["TRITON_INTERPRET"] = "1"
@@ -222,8 +223,10 @@ def write_summary(out_dir: str, device: str, records: List[Dict], tier: Dict, be
     lines += ["", f"Total {summary['total_s']} s."]
     for label, res in (("GPU tier", tier), ("Benchmarks", bench)):
         c = res["counts"]
-        lines += ["", f"## {label}: " + ", ".join(f"{v} {k}" for k, v in c.items() if v)
-                  + f" of {res['collected']} collected"
+        done = ", ".join(f"{v} {k}" for k, v in c.items() if v) or "no test finished"
+        collected = ("(collection not finished)" if res["collected"] is None
+                     else f"of {res['collected']} collected")
+        lines += ["", f"## {label}: {done} {collected}"
                   + (f" ({res['not_run']} not run: cut by the time limit)" if res["not_run"]
                      else "")]
         lines += [f"- {f['kind']}: `{f['test']}`: {f['message']}" for f in res["failures"]]

@@ -68,8 +68,8 @@ def watch_determinism():
 def assert_same_run(actual: Tensor, expected: Tensor, is_reproducible: bool,
                     dtype: Optional[torch.dtype] = None, name: str = "tensor") -> None:
     """``actual`` and ``expected`` come from two runs of the same computation: equal bit for bit
-    when ``is_reproducible`` (``watch_determinism``'s verdict), else within the tolerance of ``dtype``
-    (default: ``actual``'s), because a run-dependent summation order changes the last bits."""
+    when ``is_reproducible`` (``watch_determinism``'s verdict), else within the tolerance of
+    ``dtype`` (default: ``actual``'s): a run-dependent summation order changes the last bits."""
     if is_reproducible:
         if not torch.equal(actual, expected):
             diff = (actual.double() - expected.double()).abs().max().item()

@@ -102,7 +102,8 @@ def test_row_chunks_per_program(monkeypatch, programs, name, dtype):
 def _extreme_case(backend, forward_ctx=None, backward_ctx=None):
     """The extreme-logits case (query weights x 3000) through ``backend``: outputs, the
     gradients of every input, the fp64 truth of the outputs and of the z/p gradients."""
-    z, p, w = _inputs(*pim_numerics.EXTREME_SHAPE, logit_gain=3000.0, seed=pim_numerics.EXTREME_SEED)
+    z, p, w = _inputs(*pim_numerics.EXTREME_SHAPE, logit_gain=3000.0,
+                      seed=pim_numerics.EXTREME_SEED)
     with forward_ctx or contextlib.nullcontext():
         out = ak.pim(z, p, w, 2, return_attn=True, backend=backend)
     zd, pd, wd = _fp64(z, p, w)
@@ -126,10 +127,10 @@ def test_extreme_logits_stay_finite_and_match():
     The attention-weight gradients are ~1e-16 in fp64 there (the softmaxes are saturated), so any
     fp32 computation, the fp32 reference included, returns rounding noise for them: finiteness
     is what is checked for those."""
-    zd = _fp64(*_inputs(*pim_numerics.EXTREME_SHAPE, logit_gain=3000.0,
-                        seed=pim_numerics.EXTREME_SEED))
-    k1 = torch.nn.functional.linear(zd[1], zd[2].t2p_k_w, zd[2].t2p_k_b)
-    q1 = torch.nn.functional.linear(zd[0], zd[2].t2p_q_w, zd[2].t2p_q_b)
+    zd, pd, wd = _fp64(*_inputs(*pim_numerics.EXTREME_SHAPE, logit_gain=3000.0,
+                                seed=pim_numerics.EXTREME_SEED))
+    k1 = torch.nn.functional.linear(pd, wd.t2p_k_w, wd.t2p_k_b)
+    q1 = torch.nn.functional.linear(zd, wd.t2p_q_w, wd.t2p_q_b)
     assert (q1[..., :16] @ k1[..., :16].transpose(1, 2)).abs().max() / 4 > 3e3  # really extreme
     by_torch, want, _ = _extreme_case("torch")
     torch_errs = ", ".join(f"{k} {relative_error(x, want[k]):.2g}" for k, x in by_torch.items())

@@ -33,6 +33,7 @@ import glob
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import subprocess
@@ -104,7 +105,7 @@ def _kill(proc: subprocess.Popen) -> None:
 def run_phase(phase: Phase, out_dir: str) -> Dict:
     """Run one phase to its log under its limit; its record for the summary."""
     record = dict(name=phase.name, limit_s=round(phase.limit_s), log=phase.log,
-                  command=" ".join(phase.argv))
+                  command=shlex.join(phase.argv))
     if phase.skip:
         with open(os.path.join(out_dir, phase.log), "w") as log:
             log.write(f"skipped: {phase.skip}\n")
@@ -182,8 +183,6 @@ def build_phases(args, out_dir: str, python: str) -> List[Phase]:
                     AVPT_RESULTS_LOG=log("gpu-tier-results.jsonl"))
     tier = [python, "-m", "pytest", "-p", "no:cacheprovider", "-v", "--tb=short", "-rfE",
             "--durations=30", "-m", "not cpu_only" + ("" if args.extended else " and not extended")]
-    if args.workers > 1:
-        tier += ["-n", str(args.workers), "--dist", "worksteal"]
     tier += DRY_TIER if args.dry else ["tests"]
     bench_env = dict(base_env, AVPT_BENCH_RESULTS=out_dir,
                      AVPT_FAILURE_LOG=log("gpu-failures.log"),
@@ -262,9 +261,6 @@ def main(argv=None) -> int:
     out_dir = os.path.join(os.path.abspath(args.out),
                            f"gpu-check_{device}_{started:%Y-%m-%d_%H%M}")
     os.makedirs(out_dir, exist_ok=True)
-    if args.workers is None:
-        has_xdist = _has_module("xdist", python, SITE)
-        args.workers = 1 if args.dry or not has_xdist else (os.cpu_count() or 1)
     if not _has_cuda() and not args.dry:
         print("gpu_check: no CUDA device here: the phases run on the CPU (use --dry for the "
               "plumbing check)", file=sys.stderr)
@@ -276,6 +272,14 @@ def main(argv=None) -> int:
         later = sum(1 for p in phases[i + 1:] if not p.skip)
         left = args.total_s - (time.monotonic() - start) - later * RESERVE_S - sum(GRACE_S)
         phase.limit_s = max(5.0, min(phase.limit_s, left))
+        if phase.name == "tier":  # after setup, which may have brought pytest-xdist
+            workers = args.workers
+            if workers is None:
+                workers = 1 if args.dry or not _has_module("xdist", python, SITE) \
+                    else (os.cpu_count() or 1)
+            if workers > 1:
+                at = phase.argv.index("-m", phase.argv.index("pytest") + 1)
+                phase.argv[at:at] = ["-n", str(workers), "--dist", "worksteal"]
         record = run_phase(phase, out_dir)
         print(f"gpu_check: {record['name']}: {record['status']} in {record['seconds']} s "
               f"(limit {record['limit_s']} s)", flush=True)

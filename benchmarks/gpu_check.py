@@ -288,7 +288,8 @@ def main(argv=None) -> int:
     tier = count_results(os.path.join(out_dir, "gpu-tier-results.jsonl"))
     bench = count_results(os.path.join(out_dir, "gpu-bench-results.jsonl"))
     summary = write_summary(out_dir, device, records, tier, bench, args.dry)
-    print(f"gpu_check: {out_dir}/SUMMARY.md: tier {tier['counts']}, total {summary['total_s']} s")
+    with open(os.path.join(out_dir, "SUMMARY.md")) as f:  # also in the device call's output
+        print(f.read() + f"\ngpu_check: {out_dir}, total {summary['total_s']} s")
     return 0 if all(r["status"] in ("passed", "skipped") for r in records) else 1
 
 

@@ -177,7 +177,8 @@ def build_phases(args, out_dir: str, python: str) -> List[Phase]:
     setup = Phase("setup", [python, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
                             "--no-compile", "--no-cache-dir", "--upgrade", "--target", SITE,
                             *wheels], args.setup_s, "gpu-setup.log",
-                  skip=None if wheels else "no .whl/ folder (make gpu-wheels makes one)")
+                  skip="dry run: nothing installed" if args.dry else
+                  None if wheels else "no .whl/ folder (make gpu-wheels makes one)")
     log = lambda name: os.path.join(out_dir, name)  # noqa: E731
     tier_env = dict(base_env, AVPT_FAILURE_LOG=log("gpu-failures.log"),
                     AVPT_RESULTS_LOG=log("gpu-tier-results.jsonl"))

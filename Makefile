@@ -14,7 +14,7 @@ BIN36    := $(VENV36)/bin
 TORCH36_PIN := torch==2.11.0 'numpy>=2.4' pytest
 STAMP36  := $(VENV36)/.installed
 
-.PHONY: setup setup-triton36 test demo compare aot aot-triton38 aot-triton36 bench gpu-wheels gpu-check gpu-profile gpu-sweep clean
+.PHONY: setup setup-triton36 test demo compare aot aot-triton38 aot-triton36 bench gpu-wheels gpu-check gpu-check-dry gpu-profile gpu-sweep clean
 
 setup: $(STAMP)
 
@@ -76,33 +76,27 @@ aot-triton36: $(STAMP36)
 
 # Pure-Python packages a CUDA machine without a registry may lack, as wheels in .whl/ (ignored
 # by git; carry it to that machine). Run here, where pip reaches the registry.
-GPU_WHEELS := open_clip_torch==3.3.0 ftfy wcwidth pydicom openpyxl et_xmlfile
+# pytest-xdist (+ execnet): the GPU tier on every core.
+GPU_WHEELS := open_clip_torch==3.3.0 ftfy wcwidth pydicom openpyxl et_xmlfile \
+	pytest-xdist==3.8.0 execnet==2.1.2
 gpu-wheels:
 	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: -d .whl $(GPU_WHEELS)
 
-# On a CUDA machine that brings its own torch/triton (no venv, no registry): the GPU test suite,
-# then the full benchmarks, from the source tree, with the wheels of .whl/ if present. Sized for
-# one 10-minute call (first H200 run, 2026-12-04: the CI suite did not finish in 280 s on 8
-# workers; the benchmarks took 200 s): tests on every core (pytest-xdist where installed) with
-# short tracebacks, cut at GPU_TEST_S seconds so the benchmarks always run. The test log, every
-# failure's traceback as it happens (gpu-failures.log: a cut run keeps them), the benchmark JSON
-# and TABLE10.md land in $$OUT when set (the device tool's return folder), else in
-# benchmarks/results/. The exit status is the tests' (124: cut at the time limit).
+# On a CUDA machine that brings its own torch/triton (no venv, no registry), as one device call
+# (under 9 minutes): the GPU tier of the tests (every device-path test, `-m "not cpu_only"`, on
+# every core), then the benchmarks, then the profile, each under its own time limit; the wheels
+# of .whl/ first. Results, logs, tracebacks and SUMMARY.md in $$OUT/gpu-check_<device>_<date>/
+# (else under benchmarks/results/): benchmarks/gpu_check.py. GPU_CHECK_ARGS: e.g. --tier-s 200.
 GPU_SITE := /tmp/avpt-site
 GPU_OUT := $(if $(OUT),$(OUT),benchmarks/results)
-GPU_TEST_S ?= 320
-GPU_BENCH_S ?= 250
+GPU_CHECK_ARGS ?=
 gpu-check:
-	@if [ -d .whl ]; then $(PYTHON) -m pip install -q --no-index --no-deps --no-compile \
-		--no-cache-dir --upgrade --target $(GPU_SITE) .whl/*.whl; fi
-	@xdist=$$($(PYTHON) -c "import xdist" 2>/dev/null && echo "-n $$(nproc)"); \
-	PYTHONPATH=.:$(GPU_SITE) PYTHONUNBUFFERED=1 AVPT_FAILURE_LOG=$(GPU_OUT)/gpu-failures.log \
-		timeout $(GPU_TEST_S) $(PYTHON) -m pytest $$xdist \
-		-v --tb=short -rfE -p no:cacheprovider -m "not extended" tests > $(GPU_OUT)/gpu-tests.log 2>&1; \
-	rc=$$?; tail -n 40 $(GPU_OUT)/gpu-tests.log; \
-	PYTHONPATH=.:$(GPU_SITE) AVPT_BENCH_RESULTS=$(GPU_OUT) timeout $(GPU_BENCH_S) $(PYTHON) -m pytest \
-		-q -p no:cacheprovider --tb=short benchmarks 2>&1 | tail -n 30; \
-	exit $$rc
+	$(PYTHON) -m benchmarks.gpu_check --out $(GPU_OUT) $(GPU_CHECK_ARGS)
+
+# The same script's plumbing on a CPU in well under a minute (tiny phases; also run by `make test`
+# as tests/test_gpu_check.py), into a temporary folder.
+gpu-check-dry: $(STAMP)
+	$(BIN)/python -m benchmarks.gpu_check --dry --out $$(mktemp -d)
 
 # Where a forward's time goes on the GPU (wall vs GPU busy, top kernels): benchmarks/gpu_profile.py
 gpu-profile:

@@ -13,6 +13,11 @@ def _has_cuda() -> bool:
 
 if not _has_cuda():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:
+    # cuBLAS is deterministic only with a fixed workspace (read when CUDA initialises): the
+    # trainer's deterministic mode and the tests that compare two runs bit for bit need it
+    # (tests/determinism.py)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -30,11 +35,8 @@ def _seed():
     torch.manual_seed(0)
 
 
-def pytest_runtest_logreport(report):
-    """With AVPT_FAILURE_LOG set, each failure's traceback is appended to that file as it
-    happens (also under pytest-xdist, whose workers report here): a run cut off by a time
-    limit, as on a lent GPU machine, still leaves its tracebacks."""
-    path = os.environ.get("AVPT_FAILURE_LOG")
-    if path and report.failed:
-        with open(path, "a") as f:
-            f.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
+# The run's log as it happens (failure tracebacks, per-test results, the time of each test
+# file): tests/run_log.py, whose hooks these names make this conftest's.
+from tests.run_log import (pytest_collection_finish, pytest_configure,  # noqa: E402,F401
+                           pytest_runtest_logreport, pytest_terminal_summary,
+                           pytest_xdist_node_collection_finished)

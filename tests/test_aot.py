@@ -11,6 +11,9 @@ import triton.language as tl
 
 from avpt_kernels import aot
 
+# The GPU tier leaves these out: not a device path (compile checks for sm_80/sm_90a: no GPU used).
+pytestmark = pytest.mark.cpu_only
+
 
 @triton.jit
 def _probe_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):

@@ -21,6 +21,7 @@ from avpt.losses import AVPTLoss
 from avpt_kernels import reference
 from avpt_kernels.testing import (assert_bounded_error, assert_close, assert_grads_close,
                                   random_pim_params)
+from tests.determinism import assert_same_run, watch_determinism
 from tests.tiny_models import trained_looking_tiny_avpt
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -127,15 +128,17 @@ def test_fp32_inputs_under_autocast_give_the_fp32_answer(op, backend_name, autoc
     """fp32 inputs under autocast: fp32 outputs (PIM attention fp32), within the fp32 tolerance
     of the fp64 truth, outputs and every gradient, and equal to the same call without autocast."""
     inputs = _make_inputs(op)
-    outputs, grads = _run(op, inputs, backend_name, autocast_dtype)
+    with watch_determinism() as runs:  # two runs, compared below
+        outputs, grads = _run(op, inputs, backend_name, autocast_dtype)
+        plain, plain_g = _run(op, inputs, backend_name)
     assert tuple(o.dtype for o in outputs) == _expected_dtypes(op, torch.float32)
     truth, truth_g = _truth(op, inputs)
     for i, (x, y) in enumerate(zip(outputs, truth)):
         assert_close(x, y, torch.float32, f"{op}[{backend_name}] output {i} under autocast")
     assert_grads_close(_names(op, len(inputs)), grads, truth_g, torch.float32)
-    plain, plain_g = _run(op, inputs, backend_name)
-    for x, y in zip((*outputs, *grads), (*plain, *plain_g)):
-        assert torch.equal(x, y), f"{op}[{backend_name}]: autocast changed the result"
+    for i, (x, y) in enumerate(zip((*outputs, *grads), (*plain, *plain_g))):
+        assert_same_run(x, y, runs.reproducible,
+                        name=f"{op}[{backend_name}] result {i}: autocast changed it")
 
 
 @pytest.mark.parametrize("op,backend_name", _cases(OPS))
@@ -143,11 +146,13 @@ def test_bf16_inputs_under_autocast_are_the_bf16_op(op, backend_name):
     """bf16 inputs under bf16 autocast: the same bf16 results as without autocast (outputs in
     bf16, PIM attention in fp32), within the bf16 tolerance of the fp64 truth."""
     inputs = _make_inputs(op, torch.bfloat16)
-    outputs, grads = _run(op, inputs, backend_name, torch.bfloat16)
+    with watch_determinism() as runs:  # two runs, compared below
+        outputs, grads = _run(op, inputs, backend_name, torch.bfloat16)
+        plain, plain_g = _run(op, inputs, backend_name)
     assert tuple(o.dtype for o in outputs) == _expected_dtypes(op, torch.bfloat16)
-    plain, plain_g = _run(op, inputs, backend_name)
-    for x, y in zip((*outputs, *grads), (*plain, *plain_g)):
-        assert torch.equal(x, y), f"{op}[{backend_name}]: autocast changed the bf16 result"
+    for i, (x, y) in enumerate(zip((*outputs, *grads), (*plain, *plain_g))):
+        assert_same_run(x, y, runs.reproducible,
+                        name=f"{op}[{backend_name}] bf16 result {i}: autocast changed it")
     truth, truth_g = _truth(op, inputs)
     for i, (x, y) in enumerate(zip(outputs, truth)):
         assert_close(x, y, torch.bfloat16, f"{op}[{backend_name}] output {i} (bf16)")
@@ -220,16 +225,18 @@ def test_modules_under_autocast_are_the_op_on_cast_inputs(op, backend_name):
                                 return_attn=True, backend=backend_name)
         forward = lambda: module(z, p, return_attn=True)  # noqa: E731
 
-    with torch.autocast(DEVICE, dtype=bf):
-        got = forward()
-    want = manual()
+    with watch_determinism() as runs:  # two runs, compared below
+        with torch.autocast(DEVICE, dtype=bf):
+            got = forward()
+        want = manual()
+        got_g = torch.autograd.grad(_loss(got), leaves)
+        want_g = torch.autograd.grad(_loss(want), leaves)
     assert tuple(o.dtype for o in got) == _expected_dtypes("pim" if op == "pim" else op, bf)
-    for x, y in zip(got, want):
-        assert torch.equal(x, y)
-    got_g = torch.autograd.grad(_loss(got), leaves)
-    want_g = torch.autograd.grad(_loss(want), leaves)
-    for x, y in zip(got_g, want_g):
-        assert x.dtype == torch.float32 and torch.equal(x, y)
+    for i, (x, y) in enumerate(zip(got, want)):
+        assert_same_run(x, y, runs.reproducible, name=f"{op}[{backend_name}] output {i}")
+    for i, (x, y) in enumerate(zip(got_g, want_g)):
+        assert x.dtype == torch.float32, f"{op}[{backend_name}] gradient {i}: {x.dtype}"
+        assert_same_run(x, y, runs.reproducible, name=f"{op}[{backend_name}] gradient {i}")
 
 
 def test_pim_forward_with_casts_like_forward():

@@ -470,6 +470,7 @@ def test_code_anchor_ignores_prepare():
     assert torch.equal(m.anchor_low, text)
 
 
+@pytest.mark.cpu_only  # pinned to --device cpu / device=cpu: not in the GPU tier
 def test_trainer_prepares_paper_anchors_and_resume_recomputes_them(tmp_path, monkeypatch):
     """Fresh run stopped after epoch 1, then resumed: ``prepare`` runs at both starts, on the
     un-augmented training set, and gives the same anchors = the independent class means."""
@@ -501,6 +502,7 @@ TINY_CLI = ["--dataset", "phantom", "--backbone", "tiny", "--device", "cpu", "--
             "--set", "report=false"]
 
 
+@pytest.mark.cpu_only  # pinned to --device cpu / device=cpu: not in the GPU tier
 @pytest.mark.parametrize("anchor", ["paper", "code"])
 def test_cli_train_end_to_end(tmp_path, anchor):
     import json

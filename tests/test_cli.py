@@ -11,6 +11,9 @@ from avpt.cli import main
 
 from .test_data import write_busi
 
+# The GPU tier leaves these out: not a device path (command-line runs pinned to --device cpu).
+pytestmark = pytest.mark.cpu_only
+
 # --device cpu: these tests are about the command line, not the device (on a GPU machine the
 # default, auto, picks CUDA; eval must reproduce a run's metrics on the device it was trained on)
 FAST = ["--set", "model.backend=torch", "--set", "batch_size=4", "--set", "eval_batch_size=8",

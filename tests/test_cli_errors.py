@@ -19,6 +19,9 @@ import torch
 
 from avpt.cli import main
 
+# The GPU tier leaves these out: not a device path (command-line error messages, runs pinned to --device cpu).
+pytestmark = pytest.mark.cpu_only
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST = ["--set", "model.backend=torch", "--set", "eval_batch_size=8",
         "--set", "progress=false", "--set", "threads=1", "--set", "model.queue_size=16",

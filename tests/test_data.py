@@ -14,6 +14,9 @@ from avpt.data import (BreastDataset, DataError, ModalityBatchSampler, load_reco
 from avpt.data import transforms as T
 from avpt.data.folds import load_or_make_folds, make_folds
 
+# The GPU tier leaves these out: not a device path (data readers and augmentation).
+pytestmark = pytest.mark.cpu_only
+
 
 # ----------------------------------------------------------------------------------------------
 # Phantom

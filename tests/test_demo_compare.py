@@ -1,7 +1,11 @@
 """Bootstrap intervals on known cases and the comparison table/plot."""
 import numpy as np
+import pytest
 
 from avpt.comparison import bootstrap_ci, comparison_html, comparison_plot, per_image
+
+# The GPU tier leaves these out: not a device path (bootstrap intervals and report rendering).
+pytestmark = pytest.mark.cpu_only
 
 
 def _arrays(probs, labels, dice=None):

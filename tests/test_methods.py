@@ -13,6 +13,7 @@ from avpt.methods import build_method, get_config_class, method_names
 from avpt.params import format_reports, parameter_report
 from avpt_kernels.testing import assert_close
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 METHODS = ["linear", "full", "vpt", "lora", "adapter", "coop", "avpt", "cilmp", "biomedap"]
 # which parameter-name prefixes may train for each method (heads are shared by all)
 TRAINABLE = {
@@ -51,8 +52,10 @@ def test_registry_lists_every_method():
 
 @pytest.mark.parametrize("name", METHODS)
 def test_forward_backward_and_frozen_parts(name):
-    method = tiny(name)
-    images, maps = torch.randn(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    """On CUDA when a GPU is present (A-VPT then with the Triton kernels), else on the CPU."""
+    kernels = {"backend": "triton"} if name == "avpt" and DEVICE == "cuda" else {}
+    method = tiny(name, **kernels).to(DEVICE)
+    images, maps = torch.randn(2, 3, 64, 64, device=DEVICE), torch.rand(2, 3, 64, 64, device=DEVICE)
     out = run(method, images, maps)
     assert out.logits.shape == (2, 2) and out.seg_logits.shape == (2, 1, 64, 64)
     assert out.features.shape == (2, 32) and out.tokens.shape == (2, 16, 64)

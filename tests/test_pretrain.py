@@ -9,6 +9,9 @@ from avpt.backbone import TINY_P8_MODEL, load_backbone
 from avpt.pretrain import (DEFAULT_WEIGHTS, add_parser, augment, main, make_pretrain_data,
                            pretrain, probe_auc, read_meta, save_weights)
 
+# The GPU tier leaves these out: not a device path (pretraining on the CPU).
+pytestmark = pytest.mark.cpu_only
+
 
 def test_tiny_pretrain_roundtrip_and_determinism(tmp_path):
     data = make_pretrain_data(seed=5000, num_patients=6, views=1)

@@ -7,6 +7,9 @@ import torch
 from avpt.backbone import TINY_MODEL
 from avpt.text_tower import encode_embedded, eot_positions, prompt_length
 
+# The GPU tier leaves these out: not a device path (the text tower against open_clip, on the CPU).
+pytestmark = pytest.mark.cpu_only
+
 PROMPTS = ["a photo of a benign lesion.", "malignant", "a b c d e f g"]
 
 

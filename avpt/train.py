@@ -75,12 +75,16 @@ def build_data(cfg: Dict, image_size: int, out: str, main: bool = True):
                                  cfg["test_data_root"] or cfg["data_root"], cfg["test_modality"],
                                  cfg["seed"], image_size, cfg["data"])
         test = BreastDataset(test_recs, image_size, train=False, stats=train.stats, **common)
+        _check_classes(cfg, [r.label for r in train.records], [r.label for r in test.records],
+                       "the transfer")
         info.update(split="transfer", skipped=len(train.skipped) + len(test.skipped),
                     train_modalities=sorted(set(train.modalities)),
                     test_modalities=sorted(set(test.modalities)))
         return train, test, info
     full = BreastDataset(recs, image_size, train=False, **common)
     if cfg["fold"] is None:
+        labels = [r.label for r in full.records]
+        _check_classes(cfg, labels, labels, "the data set (fold=null)")
         return Subset(full, range(len(full)), True), Subset(full, range(len(full)), False), \
             dict(split="none (test = train)", skipped=len(full.skipped))
     folds_file = cfg["folds_file"] or os.path.join(out, "folds.json")
@@ -93,6 +97,9 @@ def build_data(cfg: Dict, image_size: int, out: str, main: bool = True):
     if not 0 <= int(cfg["fold"]) < len(folds):
         raise ValueError(f"fold must be in [0, {len(folds)}), got {cfg['fold']}")
     idx = split_indices(full.records, folds[int(cfg["fold"])])
+    _check_classes(cfg, [full.records[i].label for i in idx["train"]],
+                   [full.records[i].label for i in idx["test"]],
+                   f"fold {cfg['fold']} of {len(folds)}")
     # normalisation statistics from the training images only
     by_mod: Dict[str, list] = {}
     for i in idx["train"]:
@@ -101,6 +108,15 @@ def build_data(cfg: Dict, image_size: int, out: str, main: bool = True):
     info.update(split=f"fold {cfg['fold']} of {len(folds)}", folds_file=folds_file,
                 skipped=len(full.skipped))
     return Subset(full, idx["train"], True), Subset(full, idx["test"], False), info
+
+
+def _check_classes(cfg: Dict, train_labels, test_labels, split: str) -> None:
+    """Every class of the data set in the training samples (else a DataError), warned for the
+    test samples (``avpt.data.checks``)."""
+    from .data.checks import check_split_classes
+    from .validate import data_classes
+
+    check_split_classes(train_labels, test_labels, data_classes(cfg["dataset"], cfg["data"]), split)
 
 
 def unaugmented(train_set):
@@ -444,11 +460,16 @@ def _check_saved_classes(model_dir: str, saved: Dict, cfg: Dict) -> None:
     from .validate import ConfigError, data_classes
 
     classes = data_classes(cfg["dataset"], cfg["data"])
-    if int(saved.get("num_classes", 2)) != len(classes):
-        raise ConfigError(f"--model {model_dir!r} tells {saved.get('num_classes')} classes apart, "
-                          f"dataset {cfg['dataset']!r} with these data settings has "
-                          f"{len(classes)} ({', '.join(classes)}); for BUSI's three classes give "
-                          f"--set data.normal=class")
+    n = int(saved.get("num_classes", 2))
+    if n != len(classes):
+        fix = "evaluate it on data of its classes"
+        if cfg["dataset"] == "busi":  # the one data set whose class count is a setting
+            fix += (" (BUSI: give --set data.normal=class for normal/benign/malignant" if n == 3
+                    else " (BUSI: drop data.normal=class; data.normal=benign or exclude for "
+                         "benign/malignant") + ")"
+        raise ConfigError(f"--checkpoint {model_dir!r} tells {n} classes apart, dataset "
+                          f"{cfg['dataset']!r} with these data settings has {len(classes)} "
+                          f"({', '.join(classes)}); {fix}")
 
 
 def _classes_record(cfg: Dict) -> Dict:

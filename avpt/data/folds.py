@@ -48,10 +48,9 @@ def load_or_make_folds(path: str, records: Sequence[Record], k: int = 5, seed: i
         return folds
     folds = make_folds(records, k, seed)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"k": k, "seed": seed, "folds": folds}, f, indent=1)
-    os.replace(tmp, path)
+    from avpt_kernels._files import write_bytes_atomic
+
+    write_bytes_atomic(path, json.dumps({"k": k, "seed": seed, "folds": folds}, indent=1).encode())
     return folds
 
 

@@ -30,7 +30,7 @@ import time
 from typing import Dict, Optional
 
 MARKER = ".avpt-owner.json"
-_BOOKKEEPING = (MARKER, ".avpt.lock")
+_BOOKKEEPING = (MARKER, ".avpt.lock", "folds.json")  # (a folds file may be put there first)
 _TEMP = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")  # a write in progress (avpt_kernels._files)
 WHAT = {"train": "a training run", "transfer": "a transfer run", "eval": "an evaluation",
         "explain": "explanation figures", "cv": "a cross-validation", "demo": "a demo"}

@@ -7,12 +7,15 @@ full disk or a missing permission is one ``OutputError`` line naming the file. `
 rewritten from the checkpoint's history after each checkpoint, so it is never ahead of it."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
 import random
-from typing import Dict
+import signal
+import threading
+from typing import Dict, Iterator
 
 import numpy as np
 import torch
@@ -55,6 +58,30 @@ def atomic_save(obj, path: str) -> None:
     whole checkpoint (also when the process is killed or interrupted while saving); no
     temporary file is left behind; a full disk is an ``OutputError`` naming ``path``."""
     write_atomic(path, lambda tmp: _torch_save(obj, tmp))
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive inside the block take effect when it ends (their handler
+    then runs as usual): the checkpoint and the log row of an epoch are written together or not
+    at all. Main thread only (elsewhere signals cannot be handled; the block runs as it is)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list = []
+    caught = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in caught}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if pending:
+            handler = previous[pending[0]]
+            if callable(handler):
+                handler(pending[0], None)      # e.g. KeyboardInterrupt, the CLI's Terminated
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), pending[0])
 
 
 def write_text(path: str, text: str) -> None:

@@ -47,7 +47,7 @@ from .engine import (LOG_EVERY, Optimization, TrainStep, evaluate, lr_lambda,  #
                      undefined_metrics)
 from .run_io import (CHECKPOINT_KEYS, RUN_CONTROL, _comparable, append_csv, atomic_save,  # noqa: F401
                      backbone_record, check_resume, read_checkpoint, rng_state, set_rng_state,
-                     write_csv, write_json)
+                     signals_deferred, write_csv, write_json)
 from .runtime import Dist, amp_dtype, resolve_device, seed_everything  # noqa: F401
 
 log = logging.getLogger("avpt.train")
@@ -166,9 +166,29 @@ def build_model(cfg: Dict):
             raise
         from .validate import ConfigError
 
-        first = str(exc).strip().splitlines()[0][:200]
         raise ConfigError(f"--pretrained {cfg['pretrained']!r} does not fit backbone "
-                          f"{cfg['backbone']!r}: {first}") from None
+                          f"{cfg['backbone']!r}: {_state_dict_mismatch(str(exc))}; give the "
+                          f"open_clip weights file of that backbone, or the --backbone the file "
+                          f"was made for") from None
+
+
+def _state_dict_mismatch(text: str) -> str:
+    """torch's multi-line load_state_dict error in one line: how many keys were missing,
+    unexpected or of another shape, with the first of each."""
+    import re
+
+    parts = []
+    for label, pattern in (("missing", r"Missing key\(s\) in state_dict: (.*?)\.?\s*$"),
+                           ("unexpected", r"Unexpected key\(s\) in state_dict: (.*?)\.?\s*$")):
+        for line in text.splitlines():
+            m = re.search(pattern, line.strip())
+            if m:
+                keys = re.findall(r'"([^"]+)"', m.group(1))
+                parts.append(f"{len(keys)} {label} keys (e.g. {keys[0]!r})" if keys else label)
+    shapes = [line.strip() for line in text.splitlines() if "size mismatch" in line]
+    if shapes:
+        parts.append(f"{len(shapes)} of another shape ({shapes[0][:120]})")
+    return ", ".join(parts) or (text.strip().splitlines() or ["does not load"])[0][:200]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -416,8 +436,9 @@ def _run(cfg: Dict, backbone: Dict) -> Dict:
                      "rng": rng_state(), "history": history}
             if averager is not None:
                 state["averager"] = averager.state_dict()
-            atomic_save(state, ckpt_path)  # first the checkpoint, then the log that it holds
-            _log_epoch(history, epochs, out, writer)
+            with signals_deferred():  # Ctrl-C / SIGTERM: after both, so that they agree
+                atomic_save(state, ckpt_path)  # first the checkpoint, then the log it holds
+                _log_epoch(history, epochs, out, writer)
         dist.barrier()
         if cfg["stop_after_epoch"] is not None and epoch + 1 >= int(cfg["stop_after_epoch"]) \
                 and epoch + 1 < epochs:

@@ -106,3 +106,38 @@ def test_no_output_lands_inside_the_package(capsys):
     pkg_folder = os.path.join(os.path.dirname(SHIPPED_WEIGHTS), "run")
     msg = _refused(_train_args(pkg_folder), capsys)
     assert "is inside the installed avpt package" in msg and not os.path.exists(pkg_folder)
+
+
+# ----------------------------------------------------------------------------------------------
+# Messages that name the fix
+# ----------------------------------------------------------------------------------------------
+def test_a_models_trainable_weights_as_pretrained_name_the_fix(made, capsys):
+    msg = _refused(_train_args(made / "new", "--pretrained",
+                               str(made / "run" / "model" / "trainable.safetensors")), capsys)
+    assert "holds an avpt model's trainable weights (method 'avpt'), not open_clip backbone" in msg
+    assert "avpt eval --checkpoint RUN" in msg
+
+
+def test_a_state_dict_mismatch_is_summed_up_in_one_line():
+    import torch
+    from torch import nn
+
+    from avpt.train import _state_dict_mismatch
+
+    with pytest.raises(RuntimeError) as info:
+        nn.Linear(3, 2).load_state_dict({"weight": torch.zeros(2, 4), "other": torch.zeros(1)})
+    line = _state_dict_mismatch(str(info.value))
+    assert "\n" not in line and "1 missing keys (e.g. 'bias')" in line
+    assert "1 unexpected keys (e.g. 'other')" in line and "1 of another shape" in line
+
+
+def test_folds_of_other_data_advise_fold_null_not_deleting_the_file(tmp_path):
+    from avpt.data import phantom_records
+    from avpt.data.folds import load_or_make_folds
+    from avpt.data.records import DataError
+
+    path = str(tmp_path / "folds.json")
+    load_or_make_folds(path, phantom_records(4, 1, ["MG"], size=8), k=2)
+    with pytest.raises(DataError, match=r"made for other data; .*--set fold=null.*"
+                                        r"--set folds_file=NEW.json"):
+        load_or_make_folds(path, phantom_records(6, 1, ["MG"], size=8), k=2)

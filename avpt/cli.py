@@ -15,8 +15,11 @@ resolved config) and, unless --set report=false, figures and OUT/report.html.
 
 Every setting, file and folder is checked before any data is loaded or anything trained
 (``avpt.validate``); a mistake is one line ``avpt CMD: error: ...`` on stderr and exit code 2
-(``AVPT_TRACEBACK=1`` shows the traceback). Ctrl-C: one line, exit code 130, the last epoch's
-checkpoint intact. One run per --out at a time (a lock file, ``OUT/.avpt.lock``).
+(``AVPT_TRACEBACK=1`` shows the traceback); a full disk or other I/O failure is one line naming
+the file, exit code 1. Ctrl-C: one line, exit code 130, SIGTERM the same with exit code 143, the
+last epoch's checkpoint and log.csv intact and in agreement. One run per --out at a time (a lock
+file, ``OUT/.avpt.lock``); every --out records what made it (``avpt.owner``) and a command
+refuses a folder of another kind or run unless --overwrite.
 """
 from __future__ import annotations
 

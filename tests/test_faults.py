@@ -127,9 +127,9 @@ def test_a_file_size_limit_mid_training_is_one_line_and_leaves_no_temp_file(tmp_
     assert not _temp_files(out) and not (out / "checkpoint.pt").exists()
 
 
-def _full_disk(monkeypatch, name):
-    """Writes into the temporary file of ``name`` fail with ENOSPC (the disk fills up while the
-    command's result is written, after the work)."""
+def _full_disk(monkeypatch, name, code=errno.ENOSPC):
+    """Writes into the temporary file of ``name`` fail with ``code`` (ENOSPC: the disk fills up
+    while the command's result is written, after the work)."""
     real_open = builtins.open
 
     def full_open(file, mode="r", *args, **kwargs):
@@ -137,7 +137,7 @@ def _full_disk(monkeypatch, name):
         base = os.path.basename(str(file))
         if any(c in mode for c in "wa") and base.startswith(f".{name}.") and base.endswith(".tmp"):
             def write(data):
-                raise OSError(errno.ENOSPC, "No space left on device")
+                raise OSError(code, os.strerror(code))
             f.write = write
         return f
 
@@ -194,3 +194,18 @@ def test_a_folder_that_cannot_be_made_is_one_line_not_a_bare_errno(capsys, monke
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "/proc/avpt-test-run" in err[0], err
     assert not err[0].split("error: ", 1)[1].startswith("[Errno"), err
+
+
+def test_a_write_that_is_not_permitted_is_one_line_exit_2(run_dir, tmp_path, capsys, monkeypatch):
+    """EACCES on the result (what a read-only share or a root-owned folder gives; tests run as
+    root here, so chmod cannot make one)."""
+    monkeypatch.delenv("AVPT_TRACEBACK", raising=False)
+    out = tmp_path / "out"
+    _full_disk(monkeypatch, "metrics.json", errno.EACCES)
+    rc = main(["eval", "--checkpoint", str(run_dir), "--out", str(out), *CPU, *FAST[:2]])
+    monkeypatch.undo()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0] == (f"avpt eval: error: cannot write {out / 'metrics.json'}: Permission denied; "
+                      f"give a folder you may write in"), err
+    assert not _temp_files(out)

@@ -164,31 +164,13 @@ def build_model(cfg: Dict):
     except RuntimeError as exc:
         if cfg["pretrained"] is None or "state_dict" not in str(exc):
             raise
+        from .backbone import state_dict_mismatch
         from .validate import ConfigError
 
         raise ConfigError(f"--pretrained {cfg['pretrained']!r} does not fit backbone "
-                          f"{cfg['backbone']!r}: {_state_dict_mismatch(str(exc))}; give the "
+                          f"{cfg['backbone']!r}: {state_dict_mismatch(str(exc))}; give the "
                           f"open_clip weights file of that backbone, or the --backbone the file "
                           f"was made for") from None
-
-
-def _state_dict_mismatch(text: str) -> str:
-    """torch's multi-line load_state_dict error in one line: how many keys were missing,
-    unexpected or of another shape, with the first of each."""
-    import re
-
-    parts = []
-    for label, pattern in (("missing", r"Missing key\(s\) in state_dict: (.*?)\.?\s*$"),
-                           ("unexpected", r"Unexpected key\(s\) in state_dict: (.*?)\.?\s*$")):
-        for line in text.splitlines():
-            m = re.search(pattern, line.strip())
-            if m:
-                keys = re.findall(r'"([^"]+)"', m.group(1))
-                parts.append(f"{len(keys)} {label} keys (e.g. {keys[0]!r})" if keys else label)
-    shapes = [line.strip() for line in text.splitlines() if "size mismatch" in line]
-    if shapes:
-        parts.append(f"{len(shapes)} of another shape ({shapes[0][:120]})")
-    return ", ".join(parts) or (text.strip().splitlines() or ["does not load"])[0][:200]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -5,8 +5,13 @@ open_clip visual tower, a timm ``VisionTransformer`` or a Hugging Face ``ViTMode
 ``CLIPVisionModel`` (a small registry of adapters: block list, width, token layout), and
 replaces each chosen block by a ``PIMBlock``: tokens in, tokens out, a PIM before the block,
 with its own prompt state. The model object, its forward signature and its outputs' structure
-stay as they were; ``remove_pim`` puts the original blocks back; ``pim_state_dict`` /
-``load_pim_state_dict`` save and load only the added weights (safetensors, PEFT style).
+stay as they were; ``remove_pim`` undoes everything ``inject_pim`` did (the original blocks,
+``freeze_base``'s trainability, the guards below); ``pim_state_dict`` / ``load_pim_state_dict``
+save and load only the added weights (safetensors, PEFT style; ``avpt_kernels.inject_io``).
+
+Round trips: a full ``state_dict`` loads into a model injected alike (a PIM of other settings,
+``t2p_reduce`` included, is refused by name); a Hugging Face model's ``save_pretrained`` is
+refused while PIM blocks are in it: ``save_pim_pretrained`` / ``load_pim_pretrained``.
 
 Prompts (per wrapped block):
   * ``"learned"``: a parameter [K, D] of its own, N(0, 1) per element (the scale of the A-VPT
@@ -109,7 +114,7 @@ class PIMBlock(nn.Module):
         # The PIM's settings as a tensor, so a full state dict carries them and a load of one
         # made with other settings (t2p_reduce above all: same shapes) is refused by name.
         self.register_buffer("pim_settings", _settings_code(pim).to(device))
-        self._register_load_state_dict_pre_hook(_check_loaded_state, with_module=True)
+        self.register_load_state_dict_pre_hook(_check_loaded_state)
         self._prompt_fn = None
         self.prompt_kind = _set_prompts(self, prompts, num_prompts, pim.dim, device)
 
@@ -415,9 +420,8 @@ def inject_pim(model: nn.Module, layers=None, *, num_prompts: int = 6, num_heads
 
 
 class _InjectRecord:
-    """What one ``inject_pim`` call changed besides the blocks, for ``remove_pim``: each base
-    parameter's ``requires_grad`` before ``freeze_base``, the modules whose ``save_pretrained``
-    it guarded."""
+    """What ``inject_pim`` changed besides the blocks, for ``remove_pim``: ``requires_grad``
+    before ``freeze_base``, the modules whose methods it guarded."""
 
     def __init__(self):
         self.trainable: List[Tuple[nn.Parameter, bool]] = []

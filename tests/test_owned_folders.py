@@ -122,11 +122,11 @@ def test_a_state_dict_mismatch_is_summed_up_in_one_line():
     import torch
     from torch import nn
 
-    from avpt.train import _state_dict_mismatch
+    from avpt.backbone import state_dict_mismatch
 
     with pytest.raises(RuntimeError) as info:
         nn.Linear(3, 2).load_state_dict({"weight": torch.zeros(2, 4), "other": torch.zeros(1)})
-    line = _state_dict_mismatch(str(info.value))
+    line = state_dict_mismatch(str(info.value))
     assert "\n" not in line and "1 missing keys (e.g. 'bias')" in line
     assert "1 unexpected keys (e.g. 'other')" in line and "1 of another shape" in line
 

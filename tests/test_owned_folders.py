@@ -141,3 +141,16 @@ def test_folds_of_other_data_advise_fold_null_not_deleting_the_file(tmp_path):
     with pytest.raises(DataError, match=r"made for other data; .*--set fold=null.*"
                                         r"--set folds_file=NEW.json"):
         load_or_make_folds(path, phantom_records(6, 1, ["MG"], size=8), k=2)
+
+
+def test_a_class_count_mismatch_advises_the_other_setting_not_the_one_given():
+    from avpt.saved_eval import _check_saved_classes
+    from avpt.validate import ConfigError
+
+    busi = {"dataset": "busi", "data": {"normal": "class"}}
+    with pytest.raises(ConfigError) as info:
+        _check_saved_classes("RUN/model", {"num_classes": 2}, busi)
+    assert "drop data.normal=class" in str(info.value)
+    assert "give --set data.normal=class" not in str(info.value)
+    with pytest.raises(ConfigError, match=r"give --set data.normal=class"):
+        _check_saved_classes("RUN/model", {"num_classes": 3}, dict(busi, data={}))

@@ -86,3 +86,22 @@ def load_backbone(model_name: str = VIT_B16, pretrained: Optional[str] = None,
 def visual_param_count(clip_model: nn.Module) -> int:
     """Number of parameters of the visual tower (the denominator of the trainable share)."""
     return sum(p.numel() for p in clip_model.visual.parameters())
+
+
+def state_dict_mismatch(text: str) -> str:
+    """torch's multi-line load_state_dict error in one line: how many keys were missing,
+    unexpected or of another shape, with the first of each."""
+    import re
+
+    parts = []
+    for label, pattern in (("missing", r"Missing key\(s\) in state_dict: (.*?)\.?\s*$"),
+                           ("unexpected", r"Unexpected key\(s\) in state_dict: (.*?)\.?\s*$")):
+        for line in text.splitlines():
+            m = re.search(pattern, line.strip())
+            if m:
+                keys = re.findall(r'"([^"]+)"', m.group(1))
+                parts.append(f"{len(keys)} {label} keys (e.g. {keys[0]!r})" if keys else label)
+    shapes = [line.strip() for line in text.splitlines() if "size mismatch" in line]
+    if shapes:
+        parts.append(f"{len(shapes)} of another shape ({shapes[0][:120]})")
+    return ", ".join(parts) or (text.strip().splitlines() or ["does not load"])[0][:200]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Dict, Optional, Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .methods.base import Method, build_method, get_config_class
 
@@ -47,16 +47,21 @@ def save_trainable(method: Method, directory: Union[str, os.PathLike], backbone:
     """Write the trainable tensors and the config of ``method`` under ``directory``, with what
     rebuilds its frozen backbone exactly (``backbone``: model name, weights path and sha256, or
     the random-init seed; plus the frozen weights' fingerprint) and the training run's config."""
+    from safetensors.torch import save
+
+    from avpt_kernels._files import write_bytes_atomic
+
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in method.trainable_state_dict().items()}
-    save_file(state, str(path / WEIGHTS_FILE), metadata={"method": method.name})
+    # each file whole or not at all (a kill or a full disk leaves the old one, no temp file)
+    write_bytes_atomic(path / WEIGHTS_FILE, save(state, metadata={"method": method.name}))
     record = None
     if backbone is not None:  # the trainer's record: also the frozen weights' fingerprint
         record = dict(backbone, frozen_sha256=frozen_fingerprint(method))
-    with open(path / CONFIG_FILE, "w") as f:
-        json.dump({"method": method.name, "config": method.config.to_dict(), "backbone": record,
-                   "run": run_config}, f, indent=2)
+    write_bytes_atomic(path / CONFIG_FILE, json.dumps(
+        {"method": method.name, "config": method.config.to_dict(), "backbone": record,
+         "run": run_config}, indent=2).encode())
     return path
 
 

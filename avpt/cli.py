@@ -16,8 +16,11 @@ the resolved config) and, unless --set report=false, figures and OUT/report.html
 
 Every setting, file and folder is checked before any data is loaded or anything trained
 (``avpt.validate``); a mistake is one line ``avpt CMD: error: ...`` on stderr and exit code 2
-(``AVPT_TRACEBACK=1`` shows the traceback). Ctrl-C: one line, exit code 130, the last epoch's
-checkpoint intact. One run per --out at a time (a lock file, ``OUT/.avpt.lock``).
+(``AVPT_TRACEBACK=1`` shows the traceback); a full disk or other I/O failure is one line naming
+the file, exit code 1. Ctrl-C: one line, exit code 130, SIGTERM the same with exit code 143, the
+last epoch's checkpoint and log.csv intact and in agreement. One run per --out at a time (a lock
+file, ``OUT/.avpt.lock``); every --out records what made it (``avpt.owner``) and a command
+refuses a folder of another kind or run unless --overwrite.
 """
 from __future__ import annotations
 
@@ -32,12 +35,14 @@ import warnings
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from .cli_exit import Terminated, exit_code, interrupted, on_sigterm, os_error_line
+from .cli_eval import _model_dir, _saved_model
+from .cli_tools import cmd_compare, cmd_params, compare_parser  # noqa: F401
 from .config import DEMO_METHODS
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
-_MISSING = object()
 EVAL_FROM_RUN = ("dataset", "data_root", "modality", "test_dataset", "test_data_root",
                  "test_modality", "seed", "folds", "fold", "folds_file", "clahe", "data",
                  "skip_bad", "metrics")
@@ -65,6 +70,9 @@ def _add_run_args(p: argparse.ArgumentParser, out_default: Optional[str] = None)
     p.add_argument("--skip-bad", action="store_true", default=None,
                    help="skip unreadable/corrupt files (counted in metrics.json) instead of stopping")
     p.add_argument("--out", default=out_default, help="output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into --out even if it holds another run or another command's "
+                        "output (refused otherwise, see README: what each command writes)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set model.schedule=late --set lr=3e-4")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -120,7 +128,7 @@ def cmd_train(args) -> int:
     from .train import run
 
     cfg = _config(args)
-    res = run(cfg)
+    res = run(cfg, kind="train", overwrite=args.overwrite)
     if res.get("test"):
         print(f"test: {_summary(res)}")
         print(f"metrics: {os.path.join(cfg['out'], 'metrics.json')}")
@@ -143,55 +151,12 @@ def cmd_transfer(args) -> int:
     from .train import run
 
     cfg = _config(args, extra)
-    res = run(cfg)
+    res = run(cfg, kind="transfer", overwrite=args.overwrite)
     if res.get("test"):
         print(f"transfer {res['data'].get('train_modalities')} -> "
               f"{res['data'].get('test_modalities')}: {_summary(res)}")
         print(f"metrics: {os.path.join(cfg['out'], 'metrics.json')}")
     return 0
-
-
-def _model_dir(path: str) -> str:
-    return os.path.join(path, "model") if os.path.isdir(os.path.join(path, "model")) else path
-
-
-def _saved_model(args):
-    """(model dir, saved avpt_config.json) of --checkpoint, with flags that contradict the
-    saved model refused: --method, --backbone, --set model.KEY=VALUE (model.* is the saved
-    model's, except model.backend, the op backend that runs it; --pretrained is checked by
-    sha256 when the model is loaded)."""
-    from .checkpoint import read_saved
-    from .config import BACKBONE_ALIASES
-    from .validate import ConfigError
-
-    if not os.path.isdir(args.checkpoint):
-        raise ConfigError(f"--checkpoint {args.checkpoint!r} is not a folder (a run's --out or its "
-                          f"model/ folder)")
-    model_dir = _model_dir(args.checkpoint)
-    saved = read_saved(model_dir)
-    where = os.path.join(model_dir, "avpt_config.json")
-    if args.method is not None and args.method != saved["method"]:
-        raise ConfigError(f"--method {args.method} contradicts the checkpoint: {where} is a "
-                          f"{saved['method']!r} model; drop --method")
-    name = saved["config"]["model_name"]
-    if args.backbone is not None and BACKBONE_ALIASES.get(args.backbone.lower(), args.backbone) != name:
-        raise ConfigError(f"--backbone {args.backbone} contradicts the checkpoint: {where} was "
-                          f"trained on {name!r}; drop --backbone")
-    from .config import parse_value
-
-    for item in args.sets:
-        k, _, v = item.partition("=")
-        k = k.strip()
-        if k.startswith("model.") and k != "model.backend":  # the op backend: how, not what
-            field = k[len("model."):]
-            have, want = saved["config"].get(field, _MISSING), parse_value(v)
-            if isinstance(want, tuple):
-                want = list(want)
-            if have is _MISSING or have != want:
-                raise ConfigError(f"--set {item} contradicts the checkpoint: the model's settings "
-                                  f"are the saved ones ({where}: {field} = "
-                                  f"{saved['config'].get(field, 'not a setting')!r}); drop it")
-    return model_dir, saved
 
 
 def _load_kwargs(cfg: Dict) -> Dict:
@@ -249,19 +214,34 @@ def _eval_config(args, saved: Dict) -> Dict:
     return cfg
 
 
+# the settings that make an evaluation what it is (with the model): its owner identity
+EVAL_IDENTITY = EVAL_FROM_RUN + ("pretrained",)
+
+
+def _side_owner(args, kind: str, model_dir: str, cfg: Dict) -> tuple:
+    """(kind, identity, description) of an eval/explain output, checked against --out's owner."""
+    from .owner import check_owner, identity
+
+    ident = identity({"model": os.path.abspath(model_dir),
+                      **{k: cfg.get(k) for k in EVAL_IDENTITY}})
+    check_owner(cfg["out"], kind, ident, args.overwrite)
+    return kind, ident, f"of {os.path.abspath(model_dir)} on {cfg['dataset']}"
+
+
 def cmd_eval(args) -> int:
     from .train import evaluate_checkpoint
 
     model_dir, saved = _saved_model(args)
     _check_side_out(args, "eval")
     cfg = _eval_config(args, saved)
-    res = evaluate_checkpoint(model_dir, cfg)
+    owner = _side_owner(args, "eval", model_dir, cfg)
+    res = evaluate_checkpoint(model_dir, cfg, owner=owner)
     print(f"test: {_summary(res)}")
     print(f"metrics: {os.path.join(cfg['out'], 'metrics.json')}")
     return 0
 
 
-def _cv(base: Dict, seeds: List[int]) -> Dict:
+def _cv(base: Dict, seeds: List[int], overwrite: bool = False) -> Dict:
     """k-fold x seeds runs of one config; writes OUT/cv_metrics.json; returns the summary."""
     from .metrics import aggregate
     from .run_io import write_json
@@ -274,7 +254,7 @@ def _cv(base: Dict, seeds: List[int]) -> Dict:
             cfg = copy.deepcopy(base)
             cfg.update(seed=seed, fold=fold, folds_file=folds_file,
                        out=os.path.join(base["out"], f"seed{seed}_fold{fold}"))
-            res = run(cfg)
+            res = run(cfg, kind="train", overwrite=overwrite)
             runs.append(res["test"])
             for group, metrics in (res.get("test_by") or {}).items():
                 by_group.setdefault(group, []).append(metrics)
@@ -305,6 +285,8 @@ def cmd_cv(args) -> int:
     seeds = args.seeds
     if seeds is not None and (not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds)):
         raise ConfigError(f"--seeds must be distinct integers >= 0, got {seeds}")
+    from .owner import check_owner, claim, identity
+
     check_out(args.out)
     if args.variant == "all":
         if not args.config:
@@ -318,11 +300,14 @@ def cmd_cv(args) -> int:
             args.variant = name
             bases[name] = _config(args, {"out": os.path.join(out, name)})
         table = {}
+        ident = identity({"variants": bases, "seeds": seeds})
+        check_owner(out, "cv", ident, args.overwrite)
         with run_lock(out, "cv --variant all"):
+            claim(out, "cv", ident, f"ablation of {args.config} ({', '.join(names)})")
             for name, base in bases.items():
                 base["folds_file"] = base["folds_file"] or os.path.join(out, "folds.json")
                 print(f"== variant {name}", flush=True)
-                table[name] = _cv(base, seeds or [base["seed"]])
+                table[name] = _cv(base, seeds or [base["seed"]], args.overwrite)
             write_json(os.path.join(out, "ablation.json"), table)
         keys = ("auc", "f1", "dice", "hd95")
         print(f"{'variant':<16}" + "".join(f"{k:>22}" for k in keys))
@@ -331,8 +316,12 @@ def cmd_cv(args) -> int:
         print(f"metrics: {os.path.join(out, 'ablation.json')}")
         return 0
     base = _config(args)
+    ident = identity({"config": {k: v for k, v in base.items() if k != "out"}, "seeds": seeds})
+    check_owner(base["out"], "cv", ident, args.overwrite)
     with run_lock(base["out"], "cv"):
-        agg = _cv(base, seeds or [base["seed"]])
+        claim(base["out"], "cv", ident, f"{base['method']} on {base['dataset']}, "
+                                        f"{base['folds']} folds")
+        agg = _cv(base, seeds or [base["seed"]], args.overwrite)
     for k in ("auc", "f1", "dice", "iou", "hd95"):
         if k in agg:
             print(f"{k}: {_mean_std(agg, k)} (n={agg[k]['n']})")
@@ -357,8 +346,12 @@ def cmd_explain(args) -> int:
     _check_side_out(args, "explain")
     cfg = _eval_config(args, saved)
     check_paths(cfg)
+    from .owner import claim
+
+    owner = _side_owner(args, "explain", model_dir, cfg)
     device = resolve_device(cfg["device"])
     with run_lock(cfg["out"], "explain"):
+        claim(cfg["out"], *owner)
         model = load_trainable(model_dir, **_load_kwargs(cfg)).to(device)
         _, test_set, _ = build_data(cfg, int(model.visual.image_size[0]), cfg["out"])
         fig_dir = os.path.join(cfg["out"], "figures")
@@ -367,48 +360,6 @@ def cmd_explain(args) -> int:
         path = write_html(os.path.join(cfg["out"], "explain.html"), "A-VPT explanations", [], figs)
     print(f"figures: {', '.join(str(f) for f in figs.values())}\nreport: {path}")
     return 0
-
-
-def cmd_params(args) -> int:
-    from .params import main as params_main
-
-    return params_main(args.rest)
-
-
-# ``avpt compare``'s integer options (those of ``python -m avpt_kernels.compare``): name, default,
-# least value, what it is; the parser and the range check are both made from this one table.
-COMPARE_SIZES = (("batch", 2, 1, "batch size B"), ("tokens", 197, 2, "tokens T"),
-                 ("dim", 768, 1, "width D"), ("prompts", 6, 1, "prompt tokens K"))
-
-
-def compare_parser():
-    """``avpt compare``'s options (those of ``python -m avpt_kernels.compare``), checked here."""
-    from .validate import OneLineParser
-
-    ap = OneLineParser(prog="avpt compare", description="op-level backend comparison: every "
-                       "backend of every op against the fp64 reference (avpt_kernels.compare)")
-    for name, default, least, what in COMPARE_SIZES:
-        ap.add_argument(f"--{name}", type=int, default=default,
-                        help=f"{what} >= {least} (default {default})")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    return ap
-
-
-def cmd_compare(args) -> int:
-    from .validate import ConfigError, check_device
-
-    ns = compare_parser().parse_args(args.rest)
-    for name, _, least, _ in COMPARE_SIZES:
-        if getattr(ns, name) < least:
-            raise ConfigError(f"--{name} must be an integer >= {least}, got {getattr(ns, name)}")
-    if ns.device is not None:
-        if ns.device not in ("cpu", "cuda"):
-            raise ConfigError(f"--device must be cpu or cuda, got {ns.device!r}")
-        check_device(ns.device)
-    from avpt_kernels import compare
-
-    return compare.main(args.rest)
 
 
 def cmd_demo(args) -> int:
@@ -431,7 +382,8 @@ def cmd_demo(args) -> int:
     # the shipped weights are the tiny backbone's; the GPU demo's ViT-B/16 needs --pretrained
     pretrained = args.pretrained or (None if gpu else "default")
     return demo_run(args.out, config=config, pretrained=pretrained, methods=args.methods,
-                    transfer=tuple(args.transfer), sets=args.sets, overrides=flags)
+                    transfer=tuple(args.transfer), sets=args.sets, overrides=flags,
+                    overwrite=args.overwrite)
 
 
 def _run_command(sub, name: str, func, help: str, description: str) -> argparse.ArgumentParser:
@@ -493,16 +445,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _interrupted(args) -> str:
-    out = getattr(args, "out", None)
-    ckpt = os.path.join(out, "checkpoint.pt") if out else None
-    if args.command in ("train", "transfer") and ckpt and os.path.isfile(ckpt):
-        return (f"interrupted; {ckpt} keeps the last finished epoch: run the same command again "
-                f"to resume")
-    return "interrupted"
-
-
 def main(argv=None) -> int:
+    """Run the CLI; returns the exit code: 0 done, 2 a mistake in what was given (one line),
+    1 a full disk or other I/O failure (one line), 130 Ctrl-C, 143 SIGTERM."""
+    import signal
+    import threading
+
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, on_sigterm) if main_thread else None
+    try:
+        return _main(argv)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv=None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("params", "compare"):  # their own parsers take every option
@@ -514,16 +472,21 @@ def main(argv=None) -> int:
         _logging(args.verbose)
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print(f"avpt {args.command}: {_interrupted(args)}", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-            PermissionError) as exc:
+    except KeyboardInterrupt as exc:
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM: no traceback
+        term = isinstance(exc, Terminated)
+        print(f"avpt {args.command}: {interrupted(args, 'terminated (SIGTERM)' if term else 'interrupted')}",
+              file=sys.stderr)
+        return 143 if term else 130
+    except (ValueError, OSError) as exc:
         if os.environ.get("AVPT_TRACEBACK"):
             raise
-        msg = " ".join(str(exc).split()) or type(exc).__name__
+        msg = os_error_line(exc) if isinstance(exc, OSError) else \
+            (" ".join(str(exc).split()) or type(exc).__name__)
         print(f"avpt {args.command}: error: {msg}", file=sys.stderr)
-        return 2
+        return exit_code(exc)
 
 
 if __name__ == "__main__":

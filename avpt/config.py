@@ -118,6 +118,7 @@ def load_config(path: Optional[str] = None, variant: Optional[str] = None,
     from .validate import ConfigError, validate_config
 
     cfg = copy.deepcopy(DEFAULTS)
+    given = set()  # the keys the user set (file, flags, --set): checked against each other
     if path:
         data = read_yaml(path)
         variants = data.pop("variants", {}) or {}
@@ -131,12 +132,14 @@ def load_config(path: Optional[str] = None, variant: Optional[str] = None,
         elif variants:
             log.info("%s has variants %s; using the base settings", path, sorted(variants))
         for k, v in _flatten(data).items():
+            given.add(k)
             try:
                 set_key(cfg, k, _number(v) if isinstance(v, str) and k.startswith("model.") else v)
             except ValueError as exc:
                 raise ConfigError(f"{path}: {exc}") from None
     for k, v in (overrides or {}).items():
         if v is not None:
+            given.add(k)
             set_key(cfg, k, v)
     for k in ("lr", "weight_decay", "grad_clip", "rotation"):  # YAML 1.1 reads 1e-4 as text
         cfg[k] = _number(cfg[k])
@@ -144,6 +147,7 @@ def load_config(path: Optional[str] = None, variant: Optional[str] = None,
         if "=" not in item:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
         k, v = item.split("=", 1)
+        given.add(k.strip())
         set_key(cfg, k.strip(), parse_value(v))
     if isinstance(cfg["backbone"], str):
         cfg["backbone"] = BACKBONE_ALIASES.get(cfg["backbone"].lower(), cfg["backbone"])
@@ -157,7 +161,26 @@ def load_config(path: Optional[str] = None, variant: Optional[str] = None,
         cfg["compile"] = "none"
     if validate:
         validate_config(cfg)
+        _check_schedule(cfg, given, path)
     return cfg
+
+
+def _check_schedule(cfg: Dict, given: set, path: Optional[str]) -> None:
+    """Schedule settings against each other. A warm-up the user set that is longer than the run
+    is refused (the default, 5 epochs, is shortened to epochs - 1 for short runs, so that some
+    cosine decay remains); a stop_after_epoch past the end is refused."""
+    from .validate import ConfigError
+
+    epochs = cfg["epochs"]
+    if "warmup_epochs" in given and cfg["warmup_epochs"] > epochs:
+        src = f" (from {path})" if path else ""
+        raise ConfigError(f"warmup_epochs {cfg['warmup_epochs']}{src} is longer than the run's "
+                          f"{epochs} epochs: the learning rate would never reach lr; give "
+                          f"--set warmup_epochs=N with N < {epochs}, or more --epochs")
+    stop = cfg["stop_after_epoch"]
+    if stop is not None and stop > epochs:
+        raise ConfigError(f"stop_after_epoch {stop} is past the run's last epoch ({epochs}); give "
+                          f"--set stop_after_epoch=N with N < {epochs}, or drop it")
 
 
 def read_yaml(path: str) -> Dict:

@@ -45,7 +45,7 @@ def _default_weights() -> str:
     return DEFAULT_WEIGHTS
 
 
-def _train_predict(cfg: Dict) -> Tuple[Dict, Dict]:
+def _train_predict(cfg: Dict, overwrite: bool = False) -> Tuple[Dict, Dict]:
     """Train + evaluate one run with the trainer (``avpt.train.run``), then reload the saved
     model and predict its test split again for per-image metrics. Returns (metrics dict of the
     run, prediction dict: probs [N], labels [N], preds [N, H, W] or None, gts [N, H, W])."""
@@ -53,7 +53,7 @@ def _train_predict(cfg: Dict) -> Tuple[Dict, Dict]:
     from .engine import evaluate
     from .train import build_data, resolve_device, run as train_run
 
-    res = train_run(cfg)
+    res = train_run(cfg, kind="train", overwrite=overwrite)
     device = resolve_device(cfg["device"])
     model = load_trainable(os.path.join(cfg["out"], "model")).to(device)
     _, test_set, _ = build_data(cfg, int(model.visual.image_size[0]), cfg["out"])
@@ -93,8 +93,9 @@ def _insert_after_title(path: str, fragment: str) -> None:
     with open(path) as f:
         text = f.read()
     cut = text.index("</h1>") + len("</h1>")
-    with open(path, "w") as f:
-        f.write(text[:cut] + fragment + text[cut:])
+    from .run_io import write_text
+
+    write_text(path, text[:cut] + fragment + text[cut:])
 
 
 def _verdict(rows: List[Dict], split: str) -> str:
@@ -113,10 +114,13 @@ def _verdict(rows: List[Dict], split: str) -> str:
 
 def run(out: str = "runs/demo", config: Optional[str] = None, pretrained: Optional[str] = "default",
         methods: Sequence[str] = DEMO_METHODS, transfer: Tuple[str, str] = ("MG", "US"),
-        sets: Sequence[str] = (), overrides: Optional[Dict] = None, n_resamples: int = 1000) -> int:
+        sets: Sequence[str] = (), overrides: Optional[Dict] = None, n_resamples: int = 1000,
+        overwrite: bool = False) -> int:
     """The whole demo; returns the exit code. ``pretrained``: a weights file, "default" (the
     shipped one) or None (random weights: every number is then meaningless, and the report
-    says so). ``overrides``: top-level config keys (e.g. ``device``, ``epochs``)."""
+    says so). ``overrides``: top-level config keys (e.g. ``device``, ``epochs``). ``out`` is
+    recorded as a demo's folder (``avpt.owner``): another command's folder, or a demo with
+    other settings, is refused unless ``overwrite``."""
     from .report import img_tag, write_html
     from .validate import ConfigError, check_out, run_lock
 
@@ -138,6 +142,11 @@ def run(out: str = "runs/demo", config: Optional[str] = None, pretrained: Option
         raise ConfigError(f"methods {unknown} unknown; expected some of {sorted(method_names())}")
     check_out(out)
     runs = _configs(config, out, methods, transfer, pretrained, sets, dict(overrides or {}))
+    from .owner import check_owner, claim, identity
+
+    ident = identity({"runs": [(m, s, {k: v for k, v in c.items() if k != "out"})
+                               for m, s, c in runs], "transfer": transfer})
+    check_owner(out, "demo", ident, overwrite)
     if pretrained:
         from .pretrain import read_meta
 
@@ -147,12 +156,13 @@ def run(out: str = "runs/demo", config: Optional[str] = None, pretrained: Option
                               f"another phantom seed")
     rows, results = [], {}
     with run_lock(out, "demo"):
+        claim(out, "demo", ident, f"{', '.join(methods)}, transfer {transfer[0]}->{transfer[1]}")
         for method, split, cfg in runs:
             name = display_name(method)
             where = cfg["data"].get("num_patients", "?")
             print(f"[demo] {name}: {'fold ' + str(cfg['fold']) if split == 'fold' else f'transfer {transfer[0]}->{transfer[1]}'}"
                   f" ({where} patients per modality, {cfg['epochs']} epochs)", flush=True)
-            res, pred = _train_predict(cfg)
+            res, pred = _train_predict(cfg, overwrite)
             arrays = C.per_image(pred, cfg.get("metrics"))
             ci = C.bootstrap_ci(arrays, n_resamples=n_resamples, seed=cfg["seed"])
             label = res["data"]["split"] if split == "fold" else f"transfer {transfer[0]}->{transfer[1]}"
@@ -188,11 +198,13 @@ def run(out: str = "runs/demo", config: Optional[str] = None, pretrained: Option
         report = write_html(os.path.join(out, "report.html"), "A-VPT demo report", report_runs,
                             main.get("figures") or {}, f"Total time {time.time() - t0:.0f} s.")
         _insert_after_title(report, fragment)
-        with open(os.path.join(out, "comparison.json"), "w") as f:
-            json.dump({"rows": rows, "pretrained": pretrained}, f, indent=1, default=str)
-        with open(os.path.join(out, "summary.json"), "w") as f:
-            json.dump({"main": main.get("test"), "rows": rows, "time_s": time.time() - t0}, f,
-                      indent=1, default=str)
+        from .run_io import write_text
+
+        write_text(os.path.join(out, "comparison.json"),
+                   json.dumps({"rows": rows, "pretrained": pretrained}, indent=1, default=str))
+        write_text(os.path.join(out, "summary.json"),
+                   json.dumps({"main": main.get("test"), "rows": rows,
+                               "time_s": time.time() - t0}, indent=1, default=str))
     print(f"[demo] done in {time.time() - t0:.0f} s\n[demo] report: {os.path.abspath(report)}", flush=True)
     return 0
 

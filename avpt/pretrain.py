@@ -42,8 +42,12 @@ from .data import transforms as T
 from .data.phantom import MODALITIES, make_phantom, phantom_finding_caption
 
 PRETRAIN_SEED = 90_210          # phantom seed of the pretraining images (evaluations use 0..999)
+# The shipped weights (what ``avpt demo`` uses): read-only to the CLI, never pretrain's output.
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights",
                                "avpt-tiny-p8-phantom-clip.safetensors")
+SHIPPED_WEIGHTS = DEFAULT_WEIGHTS
+# pretrain's default output: under the working directory, never inside the package
+DEFAULT_OUT = os.path.join("runs", "pretrain", "avpt-tiny-p8-phantom-clip.safetensors")
 LESION_SCALE = (1.0, 2.4)       # per-patient lesion scale range (the demo uses 1.8)
 CAPTIONS = ("findings", "full")
 PROBE_PATIENTS = 60             # per modality, 2 views: the held-out probe set (seed + 1)
@@ -179,19 +183,27 @@ def probe_auc(model, data: Dict, train_frac: float = 0.5, seed: int = 0) -> floa
 
 def save_weights(model, path: str, fp16: bool = True, meta: Optional[Dict] = None) -> str:
     """The open_clip state dict as safetensors (``.safetensors``) or torch (``.pt``) at ``path``,
-    fp16 unless ``fp16=False``, plus ``path + '.json'`` with ``meta`` and the file's sha256."""
+    fp16 unless ``fp16=False``, plus ``path + '.json'`` with ``meta`` and the file's sha256.
+    Each file whole or not at all (``avpt_kernels._files.write_atomic``): a kill or a full disk
+    leaves the earlier file and no temporary one; a failure is one line naming the path."""
+    import io
+
+    from avpt_kernels._files import write_bytes_atomic
+
     state = {k: (v.half() if fp16 and v.is_floating_point() else v).contiguous().clone()
              for k, v in model.state_dict().items()}
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
     if path.endswith(".safetensors"):
-        from safetensors.torch import save_file
-        save_file(state, path)
+        from safetensors.torch import save
+        data = save(state)
     else:
-        torch.save(state, path)
-    with open(path, "rb") as f:
-        sha = hashlib.sha256(f.read()).hexdigest()
-    with open(path + ".json", "w") as f:
-        json.dump(dict(meta or {}, sha256=sha, fp16=fp16), f, indent=1)
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        data = buf.getvalue()
+    write_bytes_atomic(path, data)
+    sha = hashlib.sha256(data).hexdigest()
+    write_bytes_atomic(path + ".json", json.dumps(dict(meta or {}, sha256=sha, fp16=fp16),
+                                                  indent=1).encode())
     return path
 
 
@@ -211,7 +223,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="avpt pretrain: contrastive image-text pretraining (CLIP objective) of both "
                     "towers of a tiny open_clip model on phantom images and their reports; writes "
                     "a weights file for --pretrained")
-    p.add_argument("--out", default=DEFAULT_WEIGHTS, help="weights file (.safetensors or .pt)")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help=f"weights file (.safetensors or .pt; default {DEFAULT_OUT}, under the "
+                        f"working directory; never inside the package, whose shipped weights "
+                        f"avpt demo uses)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file (refused otherwise)")
     p.add_argument("--backbone", default=TINY_P8_MODEL,
                    help=f"open_clip config name (default {TINY_P8_MODEL})")
     p.add_argument("--seed", type=int, default=PRETRAIN_SEED,
@@ -249,12 +266,41 @@ def _check(args) -> None:
         raise ConfigError(f"--backbone {args.backbone!r} is not an open_clip config")
     if not args.out.endswith((".safetensors", ".pt")):
         raise ConfigError(f"--out {args.out!r}: expected a file ending in .safetensors or .pt")
-    folder = os.path.dirname(os.path.abspath(args.out))
-    if os.path.exists(folder) and not os.access(folder, os.W_OK):
-        raise ConfigError(f"--out {args.out!r}: folder {folder} is not writable")
+    _check_out_file(args.out, getattr(args, "overwrite", False))
     n = 3 * args.patients * args.views
     if n < args.batch_size:
         raise ConfigError(f"--batch-size {args.batch_size} exceeds the {n} pretraining images")
+
+
+def _check_out_file(out: str, overwrite: bool) -> None:
+    """pretrain's --out: outside the package (the shipped weights are read-only to the CLI), not
+    in a folder another avpt command owns (a run's checkpoint.pt), a regular file if it exists,
+    and replaced only with --overwrite."""
+    from avpt_kernels._files import check_regular_target
+
+    from .owner import WHAT, check_not_in_package, read_owner
+    from .validate import ConfigError
+
+    check_not_in_package(out)
+    folder = os.path.dirname(os.path.abspath(out))
+    owner = read_owner(folder)
+    if owner is not None and owner["kind"] is not None:
+        raise ConfigError(f"--out {out!r} is inside {folder}, which holds {WHAT[owner['kind']]} "
+                          f"(avpt {owner['kind']}): give a weights path in another folder")
+    if os.path.exists(folder) and not os.access(folder, os.W_OK):
+        raise ConfigError(f"--out {out!r}: folder {folder} is not writable")
+    try:
+        check_regular_target(out)
+    except OSError as exc:
+        raise ConfigError(f"--out {exc}") from None
+    if os.path.lexists(out) and not overwrite:
+        try:
+            ours = bool(read_meta(out).get("command"))
+        except (OSError, ValueError):
+            ours = False
+        made = "weights of an earlier avpt pretrain" if ours else "a file avpt pretrain did not make"
+        raise ConfigError(f"--out {out!r} exists ({made}): give another --out, or pass "
+                          f"--overwrite to replace it")
 
 
 def main(args) -> int:

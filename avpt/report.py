@@ -355,6 +355,7 @@ def write_html(path: str, title: str, runs: List[Tuple[str, Dict]], figures: Dic
         parts.append(f"<h2>Configuration: {html.escape(name)}</h2><pre>"
                      f"{html.escape(json.dumps(cfg, indent=1, default=str))}</pre>")
     parts.append("</body></html>")
-    with open(path, "w") as f:
-        f.write("\n".join(parts))
+    from .run_io import write_text
+
+    write_text(path, "\n".join(parts))
     return path

@@ -1,30 +1,95 @@
 """What a run reads and writes: the training checkpoint (atomic save, tensors-only load, the
-resume check), RNG states, the backbone record, ``log.csv`` and JSON files."""
+resume check), RNG states, the backbone record, ``log.csv`` and JSON files.
+
+Every file is written whole or not at all (``avpt_kernels._files.write_atomic``: a temporary
+file beside it, fsynced, renamed; removed on any failure, a kill by SIGINT/SIGTERM included); a
+full disk or a missing permission is one ``OutputError`` line naming the file. ``log.csv`` is
+rewritten from the checkpoint's history after each checkpoint, so it is never ahead of it."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
 import random
-from typing import Dict
+import signal
+import threading
+from typing import Dict, Iterator
 
 import numpy as np
 import torch
 
+from avpt_kernels._files import OutputError, write_atomic  # noqa: F401  (OutputError: re-export)
+
+
+class _WriteErrors:
+    """A file object that remembers the first ``OSError`` of its ``write``: torch's zip writer
+    turns a failed write (a full disk, a file size limit) into a RuntimeError about positions;
+    this gives back the OSError, which names the cause."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self):
+        return self.f.flush()
+
+
+def _torch_save(obj, path: str) -> None:
+    with open(path, "wb") as f:
+        sink = _WriteErrors(f)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError:
+            if sink.error is not None:
+                raise sink.error from None
+            raise
+
+
 def atomic_save(obj, path: str) -> None:
-    """Write to a temporary file, fsync, rename: the file at ``path`` is always a whole
-    checkpoint (also when the process is killed or interrupted while saving)."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    """``torch.save`` through a temporary file, fsync, rename: the file at ``path`` is always a
+    whole checkpoint (also when the process is killed or interrupted while saving); no
+    temporary file is left behind; a full disk is an ``OutputError`` naming ``path``."""
+    write_atomic(path, lambda tmp: _torch_save(obj, tmp))
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive inside the block take effect when it ends (their handler
+    then runs as usual): the checkpoint and the log row of an epoch are written together or not
+    at all. Main thread only (elsewhere signals cannot be handled; the block runs as it is)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list = []
+    caught = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in caught}
     try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if pending:
+            handler = previous[pending[0]]
+            if callable(handler):
+                handler(pending[0], None)      # e.g. KeyboardInterrupt, the CLI's Terminated
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), pending[0])
+
+
+def write_text(path: str, text: str) -> None:
+    """``text`` to ``path``, whole or not at all (``write_atomic``)."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", newline="") as f:
+            f.write(text)
+    write_atomic(path, write)
 
 
 # Settings that do not change a run's results: a resume may change them. Everything else,
@@ -135,6 +200,19 @@ def backbone_record(cfg: Dict) -> Dict:
     return rec
 
 
+def write_csv(path: str, rows) -> None:
+    """``rows`` (dicts; the columns in order of first appearance) as one CSV file, atomically:
+    ``log.csv`` is rewritten from the checkpoint's history, so that it agrees with it."""
+    import io
+
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+    write_text(path, buf.getvalue())
+
+
 def append_csv(path: str, row: Dict) -> None:
     new = not os.path.isfile(path)
     fields = list(row)
@@ -169,7 +247,5 @@ def jsonable(x):
 
 
 def write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(jsonable(obj), f, indent=2)
-    os.replace(tmp, path)
+    """``obj`` (made JSON-able: NaN/inf -> null) as indented JSON, atomically."""
+    write_text(path, json.dumps(jsonable(obj), indent=2))

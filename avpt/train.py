@@ -46,9 +46,9 @@ from .engine import (LOG_EVERY, Optimization, TrainStep, evaluate, lr_lambda,  #
                      make_loader, make_optimizer, model_inputs, score, grouped_record,
                      train_one_epoch, undefined_metrics)
 from .frozen_weights import restore_frozen_weights, store_frozen_weights
-from .run_io import (CHECKPOINT_KEYS, RUN_CONTROL, append_csv, atomic_save,  # noqa: F401
+from .run_io import (CHECKPOINT_KEYS, RUN_CONTROL, _comparable, append_csv, atomic_save,  # noqa: F401
                      backbone_record, check_resume, read_checkpoint, rng_state, set_rng_state,
-                     write_json)
+                     signals_deferred, write_csv, write_json)
 from .runtime import Dist, amp_dtype, resolve_device, seed_everything  # noqa: F401
 
 log = logging.getLogger("avpt.train")
@@ -77,12 +77,16 @@ def build_data(cfg: Dict, image_size: int, out: str, main: bool = True):
                                  cfg["seed"], image_size, cfg["data"])
         test = BreastDataset(test_recs, image_size, train=False, stats=train.stats, **common)
         info.update({f"test_{k}": v for k, v in (getattr(test_recs, "provenance", None) or {}).items()})
+        _check_classes(cfg, [r.label for r in train.records], [r.label for r in test.records],
+                       "the transfer")
         info.update(split="transfer", skipped=len(train.skipped) + len(test.skipped),
                     train_modalities=sorted(set(train.modalities)),
                     test_modalities=sorted(set(test.modalities)))
         return train, test, info
     full = BreastDataset(recs, image_size, train=False, **common)
     if cfg["fold"] is None:
+        labels = [r.label for r in full.records]
+        _check_classes(cfg, labels, labels, "the data set (fold=null)")
         return Subset(full, range(len(full)), True), Subset(full, range(len(full)), False), \
             dict(info, split="none (test = train)", skipped=len(full.skipped))
     folds_file = cfg["folds_file"] or os.path.join(out, "folds.json")
@@ -95,6 +99,9 @@ def build_data(cfg: Dict, image_size: int, out: str, main: bool = True):
     if not 0 <= int(cfg["fold"]) < len(folds):
         raise ValueError(f"fold must be in [0, {len(folds)}), got {cfg['fold']}")
     idx = split_indices(full.records, folds[int(cfg["fold"])])
+    _check_classes(cfg, [full.records[i].label for i in idx["train"]],
+                   [full.records[i].label for i in idx["test"]],
+                   f"fold {cfg['fold']} of {len(folds)}")
     # normalisation statistics from the training images only
     by_mod: Dict[str, list] = {}
     for i in idx["train"]:
@@ -103,6 +110,15 @@ def build_data(cfg: Dict, image_size: int, out: str, main: bool = True):
     info.update(split=f"fold {cfg['fold']} of {len(folds)}", folds_file=folds_file,
                 skipped=len(full.skipped))
     return Subset(full, idx["train"], True), Subset(full, idx["test"], False), info
+
+
+def _check_classes(cfg: Dict, train_labels, test_labels, split: str) -> None:
+    """Every class of the data set in the training samples (else a DataError), warned for the
+    test samples (``avpt.data.checks``)."""
+    from .data.checks import check_split_classes
+    from .validate import data_classes
+
+    check_split_classes(train_labels, test_labels, data_classes(cfg["dataset"], cfg["data"]), split)
 
 
 def unaugmented(train_set):
@@ -150,17 +166,19 @@ def build_model(cfg: Dict):
     except RuntimeError as exc:
         if cfg["pretrained"] is None or "state_dict" not in str(exc):
             raise
+        from .backbone import state_dict_mismatch
         from .validate import ConfigError
 
-        first = str(exc).strip().splitlines()[0][:200]
         raise ConfigError(f"--pretrained {cfg['pretrained']!r} does not fit backbone "
-                          f"{cfg['backbone']!r}: {first}") from None
+                          f"{cfg['backbone']!r}: {state_dict_mismatch(str(exc))}; give the "
+                          f"open_clip weights file of that backbone, or the --backbone the file "
+                          f"was made for") from None
 
 
 # ----------------------------------------------------------------------------------------------
 # The run
 # ----------------------------------------------------------------------------------------------
-def run(cfg: Dict) -> Dict:
+def run(cfg: Dict, kind: str = "train", overwrite: bool = False) -> Dict:
     """Train and evaluate per ``cfg`` (see DEFAULTS); returns the metrics dict (also written to
     OUT/metrics.json by rank 0). Process-wide torch settings (threads, deterministic mode) are
     restored afterwards, so a run inside a larger program leaves it as it was.
@@ -168,20 +186,34 @@ def run(cfg: Dict) -> Dict:
     Before anything is built or loaded: the config and its paths are validated
     (``avpt.validate``), and an existing OUT/checkpoint.pt must be of this run (same settings,
     ``epochs`` included, same backbone weights), else a one-line ``ConfigError`` and nothing is
-    written. Rank 0 holds ``OUT/.avpt.lock`` for the whole run: a second run on OUT fails."""
+    written. Rank 0 holds ``OUT/.avpt.lock`` for the whole run: a second run on OUT fails.
+
+    ``kind`` ("train", "transfer"): what OUT is recorded as (``avpt.owner``); a folder of
+    another kind, or of another run (unless ``resume`` is false: this run starts over), or one
+    avpt did not make is refused unless ``overwrite``."""
+    from .owner import check_owner, claim, identity
     from .validate import check_paths, run_lock, validate_config
 
     validate_config(cfg)
     check_paths(cfg)
     backbone = backbone_record(cfg)
     ckpt_path = os.path.join(cfg["out"], "checkpoint.pt")
-    if cfg["resume"] and os.path.isfile(ckpt_path):  # before the lock: nothing written on refusal
+    resuming = cfg["resume"] and os.path.isfile(ckpt_path)
+    if resuming:  # before the lock: nothing written on refusal
         check_resume(read_checkpoint(ckpt_path, "cpu"), cfg, ckpt_path, backbone)
+    ident = identity(_comparable(cfg))
+    # the checkpoint, when there is one to resume, says whether OUT is this run (check_resume);
+    # without one, the owner record does; resume=false starts the run over by request
+    if int(os.environ.get("RANK", 0)) == 0:  # rank 0 claims OUT (other ranks write nothing)
+        check_owner(cfg["out"], kind, ident if cfg["resume"] and not resuming else None,
+                    overwrite)
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     try:
         if int(os.environ.get("RANK", 0)) == 0:  # one run per --out (rank 0 holds it for all)
             with run_lock(cfg["out"], "train"):
+                claim(cfg["out"], kind, ident, f"{cfg['method']} on {cfg['dataset']}, "
+                                               f"{cfg['epochs']} epochs, seed {cfg['seed']}")
                 return _run(cfg, backbone)
         return _run(cfg, backbone)
     finally:
@@ -316,10 +348,12 @@ def _epoch_row(cfg: Dict, epoch: int, sums: Dict[str, float], seen: int, elapsed
     return row
 
 
-def _log_epoch(row: Dict, epochs: int, out: str, writer) -> None:
-    """The epoch's row to log.csv, TensorBoard and the log."""
+def _log_epoch(history: List[Dict], epochs: int, out: str, writer) -> None:
+    """After the epoch's checkpoint: log.csv rewritten from the history the checkpoint holds
+    (never ahead of it, whatever kills the run), the last row to TensorBoard and the log."""
+    row = history[-1]
     epoch = row["epoch"]
-    append_csv(os.path.join(out, "log.csv"), row)
+    write_csv(os.path.join(out, "log.csv"), history)
     if writer is not None:
         for k, v in row.items():
             if k != "epoch" and isinstance(v, float) and math.isfinite(v):
@@ -361,6 +395,8 @@ def _run(cfg: Dict, backbone: Dict) -> Dict:
         history, start_epoch = _resume(ckpt, model, loss_fn, opt, ckpt_path, averager)
         ckpt = None
         if dist.main:
+            if history:  # a kill between checkpoint and log: log.csv is the checkpoint's again
+                write_csv(os.path.join(out, "log.csv"), history)
             log.info("resumed from %s after epoch %d", ckpt_path, start_epoch)
     if compile_mode != "none":  # after a resume: the step reads the loaded optimizer state
         opt.whole_step = WholeStep(step_module, opt.optimizer, device, dtype, cfg["grad_clip"],
@@ -379,7 +415,6 @@ def _run(cfg: Dict, backbone: Dict) -> Dict:
         row = _epoch_row(cfg, epoch, sums, seen, elapsed, opt, dist, model, test_set, device, dtype)
         history.append(row)
         if dist.main:
-            _log_epoch(row, epochs, out, writer)
             state = {"epoch": epoch + 1, "config": cfg, "backbone": backbone,
                      "trainable": {k: v.cpu() for k, v in model.trainable_state_dict().items()},
                      "loss_state": loss_fn.state_dict(), "optimizer": opt.optimizer.state_dict(),
@@ -387,7 +422,9 @@ def _run(cfg: Dict, backbone: Dict) -> Dict:
                      "rng": rng_state(), "history": history}
             if averager is not None:
                 state["averager"] = averager.state_dict()
-            atomic_save(state, ckpt_path)
+            with signals_deferred():  # Ctrl-C / SIGTERM: after both, so that they agree
+                atomic_save(state, ckpt_path)  # first the checkpoint, then the log it holds
+                _log_epoch(history, epochs, out, writer)
         dist.barrier()
         if cfg["stop_after_epoch"] is not None and epoch + 1 >= int(cfg["stop_after_epoch"]) \
                 and epoch + 1 < epochs:
@@ -445,18 +482,6 @@ def _finish(cfg: Dict, model, train_set, test_set, info: Dict, history: List[Dic
     return result
 
 
-def _check_saved_classes(model_dir: str, saved: Dict, cfg: Dict) -> None:
-    """A saved model of C classes is evaluated on data of C classes (one-line ConfigError)."""
-    from .validate import ConfigError, data_classes
-
-    classes = data_classes(cfg["dataset"], cfg["data"])
-    if int(saved.get("num_classes", 2)) != len(classes):
-        raise ConfigError(f"--model {model_dir!r} tells {saved.get('num_classes')} classes apart, "
-                          f"dataset {cfg['dataset']!r} with these data settings has "
-                          f"{len(classes)} ({', '.join(classes)}); for BUSI's three classes give "
-                          f"--set data.normal=class")
-
-
 def _classes_record(cfg: Dict) -> Dict:
     """metrics.json's ``classes``: the class names (labels 0..C-1) and what auc/f1 mean."""
     from .metrics import metric_kind
@@ -466,49 +491,4 @@ def _classes_record(cfg: Dict) -> Dict:
     return {"names": list(names), "metrics": metric_kind(len(names))}
 
 
-def evaluate_checkpoint(model_dir: str, cfg: Dict) -> Dict:
-    """Evaluate a saved model (``OUT/model`` of a run) on the test split given by ``cfg``.
-
-    The frozen backbone is rebuilt exactly as in training (``avpt.checkpoint.load_trainable``:
-    the recorded weights file, checked by sha256, or the recorded random-init seed, checked by
-    the frozen weights' fingerprint). ``cfg``'s method, backbone and model settings are set to
-    the saved model's, so that metrics.json records what was evaluated."""
-    from .checkpoint import load_trainable, read_saved
-    from .validate import check_paths, run_lock, validate_config
-
-    saved = read_saved(model_dir)
-    cfg = dict(cfg, method=saved["method"], backbone=saved["config"]["model_name"])
-    validate_config(cfg)
-    check_paths(cfg)
-    _check_saved_classes(model_dir, saved["config"], cfg)
-    device = resolve_device(cfg["device"])
-    if not saved.get("backbone") and saved["config"].get("pretrained") is None \
-            and not cfg["pretrained"]:
-        log.warning("%s has no backbone record (saved before issue 13): its random backbone is "
-                    "drawn from seed %s; the metrics are the training run's only if that was its "
-                    "seed", model_dir, cfg["seed"])
-    with run_lock(cfg["out"], "eval"):
-        seed_everything(cfg["seed"], False)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
-            kw = {"pretrained": cfg["pretrained"]} if cfg["pretrained"] else {}
-            if "backend" in cfg["model"]:  # the op backend that runs the saved model
-                kw["backend"] = cfg["model"]["backend"]
-            model = load_trainable(model_dir, **kw)
-        model.to(device)
-        dtype = amp_dtype(cfg["amp"], device)
-        store_frozen_weights(model, dtype, device)  # after the fingerprint check of the load
-        _, test_set, info = build_data(cfg, int(model.visual.image_size[0]), cfg["out"])
-        pred = evaluate(model, test_set, cfg, device, dtype)
-        metrics = score(pred, cfg.get("metrics"))
-        cfg["pretrained"] = model.config.pretrained
-        cfg["model"] = {k: v for k, v in model.config.to_dict().items()
-                        if k not in ("model_name", "pretrained")}
-        result = {"test": metrics, "undefined": undefined_metrics(pred, metrics),
-                  **grouped_record(pred, cfg.get("metrics")),
-                  "classes": _classes_record(cfg), "config": cfg,
-                  "model": os.path.abspath(model_dir), "method": saved["method"],
-                  "backbone": saved.get("backbone"),
-                  "data": dict(info, test_samples=len(test_set))}
-        write_json(os.path.join(cfg["out"], "metrics.json"), result)
-    return result
+from .saved_eval import evaluate_checkpoint  # noqa: E402,F401  (public API, here since v0.1)

@@ -371,6 +371,13 @@ def check_pretrained(path: Optional[str]) -> None:
             with safe_open(path, framework="pt") as f:
                 if not list(f.keys()):
                     raise ValueError("no tensors")
+                meta = f.metadata() or {}
+            if meta.get("method") or meta.get("format") == "avpt-pim":
+                what = (f"an avpt model's trainable weights (method {meta['method']!r})"
+                        if meta.get("method") else "PIM weights (avpt_kernels.pim_state_dict)")
+                raise ConfigError(f"--pretrained {path!r} holds {what}, not open_clip backbone "
+                                  f"weights: evaluate a run with avpt eval --checkpoint RUN, and "
+                                  f"give --pretrained the backbone file it was trained on")
         else:
             import torch
 
@@ -384,6 +391,8 @@ def check_pretrained(path: Optional[str]) -> None:
                     obj = torch.load(path, map_location="cpu", weights_only=True)
             if not isinstance(obj, dict):
                 raise ValueError(f"holds a {type(obj).__name__}, not a state dict")
+    except ConfigError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any failure means: not a usable weights file
         import pickle
 

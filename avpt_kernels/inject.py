@@ -5,8 +5,13 @@ open_clip visual tower, a timm ``VisionTransformer`` or a Hugging Face ``ViTMode
 ``CLIPVisionModel`` (a small registry of adapters: block list, width, token layout), and
 replaces each chosen block by a ``PIMBlock``: tokens in, tokens out, a PIM before the block,
 with its own prompt state. The model object, its forward signature and its outputs' structure
-stay as they were; ``remove_pim`` puts the original blocks back; ``pim_state_dict`` /
-``load_pim_state_dict`` save and load only the added weights (safetensors, PEFT style).
+stay as they were; ``remove_pim`` undoes everything ``inject_pim`` did (the original blocks,
+``freeze_base``'s trainability, the guards below); ``pim_state_dict`` / ``load_pim_state_dict``
+save and load only the added weights (safetensors, PEFT style; ``avpt_kernels.inject_io``).
+
+Round trips: a full ``state_dict`` loads into a model injected alike (a PIM of other settings,
+``t2p_reduce`` included, is refused by name); a Hugging Face model's ``save_pretrained`` is
+refused while PIM blocks are in it: ``save_pim_pretrained`` / ``load_pim_pretrained``.
 
 Prompts (per wrapped block):
   * ``"learned"``: a parameter [K, D] of its own, N(0, 1) per element (the scale of the A-VPT
@@ -30,10 +35,6 @@ take contiguous prompts; one launch) and the backward sums its gradient over the
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import sys
-from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -41,127 +42,14 @@ from torch import Tensor, nn
 
 from ._autocast import autocast_dtype
 from .modules import PromptTokenInteraction
+from .vit_adapters import (ADAPTERS, TokenLayout, ViTAdapter, _TOWER_ATTRS,  # noqa: F401
+                           find_adapter, register_adapter)
 
 __all__ = ["PIMBlock", "TokenLayout", "ViTAdapter", "inject_pim", "make_pim_blocks", "remove_pim",
-           "pim_state_dict", "load_pim_state_dict", "pim_gates_shut", "find_adapter",
-           "register_adapter", "ADAPTERS"]
+           "pim_state_dict", "load_pim_state_dict", "save_pim_pretrained", "load_pim_pretrained",
+           "pim_gates_shut", "find_adapter", "register_adapter", "ADAPTERS"]
 
 PromptSpec = Union[str, Tensor, Callable[[Tensor, Optional[int]], Tensor], None]
-_FORMAT = "avpt-pim"
-
-
-# ----------------------------------------------------------------------------------------------
-# Adapters: where the blocks are, how wide, which token layout
-# ----------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TokenLayout:
-    """How a block's tokens are laid out: ``batch_first`` ([B, T, D]) or sequence-first
-    ([T, B, D]), and ``prefix_tokens``, the tokens before the patch tokens (class token first,
-    then register tokens, if any)."""
-    batch_first: bool
-    prefix_tokens: int
-
-
-@dataclass(frozen=True)
-class ViTAdapter:
-    """One model family: ``tower(module)`` is the module itself when it is the family's vision
-    transformer, else None; ``blocks(tower)`` the block container (``nn.ModuleList`` or
-    ``nn.Sequential``), ``dim(tower)`` the token width D, ``layout(tower)`` the ``TokenLayout``."""
-    name: str
-    tower: Callable[[nn.Module], Optional[nn.Module]]
-    blocks: Callable[[nn.Module], nn.Module]
-    dim: Callable[[nn.Module], int]
-    layout: Callable[[nn.Module], TokenLayout]
-
-
-def _instance_of(obj, module_name: str, class_name: str) -> bool:
-    """isinstance against ``module_name.class_name`` without importing it: a model of a library
-    that was never imported cannot be an instance of its classes (timm and transformers stay
-    optional)."""
-    cls = getattr(sys.modules.get(module_name), class_name, None)
-    return cls is not None and isinstance(obj, cls)
-
-
-def _first_attr(obj, *paths: str):
-    for path in paths:
-        cur = obj
-        for part in path.split("."):
-            cur = getattr(cur, part, None)
-            if cur is None:
-                break
-        if cur is not None:
-            return cur
-    raise ValueError(f"{type(obj).__name__} has none of the block lists {paths}: an unknown "
-                     f"version of the library? register_adapter() one for it")
-
-
-ADAPTERS: List[ViTAdapter] = []
-
-
-def register_adapter(adapter: ViTAdapter) -> ViTAdapter:
-    """Add a model family (tried before the built-in ones)."""
-    if not isinstance(adapter, ViTAdapter):
-        raise TypeError(f"adapter must be a ViTAdapter, got {type(adapter).__name__}")
-    ADAPTERS.insert(0, adapter)
-    return adapter
-
-
-ADAPTERS.extend([
-    ViTAdapter(  # open_clip VisionTransformer (CLIP.visual): transformer.resblocks
-        "open_clip",
-        lambda m: m if _instance_of(m, "open_clip.transformer", "VisionTransformer") else None,
-        lambda t: t.transformer.resblocks,
-        lambda t: t.transformer.width,
-        lambda t: TokenLayout(bool(getattr(t.transformer, "batch_first", False)),
-                              0 if getattr(t, "class_embedding", None) is None else 1)),
-    ViTAdapter(  # timm VisionTransformer: blocks (nn.Sequential), batch-first
-        "timm",
-        lambda m: m if _instance_of(m, "timm.models.vision_transformer", "VisionTransformer")
-        else None,
-        lambda t: t.blocks,
-        lambda t: t.embed_dim,
-        lambda t: TokenLayout(True, int(t.num_prefix_tokens))),
-    ViTAdapter(  # Hugging Face ViTModel: layers (transformers 5), encoder.layer (4.x, untested)
-        "transformers-vit",
-        lambda m: m if _instance_of(m, "transformers.models.vit.modeling_vit", "ViTModel")
-        else None,
-        lambda t: _first_attr(t, "layers", "encoder.layer"),
-        lambda t: t.config.hidden_size,
-        lambda t: TokenLayout(True, 1)),
-    ViTAdapter(  # Hugging Face CLIPVisionModel / CLIPVisionTransformer: encoder.layers
-        "transformers-clip",
-        lambda m: m if (_instance_of(m, "transformers.models.clip.modeling_clip", "CLIPVisionModel")
-                        or _instance_of(m, "transformers.models.clip.modeling_clip",
-                                        "CLIPVisionTransformer")) else None,
-        lambda t: _first_attr(t, "encoder.layers", "vision_model.encoder.layers"),
-        lambda t: t.config.hidden_size,
-        lambda t: TokenLayout(True, 1)),
-])
-
-# Where a vision tower sits inside a bigger model: open_clip CLIP.visual (TimmModel.trunk),
-# transformers CLIPModel.vision_model, ViTForImageClassification.vit.
-_TOWER_ATTRS = ("visual", "trunk", "vision_model", "vit")
-
-
-def find_adapter(model: nn.Module) -> Tuple[ViTAdapter, nn.Module]:
-    """(adapter, vision tower) for ``model`` or the tower inside it (``model.visual``,
-    ``.vision_model``, ``.vit``, ``.visual.trunk``); ValueError naming the families otherwise."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module (an open_clip, timm or Hugging Face ViT), "
-                        f"got {type(model).__name__}")
-    frontier = [model]
-    for _ in range(3):
-        for module in frontier:
-            for adapter in ADAPTERS:
-                tower = adapter.tower(module)
-                if tower is not None:
-                    return adapter, tower
-        frontier = [getattr(m, a) for m in frontier for a in _TOWER_ATTRS
-                    if isinstance(getattr(m, a, None), nn.Module)]
-    raise ValueError(f"model must be a vision transformer of a known family "
-                     f"({', '.join(a.name for a in ADAPTERS)}) or contain one as "
-                     f"{'/'.join(_TOWER_ATTRS)}; got {type(model).__name__} (wrap blocks with "
-                     f"PIMBlock yourself, or register_adapter() one)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,8 +102,19 @@ class PIMBlock(nn.Module):
                                          t2p_reduce=t2p_reduce, backend=backend)
             if device is not None:
                 pim = pim.to(device)
+        if not isinstance(batch_first, bool):
+            raise TypeError(f"batch_first must be True or False, got {batch_first!r}")
+        declared = _declared_batch_first(block)
+        if declared is not None and declared != batch_first:
+            raise ValueError(f"batch_first={batch_first} but the block's attention is "
+                             f"{'batch-first [B, T, D]' if declared else 'sequence-first [T, B, D]'}"
+                             f": give batch_first={declared}")
         self.block, self.pim = block, pim
-        self.batch_first, self.layer, self.gates_shut = bool(batch_first), layer, False
+        self.batch_first, self.layer, self.gates_shut = batch_first, layer, False
+        # The PIM's settings as a tensor, so a full state dict carries them and a load of one
+        # made with other settings (t2p_reduce above all: same shapes) is refused by name.
+        self.register_buffer("pim_settings", _settings_code(pim).to(device))
+        self.register_load_state_dict_pre_hook(_check_loaded_state)
         self._prompt_fn = None
         self.prompt_kind = _set_prompts(self, prompts, num_prompts, pim.dim, device)
 
@@ -289,6 +188,92 @@ class PIMBlock(nn.Module):
         return dict(layer=self.layer, dim=m.dim, num_heads=m.num_heads, head_dim=m.head_dim,
                     gate_hidden=m.gate_hidden, t2p_reduce=m.t2p_reduce, prompts=self.prompt_kind,
                     num_prompts=k)
+
+
+_REDUCE_CODES = ("mean", "sum")
+_SETTINGS = ("dim", "num_heads", "head_dim", "gate_hidden", "t2p_reduce")
+
+
+def _settings_code(pim: PromptTokenInteraction) -> Tensor:
+    """[5] int64: dim, num_heads, head_dim, gate_hidden, t2p_reduce (0 mean, 1 sum)."""
+    return torch.tensor([pim.dim, pim.num_heads, pim.head_dim, pim.gate_hidden,
+                         _REDUCE_CODES.index(pim.t2p_reduce)], dtype=torch.int64)
+
+
+def _settings_text(code) -> str:
+    vals = [int(v) for v in code]
+    vals[4] = repr(_REDUCE_CODES[vals[4]]) if 0 <= vals[4] < 2 else vals[4]
+    return ", ".join(f"{k}={v}" for k, v in zip(_SETTINGS, vals))
+
+
+def _declared_batch_first(block: nn.Module) -> Optional[bool]:
+    """The token layout the block's own attention declares (``batch_first`` of the block or of
+    its first ``nn.MultiheadAttention``), or None when it declares none (timm, Hugging Face)."""
+    flag = getattr(block, "batch_first", None)
+    if isinstance(flag, bool):
+        return flag
+    for m in block.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            return bool(m.batch_first)
+    return None
+
+
+def _check_loaded_state(module: "PIMBlock", state_dict, prefix, local_metadata, strict,
+                        missing_keys, unexpected_keys, error_msgs) -> None:
+    """Before a PIMBlock loads its part of a full state dict: (1) the block's keys of the model
+    without PIM (right under ``prefix``) go to the wrapped block (with ``strict=False`` the base
+    weights load and the PIM keeps its own; a strict load of such a state dict into the model
+    ``inject_pim`` returned is refused in one line first, ``_GuardedLoad``); (2) a PIM saved with
+    other settings (e.g. ``t2p_reduce``) is refused by name; state dicts saved before the
+    settings were kept load as before. (torch passes strict=True to every hook, whatever the
+    caller's flag.)"""
+    own = [k for k in state_dict if k.startswith(prefix)]
+    plain = _plain_keys(module, state_dict, prefix)
+    for k in plain:
+        state_dict[prefix + "block." + k[len(prefix):]] = state_dict.pop(k)
+    key = prefix + "pim_settings"
+    if key in state_dict:
+        saved = state_dict[key]
+        if tuple(saved.shape) == (5,) and saved.tolist() != module.pim_settings.tolist():
+            raise ValueError(f"{prefix.rstrip('.') or 'the block'}: the state dict's PIM was made "
+                             f"with {_settings_text(saved.tolist())}, this model's with "
+                             f"{_settings_text(module.pim_settings.tolist())}: inject_pim with "
+                             f"the saved settings before loading")
+    elif any(k.startswith(prefix + "pim.") for k in own):  # saved before the settings were kept
+        state_dict[key] = module.pim_settings
+
+
+def _plain_keys(block: "PIMBlock", state_dict, prefix: str) -> List[str]:
+    """The keys of ``state_dict`` that name the wrapped block's tensors the way the model
+    without PIM does (``prefix + name``, no ``block.``); [] when it has the injected names."""
+    own = [k for k in state_dict if k.startswith(prefix)]
+    if any(k.startswith(prefix + "block.") for k in own):
+        return []
+    names = set(block.block.state_dict().keys())
+    return [k for k in own if k[len(prefix):] in names]
+
+
+class _GuardedLoad:
+    """``load_state_dict`` of a model ``inject_pim`` returned: a strict load of the state dict
+    of the model without PIM is one line saying how, instead of torch's list of missing keys.
+    An object (not a closure) so that ``copy.deepcopy`` of the model guards the copy."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, state_dict, strict: bool = True, assign: bool = False):
+        if strict:
+            for name, blk in _pim_blocks(self.model):
+                prefix = f"{name}." if name else ""
+                plain = _plain_keys(blk, state_dict, prefix)
+                if plain and not any(k.startswith(prefix + "pim.") for k in state_dict):
+                    raise ValueError(
+                        f"the state dict is of the model without PIM ({plain[0]!r} where the "
+                        f"injected model has {prefix + 'block.' + plain[0][len(prefix):]!r}): load "
+                        f"it before inject_pim, or with load_state_dict(state, strict=False) (the "
+                        f"base weights load, the PIM weights stay)")
+        return type(self.model).load_state_dict(self.model, state_dict, strict=strict,
+                                                assign=assign)
 
 
 def _set_prompts(block: PIMBlock, prompts: PromptSpec, num_prompts: int, dim: int, device) -> str:
@@ -403,18 +388,68 @@ def inject_pim(model: nn.Module, layers=None, *, num_prompts: int = 6, num_heads
     parameter [num_prompts, D] per block; see the module docstring). The model's forward and
     outputs keep their structure; at initialisation they are unchanged (``p2t_o`` = 0). Nothing
     is frozen unless ``freeze_base=True`` (then every parameter that was in the model before is,
-    and only the added ones train)."""
+    and only the added ones train); ``remove_pim`` undoes all of it, trainability included.
+
+    A Hugging Face model's ``save_pretrained`` is refused while PIM blocks are in it (its
+    ``from_pretrained`` would rebuild the model without them): ``save_pim_pretrained`` /
+    ``load_pim_pretrained`` round-trip it."""
+    _check_inject_args(num_prompts=num_prompts, num_heads=num_heads, head_dim=head_dim,
+                       gate_hidden=gate_hidden)
+    if not isinstance(freeze_base, bool):
+        raise TypeError(f"freeze_base must be True or False, got {freeze_base!r}")
+    if t2p_reduce not in _REDUCE_CODES:
+        raise ValueError(f"t2p_reduce must be 'mean' or 'sum', got {t2p_reduce!r}")
     adapter, tower = find_adapter(model)
     container = adapter.blocks(tower)
     wrapped = make_pim_blocks(model, layers, num_prompts=num_prompts, num_heads=num_heads,
                               head_dim=head_dim, gate_hidden=gate_hidden, prompts=prompts,
                               t2p_reduce=t2p_reduce, pim=pim, backend=backend)
+    record = _InjectRecord()
     if freeze_base:
         for p in model.parameters():
+            record.trainable.append((p, p.requires_grad))
             p.requires_grad_(False)
     for blk in wrapped:
+        blk._inject_record = record
         container[blk.layer] = blk
+    record.guarded = _guard_save_pretrained(model)
+    if "load_state_dict" not in model.__dict__:
+        object.__setattr__(model, "load_state_dict", _GuardedLoad(model))
+        record.guarded.append(model)
     return model
+
+
+class _InjectRecord:
+    """What ``inject_pim`` changed besides the blocks, for ``remove_pim``: ``requires_grad``
+    before ``freeze_base``, the modules whose methods it guarded."""
+
+    def __init__(self):
+        self.trainable: List[Tuple[nn.Parameter, bool]] = []
+        self.guarded: List[nn.Module] = []
+
+
+def _check_inject_args(**ints) -> None:
+    for name, value in ints.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _refuse_save_pretrained(*args, **kwargs):
+    raise ValueError("save_pretrained would drop the PIM blocks (from_pretrained rebuilds the "
+                     "model without them, initialised at random): use "
+                     "avpt_kernels.save_pim_pretrained(model, DIR) and "
+                     "load_pim_pretrained(ModelClass, DIR), or remove_pim(model) first")
+
+
+def _guard_save_pretrained(model: nn.Module) -> List[nn.Module]:
+    """Shadow ``save_pretrained`` of every Hugging Face model in ``model`` by a refusal."""
+    guarded = []
+    for m in model.modules():
+        if callable(getattr(type(m), "save_pretrained", None)) and \
+                "save_pretrained" not in m.__dict__:
+            object.__setattr__(m, "save_pretrained", _refuse_save_pretrained)
+            guarded.append(m)
+    return guarded
 
 
 def _pim_blocks(model: nn.Module) -> List[Tuple[str, PIMBlock]]:
@@ -426,10 +461,22 @@ def remove_pim(model: nn.Module) -> nn.Module:
     found = _pim_blocks(model)
     if not found:
         raise ValueError(f"model ({type(model).__name__}) has no PIMBlock: nothing to remove")
+    records = []
     for name, blk in found:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, blk.block)
+        record = getattr(blk, "_inject_record", None)
+        if record is not None and all(record is not r for r in records):
+            records.append(record)
+    for record in records:  # what freeze_base froze thaws; the save guard goes
+        for p, was in record.trainable:
+            p.requires_grad_(was)
+        for m in record.guarded:
+            if m.__dict__.get("save_pretrained") is _refuse_save_pretrained:
+                del m.__dict__["save_pretrained"]
+            if isinstance(m.__dict__.get("load_state_dict"), _GuardedLoad):
+                del m.__dict__["load_state_dict"]
     return model
 
 
@@ -448,80 +495,5 @@ def pim_gates_shut(model: nn.Module) -> Iterator[nn.Module]:
             b.gates_shut = was
 
 
-# ----------------------------------------------------------------------------------------------
-# Saving and loading the added weights
-# ----------------------------------------------------------------------------------------------
-def _added(model: nn.Module) -> Dict[str, Tensor]:
-    """Name -> tensor of what the PIMBlocks added (PIM weights, prompts, a prompt module's
-    state), each tensor once (shared modules under their first name)."""
-    found = _pim_blocks(model)
-    if not found:
-        raise ValueError(f"model ({type(model).__name__}) has no PIMBlock: call inject_pim first")
-    out, seen = {}, set()
-    for name, blk in found:
-        for key, t in blk.state_dict(keep_vars=True).items():
-            if key.startswith("block.") or id(t) in seen:
-                continue
-            seen.add(id(t))
-            out[f"{name}.{key}" if name else key] = t
-    return out
-
-
-def pim_state_dict(model: nn.Module, path: Optional[Union[str, os.PathLike]] = None
-                   ) -> Dict[str, Tensor]:
-    """The added weights only (detached): ``{"<block path>.pim.packed": [N], "<block
-    path>.prompts": [K, D], ...}``. With ``path``, also written there as safetensors, with
-    each block's settings in the metadata."""
-    state = {k: t.detach() for k, t in _added(model).items()}
-    if path is not None:
-        from safetensors.torch import save_file
-
-        blocks = {n: b.config() for n, b in _pim_blocks(model)}
-        meta = {"format": _FORMAT, "blocks": json.dumps(blocks)}
-        save_file({k: t.cpu().contiguous() for k, t in state.items()}, os.fspath(path),
-                  metadata=meta)
-    return state
-
-
-def load_pim_state_dict(model: nn.Module,
-                        state: Union[Dict[str, Tensor], str, os.PathLike]) -> nn.Module:
-    """Load ``pim_state_dict`` output (a dict, or the path of the safetensors file) into a model
-    injected the same way: the same keys and shapes, else a ValueError naming them. Returns
-    the model."""
-    meta = None
-    if isinstance(state, (str, os.PathLike)):
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        path = os.fspath(state)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"state: {path!r} is not a file (a pim_state_dict "
-                                    f"safetensors file)")
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"state: {path!r} is not a pim_state_dict file (metadata format "
-                             f"{meta.get('format')!r}, expected {_FORMAT!r})")
-        state = load_file(path)
-    if not isinstance(state, dict):
-        raise TypeError(f"state must be a dict of tensors or a safetensors path, got "
-                        f"{type(state).__name__}")
-    target = _added(model)
-    missing, unexpected = sorted(set(target) - set(state)), sorted(set(state) - set(target))
-    if missing or unexpected:
-        raise ValueError(f"state does not match the model's PIMBlocks: missing {missing[:4]}, "
-                         f"unexpected {unexpected[:4]} (inject_pim with the same layers first)")
-    if meta is not None:
-        saved = json.loads(meta.get("blocks", "{}"))
-        for name, blk in _pim_blocks(model):
-            if name in saved and saved[name] != blk.config():
-                raise ValueError(f"state: block {name!r} was saved with {saved[name]}, the model "
-                                 f"has {blk.config()}")
-    for key, t in target.items():
-        if tuple(state[key].shape) != tuple(t.shape):
-            raise ValueError(f"state[{key!r}] has shape {tuple(state[key].shape)}, the model's "
-                             f"is {tuple(t.shape)}")
-    with torch.no_grad():
-        for key, t in target.items():
-            t.copy_(state[key])
-    return model
+from .inject_io import (load_pim_pretrained, load_pim_state_dict, pim_state_dict,  # noqa: E402
+                        save_pim_pretrained)

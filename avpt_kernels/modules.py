@@ -55,7 +55,7 @@ class LowRankPromptBank(nn.Module):
         super().__init__()
         for name, value in dict(dim=dim, num_regions=num_regions, rank=rank, num_layers=num_layers,
                                 tokens_per_region=tokens_per_region, num_stages=num_stages).items():
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.num_regions, self.num_tokens = num_regions, num_regions * tokens_per_region
         self.layer_stage = list(layer_stage) if layer_stage is not None \
@@ -104,7 +104,7 @@ class PromptTokenInteraction(nn.Module):
         super().__init__()
         for name, value in dict(dim=dim, num_heads=num_heads, head_dim=head_dim,
                                 gate_hidden=gate_hidden).items():
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if t2p_reduce not in ("sum", "mean"):
             raise ValueError(f"t2p_reduce must be 'sum' or 'mean', got {t2p_reduce!r}")

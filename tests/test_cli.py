@@ -99,7 +99,10 @@ def test_transfer_cv_and_params(tmp_path, capsys):
     cfg.write_text("variants:\n  no_lap: {model: {lambda_lap: 0.0}}\n  early: {model: {schedule: early}}\n")
     assert main(["cv", "--config", str(cfg), "--variant", "all", *TINY_PHANTOM, "--modality", "US",
                  "--epochs", "1", "--out", str(tmp_path / "abl"), "--set", "folds=2",
-                 "--set", "report=false", "--set", "eval_every=0"] + FAST) == 0
+                 "--set", "report=false", "--set", "eval_every=0"] + FAST
+                # 4 patients: with 3 (2 benign, 1 malignant) one fold trains on benign only,
+                # which is refused (issue 27)
+                + ["--set", "data.num_patients=4"]) == 0
     table = json.load(open(tmp_path / "abl" / "ablation.json"))
     assert list(table) == ["no_lap", "early"] and "auc" in table["early"]
     assert json.load(open(tmp_path / "abl" / "early" / "seed0_fold0" / "metrics.json"))["config"]["model"]["schedule"] == "early"

@@ -29,6 +29,8 @@ def _open_clip(batch_first=True):
     m = VisionTransformer(image_size=SIZE, patch_size=PATCH, width=DIM, layers=DEPTH, heads=HEADS,
                           mlp_ratio=2.0, output_dim=32)
     m.transformer.batch_first = batch_first  # its Transformer transposes to [T, B, D] itself
+    for blk in m.transformer.resblocks:  # and its attention then takes [T, B, D] too
+        blk.attn.batch_first = batch_first
     return m
 
 

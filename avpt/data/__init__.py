@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence
 
 from .dataset import BreastDataset, ModalityBatchSampler, Subset
 from .phantom import MODALITIES, make_phantom
-from .records import DataError, RawSample, Record
+from .records import DataError, RawSample, Record, check_unique_ids
 
 DATASETS = ("phantom", "busi", "inbreast", "duke")
 DATASET_MODALITY = {"busi": "US", "inbreast": "MG", "duke": "MRI"}
@@ -61,22 +61,24 @@ def load_records(dataset: str, root: Optional[str] = None, modalities: Optional[
         raise ValueError(f"dataset {dataset!r} is {want} only, got modality {list(modalities)}")
     if dataset == "busi":
         from .busi import load_busi
-        return load_busi(root, normal=options.get("normal", "benign"))
-    if dataset == "inbreast":
+        recs = load_busi(root, normal=options.get("normal", "benign"))
+    elif dataset == "inbreast":
         from .inbreast import load_inbreast
-        return load_inbreast(root, birads_threshold=str(options.get("birads_threshold", "4a")),
+        recs = load_inbreast(root, birads_threshold=str(options.get("birads_threshold", "4a")),
                              window=bool(options.get("window", True)))
-    from .duke import load_duke
-    from .duke import EDGE_MARGIN, NEGATIVE_GAP
-    return load_duke(root, phase=options.get("phase", "post"),
-                     negatives_per_patient=int(options.get("negatives_per_patient", 1)),
-                     slices_per_lesion=int(options.get("slices_per_lesion", 3)),
-                     annotations=options.get("annotations"),
-                     index_base=int(options.get("index_base", 1)), seed=seed,
-                     unresolved=options.get("unresolved", "skip"),
-                     slice_order=options.get("slice_order", "instance"),
-                     negative_gap=int(options.get("negative_gap", NEGATIVE_GAP)),
-                     edge_margin=float(options.get("edge_margin", EDGE_MARGIN)))
+    else:
+        from .duke import EDGE_MARGIN, NEGATIVE_GAP, load_duke
+        recs = load_duke(root, phase=options.get("phase", "post"),
+                         negatives_per_patient=int(options.get("negatives_per_patient", 1)),
+                         slices_per_lesion=int(options.get("slices_per_lesion", 3)),
+                         annotations=options.get("annotations"),
+                         index_base=int(options.get("index_base", 1)), seed=seed,
+                         unresolved=options.get("unresolved", "skip"),
+                         slice_order=options.get("slice_order", "instance"),
+                         negative_gap=int(options.get("negative_gap", NEGATIVE_GAP)),
+                         edge_margin=float(options.get("edge_margin", EDGE_MARGIN)))
+    check_unique_ids(recs)  # ids key the folds and the metrics: two files never share one
+    return recs
 
 
 __all__ = ["BreastDataset", "ModalityBatchSampler", "Subset", "DataError", "Record", "RawSample",

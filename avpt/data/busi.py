@@ -18,7 +18,7 @@ from typing import Dict, List
 
 import numpy as np
 
-from .records import DataError, RawSample, Record, read_png_gray, to_unit
+from .records import DataError, RawSample, Record, check_unique_ids, read_mask, read_png_gray, to_unit
 
 CLASSES = ("benign", "malignant", "normal")
 THREE_CLASSES = ("normal", "benign", "malignant")  # labels 0, 1, 2 with normal="class"
@@ -40,10 +40,10 @@ def _loader(image_path: str, mask_paths: List[str]):
         image = read_png_gray(image_path)
         mask = np.zeros(image.shape, dtype=bool)
         for mp in mask_paths:
-            m = read_png_gray(mp)
+            m = read_mask(mp)  # decoded by its mode: palette, alpha, 16-bit, grey
             if m.shape != image.shape:
                 raise DataError(f"{mp}: mask shape {m.shape} != image shape {image.shape}")
-            mask |= m > 127 if m.max() > 1 else m > 0.5
+            mask |= m
         return RawSample(image=to_unit(image, 0.0, 100.0), mask=mask)
     return load
 
@@ -83,12 +83,26 @@ def load_busi(root: str, normal: str = "benign") -> List[Record]:
             mask_paths = sorted(masks.get(stem, []))
             if not mask_paths and cls != "normal":
                 raise DataError(f"{path}: no mask file ({stem}_mask.png) for a {cls} image")
-            num = re.search(r"\((\d+)\)", stem).group(1)
-            sid = f"busi-{cls}-{num}"
+            sid = _sample_id(cls, stem)
             label = THREE_CLASSES.index(cls) if normal == "class" else int(cls == "malignant")
             records.append(Record(sample_id=sid, patient_id=sid, label=label,
                                   modality="US", loader=_loader(path, mask_paths), source=path,
                                   report=f"US {sid}: {cls} breast ultrasound."))
+        if not images and (cls != "normal" or normal == "class"):  # a class with no sample
+            raise DataError(f"{folder}: class folder {cls!r} has no image (a model trained "
+                            f"without it would learn fewer classes); put the {cls} images there "
+                            f"or fix --data-root")
     if not records:
         raise DataError(f"{base}: no image found")
+    check_unique_ids(records)
     return records
+
+
+def _sample_id(cls: str, stem: str) -> str:
+    """``busi-CLASS-i`` for BUSI's own names (``benign (12)`` in benign/), else the name is kept
+    (``other (1)`` in benign/ -> ``busi-benign-other-1``), so no two files share an id."""
+    name, num = re.match(r"^(.*?)\s*\((\d+)\)$", stem).groups()
+    if name.strip().lower() == cls:
+        return f"busi-{cls}-{num}"
+    slug = re.sub(r"[^a-z0-9]+", "-", name.strip().lower()).strip("-") or "x"
+    return f"busi-{cls}-{slug}-{num}"

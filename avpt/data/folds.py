@@ -42,15 +42,15 @@ def load_or_make_folds(path: str, records: Sequence[Record], k: int = 5, seed: i
         covered = {s for fold in folds for s in fold}
         if covered != ids or len(folds) != k:
             raise DataError(f"{path}: the saved folds ({len(folds)} folds, {len(covered)} samples) "
-                            f"do not match this data set ({k} folds, {len(ids)} samples); delete "
-                            f"the file to make new folds")
+                            f"do not match this data set ({k} folds, {len(ids)} samples): they were "
+                            f"made for other data; to evaluate on the whole of this data set give "
+                            f"--set fold=null, to make new folds give --set folds_file=NEW.json")
         return folds
     folds = make_folds(records, k, seed)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"k": k, "seed": seed, "folds": folds}, f, indent=1)
-    os.replace(tmp, path)
+    from avpt_kernels._files import write_bytes_atomic
+
+    write_bytes_atomic(path, json.dumps({"k": k, "seed": seed, "folds": folds}, indent=1).encode())
     return folds
 
 

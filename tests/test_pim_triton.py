@@ -162,15 +162,12 @@ def test_extreme_logits_under_gpu_like_arithmetic():
 
 @pytest.mark.cpu_only
 @interpreter_only
-@pytest.mark.xfail(strict=True, reason=(
-    "issue 24: the backward rebuilds the forward's logits (|l| ~1e4) and normalises them with "
-    "the forward's softmax statistics; one rounding of difference between the two makes the "
-    "one-hot softmax 1 + 2e-3 and the z/p gradients O(1) wrong (a possible cause of this "
-    "case's failure on the H200, not confirmed there); a backward that does not need the "
-    "forward's roundings passes, and then this mark goes"))
 def test_extreme_logits_backward_survives_one_rounding():
     """Every fp32 dot of the backward one ulp up (``pim_numerics.backward_one_rounding_off``),
-    as a differently compiled kernel may round: the gradients must stay within the tolerance."""
+    as a differently compiled kernel may round: the gradients must stay within the tolerance.
+    (The first rebuild failed it: its backward normalised the rebuilt logits with the forward's
+    softmax statistics; the backward now builds its own, so it does not need the forward's
+    roundings.)"""
     got, want, _ = _extreme_case("triton", None, pim_numerics.backward_one_rounding_off())
     for name in ("grad z", "grad p"):
         assert_close(got[name], want[name], name=f"{name} (backward one rounding off)")

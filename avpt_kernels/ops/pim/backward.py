@@ -48,15 +48,19 @@ def _grad_o2_kernel(y_ptr, o2_ptr, w_ptr, alpha_ptr, do2_ptr, dalpha_ptr, MZ, T,
 
 
 @triton.jit
-def _p2t_attn_bwd_kernel(x_ptr, qv2_ptr, stats_ptr, do2_ptr, dalpha_ptr, alpha_ptr, pre_ptr, w_ptr,
-                         dx_ptr, dqv2_ptr, dpre_ptr, dlogit_ptr, T, K, A, dh, GH, H, off_w2, scale,
+def _p2t_attn_bwd_kernel(x_ptr, qv2_ptr, do2_ptr, dalpha_ptr, alpha_ptr, pre_ptr, w_ptr,
+                         dx_ptr, dqv2_ptr, dpre_ptr, dlogit_ptr, T, K, A, dh, GH, off_w2, scale,
                          BT: tl.constexpr, KP: tl.constexpr, DHP: tl.constexpr,
                          GP: tl.constexpr, DOT_MODE: tl.constexpr):
-    """Grid (B, H). Backward of Eqs. 7-8 for head h of image b, from do2 [MZ, A]:
-    dS2 = v2 do2^T, dv2 = S2 do2, delta = rowsum(S2 * dS2), dL2 = S2 (dS2 - delta),
-    dq2 = scale dL2 K2 -> dqv2 [MP, 2A]; dK2 = scale dL2^T q2 -> dx [MZ, 3A] (columns 2A..3A).
-    S2 is rebuilt from K2 (x) and the forward's statistics. Head 0 also takes the gate back:
-    dalpha (its image's row sums, in order) -> dlogit [B], dpre [B, GP]."""
+    """Grid (B, H). Backward of Eqs. 7-8 for head h of image b, from do2 [MZ, A], in two passes
+    over T. Pass 1 rebuilds the softmax over T of scale q2 K2^T with its own running max and sum
+    (not the forward's statistics: a logit rounded one ulp differently from the forward's would
+    make a saturated row sum to 1 + 2e-3 at |logits| ~1e4) and accumulates, rescaled as the max
+    moves, dv2 = S2 do2 and delta = rowsum(S2 * dS2) with dS2 = v2 do2^T. Pass 2: dL2 =
+    S2 (dS2 - delta) from the same dS2 values (a saturated row gives exactly 0, as torch's
+    softmax backward), dq2 = scale dL2 K2 -> dqv2 [MP, 2A]; dK2 = scale dL2^T q2 -> dx [MZ, 3A]
+    (columns 2A..3A). Head 0 also takes the gate back: dalpha (its image's row sums, in order)
+    -> dlogit [B], dpre [B, GP]."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     ks = tl.arange(0, KP)
@@ -64,9 +68,8 @@ def _p2t_attn_bwd_kernel(x_ptr, qv2_ptr, stats_ptr, do2_ptr, dalpha_ptr, alpha_p
     prow = b * K + ks
     q2 = _head_tile(qv2_ptr, prow, k_ok, 2 * A, h * dh, DHP, dh)
     v2 = _head_tile(qv2_ptr, prow, k_ok, 2 * A, A + h * dh, DHP, dh)
-    stat = (b * H + h) * KP + ks
-    m = tl.load(stats_ptr + stat)
-    inv_l = 1.0 / tl.load(stats_ptr + tl.num_programs(0) * H * KP + stat)
+    m = tl.full((KP,), float("-inf"), dtype=tl.float32)
+    l = tl.zeros((KP,), dtype=tl.float32)
     dv2 = tl.zeros((KP, DHP), dtype=tl.float32)
     delta = tl.zeros((KP,), dtype=tl.float32)
     for t0 in range(0, T, BT):
@@ -76,13 +79,16 @@ def _p2t_attn_bwd_kernel(x_ptr, qv2_ptr, stats_ptr, do2_ptr, dalpha_ptr, alpha_p
         do = _head_tile(do2_ptr, b * T + ts, t_ok, A, h * dh, DHP, dh)
         logits = tl.where(t_ok[None, :], _mm_split(q2, tl.trans(k2), 0, DOT_MODE) * scale,
                           float("-inf"))
-        s2 = tl.where(k_ok[:, None], tl.exp(logits - m[:, None]) * inv_l[:, None], 0.0)
-        dv2 += _mm_split(s2, do, 0, DOT_MODE)
-        # delta from the very dS2 values the second pass subtracts it from (v2 . dv2 is the
-        # same sum in exact arithmetic, but not in fp32): a saturated softmax row then gives
-        # dL2 = 1 * (dS2 - dS2) = 0 exactly, as the torch backend's softmax backward does,
-        # instead of rounding noise that the x1000 query weights of sharp attention amplify
-        delta += tl.sum(s2 * _mm_split(v2, tl.trans(do), 0, DOT_MODE), axis=1)
+        m_new = tl.maximum(m, tl.max(logits, axis=1))
+        rescale = tl.exp(m - m_new)
+        e = tl.where(k_ok[:, None], tl.exp(logits - m_new[:, None]), 0.0)
+        l = l * rescale + tl.sum(e, axis=1)
+        dv2 = dv2 * rescale[:, None] + _mm_split(e, do, 0, DOT_MODE)
+        delta = delta * rescale + tl.sum(e * _mm_split(v2, tl.trans(do), 0, DOT_MODE), axis=1)
+        m = m_new
+    inv_l = tl.where(k_ok, 1.0 / l, 0.0)
+    dv2 = dv2 * inv_l[:, None]
+    delta = delta * inv_l
     dq2 = tl.zeros((KP, DHP), dtype=tl.float32)
     for t0 in range(0, T, BT):
         ts = t0 + tl.arange(0, BT)

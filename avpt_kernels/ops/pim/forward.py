@@ -173,16 +173,15 @@ def _prompt_kernel(p_ptr, z_ptr, w_ptr, msg_ptr, p_tilde_ptr, pt32_ptr, part_ptr
 
 
 @triton.jit
-def _p2t_attn_kernel(x_ptr, part_ptr, w_ptr, qv2_ptr, o2_ptr, attn_ptr, stats_ptr, pre_ptr,
-                     alpha_ptr, T, K, A, dh, GH, H, MP, n_dtiles, AP, off_bq2, off_bv2, off_b1,
+def _p2t_attn_kernel(x_ptr, part_ptr, w_ptr, qv2_ptr, o2_ptr, attn_ptr, pre_ptr, alpha_ptr,
+                     T, K, A, dh, GH, H, MP, n_dtiles, AP, off_bq2, off_bv2, off_b1,
                      off_w2, off_b2, scale, return_attn,
                      BT: tl.constexpr, KP: tl.constexpr, DHP: tl.constexpr, GP: tl.constexpr,
                      DOT_MODE: tl.constexpr):
     """Grid (B, H). q2, v2 of head h (the prompt kernel's partials summed over D tiles in order,
     plus biases; stored to qv2 [MP, 2A]; AP: the partials' padded A); then Eqs. 7-8: S2 = softmax over tokens of
     scale q2 K2^T [K, T] (two passes over T: max and sum, then probabilities), and
-    o2 = S2^T v2 [T, dh] into o2 [MZ, A] (fp32), the statistics (max, sum) into stats
-    [2, B, H, KP], S2 into attn [B, H, K, T] when return_attn. Head 0 also finishes the gate
+    o2 = S2^T v2 [T, dh] into o2 [MZ, A] (fp32), S2 into attn [B, H, K, T] when return_attn. Head 0 also finishes the gate
     (Eq. 9): pre [B, GP] and alpha [B]."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -228,9 +227,6 @@ def _p2t_attn_kernel(x_ptr, part_ptr, w_ptr, qv2_ptr, o2_ptr, attn_ptr, stats_pt
         m_new = tl.maximum(m, tl.max(logits, axis=1))
         l = l * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
         m = m_new
-    stat = (b * H + h) * KP + ks
-    tl.store(stats_ptr + stat, m)
-    tl.store(stats_ptr + tl.num_programs(0) * H * KP + stat, l)
     inv_l = 1.0 / l
     for t0 in range(0, T, BT):
         ts = t0 + tl.arange(0, BT)

@@ -153,8 +153,7 @@ class Layout:
         self.wo_chunks = _chunks(self.mz, math.prod(self.wo_tiles), WGRAD["BR"])
         self.state_fields = dict(
             x=(self.mz, 3 * a), o2=(self.mz, a), k1=(self.mp, a), msg=(self.mp, a),
-            pt32=(self.mp, d), qv2=(self.mp, 2 * a), stats=(2, b, num_heads, self.kp),
-            pre=(b, self.gp), alpha=(b,))
+            pt32=(self.mp, d), qv2=(self.mp, 2 * a), pre=(b, self.gp), alpha=(b,))
         self.state_size = _carve_size(self.state_fields)
         self.part_fields = dict(part=(self.n_dtiles, self.mp, 2 * self.ap + 2 * self.gp))
         nz, no = self.wz_chunks[0], self.wo_chunks[0]
@@ -284,7 +283,7 @@ def _forward(z: Tensor, p: Tensor, w: Tensor, num_heads: int, head_dim: int, gat
     attn = torch.empty((b, num_heads, L.k, t) if return_attn else (0,), device=z.device,
                        dtype=torch.float32)
     _p2t_attn_kernel[L.grid_heads](
-        st["x"], part, w, st["qv2"], st["o2"], attn, st["stats"], st["pre"], st["alpha"], t, L.k,
+        st["x"], part, w, st["qv2"], st["o2"], attn, st["pre"], st["alpha"], t, L.k,
         a, head_dim, gate_hidden, num_heads, L.mp, L.n_dtiles, L.ap,
         *L.o("p2t_q_b", "p2t_v_b", "gate_b1", "gate_w2", "gate_b2"), L.scale, int(return_attn),
         **L.meta("p2t_attn"))
@@ -310,9 +309,9 @@ def _backward(grad_out: Tensor, grad_p_tilde: Optional[Tensor], z: Tensor, p: Te
     _grad_o2_kernel[L.grid_grad_o2](y, st["o2"], w, st["alpha"], g["do2"], g["dalpha"], L.mz, t, d,
                                     a, *L.o("p2t_o_w", "p2t_o_b"), **L.meta("grad_o2"))
     _p2t_attn_bwd_kernel[L.grid_heads](
-        st["x"], st["qv2"], st["stats"], g["do2"], g["dalpha"], st["alpha"], st["pre"], w, g["dx"],
-        g["dqv2"], g["dpre"], g["dlogit"], t, L.k, a, head_dim, gate_hidden, num_heads,
-        L.off["gate_w2"], L.scale, **L.meta("p2t_attn_bwd"))
+        st["x"], st["qv2"], g["do2"], g["dalpha"], st["alpha"], st["pre"], w, g["dx"], g["dqv2"],
+        g["dpre"], g["dlogit"], t, L.k, a, head_dim, gate_hidden, L.off["gate_w2"], L.scale,
+        **L.meta("p2t_attn_bwd"))
     has_gpt = grad_p_tilde is not None
     gpt = grad_p_tilde.contiguous() if has_gpt else p  # placeholder when p_tilde got no gradient
     _prompt_bwd_kernel[L.grid_prompt](

@@ -6,7 +6,8 @@ import triton
 import triton.language as tl
 
 from .dots import _mm_split
-from .forward import _gelu, _head_tile, _prompt_softmax, _store_head_tile
+from .forward import (_gelu, _head_tile, _p2t_logits, _prompt_axes, _prompt_softmax,
+                      _store_head_tile)
 
 
 @triton.jit
@@ -73,12 +74,8 @@ def _p2t_attn_bwd_kernel(x_ptr, qv2_ptr, do2_ptr, dalpha_ptr, alpha_ptr, pre_ptr
     dv2 = tl.zeros((KP, DHP), dtype=tl.float32)
     delta = tl.zeros((KP,), dtype=tl.float32)
     for t0 in range(0, T, BT):
-        ts = t0 + tl.arange(0, BT)
-        t_ok = ts < T
-        k2 = _head_tile(x_ptr, b * T + ts, t_ok, 3 * A, 2 * A + h * dh, DHP, dh)
+        ts, t_ok, k2, logits = _p2t_logits(q2, x_ptr, b, t0, T, A, h, dh, scale, BT, DHP, DOT_MODE)
         do = _head_tile(do2_ptr, b * T + ts, t_ok, A, h * dh, DHP, dh)
-        logits = tl.where(t_ok[None, :], _mm_split(q2, tl.trans(k2), 0, DOT_MODE) * scale,
-                          float("-inf"))
         m_new = tl.maximum(m, tl.max(logits, axis=1))
         rescale = tl.exp(m - m_new)
         e = tl.where(k_ok[:, None], tl.exp(logits - m_new[:, None]), 0.0)
@@ -91,12 +88,8 @@ def _p2t_attn_bwd_kernel(x_ptr, qv2_ptr, do2_ptr, dalpha_ptr, alpha_ptr, pre_ptr
     delta = delta * inv_l
     dq2 = tl.zeros((KP, DHP), dtype=tl.float32)
     for t0 in range(0, T, BT):
-        ts = t0 + tl.arange(0, BT)
-        t_ok = ts < T
-        k2 = _head_tile(x_ptr, b * T + ts, t_ok, 3 * A, 2 * A + h * dh, DHP, dh)
+        ts, t_ok, k2, logits = _p2t_logits(q2, x_ptr, b, t0, T, A, h, dh, scale, BT, DHP, DOT_MODE)
         do = _head_tile(do2_ptr, b * T + ts, t_ok, A, h * dh, DHP, dh)
-        logits = tl.where(t_ok[None, :], _mm_split(q2, tl.trans(k2), 0, DOT_MODE) * scale,
-                          float("-inf"))
         s2 = tl.where(k_ok[:, None], tl.exp(logits - m[:, None]) * inv_l[:, None], 0.0)
         dl2 = s2 * (_mm_split(v2, tl.trans(do), 0, DOT_MODE) - delta[:, None])
         dq2 += _mm_split(dl2, k2, 0, DOT_MODE)
@@ -128,15 +121,7 @@ def _prompt_bwd_kernel(gpt_ptr, has_gpt, dqv2_ptr, dpre_ptr, w_ptr, dpt_ptr, dz0
     dv2 W'v + dpre W1[:, :D] / K (the gate reads the mean over prompts) -> dpt [MP, D] fp32;
     the class token's gate gradient dz0 = dpre W1[:, D:] -> dz0 [B, D] (from each image's first
     prompt row); and this D tile's partial dmsg = dpt Wo [BMP, A] -> part [n_dtiles, MP, AP]."""
-    rows = tl.program_id(0) * BMP + tl.arange(0, BMP)
-    r_ok = rows < MP
-    rows64 = rows.to(tl.int64)
-    dd = tl.program_id(1) * BD + tl.arange(0, BD)
-    d_ok = dd < D
-    aa = tl.arange(0, AP)
-    a_ok = aa < A
-    gg = tl.arange(0, GP)
-    g_ok = gg < GH
+    rows, r_ok, rows64, dd, d_ok, aa, a_ok, gg, g_ok = _prompt_axes(MP, D, A, GH, BMP, BD, AP, GP)
     ra = r_ok[:, None] & a_ok[None, :]
     dq = tl.load(dqv2_ptr + rows64[:, None] * 2 * A + aa[None, :], mask=ra, other=0.0)
     dv = tl.load(dqv2_ptr + rows64[:, None] * 2 * A + A + aa[None, :], mask=ra, other=0.0)

@@ -122,6 +122,31 @@ def _t2p_attn_kernel(x_ptr, k1_ptr, msg_ptr, T, K, A, dh, scale, inv_tokens,
 
 
 @triton.jit
+def _prompt_axes(MP, D, A, GH, BMP: tl.constexpr, BD: tl.constexpr, AP: tl.constexpr,
+                 GP: tl.constexpr):
+    """A prompt-row program's axes: its BMP rows (mask, int64), its BD columns of D (mask), the
+    padded attention features and gate units (masks)."""
+    rows = tl.program_id(0) * BMP + tl.arange(0, BMP)
+    dd = tl.program_id(1) * BD + tl.arange(0, BD)
+    aa = tl.arange(0, AP)
+    gg = tl.arange(0, GP)
+    return rows, rows < MP, rows.to(tl.int64), dd, dd < D, aa, aa < A, gg, gg < GH
+
+
+@triton.jit
+def _p2t_logits(q2, x_ptr, b, t0, T, A, h, dh, scale, BT: tl.constexpr, DHP: tl.constexpr,
+                DOT_MODE: tl.constexpr):
+    """One token block of head h's prompt->token logits, scale q2 K2^T [KP, BT] (-inf past T),
+    with the block's tokens, their mask and K2 [BT, DHP] (from x's last A columns)."""
+    ts = t0 + tl.arange(0, BT)
+    t_ok = ts < T
+    k2 = _head_tile(x_ptr, b * T + ts, t_ok, 3 * A, 2 * A + h * dh, DHP, dh)
+    logits = tl.where(t_ok[None, :], _mm_split(q2, tl.trans(k2), 0, DOT_MODE) * scale,
+                      float("-inf"))
+    return ts, t_ok, k2, logits
+
+
+@triton.jit
 def _prompt_kernel(p_ptr, z_ptr, w_ptr, msg_ptr, p_tilde_ptr, pt32_ptr, part_ptr, MP, T, K, D,
                    A, GH, off_wo, off_bo, off_wq2, off_wv2, off_w1,
                    BMP: tl.constexpr, BD: tl.constexpr, AP: tl.constexpr, GP: tl.constexpr,
@@ -132,15 +157,7 @@ def _prompt_kernel(p_ptr, z_ptr, w_ptr, msg_ptr, p_tilde_ptr, pt32_ptr, part_ptr
     p_tilde W'v^T (columns 0..2AP), the gate's p_tilde W1[:, :D]^T (summed over prompts and
     divided by K later: the mean over prompts) and, on each image's first prompt row, its class
     token's z_0 W1[:, D:]^T. Summed over tiles in a fixed order by ``_p2t_attn_kernel``."""
-    rows = tl.program_id(0) * BMP + tl.arange(0, BMP)
-    r_ok = rows < MP
-    rows64 = rows.to(tl.int64)
-    dd = tl.program_id(1) * BD + tl.arange(0, BD)
-    d_ok = dd < D
-    aa = tl.arange(0, AP)
-    a_ok = aa < A
-    gg = tl.arange(0, GP)
-    g_ok = gg < GH
+    rows, r_ok, rows64, dd, d_ok, aa, a_ok, gg, g_ok = _prompt_axes(MP, D, A, GH, BMP, BD, AP, GP)
     tile_ok = r_ok[:, None] & d_ok[None, :]
     msg = tl.load(msg_ptr + rows64[:, None] * A + aa[None, :], mask=r_ok[:, None] & a_ok[None, :],
                   other=0.0)
@@ -179,10 +196,10 @@ def _p2t_attn_kernel(x_ptr, part_ptr, w_ptr, qv2_ptr, o2_ptr, attn_ptr, pre_ptr,
                      BT: tl.constexpr, KP: tl.constexpr, DHP: tl.constexpr, GP: tl.constexpr,
                      DOT_MODE: tl.constexpr):
     """Grid (B, H). q2, v2 of head h (the prompt kernel's partials summed over D tiles in order,
-    plus biases; stored to qv2 [MP, 2A]; AP: the partials' padded A); then Eqs. 7-8: S2 = softmax over tokens of
-    scale q2 K2^T [K, T] (two passes over T: max and sum, then probabilities), and
-    o2 = S2^T v2 [T, dh] into o2 [MZ, A] (fp32), S2 into attn [B, H, K, T] when return_attn. Head 0 also finishes the gate
-    (Eq. 9): pre [B, GP] and alpha [B]."""
+    plus biases; stored to qv2 [MP, 2A]; AP: the partials' padded A); then Eqs. 7-8: S2 =
+    softmax over tokens of scale q2 K2^T [K, T] (two passes: max and sum, then probabilities),
+    and o2 = S2^T v2 [T, dh] into o2 [MZ, A] (fp32), S2 into attn [B, H, K, T] when
+    return_attn. Head 0 also finishes the gate (Eq. 9): pre [B, GP] and alpha [B]."""
     b = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     ks = tl.arange(0, KP)
@@ -219,21 +236,13 @@ def _p2t_attn_kernel(x_ptr, part_ptr, w_ptr, qv2_ptr, o2_ptr, attn_ptr, pre_ptr,
     m = tl.full((KP,), float("-inf"), dtype=tl.float32)
     l = tl.zeros((KP,), dtype=tl.float32)
     for t0 in range(0, T, BT):
-        ts = t0 + tl.arange(0, BT)
-        t_ok = ts < T
-        k2 = _head_tile(x_ptr, b * T + ts, t_ok, 3 * A, 2 * A + h * dh, DHP, dh)
-        logits = tl.where(t_ok[None, :], _mm_split(q2, tl.trans(k2), 0, DOT_MODE) * scale,
-                          float("-inf"))
+        ts, t_ok, k2, logits = _p2t_logits(q2, x_ptr, b, t0, T, A, h, dh, scale, BT, DHP, DOT_MODE)
         m_new = tl.maximum(m, tl.max(logits, axis=1))
         l = l * tl.exp(m - m_new) + tl.sum(tl.exp(logits - m_new[:, None]), axis=1)
         m = m_new
     inv_l = 1.0 / l
     for t0 in range(0, T, BT):
-        ts = t0 + tl.arange(0, BT)
-        t_ok = ts < T
-        k2 = _head_tile(x_ptr, b * T + ts, t_ok, 3 * A, 2 * A + h * dh, DHP, dh)
-        logits = tl.where(t_ok[None, :], _mm_split(q2, tl.trans(k2), 0, DOT_MODE) * scale,
-                          float("-inf"))
+        ts, t_ok, k2, logits = _p2t_logits(q2, x_ptr, b, t0, T, A, h, dh, scale, BT, DHP, DOT_MODE)
         s2 = tl.exp(logits - m[:, None]) * inv_l[:, None]
         s2 = tl.where(k_ok[:, None], s2, 0.0)
         _store_head_tile(o2_ptr, b * T + ts, t_ok, A, h * dh,

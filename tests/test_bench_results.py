@@ -66,3 +66,16 @@ def test_table10_renders_compiled_step_rows_beside_the_uncompiled_step():
     assert "| avpt-fused+compile-default | ok | 30.00 | 10.00 | 12.50 |" in lines
     assert "| vpt+compile-reduce-overhead | skipped: on a GPU | - | - | - |" in lines
     assert table10.compiled_step_section({"rows": data["rows"][:1]}) == []
+
+
+def test_ratios_compare_fused_with_every_provider_and_the_best():
+    from benchmarks.harness import ratios
+
+    key = dict(kind="op", op="pim", mode="fwd", shape={"B": 2}, dtype="float32")
+    rows = [dict(key, provider=p, median_ms=ms) for p, ms in
+            (("fused", 1.0), ("eager", 4.0), ("compiled", 3.0), ("expert", 2.0))]
+    rows.append(dict(key, provider="expert-max-autotune", median_ms=None))  # skipped: no time
+    (entry,) = ratios(rows)
+    assert entry["speedup_vs_eager"] == 4.0 and entry["speedup_vs_expert"] == 2.0
+    assert entry["best_baseline"] == "expert" and entry["speedup_vs_best"] == 2.0
+    assert "speedup_vs_expert-max-autotune" not in entry

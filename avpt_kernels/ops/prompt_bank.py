@@ -39,7 +39,9 @@ chunks of 64; an H100/H200 has 132 SMs):
   24 serial steps in its offset job; 11 allocations per call (now one fp32 workspace + the 7
   gradients).
   The launchers make inputs, parameters and the prompts' gradient contiguous (a stride-0
-  gradient, from ``prompts.sum()``, is materialised once).
+  gradient, from ``prompts.sum()``, is materialised once). Under autocast (16-bit region_emb,
+  fp32 master weights) the rows kernel reads the 16-bit gradient as it is (before: cast to fp32
+  first, one more launch and 3x its bytes) and only region_emb is cast for the inputs kernel.
 
 Precision (the bounded-error rule of ``avpt_kernels.testing``, tested in
 ``tests/test_bounded_error_ops.py``): no contraction here has two exact 16-bit operands, so every
@@ -444,9 +446,10 @@ def _backward(grad_out, region_emb, token_offset, U, V, layer_bias, ln_weight, l
     bk = b * k
     stage = _stage_tensor(layer_stage, dev)
     grad_out = grad_out.contiguous()
-    if wdt != dt:  # 16-bit inputs, fp32 master weights: the backward kernels run on fp32 inputs
-        # (their mixed-dtype builds spill under Triton 3.6); two small casts, d_emb cast back
-        grad_out, region_emb = grad_out.float(), region_emb.float()
+    if wdt != dt:  # 16-bit inputs, fp32 master weights: the rows kernel reads the 16-bit grad_out
+        # as it is; the inputs kernel runs on fp32 region_emb (its mixed-dtype build spills under
+        # Triton 3.6): a small cast, d_emb cast back
+        region_emb = region_emb.float()
     V, layer_bias, ln_weight = V.contiguous(), layer_bias.contiguous(), ln_weight.contiguous()
     n_row_tiles = _cdiv(bk, _BLOCK_T)
     # One fp32 workspace: dlow [L,BK,r], colsum [L,tiles,3,D], dv_part [L,tiles,r,D].
@@ -599,8 +602,8 @@ def aot_configs() -> List:
                     **{n: "*fp32" for n in _FP32_POINTERS}, "stage_ptr": "*i32"}
         for fn in (_prompt_bank_fwd_kernel, _prompt_bank_bwd_rows_kernel,
                    _prompt_bank_bwd_inputs_kernel):
-            if wty != ty and fn is not _prompt_bank_fwd_kernel:
-                continue  # the backward runs mixed-dtype calls on fp32 inputs (see _backward)
+            if wty != ty and fn is _prompt_bank_bwd_inputs_kernel:
+                continue  # mixed-dtype calls run it on fp32 region_emb (see _backward)
             consts = dict(blocks)
             warps = _WARPS
             if fn is _prompt_bank_bwd_inputs_kernel:

@@ -385,8 +385,10 @@ def _cdiv(a: int, b: int) -> int:
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
+def _sm_count(device_index: int, properties) -> int:
+    """SMs of a CUDA device, cached per device and per ``get_device_properties`` function (the
+    launch counter patches it with an H100's properties for fake CUDA tensors)."""
+    return properties(device_index).multi_processor_count
 
 
 def _pixel_splits(batch: int, n_tiles: int, device: torch.device) -> int:
@@ -395,8 +397,8 @@ def _pixel_splits(batch: int, n_tiles: int, device: torch.device) -> int:
     two, so that the split path is what the tests exercise by default."""
     if device.type != "cuda":
         return min(n_tiles, 2)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return max(1, min(n_tiles, _cdiv(2 * _sm_count(index), batch)))
+    sms = _sm_count(device.index or 0, torch.cuda.get_device_properties)
+    return max(1, min(n_tiles, _cdiv(2 * sms, batch)))
 
 
 def _forward(features: Tensor, maps: Tensor, eps: float, grid_h: int,

@@ -269,7 +269,8 @@ def main(argv=None) -> int:
                     help="compile only the first and last configuration of each kernel (CI)")
     ap.add_argument("--ops", nargs="+", metavar="OP",
                     help="compile only these op modules (e.g. low_rank_project) and replace their "
-                         "kernels' rows in the recorded entry, keeping the others")
+                         "kernels' rows in the recorded entry, keeping the others (rows of "
+                         "kernels that no op defines any more are dropped)")
     args = ap.parse_args(argv)
     import time
 
@@ -282,8 +283,10 @@ def main(argv=None) -> int:
     if args.ops:
         only = _op_indices(configs, args.ops)
         mine = {configs[i].kernel for i in only}
+        current = {cfg.kernel for cfg in configs}  # a recorded kernel no op defines is stale
         try:
-            kept = [r for r in load_rows(args.out) if r["kernel"] not in mine]
+            kept = [r for r in load_rows(args.out)
+                    if r["kernel"] not in mine and r["kernel"] in current]
         except (OSError, KeyError, ValueError):
             kept = []
     start = time.perf_counter()

@@ -134,7 +134,10 @@ class Results:
 
 
 def ratios(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Speed-up of the fused provider over eager and over compiled, per (op, mode, shape)."""
+    """Speed-up of the fused provider over every other provider of the same (op, mode, shape,
+    dtype) (eager, compiled, and the baselines a user would pick instead, e.g. ``expert``), and
+    over the best (fastest) of them: ``speedup_vs_<provider>``, ``speedup_vs_best`` and
+    ``best_baseline``."""
     timed = {(r["op"], r["mode"], json.dumps(r["shape"], sort_keys=True), r["dtype"], r["provider"]):
              r["median_ms"] for r in rows if r.get("kind") == "op" and r.get("median_ms")}
     out = []
@@ -142,9 +145,12 @@ def ratios(rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
         if provider != "fused":
             continue
         entry = {"op": op, "mode": mode, "shape": json.loads(shape), "dtype": dtype}
-        for other in ("eager", "compiled"):
-            other_ms = timed.get((op, mode, shape, dtype, other))
-            if other_ms:
-                entry[f"speedup_vs_{other}"] = other_ms / ms
+        others = {key[4]: other_ms for key, other_ms in timed.items()
+                  if key[:4] == (op, mode, shape, dtype) and key[4] != "fused"}
+        for other, other_ms in sorted(others.items()):
+            entry[f"speedup_vs_{other}"] = other_ms / ms
+        if others:
+            best = min(others, key=others.get)
+            entry["best_baseline"], entry["speedup_vs_best"] = best, others[best] / ms
         out.append(entry)
     return out

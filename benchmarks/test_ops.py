@@ -1,11 +1,17 @@
-"""Op-level latency and memory: PIM, region pooling and the prompt bank, each with the fused
-(Triton) provider, the eager reference and ``torch.compile(reference)``, in modes fwd, bwd and
-fwd+bwd, with achieved GB/s against the minimum-traffic model.
+"""Op-level latency and memory: every op of ``avpt_kernels.ops.specs.SPECS`` (PIM, region
+pooling, the prompt bank, the low-rank projection), in modes fwd, bwd and fwd+bwd, with achieved
+GB/s against the minimum-traffic model. Providers: ``fused`` (the public op on the Triton
+kernels), ``eager`` (``avpt_kernels.reference``), ``compiled`` (``torch.compile`` of the
+reference) and, for PIM, the baselines a user would pick instead: ``expert``
+(``avpt_kernels.baselines.pim_expert``: fused projections in the input dtype) and
+``expert-max-autotune`` (it under ``torch.compile(mode="max-autotune")``, GPU only).
 
 On a GPU the default shape is B=32, T=197, D=768, K=6, R=3, r=8, L=12 plus a sweep over B and T;
 on CPU small shapes through the interpreter (smoke run).
 """
 import functools
+import importlib
+import pkgutil
 
 import pytest
 import torch
@@ -26,6 +32,8 @@ if ON_GPU:
 else:
     SHAPES = [Shape(B=2, T=17, D=64, map_side=8)]
 PROVIDERS = ("fused", "eager", "compiled")
+BASELINES = {"pim": ("expert", "expert-max-autotune")}  # op -> its extra baseline providers
+CASES = [(op, provider) for op in SPECS for provider in PROVIDERS + BASELINES.get(op, ())]
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
@@ -41,12 +49,45 @@ def _compiled(op: str, shape: Shape):
     return torch.compile(SPECS[op].reference(shape), dynamic=False)
 
 
+def _pim_expert(shape: Shape):
+    """(fn, prepare) of the expert PIM: ``prepare`` turns the spec's inputs (z, p, *PIMParams)
+    into (z, p, *fused weights), fused once outside the timed call (as a module holds them)."""
+    from avpt_kernels.baselines import ExpertPIMWeights, fuse_pim_weights, pim_expert
+    from avpt_kernels.reference import PIMParams
+
+    def prepare(inputs):
+        z, p, *weights = inputs
+        with torch.no_grad():
+            fused = fuse_pim_weights(PIMParams(*weights), shape.heads)
+        return (z, p, *(w.requires_grad_(z.requires_grad) for w in fused))
+
+    def fn(z, p, *fused):
+        return pim_expert(z, p, ExpertPIMWeights(*fused), shape.heads)
+    return fn, prepare
+
+
+@functools.lru_cache(maxsize=None)
+def _expert_max_autotune(shape: Shape):
+    fn, prepare = _pim_expert(shape)
+    return torch.compile(fn, mode="max-autotune", dynamic=False), prepare
+
+
 def _provider_fn(provider: str, op: str, s: Shape):
+    """(fn, prepare): the provider's callable and the map from the spec's inputs to its own."""
+    same = lambda inputs: inputs  # noqa: E731
     if provider == "fused":
-        return SPECS[op].fused(s)
+        return SPECS[op].fused(s), same
     if provider == "eager":
-        return SPECS[op].reference(s)
-    return _compiled(op, s)
+        return SPECS[op].reference(s), same
+    if provider == "compiled":
+        return _compiled(op, s), same
+    if provider == "expert":
+        return _pim_expert(s)
+    if provider == "expert-max-autotune":
+        if not ON_GPU:
+            pytest.skip("max-autotune benchmarks GPU kernel choices: GPU only")
+        return _expert_max_autotune(s)
+    raise ValueError(f"unknown provider {provider!r}")
 
 
 def _loss(outputs):
@@ -55,30 +96,27 @@ def _loss(outputs):
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", PROVIDERS)
-@pytest.mark.parametrize("op", ["pim", "region_pool", "prompt_bank"])
+@pytest.mark.parametrize("op,provider", CASES, ids=[f"{o}-{p}" for o, p in CASES])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s.B}-T{s.T}-D{s.D}-K{s.K}")
 def test_op(benchmark, results, op, provider, mode, shape):
     is_default = shape is SHAPES[0]
-    if not is_default and (mode != "fwd+bwd" or provider == "compiled"):
+    if not is_default and (mode != "fwd+bwd" or provider not in ("fused", "eager")):
         pytest.skip("the B/T sweep covers fused and eager fwd+bwd only")
     row = dict(kind="op", op=op, provider=provider, mode=mode,
                shape=dict(B=shape.B, T=shape.T, D=shape.D, K=shape.K, R=shape.R),
                dtype=str(DTYPE).replace("torch.", ""), device=DEVICE,
                min_bytes=min_bytes(op, mode, shape, DTYPE))
-    fn = _provider_fn(provider, op, shape)
+    fn, prepare = _provider_fn(provider, op, shape)
     grad = mode != "fwd"
     rounds = 20 if ON_GPU else 3
+    inputs = prepare(SPECS[op].inputs(shape, DTYPE, DEVICE, requires_grad=grad))
     if mode == "fwd":
-        inputs = SPECS[op].inputs(shape, DTYPE, DEVICE)
         with torch.no_grad():
             stats = measure(benchmark, lambda: fn(*inputs), rounds=rounds)
     elif mode == "fwd+bwd":
-        inputs = SPECS[op].inputs(shape, DTYPE, DEVICE, requires_grad=True)
         stats = measure(benchmark, lambda: torch.autograd.grad(_loss(fn(*inputs)), inputs),
                         rounds=rounds)
     else:  # bwd: the forward runs in setup, outside the timed call
-        inputs = SPECS[op].inputs(shape, DTYPE, DEVICE, requires_grad=True)
         stats = measure(benchmark, lambda loss: torch.autograd.grad(loss, inputs),
                         setup=lambda: _loss(fn(*inputs)), rounds=rounds)
     gbps = row["min_bytes"] / (stats["median_ms"] * 1e-3) / 1e9 \
@@ -96,20 +134,21 @@ def test_op(benchmark, results, op, provider, mode, shape):
 # on a GPU), so only the GPU figure is the host cost as such.
 # ----------------------------------------------------------------------------------------------
 HOST_SHAPE = Shape(B=32, T=197, D=768, map_side=224)
-_OP_MODULES = {"pim": ("avpt_kernels.ops.pim.launch",), "region_pool": ("avpt_kernels.ops.region_pool",),
-               "prompt_bank": ("avpt_kernels.ops.prompt_bank",)}
+def _op_modules(op: str):
+    """The op's module, or every module of its package (PIM: whatever its internals are)."""
+    package = importlib.import_module(f"avpt_kernels.ops.{op}")
+    yield package
+    for info in pkgutil.walk_packages(getattr(package, "__path__", []), f"{package.__name__}."):
+        yield importlib.import_module(info.name)
 
 
 def _no_op_kernels(monkeypatch, op: str) -> int:
-    import importlib
-
     class NoOp:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
     count = 0
-    for name in _OP_MODULES[op]:
-        module = importlib.import_module(name)
+    for module in _op_modules(op):
         for attr, value in vars(module).items():
             if type(value).__name__ in ("JITFunction", "InterpretedFunction"):
                 monkeypatch.setattr(module, attr, NoOp())
@@ -117,7 +156,7 @@ def _no_op_kernels(monkeypatch, op: str) -> int:
     return count
 
 
-@pytest.mark.parametrize("op", ["pim", "region_pool", "prompt_bank"])
+@pytest.mark.parametrize("op", list(SPECS))
 def test_host_time(results, monkeypatch, op):
     import time
 
@@ -125,8 +164,7 @@ def test_host_time(results, monkeypatch, op):
     fn, prepare = SPECS[op].fused(HOST_SHAPE), lambda xs: xs
     if op == "pim":  # the modules' entry: weights packed once (PromptTokenInteraction keeps them so)
         import avpt_kernels as ak
-        from avpt_kernels.ops.pim import pack_weights
-        from avpt_kernels.reference import PIMParams
+        from avpt_kernels import PIMParams, pack_weights
 
         s = HOST_SHAPE
         fn = functools.partial(ak.pim_packed, num_heads=s.heads, head_dim=s.head_dim,

@@ -101,3 +101,16 @@ def test_table10_graphed_section_compares_graphed_with_graphed_and_judges_the_ta
     assert any("| vpt | - | - | skipped: CUDA graphs need a GPU |" in x for x in cpu)
     assert not any("Targets" in x for x in cpu)
     assert table10.graphed_section({"environment": env, "rows": rows[:3]}) == []
+
+
+def test_ratios_compare_fused_with_every_provider_and_the_best():
+    from benchmarks.harness import ratios
+
+    key = dict(kind="op", op="pim", mode="fwd", shape={"B": 2}, dtype="float32")
+    rows = [dict(key, provider=p, median_ms=ms) for p, ms in
+            (("fused", 1.0), ("eager", 4.0), ("compiled", 3.0), ("expert", 2.0))]
+    rows.append(dict(key, provider="expert-max-autotune", median_ms=None))  # skipped: no time
+    (entry,) = ratios(rows)
+    assert entry["speedup_vs_eager"] == 4.0 and entry["speedup_vs_expert"] == 2.0
+    assert entry["best_baseline"] == "expert" and entry["speedup_vs_best"] == 2.0
+    assert "speedup_vs_expert-max-autotune" not in entry

@@ -148,7 +148,7 @@ RP_FAMILIES = ("plain", "highnorm30", "highnorm100", "binary", "tinymass", "offs
                "mixed")
 # The representative few that run in CI at the model's shapes; every other model-shape case is
 # ``extended``. The small odd shapes run every family in both dtypes; the 8x8 grid (pixel maps
-# whose patches are split over programs, partial sums added up by the finalize kernel) a few.
+# whose patches are split over programs, partials summed by the last ticket's program) a few.
 RP_CI_MODEL = {("vitb-pixel", "offset30", torch.float16),
                ("vitb-token", "highnorm100", torch.bfloat16)}
 RP_SHAPE_FAMILIES = {"grid8-pixel": ("plain", "tinymass", "offset30")}

@@ -100,6 +100,14 @@ def test_row_tiles_and_interleaved_stages():
     _check(args, [2, 0, 1, 0, 2], torch.float32, eps=1e-2)
 
 
+def test_row_tile_partials_summed_over_more_than_one_block_of_tiles():
+    # B*K = 290 rows: 19 row tiles of 16, so the per-layer and dV sums of the tiles' partials take
+    # two BLOCK_TILES (16) loads, the second one partial; two stages of two layers each.
+    args = _inputs(29, 2, 5, 24, 3, 4, 2, torch.float32, seed=5)
+    assert -(-29 * 10 // pb._BLOCK_T) > pb._INPUTS_BLOCKS["BLOCK_TILES"]
+    _check(args, [1, 0, 0, 1], torch.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_non_contiguous_inputs(dtype):
     b, r, m, d, rank, n_layers, n_stages = 2, 3, 2, 32, 4, 3, 2

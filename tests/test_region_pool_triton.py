@@ -64,10 +64,19 @@ def test_matches_reference(case, dtype):
 @pytest.mark.parametrize("splits", (1, 3, 4))
 def test_pixel_map_patch_splits(monkeypatch, splits):
     # 8x8 grid (4 patch tiles): one program per image, or partial sums over 2 or 4 programs
-    # added up by the finalize kernel.
+    # added up by the program that draws the last ticket.
     monkeypatch.setattr(rp, "_pixel_splits", lambda batch, n_tiles, device: splits)
     f, m = _inputs((2, 65, 48), (2, 3, 16, 16), torch.float32)
     _check(f, m, torch.float32)
+
+
+def test_pixel_map_splits_over_several_channel_blocks_16bit(monkeypatch):
+    # D = 600: several D blocks (each with its own tickets), 3 splits; bf16, so the last
+    # ticket's program also writes the fp32 copy of out that the backward reads.
+    monkeypatch.setattr(rp, "_pixel_splits", lambda batch, n_tiles, device: 3)
+    assert rp._cdiv(600, rp._fwd_block_d(600, True)) > 1
+    f, m = _inputs((2, 65, 600), (2, 3, 16, 16), torch.bfloat16)
+    _check(f, m, torch.bfloat16)
 
 
 def test_pixel_maps_224_single_program_per_image(monkeypatch):

@@ -23,6 +23,19 @@ Kernels (fp32 accumulation, rank padded to 16 for ``tl.dot``, fp32 dots in ieee 
      per-layer), the last S ``dU[s] = sum_{l in s} x(l)^T dlow[l]``.
   Every program owns its outputs (no atomics): deterministic.
 
+Counts at the benchmark shape (``ops.specs``: N = B*K = 192 rows of a shared x, Din = Dout = 768,
+r = 8, L = 12, S = 3, bf16; 16-row tiles, 64-wide D chunks; 132 SMs):
+
+* forward: grid (12, 12) = 144 programs (one wave), 12 + 12 = 24 serial D-chunk steps. DRAM:
+  x 0.29 MB (the 12 layers' programs read it again from L2), out 3.54 MB, low 0.07 MB (floor
+  ``low_rank_project_min_bytes`` 3.91 MB); 57 MFLOP (twice that issued: rank padded to 16).
+* backward: (1) 144 dlow jobs of 12 serial Dout steps + 3 x 12 dV jobs of 4 layers x 6 row
+  steps (24 serial) = 180 programs; (2) grid (12, 12 dx jobs + 3 dU jobs) = 180 programs, dx
+  summing 12 layers (12 serial steps), dU 4 layers x 6 row steps (24 serial). DRAM: dout 3.54 MB
+  (read by the dlow and the dV jobs: once more if L2 evicts it), x, dx, dlow < 0.7 MB (floor
+  4.28 MB). The critical path is the 24-step dU / dV jobs: 64-row steps (12 serial) spill
+  16-24 B under Triton 3.6 at 8 warps, so they stay at 32.
+
 Precision (the bounded-error rule of ``avpt_kernels.testing``, tested in
 ``tests/test_low_rank_project.py``): every operand is loaded in its dtype and converted to fp32,
 every ``tl.dot`` takes fp32 operands and accumulates in fp32; ``low`` and ``dlow`` stay fp32
@@ -235,6 +248,11 @@ _BLOCK_D = 64
 _WARPS = 4
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) (``triton.cdiv`` is a constexpr function: ~2 us per host call)."""
+    return -(-a // b)
+
+
 def _stage_tensor(layer_stage: Sequence[int], device: torch.device) -> Tensor:
     """layer_stage as an int32 device tensor, cached (``reference.stage_index``): no
     host-to-device copy per call."""
@@ -247,7 +265,7 @@ def _forward(x: Tensor, U: Tensor, V: Tensor, layer_stage: Sequence[int]) -> Tup
     dev = x.device
     out = torch.empty((n_layers, n, dout), dtype=x.dtype, device=dev)
     low = torch.empty((n_layers, n, rank), dtype=torch.float32, device=dev)
-    grid = (n_layers, triton.cdiv(n, _BLOCK_T))
+    grid = (n_layers, _cdiv(n, _BLOCK_T))
     _low_rank_project_fwd_kernel[grid](
         x.contiguous(), U, V, _stage_tensor(layer_stage, dev), out, low,
         n, din, dout, rank, n if x.dim() == 3 else 0, *U.stride(), *V.stride(),
@@ -267,8 +285,8 @@ def _backward(grad_out: Tensor, x: Tensor, U: Tensor, V: Tensor, low: Tensor,
     d_x = torch.empty(x.shape, dtype=x.dtype, device=dev)
     d_u = torch.empty_like(U)  # U's strides (dense U), so a transposed view's gradient is too
     d_v = torch.empty_like(V)
-    n_row_tiles = triton.cdiv(n, _BLOCK_T)
-    n_low_jobs, n_out_chunks = n_layers * n_row_tiles, triton.cdiv(dout, _BLOCK_D)
+    n_row_tiles = _cdiv(n, _BLOCK_T)
+    n_low_jobs, n_out_chunks = n_layers * n_row_tiles, _cdiv(dout, _BLOCK_D)
     blocks = dict(BLOCK_T=_BLOCK_T, BLOCK_ROWS=_BLOCK_ROWS, BLOCK_RANK=_BLOCK_RANK,
                   BLOCK_D=_BLOCK_D)
     _low_rank_project_bwd_out_kernel[(n_low_jobs + n_stages * n_out_chunks,)](
@@ -276,7 +294,7 @@ def _backward(grad_out: Tensor, x: Tensor, U: Tensor, V: Tensor, low: Tensor,
         n, dout, rank, n_layers, n_row_tiles, n_low_jobs, n_out_chunks,
         *V.stride(), *d_v.stride(), **blocks, num_warps=_WARPS)
     n_dx_jobs = n_row_tiles * (n_layers if x.dim() == 3 else 1)
-    _low_rank_project_bwd_in_kernel[(triton.cdiv(din, _BLOCK_D), n_dx_jobs + n_stages)](
+    _low_rank_project_bwd_in_kernel[(_cdiv(din, _BLOCK_D), n_dx_jobs + n_stages)](
         x, U, stage, dlow, d_x, d_u,
         n, din, rank, n_layers, n_row_tiles, n_dx_jobs, n if x.dim() == 3 else 0,
         *U.stride(), *d_u.stride(), **blocks, num_warps=_WARPS)

@@ -7,22 +7,41 @@ Rows are the B*K prompt tokens (row = b*K + k, token k of region k // m, m = K /
 ``e[row] = E[b, k // m] + off[k]``, ``low[l, row] = e[row] @ U[s(l)]`` (rank r),
 ``x = low @ V[s(l)] + bias[l]``, ``P[l, row] = LN(x) * ln_weight[l] + ln_bias[l]``.
 
-Kernels (fp32 accumulation, rank padded to 16 for ``tl.dot``, fp32 dots in ieee precision):
+Kernels (fp32 accumulation, rank padded to 16 for ``tl.dot``, fp32 dots in ieee precision; no
+atomics: every sum runs in one fixed order, so results are deterministic). Counts at the model
+shape (B=32, R=3, K=6, D=768, L=12, S=3, r=8, bf16: BK = 192 rows, 12 row tiles of 16, 12 D
+chunks of 64; an H100/H200 has 132 SMs):
 
-* forward, one launch: ``_prompt_bank_fwd_kernel``, grid (L, row tiles). Per tile: ``low`` (one
-  pass over D), then the LayerNorm mean, variance and output in three passes over D chunks that
-  recompute ``x`` from ``low`` (r FMAs per element) instead of holding rows of D in registers.
-  Saves low [L,BK,r], mean and rstd [L,BK] (fp32) for the backward.
-* backward, three launches:
-  1. ``_prompt_bank_bwd_rows_kernel``, grid (L, row tiles): the LayerNorm row terms
-     ``c1 = mean(dxhat)``, ``c2 = mean(dxhat * xhat)`` and ``dlow = dx @ V^T``.
-  2. ``_prompt_bank_bwd_layer_kernel``, grid (L, D chunks): the per-layer sums over rows,
-     d ln_bias, d ln_weight, d layer_bias and the per-layer ``low^T dx`` (dV of layer l).
-  3. ``_prompt_bank_bwd_inputs_kernel``, grid (D chunks, E tiles + offset tiles + S):
-     d region_emb, d token_offset (``dlow @ U^T`` summed over the layers) and, per stage,
-     dU = ``e^T sum_{l in s} dlow[l]`` and dV = ``sum_{l in s} dV_l``.
+* forward, one launch: ``_prompt_bank_fwd_kernel``, grid (L, row tiles) = 144 programs (one
+  wave). Per tile: ``low`` (one pass over D), then the LayerNorm mean, variance and output in
+  three passes over D chunks that recompute ``x`` from ``low`` (r FMAs per element) instead of
+  holding rows of D in registers: 4 x 12 = 48 serial D-chunk steps. Saves low [L,BK,r], mean and
+  rstd [L,BK] (fp32) for the backward. DRAM: 3.92 MB (prompts 3.54 MB, inputs and weights 0.28
+  MB, low/mean/rstd 0.09 MB; floor ``prompt_bank_min_bytes`` 3.82 MB); ~0.13 GFLOP.
+* backward, two launches:
+  1. ``_prompt_bank_bwd_rows_kernel``, grid (L, row tiles) = 144 programs, 2 x 12 = 24 serial
+     D-chunk steps: the LayerNorm row terms ``c1 = mean(dxhat)``, ``c2 = mean(dxhat * xhat)``
+     (pass 1, registers), then ``dx``, ``dlow = dx @ V^T`` and the tile's column partials
+     (pass 2): sums over its rows of dout, dout * xhat, dx (d ln_bias, d ln_weight, d
+     layer_bias) and ``low^T dx`` (its share of dV), fp32 [L, tiles, 3 + r, D]. Reads dout once
+     from DRAM (3.54 MB; pass 2 from L2), writes 4.9 MB of partials (L2-resident on a 50 MB L2);
+     ~0.15 GFLOP.
+  2. ``_prompt_bank_bwd_inputs_kernel``, grid (D chunks, E tiles + offset tiles + S + L) =
+     (12, 6 + 1 + 3 + 12) = 264 programs: d region_emb, d token_offset (``dlow @ U^T`` summed
+     over the layers: 12 serial layer steps, up to 32 images or M tokens summed per load), per
+     stage dU = ``e^T sum_{l in s} dlow[l]`` (4 x 3 steps of 64 rows) and dV (the partials, 16
+     tiles per load), per layer the three [D] gradients (the partials, one load of 16 tiles).
+     Writes 0.3 MB of gradients.
+  DRAM at B=32: 3.8 MB (partials in L2) to 8.7 MB (partials spilled to DRAM); floor 4.11 MB.
+  Before (three launches): the same rows kernel without the partials; a per-layer kernel, grid
+  (L, D chunks) = 144 programs of 12 serial row-tile steps that read dout a second time (3.54 MB)
+  for the column sums; the inputs kernel on (12, 10) = 120 programs (fewer than the SMs) with
+  24 serial steps in its offset job; 11 allocations per call (now one fp32 workspace + the 7
+  gradients).
   The launchers make inputs, parameters and the prompts' gradient contiguous (a stride-0
-  gradient, from ``prompts.sum()``, is materialised once).
+  gradient, from ``prompts.sum()``, is materialised once). Under autocast (16-bit region_emb,
+  fp32 master weights) the rows kernel reads the 16-bit gradient as it is (before: cast to fp32
+  first, one more launch and 3x its bytes) and only region_emb is cast for the inputs kernel.
 
 Precision (the bounded-error rule of ``avpt_kernels.testing``, tested in
 ``tests/test_bounded_error_ops.py``): no contraction here has two exact 16-bit operands, so every
@@ -41,7 +60,6 @@ import triton.language as tl
 from torch import Tensor
 
 from .. import _checks, reference
-from .._compat import for_triton
 from ..backend import resolve
 
 # Dtypes the kernels take (float64 runs on the torch backend: see ``prompt_bank``).
@@ -188,22 +206,28 @@ def _prompt_bank_fwd_kernel(
     tl.store(rstd_ptr + stat, rstd, mask=mask_rows)
 
 
-# The three row kernels open alike (layer, row tile, stage, rank offsets, the saved low / mean /
-# rstd rows) and end alike (masked row stores): kept inline, as each kernel reads in one screen
-# and a helper returning six tensors would say less than the lines it replaces.
+# The row kernels open alike (layer, row tile, stage, rank offsets, the saved low / mean / rstd
+# rows) and end alike (masked row stores): kept inline, as each kernel reads in one screen and a
+# helper returning six tensors would say less than the lines it replaces.
 @triton.jit
 def _prompt_bank_bwd_rows_kernel(
         dout_ptr, v_ptr, bias_ptr, lnw_ptr, stage_ptr, low_ptr, mean_ptr, rstd_ptr,
-        dlow_ptr, c1_ptr, c2_ptr,
+        dlow_ptr, colsum_ptr, dv_part_ptr,
         BK, D, RANK,
         BLOCK_T: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Row terms of the LayerNorm backward and dlow = dx @ V^T for BLOCK_T rows of layer l.
+    """Everything one tile of BLOCK_T rows of layer l contributes to the backward.
 
-    dout [L,BK,D] contiguous; dlow [L,BK,RANK], c1, c2 [L,BK] fp32 outputs.
-    dx = rstd * (dxhat - c1 - xhat * c2) with dxhat = dout * ln_weight.
+    Pass 1 over D: the LayerNorm row terms c1 = mean(dxhat), c2 = mean(dxhat * xhat) (registers
+    only). Pass 2 over D: dx = rstd * (dxhat - c1 - xhat * c2) with dxhat = dout * ln_weight,
+    then dlow = dx @ V^T (fp32 [L,BK,RANK]) and the tile's column partials, per D chunk:
+    colsum [L, tiles, 3, D] = (sum_rows dout, sum_rows dout * xhat, sum_rows dx) (d ln_bias,
+    d ln_weight, d layer_bias) and dv_part [L, tiles, RANK, D] = low^T dx (dV of layer l), both
+    fp32, summed over the tiles in a fixed order by ``_prompt_bank_bwd_inputs_kernel``.
+    dout [L,BK,D] contiguous.
     """
     layer = tl.program_id(0)
-    rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tile = tl.program_id(1)
+    rows = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     mask_rows = rows < BK
     stage = tl.load(stage_ptr + layer)
     offs_q = tl.arange(0, BLOCK_RANK)
@@ -228,6 +252,9 @@ def _prompt_bank_bwd_rows_kernel(
     c1 = c1 / D
     c2 = c2 / D
 
+    part = (layer * tl.num_programs(1) + tile).to(tl.int64)
+    colsum_row = colsum_ptr + part * 3 * D
+    dv_rows = dv_part_ptr + (part * RANK + offs_q)[:, None] * D
     dlow = tl.zeros((BLOCK_T, BLOCK_RANK), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
@@ -236,61 +263,19 @@ def _prompt_bank_bwd_rows_kernel(
                                    mean, rstd, BK, RANK, D, offs_q, mask_q, offs_d, mask_d)
         w = tl.load(lnw_ptr + layer * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
         dx = rstd[:, None] * (dy * w[None, :] - c1[:, None] - xhat * c2[:, None])
-        dx = tl.where(mask_d[None, :], dx, 0.0)
+        # Padded rows have dy = 0, low = 0 and rstd = 0 (so xhat = 0, dx = 0): no column terms.
+        dx = tl.where(mask_rows[:, None] & mask_d[None, :], dx, 0.0)
         v = tl.load(v_ptr + (stage * RANK + offs_q)[:, None] * D + offs_d[None, :],
                     mask=mask_q[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
         dlow += tl.dot(dx, tl.trans(v), input_precision="ieee")
+        tl.store(colsum_row + offs_d, tl.sum(dy, axis=0), mask=mask_d)
+        tl.store(colsum_row + D + offs_d, tl.sum(dy * xhat, axis=0), mask=mask_d)
+        tl.store(colsum_row + 2 * D + offs_d, tl.sum(dx, axis=0), mask=mask_d)
+        tl.store(dv_rows + offs_d[None, :], tl.dot(tl.trans(low), dx, input_precision="ieee"),
+                 mask=mask_q[:, None] & mask_d[None, :])
 
     tl.store(dlow_ptr + stat[:, None] * RANK + offs_q[None, :], dlow,
              mask=mask_rows[:, None] & mask_q[None, :])
-    tl.store(c1_ptr + stat, c1, mask=mask_rows)
-    tl.store(c2_ptr + stat, c2, mask=mask_rows)
-
-
-@triton.jit
-def _prompt_bank_bwd_layer_kernel(
-        dout_ptr, v_ptr, bias_ptr, lnw_ptr, stage_ptr, low_ptr, mean_ptr, rstd_ptr,
-        c1_ptr, c2_ptr, dlnw_ptr, dlnb_ptr, dbias_ptr, dv_layer_ptr,
-        BK, D, RANK,
-        BLOCK_T: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Per-layer sums over all BK rows for one D chunk: d ln_weight, d ln_bias, d layer_bias
-    [L,D] and dV_l = low^T dx, written to dv_layer [L,RANK,D] (fp32)."""
-    layer = tl.program_id(0)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    stage = tl.load(stage_ptr + layer)
-    offs_q = tl.arange(0, BLOCK_RANK)
-    mask_q = offs_q < RANK
-    w = tl.load(lnw_ptr + layer * D + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-
-    dlnw = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    dlnb = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    dbias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    dv = tl.zeros((BLOCK_RANK, BLOCK_D), dtype=tl.float32)
-    for t0 in range(0, BK, BLOCK_T):
-        rows = t0 + tl.arange(0, BLOCK_T)
-        mask_rows = rows < BK
-        stat = layer * BK + rows
-        low = tl.load(low_ptr + stat[:, None] * RANK + offs_q[None, :],
-                      mask=mask_rows[:, None] & mask_q[None, :], other=0.0)
-        mean = tl.load(mean_ptr + stat, mask=mask_rows, other=0.0)
-        rstd = tl.load(rstd_ptr + stat, mask=mask_rows, other=0.0)
-        c1 = tl.load(c1_ptr + stat, mask=mask_rows, other=0.0)
-        c2 = tl.load(c2_ptr + stat, mask=mask_rows, other=0.0)
-        xhat, dy = _ln_grad_inputs(low, v_ptr, bias_ptr, dout_ptr, stage, layer, rows, mask_rows,
-                                   mean, rstd, BK, RANK, D, offs_q, mask_q, offs_d, mask_d)
-        dx = rstd[:, None] * (dy * w[None, :] - c1[:, None] - xhat * c2[:, None])
-        dx = tl.where(mask_rows[:, None], dx, 0.0)  # padded rows have rstd = 0 already
-        dlnb += tl.sum(dy, axis=0)
-        dlnw += tl.sum(dy * xhat, axis=0)
-        dbias += tl.sum(dx, axis=0)
-        dv += tl.dot(tl.trans(low), dx, input_precision="ieee")
-
-    tl.store(dlnw_ptr + layer * D + offs_d, dlnw.to(dlnw_ptr.dtype.element_ty), mask=mask_d)
-    tl.store(dlnb_ptr + layer * D + offs_d, dlnb.to(dlnb_ptr.dtype.element_ty), mask=mask_d)
-    tl.store(dbias_ptr + layer * D + offs_d, dbias.to(dbias_ptr.dtype.element_ty), mask=mask_d)
-    tl.store(dv_layer_ptr + (layer * RANK + offs_q)[:, None] * D + offs_d[None, :], dv,
-             mask=mask_q[:, None] & mask_d[None, :])
 
 
 @triton.jit
@@ -321,19 +306,22 @@ def _dlow_times_ut(dlow_ptr, u_ptr, stage_ptr, first_row, mask_idx, n_inner, inn
 
 @triton.jit
 def _prompt_bank_bwd_inputs_kernel(
-        emb_ptr, off_ptr, u_ptr, stage_ptr, dlow_ptr, dv_layer_ptr,
-        demb_ptr, doff_ptr, du_ptr, dv_ptr,
-        B, K, M, R, D, RANK, L, S, n_group_tiles, n_token_tiles,
+        emb_ptr, off_ptr, u_ptr, stage_ptr, dlow_ptr, colsum_ptr, dv_part_ptr,
+        demb_ptr, doff_ptr, du_ptr, dv_ptr, dlnw_ptr, dlnb_ptr, dbias_ptr,
+        B, K, M, R, D, RANK, L, S, n_group_tiles, n_token_tiles, n_row_tiles,
         BLOCK_T: tl.constexpr, BLOCK_INNER: tl.constexpr, BLOCK_ROWS: tl.constexpr,
-        BLOCK_RANK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One D chunk (axis 0) of the input-side gradients; axis 1 picks the job:
+        BLOCK_TILES: tl.constexpr, BLOCK_RANK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One D chunk (axis 0) of the input-side and per-layer gradients; axis 1 picks the job:
 
     [0, n_group_tiles): d region_emb of BLOCK_T (b, region) groups,
         dE[b, j] = sum_l (sum_{k in region j} dlow[l, b*K + k]) @ U[s(l)]^T;
     [.., + n_token_tiles): d token_offset of BLOCK_T tokens,
         doff[k] = sum_l (sum_b dlow[l, b*K + k]) @ U[s(l)]^T;
     [.., + S): the factors of stage s, dU[s] = sum_{l in s} e^T dlow[l] (BLOCK_ROWS rows per
-        step) and dV[s] = sum_{l in s} dV_l.
+        step) and dV[s] = sum_{l in s} sum_tiles dv_part[l, tile] (BLOCK_TILES tiles per load);
+    [.., + L): layer l's d ln_bias, d ln_weight, d layer_bias = sum_tiles colsum[l, tile].
+    The row-tile partials (of ``_prompt_bank_bwd_rows_kernel``, n_row_tiles per layer) are summed
+    in one fixed order: deterministic, no atomics.
     """
     offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
@@ -358,14 +346,21 @@ def _prompt_bank_bwd_inputs_kernel(
                               BLOCK_D)
         tl.store(doff_ptr + tokens[:, None] * D + offs_d[None, :],
                  grad.to(doff_ptr.dtype.element_ty), mask=mask_k[:, None] & mask_d[None, :])
-    else:
+    elif job < n_group_tiles + n_token_tiles + S:
         stage = job - n_group_tiles - n_token_tiles
+        offs_tile = tl.arange(0, BLOCK_TILES)
         dv = tl.zeros((BLOCK_RANK, BLOCK_D), dtype=tl.float32)
         for layer in range(L):
             if tl.load(stage_ptr + layer) == stage:
-                dv += tl.load(dv_layer_ptr + (layer * RANK + offs_q)[:, None] * D
-                              + offs_d[None, :], mask=mask_q[:, None] & mask_d[None, :],
-                              other=0.0)
+                for t0 in range(0, n_row_tiles, BLOCK_TILES):
+                    tiles = t0 + offs_tile
+                    part = (layer * n_row_tiles + tiles).to(tl.int64)  # [BLOCK_TILES]
+                    block = tl.load(dv_part_ptr + ((part * RANK)[:, None, None]
+                                                   + offs_q[None, :, None]) * D
+                                    + offs_d[None, None, :],
+                                    mask=(tiles < n_row_tiles)[:, None, None]
+                                    & mask_q[None, :, None] & mask_d[None, None, :], other=0.0)
+                    dv += tl.sum(block, axis=0)
         tl.store(dv_ptr + (stage * RANK + offs_q)[:, None] * D + offs_d[None, :],
                  dv.to(dv_ptr.dtype.element_ty), mask=mask_q[:, None] & mask_d[None, :])
         du = tl.zeros((BLOCK_D, BLOCK_RANK), dtype=tl.float32)
@@ -382,6 +377,26 @@ def _prompt_bank_bwd_inputs_kernel(
                     du += tl.dot(tl.trans(e), dlow, input_precision="ieee")
         tl.store(du_ptr + (stage * D + offs_d)[:, None] * RANK + offs_q[None, :],
                  du.to(du_ptr.dtype.element_ty), mask=mask_d[:, None] & mask_q[None, :])
+    else:
+        layer = job - n_group_tiles - n_token_tiles - S
+        offs_tile = tl.arange(0, BLOCK_TILES)
+        sums = tl.zeros((4, BLOCK_D), dtype=tl.float32)  # rows: d ln_bias, d ln_weight, d bias
+        offs_j = tl.arange(0, 4)
+        for t0 in range(0, n_row_tiles, BLOCK_TILES):
+            tiles = t0 + offs_tile
+            part = (layer * n_row_tiles + tiles).to(tl.int64)
+            block = tl.load(colsum_ptr + ((part * 3)[:, None, None] + offs_j[None, :, None]) * D
+                            + offs_d[None, None, :],
+                            mask=(tiles < n_row_tiles)[:, None, None] & (offs_j < 3)[None, :, None]
+                            & mask_d[None, None, :], other=0.0)
+            sums += tl.sum(block, axis=0)
+        dlnb = tl.sum(tl.where(offs_j[:, None] == 0, sums, 0.0), axis=0)
+        dlnw = tl.sum(tl.where(offs_j[:, None] == 1, sums, 0.0), axis=0)
+        dbias = tl.sum(tl.where(offs_j[:, None] == 2, sums, 0.0), axis=0)
+        tl.store(dlnb_ptr + layer * D + offs_d, dlnb.to(dlnb_ptr.dtype.element_ty), mask=mask_d)
+        tl.store(dlnw_ptr + layer * D + offs_d, dlnw.to(dlnw_ptr.dtype.element_ty), mask=mask_d)
+        tl.store(dbias_ptr + layer * D + offs_d, dbias.to(dbias_ptr.dtype.element_ty),
+                 mask=mask_d)
 
 
 # ---- Launchers --------------------------------------------------------------------------------
@@ -390,11 +405,13 @@ _BLOCK_RANK = MAX_RANK
 _BLOCK_D = 64
 _WARPS = 4
 _INPUTS_WARPS = 8  # fp32 bwd_inputs spills at 4 warps on sm_80 (see aot_configs)
-# bwd_layer: under Triton 3.6 the 16-bit configs spill 64 B on sm_80 at 4 warps (none at 8);
-# under Triton 3.8, fp16 spills 8 B on sm_90a at 8 warps (none at 4).
-_LAYER_WARPS = for_triton({(3, 0): 8, (3, 8): 4})
-_INPUTS_BLOCKS = dict(BLOCK_INNER=16, BLOCK_ROWS=64)  # images / tokens summed per load; dU rows
+# images / tokens summed per load; dU rows per step; row tiles of partials summed per load
+_INPUTS_BLOCKS = dict(BLOCK_INNER=32, BLOCK_ROWS=64, BLOCK_TILES=16)
 
+
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) (``triton.cdiv`` is a constexpr function: ~2 us per host call)."""
+    return -(-a // b)
 
 def _stage_tensor(layer_stage: Sequence[int], device: torch.device) -> Tensor:
     """layer_stage as an int32 device tensor, cached: a host-to-device copy on every call would
@@ -411,7 +428,7 @@ def _forward(region_emb, token_offset, U, V, layer_bias, ln_weight, ln_bias, lay
     low = torch.empty((n_layers, b * k, rank), dtype=torch.float32, device=dev)
     mean = torch.empty((n_layers, b * k), dtype=torch.float32, device=dev)
     rstd = torch.empty_like(mean)
-    grid = (n_layers, triton.cdiv(b * k, _BLOCK_T))
+    grid = (n_layers, _cdiv(b * k, _BLOCK_T))
     _prompt_bank_fwd_kernel[grid](
         region_emb.contiguous(), token_offset.contiguous(), U.contiguous(), V.contiguous(),
         layer_bias.contiguous(), ln_weight.contiguous(), ln_bias.contiguous(),
@@ -429,15 +446,17 @@ def _backward(grad_out, region_emb, token_offset, U, V, layer_bias, ln_weight, l
     bk = b * k
     stage = _stage_tensor(layer_stage, dev)
     grad_out = grad_out.contiguous()
-    if wdt != dt:  # 16-bit inputs, fp32 master weights: the backward kernels run on fp32 inputs
-        # (their mixed-dtype builds spill under Triton 3.6); two small casts, d_emb cast back
-        grad_out, region_emb = grad_out.float(), region_emb.float()
+    if wdt != dt:  # 16-bit inputs, fp32 master weights: the rows kernel reads the 16-bit grad_out
+        # as it is; the inputs kernel runs on fp32 region_emb (its mixed-dtype build spills under
+        # Triton 3.6): a small cast, d_emb cast back
+        region_emb = region_emb.float()
     V, layer_bias, ln_weight = V.contiguous(), layer_bias.contiguous(), ln_weight.contiguous()
-    f32 = dict(dtype=torch.float32, device=dev)
-    dlow = torch.empty((n_layers, bk, rank), **f32)
-    c1 = torch.empty((n_layers, bk), **f32)
-    c2 = torch.empty((n_layers, bk), **f32)
-    dv_layer = torch.empty((n_layers, rank, d), **f32)
+    n_row_tiles = _cdiv(bk, _BLOCK_T)
+    # One fp32 workspace: dlow [L,BK,r], colsum [L,tiles,3,D], dv_part [L,tiles,r,D].
+    # Each part padded to 32 floats: 128-byte aligned, as a tensor of its own would be.
+    sizes = [-(-n // 32) * 32 for n in (n_layers * bk * rank, n_layers * n_row_tiles * 3 * d,
+                                        n_layers * n_row_tiles * rank * d)]
+    dlow, colsum, dv_part = torch.empty(sum(sizes), dtype=torch.float32, device=dev).split(sizes)
     d_emb = torch.empty((b, r, d), dtype=region_emb.dtype, device=dev)
     d_off = torch.empty((k, d), dtype=wdt, device=dev)  # weight gradients in the weights' dtype
     d_u = torch.empty(U.shape, dtype=wdt, device=dev)
@@ -447,19 +466,16 @@ def _backward(grad_out, region_emb, token_offset, U, V, layer_bias, ln_weight, l
     d_lnb = torch.empty((n_layers, d), dtype=wdt, device=dev)
     blocks = dict(BLOCK_T=_BLOCK_T, BLOCK_RANK=_BLOCK_RANK, BLOCK_D=_BLOCK_D)
 
-    _prompt_bank_bwd_rows_kernel[(n_layers, triton.cdiv(bk, _BLOCK_T))](
-        grad_out, V, layer_bias, ln_weight, stage, low, mean, rstd, dlow, c1, c2,
+    _prompt_bank_bwd_rows_kernel[(n_layers, n_row_tiles)](
+        grad_out, V, layer_bias, ln_weight, stage, low, mean, rstd, dlow, colsum, dv_part,
         bk, d, rank, **blocks, num_warps=_WARPS)
-    _prompt_bank_bwd_layer_kernel[(n_layers, triton.cdiv(d, _BLOCK_D))](
-        grad_out, V, layer_bias, ln_weight, stage, low, mean, rstd, c1, c2,
-        d_lnw, d_lnb, d_bias, dv_layer, bk, d, rank, **blocks, num_warps=_LAYER_WARPS)
-    n_group_tiles, n_token_tiles = triton.cdiv(b * r, _BLOCK_T), triton.cdiv(k, _BLOCK_T)
-    _prompt_bank_bwd_inputs_kernel[(triton.cdiv(d, _BLOCK_D),
-                                    n_group_tiles + n_token_tiles + n_stages)](
+    n_group_tiles, n_token_tiles = _cdiv(b * r, _BLOCK_T), _cdiv(k, _BLOCK_T)
+    _prompt_bank_bwd_inputs_kernel[(_cdiv(d, _BLOCK_D),
+                                    n_group_tiles + n_token_tiles + n_stages + n_layers)](
         region_emb.contiguous(), token_offset.contiguous(), U.contiguous(), stage, dlow,
-        dv_layer, d_emb, d_off, d_u, d_v,
-        b, k, k // r, r, d, rank, n_layers, n_stages, n_group_tiles, n_token_tiles, **blocks,
-        **_INPUTS_BLOCKS, num_warps=_INPUTS_WARPS)
+        colsum, dv_part, d_emb, d_off, d_u, d_v, d_lnw, d_lnb, d_bias,
+        b, k, k // r, r, d, rank, n_layers, n_stages, n_group_tiles, n_token_tiles, n_row_tiles,
+        **blocks, **_INPUTS_BLOCKS, num_warps=_INPUTS_WARPS)
     return d_emb.to(dt), d_off, d_u, d_v, d_bias, d_lnw, d_lnb
 
 
@@ -568,7 +584,7 @@ def prompt_bank(region_emb: Tensor, token_offset: Tensor, U: Tensor, V: Tensor,
 
 # ---- Ahead-of-time compile list ---------------------------------------------------------------
 _INPUT_POINTERS = ("emb_ptr", "out_ptr", "dout_ptr", "demb_ptr")
-_FP32_POINTERS = ("low_ptr", "mean_ptr", "rstd_ptr", "dlow_ptr", "c1_ptr", "c2_ptr", "dv_layer_ptr")
+_FP32_POINTERS = ("low_ptr", "mean_ptr", "rstd_ptr", "dlow_ptr", "colsum_ptr", "dv_part_ptr")
 
 
 def aot_configs() -> List:
@@ -585,11 +601,11 @@ def aot_configs() -> List:
         pointers = {**{n: f"*{ty}" for n in _INPUT_POINTERS},
                     **{n: "*fp32" for n in _FP32_POINTERS}, "stage_ptr": "*i32"}
         for fn in (_prompt_bank_fwd_kernel, _prompt_bank_bwd_rows_kernel,
-                   _prompt_bank_bwd_layer_kernel, _prompt_bank_bwd_inputs_kernel):
-            if wty != ty and fn is not _prompt_bank_fwd_kernel:
-                continue  # the backward runs mixed-dtype calls on fp32 inputs (see _backward)
+                   _prompt_bank_bwd_inputs_kernel):
+            if wty != ty and fn is _prompt_bank_bwd_inputs_kernel:
+                continue  # mixed-dtype calls run it on fp32 region_emb (see _backward)
             consts = dict(blocks)
-            warps = _LAYER_WARPS if fn is _prompt_bank_bwd_layer_kernel else _WARPS
+            warps = _WARPS
             if fn is _prompt_bank_bwd_inputs_kernel:
                 consts.update(_INPUTS_BLOCKS)
                 warps = _INPUTS_WARPS

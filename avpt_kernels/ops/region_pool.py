@@ -2,23 +2,39 @@
 
 ``region_pool(features[B,T|N,D], maps[B,N,R] | maps[B,R,Hm,Wm]) -> [B,R,D]``
 
-Kernels (all accumulate in fp32):
+Kernels (all accumulate in fp32; one launch forward, one backward):
 
 * ``_region_pool_fwd_kernel``  grid (B, D-blocks, splits). Each program walks its share of the
   N patches in tiles of BLOCK_P, forms the area weights A[p, r] of the tile (token maps: a load;
   pixel maps: the f x f box average of each patch, computed from the full-resolution maps in
   registers) and accumulates ``A^T F`` [R, BLOCK_D] and ``sum_p A`` [R]. Token maps: one split,
   parallel over D blocks of 128, writes out [B,R,D] and den = sum_p A [B,R] (fp32, saved for the
-  backward). Pixel maps: BLOCK_D covers D (up to 1024; up to 512 under Triton < 3.8, see
-  ``_PIXEL_FWD``: there D > 512 reads the maps once per 512 channels), so the full-resolution
-  maps are read exactly once and never written at patch resolution; for parallelism the patches
-  of an image are split over programs (about two programs per SM), which write fp32 partial sums
-  [B,splits,R,D] that ``_region_pool_finalize_kernel`` (grid (B, D-blocks)) adds up and
-  normalises. So: one launch (token maps, or pixel maps with one split), or two.
+  backward). Pixel maps: BLOCK_D is wide (``_PIXEL_FWD``: 512 under Triton 3.6, 256 under 3.8),
+  so the full-resolution maps are read once per D block and never written at patch resolution;
+  for parallelism the patches of an image are split over programs (about two programs per SM).
+  Each split program writes fp32 partial sums and takes a ticket (an int32 counter per (image,
+  D block), zeroed by the launcher); the program that draws the last ticket adds the partials
+  up in split order and normalises: deterministic (a fixed order, no float atomics), and one
+  launch where there used to be two (split kernel + finalize kernel).
 * ``_region_pool_bwd_kernel``  one launch, grid (B, patch tiles). With G = dout / (den + eps):
   ``dF[p] = sum_r A[p,r] G[r]`` (zero for the class token) and
   ``dA[p,r] = F[p].G[r] - out[r].G[r]``; for pixel maps dA / f^2 is spread over the f x f block.
   Reads features and maps once, writes dF and dmaps once.
+
+Counts at the model shape (B=32, T=197: N=196 patches on a 14x14 grid, pixel maps 3 x 224 x 224,
+f=16, D=768, bf16; Triton 3.6 on a 132-SM H100/H200):
+
+* forward: 13 patch tiles per image, 7 splits of 2 tiles, 2 D blocks of 512: grid (32, 2, 7) =
+  448 programs at 16 warps (110-114 registers on sm_90a: one CTA per SM, 3.4 waves). Serial per
+  program: 2 tiles x (3 regions x 2 pixel steps + 1 feature tile) = 14 loads, then one ticket;
+  the last of each (image, D block)'s 7 programs adds 7 partials (L2). DRAM: features 9.6 MB +
+  maps 9.6 MB (read by both D blocks, the second time mostly from L2) + out/out32 0.4 MB; partials
+  2.1 MB (L2). Floor (``region_pool_min_bytes``) 19.4 MB. FLOPs: 2 B N 16 D = 0.15 GFLOP issued
+  on the R-padded dot (3/16 useful) + 4.8 M box-average adds. 448 int32 atomics, no float ones.
+  Before: the same split kernel, then ``_region_pool_finalize_kernel`` on (32, 6) = 192 programs
+  of 7 serial loads: two launches and one more partial buffer per call.
+* backward: grid (32, 13) = 416 programs, 12 serial D-chunk steps of 64; reads features, maps,
+  dout, out32 once, writes dF, dmaps once (floor 38.8 MB).
 
 R is padded to 16 (masked) so that both contractions run as ``tl.dot``, in fp32 (ieee) for every
 input dtype: G = dout / (den + eps) can exceed the float16 range for an empty map, and a 16-bit
@@ -35,6 +51,7 @@ KB), which the backward saves and reads; for fp32 inputs ``out`` itself is that 
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Optional, Tuple
 
@@ -137,22 +154,43 @@ def _area_weights_tile(maps_ptr, pid_b, offs_p, mask_p, offs_r, R,
 
 
 @triton.jit
+def _store_pooled(num, den, out_ptr, den_ptr, out32_ptr, pid_b, pid_d, offs_r, offs_d, R, D, eps,
+                  stride_ob, stride_or, stride_od, WRITE_F32: tl.constexpr):
+    """out[b, :, d-block] = num / (den + eps) in out's dtype (and fp32 to out32 [B,R,D] with
+    WRITE_F32); den [B,R] by the programs of the first D block."""
+    mask_r = offs_r < R
+    mask = mask_r[:, None] & (offs_d < D)[None, :]
+    # An all-zero map has num = 0 and den = 0: the row is 0 / eps = 0, never NaN.
+    out = num / (den[:, None] + eps)
+    tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + offs_r[:, None] * stride_or
+             + offs_d[None, :] * stride_od, out.to(out_ptr.dtype.element_ty), mask=mask)
+    if WRITE_F32:
+        tl.store(out32_ptr + (pid_b * R + offs_r).to(tl.int64)[:, None] * D + offs_d[None, :],
+                 out, mask=mask)
+    if pid_d == 0:
+        tl.store(den_ptr + pid_b * R + offs_r, den, mask=mask_r)
+
+
+@triton.jit
 def _region_pool_fwd_kernel(
-        feat_ptr, maps_ptr, out_ptr, den_ptr, out32_ptr,
+        feat_ptr, maps_ptr, out_ptr, den_ptr, out32_ptr, part_num_ptr, part_den_ptr, ticket_ptr,
         N, R, D, cls_offset, eps, grid_w, factor, patches_per_split,
         stride_fb, stride_ft, stride_fd,
         stride_mb, stride_m1, stride_m2, stride_m3,
-        stride_ob, stride_os, stride_or, stride_od,
+        stride_ob, stride_or, stride_od,
         PIXEL_MAPS: tl.constexpr, SPLIT: tl.constexpr, BLOCK_P: tl.constexpr,
         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_PIX: tl.constexpr,
         WRITE_F32: tl.constexpr):
     """Image b, one D block, patches [s * patches_per_split, (s + 1) * patches_per_split).
 
-    SPLIT=False (one split): out[b, r, d] = sum_p A[p,r] F[p,d] / (sum_p A[p,r] + eps) and
-    den[b, r] = sum_p A; with WRITE_F32 (16-bit inputs), out also goes to out32 [B,R,D] (fp32,
-    contiguous), unrounded, for the backward. SPLIT=True: the partial sums of split s,
-    unnormalised, go to out[b, s, r, d] and den[b, s, r] (fp32), and
-    ``_region_pool_finalize_kernel`` adds them up (and writes out32).
+    out[b, r, d] = sum_p A[p,r] F[p,d] / (sum_p A[p,r] + eps) and den[b, r] = sum_p A; with
+    WRITE_F32 (16-bit inputs), out also goes to out32 [B,R,D] (fp32, contiguous), unrounded, for
+    the backward. SPLIT=False: one program holds all patches of (b, D block) and stores the
+    result. SPLIT=True: each of the S programs of (b, D block) stores its partial sums (fp32,
+    part_num [B,S,R,D], part_den [B,D blocks,S,R]) and takes a ticket (int32 counter per
+    (b, D block), zeroed by the launcher); the program that draws the last ticket adds the S
+    partials up in split order (a fixed order: deterministic) and stores the result. One launch
+    either way.
     """
     pid_b = tl.program_id(0)
     pid_d = tl.program_id(1)
@@ -177,56 +215,35 @@ def _region_pool_fwd_kernel(
         den += tl.sum(a, axis=0)
         num += tl.dot(tl.trans(a), f, input_precision="ieee")
 
-    mask_r = offs_r < R
     if SPLIT:
-        out = num
+        n_splits = tl.num_programs(2)
+        group = pid_b * tl.num_programs(1) + pid_d
+        mask_r = offs_r < R
+        mask = mask_r[:, None] & mask_d[None, :]
+        num_rows = part_num_ptr + ((pid_b * n_splits).to(tl.int64) * R + offs_r)[:, None] * D \
+            + offs_d[None, :]  # split 0's rows; split s at + s * R * D
+        den_rows = part_den_ptr + group * n_splits * R + offs_r
+        tl.store(num_rows + pid_s * R * D, num, mask=mask)
+        tl.store(den_rows + pid_s * R, den, mask=mask_r)
+        # Every thread's partial stores come before the ticket (a release at GPU scope); the
+        # last ticket's acquire makes the other programs' partials visible; L2 loads (.cg).
+        tl.debug_barrier()
+        ticket = tl.atomic_add(ticket_ptr + group, 1, sem="acq_rel")
+        if ticket == n_splits - 1:
+            num = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+            den = tl.zeros((BLOCK_R,), dtype=tl.float32)
+            for split in range(n_splits):
+                num += tl.load(num_rows + split * R * D, mask=mask, other=0.0,
+                               cache_modifier=".cg")
+                den += tl.load(den_rows + split * R, mask=mask_r, other=0.0,
+                               cache_modifier=".cg")
+            _store_pooled(num, den, out_ptr, den_ptr, out32_ptr, pid_b, pid_d, offs_r, offs_d,
+                          R, D, eps, stride_ob, stride_or, stride_od, WRITE_F32)
     else:
-        # An all-zero map has num = 0 and den = 0: the row is 0 / eps = 0, never NaN.
-        out = num / (den[:, None] + eps)
-        if WRITE_F32:
-            tl.store(out32_ptr + (pid_b * R + offs_r).to(tl.int64)[:, None] * D
-                     + offs_d[None, :], out, mask=mask_r[:, None] & mask_d[None, :])
-    n_splits = tl.num_programs(2)
-    tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + pid_s * stride_os
-             + offs_r[:, None] * stride_or + offs_d[None, :] * stride_od,
-             out.to(out_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_d[None, :])
-    if pid_d == 0:
-        tl.store(den_ptr + (pid_b * n_splits + pid_s) * R + offs_r, den, mask=mask_r)
+        _store_pooled(num, den, out_ptr, den_ptr, out32_ptr, pid_b, pid_d, offs_r, offs_d, R, D,
+                      eps, stride_ob, stride_or, stride_od, WRITE_F32)
 
 
-@triton.jit
-def _region_pool_finalize_kernel(
-        part_num_ptr, part_den_ptr, out_ptr, den_ptr, out32_ptr, n_splits, R, D, eps,
-        stride_ob, stride_or, stride_od,
-        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, WRITE_F32: tl.constexpr):
-    """Sum the per-split partials part_num [B,S,R,D], part_den [B,S,R] (fp32, contiguous):
-    out[b] = num / (den + eps) [B,R,D] and den [B,R]; with WRITE_F32, out also in fp32 to
-    out32 [B,R,D] (contiguous)."""
-    pid_b = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    mask_d = offs_d < D
-    offs_r = tl.arange(0, BLOCK_R)
-    mask_r = offs_r < R
-    mask = mask_r[:, None] & mask_d[None, :]
-    num = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
-    den = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for split in range(n_splits):
-        row = pid_b * n_splits + split
-        num += tl.load(part_num_ptr + (row * R + offs_r).to(tl.int64)[:, None] * D
-                       + offs_d[None, :], mask=mask, other=0.0)
-        den += tl.load(part_den_ptr + row * R + offs_r, mask=mask_r, other=0.0)
-    out = num / (den[:, None] + eps)
-    tl.store(out_ptr + pid_b.to(tl.int64) * stride_ob + offs_r[:, None] * stride_or
-             + offs_d[None, :] * stride_od, out.to(out_ptr.dtype.element_ty), mask=mask)
-    if WRITE_F32:
-        tl.store(out32_ptr + (pid_b * R + offs_r).to(tl.int64)[:, None] * D + offs_d[None, :],
-                 out, mask=mask)
-    if pid_d == 0:
-        tl.store(den_ptr + pid_b * R + offs_r, den, mask=mask_r)
-
-
-# (Its prologue has the shape of the finalize kernel's: program ids, offsets and masks, inline.)
 @triton.jit
 def _region_pool_bwd_kernel(
         feat_ptr, maps_ptr, out_ptr, den_ptr, dout_ptr, dfeat_ptr, dmaps_ptr,
@@ -312,12 +329,14 @@ def _region_pool_bwd_kernel(
 _BLOCK_P = 16
 _BWD_BLOCK_D = 64
 _TOKEN_FWD_BLOCK_D = 128
-_FINALIZE_BLOCK_D = 128
 # Pixel-map forward: (BLOCK_D, num_warps) for D <= 256 and above, per Triton version (ptxas
-# allocates differently: under Triton 3.6, BLOCK_D=256 at 8 warps spills 120 B on sm_90a and
-# BLOCK_D=1024 spills 56-68 B on sm_80 at any warp count tried, so there D > 512 takes 512-wide
-# blocks and reads the maps once per block). Checked by `make aot` for 3.6 and 3.8.
-_PIXEL_FWD = for_triton({(3, 0): ((256, 2), (512, 16)), (3, 8): ((256, 8), (1024, 8))})
+# allocates differently). Triton 3.6 (the GPU machines'): BLOCK_D=256 at 8 warps spills 120 B on
+# sm_90a and BLOCK_D=1024 spills 56-68 B on sm_80 at any warp count tried, so D > 256 takes
+# 512-wide blocks at 16 warps and reads the maps once per block. Triton 3.8: since the split
+# programs also finish the sum (the last ticket), 1024 at 8 warps spills 16 B on sm_80, 512 at 8
+# warps 8 B on sm_90a and 16 warps caps registers at 64 (spills), so every D takes 256-wide
+# blocks. Checked by `make aot` for 3.6 and 3.8.
+_PIXEL_FWD = for_triton({(3, 0): ((256, 2), (512, 16)), (3, 8): ((256, 8), (256, 8))})
 _PIXEL_FWD_BLOCK_D = tuple(block_d for block_d, _ in _PIXEL_FWD)
 _PIXEL_BLOCK_PIX = 128  # pixels of one patch box per step (a 16 x 16 box in two steps)
 
@@ -360,18 +379,30 @@ def _geometry(features: Tensor, maps: Tensor, grid_h: int, grid_w: int):
     return n, r, features.shape[1] - n, factor
 
 
+def _cdiv(a: int, b: int) -> int:
+    """ceil(a / b) (``triton.cdiv`` is a constexpr function: ~2 us per host call)."""
+    return -(-a // b)
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int, properties) -> int:
+    """SMs of a CUDA device, cached per device and per ``get_device_properties`` function (the
+    launch counter patches it with an H100's properties for fake CUDA tensors)."""
+    return properties(device_index).multi_processor_count
+
+
 def _pixel_splits(batch: int, n_tiles: int, device: torch.device) -> int:
     """How many programs share one image's patches (pixel maps, where a program must cover all
     of D to read the maps once): enough for about two programs per SM. On the CPU interpreter,
     two, so that the split path is what the tests exercise by default."""
     if device.type != "cuda":
         return min(n_tiles, 2)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(n_tiles, triton.cdiv(2 * sms, batch)))
+    sms = _sm_count(device.index or 0, torch.cuda.get_device_properties)
+    return max(1, min(n_tiles, _cdiv(2 * sms, batch)))
 
 
 def _forward(features: Tensor, maps: Tensor, eps: float, grid_h: int,
-             grid_w: int) -> Tuple[Tensor, Tensor]:
+             grid_w: int) -> Tuple[Tensor, Tensor, Tensor]:
     b, _, d = features.shape
     pixel = maps.dim() == 4
     n, r, cls_offset, factor = _geometry(features, maps, grid_h, grid_w)
@@ -383,29 +414,26 @@ def _forward(features: Tensor, maps: Tensor, eps: float, grid_h: int,
     write_f32 = features.dtype != torch.float32
     out32 = torch.empty((b, r, d) if write_f32 else (0,), dtype=torch.float32, device=dev)
     block_d = _fwd_block_d(d, pixel)
-    n_tiles = triton.cdiv(n, _BLOCK_P)
+    d_blocks = _cdiv(d, block_d)
+    n_tiles = _cdiv(n, _BLOCK_P)
     splits = _pixel_splits(b, n_tiles, dev) if pixel else 1
-    patches_per_split = triton.cdiv(n_tiles, splits) * _BLOCK_P
-    splits = triton.cdiv(n, patches_per_split)
+    patches_per_split = _cdiv(n_tiles, splits) * _BLOCK_P
+    splits = _cdiv(n, patches_per_split)
     if splits == 1:
-        dst, dst_den, dst_strides = out, den, (out.stride(0), 0, out.stride(1), out.stride(2))
-    else:
-        dst = torch.empty((b, splits, r, d), dtype=torch.float32, device=dev)
-        dst_den = torch.empty((b, splits, r), dtype=torch.float32, device=dev)
-        dst_strides = dst.stride()
-    fwd_write_f32 = write_f32 and splits == 1  # split partials: finalize writes out32
-    _region_pool_fwd_kernel[(b, triton.cdiv(d, block_d), splits)](
-        features, maps, dst, dst_den, out32 if fwd_write_f32 else dst_den, n, r, d, cls_offset,
-        eps, max(grid_w, 1), factor,
-        patches_per_split, *features.stride(), *_map_strides(maps), *dst_strides,
+        part_num = part_den = tickets = den  # unused
+    else:  # one fp32 workspace: part_num [B,S,R,D], part_den [B,D blocks,S,R], int32 tickets
+        sizes = [-(-n_el // 32) * 32 for n_el in (b * splits * r * d, b * d_blocks * splits * r,
+                                                  b * d_blocks)]
+        part_num, part_den, tickets = torch.empty(sum(sizes), dtype=torch.float32,
+                                                  device=dev).split(sizes)
+        tickets = tickets.view(torch.int32).zero_()
+    _region_pool_fwd_kernel[(b, d_blocks, splits)](
+        features, maps, out, den, out32 if write_f32 else den, part_num, part_den, tickets,
+        n, r, d, cls_offset, eps, max(grid_w, 1), factor, patches_per_split,
+        *features.stride(), *_map_strides(maps), *out.stride(),
         PIXEL_MAPS=pixel, SPLIT=splits > 1, BLOCK_P=_BLOCK_P, BLOCK_R=_BLOCK_R,
-        BLOCK_D=block_d, BLOCK_PIX=_block_pix(pixel), WRITE_F32=fwd_write_f32,
+        BLOCK_D=block_d, BLOCK_PIX=_block_pix(pixel), WRITE_F32=write_f32,
         num_warps=_fwd_warps(pixel, block_d))
-    if splits > 1:
-        _region_pool_finalize_kernel[(b, triton.cdiv(d, _FINALIZE_BLOCK_D))](
-            dst, dst_den, out, den, out32 if write_f32 else den, splits, r, d, eps,
-            *out.stride(), BLOCK_R=_BLOCK_R, BLOCK_D=_FINALIZE_BLOCK_D, WRITE_F32=write_f32,
-            num_warps=4)
     return out, den, out32
 
 
@@ -419,7 +447,7 @@ def _backward(grad_out: Tensor, features: Tensor, maps: Tensor, out: Tensor, den
     dfeat = torch.empty((b, t, d), dtype=features.dtype, device=features.device)
     dmaps = torch.empty(maps.shape, dtype=maps.dtype, device=maps.device)
     if need_features or need_maps:
-        grid = (b, triton.cdiv(n, _BLOCK_P))
+        grid = (b, _cdiv(n, _BLOCK_P))
         _region_pool_bwd_kernel[grid](
             features, maps, out, den, grad_out, dfeat, dmaps,
             n, r, d, cls_offset, eps, max(grid_w, 1), factor,
@@ -563,22 +591,18 @@ def aot_configs() -> List:
     for dtype in KERNEL_DTYPES:
         inputs = {n: f"*{tl_type(dtype)}" for n in _INPUT_POINTERS}
         write_f32 = dtype != torch.float32  # 16-bit inputs also write out in fp32
-        # Token maps: one split. Pixel maps: one split, or partial sums (fp32 out) + finalize.
+        # Token maps: one split. Pixel maps: one split, or split partials + the last ticket's
+        # sum (part_* fp32, ticket_ptr int32).
+        pixel_block_d = sorted(set(_PIXEL_FWD_BLOCK_D))
         fwd_choices = [(False, False, _TOKEN_FWD_BLOCK_D)] + [
-            (True, split, bd) for split in (False, True) for bd in _PIXEL_FWD_BLOCK_D]
+            (True, split, bd) for split in (False, True) for bd in pixel_block_d]
+        fwd_sig = signature(_region_pool_fwd_kernel, dict(inputs, ticket_ptr="*i32"), ("eps",))
         for pixel, split, block_d in fwd_choices:
-            sig = signature(_region_pool_fwd_kernel,
-                            dict(inputs, out_ptr="*fp32") if split else inputs, ("eps",))
             configs.append(KernelConfig(
-                _region_pool_fwd_kernel, sig,
+                _region_pool_fwd_kernel, fwd_sig,
                 dict(PIXEL_MAPS=pixel, SPLIT=split, BLOCK_P=_BLOCK_P, BLOCK_R=_BLOCK_R,
-                     BLOCK_D=block_d, BLOCK_PIX=_block_pix(pixel),
-                     WRITE_F32=write_f32 and not split), num_warps=_fwd_warps(pixel, block_d)))
-        configs.append(KernelConfig(
-            _region_pool_finalize_kernel,
-            signature(_region_pool_finalize_kernel, {"out_ptr": inputs["out_ptr"]}, ("eps",)),
-            dict(BLOCK_R=_BLOCK_R, BLOCK_D=_FINALIZE_BLOCK_D, WRITE_F32=write_f32),
-            num_warps=4))
+                     BLOCK_D=block_d, BLOCK_PIX=_block_pix(pixel), WRITE_F32=write_f32),
+                num_warps=_fwd_warps(pixel, block_d)))
         bwd_sig = signature(_region_pool_bwd_kernel, dict(inputs, out_ptr="*fp32"), ("eps",))
         for pixel in (False, True):
             for need_f, need_m in ((True, True), (True, False), (False, True)):

@@ -35,10 +35,10 @@ DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 DEVICE = "cuda" if ON_GPU else "cpu"
 AXES = dict(
     PROJ=(dict(BM=128, BK=64), dict(BM=64, BK=32)),
-    OUTPUT=(dict(BM=128, BN=64), dict(BM=64, BN=64), dict(BM=128, BN=128)),
+    OUTPUT=(dict(BM=128, BN=64), dict(BM=64, BN=128), dict(BM=32, BN=64)),
     GRAD_O2=(dict(BM=64, BK=64), dict(BM=16, BK=64)),
-    ATTN_BT=(32, 128),
-    WARPS=(8,),
+    ATTN_BT=({16: 128, 32: 64, 64: 32}, {16: 64, 32: 64, 64: 32}),
+    WARPS=(4,),
     GEMM_STAGES=(2, 4),
     TARGET_PROGRAMS=(132, 528),
 )

@@ -303,7 +303,7 @@ def test_torch_compile_fullgraph_forward_and_backward():
     ("K above 16", dict(k=17), "K=17"),
     ("head width 4", dict(dh=4), "head width 4"),
     ("head width 128", dict(dh=128, d=16), "head width 128"),
-    ("attention width 160", dict(h=5, k=2, dh=32, d=32), "attention width A=160"),
+    ("attention width 80", dict(h=5, k=2, dh=16, d=32), "attention width A=80"),
     ("gate hidden 65", dict(g=65), "gate hidden width 65"),
     ("float64", dict(dtype=torch.float64), "dtype torch.float64"),
 ])

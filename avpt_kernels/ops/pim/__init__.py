@@ -17,36 +17,36 @@ Forward, 5 launches (grid and traffic at the model shape B=32, T=197, D=768, K=6
 G=16 in bf16; "row" = one fp32 [B*T, A] stream, 1.6 MB):
   1. ``_project_kernel``  X = Z [Wq; Wv; W'k]^T + [bq; bv; 0] -> [MZ, 3A] fp32 and
      K1 = P Wk^T + bk [MP, A]: 1-D grid over (64-row tile, weight, 64-column tile), 300
-     programs; reads Z (9.7 MB), writes X (4.8 MB); 2*MZ*D*3A*2 = 3.7 GFLOP (two-part dots).
+     programs; reads Z (9.7 MB), writes X (4.8 MB); 2*MZ*D*3A*3 = 5.6 GFLOP (three-part dots).
      b'k drops out: it shifts a prompt->token softmax row (over T) by one constant.
   2. ``_t2p_attn_kernel`` per (image, head), 128 programs: S1 = softmax over K of scale Q1 K1^T,
      msg = S1^T V1 (/ T for t2p_reduce="mean") [MP, A]; reads Q1, V1 (3.2 MB).
-  3. ``_prompt_kernel``   per (16 prompt rows, 64 D columns), 144 programs: p_tilde = P + msg
+  3. ``_prompt_kernel``   per (16 prompt rows, 32 D columns), 288 programs: p_tilde = P + msg
      Wo^T + bo (stored in P's dtype and in fp32), and per D tile the partial sums of q2, v2 and
      the gate's two halves (W1 [mean_k p_tilde, z_0]); ~1 MB.
   4. ``_p2t_attn_kernel`` per (image, head), 128 programs: q2, v2 (the partials summed in a
      fixed order), the gate alpha (head 0), S2 = softmax over T of scale q2 K2^T (two passes:
      max and sum, then probabilities) and o2 = S2^T v2 -> [MZ, A] fp32; reads K2 (1.6 MB),
      writes o2 (1.6 MB), the softmax statistics, and S2 when ``return_attn``.
-  5. ``_output_kernel``   per (64 token rows, 128 D columns), 594 programs:
+  5. ``_output_kernel``   per (32 token rows, 64 D columns), 2364 programs:
      z_out = Z + alpha (o2 W'o^T + b'o); reads Z, o2, writes z_out (21 MB).
   => 3 Z-sized streams + 8 rows: ~42 MB, 13 us at the H100's 3.35 TB/s.
 
 Backward, 10 launches, every weight gradient a fixed-order sum (deterministic on a GPU):
-  1. ``_grad_o2_kernel``   (32 token rows) 197 programs: dO2 = alpha dY W'o, and per row the
+  1. ``_grad_o2_kernel``   (16 token rows) 394 programs: dO2 = alpha dY W'o, and per row the
      gate's dalpha = o2 . dY W'o + dY . b'o.
   2. ``_p2t_attn_bwd_kernel`` per (image, head), two passes over T: dS2 = v2 dO2^T, dv2 = S2 dO2,
      delta = rowsum(S2 dS2) (from the same dS2 values as dL2, so a saturated row gives exactly
      0, as torch's softmax backward does), then dL2 = S2 (dS2 - delta), dq2 = scale dL2 K2,
      dK2 = scale dL2^T q2 (-> dX's last A columns); head 0: the gate back to dpre.
-  3. ``_prompt_bwd_kernel`` per (16 prompt rows, 64 D columns): dp_tilde = dP~ + dq2 W'q + dv2
+  3. ``_prompt_bwd_kernel`` per (16 prompt rows, 32 D columns): dp_tilde = dP~ + dq2 W'q + dv2
      W'v + dpre W1[:, :D] / K, the class token's gate gradient dz0, partial dmsg = dp_tilde Wo.
   4. ``_t2p_attn_bwd_kernel`` per (image, head): dV1 = S1 dM, dL1 = S1 (V1 dM^T - rowsum), dQ1 =
      scale dL1 K1 (-> dX), dK1 = scale dL1^T Q1.
-  5. ``_grad_z_kernel``    (64 x 128 tiles, 594 programs): dZ = dY + dX [Wq; Wv; W'k] (+ dz0).
+  5. ``_grad_z_kernel``    (32 x 64 tiles, 2364 programs): dZ = dY + dX [Wq; Wv; W'k] (+ dz0).
   6-7. ``_wgrad_kernel`` + ``_reduce_kernel``: dWz = dX^T Z [3A, D] over row chunks
      (3 x 12 tiles x 8 chunks = 288 programs), the chunks added in order into the flat dW.
-  8-9. the same for dW'o = dY^T (alpha o2) [D, A] (12 tiles x 22 chunks = 264 programs).
+  8-9. the same for dW'o = dY^T (alpha o2) [D, A] (12 tiles x 20 chunks = 240 programs).
   10. ``_prompt_wgrad_kernel`` (24 D tiles x 6 jobs = 144 programs): dWo, dW'q, dW'v, dWk, the
      gate's weights (over the MP prompt rows or B images) and dP = dp_tilde + dK1 Wk.
   => 5 Z-sized streams + 16 rows: ~74 MB, 22 us at 3.35 TB/s.
@@ -64,7 +64,7 @@ fp32 for fp32 inputs). The softmaxes are computed in fp32 from fp32 logits, so h
 and sharp attention cost no more than in the torch backend.
 
 Supported by the Triton path: fp32/fp16/bf16, any D and T, 1 <= K <= 16, head width 8..64,
-A = H * head width <= 128, gate hidden width <= 64. Anything else: ``ValueError`` for
+A = H * head width <= 64, gate hidden width <= 64. Anything else: ``ValueError`` for
 ``backend="triton"``, the torch path for ``"auto"``.
 """
 from .launch import pim_achieved_bytes, pim_min_bytes, triton_unsupported_reason

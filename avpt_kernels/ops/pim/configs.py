@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 from . import backward, forward
-from .launch import (_DOT_MODE, HEAD_WIDTHS, KERNELS, MAX_CHUNKS, MAX_WIDTH, REDUCE_BLOCK, WARPS,
-                     Layout, _pow2)
+from .launch import (_DOT_MODE, HEAD_WIDTHS, KERNELS, MAX_CHUNKS, MAX_WIDTH, REDUCE_BLOCK,
+                     REDUCE_WARPS, Layout, _pow2)
 
 # Pointer parameters in the input dtype (all others are fp32 state, scratch or weights)
 _INPUT_POINTERS = ("z_ptr", "y_ptr", "p_ptr", "out_ptr", "dz_ptr", "dp_ptr", "gpt_ptr", "p_tilde_ptr")
@@ -58,6 +58,6 @@ def aot_configs():
                         add(_kernel(name), dict(L.meta(name), **const), {exact_ptr: ptr})
                 else:
                     add(_kernel(name), L.meta(name), inputs)
-    add(backward._reduce_kernel, dict(BLOCK=REDUCE_BLOCK, CHUNKS=MAX_CHUNKS, num_warps=WARPS,
+    add(backward._reduce_kernel, dict(BLOCK=REDUCE_BLOCK, CHUNKS=MAX_CHUNKS, num_warps=REDUCE_WARPS,
                                      num_stages=1), {})
     return configs

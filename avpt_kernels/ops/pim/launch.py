@@ -24,7 +24,7 @@ from .weights import field_offsets, pack_weights, packed_size, unpack_weights, w
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_PROMPTS = 16
 HEAD_WIDTHS = (8, 64)
-MAX_WIDTH = 128
+MAX_WIDTH = 64
 MAX_GATE_HIDDEN = 64
 # The gate's hidden units are padded to GP whatever G is (one compiled configuration fewer per
 # kernel that reads them; the [rows, GP] tiles are small).
@@ -70,23 +70,29 @@ def _pow2(n: int) -> int:
 
 # --------------------------------------------------------------------------------------------
 # Launch configuration: (tile constexprs, num_warps, num_stages) per kernel. Token-row GEMMs take
-# 64-row tiles (99 x D/128 = 594 programs at B=32, T=197, D=768: 4.5 per SM on 132 SMs), the
+# 32..64-row tiles (the output: 197 x 12 = 2364 programs at B=32, T=197, D=768), the
 # per-(image, head) attention kernels B*H programs with 256-token blocks (T=197 in one block a
-# pass: B*H = 128 programs of one or two iterations), the prompt-row kernels 16-row x 64-column
+# pass: B*H = 128 programs of one or two iterations), the prompt-row kernels 16-row x 32-column
 # tiles. Every entry is compiled by ``configs.aot_configs``.
 # --------------------------------------------------------------------------------------------
-PROJ = dict(BM=64, BK=64)            # + BN = min(64, AP)
-ATTN_BT = 256
-ATTN_WARPS = 8
-PROMPT = dict(BMP=16, BD=64)
-OUTPUT = dict(BM=64, BN=128)         # + BKA = min(64, AP)
-GRAD_O2 = dict(BM=32, BK=64)
-WGRAD = dict(BNA=64, BNB=64, BR=64)
+PROJ = dict(BM=32, BK=32)            # + BN = min(64, AP)
+# Token blocks of the head kernels by padded head width: a [BT, DHP] fp32 tile of 16K elements
+# at most (T=197 in one block a pass at the model's head width 16)
+ATTN_BT = {16: 256, 32: 128, 64: 64}
+# The prompt->token backward holds the most [KP, BT] tiles: half the block, its loads pipelined
+ATTN_BWD_BT = {16: 128, 32: 32, 64: 32}
+PROMPT = dict(BMP=16, BD=32)
+OUTPUT = dict(BM=32, BN=32)          # + BKA = min(32, AP); short A loops: unpipelined
+GRAD_O2 = dict(BM=16, BK=64)
+WGRAD = dict(BNA=64, BNB=64, BR=32)
 REDUCE_BLOCK = 128
 # Most row chunks of a weight gradient: the reduce kernel sums them as one [MAX_CHUNKS, BLOCK] tile
 MAX_CHUNKS = 32
-PROMPT_WGRAD = dict(BD=32, BR=64)
-WARPS = 4
+PROMPT_WGRAD = dict(BD=16, BR=16)
+# 8 warps everywhere but the reduction: with 4, the split dots' fp32 parts (and the IEEE fp32
+# dots of the fp32 path) spill (AOT, Triton 3.8); 16 would cap a thread at 128 registers
+WARPS = 8
+REDUCE_WARPS = 4
 GEMM_STAGES = 3                      # software pipelining of the D (or row) loops of the GEMMs
 ATTN_STAGES = 1
 # Programs the split-over-rows weight gradients aim for: two per SM of a 132-SM GPU.
@@ -137,7 +143,7 @@ class Layout:
         self.off = field_offsets(d, a, gate_hidden)
         self.n_dtiles = triton.cdiv(d, PROMPT["BD"])
         self.proj_bn = min(64, self.ap)
-        self.bka = min(64, self.ap)
+        self.bka = min(32, self.ap)
         cdiv = triton.cdiv
         self.grid_proj = (cdiv(self.mz, PROJ["BM"]) * 3 * cdiv(a, self.proj_bn)
                           + cdiv(self.mp, PROJ["BM"]) * cdiv(a, self.proj_bn),)
@@ -167,8 +173,7 @@ class Layout:
 
     def meta(self, kernel: str) -> dict:
         """Constexprs and launch options of ``kernel`` (a name in ``KERNELS``)."""
-        heads = dict(BT=ATTN_BT, KP=self.kp, DHP=self.dhp, num_stages=ATTN_STAGES,
-                     num_warps=ATTN_WARPS)
+        heads = dict(BT=ATTN_BT[self.dhp], KP=self.kp, DHP=self.dhp, num_stages=ATTN_STAGES)
         # The token-row GEMMs run on tensor cores with split dots; the head and prompt-row
         # kernels (< 1% of the FLOPs) use IEEE fp32 dots: exact fp32, whatever the input dtype
         mode = self.mode if kernel in GEMM_KERNELS else 0
@@ -177,12 +182,12 @@ class Layout:
             "t2p_attn": heads,
             "prompt": dict(PROMPT, AP=self.ap, GP=self.gp, num_stages=1),
             "p2t_attn": dict(heads, GP=self.gp),
-            "output": dict(OUTPUT, BKA=self.bka, num_stages=GEMM_STAGES),
+            "output": dict(OUTPUT, BKA=self.bka, num_stages=1),
             "grad_o2": dict(GRAD_O2, AP=self.ap, num_stages=GEMM_STAGES),
-            "p2t_attn_bwd": dict(heads, GP=self.gp),
+            "p2t_attn_bwd": dict(heads, BT=ATTN_BWD_BT[self.dhp], GP=self.gp, num_stages=2),
             "prompt_bwd": dict(PROMPT, AP=self.ap, GP=self.gp, num_stages=1),
             "t2p_attn_bwd": heads,
-            "grad_z": dict(OUTPUT, BKA=self.bka, num_stages=GEMM_STAGES),
+            "grad_z": dict(OUTPUT, BKA=self.bka, num_stages=1),
             "wgrad": dict(WGRAD, num_stages=GEMM_STAGES),
             "prompt_wgrad": dict(PROMPT_WGRAD, AP=self.ap, GP=self.gp, num_stages=1),
         }[kernel])
@@ -352,4 +357,4 @@ def _reduce(part: Tensor, dw: Tensor, n_chunks: int, na: int, nb: int, seg_rows:
     n = na * nb + na
     _reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK),)](
         part, dw, n_chunks, na, nb, seg_rows, *w_offsets, *b_offsets, n_bias_segs,
-        BLOCK=REDUCE_BLOCK, CHUNKS=MAX_CHUNKS, num_warps=WARPS)
+        BLOCK=REDUCE_BLOCK, CHUNKS=MAX_CHUNKS, num_warps=REDUCE_WARPS)

@@ -353,7 +353,7 @@ def cmd_explain(args) -> int:
     with run_lock(cfg["out"], "explain"):
         claim(cfg["out"], *owner)
         model = load_trainable(model_dir, **_load_kwargs(cfg)).to(device)
-        _, test_set, _ = build_data(cfg, int(model.visual.image_size[0]), cfg["out"])
+        _, test_set, _ = build_data(cfg, int(model.visual.image_size[0]), cfg["out"], training=False)
         fig_dir = os.path.join(cfg["out"], "figures")
         os.makedirs(fig_dir, exist_ok=True)
         figs = model.report_sections(test_set, pick_examples(test_set, args.num), device, fig_dir)

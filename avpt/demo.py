@@ -56,7 +56,7 @@ def _train_predict(cfg: Dict, overwrite: bool = False) -> Tuple[Dict, Dict]:
     res = train_run(cfg, kind="train", overwrite=overwrite)
     device = resolve_device(cfg["device"])
     model = load_trainable(os.path.join(cfg["out"], "model")).to(device)
-    _, test_set, _ = build_data(cfg, int(model.visual.image_size[0]), cfg["out"])
+    _, test_set, _ = build_data(cfg, int(model.visual.image_size[0]), cfg["out"], training=False)
     return res, evaluate(model, test_set, cfg, device)
 
 

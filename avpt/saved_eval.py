@@ -69,7 +69,7 @@ def evaluate_checkpoint(model_dir: str, cfg: Dict, owner: Optional[tuple] = None
         model.to(device)
         dtype = amp_dtype(cfg["amp"], device)
         store_frozen_weights(model, dtype, device)  # after the fingerprint check of the load
-        _, test_set, info = build_data(cfg, int(model.visual.image_size[0]), cfg["out"])
+        _, test_set, info = build_data(cfg, int(model.visual.image_size[0]), cfg["out"], training=False)
         pred = evaluate(model, test_set, cfg, device, dtype)
         metrics = score(pred, cfg.get("metrics"))
         cfg["pretrained"] = model.config.pretrained

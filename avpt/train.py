@@ -57,9 +57,11 @@ log = logging.getLogger("avpt.train")
 # ----------------------------------------------------------------------------------------------
 # Data and model
 # ----------------------------------------------------------------------------------------------
-def build_data(cfg: Dict, image_size: int, out: str, main: bool = True):
+def build_data(cfg: Dict, image_size: int, out: str, main: bool = True, training: bool = True):
     """(train dataset, test dataset, info) per the config: a fold of the patient-level k-fold
-    split, or a cross-modal/cross-dataset transfer (train on one, test on another)."""
+    split, or a cross-modal/cross-dataset transfer (train on one, test on another).
+    ``training=False`` (evaluation of a saved model: nothing is trained on the training split)
+    only warns about classes the splits lack."""
     from .data import BreastDataset, Subset, load_records
     from .data.folds import load_or_make_folds, split_indices
     from .data.transforms import modality_stats
@@ -78,7 +80,7 @@ def build_data(cfg: Dict, image_size: int, out: str, main: bool = True):
         test = BreastDataset(test_recs, image_size, train=False, stats=train.stats, **common)
         info.update({f"test_{k}": v for k, v in (getattr(test_recs, "provenance", None) or {}).items()})
         _check_classes(cfg, [r.label for r in train.records], [r.label for r in test.records],
-                       "the transfer")
+                       "the transfer", training)
         info.update(split="transfer", skipped=len(train.skipped) + len(test.skipped),
                     train_modalities=sorted(set(train.modalities)),
                     test_modalities=sorted(set(test.modalities)))
@@ -86,7 +88,7 @@ def build_data(cfg: Dict, image_size: int, out: str, main: bool = True):
     full = BreastDataset(recs, image_size, train=False, **common)
     if cfg["fold"] is None:
         labels = [r.label for r in full.records]
-        _check_classes(cfg, labels, labels, "the data set (fold=null)")
+        _check_classes(cfg, labels, labels, "the data set (fold=null)", training)
         return Subset(full, range(len(full)), True), Subset(full, range(len(full)), False), \
             dict(info, split="none (test = train)", skipped=len(full.skipped))
     folds_file = cfg["folds_file"] or os.path.join(out, "folds.json")
@@ -101,7 +103,7 @@ def build_data(cfg: Dict, image_size: int, out: str, main: bool = True):
     idx = split_indices(full.records, folds[int(cfg["fold"])])
     _check_classes(cfg, [full.records[i].label for i in idx["train"]],
                    [full.records[i].label for i in idx["test"]],
-                   f"fold {cfg['fold']} of {len(folds)}")
+                   f"fold {cfg['fold']} of {len(folds)}", training)
     # normalisation statistics from the training images only
     by_mod: Dict[str, list] = {}
     for i in idx["train"]:
@@ -112,13 +114,16 @@ def build_data(cfg: Dict, image_size: int, out: str, main: bool = True):
     return Subset(full, idx["train"], True), Subset(full, idx["test"], False), info
 
 
-def _check_classes(cfg: Dict, train_labels, test_labels, split: str) -> None:
-    """Every class of the data set in the training samples (else a DataError), warned for the
-    test samples (``avpt.data.checks``)."""
+def _check_classes(cfg: Dict, train_labels, test_labels, split: str,
+                   training: bool = True) -> None:
+    """Every class of the data set in the training samples (else a DataError; not when nothing
+    trains on them), warned for the test samples (``avpt.data.checks``)."""
     from .data.checks import check_split_classes
     from .validate import data_classes
 
-    check_split_classes(train_labels, test_labels, data_classes(cfg["dataset"], cfg["data"]), split)
+    classes = data_classes(cfg["dataset"], cfg["data"])
+    check_split_classes(train_labels if training else range(len(classes)), test_labels, classes,
+                        split)
 
 
 def unaugmented(train_set):

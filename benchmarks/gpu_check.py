@@ -24,7 +24,7 @@ gpu-bench.log, the benchmark JSON and TABLE10.md, gpu-profile.txt and environmen
 under benchmarks/results/ as it is. The exit status is 0 only if every phase passed.
 
 ``--dry`` checks this plumbing without a GPU, in well under a minute: three tests for the tier,
-one benchmark row, the profile script imported but profiling no row (its work is GPU-only),
+one benchmark row, one small CPU part of the profile (the backbone's inference),
 the same folder and summary.
 """
 import argparse

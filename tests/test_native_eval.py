@@ -63,10 +63,10 @@ def write_inbreast_native(root, spacing=(0.07, 0.05)):
             w.writerow(["removed", view[0], view[2:], name, birads])
     lo, hi = BOX[0], BOX[1] - 1
     for name, view, _, roi in images:
-        # tissue everywhere (no dark background): the loader's crop to the breast keeps the
-        # whole image, so the fixed block stays on the box (avpt/data/mammo.py)
+        # a flat image: the loader's crop to the breast (avpt/data/mammo.py) then keeps all of
+        # it, so the fixed block stays on the box (the model's mask is fixed, not read from it)
         write_dicom(os.path.join(root, "AllDICOMs", f"{name}_abcdef0123456789_MG_{view}_ANON.dcm"),
-                    rng.integers(2000, 4000, (NATIVE, NATIVE)),
+                    np.full((NATIVE, NATIVE), 3000 + int(rng.integers(0, 2))),
                     ImagerPixelSpacing=[str(s) for s in spacing])
         if roi:
             os.makedirs(os.path.join(root, "AllXML"), exist_ok=True)
@@ -123,13 +123,7 @@ def block_masks(monkeypatch):
 
 @pytest.mark.parametrize("dataset, expected_mm, groups", [
     ("duke", 0.7, "[patient]"),          # PixelSpacing 0.5 (rows) x 0.7 (columns) mm
-    pytest.param("inbreast", 0.07, "[patient,breast]",  # ImagerPixelSpacing 0.07 x 0.05 mm
-                 marks=pytest.mark.xfail(strict=True, reason=(
-                     "the mammogram preprocessing of issue 28 (crop to the breast, chest wall "
-                     "left) moves the fixture's lesion box off the fixed 128-pixel block this "
-                     "test assumes (HD95 0.385 mm for 0.07): the fixture must be redrawn in the "
-                     "cropped geometry; the unit and native resolution are checked by the Duke "
-                     "case and tests/test_metrics.py"))),
+    ("inbreast", 0.07, "[patient,breast]"),  # ImagerPixelSpacing 0.07 x 0.05 mm
 ])
 def test_eval_reports_hd95_in_mm_at_native_resolution(phantom_model, block_masks, tmp_path,
                                                       capsys, dataset, expected_mm, groups):

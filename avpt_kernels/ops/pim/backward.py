@@ -6,8 +6,8 @@ import triton
 import triton.language as tl
 
 from .dots import _mm_split
-from .forward import (_gelu, _head_tile, _p2t_logits, _prompt_axes, _prompt_softmax,
-                      _store_head_tile)
+from .forward import (_gelu, _head_tile, _p2t_logits, _prompt_axes, _store_head_tile,
+                      _t2p_block)
 
 
 @triton.jit
@@ -83,7 +83,7 @@ def _p2t_attn_bwd_kernel(x_ptr, qv2_ptr, do2_ptr, dalpha_ptr, alpha_ptr, pre_ptr
         dv2 = dv2 * rescale[:, None] + _mm_split(e, do, 0, DOT_MODE)
         delta = delta * rescale + tl.sum(e * _mm_split(v2, tl.trans(do), 0, DOT_MODE), axis=1)
         m = m_new
-    inv_l = tl.where(k_ok, 1.0 / l, 0.0)
+    inv_l = tl.where(k_ok, 1.0 / tl.where(k_ok, l, 1.0), 0.0)  # padded prompts: l = 0
     dv2 = dv2 * inv_l[:, None]
     delta = delta * inv_l
     dq2 = tl.zeros((KP, DHP), dtype=tl.float32)
@@ -172,11 +172,8 @@ def _t2p_attn_bwd_kernel(x_ptr, k1_ptr, part_ptr, dx_ptr, dk1_ptr, T, K, A, dh, 
     dmt = tl.trans(dm)
     dk1 = tl.zeros((KP, DHP), dtype=tl.float32)
     for t0 in range(0, T, BT):
-        ts = t0 + tl.arange(0, BT)
-        t_ok = ts < T
-        q = _head_tile(x_ptr, b * T + ts, t_ok, 3 * A, h * dh, DHP, dh)
-        v = _head_tile(x_ptr, b * T + ts, t_ok, 3 * A, A + h * dh, DHP, dh)
-        s1 = tl.where(t_ok[:, None], _prompt_softmax(q, k1t, k_ok, scale, DOT_MODE), 0.0)
+        ts, t_ok, q, v, s1 = _t2p_block(x_ptr, b, t0, T, A, h, dh, k1t, k_ok, scale, BT, DHP,
+                                        DOT_MODE)
         ds1 = _mm_split(v, dmt, 0, DOT_MODE)
         dl1 = s1 * (ds1 - tl.sum(s1 * ds1, axis=1)[:, None])
         _store_head_tile(dx_ptr, b * T + ts, t_ok, 3 * A, h * dh,

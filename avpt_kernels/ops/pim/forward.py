@@ -98,6 +98,19 @@ def _prompt_softmax(q, k1t, k_ok, scale, DOT_MODE: tl.constexpr):
 
 
 @triton.jit
+def _t2p_block(x_ptr, b, t0, T, A, h, dh, k1t, k_ok, scale, BT: tl.constexpr, DHP: tl.constexpr,
+               DOT_MODE: tl.constexpr):
+    """One token block of head h's token->prompt attention: the block's tokens, their mask, Q1
+    and V1 [BT, DHP] (x's first two A-column groups) and S1 [BT, KP] (0 past T)."""
+    ts = t0 + tl.arange(0, BT)
+    t_ok = ts < T
+    q = _head_tile(x_ptr, b * T + ts, t_ok, 3 * A, h * dh, DHP, dh)
+    v = _head_tile(x_ptr, b * T + ts, t_ok, 3 * A, A + h * dh, DHP, dh)
+    s1 = tl.where(t_ok[:, None], _prompt_softmax(q, k1t, k_ok, scale, DOT_MODE), 0.0)
+    return ts, t_ok, q, v, s1
+
+
+@triton.jit
 def _t2p_attn_kernel(x_ptr, k1_ptr, msg_ptr, T, K, A, dh, scale, inv_tokens,
                      BT: tl.constexpr, KP: tl.constexpr, DHP: tl.constexpr,
                      DOT_MODE: tl.constexpr):
@@ -112,11 +125,8 @@ def _t2p_attn_kernel(x_ptr, k1_ptr, msg_ptr, T, K, A, dh, scale, inv_tokens,
     k1t = tl.trans(k1)
     acc = tl.zeros((KP, DHP), dtype=tl.float32)
     for t0 in range(0, T, BT):
-        ts = t0 + tl.arange(0, BT)
-        t_ok = ts < T
-        q = _head_tile(x_ptr, b * T + ts, t_ok, 3 * A, h * dh, DHP, dh)
-        v = _head_tile(x_ptr, b * T + ts, t_ok, 3 * A, A + h * dh, DHP, dh)
-        s1 = tl.where(t_ok[:, None], _prompt_softmax(q, k1t, k_ok, scale, DOT_MODE), 0.0)
+        ts, t_ok, q, v, s1 = _t2p_block(x_ptr, b, t0, T, A, h, dh, k1t, k_ok, scale, BT, DHP,
+                                        DOT_MODE)
         acc += _mm_split(tl.trans(s1), v, 0, DOT_MODE)
     _store_head_tile(msg_ptr, b * K + ks, k_ok, A, h * dh, acc * inv_tokens, DHP, dh)
 

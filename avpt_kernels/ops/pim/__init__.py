@@ -16,8 +16,9 @@ the batch (token rows MZ = B*T, prompt rows MP = B*K) or one program per (image,
 Forward, 5 launches (grid and traffic at the model shape B=32, T=197, D=768, K=6, H=4, dh=16,
 G=16 in bf16; "row" = one fp32 [B*T, A] stream, 1.6 MB):
   1. ``_project_kernel``  X = Z [Wq; Wv; W'k]^T + [bq; bv; 0] -> [MZ, 3A] fp32 and
-     K1 = P Wk^T + bk [MP, A]: 1-D grid over (64-row tile, weight, 64-column tile), 300
-     programs; reads Z (9.7 MB), writes X (4.8 MB); 2*MZ*D*3A*3 = 5.6 GFLOP (three-part dots).
+     K1 = P Wk^T + bk [MP, A]: 1-D grid over (BM-row tile, 64-column tile), each program all
+     three weights from one read of its Z tile, 204 programs; reads Z (9.7 MB), writes X
+     (4.8 MB); 2*MZ*D*3A*3 = 5.6 GFLOP (three-part dots).
      b'k drops out: it shifts a prompt->token softmax row (over T) by one constant.
   2. ``_t2p_attn_kernel`` per (image, head), 128 programs: S1 = softmax over K of scale Q1 K1^T,
      msg = S1^T V1 (/ T for t2p_reduce="mean") [MP, A]; reads Q1, V1 (3.2 MB).
@@ -32,7 +33,7 @@ G=16 in bf16; "row" = one fp32 [B*T, A] stream, 1.6 MB):
      z_out = Z + alpha (o2 W'o^T + b'o); reads Z, o2, writes z_out (21 MB).
   => 3 Z-sized streams + 8 rows: ~42 MB, 13 us at the H100's 3.35 TB/s.
 
-Backward, 10 launches, every weight gradient a fixed-order sum (deterministic on a GPU):
+Backward, 9 launches, every weight gradient a fixed-order sum (deterministic on a GPU):
   1. ``_grad_o2_kernel``   (16 token rows) 394 programs: dO2 = alpha dY W'o, and per row the
      gate's dalpha = o2 . dY W'o + dY . b'o.
   2. ``_p2t_attn_bwd_kernel`` per (image, head), two passes over T: dS2 = v2 dO2^T, dv2 = S2 dO2,
@@ -44,10 +45,10 @@ Backward, 10 launches, every weight gradient a fixed-order sum (deterministic on
   4. ``_t2p_attn_bwd_kernel`` per (image, head): dV1 = S1 dM, dL1 = S1 (V1 dM^T - rowsum), dQ1 =
      scale dL1 K1 (-> dX), dK1 = scale dL1^T Q1.
   5. ``_grad_z_kernel``    (32 x 64 tiles, 2364 programs): dZ = dY + dX [Wq; Wv; W'k] (+ dz0).
-  6-7. ``_wgrad_kernel`` + ``_reduce_kernel``: dWz = dX^T Z [3A, D] over row chunks
-     (3 x 12 tiles x 8 chunks = 288 programs), the chunks added in order into the flat dW.
-  8-9. the same for dW'o = dY^T (alpha o2) [D, A] (12 tiles x 20 chunks = 240 programs).
-  10. ``_prompt_wgrad_kernel`` (24 D tiles x 6 jobs = 144 programs): dWo, dW'q, dW'v, dWk, the
+  6-7. ``_wgrad_kernel``: dWz = dX^T Z [3A, D], then dW'o = dY^T (alpha o2) [D, A], each over
+     row chunks (one program a (tile, chunk)).
+  8. ``_reduce_kernel``: both gradients' chunks added in order into the flat dW, one launch.
+  9. ``_prompt_wgrad_kernel`` (24 D tiles x 6 jobs = 144 programs): dWo, dW'q, dW'v, dWk, the
      gate's weights (over the MP prompt rows or B images) and dP = dp_tilde + dK1 Wk.
   => 5 Z-sized streams + 16 rows: ~74 MB, 22 us at 3.35 TB/s.
 Saved for backward: z, p, the flat weights and one fp32 state buffer (X, o2, K1, msg, p_tilde,

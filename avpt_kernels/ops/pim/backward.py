@@ -262,14 +262,14 @@ def _wgrad_kernel(a_ptr, b_ptr, alpha_ptr, part_ptr, M, NA, NB, lda, ldb, T, chu
 
 
 @triton.jit
-def _reduce_kernel(part_ptr, dw_ptr, n_chunks, NA, NB, seg_rows, off_w0, off_w1, off_w2, off_b0,
-                   off_b1, off_b2, n_bias_segs, BLOCK: tl.constexpr, CHUNKS: tl.constexpr):
-    """Grid (cdiv(NA * NB + NA, BLOCK),): the chunks of ``_wgrad_kernel`` (n_chunks <= CHUNKS)
+def _reduce_block(blk, part_ptr, dw_ptr, n_chunks, NA, NB, seg_rows, off_w0, off_w1, off_w2,
+                  off_b0, off_b1, off_b2, n_bias_segs, BLOCK: tl.constexpr, CHUNKS: tl.constexpr):
+    """Block ``blk`` of one weight gradient's chunks (``_wgrad_kernel``; n_chunks <= CHUNKS),
     loaded as one [CHUNKS, BLOCK] tile and summed over the chunk axis (one fixed reduction tree:
     deterministic, no serial loop), written into the flat weight gradient: row i of [NA, NB]
     goes to segment s = i // seg_rows (a weight field at off_w<s>, [seg_rows, NB]), bias i to
     off_b<s>; segments >= n_bias_segs get a zero bias gradient (b'k, which drops out)."""
-    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    e = blk * BLOCK + tl.arange(0, BLOCK)
     n_w = NA * NB
     ok = e < n_w + NA
     is_w = e < n_w
@@ -286,6 +286,22 @@ def _reduce_kernel(part_ptr, dw_ptr, n_chunks, NA, NB, seg_rows, off_w0, off_w1,
     b_dst = tl.where(seg == 0, off_b0, tl.where(seg == 1, off_b1, off_b2)) + local
     acc = tl.where(is_w | (seg < n_bias_segs), acc, 0.0)
     tl.store(dw_ptr + tl.where(is_w, w_dst, b_dst), acc, mask=ok)
+
+
+@triton.jit
+def _reduce_kernel(dw_ptr, wz_ptr, wz_chunks, NZ, D, A, off_wq, off_wv, off_wk2, off_bq, off_bv,
+                   off_bk2, wz_blocks, wo_ptr, wo_chunks, off_wo2, off_bo2,
+                   BLOCK: tl.constexpr, CHUNKS: tl.constexpr):
+    """Grid (wz_blocks + cdiv(D * A + D, BLOCK),): both token-row weight gradients' chunks
+    summed in one launch (``_reduce_block``): first dWz [NZ = 3A, D] (+ its biases) into the
+    t2p q, t2p v and p2t k fields (b'k's gradient 0), then dW'o [D, A] (+ db'o)."""
+    pid = tl.program_id(0)
+    if pid < wz_blocks:
+        _reduce_block(pid, wz_ptr, dw_ptr, wz_chunks, NZ, D, A, off_wq, off_wv, off_wk2, off_bq,
+                      off_bv, off_bk2, 2, BLOCK, CHUNKS)
+    else:
+        _reduce_block(pid - wz_blocks, wo_ptr, dw_ptr, wo_chunks, D, A, D, off_wo2, off_wo2,
+                      off_wo2, off_bo2, off_bo2, off_bo2, 1, BLOCK, CHUNKS)
 
 
 @triton.jit

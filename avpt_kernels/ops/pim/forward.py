@@ -21,55 +21,51 @@ def _project_kernel(z_ptr, p_ptr, w_ptr, x_ptr, k1_ptr, MZ, MP, D, A,
                     off_wq, off_bq, off_wv, off_bv, off_wk2, off_wk, off_bk,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                     DOT_MODE: tl.constexpr):
-    """Grid (cdiv(MZ, BM) * 3 * cdiv(A, BN) + cdiv(MP, BM) * cdiv(A, BN),): the token rows'
+    """Grid (cdiv(MZ, BM) * cdiv(A, BN) + cdiv(MP, BM) * cdiv(A, BN),): the token rows'
     projections x [MZ, 3A] = z [Wq; Wv; W'k]^T + [bq; bv; 0] (fp32; b'k shifts every logit of a
-    prompt->token softmax row by one constant, so it drops out exactly), then the prompt rows'
-    keys k1 [MP, A] = p Wk^T + bk (fp32). z, p in the input dtype (exact: two-part dots)."""
+    prompt->token softmax row by one constant, so it drops out exactly), all three from one read
+    of each z tile, then the prompt rows' keys k1 [MP, A] = p Wk^T + bk (fp32; the second and
+    third weights masked off). z, p in the input dtype (exact: two-part dots)."""
     pid = tl.program_id(0)
     n_tiles = tl.cdiv(A, BN)
-    z_programs = tl.cdiv(MZ, BM) * 3 * n_tiles
-    if pid < z_programs:
-        j = (pid % (3 * n_tiles)) // n_tiles
-        row0 = (pid // (3 * n_tiles)) * BM
-        col0 = (pid % n_tiles) * BN
-        src = z_ptr
-        M = MZ
-        w_off = tl.where(j == 0, off_wq, tl.where(j == 1, off_wv, off_wk2))
-        b_off = tl.where(j == 0, off_bq, off_bv)
-        has_bias = j < 2
-        dst = x_ptr
-        dst_stride = 3 * A
-        dst_col = j * A
-    else:
-        q = pid - z_programs
-        row0 = (q // n_tiles) * BM
-        col0 = (q % n_tiles) * BN
-        src = p_ptr
-        M = MP
-        w_off = off_wk
-        b_off = off_bk
-        has_bias = col0 >= 0
-        dst = k1_ptr
-        dst_stride = A
-        dst_col = 0
+    z_programs = tl.cdiv(MZ, BM) * n_tiles
+    is_z = pid < z_programs
+    q = tl.where(is_z, pid, pid - z_programs)
+    row0 = (q // n_tiles) * BM
+    col0 = (q % n_tiles) * BN
     rows = row0 + tl.arange(0, BM)
-    row_ok = rows < M
+    row_ok = rows < tl.where(is_z, MZ, MP)
     cols = col0 + tl.arange(0, BN)
     col_ok = cols < A
     rows64 = rows.to(tl.int64)
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    src = tl.where(is_z, z_ptr, p_ptr)
+    off_w0 = tl.where(is_z, off_wq, off_wk)
+    w_ok = col_ok & is_z  # the second and third weights: token rows only
+    acc0 = tl.zeros((BM, BN), dtype=tl.float32)
+    acc1 = tl.zeros((BM, BN), dtype=tl.float32)
+    acc2 = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, D, BK):
         kk = k0 + tl.arange(0, BK)
         k_ok = kk < D
         xt = tl.load(src + rows64[:, None] * D + kk[None, :], mask=row_ok[:, None] & k_ok[None, :],
                      other=0.0)
-        wt = tl.load(w_ptr + w_off + cols[None, :] * D + kk[:, None],
-                     mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        acc += _mm_split(xt, wt, 1, DOT_MODE)
-    bias = tl.load(w_ptr + b_off + cols, mask=col_ok & has_bias, other=0.0)
-    acc += bias[None, :]
-    tl.store(dst + rows64[:, None] * dst_stride + dst_col + cols[None, :], acc,
-             mask=row_ok[:, None] & col_ok[None, :])
+        w_tile = cols[None, :] * D + kk[:, None]
+        wt = tl.load(w_ptr + off_w0 + w_tile, mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        acc0 += _mm_split(xt, wt, 1, DOT_MODE)
+        wt = tl.load(w_ptr + off_wv + w_tile, mask=w_ok[None, :] & k_ok[:, None], other=0.0)
+        acc1 += _mm_split(xt, wt, 1, DOT_MODE)
+        wt = tl.load(w_ptr + off_wk2 + w_tile, mask=w_ok[None, :] & k_ok[:, None], other=0.0)
+        acc2 += _mm_split(xt, wt, 1, DOT_MODE)
+    acc0 += tl.load(w_ptr + tl.where(is_z, off_bq, off_bk) + cols, mask=col_ok, other=0.0)[None, :]
+    acc1 += tl.load(w_ptr + off_bv + cols, mask=w_ok, other=0.0)[None, :]
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    if pid < z_programs:
+        dst = x_ptr + rows64[:, None] * (3 * A) + cols[None, :]
+        tl.store(dst, acc0, mask=out_mask)
+        tl.store(dst + A, acc1, mask=out_mask)
+        tl.store(dst + 2 * A, acc2, mask=out_mask)
+    else:
+        tl.store(k1_ptr + rows64[:, None] * A + cols[None, :], acc0, mask=out_mask)
 
 
 @triton.jit

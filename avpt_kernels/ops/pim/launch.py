@@ -69,32 +69,28 @@ def _pow2(n: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Launch configuration: (tile constexprs, num_warps, num_stages) per kernel. Token-row GEMMs take
-# 32..64-row tiles (the output: 197 x 12 = 2364 programs at B=32, T=197, D=768), the
-# per-(image, head) attention kernels B*H programs with 256-token blocks (T=197 in one block a
-# pass: B*H = 128 programs of one or two iterations), the prompt-row kernels 16-row x 32-column
-# tiles. Every entry is compiled by ``configs.aot_configs``.
+# Launch configuration: tile constexprs, num_warps and num_stages per kernel, chosen by the kernel
+# model (``benchmarks/kernel_model.py``: fewest waves x serial iterations at the model shape)
+# among the tiles that compile without spills on sm_80 and sm_90a under Triton 3.6 and 3.8 in
+# every dtype (``make aot``). Every entry is compiled by ``configs.aot_configs``.
 # --------------------------------------------------------------------------------------------
-PROJ = dict(BM=32, BK=32)            # + BN = min(64, AP)
-# Token blocks of the head kernels by padded head width: a [BT, DHP] fp32 tile of 16K elements
-# at most (T=197 in one block a pass at the model's head width 16)
+PROJ = dict(BM=32, BK=32, num_warps=8, num_stages=3)       # + BN = min(64, AP)
+OUTPUT = dict(BM=32, BN=32, BKA=32, num_warps=8, num_stages=1)  # BKA capped at AP
+GRAD_Z = dict(BM=32, BN=32, BKA=32, num_warps=8, num_stages=1)
+GRAD_O2 = dict(BM=16, BK=64, num_warps=8, num_stages=3)
+WGRAD = dict(BNA=64, BNB=64, BR=32, num_warps=8, num_stages=3)
+PROMPT = dict(BMP=16, BD=32, num_warps=8, num_stages=1)
+PROMPT_WGRAD = dict(BD=16, BR=16, num_warps=8, num_stages=1)
+# The per-(image, head) attention kernels: token blocks by padded head width, a [BT, DHP] fp32
+# tile of 16K elements at most (T=197 in one block a pass at the model's head width 16); the
+# prompt->token backward holds the most [KP, BT] tiles: half the block, its loads pipelined.
 ATTN_BT = {16: 256, 32: 128, 64: 64}
-# The prompt->token backward holds the most [KP, BT] tiles: half the block, its loads pipelined
 ATTN_BWD_BT = {16: 128, 32: 32, 64: 32}
-PROMPT = dict(BMP=16, BD=32)
-OUTPUT = dict(BM=32, BN=32)          # + BKA = min(32, AP); short A loops: unpipelined
-GRAD_O2 = dict(BM=16, BK=64)
-WGRAD = dict(BNA=64, BNB=64, BR=32)
+ATTN_WARPS = 8
 REDUCE_BLOCK = 128
 # Most row chunks of a weight gradient: the reduce kernel sums them as one [MAX_CHUNKS, BLOCK] tile
 MAX_CHUNKS = 32
-PROMPT_WGRAD = dict(BD=16, BR=16)
-# 8 warps everywhere but the reduction: with 4, the split dots' fp32 parts (and the IEEE fp32
-# dots of the fp32 path) spill (AOT, Triton 3.8); 16 would cap a thread at 128 registers
-WARPS = 8
 REDUCE_WARPS = 4
-GEMM_STAGES = 3                      # software pipelining of the D (or row) loops of the GEMMs
-ATTN_STAGES = 1
 # Programs the split-over-rows weight gradients aim for: two per SM of a 132-SM GPU.
 TARGET_PROGRAMS = 264
 SM_COUNT = 132
@@ -143,13 +139,13 @@ class Layout:
         self.off = field_offsets(d, a, gate_hidden)
         self.n_dtiles = triton.cdiv(d, PROMPT["BD"])
         self.proj_bn = min(64, self.ap)
-        self.bka = min(32, self.ap)
         cdiv = triton.cdiv
-        self.grid_proj = (cdiv(self.mz, PROJ["BM"]) * 3 * cdiv(a, self.proj_bn)
-                          + cdiv(self.mp, PROJ["BM"]) * cdiv(a, self.proj_bn),)
+        self.grid_proj = ((cdiv(self.mz, PROJ["BM"]) + cdiv(self.mp, PROJ["BM"]))
+                          * cdiv(a, self.proj_bn),)
         self.grid_heads = (b, num_heads)
         self.grid_prompt = (cdiv(self.mp, PROMPT["BMP"]), self.n_dtiles)
-        self.grid_tokens = (cdiv(self.mz, OUTPUT["BM"]), cdiv(d, OUTPUT["BN"]))
+        self.grid_output = (cdiv(self.mz, OUTPUT["BM"]), cdiv(d, OUTPUT["BN"]))
+        self.grid_grad_z = (cdiv(self.mz, GRAD_Z["BM"]), cdiv(d, GRAD_Z["BN"]))
         self.grid_grad_o2 = (cdiv(self.mz, GRAD_O2["BM"]),)
         self.grid_prompt_wgrad = (cdiv(d, PROMPT_WGRAD["BD"]), 6)
         # weight gradients over the token rows: dWz = dx^T z [3A, D], dW'o = y^T (alpha o2) [D, A]
@@ -169,27 +165,27 @@ class Layout:
             dz0=(b, d), dpre=(b, self.gp), dlogit=(b,),
             wz_part=(nz * (3 * a * d + 3 * a),), wo_part=(no * (d * a + d),))
         self.grad_size = _carve_size(self.grad_fields)
-        self._common = dict(num_warps=WARPS)
 
     def meta(self, kernel: str) -> dict:
         """Constexprs and launch options of ``kernel`` (a name in ``KERNELS``)."""
-        heads = dict(BT=ATTN_BT[self.dhp], KP=self.kp, DHP=self.dhp, num_stages=ATTN_STAGES)
+        heads = dict(BT=ATTN_BT[self.dhp], KP=self.kp, DHP=self.dhp, num_warps=ATTN_WARPS,
+                     num_stages=1)
         # The token-row GEMMs run on tensor cores with split dots; the head and prompt-row
         # kernels (< 1% of the FLOPs) use IEEE fp32 dots: exact fp32, whatever the input dtype
         mode = self.mode if kernel in GEMM_KERNELS else 0
-        return dict(self._common, DOT_MODE=mode, **{
-            "project": dict(PROJ, BN=self.proj_bn, num_stages=GEMM_STAGES),
+        return dict(DOT_MODE=mode, **{
+            "project": dict(PROJ, BN=self.proj_bn),
             "t2p_attn": heads,
-            "prompt": dict(PROMPT, AP=self.ap, GP=self.gp, num_stages=1),
+            "prompt": dict(PROMPT, AP=self.ap, GP=self.gp),
             "p2t_attn": dict(heads, GP=self.gp),
-            "output": dict(OUTPUT, BKA=self.bka, num_stages=1),
-            "grad_o2": dict(GRAD_O2, AP=self.ap, num_stages=GEMM_STAGES),
+            "output": dict(OUTPUT, BKA=min(OUTPUT["BKA"], self.ap)),
+            "grad_o2": dict(GRAD_O2, AP=self.ap),
             "p2t_attn_bwd": dict(heads, BT=ATTN_BWD_BT[self.dhp], GP=self.gp, num_stages=2),
-            "prompt_bwd": dict(PROMPT, AP=self.ap, GP=self.gp, num_stages=1),
+            "prompt_bwd": dict(PROMPT, AP=self.ap, GP=self.gp),
             "t2p_attn_bwd": heads,
-            "grad_z": dict(OUTPUT, BKA=self.bka, num_stages=1),
-            "wgrad": dict(WGRAD, num_stages=GEMM_STAGES),
-            "prompt_wgrad": dict(PROMPT_WGRAD, AP=self.ap, GP=self.gp, num_stages=1),
+            "grad_z": dict(GRAD_Z, BKA=min(GRAD_Z["BKA"], self.ap)),
+            "wgrad": dict(WGRAD),
+            "prompt_wgrad": dict(PROMPT_WGRAD, AP=self.ap, GP=self.gp),
         }[kernel])
 
     def o(self, *names: str) -> List[int]:
@@ -293,7 +289,7 @@ def _forward(z: Tensor, p: Tensor, w: Tensor, num_heads: int, head_dim: int, gat
         *L.o("p2t_q_b", "p2t_v_b", "gate_b1", "gate_w2", "gate_b2"), L.scale, int(return_attn),
         **L.meta("p2t_attn"))
     out = torch.empty_like(z)
-    _output_kernel[L.grid_tokens](z, st["o2"], w, st["alpha"], out, L.mz, t, d, a,
+    _output_kernel[L.grid_output](z, st["o2"], w, st["alpha"], out, L.mz, t, d, a,
                                   *L.o("p2t_o_w", "p2t_o_b"), **L.meta("output"))
     return out, p_tilde, attn, state
 
@@ -301,9 +297,9 @@ def _forward(z: Tensor, p: Tensor, w: Tensor, num_heads: int, head_dim: int, gat
 @no_autocast
 def _backward(grad_out: Tensor, grad_p_tilde: Optional[Tensor], z: Tensor, p: Tensor, w: Tensor,
               state: Tensor, num_heads: int, head_dim: int, gate_hidden: int, mean_reduce: bool):
-    """10 launches, no atomics, no zero-fill: dO2, prompt->token heads, prompt rows, token->prompt
-    heads, dZ, dWz (chunks, reduce), dW'o (chunks, reduce), the prompt-row weight gradients and
-    dP. -> dz [B,T,D], dp [B,K,D], dw [N] (fp32, the flat layout)."""
+    """9 launches, no atomics, no zero-fill: dO2, prompt->token heads, prompt rows, token->prompt
+    heads, dZ, dWz (chunks), dW'o (chunks), both chunk sums (one reduce), the prompt-row weight
+    gradients and dP. -> dz [B,T,D], dp [B,K,D], dw [N] (fp32, the flat layout)."""
     z, y, p = z.contiguous(), grad_out.contiguous(), p.contiguous()
     L = _Layout(z, p, num_heads, head_dim, gate_hidden)
     b, t, d, a = L.b, L.t, L.d, L.a
@@ -327,21 +323,24 @@ def _backward(grad_out: Tensor, grad_p_tilde: Optional[Tensor], z: Tensor, p: Te
         st["x"], st["k1"], g["dmsg_part"], g["dx"], g["dk1"], t, L.k, a, head_dim, L.mp,
         L.n_dtiles, L.ap, L.scale, inv_tokens, **L.meta("t2p_attn_bwd"))
     dz = torch.empty_like(z)
-    _grad_z_kernel[L.grid_tokens](y, g["dx"], w, g["dz0"], dz, L.mz, t, d, a,
+    _grad_z_kernel[L.grid_grad_z](y, g["dx"], w, g["dz0"], dz, L.mz, t, d, a,
                                   *L.o("t2p_q_w", "t2p_v_w", "p2t_k_w"), **L.meta("grad_z"))
     # dWz = dx^T z [3A, D] -> t2p q, t2p v, p2t k (its bias gradient is zero: b'k drops out)
     nz, rows_z = L.wz_chunks
     _wgrad_kernel[L.wz_tiles + (nz,)](
         g["dx"], z, st["alpha"], g["wz_part"], L.mz, 3 * a, d, 3 * a, d, t, rows_z,
         HAS_SCALE=False, EXACT=2, **L.meta("wgrad"))
-    _reduce(g["wz_part"], dw, nz, 3 * a, d, a, L.o("t2p_q_w", "t2p_v_w", "p2t_k_w"),
-            L.o("t2p_q_b", "t2p_v_b", "p2t_k_b"), 2)
     # dW'o = y^T (alpha o2) [D, A], db'o = y^T alpha
     no, rows_o = L.wo_chunks
     _wgrad_kernel[L.wo_tiles + (no,)](
         y, st["o2"], st["alpha"], g["wo_part"], L.mz, d, a, d, a, t, rows_o,
         HAS_SCALE=True, EXACT=1, **L.meta("wgrad"))
-    _reduce(g["wo_part"], dw, no, d, a, d, L.o("p2t_o_w") * 3, L.o("p2t_o_b") * 3, 1)
+    # both summed over their chunks, in order, into the flat gradient
+    wz_blocks = triton.cdiv(3 * a * d + 3 * a, REDUCE_BLOCK)
+    _reduce_kernel[(wz_blocks + triton.cdiv(d * a + d, REDUCE_BLOCK),)](
+        dw, g["wz_part"], nz, 3 * a, d, a, *L.o("t2p_q_w", "t2p_v_w", "p2t_k_w"),
+        *L.o("t2p_q_b", "t2p_v_b", "p2t_k_b"), wz_blocks, g["wo_part"], no,
+        *L.o("p2t_o_w", "p2t_o_b"), BLOCK=REDUCE_BLOCK, CHUNKS=MAX_CHUNKS, num_warps=REDUCE_WARPS)
     dp = torch.empty_like(p)
     _prompt_wgrad_kernel[L.grid_prompt_wgrad](
         p, z, w, st["msg"], st["pt32"], g["dpt"], g["dqv2"], g["dk1"], g["dpre"], g["dlogit"],
@@ -351,10 +350,3 @@ def _backward(grad_out: Tensor, grad_p_tilde: Optional[Tensor], z: Tensor, p: Te
         **L.meta("prompt_wgrad"))
     return dz, dp, dw
 
-
-def _reduce(part: Tensor, dw: Tensor, n_chunks: int, na: int, nb: int, seg_rows: int,
-            w_offsets: List[int], b_offsets: List[int], n_bias_segs: int) -> None:
-    n = na * nb + na
-    _reduce_kernel[(triton.cdiv(n, REDUCE_BLOCK),)](
-        part, dw, n_chunks, na, nb, seg_rows, *w_offsets, *b_offsets, n_bias_segs,
-        BLOCK=REDUCE_BLOCK, CHUNKS=MAX_CHUNKS, num_warps=REDUCE_WARPS)

@@ -21,7 +21,7 @@ TRAIN_EXTRA_MODULES = {
     "tensorboard": "tensorboard",
 }
 
-INSTALL_HINT = "pip install 'avpt-kernels[train]'"
+INSTALL_HINT = "pip install 'avpt-kernels[train]' (in a checkout: pip install '.[train]')"
 
 
 def missing_train_packages() -> list:

@@ -1,5 +1,7 @@
 # Two commands on a fresh machine: `make demo` (the main job) and `make test` (the test suite).
-# Each first creates .venv if missing and installs the project into it (offline-pinned torch).
+# Each first creates .venv if missing and installs the project into it (offline-pinned torch) with
+# its `dev` extra, which holds `train` (model, trainer, CLI) and the test tools. A kernels-only
+# user runs `pip install avpt-kernels`: torch, triton, numpy, safetensors.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -24,6 +26,7 @@ $(STAMP): pyproject.toml setup.py Makefile
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	@touch $(STAMP)
 
+# --no-deps: the AOT check needs the kernels only, against the torch/triton pinned here.
 setup-triton36: $(STAMP36)
 
 $(STAMP36): pyproject.toml setup.py Makefile

@@ -72,7 +72,7 @@ def _add_run_args(p: argparse.ArgumentParser, out_default: Optional[str] = None)
     p.add_argument("--out", default=out_default, help="output folder")
     p.add_argument("--overwrite", action="store_true",
                    help="write into --out even if it holds another run or another command's "
-                        "output (refused otherwise, see README: what each command writes)")
+                        "output (refused otherwise, see docs/cli.md: what each command writes)")
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set model.schedule=late --set lr=3e-4")
     p.add_argument("-v", "--verbose", action="store_true")

@@ -98,7 +98,7 @@ def comparison_html(rows: List[Dict], caption: str = "") -> str:
                  f"interval (test images resampled, 1000 draws). Segmentation metrics are over "
                  f"test images with a lesion, at each image's original size (HD95 in mm where "
                  f"the pixel spacing is known, else pixels; MONAI's HD95 convention unless "
-                 f"metrics.hd95 says otherwise; see the README's metrics section); a method without a segmentation head shows n/a. "
+                 f"metrics.hd95 says otherwise; see docs/metrics.md); a method without a segmentation head shows n/a. "
                  f"Trainable share: trainable parameters over the visual tower's; the paper's "
                  f"A-VPT trains {PAPER_SHARE}% of ViT-B/16 — the tiny backbone has far fewer "
                  f"parameters, so the same modules are a larger share of it.</p>")

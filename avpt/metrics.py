@@ -9,7 +9,7 @@ lesion have nothing to segment: left out and counted). HD95 follows MONAI by def
 of the two directed 95th percentiles), MedPy on request (both directions pooled):
 ``HD95_CONVENTIONS``. A lesion image with an empty prediction gets Dice = IoU = 0 and an HD95 by
 ``EMPTY_PREDICTION_RULES`` (default: the image's largest distance), counted. Every choice is
-named in the figures' dict (``summarise_segmentation``) and in the README's metrics section.
+named in the figures' dict (``summarise_segmentation``) and in docs/metrics.md.
 """
 from __future__ import annotations
 

@@ -218,7 +218,7 @@ def _timed_again(fn):
 
 
 # ----------------------------------------------------------------------------------------------
-# Compiled whole training step (issue 11, item 4): avpt.train.WholeStep, with and without CUDA graphs
+# Compiled whole training step (issue 11, item 4): avpt.compiled_step.WholeStep, with and without CUDA graphs
 # ----------------------------------------------------------------------------------------------
 # Rows "<method>+compile-<mode>" (kind "compiled-step", in the JSON): the same step as test_table10_row's (CLS + SEG, AdamW) compiled
 # as one graph; the uncompiled rows above are the "without". On a GPU: inductor, modes default and

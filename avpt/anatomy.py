@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .data.modalities import MODALITIES
-from .data.tissue_prior import tissue_prior_single
+from avpt.data.modalities import MODALITIES
+from avpt.data.tissue_prior import tissue_prior_single
 
 REGION_NAMES = ("glandular", "fatty", "ductal")
 REGION_SOURCES = ("given", "prior", "learned")

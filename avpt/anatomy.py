@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from avpt.data.modalities import MODALITIES
+from avpt.data.tissue_prior import tissue_prior_single
+
 REGION_NAMES = ("glandular", "fatty", "ductal")
-MODALITIES = ("MG", "US", "MRI")
 REGION_SOURCES = ("given", "prior", "learned")
 
 # Which tissues touch (glandular-fatty, glandular-ductal; ducts run inside glandular tissue):
@@ -32,54 +34,8 @@ DEFAULT_ADJACENCY = ((0.0, 1.0, 1.0),
 
 
 # ----------------------------------------------------------------------------------------------
-# Classical tissue priors (scikit-image, CPU numpy, no gradients)
+# Classical tissue priors of a batch (one image: avpt.data.tissue_prior)
 # ----------------------------------------------------------------------------------------------
-def _normalize01(img: np.ndarray) -> np.ndarray:
-    lo, hi = np.percentile(img, (1.0, 99.0))
-    if hi - lo < 1e-8:
-        return np.zeros_like(img, dtype=np.float64)
-    return np.clip((img - lo) / (hi - lo), 0.0, 1.0)
-
-
-def _sigmoid(x: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def tissue_prior_single(gray: np.ndarray, modality: str) -> np.ndarray:
-    """Soft glandular / fatty / ductal maps [3, H, W] in [0, 1] for one grayscale image [H, W].
-
-    Intensity: a soft Otsu split of the smoothed image. Which side is fat depends on the physics:
-    fat is radiolucent (dark) in mammography, hypoechoic (darker) in ultrasound and bright on
-    non-fat-suppressed T1 MRI. Texture: local entropy (fibroglandular tissue is heterogeneous,
-    fat homogeneous). Ducts: the Sato tubeness filter (bright ridges in MG/MRI, anechoic dark
-    ridges in US).
-    """
-    from skimage import filters, morphology, util
-    from skimage.filters import rank
-
-    if modality not in MODALITIES:
-        raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
-    img = _normalize01(np.asarray(gray, dtype=np.float64))
-    smooth = filters.gaussian(img, sigma=1.0)
-    if smooth.max() - smooth.min() < 1e-6:  # flat image: no evidence for any tissue
-        return np.zeros((3,) + img.shape, dtype=np.float32)
-    split = filters.threshold_otsu(smooth)
-    bright = _sigmoid((smooth - split) / 0.05)
-    entropy = rank.entropy(util.img_as_ubyte(img), morphology.disk(3)).astype(np.float64)
-    texture = entropy / max(entropy.max(), 1e-8)
-    body = _sigmoid((smooth - 0.05) / 0.02)  # excludes the black background outside the breast
-    if modality == "MRI":
-        fatty = bright
-        glandular = (1.0 - bright) * body * (0.5 + 0.5 * texture)
-    else:
-        glandular = bright * (0.5 + 0.5 * texture)
-        fatty = (1.0 - bright) * body * (1.0 - 0.5 * texture)
-    tube = filters.sato(img, sigmas=(1, 2, 3), black_ridges=(modality == "US"))
-    ductal = tube / max(tube.max(), 1e-8)
-    maps = np.stack([glandular, fatty, ductal]).astype(np.float32)
-    return np.clip(maps, 0.0, 1.0)
-
-
 def tissue_prior_maps(images: Union[Tensor, np.ndarray],
                       modality: Union[str, Sequence[str]] = "MG") -> Tensor:
     """Classical tissue-prior maps for a batch: images [B, C, H, W] (any normalisation; channels

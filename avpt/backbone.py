@@ -24,6 +24,9 @@ from torch import nn
 TINY_MODEL = "avpt-tiny"
 TINY_P8_MODEL = "avpt-tiny-p8"
 VIT_B16 = "ViT-B-16"
+# the short names the CLI takes for --backbone (any open_clip config name is taken as it is)
+BACKBONE_ALIASES = {"tiny": TINY_MODEL, "tiny-p8": TINY_P8_MODEL, "vit-b-16": VIT_B16,
+                    "vit-b/16": VIT_B16, "vitb16": VIT_B16}
 _CONFIG_DIR = Path(__file__).with_name("model_configs")
 
 for _name in (TINY_MODEL, TINY_P8_MODEL):

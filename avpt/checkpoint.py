@@ -73,7 +73,7 @@ def _start_fresh(path: Path) -> str:
 def read_saved(directory: Union[str, os.PathLike]) -> Dict:
     """``avpt_config.json`` of a saved model, checked: a one-line ``ConfigError`` naming the
     file when it is missing, not JSON, or not a saved avpt model."""
-    from .validate import ConfigError
+    from .errors import ConfigError
 
     path = Path(directory)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
@@ -92,15 +92,16 @@ def read_saved(directory: Union[str, os.PathLike]) -> Dict:
 
 
 def load_trainable(directory: Union[str, os.PathLike], pretrained=_KEEP,
-                   map_location: str = "cpu", backend=_KEEP) -> Method:
+                   map_location: str = "cpu") -> Method:
     """Rebuild the saved method on a fresh backbone and load its trainable tensors.
 
     ``pretrained``: backbone weights for the fresh backbone (default: the saved path; None for
     random weights). A model saved with a backbone record gets the same backbone as in
     training: random weights are drawn from the recorded seed, a weights file must have the
     recorded sha256, and the rebuilt frozen weights must have the recorded fingerprint.
-    ``backend``: the op backend of an A-VPT model (how it runs, not what it computes)."""
-    from .validate import ConfigError, file_sha256
+    The op backend is the caller's (``avpt.runtime.op_backend``), not the saved model's."""
+    from .errors import ConfigError
+    from .run_io import file_sha256
 
     path = Path(directory)
     saved = read_saved(path)
@@ -126,8 +127,6 @@ def load_trainable(directory: Union[str, os.PathLike], pretrained=_KEEP,
         if file_sha256(config.pretrained) != record["sha256"]:
             raise ConfigError(f"the backbone weights {config.pretrained!r} changed since training "
                               f"(sha256 differs from {record['sha256'][:12]}...)")
-    if backend is not _KEEP and hasattr(config, "backend"):
-        config.backend = backend
     with torch.random.fork_rng(devices=[]):
         if config.pretrained is None and record.get("init_seed") is not None:
             torch.manual_seed(int(record["init_seed"]))  # the draw of the training run
@@ -151,7 +150,7 @@ def load_trainable_state(method: Method, state: Dict[str, torch.Tensor], source:
     """Copy ``state`` (parameter name -> tensor) into ``method``'s trainable parameters, in place.
     ``state`` must hold exactly the trainable parameters, each with the parameter's shape; else a
     one-line ``ConfigError`` naming ``source`` (the file the state came from)."""
-    from .validate import ConfigError
+    from .errors import ConfigError
 
     params = dict(method.named_parameters())
     expected = {n for n, p in params.items() if p.requires_grad}

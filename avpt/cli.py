@@ -33,75 +33,21 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
-from .cli_exit import Terminated, exit_code, interrupted, on_sigterm, os_error_line
+from .cli_args import add_run_args, run_config, run_overrides, set_keys
 from .cli_eval import _model_dir, _saved_model
-from .cli_tools import cmd_compare, cmd_params, compare_parser  # noqa: F401
-from .config import DEMO_METHODS
+from .cli_exit import Terminated, error_line, interrupted, on_sigterm
+from .cli_tools import cmd_compare, cmd_params
+from .data.modalities import DATASETS, MODALITIES
+from .demo import DEMO_METHODS
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 EVAL_FROM_RUN = ("dataset", "data_root", "modality", "test_dataset", "test_data_root",
                  "test_modality", "seed", "folds", "fold", "folds_file", "clahe", "data",
-                 "skip_bad", "metrics")
-
-
-def _add_run_args(p: argparse.ArgumentParser, out_default: Optional[str] = None) -> None:
-    p.add_argument("--config", help="YAML config (see configs/)")
-    p.add_argument("--variant", help="a named variant of the YAML file (ablation tables)")
-    p.add_argument("--dataset", choices=("phantom", "busi", "inbreast", "duke"))
-    p.add_argument("--data-root", help="folder of the real data set")
-    p.add_argument("--modality", nargs="+", choices=("MG", "US", "MRI"),
-                   help="modalities to use (phantom; real data sets have one)")
-    p.add_argument("--method", help="avpt (default), linear, full, vpt, lora, adapter, coop")
-    p.add_argument("--backbone", help="ViT-B-16 (default), tiny, or an open_clip config name")
-    p.add_argument("--pretrained", help="local open_clip checkpoint (nothing is downloaded)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--fold", type=int, help="test fold of the patient-level k-fold split")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", help="auto (default), cpu, cuda, cuda:1")
-    p.add_argument("--amp", choices=("auto", "off", "bf16", "fp16"))
-    p.add_argument("--compile", choices=("none", "default", "reduce-overhead"),
-                   help="compile the whole training step (forward, losses, backward, AdamW) as one "
-                        "graph; reduce-overhead: CUDA graphs on a GPU (default none)")
-    p.add_argument("--skip-bad", action="store_true", default=None,
-                   help="skip unreadable/corrupt files (counted in metrics.json) instead of stopping")
-    p.add_argument("--out", default=out_default, help="output folder")
-    p.add_argument("--overwrite", action="store_true",
-                   help="write into --out even if it holds another run or another command's "
-                        "output (refused otherwise, see docs/cli.md: what each command writes)")
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set model.schedule=late --set lr=3e-4")
-    p.add_argument("-v", "--verbose", action="store_true")
-
-
-def _overrides(args) -> Dict:
-    return dict(dataset=args.dataset, data_root=args.data_root, modality=args.modality,
-                method=args.method, backbone=args.backbone, pretrained=args.pretrained,
-                epochs=args.epochs, batch_size=args.batch_size, fold=args.fold, seed=args.seed,
-                device=args.device, amp=args.amp, skip_bad=args.skip_bad, out=args.out,
-                compile=getattr(args, "compile", None))
-
-
-def _config(args, extra: Optional[Dict] = None, base: Optional[Dict] = None) -> Dict:
-    """DEFAULTS < --config (+ --variant) < ``base`` < flags < ``extra`` < --set, validated.
-    ``base`` may hold None values (e.g. a training run's ``fold: null``)."""
-    from .config import load_config
-
-    flags = {k: v for k, v in _overrides(args).items() if v is not None}
-    flags.update(extra or {})
-    base = {k: v for k, v in (base or {}).items() if k not in flags}
-    overrides = {k: v for k, v in base.items() if v is not None}
-    overrides.update(flags)
-    nulls = [f"{k}=null" for k, v in base.items() if v is None]
-    return load_config(args.config, args.variant, overrides, nulls + list(args.sets))
-
-
-def _set_keys(args) -> set:
-    return {item.split("=", 1)[0].strip() for item in args.sets if "=" in item}
+                 "skip_bad", "metrics", "pipeline", "shots", "shots_seed")
 
 
 def _logging(verbose: bool) -> None:
@@ -127,7 +73,7 @@ def _summary(res: Dict) -> str:
 def cmd_train(args) -> int:
     from .train import run
 
-    cfg = _config(args)
+    cfg = run_config(args)
     res = run(cfg, kind="train", overwrite=args.overwrite)
     if res.get("test"):
         print(f"test: {_summary(res)}")
@@ -138,7 +84,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_transfer(args) -> int:
-    from .validate import ConfigError
+    from .errors import ConfigError
 
     if not (args.test_modality or args.test_dataset):
         raise ConfigError("give --test-modality and/or --test-dataset (what to test on)")
@@ -150,7 +96,7 @@ def cmd_transfer(args) -> int:
         extra["modality"] = args.train_modality
     from .train import run
 
-    cfg = _config(args, extra)
+    cfg = run_config(args, extra)
     res = run(cfg, kind="transfer", overwrite=args.overwrite)
     if res.get("test"):
         print(f"transfer {res['data'].get('train_modalities')} -> "
@@ -160,16 +106,14 @@ def cmd_transfer(args) -> int:
 
 
 def _load_kwargs(cfg: Dict) -> Dict:
-    """load_trainable's overrides from an eval/explain config: --pretrained, model.backend."""
-    kw = {"pretrained": cfg["pretrained"]} if cfg["pretrained"] else {}
-    if "backend" in cfg["model"]:
-        kw["backend"] = cfg["model"]["backend"]
-    return kw
+    """load_trainable's overrides from an eval/explain config: --pretrained."""
+    return {"pretrained": cfg["pretrained"]} if cfg["pretrained"] else {}
 
 
 def _check_side_out(args, what: str) -> None:
     """eval/explain write into their own --out, never into a training run's folder."""
-    from .validate import ConfigError, check_out, is_run_folder
+    from .errors import ConfigError
+    from .validate import check_out, is_run_folder
 
     out = os.path.abspath(args.out)
     if is_run_folder(out) or out in (os.path.abspath(args.checkpoint),
@@ -187,9 +131,9 @@ def _eval_config(args, saved: Dict) -> Dict:
     base = {}
     if run_cfg:
         same_data = args.dataset is None or args.dataset == run_cfg.get("dataset")
-        set_keys = _set_keys(args)
+        given = set_keys(args)
         for k in EVAL_FROM_RUN:
-            if k not in run_cfg or k in set_keys or (not same_data and k != "seed"):
+            if k not in run_cfg or k in given or (not same_data and k != "seed"):
                 continue
             base[k] = run_cfg[k]  # (--set data.KEY=VALUE then changes one loader setting)
     if getattr(args, "modality", None) and base.get("test_modality"):
@@ -197,7 +141,7 @@ def _eval_config(args, saved: Dict) -> Dict:
         # modalities to evaluate, never one it trained on (whose images it has seen)
         seen = sorted(set(args.modality) & set(base.get("modality") or []))
         if seen:
-            from .validate import ConfigError
+            from .errors import ConfigError
 
             raise ConfigError(f"--modality {' '.join(args.modality)}: this transfer run trained on "
                               f"{' '.join(base['modality'])}, so its images are not a test set; "
@@ -205,7 +149,7 @@ def _eval_config(args, saved: Dict) -> Dict:
                               f"{' '.join(base['test_modality'])})")
         base["test_modality"] = list(args.modality)
     extra = {"method": saved["method"], "backbone": saved["config"]["model_name"]}
-    cfg = _config(args, extra, base)
+    cfg = run_config(args, extra, base)
     model_dir = _model_dir(args.checkpoint)
     for run_folds in (os.path.join(args.checkpoint, "folds.json"),
                       os.path.join(os.path.dirname(os.path.abspath(model_dir)), "folds.json")):
@@ -229,7 +173,7 @@ def _side_owner(args, kind: str, model_dir: str, cfg: Dict) -> tuple:
 
 
 def cmd_eval(args) -> int:
-    from .train import evaluate_checkpoint
+    from .saved_eval import evaluate_checkpoint
 
     model_dir, saved = _saved_model(args)
     _check_side_out(args, "eval")
@@ -280,7 +224,8 @@ def cmd_cv(args) -> int:
     table) over the same folds and prints the table."""
     from .config import read_yaml
     from .run_io import write_json
-    from .validate import ConfigError, check_out, run_lock
+    from .errors import ConfigError
+    from .validate import check_out, run_lock
 
     seeds = args.seeds
     if seeds is not None and (not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds)):
@@ -298,7 +243,7 @@ def cmd_cv(args) -> int:
         bases = {}
         for name in names:  # every variant's config is checked before the first run
             args.variant = name
-            bases[name] = _config(args, {"out": os.path.join(out, name)})
+            bases[name] = run_config(args, {"out": os.path.join(out, name)})
         table = {}
         ident = identity({"variants": bases, "seeds": seeds})
         check_owner(out, "cv", ident, args.overwrite)
@@ -315,7 +260,7 @@ def cmd_cv(args) -> int:
             print(f"{name:<16}" + "".join(f"{_mean_std(agg, k):>22}" for k in keys))
         print(f"metrics: {os.path.join(out, 'ablation.json')}")
         return 0
-    base = _config(args)
+    base = run_config(args)
     ident = identity({"config": {k: v for k, v in base.items() if k != "out"}, "seeds": seeds})
     check_owner(base["out"], "cv", ident, args.overwrite)
     with run_lock(base["out"], "cv"):
@@ -333,9 +278,10 @@ def cmd_explain(args) -> int:
     from .checkpoint import load_trainable
     from .methods import get_method_class
     from .report import pick_examples, write_html
-    from .runtime import resolve_device
-    from .train import build_data
-    from .validate import ConfigError, check_paths, run_lock
+    from .runtime import op_backend, resolve_device
+    from .run_data import build_data
+    from .errors import ConfigError
+    from .validate import check_paths, run_lock
 
     if args.num < 1:
         raise ConfigError(f"--num must be an integer >= 1, got {args.num}")
@@ -350,7 +296,7 @@ def cmd_explain(args) -> int:
 
     owner = _side_owner(args, "explain", model_dir, cfg)
     device = resolve_device(cfg["device"])
-    with run_lock(cfg["out"], "explain"):
+    with run_lock(cfg["out"], "explain"), op_backend(cfg):
         claim(cfg["out"], *owner)
         model = load_trainable(model_dir, **_load_kwargs(cfg)).to(device)
         _, test_set, _ = build_data(cfg, int(model.visual.image_size[0]), cfg["out"], training=False)
@@ -368,7 +314,7 @@ def cmd_demo(args) -> int:
     import torch
 
     from .demo import run as demo_run
-    from .validate import ConfigError
+    from .errors import ConfigError
 
     gpu = torch.cuda.is_available() and args.device != "cpu"
     config = args.config or str(CONFIG_DIR / ("demo_gpu.yaml" if gpu else "demo_cpu.yaml"))
@@ -377,7 +323,7 @@ def cmd_demo(args) -> int:
                           "sets the transfer's")
     if args.method:
         raise ConfigError("avpt demo takes --methods NAME [NAME ...], not --method")
-    flags = {k: v for k, v in _overrides(args).items()
+    flags = {k: v for k, v in run_overrides(args).items()
              if v is not None and k not in ("out", "pretrained", "method", "modality")}
     # the shipped weights are the tiny backbone's; the GPU demo's ViT-B/16 needs --pretrained
     pretrained = args.pretrained or (None if gpu else "default")
@@ -389,7 +335,7 @@ def cmd_demo(args) -> int:
 def _run_command(sub, name: str, func, help: str, description: str) -> argparse.ArgumentParser:
     """A sub-command that takes the run options (``--out`` defaults to runs/NAME)."""
     p = sub.add_parser(name, help=help, description=description)
-    _add_run_args(p, f"runs/{name}")
+    add_run_args(p, f"runs/{name}")
     p.set_defaults(func=func)
     return p
 
@@ -405,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "avpt demo: A-VPT on the synthetic phantom, one cross-modal transfer, "
                      "report.html")
     p.add_argument("--transfer", nargs=2, default=("MG", "US"), metavar=("FROM", "TO"),
-                   choices=("MG", "US", "MRI"), help="transfer modalities (default MG US)")
+                   choices=MODALITIES, help="transfer modalities (default MG US)")
     p.add_argument("--methods", nargs="+", default=list(DEMO_METHODS),
                    help="methods side by side, any registered method (default "
                         f"{' '.join(DEMO_METHODS)}: 196 s on 2 CPU cores; also adapter, coop, "
@@ -420,9 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a run folder or its model/ folder")
     p = _run_command(sub, "transfer", cmd_transfer, "train on one modality/data set, test on another",
                      "avpt transfer: train on one modality/data set, test on another")
-    p.add_argument("--train-modality", nargs="+", choices=("MG", "US", "MRI"))
-    p.add_argument("--test-modality", nargs="+", choices=("MG", "US", "MRI"))
-    p.add_argument("--test-dataset", choices=("phantom", "busi", "inbreast", "duke"))
+    p.add_argument("--train-modality", nargs="+", choices=MODALITIES)
+    p.add_argument("--test-modality", nargs="+", choices=MODALITIES)
+    p.add_argument("--test-dataset", choices=DATASETS)
     p.add_argument("--test-data-root")
     p = _run_command(sub, "cv", cmd_cv, "k-fold cross-validation over seeds (mean +- std); "
                      "--variant all runs an ablation table",
@@ -481,12 +427,7 @@ def _main(argv=None) -> int:
               file=sys.stderr)
         return 143 if term else 130
     except (ValueError, OSError) as exc:
-        if os.environ.get("AVPT_TRACEBACK"):
-            raise
-        msg = os_error_line(exc) if isinstance(exc, OSError) else \
-            (" ".join(str(exc).split()) or type(exc).__name__)
-        print(f"avpt {args.command}: error: {msg}", file=sys.stderr)
-        return exit_code(exc)
+        return error_line(f"avpt {args.command}", exc)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,10 @@ def _model_dir(path: str) -> str:
 def _saved_model(args):
     """(model dir, saved avpt_config.json) of --checkpoint, with flags that contradict the
     saved model refused: --method, --backbone, --set model.KEY=VALUE (model.* is the saved
-    model's, except model.backend, the op backend that runs it; --pretrained is checked by
-    sha256 when the model is loaded)."""
+    model's; --pretrained is checked by sha256 when the model is loaded)."""
     from .checkpoint import read_saved
-    from .config import BACKBONE_ALIASES
-    from .validate import ConfigError
+    from .backbone import BACKBONE_ALIASES
+    from .errors import ConfigError
 
     if not os.path.isdir(args.checkpoint):
         raise ConfigError(f"--checkpoint {args.checkpoint!r} is not a folder (a run's --out or its "
@@ -38,7 +37,7 @@ def _saved_model(args):
     for item in args.sets:
         k, _, v = item.partition("=")
         k = k.strip()
-        if k.startswith("model.") and k != "model.backend":  # the op backend: how, not what
+        if k.startswith("model."):
             field = k[len("model."):]
             have, want = saved["config"].get(field, _MISSING), parse_value(v)
             if isinstance(want, tuple):

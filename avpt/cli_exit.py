@@ -47,3 +47,16 @@ def exit_code(exc: BaseException) -> int:
                                                       errno.ENOTDIR, errno.EISDIR):
         return 1
     return 2
+
+
+def error_line(prog: str, exc: Exception) -> int:
+    """A user's mistake (ValueError) or an I/O failure (OSError) as one line ``PROG: error:
+    MESSAGE`` on stderr; returns the exit code (``exit_code``). ``AVPT_TRACEBACK=1`` re-raises."""
+    import sys
+
+    if os.environ.get("AVPT_TRACEBACK"):
+        raise exc
+    msg = os_error_line(exc) if isinstance(exc, OSError) else \
+        (" ".join(str(exc).split()) or type(exc).__name__)
+    print(f"{prog}: error: {msg}", file=sys.stderr)
+    return exit_code(exc)

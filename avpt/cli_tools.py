@@ -30,7 +30,8 @@ def compare_parser():
 
 
 def cmd_compare(args) -> int:
-    from .validate import ConfigError, check_device
+    from .errors import ConfigError
+    from .validate import check_device
 
     ns = compare_parser().parse_args(args.rest)
     for name, _, least, _ in COMPARE_SIZES:

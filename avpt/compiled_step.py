@@ -7,7 +7,18 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from .config import check_compile_mode
+from .errors import ConfigError
+
+# the ``compile`` setting: no compilation, torch.compile's default, or CUDA graphs on a GPU
+COMPILE_MODES = ("none", "default", "reduce-overhead")
+
+
+def check_compile_mode(mode) -> str:
+    """The ``compile`` setting, or a one-line ConfigError naming the option."""
+    if mode not in COMPILE_MODES:
+        raise ConfigError(f"compile must be {'|'.join(COMPILE_MODES)}, got {mode!r}")
+    return mode
+
 
 def adam_update(*args, **kwargs) -> None:
     """``torch.optim.adam.adam``: the functional Adam/AdamW update of ``Adam.step``."""

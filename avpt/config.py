@@ -10,13 +10,12 @@ import copy
 import logging
 from typing import Any, Dict, List, Optional
 
-# ``avpt demo``'s methods side by side (issue 14's table), unless --methods says otherwise
-DEMO_METHODS = ("linear", "vpt", "lora", "avpt")
+from .backbone import BACKBONE_ALIASES
+from .errors import ConfigError
+from .recipes import resolve_recipe
+from .validate import validate_config
 
 log = logging.getLogger("avpt.train")
-
-BACKBONE_ALIASES = {"tiny": "avpt-tiny", "tiny-p8": "avpt-tiny-p8", "vit-b-16": "ViT-B-16", "vit-b/16": "ViT-B-16",
-                    "vitb16": "ViT-B-16"}
 
 DEFAULTS: Dict[str, Any] = {
     "dataset": "phantom",        # phantom | busi | inbreast | duke
@@ -28,17 +27,31 @@ DEFAULTS: Dict[str, Any] = {
     "method": "avpt",
     "backbone": "ViT-B-16",      # or "tiny" (avpt-tiny) or any open_clip config name
     "pretrained": None,          # local open_clip checkpoint; None: random weights (warned)
+    # the training recipe (avpt.recipes): avpt-paper | reference (the method's authors'); it
+    # fills the recipe keys below that the file, flags and --set leave open
+    "recipe": "avpt-paper",
+    "optimizer": "adamw",        # adamw | sgd
+    "momentum": 0.0,             # SGD's
     "epochs": 50,
     "batch_size": 32,            # 2-D modalities
     "batch_size_mri": 8,
     "eval_batch_size": 64,
     "lr": 1e-4,
     "weight_decay": 1e-4,
+    "lr_schedule": "cosine",     # after the warm-up: cosine | constant
     "warmup_epochs": 5,
+    "warmup": "linear",          # linear (0 -> lr) | constant (warmup_lr, then lr)
+    "warmup_lr": 0.0,            # the constant warm-up's learning rate
+    "pipeline": "avpt-paper",    # input pipeline: avpt-paper | clip (avpt.data.transforms)
+    "shots": None,               # few-shot: K training images per class (None: all)
+    "shots_seed": None,          # the draw of the K-shot images (None: the run's seed)
     "grad_clip": 1.0,
     "amp": "auto",               # auto (bf16 on CUDA, off on CPU) | off | bf16 | fp16
     "compile": "none",           # none | default | reduce-overhead (CUDA graphs): WholeStep
     "compile_backend": "inductor",  # torch.compile backend of compile != none (aot_eager: tests)
+    "backend": None,             # the avpt_kernels op backend of the run: auto | torch | triton
+                                 # (None: AVPT_BACKEND, default auto); how the ops run, not what
+                                 # they compute (avpt.runtime.op_backend applies it)
     "seed": 0,
     "deterministic": True,
     "device": "auto",
@@ -91,8 +104,6 @@ def _number(value):
 
 
 def set_key(cfg: Dict, dotted: str, value) -> None:
-    from .validate import ConfigError
-
     keys = dotted.split(".")
     if keys[0] not in DEFAULTS:
         raise ConfigError(f"unknown config key {keys[0]!r}; known: {', '.join(sorted(DEFAULTS))} "
@@ -112,10 +123,14 @@ def set_key(cfg: Dict, dotted: str, value) -> None:
 
 def load_config(path: Optional[str] = None, variant: Optional[str] = None,
                 overrides: Optional[Dict] = None, sets: Optional[List[str]] = None,
-                validate: bool = True) -> Dict:
+                shared_model: bool = False) -> Dict:
     """DEFAULTS < YAML file (its ``variants:`` entry ``variant`` on top) < overrides < --set,
-    then ``avpt.validate.validate_config`` (one-line ``ConfigError`` for any bad setting)."""
-    from .validate import ConfigError, validate_config
+    then ``avpt.validate.validate_config`` (one-line ``ConfigError`` for any bad setting): the
+    one place a run config is validated, so that a loaded config is a valid one.
+
+    ``shared_model``: the file's ``model:`` section is shared by several methods (the demo's is
+    A-VPT's): the method takes the settings of it that its config has; ``model.*`` given by
+    ``overrides`` or ``sets`` must still be the method's."""
 
     cfg = copy.deepcopy(DEFAULTS)
     given = set()  # the keys the user set (file, flags, --set): checked against each other
@@ -132,7 +147,8 @@ def load_config(path: Optional[str] = None, variant: Optional[str] = None,
         elif variants:
             log.info("%s has variants %s; using the base settings", path, sorted(variants))
         for k, v in _flatten(data).items():
-            given.add(k)
+            if not (shared_model and k.startswith("model.")):
+                given.add(k)
             try:
                 set_key(cfg, k, _number(v) if isinstance(v, str) and k.startswith("model.") else v)
             except ValueError as exc:
@@ -141,7 +157,8 @@ def load_config(path: Optional[str] = None, variant: Optional[str] = None,
         if v is not None:
             given.add(k)
             set_key(cfg, k, v)
-    for k in ("lr", "weight_decay", "grad_clip", "rotation"):  # YAML 1.1 reads 1e-4 as text
+    for k in ("lr", "weight_decay", "grad_clip", "rotation", "momentum",
+              "warmup_lr"):  # YAML 1.1 reads 1e-4 as text
         cfg[k] = _number(cfg[k])
     for item in sets or []:
         if "=" not in item:
@@ -159,18 +176,30 @@ def load_config(path: Optional[str] = None, variant: Optional[str] = None,
         cfg["amp"] = "off"
     if cfg["compile"] is False:  # YAML reads a bare off as false
         cfg["compile"] = "none"
-    if validate:
-        validate_config(cfg)
-        _check_schedule(cfg, given, path)
+    if shared_model:
+        _keep_method_settings(cfg, given)
+    _apply_recipe(cfg, given)
+    validate_config(cfg)
+    _check_schedule(cfg, given, path)
     return cfg
+
+
+def _keep_method_settings(cfg: Dict, given: set) -> None:
+    """Drop the file's ``model.*`` settings that the method's config lacks (a ``model:``
+    section shared by several methods); an unknown method is left to ``validate_config``."""
+    from .methods import get_config_class, method_names
+
+    if cfg["method"] not in method_names() or not isinstance(cfg["model"], dict):
+        return
+    fields = get_config_class(cfg["method"]).__dataclass_fields__
+    cfg["model"] = {k: v for k, v in cfg["model"].items()
+                    if k in fields or f"model.{k}" in given}
 
 
 def _check_schedule(cfg: Dict, given: set, path: Optional[str]) -> None:
     """Schedule settings against each other. A warm-up the user set that is longer than the run
     is refused (the default, 5 epochs, is shortened to epochs - 1 for short runs, so that some
     cosine decay remains); a stop_after_epoch past the end is refused."""
-    from .validate import ConfigError
-
     epochs = cfg["epochs"]
     if "warmup_epochs" in given and cfg["warmup_epochs"] > epochs:
         src = f" (from {path})" if path else ""
@@ -187,8 +216,6 @@ def read_yaml(path: str) -> Dict:
     """A YAML config file as a dict; a missing file, a syntax error (with its line) or a file
     that is not a mapping is a one-line ``ConfigError``."""
     import yaml
-
-    from .validate import ConfigError
 
     try:
         with open(path) as f:
@@ -210,18 +237,6 @@ def read_yaml(path: str) -> Dict:
     return data
 
 
-COMPILE_MODES = ("none", "default", "reduce-overhead")
-
-
-def check_compile_mode(mode) -> str:
-    """The ``compile`` setting, or a one-line ValueError naming the option."""
-    if mode not in COMPILE_MODES:
-        from .validate import ConfigError
-
-        raise ConfigError(f"compile must be none|default|reduce-overhead, got {mode!r}")
-    return mode
-
-
 def _merge(a: Dict, b: Dict) -> Dict:
     out = copy.deepcopy(a)
     for k, v in (b or {}).items():
@@ -238,3 +253,16 @@ def _flatten(d: Dict, prefix: str = "") -> Dict:
         else:
             out[key] = v
     return out
+
+
+def _apply_recipe(cfg: Dict, given: set) -> None:
+    """Fill ``cfg``'s recipe keys that the user did not set (``given``) from its recipe; an
+    unknown method is left to ``avpt.validate``."""
+    from .methods import get_method_class, method_names
+
+    if cfg["method"] not in method_names():
+        return
+    recipe = resolve_recipe(cfg["recipe"], get_method_class(cfg["method"]))
+    for key, value in recipe.settings().items():
+        if key not in given:
+            cfg[key] = value

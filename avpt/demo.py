@@ -9,15 +9,15 @@ on TO, no fine-tuning), computes 95% bootstrap intervals over test images
 ``.json`` sidecar); the phantom seed of the evaluation must differ from the weights' seed.
 
 Settings are chosen by a fixed rule, never on the test set: every method gets the demo config's
-schedule (epochs, lr, batch size); A-VPT's ``model:`` settings come from the config, the
-baselines keep their own defaults.
+one shared recipe (``avpt.recipes``; optimizer, schedule, epochs, lr, batch size, pipeline), so
+the table compares methods like for like (``recipe: reference``, each method's own authors'
+recipe, is refused here); A-VPT's ``model:`` settings come from the config, the baselines keep
+their own defaults.
 
 The trainer is called in one place only (``_train_predict``).
 """
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import os
 import time
@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from . import comparison as C
-from .config import DEMO_METHODS
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "demo_cpu.yaml"
+# the methods side by side unless --methods says otherwise
+DEMO_METHODS = ("linear", "vpt", "lora", "avpt")
 
 
 def display_name(method: str) -> str:
@@ -51,23 +52,24 @@ def _train_predict(cfg: Dict, overwrite: bool = False) -> Tuple[Dict, Dict]:
     run, prediction dict: probs [N], labels [N], preds [N, H, W] or None, gts [N, H, W])."""
     from .checkpoint import load_trainable
     from .engine import evaluate
-    from .train import build_data, resolve_device, run as train_run
+    from .run_data import build_data
+    from .runtime import op_backend, resolve_device
+    from .train import run as train_run
 
     res = train_run(cfg, kind="train", overwrite=overwrite)
     device = resolve_device(cfg["device"])
     model = load_trainable(os.path.join(cfg["out"], "model")).to(device)
     _, test_set, _ = build_data(cfg, int(model.visual.image_size[0]), cfg["out"], training=False)
-    return res, evaluate(model, test_set, cfg, device)
+    with op_backend(cfg):
+        return res, evaluate(model, test_set, cfg, device)
 
 
 def _configs(config: str, out: str, methods: Sequence[str], transfer: Tuple[str, str],
              pretrained: Optional[str], sets: Sequence[str], overrides: Dict) -> List[Tuple[str, str, Dict]]:
     """(method, split name, config) of every run, all validated before the first one starts."""
+    from .config import load_config
     from .methods import get_method_class
-    from .train import load_config, read_yaml
-    from .validate import validate_config
 
-    base_model = read_yaml(config).get("model") or {}
     src, dst = transfer
     runs = []
     for method in methods:
@@ -76,15 +78,11 @@ def _configs(config: str, out: str, methods: Sequence[str], transfer: Tuple[str,
                          out=os.path.join(out, method if split == "fold" else f"{method}_{src}_to_{dst}"))
             if split == "transfer":
                 extra.update(modality=[src], test_modality=[dst])
-            cfg = load_config(config, None, extra, list(sets), validate=False)
             own = get_method_class(method)
-            fields = {f.name for f in dataclasses.fields(own.config_class)}
+            extra.update(tensorboard=False, progress=False,
+                         report=own.has_report_sections and split == "fold")
             # the config's model: section is A-VPT's; a method takes the settings it has
-            cfg["model"] = {k: v for k, v in cfg["model"].items()
-                            if k not in base_model or k in fields}
-            cfg.update(tensorboard=False, progress=False,
-                       report=own.has_report_sections and split == "fold")
-            validate_config(cfg)
+            cfg = load_config(config, None, extra, list(sets), shared_model=True)
             runs.append((method, split, cfg))
     return runs
 
@@ -122,7 +120,8 @@ def run(out: str = "runs/demo", config: Optional[str] = None, pretrained: Option
     recorded as a demo's folder (``avpt.owner``): another command's folder, or a demo with
     other settings, is refused unless ``overwrite``."""
     from .report import img_tag, write_html
-    from .validate import ConfigError, check_out, run_lock
+    from .errors import ConfigError
+    from .validate import check_out, run_lock
 
     t0 = time.time()
     config = str(config or DEFAULT_CONFIG)
@@ -142,6 +141,10 @@ def run(out: str = "runs/demo", config: Optional[str] = None, pretrained: Option
         raise ConfigError(f"methods {unknown} unknown; expected some of {sorted(method_names())}")
     check_out(out)
     runs = _configs(config, out, methods, transfer, pretrained, sets, dict(overrides or {}))
+    if any(cfg["recipe"] == "reference" for _, _, cfg in runs):
+        raise ConfigError("avpt demo trains every method with one shared recipe (a like-for-like "
+                          "table): recipe reference gives each method its own; train those with "
+                          "avpt train --recipe reference")
     from .owner import check_owner, claim, identity
 
     ident = identity({"runs": [(m, s, {k: v for k, v in c.items() if k != "out"})
@@ -157,6 +160,8 @@ def run(out: str = "runs/demo", config: Optional[str] = None, pretrained: Option
     rows, results = [], {}
     with run_lock(out, "demo"):
         claim(out, "demo", ident, f"{', '.join(methods)}, transfer {transfer[0]}->{transfer[1]}")
+        print(f"[demo] every method: {_recipe_line(runs[0][2])} (one shared recipe: a "
+              f"like-for-like table)", flush=True)
         for method, split, cfg in runs:
             name = display_name(method)
             where = cfg["data"].get("num_patients", "?")
@@ -186,9 +191,9 @@ def run(out: str = "runs/demo", config: Optional[str] = None, pretrained: Option
         verdict = " ".join(v for v in (_verdict(rows, rows[0]["split"]),
                                        _verdict(rows, f"transfer {transfer[0]}->{transfer[1]}")) if v)
         fragment = ("<h2>Methods side by side</h2>"
-                    f"<p>{weights}. Every method: the same folds, the same schedule "
-                    f"({main['config']['epochs']} epochs, lr {main['config']['lr']}), settings fixed "
-                    f"in advance (no tuning on the test set). {verdict}</p>"
+                    f"<p>{weights}. Every method: the same folds, one shared recipe "
+                    f"({_recipe_line(main['config'])}), settings fixed in advance (no tuning on "
+                    f"the test set). {verdict}</p>"
                     + C.comparison_html(rows, "test metrics, 95% bootstrap intervals")
                     + (img_tag(plot) if plot else "")
                     + _figure_notes(bool(pretrained)))
@@ -207,6 +212,13 @@ def run(out: str = "runs/demo", config: Optional[str] = None, pretrained: Option
                                "time_s": time.time() - t0}, indent=1, default=str))
     print(f"[demo] done in {time.time() - t0:.0f} s\n[demo] report: {os.path.abspath(report)}", flush=True)
     return 0
+
+
+def _recipe_line(cfg: Dict) -> str:
+    """The shared recipe of a demo run in words (``avpt.recipes``)."""
+    return (f"recipe {cfg['recipe']}: {cfg['optimizer']} lr {cfg['lr']}, {cfg['epochs']} epochs, "
+            f"batch {cfg['batch_size']}, {cfg['warmup']} warm-up {cfg['warmup_epochs']} epochs "
+            f"then {cfg['lr_schedule']}, {cfg['pipeline']} pipeline")
 
 
 def _figure_notes(pretrained: bool) -> str:

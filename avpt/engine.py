@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from . import metrics as M
-from .config import check_compile_mode
+from .compiled_step import check_compile_mode
 
 log = logging.getLogger("avpt.train")
 
@@ -63,20 +63,36 @@ class TrainStep(nn.Module):
 
 
 def make_optimizer(params, lr: float, weight_decay: float, compile_mode: str = "none",
-                   device=None) -> torch.optim.AdamW:
-    """AdamW for the trainer: the eager one, or for a compiled step ``capturable=True`` with the
-    learning rate as a 0-d tensor on ``device`` (the scheduler fills it in place)."""
+                   device=None, optimizer: str = "adamw",
+                   momentum: float = 0.0) -> torch.optim.Optimizer:
+    """The trainer's optimizer (a recipe's ``optimizer``): AdamW, eager or for a compiled step
+    ``capturable=True`` with the learning rate as a 0-d tensor on ``device`` (the scheduler
+    fills it in place); or SGD with ``momentum`` (eager only, as the CoOp family's Dassl
+    trainer: no dampening, no Nesterov; weight decay as L2 in the gradient)."""
+    if optimizer == "sgd":
+        if check_compile_mode(compile_mode) != "none":
+            raise ValueError(f"compile={compile_mode} compiles the AdamW update; optimizer sgd "
+                             f"needs compile=none")
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if optimizer != "adamw":
+        raise ValueError(f"optimizer must be adamw or sgd, got {optimizer!r}")
     if check_compile_mode(compile_mode) == "none":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     return torch.optim.AdamW(params, lr=torch.tensor(float(lr), device=device),
                              weight_decay=weight_decay, capturable=True)
 
 
-def lr_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """Linear warm-up to the base rate, then cosine annealing to 0 (per optimizer step)."""
+def lr_lambda(warmup_steps: int, total_steps: int, warmup: str = "linear",
+              warmup_factor: float = 0.0, schedule: str = "cosine") -> Callable[[int], float]:
+    """The learning-rate factor of optimizer step ``step`` (``LambdaLR``): a warm-up of
+    ``warmup_steps`` steps, linear from 0 to the base rate or ``constant`` at ``warmup_factor``
+    x the base rate (the CoOp family's ``WARMUP_CONS_LR`` / ``LR``), then cosine annealing to 0
+    over the remaining steps (``schedule="cosine"``) or the base rate (``"constant"``)."""
     def f(step: int) -> float:
         if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
+            return warmup_factor if warmup == "constant" else (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return f

@@ -75,7 +75,7 @@ def read_owner(out: str) -> Optional[Dict]:
 def check_not_in_package(path: str, flag: str = "--out") -> None:
     """Nothing the CLI writes lands inside the installed package (its shipped weights and
     configs are read-only to the CLI)."""
-    from .validate import ConfigError
+    from .errors import ConfigError
 
     real = os.path.realpath(path)
     for pkg in PACKAGE_DIRS:
@@ -88,7 +88,7 @@ def check_owner(out: str, kind: str, ident: Optional[str], overwrite: bool = Fal
                 flag: str = "--out") -> None:
     """``out`` may take the output of ``kind`` (identity ``ident``; None: any of that kind), or a
     one-line ``ConfigError`` saying how to proceed. ``overwrite``: the user allows it."""
-    from .validate import ConfigError
+    from .errors import ConfigError
 
     check_not_in_package(out, flag)
     if overwrite:

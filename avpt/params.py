@@ -13,7 +13,6 @@ from typing import Dict, List, Optional
 from torch import nn
 
 from .backbone import VIT_B16, visual_param_count
-from .methods.avpt import BUDGET_PERCENT  # noqa: F401  (A-VPT's budget, by its old name here)
 
 
 @dataclass
@@ -105,8 +104,9 @@ def _report_one(name: str, model_name: str, overrides: Dict) -> ParamReport:
 
 def main(argv=None) -> int:
     from .methods import method_names
-    from .config import BACKBONE_ALIASES
-    from .validate import ConfigError, OneLineParser, check_backbone
+    from .backbone import BACKBONE_ALIASES
+    from .errors import ConfigError
+    from .validate import OneLineParser, check_backbone
 
     parser = OneLineParser(prog="avpt params", description=__doc__.splitlines()[0])
     parser.add_argument("--model", "--backbone", dest="model", default=VIT_B16,
@@ -135,9 +135,13 @@ def main(argv=None) -> int:
     return 1 if over else 0
 
 
-if __name__ == "__main__":  # through the CLI: a mistake is one line and exit code 2
+if __name__ == "__main__":  # as ``avpt params``: a mistake is one line and exit code 2
     import sys
 
-    from .cli import main as cli_main
+    from .cli_exit import error_line
 
-    raise SystemExit(cli_main(["params", *sys.argv[1:]]))
+    try:
+        code = main(sys.argv[1:])
+    except (ValueError, OSError) as exc:
+        code = error_line("avpt params", exc)
+    raise SystemExit(code)

@@ -39,7 +39,8 @@ from torch import Tensor
 
 from .backbone import TINY_P8_MODEL
 from .data import transforms as T
-from .data.phantom import MODALITIES, make_phantom, phantom_finding_caption
+from .data.modalities import MODALITIES
+from .data.phantom import make_phantom, phantom_finding_caption
 
 PRETRAIN_SEED = 90_210          # phantom seed of the pretraining images (evaluations use 0..999)
 # The shipped weights (what ``avpt demo`` uses): read-only to the CLI, never pretrain's output.
@@ -251,7 +252,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def _check(args) -> None:
     import open_clip
 
-    from .validate import ConfigError
+    from .errors import ConfigError
 
     for name, lo in (("patients", 4), ("views", 1), ("epochs", 1), ("batch_size", 2), ("threads", 1),
                      ("max_shift", 0)):
@@ -279,7 +280,7 @@ def _check_out_file(out: str, overwrite: bool) -> None:
     from avpt_kernels._files import check_regular_target
 
     from .owner import WHAT, check_not_in_package, read_owner
-    from .validate import ConfigError
+    from .errors import ConfigError
 
     check_not_in_package(out)
     folder = os.path.dirname(os.path.abspath(out))

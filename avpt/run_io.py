@@ -20,7 +20,9 @@ from typing import Dict, Iterator
 import numpy as np
 import torch
 
-from avpt_kernels._files import OutputError, write_atomic  # noqa: F401  (OutputError: re-export)
+from avpt_kernels._files import write_atomic
+
+from .errors import ConfigError
 
 
 class _WriteErrors:
@@ -84,6 +86,17 @@ def signals_deferred() -> Iterator[None]:
                 os.kill(os.getpid(), pending[0])
 
 
+def file_sha256(path: str) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB chunks."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def write_text(path: str, text: str) -> None:
     """``text`` to ``path``, whole or not at all (``write_atomic``)."""
     def write(tmp: str) -> None:
@@ -95,9 +108,12 @@ def write_text(path: str, text: str) -> None:
 # Settings that do not change a run's results: a resume may change them. Everything else,
 # ``epochs`` included (it sets the cosine schedule), must match the checkpoint.
 RUN_CONTROL = ("resume", "stop_after_epoch", "progress", "tensorboard", "report", "out",
-               "eval_every", "threads", "device", "metrics")
+               "eval_every", "threads", "device", "metrics", "backend")
 # Settings of older checkpoints that predate a key: the behaviour they were trained with.
-_OLD_DEFAULTS = {"compile": "none", "compile_backend": "inductor", "rcl_positives": "within_modality"}
+_OLD_DEFAULTS = {"compile": "none", "compile_backend": "inductor", "rcl_positives": "within_modality",
+                 "recipe": "avpt-paper", "optimizer": "adamw", "momentum": 0.0,
+                 "lr_schedule": "cosine", "warmup": "linear", "warmup_lr": 0.0,
+                 "pipeline": "avpt-paper", "shots": None, "shots_seed": None}
 
 
 def _comparable(cfg: Dict) -> Dict:
@@ -143,8 +159,6 @@ def _numpy_array_globals() -> list:
 def read_checkpoint(path: str, device) -> Dict:
     """OUT/checkpoint.pt, loaded with ``weights_only=True`` (tensors and plain values only); an
     unreadable or foreign file is a one-line ``ConfigError`` that says how to start fresh."""
-    from .validate import ConfigError
-
     fresh = (f"move it away (to keep it) or pass --set resume=false to start this run over, or "
              f"use another --out")
     try:
@@ -167,8 +181,6 @@ def read_checkpoint(path: str, device) -> Dict:
 def check_resume(ckpt: Dict, cfg: Dict, path: str, backbone: Dict) -> None:
     """The checkpoint is of this run: same results-changing settings (``epochs`` included) and
     the same backbone weights; else a one-line ``ConfigError``."""
-    from .validate import ConfigError
-
     saved = {**_OLD_DEFAULTS, **ckpt["config"]}
     hint = "use another --out, or --set resume=false to start this run over (its files are replaced)"
     if saved.get("epochs") != cfg["epochs"]:
@@ -189,8 +201,6 @@ def check_resume(ckpt: Dict, cfg: Dict, path: str, backbone: Dict) -> None:
 def backbone_record(cfg: Dict) -> Dict:
     """What rebuilds the frozen backbone exactly: the open_clip config, the weights file and
     its sha256, or (random weights) the seed the backbone was drawn from."""
-    from .validate import file_sha256
-
     rec = {"model_name": cfg["backbone"], "pretrained": None, "sha256": None, "init_seed": None}
     if cfg["pretrained"] is not None:
         rec.update(pretrained=os.path.abspath(cfg["pretrained"]),

@@ -2,9 +2,10 @@
 process group of a ``torchrun`` launch (gloo on CPU, nccl on GPU; a no-op for one process)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import random
-from typing import Optional
+from typing import ContextManager, Dict, Optional
 
 import numpy as np
 import torch
@@ -19,6 +20,15 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
+def op_backend(cfg: Dict) -> ContextManager:
+    """The run's op backend (``cfg["backend"]``: auto, torch or triton; None keeps the
+    process-wide one, ``AVPT_BACKEND``) for a ``with`` block, restored afterwards. The one place
+    a run's backend is applied: every op and module of the methods reads it."""
+    from avpt_kernels.backend import use_backend
+
+    return use_backend(cfg["backend"]) if cfg.get("backend") else contextlib.nullcontext()
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         if torch.cuda.is_available():
@@ -27,7 +37,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# the ``amp`` setting: bf16 on CUDA (fp16 where bf16 is missing) and off on CPU, or as named
+AMP_MODES = ("auto", "off", "bf16", "fp16")
+
+
 def amp_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of an ``amp`` setting (``AMP_MODES``) on ``device`` (None: fp32)."""
     if amp == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

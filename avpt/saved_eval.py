@@ -10,14 +10,15 @@ from typing import Dict, Optional
 from .engine import evaluate, grouped_record, score, undefined_metrics
 from .frozen_weights import store_frozen_weights
 from .run_io import write_json
-from .runtime import amp_dtype, resolve_device, seed_everything
+from .runtime import amp_dtype, op_backend, resolve_device, seed_everything
 
 log = logging.getLogger("avpt.train")
 
 
 def _check_saved_classes(model_dir: str, saved: Dict, cfg: Dict) -> None:
     """A saved model of C classes is evaluated on data of C classes (one-line ConfigError)."""
-    from .validate import ConfigError, data_classes
+    from .errors import ConfigError
+    from .validate import data_classes
 
     classes = data_classes(cfg["dataset"], cfg["data"])
     n = int(saved.get("num_classes", 2))
@@ -37,16 +38,22 @@ def evaluate_checkpoint(model_dir: str, cfg: Dict, owner: Optional[tuple] = None
 
     The frozen backbone is rebuilt exactly as in training (``avpt.checkpoint.load_trainable``:
     the recorded weights file, checked by sha256, or the recorded random-init seed, checked by
-    the frozen weights' fingerprint). ``cfg``'s method, backbone and model settings are set to
-    the saved model's, so that metrics.json records what was evaluated. ``owner``: (kind,
+    the frozen weights' fingerprint). ``cfg`` is a loaded config (``avpt.config.load_config``)
+    of the saved model's method and backbone (else a ``ConfigError``); its model settings are set
+    to the saved model's, so that metrics.json records what was evaluated. It runs on ``cfg``'s
+    op backend (``avpt.runtime.op_backend``). ``owner``: (kind,
     identity, description) recorded as OUT's owner once the lock is held (``avpt.owner``)."""
     from .checkpoint import load_trainable, read_saved
-    from .train import _classes_record, build_data
-    from .validate import check_paths, run_lock, validate_config
+    from .run_data import build_data, classes_record
+    from .errors import ConfigError
+    from .validate import check_paths, run_lock
 
     saved = read_saved(model_dir)
-    cfg = dict(cfg, method=saved["method"], backbone=saved["config"]["model_name"])
-    validate_config(cfg)
+    for key, value in (("method", saved["method"]), ("backbone", saved["config"]["model_name"])):
+        if cfg[key] != value:
+            raise ConfigError(f"{model_dir} is a {key} {value!r} model, the config's {key} is "
+                              f"{cfg[key]!r}: load the config with {key}={value}")
+    cfg = dict(cfg)
     check_paths(cfg)
     _check_saved_classes(model_dir, saved["config"], cfg)
     device = resolve_device(cfg["device"])
@@ -55,7 +62,7 @@ def evaluate_checkpoint(model_dir: str, cfg: Dict, owner: Optional[tuple] = None
         log.warning("%s has no backbone record (saved before issue 13): its random backbone is "
                     "drawn from seed %s; the metrics are the training run's only if that was its "
                     "seed", model_dir, cfg["seed"])
-    with run_lock(cfg["out"], "eval"):
+    with run_lock(cfg["out"], "eval"), op_backend(cfg):
         if owner is not None:
             from .owner import claim
             claim(cfg["out"], *owner)
@@ -63,8 +70,6 @@ def evaluate_checkpoint(model_dir: str, cfg: Dict, owner: Optional[tuple] = None
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
             kw = {"pretrained": cfg["pretrained"]} if cfg["pretrained"] else {}
-            if "backend" in cfg["model"]:  # the op backend that runs the saved model
-                kw["backend"] = cfg["model"]["backend"]
             model = load_trainable(model_dir, **kw)
         model.to(device)
         dtype = amp_dtype(cfg["amp"], device)
@@ -77,7 +82,7 @@ def evaluate_checkpoint(model_dir: str, cfg: Dict, owner: Optional[tuple] = None
                         if k not in ("model_name", "pretrained")}
         result = {"test": metrics, "undefined": undefined_metrics(pred, metrics),
                   **grouped_record(pred, cfg.get("metrics")),
-                  "classes": _classes_record(cfg), "config": cfg,
+                  "classes": classes_record(cfg), "config": cfg,
                   "model": os.path.abspath(model_dir), "method": saved["method"],
                   "backbone": saved.get("backbone"),
                   "data": dict(info, test_samples=len(test_set))}

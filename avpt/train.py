@@ -1,9 +1,9 @@
 """Training and evaluation of any method (A-VPT and the baselines) on any data set.
 
 ``run(config) -> metrics dict``: builds the method on the frozen backbone, the data (phantom or a
-real-format loader, a patient-level fold or a cross-modal split), trains (``avpt.engine``:
-AdamW + cosine schedule with linear warm-up per step, gradient clipping, optional mixed precision,
-or the compiled ``WholeStep``), writes a checkpoint atomically after every epoch and resumes from
+real-format loader, a patient-level fold or a cross-modal split; ``avpt.run_data``), trains
+(``avpt.engine``: the recipe's optimizer, AdamW or SGD, and its warm-up and schedule per step,
+``avpt.recipes``; gradient clipping, optional mixed precision, or the compiled ``WholeStep``), writes a checkpoint atomically after every epoch and resumes from
 it exactly (same data order, augmentation, optimizer/scheduler/loss-state and RNG), logs to CSV
 and TensorBoard, evaluates (AUC, F1, Dice, IoU, HD95), saves the trainable weights
 (``avpt.checkpoint``, with what rebuilds the frozen backbone: weights sha256 or random-init
@@ -14,14 +14,16 @@ every epoch and kept in the checkpoint; its average is what is evaluated, saved 
 start (fresh or resumed, every rank), the method's ``prepare`` hook reads the un-augmented
 training set (BiomedAP: its visual prototypes). The data's classes
 (``avpt.validate.data_classes``; BUSI with ``data.normal=class``: normal, benign, malignant) set
-the method's ``num_classes`` and, for text-prompt methods, ``class_names``. One run per OUT (a lock file); the resume fingerprint
+the method's ``num_classes`` and, for text-prompt methods, ``class_names``. The run's op backend
+(``backend``) holds for the whole run (``avpt.runtime.op_backend``). One run per OUT (a lock file); the resume fingerprint
 covers every setting that changes results, ``epochs`` included (a changed total is refused).
 
 Multi-process: launched by ``torchrun`` (WORLD_SIZE > 1) it joins a process group
 (``avpt.runtime.Dist``), wraps the training step in DistributedDataParallel, gives each rank every
 world_size-th batch, and rank 0 evaluates and writes. Resume is exact for a fixed world size.
 
-Where the parts live: ``avpt.config`` (DEFAULTS, YAML, --set), ``avpt.runtime`` (seeds,
+Where the parts live: ``avpt.config`` (DEFAULTS, YAML, --set; the one validation),
+``avpt.recipes`` (training recipes), ``avpt.run_data`` (the data of a run), ``avpt.runtime`` (seeds,
 devices, process group), ``avpt.engine`` (``train_one_epoch``, ``evaluate``, ``score``),
 ``avpt.compiled_step`` (``WholeStep``), ``avpt.run_io`` (checkpoints, log.csv, JSON).
 """
@@ -39,140 +41,37 @@ import torch
 from torch import nn
 
 from .checkpoint import load_trainable_state
-from .compiled_step import WholeStep, adam_update, init_adam_state  # noqa: F401  (public API)
-from .config import (BACKBONE_ALIASES, COMPILE_MODES, DEFAULTS, check_compile_mode,  # noqa: F401
-                     load_config, parse_value, read_yaml, set_key)
-from .engine import (LOG_EVERY, Optimization, TrainStep, evaluate, lr_lambda,  # noqa: F401
-                     make_loader, make_optimizer, model_inputs, score, grouped_record,
-                     train_one_epoch, undefined_metrics)
+from .compiled_step import WholeStep, check_compile_mode
+from .engine import (Optimization, TrainStep, evaluate, grouped_record, lr_lambda, make_loader,
+                     make_optimizer, score, train_one_epoch, undefined_metrics)
+from .errors import ConfigError
 from .frozen_weights import restore_frozen_weights, store_frozen_weights
-from .run_io import (CHECKPOINT_KEYS, RUN_CONTROL, _comparable, append_csv, atomic_save,  # noqa: F401
-                     backbone_record, check_resume, read_checkpoint, rng_state, set_rng_state,
-                     signals_deferred, write_csv, write_json)
-from .runtime import Dist, amp_dtype, resolve_device, seed_everything  # noqa: F401
+from .run_data import build_data, class_settings, classes_record, unaugmented
+from .run_io import (_comparable, atomic_save, backbone_record, check_resume, read_checkpoint,
+                     rng_state, set_rng_state, signals_deferred, write_csv, write_json)
+from .runtime import Dist, amp_dtype, op_backend, resolve_device, seed_everything
 
 log = logging.getLogger("avpt.train")
 
 
 # ----------------------------------------------------------------------------------------------
-# Data and model
+# The model
 # ----------------------------------------------------------------------------------------------
-def build_data(cfg: Dict, image_size: int, out: str, main: bool = True, training: bool = True):
-    """(train dataset, test dataset, info) per the config: a fold of the patient-level k-fold
-    split, or a cross-modal/cross-dataset transfer (train on one, test on another).
-    ``training=False`` (evaluation of a saved model: nothing is trained on the training split)
-    only warns about classes the splits lack."""
-    from .data import BreastDataset, Subset, load_records
-    from .data.folds import load_or_make_folds, split_indices
-    from .data.transforms import modality_stats
-
-    recs = load_records(cfg["dataset"], cfg["data_root"], cfg["modality"], cfg["seed"], image_size,
-                        cfg["data"])
-    common = dict(seed=cfg["seed"], clahe=cfg["clahe"], rotation=cfg["rotation"], flip=cfg["flip"],
-                  skip_bad=cfg["skip_bad"])
-    transfer = cfg["test_dataset"] is not None or cfg["test_modality"] is not None
-    info: Dict[str, Any] = dict(getattr(recs, "provenance", None) or {})  # e.g. Duke's series
-    if transfer:
-        train = BreastDataset(recs, image_size, train=True, **common)
-        test_recs = load_records(cfg["test_dataset"] or cfg["dataset"],
-                                 cfg["test_data_root"] or cfg["data_root"], cfg["test_modality"],
-                                 cfg["seed"], image_size, cfg["data"])
-        test = BreastDataset(test_recs, image_size, train=False, stats=train.stats, **common)
-        info.update({f"test_{k}": v for k, v in (getattr(test_recs, "provenance", None) or {}).items()})
-        _check_classes(cfg, [r.label for r in train.records], [r.label for r in test.records],
-                       "the transfer", training)
-        info.update(split="transfer", skipped=len(train.skipped) + len(test.skipped),
-                    train_modalities=sorted(set(train.modalities)),
-                    test_modalities=sorted(set(test.modalities)))
-        return train, test, info
-    full = BreastDataset(recs, image_size, train=False, **common)
-    if cfg["fold"] is None:
-        labels = [r.label for r in full.records]
-        _check_classes(cfg, labels, labels, "the data set (fold=null)", training)
-        return Subset(full, range(len(full)), True), Subset(full, range(len(full)), False), \
-            dict(info, split="none (test = train)", skipped=len(full.skipped))
-    folds_file = cfg["folds_file"] or os.path.join(out, "folds.json")
-    if main:
-        folds = load_or_make_folds(folds_file, full.records, cfg["folds"], cfg["seed"])
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-    if not main:
-        folds = load_or_make_folds(folds_file, full.records, cfg["folds"], cfg["seed"])
-    if not 0 <= int(cfg["fold"]) < len(folds):
-        raise ValueError(f"fold must be in [0, {len(folds)}), got {cfg['fold']}")
-    idx = split_indices(full.records, folds[int(cfg["fold"])])
-    _check_classes(cfg, [full.records[i].label for i in idx["train"]],
-                   [full.records[i].label for i in idx["test"]],
-                   f"fold {cfg['fold']} of {len(folds)}", training)
-    # normalisation statistics from the training images only
-    by_mod: Dict[str, list] = {}
-    for i in idx["train"]:
-        by_mod.setdefault(full.records[i].modality, []).append(full.images[i])
-    full.stats.update(modality_stats(by_mod))
-    info.update(split=f"fold {cfg['fold']} of {len(folds)}", folds_file=folds_file,
-                skipped=len(full.skipped))
-    return Subset(full, idx["train"], True), Subset(full, idx["test"], False), info
-
-
-def _check_classes(cfg: Dict, train_labels, test_labels, split: str,
-                   training: bool = True) -> None:
-    """Every class of the data set in the training samples (else a DataError; not when nothing
-    trains on them), warned for the test samples (``avpt.data.checks``)."""
-    from .data.checks import check_split_classes
-    from .validate import data_classes
-
-    classes = data_classes(cfg["dataset"], cfg["data"])
-    check_split_classes(train_labels if training else range(len(classes)), test_labels, classes,
-                        split)
-
-
-def unaugmented(train_set):
-    """The training set of ``build_data`` with the evaluation transforms: the same items in the
-    same order, no augmentation (what ``Method.prepare`` reads)."""
-    from .data import Subset
-
-    if isinstance(train_set, Subset):
-        return Subset(train_set.base, train_set.indices, False)
-    return Subset(train_set, range(len(train_set)), False)
-
-
-def class_settings(cfg: Dict, given: Dict) -> Dict:
-    """Method settings from the data's classes (``avpt.validate.data_classes``) that ``given``
-    (the user's model settings) leaves open: with C > 2 classes ``num_classes`` = C and, for a
-    method whose config has ``class_names`` (text prompts), the data's class names. Two classes
-    change nothing (the configs' defaults)."""
-    from .methods import get_config_class
-    from .validate import data_classes
-
-    classes = data_classes(cfg["dataset"], cfg["data"])
-    if len(classes) == 2:
-        return {}
-    out: Dict[str, Any] = {"num_classes": len(classes)}
-    if "class_names" in get_config_class(cfg["method"]).__dataclass_fields__:
-        out["class_names"] = tuple(classes)
-    return {k: v for k, v in out.items() if k not in given}
-
-
 def build_model(cfg: Dict):
-    from .methods import build_method, get_config_class
+    from .methods import build_method
 
-    overrides = dict(cfg["model"])
-    overrides.setdefault("model_name", cfg["backbone"])
+    """The method of a loaded (validated: ``avpt.config.load_config``) config on its backbone:
+    ``model.*``, the data's classes (``class_settings``) and ``backbone``/``pretrained``."""
+    overrides = dict(cfg["model"], model_name=cfg["backbone"])
     overrides.update(class_settings(cfg, overrides))
     if cfg["pretrained"] is not None:
         overrides["pretrained"] = cfg["pretrained"]
-    fields = get_config_class(cfg["method"]).__dataclass_fields__
-    unknown = set(overrides) - set(fields)
-    if unknown:
-        raise ValueError(f"method {cfg['method']!r} has no setting {sorted(unknown)}; its settings: "
-                         f"{sorted(fields)}")
     try:
         return build_method(cfg["method"], **overrides)
     except RuntimeError as exc:
         if cfg["pretrained"] is None or "state_dict" not in str(exc):
             raise
         from .backbone import state_dict_mismatch
-        from .validate import ConfigError
 
         raise ConfigError(f"--pretrained {cfg['pretrained']!r} does not fit backbone "
                           f"{cfg['backbone']!r}: {state_dict_mismatch(str(exc))}; give the "
@@ -188,8 +87,8 @@ def run(cfg: Dict, kind: str = "train", overwrite: bool = False) -> Dict:
     OUT/metrics.json by rank 0). Process-wide torch settings (threads, deterministic mode) are
     restored afterwards, so a run inside a larger program leaves it as it was.
 
-    Before anything is built or loaded: the config and its paths are validated
-    (``avpt.validate``), and an existing OUT/checkpoint.pt must be of this run (same settings,
+    ``cfg`` is a loaded config (``avpt.config.load_config``, which validates it). Before anything
+    is built or loaded: its paths are checked (``avpt.validate.check_paths``), and an existing OUT/checkpoint.pt must be of this run (same settings,
     ``epochs`` included, same backbone weights), else a one-line ``ConfigError`` and nothing is
     written. Rank 0 holds ``OUT/.avpt.lock`` for the whole run: a second run on OUT fails.
 
@@ -197,9 +96,8 @@ def run(cfg: Dict, kind: str = "train", overwrite: bool = False) -> Dict:
     another kind, or of another run (unless ``resume`` is false: this run starts over), or one
     avpt did not make is refused unless ``overwrite``."""
     from .owner import check_owner, claim, identity
-    from .validate import check_paths, run_lock, validate_config
+    from .validate import check_paths, run_lock
 
-    validate_config(cfg)
     check_paths(cfg)
     backbone = backbone_record(cfg)
     ckpt_path = os.path.join(cfg["out"], "checkpoint.pt")
@@ -215,12 +113,13 @@ def run(cfg: Dict, kind: str = "train", overwrite: bool = False) -> Dict:
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
     try:
-        if int(os.environ.get("RANK", 0)) == 0:  # one run per --out (rank 0 holds it for all)
-            with run_lock(cfg["out"], "train"):
-                claim(cfg["out"], kind, ident, f"{cfg['method']} on {cfg['dataset']}, "
-                                               f"{cfg['epochs']} epochs, seed {cfg['seed']}")
-                return _run(cfg, backbone)
-        return _run(cfg, backbone)
+        with op_backend(cfg):
+            if int(os.environ.get("RANK", 0)) == 0:  # one run per --out (rank 0 holds it for all)
+                with run_lock(cfg["out"], "train"):
+                    claim(cfg["out"], kind, ident, f"{cfg['method']} on {cfg['dataset']}, "
+                                                   f"{cfg['epochs']} epochs, seed {cfg['seed']}")
+                    return _run(cfg, backbone)
+            return _run(cfg, backbone)
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
@@ -286,13 +185,16 @@ def _train_loader(cfg: Dict, train_set, dist: Dist):
 
 def _optimization(cfg: Dict, model, steps_per_epoch: int, compile_mode: str, device,
                   dtype) -> Optimization:
-    """AdamW over the trainable parameters, warm-up + cosine per step, the fp16 GradScaler."""
+    """The recipe's optimizer (AdamW or SGD) over the trainable parameters, its warm-up and
+    schedule per step (``avpt.engine.lr_lambda``), the fp16 GradScaler."""
     epochs = int(cfg["epochs"])
     warmup_epochs = min(int(cfg["warmup_epochs"]), max(0, epochs - 1))  # keep some cosine decay
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(trainable, cfg["lr"], cfg["weight_decay"], compile_mode, device)
+    optimizer = make_optimizer(trainable, cfg["lr"], cfg["weight_decay"], compile_mode, device,
+                               cfg["optimizer"], cfg["momentum"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(warmup_epochs * steps_per_epoch, epochs * steps_per_epoch))
+        optimizer, lr_lambda(warmup_epochs * steps_per_epoch, epochs * steps_per_epoch,
+                             cfg["warmup"], cfg["warmup_lr"] / cfg["lr"], cfg["lr_schedule"]))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     return Optimization(optimizer, scheduler, scaler, trainable, cfg["grad_clip"])
 
@@ -303,7 +205,6 @@ def _resume(ckpt: Dict, model, loss_fn: nn.Module, opt: Optimization, path: str,
     load_trainable_state(model, ckpt["trainable"], path)
     if averager is not None:
         if "averager" not in ckpt:
-            from .validate import ConfigError
             raise ConfigError(f"{path} has no epoch-averaging state (written before the trainer "
                               f"kept it); start afresh with resume=false")
         averager.load_state_dict(ckpt["averager"])
@@ -466,7 +367,7 @@ def _finish(cfg: Dict, model, train_set, test_set, info: Dict, history: List[Dic
         "test": test_metrics,
         "undefined": undefined_metrics(pred, test_metrics),
         **grouped_record(pred, cfg.get("metrics")),
-        "classes": _classes_record(cfg),
+        "classes": classes_record(cfg),
         "config": cfg,
         "backbone": backbone,
         "data": dict(info, train_samples=len(train_set), test_samples=len(test_set)),
@@ -485,15 +386,3 @@ def _finish(cfg: Dict, model, train_set, test_set, info: Dict, history: List[Dic
                                                                result, out, device)
     write_json(os.path.join(out, "metrics.json"), result)
     return result
-
-
-def _classes_record(cfg: Dict) -> Dict:
-    """metrics.json's ``classes``: the class names (labels 0..C-1) and what auc/f1 mean."""
-    from .metrics import metric_kind
-    from .validate import data_classes
-
-    names = data_classes(cfg["dataset"], cfg["data"])
-    return {"names": list(names), "metrics": metric_kind(len(names))}
-
-
-from .saved_eval import evaluate_checkpoint  # noqa: E402,F401  (public API, here since v0.1)

@@ -20,9 +20,10 @@ import socket
 import time
 from typing import Dict, Iterator, Optional
 
+from avpt_kernels.backend import BACKENDS
 
-class ConfigError(ValueError):
-    """A setting, file or folder the user gave is not usable (one line, exit code 2)."""
+from .data.modalities import DATASET_MODALITY, DATASETS, MODALITIES
+from .errors import ConfigError
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -33,9 +34,6 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-MODALITIES = ("MG", "US", "MRI")
-DATASETS = ("phantom", "busi", "inbreast", "duke")
-DATASET_MODALITY = {"busi": "US", "inbreast": "MG", "duke": "MRI"}
 RCL_POSITIVES = ("cross_modal", "within_modality")
 
 # data.* options per loader: name -> (check, what is accepted)
@@ -140,6 +138,9 @@ def check_backbone(name) -> None:
                           f"(open_clip.list_models()), got {name!r}")
 
 
+# method settings that are run settings: the top-level key (or flag) that sets them
+_RUN_OWNED = {"model_name": "--backbone (backbone)", "pretrained": "--pretrained (pretrained)",
+              "backend": "--set backend=auto|torch|triton (the op backend of the whole run)"}
 _MODEL_INT_ZERO_OK = {"queue_size"}            # 0 switches the memory queues off
 _MODEL_POSITIVE = {"tau", "tau_txt", "alpha"}   # temperatures, LoRA scale
 _MODEL_UNIT = {"ema_momentum", "prompt_dropout"}
@@ -162,8 +163,8 @@ def _model_settings(cfg: Dict) -> None:
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
         key = f"model.{k}"
-        if k in ("model_name", "pretrained"):
-            raise ConfigError(f"{key}: use --backbone / --pretrained (top-level backbone, pretrained)")
+        if k in _RUN_OWNED:
+            raise ConfigError(f"{key} is a run setting: use {_RUN_OWNED[k]}")
         if isinstance(default, bool):
             if not isinstance(v, bool):
                 raise _bad(key, v, "true or false")
@@ -184,9 +185,6 @@ def _model_settings(cfg: Dict) -> None:
             from .methods.base import preset_names
             if v not in preset_names(get_config_class(cfg["method"])):
                 raise _bad(key, v, f"one of {', '.join(preset_names(get_config_class(cfg['method'])))}")
-        elif k == "backend":
-            if v not in (None, "auto", "torch", "triton"):
-                raise _bad(key, v, "auto, torch or triton")
         elif isinstance(default, str):
             if not isinstance(v, str):
                 raise _bad(key, v, "a string")
@@ -271,14 +269,33 @@ def _classes(cfg: Dict) -> None:
                           f"({', '.join(classes)})")
 
 
-def validate_config(cfg: Dict) -> Dict:
-    """Every setting of a resolved config (``avpt.config.DEFAULTS`` keys): type, range, known
-    keys, consistency; raises ``ConfigError`` with one line. Pure: reads no data."""
-    from .config import DEFAULTS, check_compile_mode
+def _recipe_settings(cfg: Dict) -> None:
+    """The recipe keys (``avpt.recipes``): optimizer, schedule, warm-up, pipeline, few-shot."""
+    from .recipes import LR_SCHEDULES, OPTIMIZERS, PIPELINES, RECIPE_NAMES, WARMUPS
 
-    unknown = sorted(set(cfg) - set(DEFAULTS))
-    if unknown:
-        raise ConfigError(f"unknown config key {unknown[0]!r}; known: {', '.join(sorted(DEFAULTS))}")
+    for key, names in (("recipe", RECIPE_NAMES), ("optimizer", OPTIMIZERS),
+                       ("lr_schedule", LR_SCHEDULES), ("warmup", WARMUPS), ("pipeline", PIPELINES)):
+        if cfg[key] not in names:
+            raise _bad(key, cfg[key], " or ".join(names))
+    _num(cfg, "momentum", 0.0, 0.999)
+    if cfg["warmup"] == "constant":
+        _num(cfg, "warmup_lr", 0.0, 10.0, lo_open=True)
+    else:
+        _num(cfg, "warmup_lr", 0.0, 10.0)
+    if cfg["optimizer"] != "adamw" and cfg["compile"] != "none":
+        raise ConfigError(f"compile={cfg['compile']} compiles the AdamW update; optimizer "
+                          f"{cfg['optimizer']!r} needs compile=none")
+    _int(cfg, "shots", 1, optional=True)
+    _int(cfg, "shots_seed", 0, 2**32 - 1, optional=True)
+
+
+def validate_config(cfg: Dict) -> Dict:
+    """Every setting of a resolved config (``avpt.config.load_config``'s, which has only
+    ``DEFAULTS``' keys): type, range, consistency; raises ``ConfigError`` with one line. Pure:
+    reads no data. Called once, by ``load_config``: a loaded config is a valid one."""
+    from .compiled_step import check_compile_mode
+    from .runtime import AMP_MODES
+
     for key in ("dataset", "test_dataset"):
         if cfg[key] is not None and cfg[key] not in DATASETS:
             raise _bad(key, cfg[key], f"one of {', '.join(DATASETS)}")
@@ -306,6 +323,7 @@ def validate_config(cfg: Dict) -> Dict:
     _data_settings(cfg)
     _metric_settings(cfg)
     _classes(cfg)
+    _recipe_settings(cfg)
     _int(cfg, "epochs", 1)
     for key in ("batch_size", "batch_size_mri", "eval_batch_size"):
         _int(cfg, key, 1)
@@ -324,9 +342,11 @@ def validate_config(cfg: Dict) -> Dict:
                 "resume"):
         if not isinstance(cfg[key], bool):
             raise _bad(key, cfg[key], "true or false")
-    if cfg["amp"] not in ("auto", "off", "bf16", "fp16"):
-        raise _bad("amp", cfg["amp"], "auto, off, bf16 or fp16")
+    if cfg["amp"] not in AMP_MODES:
+        raise _bad("amp", cfg["amp"], f"{', '.join(AMP_MODES[:-1])} or {AMP_MODES[-1]}")
     check_compile_mode(cfg["compile"])
+    if cfg["backend"] is not None and cfg["backend"] not in BACKENDS:
+        raise _bad("backend", cfg["backend"], f"one of {', '.join(BACKENDS)} (or null: AVPT_BACKEND)")
     if not isinstance(cfg["compile_backend"], str):
         raise _bad("compile_backend", cfg["compile_backend"], "a torch.compile backend name")
     if cfg["rcl_positives"] not in RCL_POSITIVES:
@@ -413,16 +433,6 @@ def check_paths(cfg: Dict) -> None:
     for key, flag in (("data_root", "--data-root"), ("test_data_root", "--test-data-root")):
         if cfg[key] is not None and not os.path.isdir(cfg[key]):
             raise ConfigError(f"{flag} {cfg[key]!r} is not a folder")
-
-
-def file_sha256(path: str) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 LOCK_FILE = ".avpt.lock"

@@ -114,7 +114,8 @@ def _train_graphed(row_name, method, images, maps, labels, masks, top) -> Option
         print(f"## {row_name} training step, graphed: skipped (WholeStep with inductor's CUDA "
               f"graphs compiles on a GPU only)")
         return None
-    from avpt.train import WholeStep, make_optimizer
+    from avpt.compiled_step import WholeStep
+    from avpt.engine import make_optimizer
     from benchmarks.test_model import _MethodLossStep
 
     method.train()

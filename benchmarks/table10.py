@@ -197,7 +197,7 @@ def compiled_step_section(data: dict) -> List[str]:
              and r.get("train_step_ms") is not None}
     lines = ["", "## Whole training step compiled (issue 11)", "",
              "The CLS + SEG training step with AdamW compiled as one graph "
-             "(`avpt.train.WholeStep`, `torch.compile(fullgraph=True)`; mode `reduce-overhead` "
+             "(`avpt.compiled_step.WholeStep`, `torch.compile(fullgraph=True)`; mode `reduce-overhead` "
              "captures CUDA graphs) beside the uncompiled step of the table above.", "",
              "| row | status | compile s | train step ms | uncompiled step ms |", "|---|---|---|---|---|"]
     for r in rows:

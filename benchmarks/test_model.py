@@ -3,7 +3,7 @@ VPT-deep, A-VPT on the eager reference ops and A-VPT on the fused ops, all on th
 open_clip backbone. Per method: trainable parameters (% of the visual tower), inference latency
 per batch and per image, training step time (forward, CLS+SEG loss, backward, AdamW step), peak
 memory of inference and of a training step, and kernel launches per forward (profiler). Rows
-``<method>+compile-<mode>`` time the same step compiled whole (``avpt.train.WholeStep``, modes
+``<method>+compile-<mode>`` time the same step compiled whole (``avpt.compiled_step.WholeStep``, modes
 default and reduce-overhead = CUDA graphs) on a GPU; on CPU they are recorded as skipped unless
 AVPT_BENCH_COMPILE=1 (aot_eager, tiny config). Rows of kind ``graphed`` replay the inference
 forward from a CUDA graph (``avpt.graphed.GraphedInference``, what ``avpt eval`` runs) beside
@@ -218,7 +218,7 @@ def _timed_again(fn):
 
 
 # ----------------------------------------------------------------------------------------------
-# Compiled whole training step (issue 11, item 4): avpt.train.WholeStep, with and without CUDA graphs
+# Compiled whole training step (issue 11, item 4): avpt.compiled_step.WholeStep, with and without CUDA graphs
 # ----------------------------------------------------------------------------------------------
 # Rows "<method>+compile-<mode>" (kind "compiled-step", in the JSON): the same step as test_table10_row's (CLS + SEG, AdamW) compiled
 # as one graph; the uncompiled rows above are the "without". On a GPU: inductor, modes default and
@@ -245,7 +245,8 @@ class _MethodLossStep(torch.nn.Module):
 @pytest.mark.parametrize("row_name,method_name,overrides", COMPILE_METHODS,
                          ids=[m[0] for m in COMPILE_METHODS])
 def test_compiled_step_row(results, row_name, method_name, overrides, mode):
-    from avpt.train import WholeStep, make_optimizer
+    from avpt.compiled_step import WholeStep
+    from avpt.engine import make_optimizer
 
     cpu_opt_in = _os.environ.get("AVPT_BENCH_COMPILE") == "1"
     row = dict(kind="compiled-step", method=f"{row_name}+compile-{mode}", model=MODEL, batch=BATCH,

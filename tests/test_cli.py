@@ -16,7 +16,7 @@ pytestmark = pytest.mark.cpu_only
 
 # --device cpu: these tests are about the command line, not the device (on a GPU machine the
 # default, auto, picks CUDA; eval must reproduce a run's metrics on the device it was trained on)
-FAST = ["--set", "model.backend=torch", "--set", "batch_size=4", "--set", "eval_batch_size=8",
+FAST = ["--set", "backend=torch", "--set", "batch_size=4", "--set", "eval_batch_size=8",
         "--set", "progress=false", "--set", "threads=1", "--set", "model.queue_size=16",
         "--device", "cpu"]
 TINY_PHANTOM = ["--dataset", "phantom", "--backbone", "tiny", "--set", "data.num_patients=3",

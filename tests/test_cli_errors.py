@@ -23,7 +23,7 @@ from avpt.cli import main
 pytestmark = pytest.mark.cpu_only
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAST = ["--set", "model.backend=torch", "--set", "eval_batch_size=8",
+FAST = ["--set", "backend=torch", "--set", "eval_batch_size=8",
         "--set", "progress=false", "--set", "threads=1", "--set", "model.queue_size=16",
         "--set", "report=false", "--set", "tensorboard=false"]
 # The device is not what these tests are about: runs and evals are pinned to the CPU (on a GPU
@@ -312,7 +312,7 @@ def test_tampered_backbone_record_is_refused(runs, tmp_path, capsys):
 def test_undefined_metric_is_warned_and_recorded(caplog):
     import numpy as np
 
-    from avpt.train import score, undefined_metrics
+    from avpt.engine import score, undefined_metrics
 
     pred = dict(probs=np.array([0.2, 0.7, 0.4]), labels=np.array([0, 0, 0]),
                 gts=np.zeros((3, 4, 4), bool), preds=np.zeros((3, 4, 4), bool),
@@ -377,7 +377,7 @@ def test_a_two_class_method_refuses_three_classes(monkeypatch, tmp_path, capsys)
     assert rc == 2 and len(err) == 1
     assert "method 'two_only' takes at most 2 classes" in err[0] and "(normal, benign, malignant)" in err[0]
     from avpt.config import load_config
-    from avpt.validate import ConfigError
+    from avpt.errors import ConfigError
 
     busi = dict(dataset="busi", data_root=str(tmp_path / "data"), backbone="tiny")
     with pytest.raises(ConfigError, match=r"model.class_names must have 3 names .*got \['a', 'b'\]"):

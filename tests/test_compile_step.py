@@ -1,7 +1,7 @@
 """Whole-step capture (issue 11, item 4): the A-VPT training step — forward, the Eq. 17 losses
 (``AVPTLoss``: CLS, SEG, RCL with its queue, TXT, LAP, queue/centroid updates), backward,
 gradient clipping and the ``AdamW(capturable=True)`` update — compiles with
-``torch.compile(fullgraph=True)`` as ONE graph (``avpt.train.WholeStep``), on the torch backend
+``torch.compile(fullgraph=True)`` as ONE graph (``avpt.compiled_step.WholeStep``), on the torch backend
 and on the triton backend (the PIM / region-pool / prompt-bank custom ops traced without a graph
 break), and a compiled step gives the eager step's loss terms, parameters, Adam moments (the parameter
 updates) and loss-state buffers.
@@ -22,7 +22,9 @@ import copy
 import pytest
 import torch
 
-from avpt.train import TrainStep, WholeStep, init_adam_state, load_config, make_optimizer
+from avpt.compiled_step import WholeStep, init_adam_state
+from avpt.config import load_config
+from avpt.engine import TrainStep, make_optimizer
 from avpt_kernels.testing import assert_close
 from tests.tiny_models import trained_looking_tiny_avpt, triton_device
 

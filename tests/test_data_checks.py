@@ -139,7 +139,7 @@ def test_the_cli_refuses_a_one_class_data_set_before_training(tmp_path, capsys):
 ])
 def test_schedule_settings_are_checked_against_each_other(sets, message):
     from avpt.config import load_config
-    from avpt.validate import ConfigError
+    from avpt.errors import ConfigError
 
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(None, None, {"epochs": 3, "backbone": "tiny"}, sets)

@@ -85,3 +85,15 @@ def test_demo_table_has_cilmp_and_biomedap_rows(tmp_path, monkeypatch):
     assert re.findall(r"<tr><td>([^<]+)</td>", table)[:4] == ["CILMP", "CILMP", "BiomedAP", "BiomedAP"]
     low = json.load(open(tmp_path / "biomedap" / "metrics.json"))["config"]["model"]
     assert low.get("low_anchor", "paper") == "paper"   # the demo trains the paper's anchor
+
+
+def test_demo_keeps_one_shared_recipe(tmp_path, capsys):
+    """The demo's table is like for like: every method trains with the config's one recipe;
+    ``recipe=reference`` (each method's authors' own) is refused before anything trains."""
+    from avpt.cli import main
+
+    assert main(["demo", "--out", str(tmp_path), "--epochs", "1", "--device", "cpu",
+                 "--methods", "cilmp", "avpt", "--set", "recipe=reference"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "one shared recipe" in err[0], err
+    assert not (tmp_path / "cilmp").exists()

@@ -214,7 +214,7 @@ def test_intensity_per_volume_keeps_the_enhancing_top(tmp_path):
 
 def test_chosen_series_recorded_in_the_run(tmp_path):
     from avpt.config import DEFAULTS
-    from avpt.train import build_data
+    from avpt.run_data import build_data
 
     root = str(tmp_path / "data")
     write_patients(root, {"Breast_MRI_001": NAMED, "Breast_MRI_004": NO_FIRST})
@@ -284,7 +284,8 @@ def test_corrupt_and_inconsistent(tmp_path):
     ("negative_gap", 0, "an integer >= 1"), ("edge_margin", 0.5, r"a number in \[0, 0.5\)"),
 ])
 def test_new_loader_settings_checked_in_one_line(key, value, accepted):
-    from avpt.validate import ConfigError, _data_settings
+    from avpt.errors import ConfigError
+    from avpt.validate import _data_settings
 
     with pytest.raises(ConfigError, match=f"data.{key} must be {accepted}, got"):
         _data_settings({"dataset": "duke", "test_dataset": None, "data": {key: value}})

@@ -199,7 +199,9 @@ def test_a_run_with_the_gpu_paths_forced_on_cpu_is_the_plain_run(tmp_path, monke
            for d in ("plain", "cast")]
     assert sha[0] == sha[1]
     assert (tmp_path / "cast" / "report.html").exists()
-    again = train.evaluate_checkpoint(str(tmp_path / "cast" / "model"),
+    from avpt.saved_eval import evaluate_checkpoint
+
+    again = evaluate_checkpoint(str(tmp_path / "cast" / "model"),
                                       dict(cfg, out=str(tmp_path / "eval")))
     assert cast_counts[-1] == 1 + 8 * 4 and again["test"] == plain["test"]
 

@@ -231,7 +231,7 @@ def test_a_method_registered_elsewhere_is_built_and_trained_by_name():
     from avpt.methods import MethodConfig, get_method_class, register
     from avpt.methods import base
     from avpt.methods.base import Method, frozen_encode
-    from avpt.train import TrainStep
+    from avpt.engine import TrainStep
 
     @dataclass
     class ProbeConfig(MethodConfig):

@@ -317,7 +317,8 @@ def test_vitb16_forward_batch1_and_gate_shut(vitb16_avpt):
 
 
 def test_vitb16_default_avpt_within_parameter_budget(vitb16_avpt):
-    from avpt.params import BUDGET_PERCENT, format_reports, parameter_report
+    from avpt.methods.avpt import BUDGET_PERCENT
+    from avpt.params import format_reports, parameter_report
 
     report = parameter_report(vitb16_avpt)
     assert report.visual == 86_192_640

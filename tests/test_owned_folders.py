@@ -145,7 +145,7 @@ def test_folds_of_other_data_advise_fold_null_not_deleting_the_file(tmp_path):
 
 def test_a_class_count_mismatch_advises_the_other_setting_not_the_one_given():
     from avpt.saved_eval import _check_saved_classes
-    from avpt.validate import ConfigError
+    from avpt.errors import ConfigError
 
     busi = {"dataset": "busi", "data": {"normal": "class"}}
     with pytest.raises(ConfigError) as info:

@@ -9,10 +9,12 @@ import sys
 import pytest
 import torch
 
-from avpt.train import load_config, lr_lambda, run
+from avpt.config import load_config
+from avpt.engine import lr_lambda
+from avpt.train import run
 from tests.determinism import assert_same_run, watch_determinism
 
-TINY = ["model.backend=torch", "model.queue_size=16", "data.num_patients=3", "data.views=1",
+TINY = ["backend=torch", "model.queue_size=16", "data.num_patients=3", "data.views=1",
         "batch_size=4", "batch_size_mri=2", "eval_batch_size=8", "progress=false", "report=false",
         "lr=1e-3", "warmup_epochs=1", "threads=1", "fold=null"]
 
@@ -67,7 +69,7 @@ def test_metrics_json_logs_and_mixed_precision(tmp_path, amp):
     assert saved["amp"] == name and res["amp"] == name
     scaler = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["scaler"]
     assert (amp == "fp16") == bool(scaler)          # fp16 keeps a loss scale, bf16 needs none
-    assert saved["config"]["backbone"] == "avpt-tiny" and saved["config"]["model"]["backend"] == "torch"
+    assert saved["config"]["backbone"] == "avpt-tiny" and saved["config"]["backend"] == "torch"
     assert saved["data"]["train_samples"] == 6 and saved["params"]["trainable"] > 0
     assert 0.0 <= saved["test"]["dice"] <= 1.0
     assert (tmp_path / "log.csv").exists()
@@ -108,7 +110,7 @@ def test_checkpoint_of_an_older_version_still_resumes(tmp_path):
     still loaded with weights_only=True (numpy arrays allowed, nothing else) and resumed."""
     import numpy as np
 
-    from avpt.train import read_checkpoint
+    from avpt.run_io import read_checkpoint
 
     run(tiny_cfg(tmp_path / "a", epochs=2, stop_after_epoch=1))
     path = tmp_path / "a" / "checkpoint.pt"
@@ -131,7 +133,7 @@ def test_checkpoint_of_an_older_version_still_resumes(tmp_path):
 def test_every_shipped_config_and_variant_validates():
     import glob
 
-    from avpt.train import read_yaml
+    from avpt.config import read_yaml
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     files = sorted(glob.glob(os.path.join(root, "configs", "**", "*.yaml"), recursive=True))
@@ -144,7 +146,7 @@ def test_every_shipped_config_and_variant_validates():
 def test_changed_epochs_rerun_is_refused_and_resume_false_starts_over(tmp_path):
     """A finished 2-epoch run rerun with epochs=1 would report the 2-epoch model as a 1-epoch
     one: refused, nothing written. resume=false starts over with fresh logs."""
-    from avpt.validate import ConfigError
+    from avpt.errors import ConfigError
 
     run(tiny_cfg(tmp_path, epochs=2))
     before = {f: os.path.getmtime(tmp_path / f) for f in ("checkpoint.pt", "metrics.json", "log.csv")}

@@ -8,11 +8,10 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence
 
 from .dataset import BreastDataset, ModalityBatchSampler, Subset
-from .phantom import MODALITIES, make_phantom
+from .modalities import DATASET_MODALITY, DATASETS, MODALITIES
+from .phantom import make_phantom
 from .records import DataError, RawSample, Record, check_unique_ids
 
-DATASETS = ("phantom", "busi", "inbreast", "duke")
-DATASET_MODALITY = {"busi": "US", "inbreast": "MG", "duke": "MRI"}
 
 
 def phantom_records(num_patients: int = 16, views: int = 2, modalities: Sequence[str] = MODALITIES,
@@ -82,4 +81,4 @@ def load_records(dataset: str, root: Optional[str] = None, modalities: Optional[
 
 
 __all__ = ["BreastDataset", "ModalityBatchSampler", "Subset", "DataError", "Record", "RawSample",
-           "DATASETS", "load_records", "phantom_records", "make_phantom", "MODALITIES"]
+           "DATASETS", "DATASET_MODALITY", "load_records", "phantom_records", "make_phantom", "MODALITIES"]

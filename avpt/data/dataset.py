@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..anatomy import MODALITIES, tissue_prior_single
 from . import transforms as T
+from .modalities import MODALITIES
 from .native import NativeMask
 from .records import DataError, Record
+from .tissue_prior import tissue_prior_single
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,11 @@ class BreastDataset(Dataset):
     def __init__(self, records: Sequence[Record], image_size: int, train: bool = False,
                  seed: int = 0, clahe: bool = True, rotation: float = T.MAX_ROTATION_DEG,
                  flip: bool = True, stats: Optional[Dict[str, Tuple[float, float]]] = None,
-                 skip_bad: bool = False):
+                 skip_bad: bool = False, pipeline: str = "avpt-paper"):
+        if pipeline not in T.PIPELINES:
+            raise ValueError(f"pipeline must be one of {', '.join(T.PIPELINES)}, got {pipeline!r}")
+        self.pipeline = T.PIPELINES[pipeline]
+        clahe = clahe and self.pipeline.clahe
         self.image_size, self.train, self.seed = int(image_size), train, seed
         self.rotation, self.flip, self.epoch = rotation, flip, 0
         self.records: List[Record] = []
@@ -107,14 +112,22 @@ class BreastDataset(Dataset):
         rec = self.records[index]
         img, tissue = self.images[index], self.tissues[index].astype(np.float32)
         mask = self.masks[index]
-        angle, flip = (T.augment_params(self.seed, self.epoch, index, self.rotation, self.flip)
-                       if self.train else (0.0, False))
-        img_t, maps_t, mask_t = T.apply(img, tissue, mask, angle, flip)
+        if self.pipeline.augment == "resized_crop":
+            box, flip = (T.resized_crop_params(self.seed, self.epoch, index, self.image_size,
+                                               self.flip) if self.train else (None, False))
+            img_t, maps_t, mask_t = T.apply_crop(img, tissue, mask, box, flip)
+        else:
+            angle, flip = (T.augment_params(self.seed, self.epoch, index, self.rotation, self.flip)
+                           if self.train else (0.0, False))
+            img_t, maps_t, mask_t = T.apply(img, tissue, mask, angle, flip)
         # Maps in [0, 1] by construction (clipped and checked finite at load; the transforms
         # interpolate); clamp against interpolation overshoot on the CPU, where it is free.
         maps_t = maps_t.clamp_(0.0, 1.0)
-        mean, std = self.stats[rec.modality]
-        img_t = ((img_t - mean) / std).unsqueeze(0).expand(3, -1, -1).contiguous()
+        if self.pipeline.normalise == "clip":
+            img_t = T.clip_normalise(img_t.clamp(0.0, 1.0)).contiguous()
+        else:
+            mean, std = self.stats[rec.modality]
+            img_t = ((img_t - mean) / std).unsqueeze(0).expand(3, -1, -1).contiguous()
         return dict(image=img_t, maps=maps_t, mask=mask_t.unsqueeze(0),
                     label=torch.tensor(rec.label, dtype=torch.long),
                     modality=torch.tensor(MODALITIES.index(rec.modality), dtype=torch.long),

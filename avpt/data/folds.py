@@ -58,3 +58,34 @@ def split_indices(records: Sequence[Record], test_ids: Sequence[str]) -> Dict[st
     test = set(test_ids)
     return {"train": [i for i, r in enumerate(records) if r.sample_id not in test],
             "test": [i for i, r in enumerate(records) if r.sample_id in test]}
+
+
+def few_shot_indices(records: Sequence[Record], indices: Sequence[int], shots: int, seed: int,
+                     class_names: Sequence[str], split: str = "the training split") -> List[int]:
+    """K = ``shots`` training images per class out of ``indices`` (into ``records``), drawn
+    patient by patient: per class, the class's patients in an order drawn from ``seed``, each
+    one's images of that class (in a drawn order) taken until K are in; only the last patient
+    may give fewer than all its images. The draw is a subset of the training split, which is
+    patient-level, so no patient reaches the test set. Sorted indices; a class with fewer than K
+    images is a one-line ``ConfigError`` naming --shots and the class."""
+    from ..errors import ConfigError
+
+    rng = np.random.default_rng((seed, 31, shots))
+    chosen: List[int] = []
+    for label, name in enumerate(class_names):
+        by_patient: Dict[str, List[int]] = {}
+        for i in indices:
+            if records[i].label == label:
+                by_patient.setdefault(records[i].patient_id, []).append(i)
+        count = sum(len(v) for v in by_patient.values())
+        if count < shots:
+            raise ConfigError(f"--shots {shots}: class {name!r} has {count} training images in "
+                              f"{split}; give --shots {count} or fewer")
+        taken: List[int] = []
+        for p in rng.permutation(sorted(by_patient)):
+            images = by_patient[str(p)]
+            taken += [images[j] for j in rng.permutation(len(images))][:shots - len(taken)]
+            if len(taken) == shots:
+                break
+        chosen += taken
+    return sorted(chosen)

@@ -31,7 +31,8 @@ from typing import Dict, List, Optional
 import numpy as np
 from scipy import ndimage
 
-MODALITIES = ("MG", "US", "MRI")
+from .modalities import MODALITIES
+
 LABELS = ("benign", "malignant")
 
 

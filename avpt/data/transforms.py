@@ -1,6 +1,7 @@
-"""Preprocessing and augmentation (the paper's training protocol).
+"""Preprocessing and augmentation: two input pipelines (``PIPELINES``), chosen by the run's
+recipe (``avpt.recipes``).
 
-Deterministic preprocessing, once per sample: resize to the backbone's image size (224 for
+``avpt-paper`` (the A-VPT paper's training protocol). Deterministic preprocessing, once per sample: resize to the backbone's image size (224 for
 ViT-B/16) keeping the aspect ratio (zero padding), CLAHE (``skimage.exposure.equalize_adapthist``) on the image only, tissue priors when
 the source has no tissue maps. Per-modality normalisation: (x - mean_m) / std_m with statistics of
 the training images of modality m. Augmentation in training: random rotation in [-10, 10] degrees
@@ -8,16 +9,43 @@ and horizontal flip, the SAME geometric transform applied to the image, the tiss
 mask (bilinear for image and maps, nearest-equivalent for the mask: bilinear then > 0.5).
 The random draw comes from ``numpy.random.default_rng((seed, epoch, index))``: the same sample
 of the same epoch gets the same augmentation in any process, which makes resume exact.
+
+``clip`` (the CLIP-based methods' authors', CoOp family / Dassl): the same aspect-keeping resize
+(no CLAHE), the grey image as RGB (three equal channels) normalised with CLIP's per-channel mean
+and std (``CLIP_MEAN``, ``CLIP_STD``); in training a random resized crop (scale 0.08-1, aspect
+ratio 3/4-4/3, as torchvision's ``RandomResizedCrop``) back to the full size and, where the
+recipe flips, a horizontal flip; the same crop for the tissue maps and the mask. Evaluation sees
+the whole resized image (CLIP's own evaluation crops the centre of a resize of the shorter side:
+a departure, so that masks and metrics keep the full field of view).
 """
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 MAX_ROTATION_DEG = 10.0
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's RGB statistics
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """An input pipeline: ``clahe`` (CLAHE at preprocessing where the run's ``clahe`` is on),
+    ``normalise`` ("modality": per-modality z-score of the grey image; "clip": RGB with CLIP's
+    mean/std), ``augment`` ("rotate": rotation + flip; "resized_crop": random resized crop +
+    flip)."""
+    name: str
+    clahe: bool
+    normalise: str
+    augment: str
+
+
+PIPELINES = {"avpt-paper": Pipeline("avpt-paper", clahe=True, normalise="modality", augment="rotate"),
+             "clip": Pipeline("clip", clahe=False, normalise="clip", augment="resized_crop")}
 
 
 def resize(arr: np.ndarray, size: int, order: int = 1) -> np.ndarray:
@@ -88,6 +116,50 @@ def apply(image: np.ndarray, tissue: np.ndarray, mask: np.ndarray, angle: float,
     stack = torch.from_numpy(np.concatenate([image[None], tissue, mask[None].astype(np.float32)]))
     out = geometric(stack.float(), angle, flip)
     return out[0], out[1:-1].clamp(0, 1), (out[-1] > 0.5).float()
+
+
+def resized_crop_params(seed: int, epoch: int, index: int, size: int, flip: bool = True,
+                        scale: Tuple[float, float] = (0.08, 1.0),
+                        ratio: Tuple[float, float] = (3 / 4, 4 / 3)) -> Tuple[Tuple[int, int, int, int], bool]:
+    """((top, left, height, width), horizontal flip) of sample ``index`` in ``epoch`` for a
+    [size, size] image: torchvision's ``RandomResizedCrop.get_params`` (10 tries of an area in
+    ``scale`` and a log-uniform aspect ratio in ``ratio``, else the whole image), drawn from
+    ``numpy.random.default_rng((seed, epoch, index, 1))``."""
+    rng = np.random.default_rng((seed, epoch, index, 1))
+    area = size * size
+    box = (0, 0, size, size)
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        aspect = float(np.exp(rng.uniform(np.log(ratio[0]), np.log(ratio[1]))))
+        w = int(round(np.sqrt(target * aspect)))
+        h = int(round(np.sqrt(target / aspect)))
+        if 0 < w <= size and 0 < h <= size:
+            box = (int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1)), h, w)
+            break
+    return box, bool(rng.integers(0, 2)) if flip else False
+
+
+def apply_crop(image: np.ndarray, tissue: np.ndarray, mask: np.ndarray,
+               box: Optional[Tuple[int, int, int, int]], flip: bool
+               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The crop ``box`` (None: none) resized back to the full size (bilinear) and the flip, the
+    same for image [H, W], tissue [3, H, W] and mask [H, W] (the mask: bilinear, then > 0.5)."""
+    stack = torch.from_numpy(np.concatenate([image[None], tissue, mask[None].astype(np.float32)])).float()
+    if box is not None:
+        top, left, h, w = box
+        size = stack.shape[-2:]
+        stack = F.interpolate(stack[None, :, top:top + h, left:left + w], size=tuple(size),
+                              mode="bilinear", align_corners=False)[0]
+    if flip:
+        stack = stack.flip(-1)
+    return stack[0], stack[1:-1].clamp(0, 1), (stack[-1] > 0.5).float()
+
+
+def clip_normalise(image: torch.Tensor) -> torch.Tensor:
+    """A grey image [H, W] in [0, 1] as CLIP's input: RGB [3, H, W], (x - mean_c) / std_c."""
+    mean = torch.tensor(CLIP_MEAN, dtype=image.dtype)[:, None, None]
+    std = torch.tensor(CLIP_STD, dtype=image.dtype)[:, None, None]
+    return (image.unsqueeze(0).expand(3, -1, -1) - mean) / std
 
 
 def modality_stats(images_by_modality: Dict[str, list]) -> Dict[str, Tuple[float, float]]:

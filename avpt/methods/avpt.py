@@ -31,6 +31,8 @@ from torch import Tensor, nn
 
 import avpt_kernels as ak
 
+from avpt.recipes import AVPT_PAPER
+
 from .. import vit
 from ..anatomy import (REGION_NAMES, REGION_SOURCES, AnatomyMLP, LearnedRegionExtractor,
                        check_maps, per_image_modalities, tissue_prior_maps)
@@ -99,6 +101,7 @@ class AVPT(Method):
 
     display_name = "A-VPT"
     config_class = AVPTConfig
+    reference_recipe = AVPT_PAPER  # the authors' own protocol
     has_report_sections = True
     param_breakdown_title = "A-VPT trainable breakdown"
     param_budget_percent = BUDGET_PERCENT

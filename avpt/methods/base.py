@@ -12,6 +12,7 @@ from .. import vit
 from ..backbone import VIT_B16, load_backbone
 from ..heads import ClassificationHead, SegDecoder
 from ..losses import MethodLoss
+from ..recipes import Recipe
 
 
 @dataclass
@@ -95,6 +96,7 @@ class Method(nn.Module):
     ``forward_maps`` (inputs from a batch), ``make_loss`` (the training objective), ``prepare``
     (state computed from the training set before training), ``report_sections`` (extra
     figures) and the class attributes ``display_name`` (tables and reports),
+    ``reference_recipe`` (its authors' training recipe, ``avpt.recipes``),
     ``has_report_sections``, ``param_breakdown_title`` and ``param_budget_percent`` (parameter
     reports). Their defaults fit a method that needs nothing beyond images; a method overrides
     what it does differently.
@@ -114,6 +116,8 @@ class Method(nn.Module):
     param_budget_percent: Optional[float] = None
     # the most classes the method can tell apart (None: any number, ``num_classes``)
     max_classes: Optional[int] = None
+    # its authors' training recipe, ``recipe: reference`` (``avpt.recipes``; None: none known here)
+    reference_recipe: Optional[Recipe] = None
 
     def __init__(self, config: MethodConfig):
         super().__init__()

@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from avpt.recipes import dassl_recipe
+
 from .. import vit
 from ..descriptions import descriptions_for, texts_hash
 from ..text_tower import encode_embedded, eot_positions, prompt_length
@@ -144,6 +146,10 @@ class BiomedAP(CoOp):
     on)."""
     display_name = "BiomedAP"
     config_class = BiomedAPConfig
+    # tongdiedie/BiomedAP configs/trainers/BiomedAP/few_shot/*.yaml: no flip; PREC fp32 default
+    reference_recipe = dassl_recipe("BiomedAP's authors: configs/trainers/BiomedAP/few_shot "
+                                    "(Dassl; few-shot: --shots K)", lr=0.0025, epochs=100,
+                                    batch_size=4, flip=False, amp="off")
 
     def __init__(self, config: BiomedAPConfig):
         if not isinstance(config, BiomedAPConfig):

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avpt_kernels import low_rank_project
+from avpt.recipes import dassl_recipe
 from avpt_kernels._autocast import autocast_dtype
 
 from .. import vit
@@ -170,6 +171,9 @@ class CILMP(Method):
     ``B`` [L_t, W, r] (and the shared segmentation decoder when ``seg``)."""
     display_name = "CILMP"
     config_class = CILMPConfig
+    # usr922/cilmp configs/trainers/CILMP/vit_b16.yaml (PREC fp16)
+    reference_recipe = dassl_recipe("CILMP's authors: configs/trainers/CILMP/vit_b16.yaml (Dassl)",
+                                    lr=0.0025, epochs=100, batch_size=64, flip=True, amp="fp16")
     uses_linear_head = False
 
     def __init__(self, config: CILMPConfig):

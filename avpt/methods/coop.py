@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from avpt.recipes import dassl_recipe
+
 from ..text_tower import encode_embedded, eot_positions, prompt_length
 from .base import Method, MethodConfig, frozen_encode, register
 
@@ -31,6 +33,9 @@ class CoOp(Method):
     The segmentation decoder is the shared one."""
     display_name = "CoOp"
     config_class = CoOpConfig
+    # KaiyangZhou/CoOp configs/trainers/CoOp/vit_b16.yaml (16 shots; PREC fp16 in its train.py)
+    reference_recipe = dassl_recipe("CoOp's authors: configs/trainers/CoOp/vit_b16.yaml (Dassl)",
+                                    lr=0.002, epochs=200, batch_size=32, flip=True, amp="fp16")
     uses_linear_head = False
 
     def __init__(self, config):

@@ -139,9 +139,10 @@ def _pim_costs() -> Dict[str, Callable[[Launch], tuple]]:
         return iters, _nbytes(l.args["a_ptr"]) + _nbytes(l.args["b_ptr"]) + \
             l.grid[2] * (na * nb + na) * 4, 2 * m * na * nb * 3
 
-    def reduce(l):
-        n = l.args["NA"] * l.args["NB"] + l.args["NA"]
-        return 1, (l.args["n_chunks"] + 1) * n * 4, n * l.args["n_chunks"]
+    def reduce(l):  # both token-row weight gradients: dWz [3A, D] and dW'o [D, A], + biases
+        d, a = l.args["D"], l.args["A"]
+        jobs = ((3 * a * d + 3 * a, l.args["wz_chunks"]), (d * a + d, l.args["wo_chunks"]))
+        return 1, sum((c + 1) * n * 4 for n, c in jobs), sum(n * c for n, c in jobs)
 
     def prompt_wgrad(l):
         mp, d = l.args["MP"], l.args["D"]

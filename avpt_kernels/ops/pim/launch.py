@@ -74,13 +74,15 @@ def _pow2(n: int) -> int:
 # among the tiles that compile without spills on sm_80 and sm_90a under Triton 3.6 and 3.8 in
 # every dtype (``make aot``). Every entry is compiled by ``configs.aot_configs``.
 # --------------------------------------------------------------------------------------------
-PROJ = dict(BM=32, BK=32, num_warps=8, num_stages=3)       # + BN = min(64, AP)
-OUTPUT = dict(BM=32, BN=32, BKA=32, num_warps=8, num_stages=1)  # BKA capped at AP
-GRAD_Z = dict(BM=32, BN=32, BKA=32, num_warps=8, num_stages=1)
-GRAD_O2 = dict(BM=16, BK=64, num_warps=8, num_stages=3)
-WGRAD = dict(BNA=64, BNB=64, BR=32, num_warps=8, num_stages=3)
+PROJ = dict(BM=32, BK=32, num_warps=4, num_stages=3)       # + BN = min(64, AP)
+OUTPUT = dict(BM=64, BN=64, BKA=32, num_warps=4, num_stages=2)  # BKA capped at AP
+GRAD_Z = dict(BM=64, BN=64, BKA=64, num_warps=8, num_stages=1)
+GRAD_O2 = dict(BM=16, BK=64, num_warps=4, num_stages=2)
+WGRAD = dict(BNA=128, BNB=64, BR=64, num_warps=8, num_stages=2)
+# fp32 inputs: the dW'o tiles' IEEE fp32 dots spill at 64-row blocks (Triton 3.6, sm_90a)
+WGRAD_FP32 = dict(WGRAD, BR=32)
 PROMPT = dict(BMP=16, BD=32, num_warps=8, num_stages=1)
-PROMPT_WGRAD = dict(BD=16, BR=16, num_warps=8, num_stages=1)
+PROMPT_WGRAD = dict(BD=32, BR=16, num_warps=4, num_stages=2)
 # The per-(image, head) attention kernels: token blocks by padded head width, a [BT, DHP] fp32
 # tile of 16K elements at most (T=197 in one block a pass at the model's head width 16); the
 # prompt->token backward holds the most [KP, BT] tiles: half the block, its loads pipelined.
@@ -149,10 +151,11 @@ class Layout:
         self.grid_grad_o2 = (cdiv(self.mz, GRAD_O2["BM"]),)
         self.grid_prompt_wgrad = (cdiv(d, PROMPT_WGRAD["BD"]), 6)
         # weight gradients over the token rows: dWz = dx^T z [3A, D], dW'o = y^T (alpha o2) [D, A]
-        self.wz_tiles = (cdiv(3 * a, WGRAD["BNA"]), cdiv(d, WGRAD["BNB"]))
-        self.wo_tiles = (cdiv(d, WGRAD["BNA"]), cdiv(a, WGRAD["BNB"]))
-        self.wz_chunks = _chunks(self.mz, math.prod(self.wz_tiles), WGRAD["BR"])
-        self.wo_chunks = _chunks(self.mz, math.prod(self.wo_tiles), WGRAD["BR"])
+        self.wgrad = wg = WGRAD_FP32 if dtype == torch.float32 else WGRAD
+        self.wz_tiles = (cdiv(3 * a, wg["BNA"]), cdiv(d, wg["BNB"]))
+        self.wo_tiles = (cdiv(d, wg["BNA"]), cdiv(a, wg["BNB"]))
+        self.wz_chunks = _chunks(self.mz, math.prod(self.wz_tiles), wg["BR"])
+        self.wo_chunks = _chunks(self.mz, math.prod(self.wo_tiles), wg["BR"])
         self.state_fields = dict(
             x=(self.mz, 3 * a), o2=(self.mz, a), k1=(self.mp, a), msg=(self.mp, a),
             pt32=(self.mp, d), qv2=(self.mp, 2 * a), pre=(b, self.gp), alpha=(b,))
@@ -184,7 +187,7 @@ class Layout:
             "prompt_bwd": dict(PROMPT, AP=self.ap, GP=self.gp),
             "t2p_attn_bwd": heads,
             "grad_z": dict(GRAD_Z, BKA=min(GRAD_Z["BKA"], self.ap)),
-            "wgrad": dict(WGRAD),
+            "wgrad": dict(self.wgrad),
             "prompt_wgrad": dict(PROMPT_WGRAD, AP=self.ap, GP=self.gp),
         }[kernel])
 

@@ -1,10 +1,10 @@
-"""One description of each op, shared by the tests, the benchmarks and ``avpt_kernels.compare``:
-its inputs at a shape and dtype, the torch reference, the public op (and so the fused call), and
-its traffic floor.
+"""The form of an op's description (``ops/<op>/spec.py`` defines its ``SPEC``), shared by the
+tests, the benchmarks and ``avpt_kernels.compare``: its inputs at a shape and dtype, the torch
+reference, the public op (and so the fused call), and its traffic floor.
 
-``SPECS[name]`` is an ``OpSpec``; a ``Shape`` (frozen, hashable: a cache key as it is) gives the
-sizes. ``spec.inputs(shape, dtype, device, seed, requires_grad)`` -> the tensors;
-``spec.reference(shape)(*inputs)`` runs ``avpt_kernels.reference``;
+``avpt_kernels.ops.OPS[name].SPEC`` is an ``OpSpec``; a ``Shape`` (frozen, hashable: a cache key
+as it is) gives the sizes. ``spec.inputs(shape, dtype, device, seed, requires_grad)`` -> the
+tensors; ``spec.reference(shape)(*inputs)`` runs the op's ``reference``;
 ``spec.op(shape)(*inputs, backend=...)`` runs the public op (``spec.fused(shape)`` on
 ``backend="triton"``); ``spec.min_bytes(shape, dtype, backward)`` is the op's own ``*_min_bytes``.
 """
@@ -17,12 +17,8 @@ from typing import Any, Callable, Dict, Tuple
 import torch
 from torch import Tensor
 
-from .. import reference
-from ..testing import random_pim_params
-from .low_rank_project import low_rank_project, low_rank_project_min_bytes
-from .pim import pim, pim_min_bytes
-from .prompt_bank import prompt_bank, prompt_bank_min_bytes
-from .region_pool import region_pool, region_pool_min_bytes
+from .common import contiguous_stages
+
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +68,11 @@ class OpSpec:
             x = torch.rand(*size, generator=g) if unit else torch.randn(*size, generator=g)
             return x.to(device=device, dtype=dtype).requires_grad_(requires_grad)
 
-        params = functools.partial(random_pim_params, dtype=dtype, device=device,
-                                   requires_grad=requires_grad, generator=g)
+        def params(*sizes: int) -> Tuple[Tensor, ...]:  # PIM's weights (in ``testing``)
+            from ..testing import random_pim_params
+
+            return random_pim_params(*sizes, dtype=dtype, device=device,
+                                     requires_grad=requires_grad, generator=g)
         return self.make(shape, leaf, params)
 
     def fused(self, shape: Shape) -> Callable[..., Any]:
@@ -81,59 +80,6 @@ class OpSpec:
         return functools.partial(self.op(shape), backend="triton")
 
 
-def _region_pool_make(s: Shape, leaf, _) -> Tuple[Tensor, ...]:
-    return leaf(s.B, s.T, s.D), leaf(*s.maps_shape, unit=True)
-
-
-def _prompt_bank_make(s: Shape, leaf, _) -> Tuple[Tensor, ...]:
-    return (leaf(s.B, s.R, s.D), leaf(s.K, s.D), leaf(s.stages, s.D, s.rank),
-            leaf(s.stages, s.rank, s.D), leaf(s.layers, s.D), leaf(s.layers, s.D),
-            leaf(s.layers, s.D))
-
-
-def _low_rank_project_make(s: Shape, leaf, _) -> Tuple[Tensor, ...]:
-    # Rows N = B*K (e.g. classes x knowledge tokens), shared by every layer; Din = Dout = D (the
-    # Shape has one width: the op's Din != Dout and per-layer x are its own tests' cases).
-    return (leaf(s.B * s.K, s.D), leaf(s.stages, s.D, s.rank), leaf(s.stages, s.rank, s.D))
-
-
-def _pim_make(s: Shape, leaf, pim_params) -> Tuple[Tensor, ...]:
-    z, p = leaf(s.B, s.T, s.D), leaf(s.B, s.K, s.D)
-    return (z, p, *pim_params(s.D, s.heads * s.head_dim, s.gate))
-
-
-def _stages(s: Shape):
-    from ..modules import contiguous_stages
-
+def layer_stages(s: Shape):
+    """The stage of each of ``s.layers`` layers: ``s.stages`` contiguous groups."""
     return contiguous_stages(s.layers, s.stages)
-
-
-SPECS: Dict[str, OpSpec] = {
-    "region_pool": OpSpec(
-        "region_pool", _region_pool_make,
-        reference=lambda s: lambda f, a: reference.region_pool(f, a, 1e-6,
-                                                               s.grid if s.map_side else None),
-        op=lambda s: lambda f, a, backend=None: region_pool(f, a, backend=backend),
-        min_bytes=lambda s, dtype, backward: region_pool_min_bytes(
-            (s.B, s.T, s.D), s.maps_shape, dtype, backward)),
-    "prompt_bank": OpSpec(
-        "prompt_bank", _prompt_bank_make,
-        reference=lambda s: lambda *xs: reference.prompt_bank(*xs, _stages(s), 1e-5),
-        op=lambda s: lambda *xs, backend=None: prompt_bank(*xs, _stages(s), backend=backend),
-        min_bytes=lambda s, dtype, backward: prompt_bank_min_bytes(
-            s.B, s.R, s.K, s.D, s.rank, s.layers, s.stages, dtype, backward)),
-    "low_rank_project": OpSpec(
-        "low_rank_project", _low_rank_project_make,
-        reference=lambda s: lambda *xs: reference.low_rank_project(*xs, _stages(s)),
-        op=lambda s: lambda *xs, backend=None: low_rank_project(*xs, _stages(s),
-                                                                backend=backend),
-        min_bytes=lambda s, dtype, backward: low_rank_project_min_bytes(
-            s.B * s.K, s.D, s.D, s.rank, s.layers, s.stages, True, dtype, backward)),
-    "pim": OpSpec(
-        "pim", _pim_make,
-        reference=lambda s: lambda z, p, *w: reference.pim(z, p, reference.PIMParams(*w), s.heads),
-        op=lambda s: lambda z, p, *w, backend=None: pim(z, p, reference.PIMParams(*w), s.heads,
-                                                         backend=backend),
-        min_bytes=lambda s, dtype, backward: pim_min_bytes(
-            s.B, s.T, s.D, s.K, s.heads * s.head_dim, dtype, backward)),
-}

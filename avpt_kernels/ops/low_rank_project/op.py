@@ -51,8 +51,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _checks, reference
-from ..backend import resolve
+from ... import _checks
+from ...backend import resolve
+from ..common import stage_index
+from ..kernel_config import KernelConfig, signature, tl_type
+from . import reference
 
 # Dtypes the kernels take (float64 runs on the torch backend: see ``low_rank_project``).
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -254,9 +257,9 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _stage_tensor(layer_stage: Sequence[int], device: torch.device) -> Tensor:
-    """layer_stage as an int32 device tensor, cached (``reference.stage_index``): no
+    """layer_stage as an int32 device tensor, cached (``ops.common.stage_index``): no
     host-to-device copy per call."""
-    return reference.stage_index(layer_stage, device, torch.int32)
+    return stage_index(layer_stage, device, torch.int32)
 
 
 def _forward(x: Tensor, U: Tensor, V: Tensor, layer_stage: Sequence[int]) -> Tuple[Tensor, Tensor]:
@@ -346,17 +349,6 @@ def _backward_autograd(ctx, grad_out, _grad_low):
 low_rank_project_op.register_autograd(_backward_autograd, setup_context=_setup_context)
 
 
-def low_rank_project_min_bytes(rows: int, din: int, dout: int, rank: int, layers: int,
-                               stages: int, shared: bool = True, dtype=torch.float32,
-                               backward: bool = False) -> int:
-    """Compulsory DRAM traffic in bytes: read x ([N,Din] shared, or [L,N,Din]), U and V once and
-    write out [L,N,Dout] (forward); read dout, x, U, V and write dx, dU, dV (backward; the fp32
-    low / dlow [L,N,r] are negligible and left out)."""
-    size = torch.empty((), dtype=dtype).element_size()
-    x = rows * din * (1 if shared else layers)
-    factors = stages * rank * (din + dout)
-    out = layers * rows * dout
-    return size * (x + factors + out) if not backward else size * (2 * x + 2 * factors + out)
 
 
 def triton_unsupported_reason(x: Tensor, U: Tensor) -> Optional[str]:
@@ -397,8 +389,6 @@ def aot_configs() -> List:
     """Every kernel configuration the launchers above can select (one per input dtype and
     kernel); signatures from the kernels' parameter lists: the fp32 low / dlow, the int32 stage
     table, every other pointer in the input dtype."""
-    from ..aot import KernelConfig, signature, tl_type
-
     configs = []
     for dt in KERNEL_DTYPES:
         ty = tl_type(dt)

@@ -18,7 +18,9 @@ import torch
 
 import avpt_kernels as ak
 from avpt.losses import AVPTLoss
-from avpt_kernels import reference
+from avpt_kernels.ops.pim import reference as pim_ref
+from avpt_kernels.ops.prompt_bank import reference as prompt_bank_ref
+from avpt_kernels.ops.region_pool import reference as region_pool_ref
 from avpt_kernels.testing import (assert_bounded_error, assert_close, assert_grads_close,
                                   random_pim_params)
 from tests.determinism import assert_same_run, watch_determinism
@@ -72,15 +74,15 @@ def _call(op, inputs, backend_name=None):
     if op.startswith("region_pool"):
         if backend_name is None:
             grid = (4, 4) if inputs[1].dim() == 4 else None
-            return (reference.region_pool(*inputs, 1e-6, grid),)
+            return (region_pool_ref.region_pool(*inputs, 1e-6, grid),)
         return (ak.region_pool(*inputs, backend=backend_name),)
     if op == "prompt_bank":
         if backend_name is None:
-            return (reference.prompt_bank(*inputs, LAYER_STAGE),)
+            return (prompt_bank_ref.prompt_bank(*inputs, LAYER_STAGE),)
         return (ak.prompt_bank(*inputs, LAYER_STAGE, backend=backend_name),)
     z, p, *w = inputs
     if backend_name is None:
-        return reference.pim(z, p, ak.PIMParams(*w), 2, return_attn=True)
+        return pim_ref.pim(z, p, ak.PIMParams(*w), 2, return_attn=True)
     return ak.pim(z, p, ak.PIMParams(*w), 2, return_attn=True, backend=backend_name)
 
 
@@ -363,7 +365,7 @@ def test_training_step_pim_calls_under_autocast_obey_the_bounded_error_rule(monk
         as_leaf = (lambda x: x.double().requires_grad_(True)) if backend is None \
             else (lambda x: x.clone().requires_grad_(True))
         z, p, w = as_leaf(z), as_leaf(p), ak.PIMParams(*(as_leaf(x) for x in w))
-        o = reference.pim(z, p, w, h, reduce) if backend is None \
+        o = pim_ref.pim(z, p, w, h, reduce) if backend is None \
             else ak.pim(z, p, w, h, reduce, backend=backend)
         g = torch.autograd.grad(o, (z, p, *w), tuple(x.to(y.dtype) for x, y in zip(grads, o)))
         return dict(z_out=o[0], p_tilde=o[1], **dict(zip(PIM_NAMES, g)))
@@ -378,6 +380,6 @@ def test_training_step_pim_calls_under_autocast_obey_the_bounded_error_rule(monk
                              zero_scale=zero, label=f"PIM call {i} of an autocast step",
                              # the fp32 master weights' gradients at bf16 level here: the gate's
                              # (a sum over T x D that cancels) differ from torch's fp32 by
-                             # rounding luck; test_bounded_error_pim judges them at fp32 level
+                             # rounding luck; tests/ops/test_pim_bounded_error.py judges them at fp32 level
                              # on well-conditioned inputs
                              fp32_floor=None)

@@ -23,7 +23,7 @@ Kernels (fp32 accumulation, rank padded to 16 for ``tl.dot``, fp32 dots in ieee 
      per-layer), the last S ``dU[s] = sum_{l in s} x(l)^T dlow[l]``.
   Every program owns its outputs (no atomics): deterministic.
 
-Counts at the benchmark shape (``ops.specs``: N = B*K = 192 rows of a shared x, Din = Dout = 768,
+Counts at the benchmark shape (``spec``: N = B*K = 192 rows of a shared x, Din = Dout = 768,
 r = 8, L = 12, S = 3, bf16; 16-row tiles, 64-wide D chunks; 132 SMs):
 
 * forward: grid (12, 12) = 144 programs (one wave), 12 + 12 = 24 serial D-chunk steps. DRAM:
@@ -37,7 +37,7 @@ r = 8, L = 12, S = 3, bf16; 16-row tiles, 64-wide D chunks; 132 SMs):
   16-24 B under Triton 3.6 at 8 warps, so they stay at 32.
 
 Precision (the bounded-error rule of ``avpt_kernels.testing``, tested in
-``tests/test_low_rank_project.py``): every operand is loaded in its dtype and converted to fp32,
+``tests/ops/test_low_rank_project.py``): every operand is loaded in its dtype and converted to fp32,
 every ``tl.dot`` takes fp32 operands and accumulates in fp32; ``low`` and ``dlow`` stay fp32
 (never rounded to a 16-bit dtype), so each result (out, dx, dU, dV) is rounded to the input
 dtype once, when stored. x, U and V share one dtype.

@@ -44,7 +44,7 @@ chunks of 64; an H100/H200 has 132 SMs):
   first, one more launch and 3x its bytes) and only region_emb is cast for the inputs kernel.
 
 Precision (the bounded-error rule of ``avpt_kernels.testing``, tested in
-``tests/test_bounded_error_ops.py``): no contraction here has two exact 16-bit operands, so every
+``tests/ops/test_prompt_bank.py``): no contraction here has two exact 16-bit operands, so every
 ``tl.dot`` takes fp32 operands and accumulates in fp32 (``e = E + off`` is an fp32 sum; low, dx,
 dlow are fp32 intermediates). The LayerNorm statistics, c1, c2 and the column sums are fp32, and
 the backward rebuilds x from the fp32 ``low``, never from the prompts rounded to the input dtype.

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Tuple
 
 import torch
 from torch import Tensor
 
+from ..testing import random_pim_params
 from .common import contiguous_stages
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,11 +68,8 @@ class OpSpec:
             x = torch.rand(*size, generator=g) if unit else torch.randn(*size, generator=g)
             return x.to(device=device, dtype=dtype).requires_grad_(requires_grad)
 
-        def params(*sizes: int) -> Tuple[Tensor, ...]:  # PIM's weights (in ``testing``)
-            from ..testing import random_pim_params
-
-            return random_pim_params(*sizes, dtype=dtype, device=device,
-                                     requires_grad=requires_grad, generator=g)
+        params = functools.partial(random_pim_params, dtype=dtype, device=device,
+                                   requires_grad=requires_grad, generator=g)
         return self.make(shape, leaf, params)
 
     def fused(self, shape: Shape) -> Callable[..., Any]:

@@ -1,4 +1,5 @@
-"""Low-rank, stage-shared prompt bank (Eq. 4): entry point, checks, Triton kernels, autograd.
+"""Low-rank, stage-shared prompt bank (Eq. 4): entry point, checks, launchers, autograd (the
+Triton kernels described here live in ``kernels``).
 
 ``prompt_bank(region_emb[B,R,D], token_offset[K,D], U[S,D,r], V[S,r,D], layer_bias[L,D],
 ln_weight[L,D], ln_bias[L,D], layer_stage[L]) -> prompts[L,B,K,D]`` (all layers, one call).

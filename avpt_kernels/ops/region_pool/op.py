@@ -1,4 +1,5 @@
-"""Soft region pooling (Eq. 2): public entry point, argument checks, Triton kernels and autograd.
+"""Soft region pooling (Eq. 2): public entry point, argument checks, launchers and autograd (the
+Triton kernels described here live in ``kernels``).
 
 ``region_pool(features[B,T|N,D], maps[B,N,R] | maps[B,R,Hm,Wm]) -> [B,R,D]``
 

@@ -4,22 +4,23 @@ Ops (``avpt_kernels.ops.<op>``: kernels, launchers, custom ops): ``region_pool``
 ``prompt_bank`` (Eq. 4), ``pim`` / ``pim_packed`` (Eqs. 5-10, the Prompt-token Interaction Module),
 ``low_rank_project`` (CILMP's per-layer rank-r chain); modules
 ``RegionPool``, ``LowRankPromptBank``, ``PromptTokenInteraction``. Backend switch in
-``avpt_kernels.backend`` (``set_backend``, ``use_backend``); ground truth in
-``avpt_kernels.reference``. Drop-in PIM for open_clip, timm and Hugging Face ViTs:
-``inject_pim`` / ``remove_pim`` / ``pim_state_dict`` / ``load_pim_state_dict``, ``PIMBlock``
-(``avpt_kernels.inject``).
+``avpt_kernels.backend`` (``set_backend``, ``use_backend``); the ops by name in
+``avpt_kernels.ops.OPS``, each with its ground truth (``avpt_kernels.ops.<op>.reference``).
+Drop-in PIM for open_clip, timm and Hugging Face ViTs:
+``inject_pim`` / ``remove_pim``, ``PIMBlock`` (``avpt_kernels.inject``); ``pim_state_dict`` /
+``load_pim_state_dict`` (``avpt_kernels.inject_io``).
 """
 from . import _compat  # noqa: F401  (Triton < 3.8 interpreter with numpy >= 2.4)
 from .backend import get_backend, set_backend, use_backend
-from .inject import (PIMBlock, inject_pim, load_pim_pretrained, load_pim_state_dict,
-                     make_pim_blocks, pim_gates_shut, pim_state_dict, remove_pim,
-                     save_pim_pretrained)
-from .modules import LowRankPromptBank, PromptTokenInteraction, RegionPool, contiguous_stages
-from .ops.pim import pack_weights, pim, pim_packed, unpack_weights
+from .inject import PIMBlock, inject_pim, make_pim_blocks, pim_gates_shut, remove_pim
+from .inject_io import (load_pim_pretrained, load_pim_state_dict, pim_state_dict,
+                        save_pim_pretrained)
+from .modules import LowRankPromptBank, PromptTokenInteraction, RegionPool
+from .ops.common import contiguous_stages
 from .ops.low_rank_project import low_rank_project
+from .ops.pim import PIMParams, pack_weights, pim, pim_packed, unpack_weights
 from .ops.prompt_bank import prompt_bank
 from .ops.region_pool import region_pool
-from .reference import PIMParams
 
 __version__ = "0.1.0"
 

@@ -1,7 +1,7 @@
 """Ahead-of-time compile check of every shippable kernel configuration, without a GPU.
 
-Each op module that has Triton kernels defines ``aot_configs() -> list[KernelConfig]``: every
-configuration its launchers (and autotuners) can select. This module compiles each one with
+Each op of the registry ``avpt_kernels.ops.OPS`` defines ``aot_configs() -> list[KernelConfig]``
+(``ops.kernel_config``): every configuration its launchers (and autotuners) can select. This module compiles each one with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` for sm_80 and sm_90a, runs
 the ``ptxas -v`` bundled with triton over the PTX, and records registers, spill bytes and shared
 memory. That catches what the interpreter forgives (dot shapes < 16, non-power-of-2 ranges,
@@ -16,19 +16,17 @@ One file holds the tables of several Triton versions (``make aot`` runs the chec
 Triton 3.8, and in ``.venv-triton36``, Triton 3.6, the GPU machines' version): the output is
 ``{"targets": [...], "by_triton": {"<triton version>": {"torch": ..., "seconds": ..., "rows":
 [...]}}}`` and a run replaces only its own version's entry (``load_rows`` reads one back);
-``--ops NAME ...`` compiles only those op modules and replaces only their kernels' rows in it
+``--ops NAME ...`` compiles only those ops (registry names) and replaces only their kernels' rows in it
 (a new op checked without recompiling the rest: ``seconds`` is then that run's).
 
 Register allocation differs between Triton versions, so a launch choice may have to depend on
-the version: op modules pick such values with ``for_triton`` at import time, and both their
+the version: op modules pick such values with ``_compat.for_triton`` at import time, and both their
 launchers and their ``aot_configs()`` read the picked values, so that ``aot_configs()`` lists
 exactly what the launchers can select under the running Triton.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import importlib
 import json
 import os
 import re
@@ -37,86 +35,16 @@ import sys
 import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
-# The per-version hook, defined in ``_compat`` (op modules call it at import time; importing
-# this module from the package would shadow ``python -m avpt_kernels.aot``).
-from ._compat import for_triton, triton_version  # noqa: F401
-
-OP_MODULES = ("avpt_kernels.ops.pim", "avpt_kernels.ops.region_pool", "avpt_kernels.ops.prompt_bank",
-              "avpt_kernels.ops.low_rank_project")
+from .ops import OPS
+from .ops.kernel_config import KernelConfig
 
 # target name -> (compute capability, max shared memory per block in bytes, opt-in)
 TARGETS = {"sm_80": (80, 163 * 1024), "sm_90a": (90, 227 * 1024)}
 
 
-@dataclasses.dataclass(frozen=True)
-class KernelConfig:
-    """One compilable configuration: ``signature`` maps every argument name to a triton type
-    ("*fp32", "i32", "fp32", ... or "constexpr"); ``constexprs`` gives the constexpr values."""
-    fn: Any
-    signature: Dict[str, str]
-    constexprs: Dict[str, Any]
-    num_warps: int = 4
-    num_stages: int = 2
-    maxnreg: Optional[int] = None  # the launch's register cap (PTX .maxnreg), if it sets one
-
-    @property
-    def kernel(self) -> str:
-        return getattr(self.fn, "__name__", None) or self.fn.fn.__name__
-
-    @property
-    def label(self) -> str:
-        parts = [f"{k}={v}" for k, v in sorted(self.constexprs.items())]
-        extra = [f"maxnreg={self.maxnreg}"] if self.maxnreg else []
-        return ",".join(parts + [f"num_warps={self.num_warps}", f"num_stages={self.num_stages}"]
-                        + extra)
-
-
-def parameters(fn) -> List[tuple]:
-    """(name, is_constexpr) of each parameter of kernel ``fn``, in order: from the jitted
-    function's own record, or (under TRITON_INTERPRET=1, where ``@triton.jit`` gives an
-    interpreted function) from the Python signature's ``tl.constexpr`` annotations."""
-    if hasattr(fn, "params"):
-        return [(p.name, bool(p.is_constexpr)) for p in fn.params]
-    import inspect
-
-    params = inspect.signature(getattr(fn, "fn", fn)).parameters.values()
-    return [(p.name, "constexpr" in str(p.annotation)) for p in params]
-
-
-def signature(fn, pointers: Optional[Dict[str, str]] = None, floats: Sequence[str] = (),
-              pointer: str = "*fp32") -> Dict[str, str]:
-    """The compile signature of kernel ``fn`` read from its own parameter list, so that the AOT
-    list cannot drift from the kernel: constexpr parameters -> "constexpr"; ``*_ptr`` parameters
-    -> ``pointers[name]`` where given, else ``pointer``; parameters named in ``floats`` -> "fp32";
-    every other one (sizes, strides, flags) -> "i32". Names the kernel lacks are ignored (one
-    table serves all of an op's kernels)."""
-    pointers = dict(pointers or {})
-    sig = {}
-    for name, is_constexpr in parameters(fn):
-        if is_constexpr:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = pointers.get(name, pointer)
-        else:
-            sig[name] = "fp32" if name in floats else "i32"
-    return sig
-
-
-def tl_type(dtype) -> str:
-    """Triton's name of a torch floating dtype ("fp32", "fp16", "bf16")."""
-    import torch
-
-    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-
-
 def collect() -> List[KernelConfig]:
-    """Every configuration of every op module that defines ``aot_configs``."""
-    configs = []
-    for name in OP_MODULES:
-        module = importlib.import_module(name)
-        if hasattr(module, "aot_configs"):
-            configs.extend(module.aot_configs())
-    return configs
+    """Every configuration of every op of the registry (``OPS[name].aot_configs()``), op by op."""
+    return [cfg for op in OPS.values() for cfg in op.aot_configs()]
 
 
 def _ptxas(ptx: str, arch: str) -> Dict[str, int]:
@@ -180,16 +108,19 @@ def sample(configs: Sequence[KernelConfig]) -> List[int]:
 
 
 def _op_indices(configs: Sequence[KernelConfig], ops: Sequence[str]) -> List[int]:
-    """Indices in ``configs`` (``collect()``) of the kernels defined by the op modules named in
-    ``ops`` (short names: "pim", "low_rank_project", ...; a package covers its submodules)."""
-    known = {name.rsplit(".", 1)[-1]: name for name in OP_MODULES}
-    unknown = [op for op in ops if op not in known]
+    """Indices in ``configs`` (``collect()``) of the configurations of the ops named in ``ops``
+    (registry names: "pim", "low_rank_project", ...)."""
+    unknown = [op for op in ops if op not in OPS]
     if unknown:
-        raise SystemExit(f"avpt_kernels.aot: --ops {unknown} unknown; expected some of {sorted(known)}")
-    prefixes = tuple(known[op] for op in ops)
-    return [i for i, cfg in enumerate(configs)
-            if (getattr(cfg.fn, "fn", cfg.fn).__module__ + ".").startswith(
-                tuple(p + "." for p in prefixes))]
+        raise SystemExit(f"avpt_kernels.aot: --ops {unknown} unknown; expected some of {sorted(OPS)}")
+    indices, at = [], 0
+    for name, op in OPS.items():
+        count = len(op.aot_configs())
+        if name in ops:
+            indices.extend(range(at, at + count))
+        at += count
+    assert at == len(configs), "configs must be collect()'s list"
+    return indices
 
 
 def _compile_collected(job) -> Dict[str, Any]:
@@ -268,7 +199,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sample", action="store_true",
                     help="compile only the first and last configuration of each kernel (CI)")
     ap.add_argument("--ops", nargs="+", metavar="OP",
-                    help="compile only these op modules (e.g. low_rank_project) and replace their "
+                    help="compile only these ops (registry names, e.g. low_rank_project) and replace their "
                          "kernels' rows in the recorded entry, keeping the others (rows of "
                          "kernels that no op defines any more are dropped)")
     args = ap.parse_args(argv)

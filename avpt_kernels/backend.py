@@ -1,6 +1,6 @@
 """Backend choice for every op, in one place.
 
-``"torch"``  the pure-PyTorch reference (``avpt_kernels.reference``), autograd by PyTorch.
+``"torch"``  the pure-PyTorch reference (``avpt_kernels.ops.<op>.reference``), autograd by PyTorch.
 ``"triton"`` the fused Triton kernels: CUDA tensors, or CPU tensors when ``TRITON_INTERPRET=1``
              was set before triton was imported (how the tests run kernels without a GPU).
 ``"auto"``   (default) ``"triton"`` where the op has a kernel and the tensors can run it,

@@ -1,9 +1,9 @@
 """What a user would pick instead of the fused kernels: PIM (Eqs. 5-10) written the way a PyTorch
-expert would write it, for the benchmarks' "expert" providers (``benchmarks/test_ops.py``: as it
-is, and under ``torch.compile(mode="max-autotune")``).
+expert would write it, for the benchmarks' "expert" providers (``benchmarks/ops/test_pim.py``:
+as it is, and under ``torch.compile(mode="max-autotune")``).
 
-Against ``reference.pim`` (which keeps the paper's one-``nn.Linear``-per-projection layout and
-upcasts 16-bit inputs to fp32), this version:
+Against ``ops.pim.reference.pim`` (which keeps the paper's one-``nn.Linear``-per-projection
+layout and upcasts 16-bit inputs to fp32), this version:
 
 * runs in the input dtype (bf16 stays bf16 on the tensor cores; only the softmax is fp32);
 * fuses the projections into one GEMM per input: tokens ``z @ [Wq1*s; Wv1; Wk2]^T`` (the three
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .reference import PIMParams
+from .ops.pim import PIMParams
 
 
 class ExpertPIMWeights(NamedTuple):
@@ -94,7 +94,8 @@ def pim_expert(z: Tensor, p: Tensor, w: ExpertPIMWeights, num_heads: int):
     """Eqs. 5-10 for one layer (``t2p_reduce="sum"``), in the input dtype.
 
     z: [B, T, D] tokens (class token at 0); p: [B, K, D] prompts; w: ``fuse_pim_weights(...)``.
-    Returns ``(z_out [B,T,D], p_tilde [B,K,D])``, equal to ``reference.pim`` up to rounding.
+    Returns ``(z_out [B,T,D], p_tilde [B,K,D])``, equal to ``ops.pim.reference.pim`` up to
+    rounding.
     """
     attn = w.p_w.shape[0]
     q1, v1, k2 = F.linear(z, w.z_w, w.z_b).split(attn, dim=-1)  # [B,T,A] each

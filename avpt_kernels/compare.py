@@ -14,7 +14,8 @@ from typing import Callable, List, Sequence
 import torch
 
 from . import backend as backends
-from .ops.specs import SPECS, Shape
+from .ops import OPS
+from .ops.opspec import Shape
 from .testing import tolerance
 
 
@@ -40,11 +41,12 @@ def _rel_err(got: Sequence[torch.Tensor], want: Sequence[torch.Tensor]) -> float
 
 
 def compare(b=2, t=197, d=768, k=6, r=3, device="cpu", dtype=torch.float32) -> List[dict]:
-    """Every op (``avpt_kernels.ops.specs``: token maps, the A-VPT model's PIM layout) on both
-    backends against its fp64 evaluation."""
+    """Every op of the registry (``avpt_kernels.ops.OPS``, each at its ``SPEC``'s inputs: token
+    maps, the A-VPT model's PIM layout) on both backends against its fp64 evaluation."""
     rows = []
     shape = Shape(B=b, T=t, D=d, K=k, R=r)
-    for op, spec in SPECS.items():
+    for op, package in OPS.items():
+        spec = package.SPEC
         fn = spec.op(shape)
         inputs = spec.inputs(shape, dtype, device, requires_grad=True)
         truth_in = [x.detach().double().requires_grad_(True) for x in inputs]

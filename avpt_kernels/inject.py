@@ -493,7 +493,3 @@ def pim_gates_shut(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for b, was in zip(blocks, previous):
             b.gates_shut = was
-
-
-from .inject_io import (load_pim_pretrained, load_pim_state_dict, pim_state_dict,  # noqa: E402
-                        save_pim_pretrained)

@@ -8,9 +8,10 @@ import torch
 from torch import Tensor, nn
 
 from ._autocast import autocast_dtype
-from .ops.pim import packed_size, pim, pim_packed, unpack_weights
+from .ops.common import contiguous_stages
+from .ops.pim import PIMParams, packed_size, pim, pim_packed, unpack_weights
+from .ops.pim.weights import load_linear_layout
 from .ops.prompt_bank import prompt_bank
-from .reference import PIMParams
 from .ops.region_pool import region_pool
 
 # The ops compute in fp32 whatever autocast says (autocast is off inside them); the modules
@@ -34,11 +35,6 @@ class RegionPool(nn.Module):
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"
-
-
-def contiguous_stages(num_layers: int, num_stages: int) -> list:
-    """Stage of each layer when ``num_layers`` are split into ``num_stages`` contiguous groups."""
-    return [layer * num_stages // num_layers for layer in range(num_layers)]
 
 
 class LowRankPromptBank(nn.Module):
@@ -112,7 +108,7 @@ class PromptTokenInteraction(nn.Module):
         self.t2p_reduce, self.backend = t2p_reduce, backend
         self.packed = nn.Parameter(torch.empty(packed_size(dim, num_heads * head_dim, gate_hidden)))
         self.reset_parameters()
-        self._register_load_state_dict_pre_hook(_load_linear_layout, with_module=True)
+        self._register_load_state_dict_pre_hook(load_linear_layout, with_module=True)
 
     def reset_parameters(self) -> None:
         """nn.Linear's initialisation per projection, in nn.Linear construction order; p2t_o = 0."""
@@ -154,14 +150,3 @@ class PromptTokenInteraction(nn.Module):
 def _to_autocast(z: Tensor, p: Tensor):
     cast = _autocast_dtype(z.device)
     return (z, p) if cast is None else (z.to(cast), p.to(cast))
-
-
-_LINEAR_NAMES = ("t2p_q", "t2p_k", "t2p_v", "t2p_o", "p2t_q", "p2t_k", "p2t_v", "p2t_o", "gate.0",
-                 "gate.2")
-
-
-def _load_linear_layout(module, state_dict, prefix, *args) -> None:
-    """Pack a state dict saved with one nn.Linear per projection into ``packed``."""
-    keys = [f"{prefix}{n}.{part}" for n in _LINEAR_NAMES for part in ("weight", "bias")]
-    if prefix + "packed" not in state_dict and all(k in state_dict for k in keys):
-        state_dict[prefix + "packed"] = torch.cat([state_dict.pop(k).reshape(-1) for k in keys])

@@ -68,7 +68,7 @@ def random_pim_params(dim: int, width: int, gate_hidden: int, dtype=torch.float3
                       generator: Optional[torch.Generator] = None):
     """PIMParams with weights ~ N(0, 1/fan_in) and biases ~ N(0, 0.1^2): attention logits of
     order one, so softmaxes are neither uniform nor one-hot and every gradient is exercised."""
-    from .reference import PIMParams
+    from .ops.pim.weights import PIMParams
 
     shapes = {}
     for side in ("t2p", "p2t"):

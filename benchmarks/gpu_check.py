@@ -52,7 +52,7 @@ GRACE_S = (15, 5)        # after the limit: SIGINT, then SIGTERM after 15 s, SIG
 # (test_metrics.py is cpu_only: the tier's marker must leave its dice test out)
 DRY_TIER = ["tests/test_modules.py", "tests/test_metrics.py", "-k",
             "packs_its_weights or loads_a_state_dict or backend_switch or dice_iou_known"]
-DRY_BENCH = ["benchmarks/test_ops.py", "-k", "host_time and region_pool"]
+DRY_BENCH = ["benchmarks/ops/test_region_pool.py", "-k", "host_time"]
 DRY_PROFILE = ["backbone", "--parts", "infer"]  # one small CPU smoke part of the profile
 
 

@@ -78,7 +78,7 @@ def record_launches(log: List[Launch]):
     """Intercept every Triton launch under TRITON_INTERPRET=1: record it, run nothing."""
     from triton.runtime import interpreter
 
-    from avpt_kernels.aot import parameters
+    from avpt_kernels.ops.kernel_config import parameters
 
     real = interpreter.InterpretedFunction.run
 

@@ -1,5 +1,5 @@
 """Independent compositions of Eqs. 2, 4 and 5-10, written from the paper without reusing
-``avpt_kernels.reference``: per-head loops with weight slices, explicit exp-normalise softmax,
+``avpt_kernels.ops.<op>.reference``: per-head loops with weight slices, explicit exp-normalise softmax,
 F.layer_norm, explicit low-rank products. The reference is tested against these."""
 import math
 

@@ -1,4 +1,4 @@
-"""The extreme-logits case of tests/test_pim_triton.py on the CPU, under two changes to the Triton
+"""The extreme-logits case of tests/ops/test_pim.py on the CPU, under two changes to the Triton
 interpreter's arithmetic (test harness only; both need TRITON_INTERPRET=1):
 
 ``gpu_like_math``: fp32 arithmetic closer to what compiled sm_90 code does than numpy's:
@@ -118,9 +118,9 @@ def extreme_case_errors(gain: float, backend: str, forward_ctx=None, backward_ct
     """max |x - truth| / max |truth| of z_out, p_tilde, attn and the gradients of z and p for the
     extreme-logits inputs with query weights x ``gain`` (the test's: 3000), fp32, on the CPU."""
     import avpt_kernels as ak
-    from avpt_kernels import reference
+    from avpt_kernels.ops.pim import reference
     from avpt_kernels.testing import relative_error
-    from tests.test_pim_triton import _cotangents, _fp64, _inputs
+    from tests.ops.test_pim import _cotangents, _fp64, _inputs
 
     z, p, w = _inputs(*EXTREME_SHAPE, logit_gain=gain, seed=EXTREME_SEED)
     with forward_ctx or contextlib.nullcontext():

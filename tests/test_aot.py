@@ -10,6 +10,8 @@ import triton
 import triton.language as tl
 
 from avpt_kernels import aot
+from avpt_kernels._compat import for_triton, triton_version
+from avpt_kernels.ops import OPS
 
 # The GPU tier leaves these out: not a device path (compile checks for sm_80/sm_90a: no GPU used).
 pytestmark = pytest.mark.cpu_only
@@ -40,9 +42,9 @@ def _compile_all(tmp_path, *flags):
 def test_every_shipped_kernel_config_compiles_without_spills(tmp_path):
     rows = _compile_all(tmp_path)
     assert len(rows) == 2 * len(aot.collect())
-    # Every op module contributes its configurations.
-    modules = {c.fn.fn.__module__ for c in aot.collect()}
-    assert all(any(m.startswith(name) for m in modules) for name in aot.OP_MODULES), modules
+    # Every op of the registry contributes its configurations.
+    assert all(op.aot_configs() for op in OPS.values()), [n for n, op in OPS.items()
+                                                          if not op.aot_configs()]
 
 
 def test_a_sample_of_every_kernel_compiles_without_spills(tmp_path):
@@ -69,8 +71,9 @@ def test_the_recorded_table_covers_every_config_spill_free():
 def test_harness_reports_a_probe_kernel_in_a_subprocess():
     code = (
         "from avpt_kernels import aot\n"
+        "from avpt_kernels.ops.kernel_config import KernelConfig\n"
         "from tests.test_aot import _probe_kernel\n"
-        "cfg = aot.KernelConfig(_probe_kernel, {'x_ptr': '*fp32', 'y_ptr': '*fp32', 'n': 'i32',"
+        "cfg = KernelConfig(_probe_kernel, {'x_ptr': '*fp32', 'y_ptr': '*fp32', 'n': 'i32',"
         " 'BLOCK': 'constexpr'}, {'BLOCK': 128})\n"
         "rows = aot.run([cfg])\n"
         "assert len(rows) == 2 and all(r['ok'] for r in rows), rows\n"
@@ -85,11 +88,11 @@ def test_harness_reports_a_probe_kernel_in_a_subprocess():
 
 def test_for_triton_picks_the_newest_entry_not_newer_than_the_running_version():
     choices = {(3, 0): "old", (3, 7): "new"}
-    assert aot.for_triton(choices, "3.6.0") == "old"
-    assert aot.for_triton(choices, "3.7.0") == "new"
-    assert aot.for_triton(choices, "3.8.0+git1234") == "new"
-    assert aot.for_triton(choices, "2.3.1") == "old"  # older than every key: the oldest entry
-    assert aot.triton_version("3.10.2") == (3, 10)
+    assert for_triton(choices, "3.6.0") == "old"
+    assert for_triton(choices, "3.7.0") == "new"
+    assert for_triton(choices, "3.8.0+git1234") == "new"
+    assert for_triton(choices, "2.3.1") == "old"  # older than every key: the oldest entry
+    assert triton_version("3.10.2") == (3, 10)
 
 
 def test_aot_json_keeps_one_entry_per_triton_version(tmp_path):

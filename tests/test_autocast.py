@@ -18,9 +18,12 @@ import torch
 
 import avpt_kernels as ak
 from avpt.losses import AVPTLoss
-from avpt_kernels import reference
-from avpt_kernels.testing import (assert_bounded_error, assert_close, assert_grads_close,
-                                  random_pim_params)
+from avpt_kernels.ops import OPS as OP_REGISTRY
+from avpt_kernels.ops.opspec import Shape, layer_stages
+from avpt_kernels.ops.pim import reference as pim_ref
+from avpt_kernels.ops.prompt_bank import reference as prompt_bank_ref
+from avpt_kernels.ops.region_pool import reference as region_pool_ref
+from avpt_kernels.testing import assert_bounded_error, assert_close, assert_grads_close
 from tests.determinism import assert_same_run, watch_determinism
 from tests.tiny_models import trained_looking_tiny_avpt
 
@@ -41,29 +44,21 @@ def _cases(ops, backends=BACKENDS, dtypes=(None,)):
 # ----------------------------------------------------------------------------------------------
 # the ops: inputs, the op under test, the fp64 truth
 # ----------------------------------------------------------------------------------------------
-OPS = ("region_pool", "region_pool_pixel", "prompt_bank", "pim")
-LAYER_STAGE = [0, 0, 1]
+# Each case is an op's SPEC (``avpt_kernels.ops.OPS``) at a small shape; region pooling twice:
+# token maps, and pixel maps at twice the resolution of the 4x4 patch grid.
+CASES = {"region_pool": ("region_pool", Shape(B=2, T=17, D=32, R=3)),
+         "region_pool_pixel": ("region_pool", Shape(B=2, T=17, D=32, R=3, map_side=8)),
+         "prompt_bank": ("prompt_bank", Shape(B=2, T=17, D=32, K=6, R=3, layers=3, stages=2,
+                                              rank=4)),
+         "pim": ("pim", Shape(B=2, T=17, D=32, K=3, heads=2, head_dim=16, gate=8))}
+OPS = tuple(CASES)
+LAYER_STAGE = layer_stages(CASES["prompt_bank"][1])  # [0, 0, 1]
 
 
 def _make_inputs(op, dtype=torch.float32):
-    """Leaf tensors of one small case (made in fp64, then rounded to ``dtype``)."""
-    g = torch.Generator().manual_seed(7)
-
-    def leaf(*shape, unit=False):
-        t = torch.rand(shape, generator=g, dtype=torch.float64) if unit else \
-            torch.randn(shape, generator=g, dtype=torch.float64)
-        return t.to(dtype=dtype, device=DEVICE).requires_grad_(True)
-
-    if op == "region_pool":  # token maps
-        return [leaf(2, 17, 32), leaf(2, 16, 3, unit=True)]
-    if op == "region_pool_pixel":  # pixel maps, patch grid 4x4
-        return [leaf(2, 17, 32), leaf(2, 3, 8, 8, unit=True)]
-    if op == "prompt_bank":
-        return [leaf(2, 3, 32), leaf(6, 32), leaf(2, 32, 4), leaf(2, 4, 32),
-                leaf(3, 32), leaf(3, 32), leaf(3, 32)]
-    w = random_pim_params(32, 32, 8, generator=g)  # fp32 leaves on the CPU
-    w = [t.detach().double().to(dtype=dtype, device=DEVICE).requires_grad_(True) for t in w]
-    return [leaf(2, 17, 32), leaf(2, 3, 32), *w]
+    """Leaf tensors of one small case (the op's ``SPEC.inputs``, in ``dtype``)."""
+    name, shape = CASES[op]
+    return list(OP_REGISTRY[name].SPEC.inputs(shape, dtype, DEVICE, seed=7, requires_grad=True))
 
 
 def _call(op, inputs, backend_name=None):
@@ -72,15 +67,15 @@ def _call(op, inputs, backend_name=None):
     if op.startswith("region_pool"):
         if backend_name is None:
             grid = (4, 4) if inputs[1].dim() == 4 else None
-            return (reference.region_pool(*inputs, 1e-6, grid),)
+            return (region_pool_ref.region_pool(*inputs, 1e-6, grid),)
         return (ak.region_pool(*inputs, backend=backend_name),)
     if op == "prompt_bank":
         if backend_name is None:
-            return (reference.prompt_bank(*inputs, LAYER_STAGE),)
+            return (prompt_bank_ref.prompt_bank(*inputs, LAYER_STAGE),)
         return (ak.prompt_bank(*inputs, LAYER_STAGE, backend=backend_name),)
     z, p, *w = inputs
     if backend_name is None:
-        return reference.pim(z, p, ak.PIMParams(*w), 2, return_attn=True)
+        return pim_ref.pim(z, p, ak.PIMParams(*w), 2, return_attn=True)
     return ak.pim(z, p, ak.PIMParams(*w), 2, return_attn=True, backend=backend_name)
 
 
@@ -363,7 +358,7 @@ def test_training_step_pim_calls_under_autocast_obey_the_bounded_error_rule(monk
         as_leaf = (lambda x: x.double().requires_grad_(True)) if backend is None \
             else (lambda x: x.clone().requires_grad_(True))
         z, p, w = as_leaf(z), as_leaf(p), ak.PIMParams(*(as_leaf(x) for x in w))
-        o = reference.pim(z, p, w, h, reduce) if backend is None \
+        o = pim_ref.pim(z, p, w, h, reduce) if backend is None \
             else ak.pim(z, p, w, h, reduce, backend=backend)
         g = torch.autograd.grad(o, (z, p, *w), tuple(x.to(y.dtype) for x, y in zip(grads, o)))
         return dict(z_out=o[0], p_tilde=o[1], **dict(zip(PIM_NAMES, g)))
@@ -378,6 +373,6 @@ def test_training_step_pim_calls_under_autocast_obey_the_bounded_error_rule(monk
                              zero_scale=zero, label=f"PIM call {i} of an autocast step",
                              # the fp32 master weights' gradients at bf16 level here: the gate's
                              # (a sum over T x D that cancels) differ from torch's fp32 by
-                             # rounding luck; test_bounded_error_pim judges them at fp32 level
+                             # rounding luck; tests/ops/test_pim_bounded_error.py judges them at fp32 level
                              # on well-conditioned inputs
                              fp32_floor=None)

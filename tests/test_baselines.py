@@ -1,9 +1,11 @@
-"""The benchmarks' expert PIM (``avpt_kernels.baselines``) computes what ``reference.pim`` does:
-outputs in fp64 (to rounding) and fp32, and the gradients of every input and weight in fp64."""
+"""The benchmarks' expert PIM (``avpt_kernels.baselines``) computes what
+``ops.pim.reference.pim`` does: outputs in fp64 (to rounding) and fp32, and the gradients of every
+input and weight in fp64."""
 import pytest
 import torch
 
-from avpt_kernels import reference
+from avpt_kernels.ops.pim import PIMParams
+from avpt_kernels.ops.pim import reference as pim_ref
 from avpt_kernels.baselines import fuse_pim_weights, pim_expert
 from avpt_kernels.testing import random_pim_params
 
@@ -22,7 +24,7 @@ def _inputs(dtype, requires_grad=False):
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-5)])
 def test_expert_pim_equals_the_reference(dtype, tol):
     z, p, params = _inputs(dtype)
-    want = reference.pim(z, p, params, HEADS)
+    want = pim_ref.pim(z, p, params, HEADS)
     got = pim_expert(z, p, fuse_pim_weights(params, HEADS), HEADS)
     for name, g, w in zip(("z_out", "p_tilde"), got, want):
         assert g.dtype == dtype and g.shape == w.shape
@@ -40,9 +42,9 @@ def test_expert_pim_gradients_equal_the_reference_in_fp64():
         loss = (outputs[0] * dz).sum() + (outputs[1] * dp).sum()
         return torch.autograd.grad(loss, leaves)
 
-    want = grads(reference.pim(z, p, params, HEADS))
+    want = grads(pim_ref.pim(z, p, params, HEADS))
     got = grads(pim_expert(z, p, fuse_pim_weights(params, HEADS), HEADS))
-    names = ("z", "p") + reference.PIMParams._fields
+    names = ("z", "p") + PIMParams._fields
     for name, g, w in zip(names, got, want):
         # The key biases' gradients are zero in exact arithmetic (a bias on the keys adds one
         # constant to every logit along the softmax axis): judged on the key weight's scale.

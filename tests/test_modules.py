@@ -20,7 +20,7 @@ def _randomise(module):
 
 
 # The ViT-B/16 width runs on the torch backend here (the Triton kernels have their own D=768
-# tests in test_pim_triton.py); the small shape runs on whatever "auto" picks as well.
+# tests in tests/ops/test_pim.py); the small shape runs on whatever "auto" picks as well.
 @pytest.mark.parametrize("b,t,d,k,h,dh,backend_name", [
     (1, 197, 768, 6, 12, 8, "torch"), (2, 197, 64, 5, 4, 16, "torch"), (2, 197, 64, 5, 4, 16, "auto")])
 def test_pim_module_forward_and_grads(b, t, d, k, h, dh, backend_name):

@@ -6,8 +6,12 @@ import pytest
 import torch
 
 import avpt_kernels as ak
-from avpt_kernels import reference
-from avpt_kernels.ops.specs import SPECS, Shape
+from avpt_kernels.ops import OPS
+from avpt_kernels.ops.opspec import Shape
+from avpt_kernels.ops.pim import PIMParams
+from avpt_kernels.ops.pim import reference as pim_ref
+from avpt_kernels.ops.prompt_bank import reference as prompt_bank_ref
+from avpt_kernels.ops.region_pool import reference as region_pool_ref
 from avpt_kernels.testing import assert_close, assert_grads_close, random_pim_params
 
 from . import independent
@@ -32,9 +36,9 @@ def _leaf(*shape, dtype=torch.float32, low=None):
 def test_gradcheck_region_pool_token_and_pixel_maps():
     f = _leaf(2, 17, 8, dtype=torch.float64)
     a = _leaf(2, 16, 3, dtype=torch.float64, low=0)
-    assert torch.autograd.gradcheck(lambda f, a: reference.region_pool(f, a, 1e-6), (f, a))
+    assert torch.autograd.gradcheck(lambda f, a: region_pool_ref.region_pool(f, a, 1e-6), (f, a))
     pix = _leaf(2, 3, 8, 8, dtype=torch.float64, low=0)
-    assert torch.autograd.gradcheck(lambda f, a: reference.region_pool(f, a, 1e-6, (4, 4)), (f, pix))
+    assert torch.autograd.gradcheck(lambda f, a: region_pool_ref.region_pool(f, a, 1e-6, (4, 4)), (f, pix))
 
 
 def test_gradcheck_prompt_bank():
@@ -42,14 +46,14 @@ def test_gradcheck_prompt_bank():
             _leaf(3, 8), _leaf(3, 8), _leaf(3, 8)]
     args = [a.detach().double().requires_grad_() for a in args]
     assert torch.autograd.gradcheck(
-        lambda *xs: reference.prompt_bank(*xs, [0, 0, 1], 1e-5), tuple(args))
+        lambda *xs: prompt_bank_ref.prompt_bank(*xs, [0, 0, 1], 1e-5), tuple(args))
 
 
 @pytest.mark.parametrize("reduce", ["sum", "mean"])
 def test_gradcheck_pim(reduce):
     z, p = _leaf(2, 7, 8, dtype=torch.float64), _leaf(2, 3, 8, dtype=torch.float64)
     w = random_pim_params(8, 8, 5, dtype=torch.float64)
-    fn = lambda z, p, *ws: reference.pim(z, p, reference.PIMParams(*ws), 2, reduce)  # noqa: E731
+    fn = lambda z, p, *ws: pim_ref.pim(z, p, PIMParams(*ws), 2, reduce)  # noqa: E731
     # fast_mode checks random projections of the Jacobian (22 inputs: the full one is slow).
     assert torch.autograd.gradcheck(fn, (z, p, *w), fast_mode=True)
 
@@ -78,7 +82,7 @@ def test_pim_matches_independent(b, t, d, k, h, dh, g, reduce):
     truth = independent.pim(truth_in[0], truth_in[1], ak.PIMParams(*truth_in[2:]), h, reduce)
     truth_g = _grads(truth[:2], truth_in)
     for dtype_inputs in (_fp64(inputs), inputs):
-        got = reference.pim(dtype_inputs[0], dtype_inputs[1], ak.PIMParams(*dtype_inputs[2:]), h,
+        got = pim_ref.pim(dtype_inputs[0], dtype_inputs[1], ak.PIMParams(*dtype_inputs[2:]), h,
                             reduce, return_attn=True)
         dt = dtype_inputs[0].dtype
         for name, x, y in zip(("z_out", "p_tilde", "attn"), got, truth):
@@ -89,7 +93,7 @@ def test_pim_matches_independent(b, t, d, k, h, dh, g, reduce):
 @pytest.mark.parametrize("b,t,r,d", [(1, 197, 3, 768), (2, 17, 1, 16), (3, 50, 5, 24)])
 def test_region_pool_matches_independent(b, t, r, d):
     f, a = _leaf(b, t, d), _leaf(b, t - 1, r, low=0)
-    got, want = reference.region_pool(f, a, 1e-6), independent.region_pool(f, a, 1e-6)
+    got, want = region_pool_ref.region_pool(f, a, 1e-6), independent.region_pool(f, a, 1e-6)
     assert_close(got, want, name="pooled")
     for name, x, y in zip(("features", "maps"), _grads([got], (f, a)), _grads([want], (f, a))):
         assert_close(x, y, name=f"grad {name}")
@@ -111,7 +115,7 @@ def test_prompt_bank_matches_independent(stages, r, m, rank):
     d, b, s = 48, 2, max(stages) + 1
     args = [_leaf(b, r, d), _leaf(r * m, d), _leaf(s, d, rank), _leaf(s, rank, d),
             _leaf(12, d), _leaf(12, d), _leaf(12, d)]
-    got = reference.prompt_bank(*args, stages, 1e-5)
+    got = prompt_bank_ref.prompt_bank(*args, stages, 1e-5)
     want = independent.prompt_bank(*args, stages, 1e-5)
     assert got.shape == (12, b, r * m, d)
     assert_close(got, want, name="prompts")
@@ -172,20 +176,20 @@ def test_attention_axes_and_mean_reduce():
 def test_low_precision_inputs_keep_dtype_and_stay_close(dtype):
     z, p = torch.randn(2, 197, 64), torch.randn(2, 6, 64)
     w = random_pim_params(64, 32, 16, requires_grad=False)
-    low = reference.pim(z.to(dtype), p.to(dtype), reference.PIMParams(*(t.to(dtype) for t in w)), 2)
-    high = reference.pim(z.to(dtype).float(), p.to(dtype).float(),
-                         reference.PIMParams(*(t.to(dtype).float() for t in w)), 2)
+    low = pim_ref.pim(z.to(dtype), p.to(dtype), PIMParams(*(t.to(dtype) for t in w)), 2)
+    high = pim_ref.pim(z.to(dtype).float(), p.to(dtype).float(),
+                         PIMParams(*(t.to(dtype).float() for t in w)), 2)
     for x, y, name in zip(low, high, ("z_out", "p_tilde")):
         assert x.dtype == dtype
         assert_close(x, y, dtype=dtype, name=name)
 
 
-@pytest.mark.parametrize("name", sorted(SPECS))
+@pytest.mark.parametrize("name", sorted(OPS))
 def test_op_specs_describe_each_op(name):
     """The shared op description (tests, benchmarks, compare.py): its inputs run through the
     reference and through the public op on the torch backend to the same values, and its traffic
     floor grows with the backward pass."""
-    spec = SPECS[name]
+    spec = OPS[name].SPEC
     shape = Shape(B=2, T=17, D=32, K=6, R=3, layers=4, stages=2, rank=4)
     for maps_in_pixels in ((0, 8) if name == "region_pool" else (0,)):
         s = dataclasses.replace(shape, map_side=maps_in_pixels)

@@ -3,9 +3,11 @@
 account of the algorithm and its costs; the kernels' docstrings give their shapes.
 
 Files: ``forward`` and ``backward`` (the Triton kernels), ``dots`` (exact and split tile
-products), ``weights`` (the packed weight layout), ``launch`` (limits, ``Layout``: grids and
-buffers, the traffic model, the launch sequences), ``op`` (checks, dispatch, custom ops,
-autograd), ``configs`` (the AOT list).
+products), ``weights`` (``PIMParams``, the packed layout, the legacy names, the sizes the Triton
+path takes), ``launch`` (``Layout``: tiles, grids and buffers; the launch sequences), ``op``
+(checks, dispatch, custom ops, autograd, the public entry points), ``configs`` (the AOT list),
+``reference`` (the torch ground truth), ``spec`` (inputs, the traffic floor and model: this
+op's entry in ``avpt_kernels.ops.OPS``).
 
 ``pim(z[B,T,D], p[B,K,D], params, num_heads) -> (z_out[B,T,D], p_tilde[B,K,D])``
 
@@ -53,7 +55,7 @@ Backward, 9 launches, every weight gradient a fixed-order sum (deterministic on 
   => 5 Z-sized streams + 16 rows: ~74 MB, 22 us at 3.35 TB/s.
 Saved for backward: z, p, the flat weights and one fp32 state buffer (X, o2, K1, msg, p_tilde,
 q2/v2, the softmax statistics, the gate's pre-activation and alpha): 7.3 MB a layer at the
-model shape. ``launch.pim_achieved_bytes`` is the traffic model; ``benchmarks/kernel_model.py``
+model shape. ``spec.pim_achieved_bytes`` is the traffic model; ``benchmarks/kernel_model.py``
 counts grids, waves, serial iterations, bytes and FLOPs of every launch.
 
 Precision (the bounded-error rule, ``avpt_kernels.testing.assert_bounded_error``: in fp16 and
@@ -64,15 +66,17 @@ fp32 operands a three-part one (``dots._mm_split``: ~fp32 accuracy on 16-bit ten
 fp32 for fp32 inputs). The softmaxes are computed in fp32 from fp32 logits, so high-norm tokens
 and sharp attention cost no more than in the torch backend.
 
-Supported by the Triton path: fp32/fp16/bf16, any D and T, 1 <= K <= 16, head width 8..64,
-A = H * head width <= 64, gate hidden width <= 64. Anything else: ``ValueError`` for
-``backend="triton"``, the torch path for ``"auto"``.
+The sizes the Triton path takes (anything else: ``ValueError`` for ``backend="triton"``, the
+torch path for ``"auto"``): ``weights``.
 """
-from .launch import pim_achieved_bytes, pim_min_bytes, triton_unsupported_reason
-from .weights import pack_weights, packed_size, unpack_weights, weight_shapes
-from .op import check_args, pim, pim_backward_op, pim_forward_op, pim_packed
+from .weights import PIMParams, pack_weights, packed_size, unpack_weights, weight_shapes
+from .op import (check_args, pim, pim_backward_op, pim_forward_op, pim_packed,
+                 triton_unsupported_reason)
 from .configs import aot_configs
+from .spec import SPEC, pim_achieved_bytes, pim_min_bytes
+from . import reference
 
-__all__ = ["pim", "pim_packed", "pack_weights", "unpack_weights", "packed_size", "weight_shapes",
-           "pim_min_bytes", "pim_achieved_bytes", "check_args", "triton_unsupported_reason",
-           "pim_forward_op", "pim_backward_op", "aot_configs"]
+__all__ = ["pim", "pim_packed", "PIMParams", "pack_weights", "unpack_weights", "packed_size",
+           "weight_shapes", "pim_min_bytes", "pim_achieved_bytes", "check_args",
+           "triton_unsupported_reason", "pim_forward_op", "pim_backward_op", "aot_configs", "SPEC",
+           "reference"]

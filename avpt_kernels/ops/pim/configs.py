@@ -1,14 +1,15 @@
 """PIM's ahead-of-time list: every kernel configuration the launchers can select (checked for
 compile errors and spills by ``avpt_kernels.aot``). Signatures come from the kernels' own
-parameter lists (``aot.signature``); the constexprs and launch options from ``Layout.meta``, the
-launchers' own source, over every padded size the limits allow."""
+parameter lists (``kernel_config.signature``); the constexprs and launch options from
+``Layout.meta``, the launchers' own source, over every padded size the limits allow."""
 from __future__ import annotations
 
 import torch
 
 from . import backward, forward
-from .launch import (_DOT_MODE, HEAD_WIDTHS, KERNELS, MAX_CHUNKS, MAX_WIDTH, REDUCE_BLOCK,
-                     REDUCE_WARPS, Layout, _pow2)
+from ..kernel_config import KernelConfig, signature, tl_type
+from .launch import _DOT_MODE, KERNELS, MAX_CHUNKS, REDUCE_BLOCK, REDUCE_WARPS, Layout, _pow2
+from .weights import HEAD_WIDTHS, MAX_WIDTH
 
 # Pointer parameters in the input dtype (all others are fp32 state, scratch or weights)
 _INPUT_POINTERS = ("z_ptr", "y_ptr", "p_ptr", "out_ptr", "dz_ptr", "dp_ptr", "gpt_ptr", "p_tilde_ptr")
@@ -34,8 +35,6 @@ def _layouts():
 
 def aot_configs():
     """Every (kernel, dtype, constexprs, warps, stages) the launchers can select."""
-    from ...aot import KernelConfig, signature, tl_type
-
     configs, keys = [], set()
 
     def add(fn, meta, pointers):

@@ -1,5 +1,6 @@
-"""PIM launchers: the Triton path's limits, the launch configuration of each pass (``Layout``),
-the traffic model, and ``_forward`` / ``_backward`` (the launch sequences of ``ops.pim``)."""
+"""PIM launchers: the launch configuration of each pass (``Layout``: tiles, grids, buffers) and
+``_forward`` / ``_backward`` (the launch sequences of the custom ops in ``op``). The sizes they
+take: ``weights``; the traffic model: ``spec``."""
 from __future__ import annotations
 
 import functools
@@ -11,21 +12,12 @@ import triton
 from torch import Tensor
 
 from ..._autocast import no_autocast
-from ...reference import PIMParams
 from .backward import (_grad_o2_kernel, _grad_z_kernel, _p2t_attn_bwd_kernel, _prompt_bwd_kernel,
                        _prompt_wgrad_kernel, _reduce_kernel, _t2p_attn_bwd_kernel, _wgrad_kernel)
 from .forward import (_output_kernel, _p2t_attn_kernel, _project_kernel, _prompt_kernel,
                       _t2p_attn_kernel)
-from .weights import field_offsets, pack_weights, packed_size, unpack_weights, weight_shapes  # noqa: F401
+from .weights import MAX_GATE_HIDDEN, field_offsets
 
-# Limits of the Triton path (anything else: ValueError for backend="triton", torch for "auto").
-# K, dh and G are padded to one power-of-two tile (>= 16, the tensor-core minimum) in the
-# per-(image, head) attention kernels; A to one in the prompt-row kernels.
-TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-MAX_PROMPTS = 16
-HEAD_WIDTHS = (8, 64)
-MAX_WIDTH = 64
-MAX_GATE_HIDDEN = 64
 # The gate's hidden units are padded to GP whatever G is (one compiled configuration fewer per
 # kernel that reads them; the [rows, GP] tiles are small).
 GP = MAX_GATE_HIDDEN
@@ -36,31 +28,6 @@ def _dot_mode(dtype: torch.dtype, device_type: str) -> int:
     if device_type == "cpu" and dtype != torch.float32:
         return {torch.bfloat16: 3, torch.float16: 4}[dtype]  # interpreter: see dots._mm
     return _DOT_MODE[dtype]
-
-
-def triton_unsupported_reason(z: Tensor, p: Tensor, params: PIMParams, num_heads: int) -> Optional[str]:
-    """Why the Triton path cannot run these (already validated) arguments, or None."""
-    a = params.t2p_q_w.shape[0]
-    return unsupported_sizes(z.dtype, z.shape[2], p.shape[1], num_heads, a // num_heads,
-                             params.gate_w1.shape[0])
-
-
-def unsupported_sizes(dtype: torch.dtype, d: int, k: int, num_heads: int, head_dim: int,
-                      gate_hidden: int) -> Optional[str]:
-    """``triton_unsupported_reason`` from the sizes alone (a few comparisons: ``pim_packed``
-    needs no weight views for it)."""
-    a = num_heads * head_dim
-    if dtype not in TRITON_DTYPES:
-        return f"z dtype {dtype} (the kernels take float32, float16 or bfloat16)"
-    if k > MAX_PROMPTS:
-        return f"K={k} prompts (the kernels take 1 to {MAX_PROMPTS})"
-    if not HEAD_WIDTHS[0] <= head_dim <= HEAD_WIDTHS[1]:
-        return f"head width {head_dim} (the kernels take {HEAD_WIDTHS[0]} to {HEAD_WIDTHS[1]})"
-    if a > MAX_WIDTH:
-        return f"attention width A={a} (num_heads * head width; the kernels take at most {MAX_WIDTH})"
-    if gate_hidden > MAX_GATE_HIDDEN:
-        return f"gate hidden width {gate_hidden} (the kernels take at most {MAX_GATE_HIDDEN})"
-    return None
 
 
 def _pow2(n: int) -> int:
@@ -225,39 +192,6 @@ def _carve_plan(fields: Tuple[Tuple[str, Tuple[int, ...]], ...]) -> List[Tuple[s
 
 def _f32(n: int, like: Tensor) -> Tensor:
     return torch.empty(n, device=like.device, dtype=torch.float32)
-
-
-# --------------------------------------------------------------------------------------------
-# Traffic model
-# --------------------------------------------------------------------------------------------
-def pim_min_bytes(B: int, T: int, D: int, K: int, A: int, dtype: torch.dtype,
-                  backward: bool = False) -> int:
-    """Traffic floor of one PIM layer: forward reads Z twice and writes z_out once; backward
-    reads Z and dZ_out twice each and writes dZ once. The K- and A-sized operands (P, P~,
-    weights) are added once. What the kernels here move: ``pim_achieved_bytes``."""
-    e = torch.empty((), dtype=dtype).element_size()
-    big = B * T * D * e
-    small = (2 * B * K * D + 8 * A * D) * e
-    return (5 if backward else 3) * big + small
-
-
-def pim_achieved_bytes(B: int, T: int, D: int, K: int, A: int, dtype: torch.dtype,
-                       backward: bool = False) -> int:
-    """DRAM traffic model of these kernels: the Z-sized streams (Z, z_out, dY, dZ) plus the fp32
-    token-row intermediates (X [B*T, 3A], o2, dX, dO2: ``row`` = B*T*A*4 bytes a column group
-    of A) and the small operands (P, p_tilde, weights). Forward: Z read twice (projection,
-    output), z_out written once; X written (3 rows) and read (Q1, V1: 2; K2: 1), o2 written
-    and read (2): 3 big + 8 rows. Backward: dY read 3 times (dO2, dZ, dW'o), Z once (dWz), dZ
-    written once; o2 read twice (dO2's dalpha, dW'o), dO2 written and read (2), K2 and Q1, V1
-    read (3), dX written (3) and read twice (dZ, dWz: 6): 5 big + 16 rows. Not counted: the
-    second pass of a head kernel over its own rows and the weight-gradient partials (L2)."""
-    e = torch.empty((), dtype=dtype).element_size()
-    big = B * T * D * e
-    row = B * T * A * 4  # one fp32 [B*T, A] stream
-    small = (2 * B * K * D + 8 * A * D) * e
-    if backward:
-        return 5 * big + (3 + 3 * 3 + 2 + 2) * row + small
-    return 3 * big + (3 + 3 + 2) * row + small
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""PIM's public entry points (``pim``, ``pim_packed``), argument checks, dispatch, and the custom
-ops ``avpt::pim_forward`` / ``avpt::pim_backward`` with their autograd registration."""
+"""PIM's public entry points (``pim``, ``pim_packed``), argument checks, dispatch (the limits of
+``weights`` applied), and the custom ops ``avpt::pim_forward`` / ``avpt::pim_backward`` with
+their autograd registration; the launch sequences they run are ``launch``'s."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -7,12 +8,11 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from ... import _checks, reference
+from ... import _checks
 from ...backend import resolve
-from ...reference import PIMParams
-from . import launch
-from .launch import unsupported_sizes
-from .weights import pack_weights, packed_size, unpack_weights
+from . import launch, reference
+from .weights import (HEAD_WIDTHS, MAX_GATE_HIDDEN, MAX_PROMPTS, MAX_WIDTH, TRITON_DTYPES,
+                      PIMParams, pack_weights, packed_size, unpack_weights)
 
 T2P_REDUCE = ("sum", "mean")
 
@@ -77,6 +77,40 @@ def _check_weights_match(z: Tensor, w: Tensor, name: str) -> None:
                         f"({z.dtype}) or float32 master weights")
 
 
+# --------------------------------------------------------------------------------------------
+# Dispatch
+# --------------------------------------------------------------------------------------------
+def triton_unsupported_reason(z: Tensor, p: Tensor, params: PIMParams, num_heads: int) -> Optional[str]:
+    """Why the Triton path cannot run these (already validated) arguments, or None."""
+    a = params.t2p_q_w.shape[0]
+    return unsupported_sizes(z.dtype, z.shape[2], p.shape[1], num_heads, a // num_heads,
+                             params.gate_w1.shape[0])
+
+
+def unsupported_sizes(dtype: torch.dtype, d: int, k: int, num_heads: int, head_dim: int,
+                      gate_hidden: int) -> Optional[str]:
+    """``triton_unsupported_reason`` from the sizes alone (a few comparisons: ``pim_packed``
+    needs no weight views for it)."""
+    a = num_heads * head_dim
+    if dtype not in TRITON_DTYPES:
+        return f"z dtype {dtype} (the kernels take float32, float16 or bfloat16)"
+    if k > MAX_PROMPTS:
+        return f"K={k} prompts (the kernels take 1 to {MAX_PROMPTS})"
+    if not HEAD_WIDTHS[0] <= head_dim <= HEAD_WIDTHS[1]:
+        return f"head width {head_dim} (the kernels take {HEAD_WIDTHS[0]} to {HEAD_WIDTHS[1]})"
+    if a > MAX_WIDTH:
+        return f"attention width A={a} (num_heads * head width; the kernels take at most {MAX_WIDTH})"
+    if gate_hidden > MAX_GATE_HIDDEN:
+        return f"gate hidden width {gate_hidden} (the kernels take at most {MAX_GATE_HIDDEN})"
+    return None
+
+
+def _pick_backend(z: Tensor, p: Tensor, num_heads: int, head_dim: int, gate_hidden: int,
+                  backend: Optional[str]) -> str:
+    return resolve("pim", z.device, backend,
+                   lambda: unsupported_sizes(z.dtype, z.shape[2], p.shape[1], num_heads, head_dim,
+                                             gate_hidden))
+
 
 # --------------------------------------------------------------------------------------------
 # Custom ops + autograd
@@ -133,13 +167,6 @@ pim_forward_op.register_autograd(_backward_formula, setup_context=_setup_context
 # --------------------------------------------------------------------------------------------
 # Public entry points
 # --------------------------------------------------------------------------------------------
-def _pick_backend(z: Tensor, p: Tensor, num_heads: int, head_dim: int, gate_hidden: int,
-                  backend: Optional[str]) -> str:
-    return resolve("pim", z.device, backend,
-                   lambda: unsupported_sizes(z.dtype, z.shape[2], p.shape[1], num_heads, head_dim,
-                                             gate_hidden))
-
-
 def _fused(z: Tensor, p: Tensor, flat: Tensor, num_heads: int, head_dim: int, gate_hidden: int,
            t2p_reduce: str, return_attn: bool):
     w = flat.float()  # the kernels read fp32 weights: a no-op for fp32 (master) weights

@@ -1,8 +1,9 @@
-"""Op-level latency and memory: every op of ``avpt_kernels.ops.specs.SPECS`` (PIM, region
-pooling, the prompt bank, the low-rank projection), in modes fwd, bwd and fwd+bwd, with achieved
-GB/s against the minimum-traffic model. Providers: ``fused`` (the public op on the Triton
-kernels), ``eager`` (``avpt_kernels.reference``), ``compiled`` (``torch.compile`` of the
-reference) and, for PIM, the baselines a user would pick instead: ``expert``
+"""Op-level latency and memory, shared by the ops' benchmark files ``benchmarks/ops/test_<op>.py``
+(one per op of the registry ``avpt_kernels.ops.OPS``; rows carry ``op=<op>``): each op's
+``SPEC`` in modes fwd, bwd and fwd+bwd, with achieved GB/s against the minimum-traffic model.
+Providers: ``fused`` (the public op on the Triton kernels), ``eager`` (the op's ``reference``),
+``compiled`` (``torch.compile`` of the reference) and, for PIM, the baselines a user would pick
+instead: ``expert``
 (``avpt_kernels.baselines.pim_expert``: fused projections in the input dtype) and
 ``expert-max-autotune`` (it under ``torch.compile(mode="max-autotune")``, GPU only).
 
@@ -10,16 +11,17 @@ On a GPU the default shape is B=32, T=197, D=768, K=6, R=3, r=8, L=12 plus a swe
 on CPU small shapes through the interpreter (smoke run).
 """
 import functools
-import importlib
-import pkgutil
+import types
 
 import pytest
 import torch
 
-from avpt_kernels.ops.specs import SPECS, Shape
+from avpt_kernels.ops import OPS
+from avpt_kernels.ops.opspec import Shape
 from benchmarks.harness import ON_GPU, measure
 
-pytestmark = pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
+# The ``pytestmark`` of every op's benchmark file
+PYTESTMARK = pytest.mark.filterwarnings("ignore:Benchmark fixture was not used")
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
@@ -33,27 +35,26 @@ else:
     SHAPES = [Shape(B=2, T=17, D=64, map_side=8)]
 PROVIDERS = ("fused", "eager", "compiled")
 BASELINES = {"pim": ("expert", "expert-max-autotune")}  # op -> its extra baseline providers
-CASES = [(op, provider) for op in SPECS for provider in PROVIDERS + BASELINES.get(op, ())]
 MODES = ("fwd", "bwd", "fwd+bwd")
 
 
 def min_bytes(op: str, mode: str, s: Shape, dtype) -> int:
     """The traffic floor of each op as its module defines it (``*_min_bytes``): forward,
     backward, or both."""
-    floor = functools.partial(SPECS[op].min_bytes, s, dtype)
+    floor = functools.partial(OPS[op].SPEC.min_bytes, s, dtype)
     return {"fwd": floor(False), "bwd": floor(True), "fwd+bwd": floor(False) + floor(True)}[mode]
 
 
 @functools.lru_cache(maxsize=None)
 def _compiled(op: str, shape: Shape):
-    return torch.compile(SPECS[op].reference(shape), dynamic=False)
+    return torch.compile(OPS[op].SPEC.reference(shape), dynamic=False)
 
 
 def _pim_expert(shape: Shape):
     """(fn, prepare) of the expert PIM: ``prepare`` turns the spec's inputs (z, p, *PIMParams)
     into (z, p, *fused weights), fused once outside the timed call (as a module holds them)."""
     from avpt_kernels.baselines import ExpertPIMWeights, fuse_pim_weights, pim_expert
-    from avpt_kernels.reference import PIMParams
+    from avpt_kernels.ops.pim import PIMParams
 
     def prepare(inputs):
         z, p, *weights = inputs
@@ -76,9 +77,9 @@ def _provider_fn(provider: str, op: str, s: Shape):
     """(fn, prepare): the provider's callable and the map from the spec's inputs to its own."""
     same = lambda inputs: inputs  # noqa: E731
     if provider == "fused":
-        return SPECS[op].fused(s), same
+        return OPS[op].SPEC.fused(s), same
     if provider == "eager":
-        return SPECS[op].reference(s), same
+        return OPS[op].SPEC.reference(s), same
     if provider == "compiled":
         return _compiled(op, s), same
     if provider == "expert":
@@ -95,10 +96,24 @@ def _loss(outputs):
     return sum(o.float().sum() for o in outputs)
 
 
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("op,provider", CASES, ids=[f"{o}-{p}" for o, p in CASES])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s.B}-T{s.T}-D{s.D}-K{s.K}")
-def test_op(benchmark, results, op, provider, mode, shape):
+def op_benchmarks(op: str):
+    """The benchmark tests of ``OPS[op]``, for its ``benchmarks/ops/test_<op>.py`` to bind:
+    ``test_op`` (latency and memory per shape, provider and mode) and ``test_host_time``."""
+
+    @pytest.mark.parametrize("mode", MODES)
+    @pytest.mark.parametrize("provider", PROVIDERS + BASELINES.get(op, ()))
+    @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s.B}-T{s.T}-D{s.D}-K{s.K}")
+    def test_op(benchmark, results, provider, mode, shape):
+        run_op(benchmark, results, op, provider, mode, shape)
+
+    def test_host_time(results, monkeypatch):
+        run_host_time(results, monkeypatch, op)
+
+    return test_op, test_host_time
+
+
+def run_op(benchmark, results, op, provider, mode, shape):
+    """One latency-and-memory row of ``op`` (``kind="op"``)."""
     is_default = shape is SHAPES[0]
     if not is_default and (mode != "fwd+bwd" or provider not in ("fused", "eager")):
         pytest.skip("the B/T sweep covers fused and eager fwd+bwd only")
@@ -109,7 +124,7 @@ def test_op(benchmark, results, op, provider, mode, shape):
     fn, prepare = _provider_fn(provider, op, shape)
     grad = mode != "fwd"
     rounds = 20 if ON_GPU else 3
-    inputs = prepare(SPECS[op].inputs(shape, DTYPE, DEVICE, requires_grad=grad))
+    inputs = prepare(OPS[op].SPEC.inputs(shape, DTYPE, DEVICE, requires_grad=grad))
     if mode == "fwd":
         with torch.no_grad():
             stats = measure(benchmark, lambda: fn(*inputs), rounds=rounds)
@@ -134,12 +149,17 @@ def test_op(benchmark, results, op, provider, mode, shape):
 # on a GPU), so only the GPU figure is the host cost as such.
 # ----------------------------------------------------------------------------------------------
 HOST_SHAPE = Shape(B=32, T=197, D=768, map_side=224)
-def _op_modules(op: str):
-    """The op's module, or every module of its package (PIM: whatever its internals are)."""
-    package = importlib.import_module(f"avpt_kernels.ops.{op}")
+def _op_modules(package: types.ModuleType, seen=None):
+    """The op's package and every module of it (its package ``__init__`` imports them all:
+    ``op``, ``kernels``, ``launch``, ... whatever its internals are)."""
+    seen = set() if seen is None else seen
+    if package.__name__ in seen:
+        return
+    seen.add(package.__name__)
     yield package
-    for info in pkgutil.walk_packages(getattr(package, "__path__", []), f"{package.__name__}."):
-        yield importlib.import_module(info.name)
+    for value in vars(package).values():
+        if isinstance(value, types.ModuleType) and value.__name__.startswith(package.__name__ + "."):
+            yield from _op_modules(value, seen)
 
 
 def _no_op_kernels(monkeypatch, op: str) -> int:
@@ -148,7 +168,7 @@ def _no_op_kernels(monkeypatch, op: str) -> int:
             return lambda *args, **kwargs: None
 
     count = 0
-    for module in _op_modules(op):
+    for module in _op_modules(OPS[op]):
         for attr, value in vars(module).items():
             if type(value).__name__ in ("JITFunction", "InterpretedFunction"):
                 monkeypatch.setattr(module, attr, NoOp())
@@ -156,12 +176,12 @@ def _no_op_kernels(monkeypatch, op: str) -> int:
     return count
 
 
-@pytest.mark.parametrize("op", list(SPECS))
-def test_host_time(results, monkeypatch, op):
+def run_host_time(results, monkeypatch, op):
+    """The host time of one fused call of ``op`` (``kind="host"``)."""
     import time
 
     assert _no_op_kernels(monkeypatch, op) > 0
-    fn, prepare = SPECS[op].fused(HOST_SHAPE), lambda xs: xs
+    fn, prepare = OPS[op].SPEC.fused(HOST_SHAPE), lambda xs: xs
     if op == "pim":  # the modules' entry: weights packed once (PromptTokenInteraction keeps them so)
         import avpt_kernels as ak
         from avpt_kernels import PIMParams, pack_weights
@@ -177,7 +197,7 @@ def test_host_time(results, monkeypatch, op):
                                                K=HOST_SHAPE.K, R=HOST_SHAPE.R),
                dtype=str(DTYPE).replace("torch.", ""), device=DEVICE)
     for label, grad in (("fwd_no_grad", False), ("fwd_autograd", True)):
-        inputs = prepare(SPECS[op].inputs(HOST_SHAPE, DTYPE, DEVICE, requires_grad=grad))
+        inputs = prepare(OPS[op].SPEC.inputs(HOST_SHAPE, DTYPE, DEVICE, requires_grad=grad))
         with torch.set_grad_enabled(grad):
             for _ in range(10 if ON_GPU else 2):
                 fn(*inputs)

@@ -1,16 +1,21 @@
 """Triton low-rank prompt bank (Eq. 4, all layers in one launch) against the reference on fp64
 copies: prompts and all seven gradients, every kernel dtype, ranks 4/8/16, the op registration
-(opcheck, torch.compile) and the backend routing. Runs on CUDA tensors when a GPU is present,
-otherwise on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py)."""
+(opcheck, torch.compile) and the backend routing; then the bounded-error rule in float16 and
+bfloat16 (the input families and the rule: tests/ops/bounded_error.py). Runs on CUDA tensors when
+a GPU is present, otherwise on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py). Run with
+``-s`` to print the bounded-error measurements."""
 
 import pytest
 import torch
 
 import avpt_kernels as ak
-from avpt_kernels import backend, reference
+from avpt_kernels import backend
+from avpt_kernels.ops.prompt_bank import op as pb
+from avpt_kernels.ops.prompt_bank import reference, spec
 from avpt_kernels.testing import DTYPES, assert_close
+from tests.ops import bounded_error
+from tests.ops.bounded_error import check_rule, measure
 
-from avpt_kernels.ops import prompt_bank as pb
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 NAMES = ("region_emb", "token_offset", "U", "V", "layer_bias", "ln_weight", "ln_bias")
@@ -219,6 +224,79 @@ def test_unsupported_inputs_fall_back_or_raise():
 
 
 def test_min_bytes():
-    got = pb.prompt_bank_min_bytes(32, 3, 6, 768, 8, 12, 3, torch.bfloat16)
+    got = spec.prompt_bank_min_bytes(32, 3, 6, 768, 8, 12, 3, torch.bfloat16)
     inputs = 32 * 3 * 768 + 6 * 768 + 2 * 3 * 768 * 8 + 3 * 12 * 768
     assert got == 2 * (inputs + 12 * 32 * 6 * 768)
+
+
+# --------------------------------------------------------------------------------------------
+# The bounded-error rule (tests/ops/bounded_error.py), float16 and bfloat16
+# --------------------------------------------------------------------------------------------
+PB_NAMES = ("region_emb", "token_offset", "U", "V", "layer_bias", "ln_weight", "ln_bias")
+# (B, R, m, D, r, L, S): K = R*m.
+PB_SHAPES = {
+    "vitb": (2, 3, 2, 768, 8, 12, 3),
+    "odd": (3, 5, 1, 48, 5, 5, 2),  # K = 5 with m = 1, rank 5, L = 5 over 2 stages
+}
+
+
+def _pb_inputs(shape, family, dtype, seed=0):
+    b, r, m, d, rank, n_layers, n_stages = shape
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*size, scale=1.0, shift=0.0):
+        return torch.randn(size, generator=g, dtype=torch.float64) * scale + shift
+
+    args = [rnd(b, r, d), rnd(r * m, d, scale=0.5), rnd(n_stages, d, rank, scale=d ** -0.5),
+            rnd(n_stages, rank, d, scale=rank ** -0.5), rnd(n_layers, d, scale=0.3),
+            rnd(n_layers, d, scale=0.3, shift=1.0), rnd(n_layers, d, scale=0.3)]
+    emb = args[0]
+    if family.startswith("highnorm"):
+        # One high-norm prompt token per image: the embedding of one region per image (a
+        # different one in each) x30 / x100, as a high-norm patch token carries into its region.
+        gain = float(family[len("highnorm"):])
+        for i in range(b):
+            emb[i, i % r] *= gain
+    elif family == "scaled":
+        # Every weight scaled by a factor in 3..5.
+        for i, factor in enumerate((3.0, 3.5, 4.0, 4.5, 5.0, 3.25), start=1):
+            args[i] = args[i] * factor
+    elif family == "hugerow":
+        emb[0, r - 1] *= 1e3  # one region embedding of the batch 1000x the others
+    elif family == "nearmax":
+        # Region embeddings near the top of float16's range (|E| up to ~4e4): x = e U V and the
+        # LayerNorm sums of squares exceed it, only fp32 holds them.
+        emb *= 1e4
+    elif family == "mixed":
+        emb *= torch.logspace(-2, 2, b, dtype=torch.float64)[:, None, None]
+    else:
+        assert family == "plain", family
+    return [a.to(dtype) for a in args]
+
+
+PB_FAMILIES = ("plain", "highnorm30", "highnorm100", "scaled", "hugerow", "nearmax", "mixed")
+PB_CI_MODEL = {("vitb", "plain", torch.float16)}
+
+
+def _pb_cases():
+    cases = []
+    for shape in PB_SHAPES:
+        for family in PB_FAMILIES:
+            for dtype in bounded_error.DTYPES:
+                slow = shape == "vitb" and (shape, family, dtype) not in PB_CI_MODEL
+                cases.append(pytest.param(shape, family, dtype, marks=(pytest.mark.extended,) if slow else (),
+                                          id=f"{shape}-{family}-{str(dtype)[6:]}"))
+    return cases
+
+
+@pytest.mark.parametrize("shape,family,dtype", _pb_cases())
+def test_prompt_bank_bounded_error(shape, family, dtype):
+    dims = PB_SHAPES[shape]
+    stages = _stages(dims[5], dims[6])
+    args = _pb_inputs(dims, family, dtype)
+
+    def fn(*tensors, backend):
+        return pb.prompt_bank(*tensors, stages, backend=backend)
+
+    fused, torch_side, truth = measure(fn, args, PB_NAMES, dtype)
+    check_rule(fused, torch_side, truth, dtype, f"prompt_bank {shape} {family}")

@@ -1,15 +1,20 @@
 """Triton soft region pooling (Eq. 2) against the reference on fp64 copies: outputs and both
 gradients, every kernel dtype, token- and pixel-resolution maps, the op registration
-(opcheck, torch.compile) and the backend routing. Runs on CUDA tensors when a GPU is present,
-otherwise on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py)."""
+(opcheck, torch.compile) and the backend routing; then the bounded-error rule in float16 and
+bfloat16 (the input families and the rule: tests/ops/bounded_error.py). Runs on CUDA tensors when
+a GPU is present, otherwise on CPU tensors under TRITON_INTERPRET=1 (tests/conftest.py). Run with
+``-s`` to print the bounded-error measurements."""
 
 import pytest
 import torch
 
-from avpt_kernels import backend, reference
+from avpt_kernels import backend
+from avpt_kernels.ops.region_pool import op as rp
+from avpt_kernels.ops.region_pool import reference, spec
 from avpt_kernels.testing import DTYPES, assert_close
+from tests.ops import bounded_error
+from tests.ops.bounded_error import check_rule, measure
 
-from avpt_kernels.ops import region_pool as rp
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (features shape, maps shape): class token present or not, token or pixel maps, B=1, R=1, R=3.
@@ -211,7 +216,129 @@ def test_unsupported_inputs_fall_back_or_raise():
 
 
 def test_min_bytes():
-    fwd = rp.region_pool_min_bytes((32, 197, 768), (32, 3, 224, 224), torch.bfloat16)
+    fwd = spec.region_pool_min_bytes((32, 197, 768), (32, 3, 224, 224), torch.bfloat16)
     assert fwd == 2 * (32 * 196 * 768 + 32 * 3 * 224 * 224 + 32 * 3 * 768)
-    tok = rp.region_pool_min_bytes((32, 197, 768), (32, 196, 3), torch.float32, backward=True)
+    tok = spec.region_pool_min_bytes((32, 197, 768), (32, 196, 3), torch.float32, backward=True)
     assert tok == 4 * (2 * 32 * 196 * 768 + 2 * 32 * 196 * 3 + 2 * 32 * 3 * 768)
+
+
+# --------------------------------------------------------------------------------------------
+# The bounded-error rule (tests/ops/bounded_error.py), float16 and bfloat16
+# --------------------------------------------------------------------------------------------
+# (B, T, D, R, pixel map size or None for token maps [B, N, R])
+RP_SHAPES = {
+    "vitb-pixel": (2, 197, 768, 3, 224),
+    "vitb-token": (2, 197, 768, 3, None),
+    "odd-pixel": (3, 17, 48, 5, 16),   # 4x4 grid, f = 4
+    "odd-token": (3, 17, 48, 5, None),
+    "grid8-pixel": (2, 65, 40, 3, 32),  # 8x8 grid, f = 4: 4 patch tiles, split over programs
+}
+
+
+def _rp_inputs(shape, family, dtype, seed=0):
+    """features [B,T,D] (class token first) and maps of one family, built in fp64, then cast."""
+    b, t, d, r, size = shape
+    n = t - 1
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(b, t, d, generator=g, dtype=torch.float64)
+    mshape = (b, r, size, size) if size else (b, n, r)
+    m = torch.rand(mshape, generator=g, dtype=torch.float64)
+    if family.startswith("highnorm"):
+        # One patch token per image (a different one in each) with x30 / x100 features.
+        gain = float(family[len("highnorm"):])
+        for i in range(b):
+            f[i, 1 + (7 * i + 3) % n] *= gain
+    elif family == "binary":
+        # Near-binary maps: each region covers about half the patches with confidence ~1.
+        u = torch.rand(mshape, generator=g, dtype=torch.float64)
+        m = torch.where(m > 0.5, 1 - 0.01 * u, 0.01 * u)
+    elif family == "tinymass":
+        # Region 0 of every image has a tiny total mass: confidence ~1e-4 everywhere and 5e-3 on
+        # one patch, so den = sum_p A ~ 1e-3 .. 2e-2 << 1 and G = dout / den is large. The test
+        # scales the upstream gradient by 1e-2 so that d maps (~ |F| |dout| / den) fits float16.
+        if size:
+            side = size // round(n ** 0.5)  # one patch box (square grid)
+            m[:, 0] = 1e-4 * m[:, 0]
+            m[:, 0, :side, :side] = 5e-3
+        else:
+            m[:, :, 0] = 1e-4 * m[:, :, 0]
+            m[:, 0, 0] = 5e-3
+    elif family == "offset30":
+        # Every token shares one large vector (x30 its own part), as the large shared channels
+        # of a ViT's features: the region means are close to every token, and d maps =
+        # (F - out).G / den cancels (this family exposed a backward that formed out.G from the
+        # output rounded to 16 bits).
+        f += 30 * torch.randn(d, generator=g, dtype=torch.float64)
+    elif family == "nearmax":
+        # Features near the top of float16's range (2e4 +- 1e3): the sums over patches
+        # (sum_p A F ~ N x 2e4) exceed it, only fp32 accumulation holds them. The test scales
+        # the upstream gradient by 1e-3 so that d maps fits float16.
+        f = 2e4 + 1e3 * f
+    elif family == "mixed":
+        # Per-image feature scales spanning 1e-2 .. 1e2.
+        f *= torch.logspace(-2, 2, b, dtype=torch.float64)[:, None, None]
+    else:
+        assert family == "plain", family
+    return f.to(dtype), m.to(dtype)
+
+
+RP_FAMILIES = ("plain", "highnorm30", "highnorm100", "binary", "tinymass", "offset30", "nearmax",
+               "mixed")
+# The representative few that run in CI at the model's shapes; every other model-shape case is
+# ``extended``. The small odd shapes run every family in both dtypes; the 8x8 grid (pixel maps
+# whose patches are split over programs, partials summed by the last ticket's program) a few.
+RP_CI_MODEL = {("vitb-pixel", "offset30", torch.float16),
+               ("vitb-token", "highnorm100", torch.bfloat16)}
+RP_SHAPE_FAMILIES = {"grid8-pixel": ("plain", "tinymass", "offset30")}
+
+
+def _rp_cases():
+    cases = []
+    for shape in RP_SHAPES:
+        for family in RP_SHAPE_FAMILIES.get(shape, RP_FAMILIES):
+            for dtype in bounded_error.DTYPES:
+                slow = shape.startswith("vitb") and (shape, family, dtype) not in RP_CI_MODEL
+                cases.append(pytest.param(shape, family, dtype, marks=(pytest.mark.extended,) if slow else (),
+                                          id=f"{shape}-{family}-{str(dtype)[6:]}"))
+    return cases
+
+
+@pytest.mark.parametrize("shape,family,dtype", _rp_cases())
+def test_region_pool_bounded_error(shape, family, dtype):
+    f, m = _rp_inputs(RP_SHAPES[shape], family, dtype)
+    grad_scale = {"tinymass": 1e-2, "nearmax": 1e-3}.get(family, 1.0)
+
+    def fn(features, maps, backend):
+        return rp.region_pool(features, maps, backend=backend) * grad_scale
+
+    fused, torch_side, truth = measure(fn, (f, m), ("features", "maps"), dtype)
+    check_rule(fused, torch_side, truth, dtype, f"region_pool {shape} {family}")
+
+
+# The interpreter's fp32 -> fp16 cast of the overflowing F / eps warns; that is the point here.
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+@pytest.mark.parametrize("pixel", (False, True), ids=("token", "pixel"))
+def test_region_pool_all_zero_map_float16(pixel):
+    """The documented float16 overflow: the gradient w.r.t. an all-zero map is F / eps (~1e6),
+    which float16 cannot hold (the truth itself overflows), so that map's gradient is excluded;
+    everything else (the output, d features, the other maps' gradients) stays finite and obeys
+    the rule."""
+    dtype = torch.float16
+    shape = (2, 17, 48, 3, 16 if pixel else None)
+    f, m = _rp_inputs(shape, "plain", dtype)
+    if pixel:
+        m[1, 2] = 0
+    else:
+        m[1, :, 2] = 0
+    fused, torch_side, truth = measure(
+        lambda a, b, backend: rp.region_pool(a, b, backend=backend), (f, m),
+        ("features", "maps"), dtype)
+    empty = (1, 2) if pixel else (1, slice(None), 2)
+    dm_truth = truth["d maps"][empty]
+    assert float(dm_truth.abs().max()) > torch.finfo(dtype).max  # the documented case
+    assert (fused["out"][1, 2] == 0).all()
+    # Compare everything but the empty map's gradient: zero it on every side.
+    for side in (fused, torch_side, truth):
+        side["d maps"] = side["d maps"].clone()
+        side["d maps"][empty] = 0
+    check_rule(fused, torch_side, truth, dtype, f"region_pool all-zero map {'pixel' if pixel else 'token'}")

@@ -8,12 +8,13 @@ import pytest
 import torch
 
 import avpt_kernels as ak
-from avpt_kernels import reference
-from avpt_kernels.reference import PIMParams
+from avpt_kernels.ops.pim import PIMParams, reference
 from avpt_kernels.testing import assert_close, assert_grads_close, random_pim_params, relative_error
 
 from avpt_kernels.ops.pim import configs as pim_configs
 from avpt_kernels.ops.pim import launch as pim_mod
+from avpt_kernels.ops.pim import spec as pim_spec
+from avpt_kernels.ops.pim import weights as pim_weights
 from tests import pim_numerics
 from tests.determinism import assert_same_run, watch_determinism
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -262,7 +263,7 @@ def test_module_triton_equals_torch_backend():
 
 def test_opcheck_custom_ops():
     z, p, w = _inputs(2, 18, 16, 3, 2, 8, seed=13)
-    flat = pim_mod.pack_weights(w).detach().requires_grad_(True)
+    flat = pim_weights.pack_weights(w).detach().requires_grad_(True)
     sizes = (2, 8, 8)  # heads, head width, gate hidden
     for mean, attn in ((False, False), (True, True)):
         torch.library.opcheck(torch.ops.avpt.pim_forward.default, (z, p, flat, *sizes, mean, attn))
@@ -334,11 +335,11 @@ def test_traffic_model():
     streams. Backward: the floor's 5 Z-sized streams plus 16 such streams (dO2, dX, X, o2)."""
     row = 32 * 197 * 64 * 4
     args = (32, 197, 768, 6, 64, torch.bfloat16)
-    assert pim_mod.pim_achieved_bytes(*args) - pim_mod.pim_min_bytes(*args) == 8 * row
-    assert pim_mod.pim_achieved_bytes(*args, backward=True) \
-        - pim_mod.pim_min_bytes(*args, backward=True) == 16 * row
+    assert pim_spec.pim_achieved_bytes(*args) - pim_spec.pim_min_bytes(*args) == 8 * row
+    assert pim_spec.pim_achieved_bytes(*args, backward=True) \
+        - pim_spec.pim_min_bytes(*args, backward=True) == 16 * row
     z_bytes = 32 * 197 * 768 * 2
-    assert pim_mod.pim_min_bytes(*args) > 3 * z_bytes
+    assert pim_spec.pim_min_bytes(*args) > 3 * z_bytes
 
 
 def test_aot_configs_cover_every_launch_of_the_model_layout():
@@ -346,7 +347,7 @@ def test_aot_configs_cover_every_launch_of_the_model_layout():
     16, K = 6, G = 16) in every dtype is in the AOT list, which compiles it for spills."""
     listed = {(c.kernel, tuple(sorted(c.constexprs.items())), c.num_warps, c.num_stages)
               for c in pim_configs.aot_configs()}
-    for dtype in pim_mod.TRITON_DTYPES:
+    for dtype in pim_weights.TRITON_DTYPES:
         L = pim_mod.Layout(32, 197, 768, 6, 4, 16, 16, dtype, "cuda")
         for name in pim_mod.KERNELS:
             meta = dict(L.meta(name))

@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import avpt_kernels as ak
-from avpt_kernels import backend, reference
-from avpt_kernels.ops import low_rank_project as lrp
+from avpt_kernels import backend
+from avpt_kernels.ops.low_rank_project import op as lrp
+from avpt_kernels.ops.low_rank_project import reference
 from avpt_kernels.testing import DTYPES, assert_close
-from tests.test_bounded_error_ops import _check_rule, _measure
+from tests.ops.bounded_error import check_rule, measure
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 NAMES = ("x", "U", "V")
@@ -190,8 +191,8 @@ def test_bounded_error(shape, family, dtype):
     def fn(x, U, V, backend):
         return lrp.low_rank_project(x, U, V, stages, backend=backend)
 
-    fused, torch_side, truth = _measure(fn, _bounded_inputs(shape, family, dtype), NAMES, dtype)
-    _check_rule(fused, torch_side, truth, dtype, f"low_rank_project {family}")
+    fused, torch_side, truth = measure(fn, _bounded_inputs(shape, family, dtype), NAMES, dtype)
+    check_rule(fused, torch_side, truth, dtype, f"low_rank_project {family}")
 
 
 # ---- Routing and errors -----------------------------------------------------------------------

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 import avpt_kernels as ak
-from avpt_kernels import reference
-from avpt_kernels.reference import PIMParams
+from avpt_kernels.ops.pim import PIMParams, reference
 from avpt_kernels.testing import (FP32_RESULT_FLOOR, ZERO_GRAD_PARAMS, assert_bounded_error,
                                   random_pim_params)
 

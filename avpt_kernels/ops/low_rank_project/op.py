@@ -23,7 +23,7 @@ Kernels (fp32 accumulation, rank padded to 16 for ``tl.dot``, fp32 dots in ieee 
      per-layer), the last S ``dU[s] = sum_{l in s} x(l)^T dlow[l]``.
   Every program owns its outputs (no atomics): deterministic.
 
-Counts at the benchmark shape (``ops.specs``: N = B*K = 192 rows of a shared x, Din = Dout = 768,
+Counts at the benchmark shape (``spec``: N = B*K = 192 rows of a shared x, Din = Dout = 768,
 r = 8, L = 12, S = 3, bf16; 16-row tiles, 64-wide D chunks; 132 SMs):
 
 * forward: grid (12, 12) = 144 programs (one wave), 12 + 12 = 24 serial D-chunk steps. DRAM:
@@ -37,7 +37,7 @@ r = 8, L = 12, S = 3, bf16; 16-row tiles, 64-wide D chunks; 132 SMs):
   16-24 B under Triton 3.6 at 8 warps, so they stay at 32.
 
 Precision (the bounded-error rule of ``avpt_kernels.testing``, tested in
-``tests/test_low_rank_project.py``): every operand is loaded in its dtype and converted to fp32,
+``tests/ops/test_low_rank_project.py``): every operand is loaded in its dtype and converted to fp32,
 every ``tl.dot`` takes fp32 operands and accumulates in fp32; ``low`` and ``dlow`` stay fp32
 (never rounded to a 16-bit dtype), so each result (out, dx, dU, dV) is rounded to the input
 dtype once, when stored. x, U and V share one dtype.
@@ -51,8 +51,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .. import _checks, reference
-from ..backend import resolve
+from ... import _checks
+from ...backend import resolve
+from ..common import stage_index
+from ..kernel_config import KernelConfig, signature, tl_type
+from . import reference
 
 # Dtypes the kernels take (float64 runs on the torch backend: see ``low_rank_project``).
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -254,9 +257,9 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _stage_tensor(layer_stage: Sequence[int], device: torch.device) -> Tensor:
-    """layer_stage as an int32 device tensor, cached (``reference.stage_index``): no
+    """layer_stage as an int32 device tensor, cached (``ops.common.stage_index``): no
     host-to-device copy per call."""
-    return reference.stage_index(layer_stage, device, torch.int32)
+    return stage_index(layer_stage, device, torch.int32)
 
 
 def _forward(x: Tensor, U: Tensor, V: Tensor, layer_stage: Sequence[int]) -> Tuple[Tensor, Tensor]:
@@ -346,17 +349,6 @@ def _backward_autograd(ctx, grad_out, _grad_low):
 low_rank_project_op.register_autograd(_backward_autograd, setup_context=_setup_context)
 
 
-def low_rank_project_min_bytes(rows: int, din: int, dout: int, rank: int, layers: int,
-                               stages: int, shared: bool = True, dtype=torch.float32,
-                               backward: bool = False) -> int:
-    """Compulsory DRAM traffic in bytes: read x ([N,Din] shared, or [L,N,Din]), U and V once and
-    write out [L,N,Dout] (forward); read dout, x, U, V and write dx, dU, dV (backward; the fp32
-    low / dlow [L,N,r] are negligible and left out)."""
-    size = torch.empty((), dtype=dtype).element_size()
-    x = rows * din * (1 if shared else layers)
-    factors = stages * rank * (din + dout)
-    out = layers * rows * dout
-    return size * (x + factors + out) if not backward else size * (2 * x + 2 * factors + out)
 
 
 def triton_unsupported_reason(x: Tensor, U: Tensor) -> Optional[str]:
@@ -397,8 +389,6 @@ def aot_configs() -> List:
     """Every kernel configuration the launchers above can select (one per input dtype and
     kernel); signatures from the kernels' parameter lists: the fp32 low / dlow, the int32 stage
     table, every other pointer in the input dtype."""
-    from ..aot import KernelConfig, signature, tl_type
-
     configs = []
     for dt in KERNEL_DTYPES:
         ty = tl_type(dt)

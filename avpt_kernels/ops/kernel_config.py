@@ -1,0 +1,69 @@
+"""What an op declares for the ahead-of-time check (``avpt_kernels.aot``): one ``KernelConfig`` per
+kernel configuration its launchers can select, its signature read from the kernel's own parameter
+list (``signature``). A leaf module: the op packages import it, ``aot`` imports them (through the
+registry ``avpt_kernels.ops.OPS``), and nothing here imports an op."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, List, Optional, Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """One compilable configuration: ``signature`` maps every argument name to a triton type
+    ("*fp32", "i32", "fp32", ... or "constexpr"); ``constexprs`` gives the constexpr values."""
+    fn: Any
+    signature: Dict[str, str]
+    constexprs: Dict[str, Any]
+    num_warps: int = 4
+    num_stages: int = 2
+    maxnreg: Optional[int] = None  # the launch's register cap (PTX .maxnreg), if it sets one
+
+    @property
+    def kernel(self) -> str:
+        return getattr(self.fn, "__name__", None) or self.fn.fn.__name__
+
+    @property
+    def label(self) -> str:
+        parts = [f"{k}={v}" for k, v in sorted(self.constexprs.items())]
+        extra = [f"maxnreg={self.maxnreg}"] if self.maxnreg else []
+        return ",".join(parts + [f"num_warps={self.num_warps}", f"num_stages={self.num_stages}"]
+                        + extra)
+
+
+def parameters(fn) -> List[tuple]:
+    """(name, is_constexpr) of each parameter of kernel ``fn``, in order: from the jitted
+    function's own record, or (under TRITON_INTERPRET=1, where ``@triton.jit`` gives an
+    interpreted function) from the Python signature's ``tl.constexpr`` annotations."""
+    if hasattr(fn, "params"):
+        return [(p.name, bool(p.is_constexpr)) for p in fn.params]
+    import inspect
+
+    params = inspect.signature(getattr(fn, "fn", fn)).parameters.values()
+    return [(p.name, "constexpr" in str(p.annotation)) for p in params]
+
+
+def signature(fn, pointers: Optional[Dict[str, str]] = None, floats: Sequence[str] = (),
+              pointer: str = "*fp32") -> Dict[str, str]:
+    """The compile signature of kernel ``fn`` read from its own parameter list, so that the AOT
+    list cannot drift from the kernel: constexpr parameters -> "constexpr"; ``*_ptr`` parameters
+    -> ``pointers[name]`` where given, else ``pointer``; parameters named in ``floats`` -> "fp32";
+    every other one (sizes, strides, flags) -> "i32". Names the kernel lacks are ignored (one
+    table serves all of an op's kernels)."""
+    pointers = dict(pointers or {})
+    sig = {}
+    for name, is_constexpr in parameters(fn):
+        if is_constexpr:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = pointers.get(name, pointer)
+        else:
+            sig[name] = "fp32" if name in floats else "i32"
+    return sig
+
+
+def tl_type(dtype) -> str:
+    """Triton's name of a torch floating dtype ("fp32", "fp16", "bf16")."""
+    import torch
+
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]

@@ -38,7 +38,7 @@ from typing import Dict, List, Optional
 from .cli_exit import Terminated, exit_code, interrupted, on_sigterm, os_error_line
 from .cli_eval import _model_dir, _saved_model
 from .cli_tools import cmd_compare, cmd_params, compare_parser  # noqa: F401
-from .config import DEMO_METHODS
+from .config import DEFAULTS, DEMO_METHODS
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -55,7 +55,9 @@ def _add_run_args(p: argparse.ArgumentParser, out_default: Optional[str] = None)
     p.add_argument("--data-root", help="folder of the real data set")
     p.add_argument("--modality", nargs="+", choices=("MG", "US", "MRI"),
                    help="modalities to use (phantom; real data sets have one)")
-    p.add_argument("--method", help="avpt (default), linear, full, vpt, lora, adapter, coop")
+    from .methods import method_names  # the help lists the registry: every method, by its name
+
+    p.add_argument("--method", help=f"{', '.join(method_names())} (default {DEFAULTS['method']})")
     p.add_argument("--backbone", help="ViT-B-16 (default), tiny, or an open_clip config name")
     p.add_argument("--pretrained", help="local open_clip checkpoint (nothing is downloaded)")
     p.add_argument("--epochs", type=int)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import avpt_kernels as ak
-from avpt.losses import AVPTLoss
+from avpt.methods.avpt import AVPTLoss
 from avpt_kernels import reference
 from avpt_kernels.testing import (assert_bounded_error, assert_close, assert_grads_close,
                                   random_pim_params)

@@ -15,10 +15,10 @@ from torch import nn
 
 from avpt import backbone as bb
 from avpt import vit
-from avpt.descriptions import descriptions_for
+from avpt.methods.cilmp.descriptions import descriptions_for
 from avpt.methods import base, build_method
 from avpt.methods.biomedap import BiomedAPOutput
-from avpt.methods.biomedap_fusion import GatedCrossModalFusion, loss_terms
+from avpt.methods.biomedap import GatedCrossModalFusion, loss_terms
 
 TOL = 1e-10
 WEIGHTS = dict(high=18.75, kl=1.0, low=1.0, align=0.1)

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from ..anatomy import MODALITIES, tissue_prior_single
 from . import transforms as T
 from .native import NativeMask
+from .phantom import MODALITIES
 from .records import DataError, Record
+from .tissue_priors import tissue_prior_single
 
 log = logging.getLogger(__name__)
 

@@ -334,7 +334,8 @@ def cmd_cv(args) -> int:
 def cmd_explain(args) -> int:
     from .checkpoint import load_trainable
     from .methods import get_method_class
-    from .report import pick_examples, write_html
+    from .figures import pick_examples
+    from .report import write_html
     from .runtime import resolve_device
     from .train import build_data
     from .validate import ConfigError, check_paths, run_lock

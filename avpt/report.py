@@ -18,55 +18,9 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from .figures import gray01, pick_examples, pyplot, sample_title, save_figure, stack_batch
+
 TISSUES = ("glandular", "fatty", "ductal")
-
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: str) -> str:
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    pyplot().close(fig)
-    return path
-
-
-def pick_examples(dataset, n: int, seed: int = 0) -> List[int]:
-    """Up to n indices, spread over modalities and labels, deterministic."""
-    rng = np.random.default_rng(seed)
-    groups: Dict[Tuple[str, int], List[int]] = {}
-    for i, (m, y) in enumerate(zip(dataset.modalities, dataset.labels)):
-        groups.setdefault((m, int(y)), []).append(i)
-    order = [list(rng.permutation(v)) for _, v in sorted(groups.items())]
-    picked: List[int] = []
-    while len(picked) < n and any(order):
-        for g in order:
-            if g and len(picked) < n:
-                picked.append(int(g.pop(0)))
-    return picked
-
-
-def stack_batch(dataset, indices: List[int], device) -> Dict[str, torch.Tensor]:
-    """The items ``indices`` of ``dataset`` stacked per key ([n, ...]) on ``device``."""
-    items = [dataset[i] for i in indices]
-    return {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
-
-
-def gray01(img: torch.Tensor) -> np.ndarray:
-    """The first channel of img [C, H, W], min-max scaled to [0, 1] (a numpy [H, W])."""
-    g = img[0].float().cpu().numpy()
-    return (g - g.min()) / max(g.max() - g.min(), 1e-8)
-
-
-def sample_title(dataset, i: int) -> str:
-    """A figure title for sample ``i``: its modality and label."""
-    rec = dataset.records[i]
-    return f"{rec.modality} {'malig.' if rec.label else 'benign'}"
 
 
 def curves(history: List[Dict], path: str) -> Optional[str]:

@@ -11,9 +11,8 @@ Ops (``avpt_kernels.ops.<op>``: kernels, launchers, custom ops): ``region_pool``
 """
 from . import _compat  # noqa: F401  (Triton < 3.8 interpreter with numpy >= 2.4)
 from .backend import get_backend, set_backend, use_backend
-from .inject import (PIMBlock, inject_pim, load_pim_pretrained, load_pim_state_dict,
-                     make_pim_blocks, pim_gates_shut, pim_state_dict, remove_pim,
-                     save_pim_pretrained)
+from .inject import PIMBlock, inject_pim, make_pim_blocks, pim_gates_shut, remove_pim
+from .inject_io import load_pim_pretrained, load_pim_state_dict, pim_state_dict, save_pim_pretrained
 from .modules import LowRankPromptBank, PromptTokenInteraction, RegionPool, contiguous_stages
 from .ops.pim import pack_weights, pim, pim_packed, unpack_weights
 from .ops.low_rank_project import low_rank_project

@@ -46,7 +46,6 @@ from .vit_adapters import (ADAPTERS, TokenLayout, ViTAdapter, _TOWER_ATTRS,  # n
                            find_adapter, register_adapter)
 
 __all__ = ["PIMBlock", "TokenLayout", "ViTAdapter", "inject_pim", "make_pim_blocks", "remove_pim",
-           "pim_state_dict", "load_pim_state_dict", "save_pim_pretrained", "load_pim_pretrained",
            "pim_gates_shut", "find_adapter", "register_adapter", "ADAPTERS"]
 
 PromptSpec = Union[str, Tensor, Callable[[Tensor, Optional[int]], Tensor], None]
@@ -493,7 +492,3 @@ def pim_gates_shut(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for b, was in zip(blocks, previous):
             b.gates_shut = was
-
-
-from .inject_io import (load_pim_pretrained, load_pim_state_dict, pim_state_dict,  # noqa: E402
-                        save_pim_pretrained)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...report import gray01, pyplot, sample_title, save_figure, stack_batch
+from ...figures import gray01, pyplot, sample_title, save_figure, stack_batch
 
 
 def rollout(attns, gamma: float = 1.0) -> Tensor:

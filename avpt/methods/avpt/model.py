@@ -39,6 +39,7 @@ from .config import BUDGET_PERCENT, NUM_STAGES, SCHEDULES, AVPTConfig
 from .loss import AVPTLoss
 from .rollout import rollout_and_prompt_types
 
+
 def injection_plan(schedule: str, num_layers: int) -> Tuple[List[int], List[int], List[int]]:
     """(injected block indices, prompt-map stage of each, PIM-group stage of each) for a schedule."""
     if schedule not in SCHEDULES:

@@ -42,6 +42,7 @@ from .config import FUSION_INPUTS, LOW_ANCHORS, BiomedAPConfig, BiomedAPOutput, 
 from .fusion import GatedCrossModalFusion
 from .loss import BiomedAPLoss
 
+
 def _check_config(c: BiomedAPConfig) -> Tuple[int, ...]:
     """Every argument error before any work (one line each); returns the fusion layers."""
     if len(c.class_names) != c.num_classes:

@@ -40,6 +40,7 @@ from .config import AVERAGING_MODES, INTERVENTION_PARAMS, CILMPConfig
 from .descriptions import descriptions_for, texts_hash
 from .knowledge import description_states, load_knowledge_dir, pad_states, states_hash
 
+
 def project_knowledge(x: Tensor, A: Tensor, B: Tensor, backend: Optional[str] = None) -> Tensor:
     """The per-layer rank-r chain: x [N, Din] (shared) or [L, N, Din], A [L, r, Din],
     B [L, Dout, r] -> [L, N, Dout] = x A_l^T B_l^T for every layer l.

@@ -277,7 +277,8 @@ def cmd_cv(args) -> int:
 def cmd_explain(args) -> int:
     from .checkpoint import load_trainable
     from .methods import get_method_class
-    from .report import pick_examples, write_html
+    from .figures import pick_examples
+    from .report import write_html
     from .runtime import op_backend, resolve_device
     from .run_data import build_data
     from .errors import ConfigError

@@ -3,7 +3,7 @@
 ``run(out, ...)`` trains and evaluates every method of ``methods`` (default linear probe, VPT-deep,
 LoRA, A-VPT) on the same patient-level fold and on one cross-modal transfer (train on FROM, test
 on TO, no fine-tuning), computes 95% bootstrap intervals over test images
-(``avpt.comparison``) and writes ``OUT/report.html`` opening with the comparison table and plot,
+(``avpt.methods_table``) and writes ``OUT/report.html`` opening with the comparison table and plot,
 ``OUT/comparison.json`` and ``OUT/summary.json``. The backbone weights default to the shipped
 ``avpt/weights/avpt-tiny-p8-phantom-clip.safetensors`` (made by ``avpt pretrain``, command in its
 ``.json`` sidecar); the phantom seed of the evaluation must differ from the weights' seed.
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from . import comparison as C
+from . import methods_table as C
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "demo_cpu.yaml"

@@ -3,11 +3,8 @@
 Figures (under OUT/figures/):
   * ``curves.png``          training curves: loss terms and test metrics per epoch;
   * ``segmentation.png``    segmentation overlays (paper Fig. 5): truth contour green, prediction red;
-  * ``rollout.png``         prompt-guided rollout relevance (Eq. 18) over the images;
-  * ``prompt_types.png``    attention for random / static / anatomy prompts (Figs. 7-8): the same
-                            trained A-VPT with its prompts replaced by random tokens (matched mean
-                            and spread), by static prompts (the batch mean, identical for every
-                            image), or kept (dynamic, anatomy-guided); rollout relevance of each;
+  * a method's own figures (``Method.report_sections``; A-VPT's rollout overlays and attention
+    by prompt type are drawn in ``avpt.methods.avpt.rollout``);
   * ``tsne.png``            t-SNE of the tissue (region) embeddings, by modality and tissue (Fig. 6).
 """
 from __future__ import annotations
@@ -20,54 +17,10 @@ from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
-from torch import nn
+
+from .figures import gray01, pick_examples, pyplot, sample_title, save_figure, stack_batch
 
 TISSUES = ("glandular", "fatty", "ductal")
-
-
-def pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(fig, path: str) -> str:
-    fig.savefig(path, dpi=90, bbox_inches="tight")
-    pyplot().close(fig)
-    return path
-
-
-def pick_examples(dataset, n: int, seed: int = 0) -> List[int]:
-    """Up to n indices, spread over modalities and labels, deterministic."""
-    rng = np.random.default_rng(seed)
-    groups: Dict[Tuple[str, int], List[int]] = {}
-    for i, (m, y) in enumerate(zip(dataset.modalities, dataset.labels)):
-        groups.setdefault((m, int(y)), []).append(i)
-    order = [list(rng.permutation(v)) for _, v in sorted(groups.items())]
-    picked: List[int] = []
-    while len(picked) < n and any(order):
-        for g in order:
-            if g and len(picked) < n:
-                picked.append(int(g.pop(0)))
-    return picked
-
-
-def _batch(dataset, indices: List[int], device) -> Dict[str, torch.Tensor]:
-    items = [dataset[i] for i in indices]
-    return {k: torch.stack([it[k] for it in items]).to(device) for k in items[0]}
-
-
-def _gray(img: torch.Tensor) -> np.ndarray:
-    g = img[0].float().cpu().numpy()
-    return (g - g.min()) / max(g.max() - g.min(), 1e-8)
-
-
-def _title(dataset, i: int) -> str:
-    rec = dataset.records[i]
-    return f"{rec.modality} {'malig.' if rec.label else 'benign'}"
 
 
 def curves(history: List[Dict], path: str) -> Optional[str]:
@@ -98,98 +51,15 @@ def segmentation(dataset, pred: Dict, indices: List[int], path: str) -> Optional
     plt = pyplot()
     fig, axes = plt.subplots(1, len(indices), figsize=(2.2 * len(indices), 2.5), squeeze=False)
     for ax, i in zip(axes[0], indices):
-        ax.imshow(_gray(dataset[i]["image"]), cmap="gray")
+        ax.imshow(gray01(dataset[i]["image"]), cmap="gray")
         if pred["gts"][i].any():
             ax.contour(pred["gts"][i], levels=[0.5], colors="lime", linewidths=1)
         if pred["preds"][i].any():
             ax.contour(pred["preds"][i], levels=[0.5], colors="red", linewidths=1)
-        ax.set_title(f"{_title(dataset, i)}\np={pred['probs'][i]:.2f}", fontsize=7)
+        ax.set_title(f"{sample_title(dataset, i)}\np={pred['probs'][i]:.2f}", fontsize=7)
         ax.axis("off")
     fig.suptitle("segmentation: truth (green) vs prediction (red)", fontsize=9)
     return save_figure(fig, path)
-
-
-class _FixedPrompts(nn.Module):
-    """Stands in for the prompt bank: returns ``fn(real prompts)``."""
-
-    def __init__(self, bank: nn.Module, fn):
-        super().__init__()
-        self.bank, self.fn = bank, fn
-
-    def forward(self, region_emb):
-        return self.fn(self.bank(region_emb))
-
-
-def _relevance(model, batch, maps) -> np.ndarray:
-    from .explain import relevance
-
-    return relevance(model, batch["image"], maps=maps, modality=batch["modality"]).cpu().numpy()
-
-
-def _relevance_colorbar(fig, heat, axes) -> None:
-    """One shared colorbar for relevance overlays (each map is scaled to [0, 1] per image)."""
-    bar = fig.colorbar(heat, ax=list(np.ravel(axes)), fraction=0.03, pad=0.02)
-    bar.set_label("relevance (min-max per image)", fontsize=7)
-    bar.ax.tick_params(labelsize=6)
-
-
-def rollout_and_prompt_types(model, dataset, indices: List[int], device, dir_: str):
-    """(rollout.png, prompt_types.png) of a model with A-VPT's prompt bank (``model.prompt_bank``
-    and PIM attention for ``avpt.explain.relevance``), or (None, None) without images."""
-    if not indices:
-        return None, None
-    plt = pyplot()
-    model.eval()
-    batch = _batch(dataset, indices, device)
-    maps = model.forward_maps(batch)
-    anatomy = _relevance(model, batch, maps)
-    fig, axes = plt.subplots(1, len(indices), figsize=(2.2 * len(indices), 2.5), squeeze=False)
-    for ax, i, rel in zip(axes[0], indices, anatomy):
-        ax.imshow(_gray(dataset[i]["image"]), cmap="gray")
-        heat = ax.imshow(rel, cmap="jet", alpha=0.45, vmin=0, vmax=1)
-        ax.set_title(_title(dataset, i), fontsize=7), ax.axis("off")
-    _relevance_colorbar(fig, heat, axes)
-    fig.suptitle("prompt-guided rollout relevance (Eq. 18)", fontsize=9)
-    rollout_path = save_figure(fig, os.path.join(dir_, "rollout.png"))
-
-    gen = torch.Generator(device="cpu").manual_seed(0)
-
-    def random_prompts(p):
-        noise = torch.randn(p.shape, generator=gen).to(p.device, p.dtype)
-        return noise * p.std(dim=(1, 2, 3), keepdim=True) + p.mean(dim=(1, 2, 3), keepdim=True)
-
-    def static_prompts(p):
-        return p.mean(dim=1, keepdim=True).expand_as(p).contiguous()
-
-    bank = model.prompt_bank
-    rels = {"random": None, "static": None, "anatomy (A-VPT)": anatomy}
-    try:
-        for name, fn in (("random", random_prompts), ("static", static_prompts)):
-            model.prompt_bank = _FixedPrompts(bank, fn)
-            rels[name] = _relevance(model, batch, maps)
-    finally:
-        model.prompt_bank = bank
-    n = len(indices)
-    fig, axes = plt.subplots(n, 4, figsize=(8.5, 2.1 * n), squeeze=False)
-    for r, i in enumerate(indices):
-        img = _gray(dataset[i]["image"])
-        gt = dataset[i]["mask"][0].numpy()
-        axes[r, 0].imshow(img, cmap="gray")
-        if gt.any():
-            axes[r, 0].contour(gt, levels=[0.5], colors="lime", linewidths=1)
-        axes[r, 0].set_ylabel(_title(dataset, i), fontsize=7)
-        for c, (name, rel) in enumerate(rels.items(), start=1):
-            axes[r, c].imshow(img, cmap="gray")
-            heat = axes[r, c].imshow(rel[r], cmap="jet", alpha=0.45, vmin=0, vmax=1)
-            if r == 0:
-                axes[r, c].set_title(f"{name} prompts", fontsize=8)
-        for ax in axes[r]:
-            ax.set_xticks([]), ax.set_yticks([])
-    axes[0, 0].set_title("image + lesion", fontsize=8)
-    _relevance_colorbar(fig, heat, axes[:, 1:])
-    fig.suptitle("attention (rollout) by prompt type (Figs. 7-8): prompt swaps of one trained "
-                 "model", fontsize=9)
-    return rollout_path, save_figure(fig, os.path.join(dir_, "prompt_types.png"))
 
 
 @torch.no_grad()
@@ -203,7 +73,7 @@ def tsne(model, datasets, device, path: str, max_images: int = 150) -> Optional[
     for ds in datasets:
         idx = pick_examples(ds, max_images)
         for start in range(0, len(idx), 32):
-            batch = _batch(ds, idx[start:start + 32], device)
+            batch = stack_batch(ds, idx[start:start + 32], device)
             out = model(batch["image"], maps=model.forward_maps(batch), modality=batch["modality"])
             names = [ds.records[i].modality for i in idx[start:start + 32]]
             if out.region_emb is not None:

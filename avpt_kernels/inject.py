@@ -46,7 +46,6 @@ from .vit_adapters import (ADAPTERS, TokenLayout, ViTAdapter, _TOWER_ATTRS,  # n
                            find_adapter, register_adapter)
 
 __all__ = ["PIMBlock", "TokenLayout", "ViTAdapter", "inject_pim", "make_pim_blocks", "remove_pim",
-           "pim_state_dict", "load_pim_state_dict", "save_pim_pretrained", "load_pim_pretrained",
            "pim_gates_shut", "find_adapter", "register_adapter", "ADAPTERS"]
 
 PromptSpec = Union[str, Tensor, Callable[[Tensor, Optional[int]], Tensor], None]

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ._files import check_regular_target, write_bytes_atomic
-from .inject import _pim_blocks, _refuse_save_pretrained
+from .inject import _pim_blocks, _refuse_save_pretrained, inject_pim
 
 _FORMAT = "avpt-pim"
 PIM_FILE = "pim.safetensors"
@@ -152,8 +152,6 @@ def load_pim_pretrained(model_class, directory: Union[str, os.PathLike], backend
                         freeze_base: bool = False, **kwargs) -> nn.Module:
     """``model_class.from_pretrained(directory, **kwargs)``, then ``inject_pim`` with the settings
     ``save_pim_pretrained`` stored and the PIM weights loaded: the saved model, PIM included."""
-    from .inject import inject_pim
-
     path = os.path.join(os.fspath(directory), PIM_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: {os.fspath(directory)!r} was not saved by "

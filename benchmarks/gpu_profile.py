@@ -24,9 +24,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from avpt.losses import method_loss
-from benchmarks.harness import sync
-from benchmarks.test_model import (AUTOCAST, DEVICE, METHODS, MODEL, ON_GPU, _batch, _forward,
-                                   _prepare, graph_forward)
+from benchmarks.harness import ON_GPU, sync
+from benchmarks.model_setup import (AUTOCAST, DEVICE, METHODS, MODEL, MethodLossStep, graph_forward,
+                                    make_batch, prepare_method, row_forward)
 
 DEFAULT_ROWS = ("backbone", "vpt", "avpt-fused", "avpt-eager")
 PARTS = ("infer", "infer-graphed", "train", "train-graphed")
@@ -69,7 +69,7 @@ def _build(method_name: str, overrides: dict):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         method = build_method(method_name, model_name=MODEL, **overrides).to(DEVICE)
-    _prepare(method)  # frozen weights in bf16 on a GPU, as every Table 10 row
+    prepare_method(method)  # frozen weights in bf16 on a GPU, as every Table 10 row
     return method
 
 
@@ -78,7 +78,7 @@ def _infer(row_name, method, images, maps, top) -> Dict:
 
     def forward():
         with torch.no_grad(), torch.autocast(**AUTOCAST):
-            return _forward(row_name, method, images, maps)
+            return row_forward(row_name, method, images, maps)
     return profile_call(f"{row_name} inference, eager", forward, top)
 
 
@@ -101,7 +101,7 @@ def _train(row_name, method, images, maps, labels, masks, top) -> Dict:
     def step():
         opt.zero_grad(set_to_none=True)
         with torch.autocast(**AUTOCAST):
-            loss = method_loss(method, _forward(row_name, method, images, maps), labels,
+            loss = method_loss(method, row_forward(row_name, method, images, maps), labels,
                                masks)["loss"]
         loss.backward()
         opt.step()
@@ -116,12 +116,11 @@ def _train_graphed(row_name, method, images, maps, labels, masks, top) -> Option
         return None
     from avpt.compiled_step import WholeStep
     from avpt.engine import make_optimizer
-    from benchmarks.test_model import _MethodLossStep
 
     method.train()
     params = [p for p in method.parameters() if p.requires_grad]
     opt = make_optimizer(params, 1e-4, 1e-4, "reduce-overhead", DEVICE)
-    step = WholeStep(_MethodLossStep(row_name, method), opt, DEVICE, AUTOCAST["dtype"], 0.0,
+    step = WholeStep(MethodLossStep(row_name, method), opt, DEVICE, AUTOCAST["dtype"], 0.0,
                      "reduce-overhead")
     batch = dict(image=images, maps=maps, label=labels, mask=masks)
     step(batch)  # compiles
@@ -134,7 +133,7 @@ def profile_row(row_name: str, method_name: str, overrides: dict, parts=PARTS,
     """Profile the ``parts`` of one Table 10 row; returns one summary dict per part run."""
     out = []
     method = _build(method_name, overrides)
-    images, maps, labels, masks = _batch(method)
+    images, maps, labels, masks = make_batch(method)
     for part in parts:
         if part.startswith("train") and row_name == "backbone":
             continue  # the frozen backbone has no training step

@@ -68,7 +68,7 @@ def foreach_launches(func, args) -> int:
 
 def _section_of_module(module: nn.Module) -> Optional[str]:
     import avpt_kernels as ak
-    from avpt.anatomy import AnatomyMLP
+    from avpt.methods.avpt.anatomy import AnatomyMLP
 
     name = type(module).__name__
     if isinstance(module, ak.PromptTokenInteraction):

@@ -54,7 +54,7 @@ backward runs on the fake CUDA tensors directly (``backward_on == "cuda-fake"``)
 
 ``python -m benchmarks.launches [--model ViT-B-16|avpt-tiny] [--batch 32] [--json PATH]
 [--markdown PATH]`` (``benchmarks/results/LAUNCHES.md`` is that table at ViT-B/16, batch 32)
-prints the table; ``benchmarks/test_model.py`` adds the rows (``kind="launches"``) to the
+prints the table; ``benchmarks/test_table10.py`` adds the rows (``kind="launches"``) to the
 benchmark JSON and ``benchmarks/table10.py`` renders them in TABLE10.md.
 """
 from __future__ import annotations
@@ -96,7 +96,7 @@ def _build(method_name: str, overrides: Dict, model_name: str, loss: str):
         method = build_method(method_name, model_name=model_name, **overrides)
     loss_fn = None
     if loss == "avpt" and method.name == "avpt":
-        from avpt.losses import AVPTLoss
+        from avpt.methods.avpt import AVPTLoss
         loss_fn = AVPTLoss(method)
     return method, loss_fn
 

@@ -188,7 +188,7 @@ def launch_section(data: dict) -> List[str]:
 
 
 def compiled_step_section(data: dict) -> List[str]:
-    """The whole-step compile rows (``kind == "compiled-step"``, benchmarks/test_model.py) beside
+    """The whole-step compile rows (``kind == "compiled-step"``, benchmarks/test_table10.py) beside
     the same method's uncompiled training step: issue 11's "with and without" CUDA graphs."""
     rows = [r for r in data["rows"] if r.get("kind") == "compiled-step"]
     if not rows:

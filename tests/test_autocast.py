@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import avpt_kernels as ak
-from avpt.losses import AVPTLoss
+from avpt.methods.avpt import AVPTLoss
 from avpt_kernels.ops import OPS as OP_REGISTRY
 from avpt_kernels.ops.opspec import Shape, layer_stages
 from avpt_kernels.ops.pim import reference as pim_ref

@@ -157,3 +157,16 @@ def _without_avpt_settings(args):
         out.append(args[i])
         i += 1
     return out
+
+
+@pytest.mark.parametrize("command", ["train", "transfer", "cv", "eval", "explain"])
+def test_method_help_names_every_registered_method(command, capsys):
+    """``--method``'s help is read from the registry: a method added there shows up here."""
+    from avpt.methods import method_names
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    help_line = text.rsplit("--method METHOD", 1)[1].split("--", 1)[0]  # the options list
+    for name in method_names():
+        assert name in help_line.replace(",", " ").split(), (command, name)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from avpt.comparison import bootstrap_ci, comparison_html, comparison_plot, per_image
+from avpt.methods_table import bootstrap_ci, comparison_html, comparison_plot, per_image
 
 # The GPU tier leaves these out: not a device path (bootstrap intervals and report rendering).
 pytestmark = pytest.mark.cpu_only

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from avpt import backbone as bb
-from avpt.losses import (AVPTLoss, EMACentroids, RegionQueue, cls_loss, lap_loss, method_loss,
-                         rcl_loss, seg_loss, token_laplacian, txt_loss)
+from avpt.losses import cls_loss, method_loss, seg_loss
+from avpt.methods.avpt.loss import (AVPTLoss, EMACentroids, RegionQueue, lap_loss, rcl_loss,
+                                    token_laplacian, txt_loss)
 from avpt.methods import build_method
 
 

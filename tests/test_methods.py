@@ -203,7 +203,8 @@ def test_forward_maps_and_make_loss_are_asked_of_the_method():
     """The hooks: only A-VPT with region_source="given" takes the batch's maps; every method's
     ``make_loss`` gives a module whose terms add up to "loss" (A-VPT's: Eq. 17, the others'
     CLS + SEG), and options a method does not use are ignored."""
-    from avpt.losses import AVPTLoss, MethodLoss
+    from avpt.losses import MethodLoss
+    from avpt.methods.avpt import AVPTLoss
     from avpt.methods.biomedap import BiomedAPLoss
 
     own_loss = {"avpt": AVPTLoss, "biomedap": BiomedAPLoss}

@@ -8,8 +8,8 @@ import torch
 
 import avpt_kernels as ak
 from avpt import backbone as bb
-from avpt.anatomy import tissue_prior_maps
-from avpt.explain import relevance, rollout
+from avpt.data.tissue_priors import tissue_prior_maps
+from avpt.methods.avpt.rollout import relevance, rollout
 from avpt.methods import build_method
 from avpt.methods.avpt import SCHEDULES, injection_plan
 from avpt_kernels.testing import assert_close

@@ -25,7 +25,7 @@ from . import transforms as T
 from .modalities import MODALITIES
 from .native import NativeMask
 from .records import DataError, Record
-from .tissue_prior import tissue_prior_single
+from .tissue_priors import tissue_prior_single
 
 log = logging.getLogger(__name__)
 

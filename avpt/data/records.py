@@ -2,7 +2,7 @@
 
 ``Record.load()`` returns a ``RawSample``: the image [H, W] float in [0, 1], the lesion mask
 [H, W] bool, and tissue maps [3, H, W] when the source has them (the phantom), else None (the
-dataset then computes classical tissue priors, ``avpt.data.tissue_prior``).
+dataset then computes classical tissue priors, ``avpt.data.tissue_priors``).
 A file that cannot be read raises ``DataError`` naming the file. Lesion masks are read with
 ``read_mask``, decoded by their image mode (palette, alpha, 16-bit, grey, binary).
 """

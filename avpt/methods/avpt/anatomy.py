@@ -5,7 +5,7 @@ glandular, fatty, ductal):
 
 * ``"given"``   maps from the dataset (segmentations or tissue probability maps);
 * ``"prior"``   classical tissue priors computed from the image on CPU with scikit-image
-                (``tissue_prior_maps``), outside autograd;
+                (``avpt.data.tissue_priors.tissue_prior_maps``), outside autograd;
 * ``"learned"`` a small convolutional extractor trained end to end (``LearnedRegionExtractor``).
 
 The maps are pooled over the frozen patch features with ``avpt_kernels.region_pool`` (Eq. 2) and
@@ -13,15 +13,13 @@ the pooled region features go through ``AnatomyMLP`` (Eq. 3).
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple, Union
+from typing import List, Tuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from avpt.data.modalities import MODALITIES
-from avpt.data.tissue_prior import tissue_prior_single
+from ...data import MODALITIES
 
 REGION_NAMES = ("glandular", "fatty", "ductal")
 REGION_SOURCES = ("given", "prior", "learned")
@@ -31,26 +29,6 @@ REGION_SOURCES = ("given", "prior", "learned")
 DEFAULT_ADJACENCY = ((0.0, 1.0, 1.0),
                      (1.0, 0.0, 0.0),
                      (1.0, 0.0, 0.0))
-
-
-# ----------------------------------------------------------------------------------------------
-# Classical tissue priors of a batch (one image: avpt.data.tissue_prior)
-# ----------------------------------------------------------------------------------------------
-def tissue_prior_maps(images: Union[Tensor, np.ndarray],
-                      modality: Union[str, Sequence[str]] = "MG") -> Tensor:
-    """Classical tissue-prior maps for a batch: images [B, C, H, W] (any normalisation; channels
-    are averaged to grayscale) -> maps [B, 3, H, W] float32 in [0, 1] (glandular, fatty, ductal),
-    on the images' device. ``modality``: one of ``MODALITIES`` or one per image."""
-    arr = images.detach().float().cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
-    if arr.ndim != 4:
-        raise ValueError(f"images must be [B, C, H, W], got shape {arr.shape}")
-    mods = [modality] * arr.shape[0] if isinstance(modality, str) else list(modality)
-    if len(mods) != arr.shape[0]:
-        raise ValueError(f"modality must be one name or {arr.shape[0]} names (one per image), "
-                         f"got {len(mods)}")
-    out = np.stack([tissue_prior_single(a.mean(axis=0), m) for a, m in zip(arr, mods)])
-    maps = torch.from_numpy(out)
-    return maps.to(images.device) if isinstance(images, Tensor) else maps
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """CILMP (Du, Yu, Wang 2025: "Medical Knowledge Intervention Prompt Tuning", code usr922/cilmp)
 on the frozen open_clip backbone. Equations, defaults and departures: docs/methods/cilmp.md.
 
-Per class c, knowledge states h_c [L_c, d_k] (``avpt.knowledge``). Per image, v = the normalised
+Per class c, knowledge states h_c [L_c, d_k] (``knowledge.py``). Per image, v = the normalised
 image embedding [E] of the prompted ViT. For every text layer l and side p in {prefix, suffix}:
 
     g(v)  = W_b (W_a v + b_a) + b_b                    (W_a: r x E, W_b: d_k x r)
@@ -23,8 +23,7 @@ precomputed per step. ``project_knowledge`` is the one place the rank-r chain x 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import open_clip
 import torch
@@ -35,44 +34,12 @@ from avpt_kernels import low_rank_project
 from avpt.recipes import dassl_recipe
 from avpt_kernels._autocast import autocast_dtype
 
-from .. import vit
-from ..descriptions import descriptions_for, texts_hash
-from ..knowledge import description_states, load_knowledge_dir, pad_states, states_hash
-from ..text_tower import encode_embedded, eot_positions, prompt_length
-from .base import Method, MethodConfig, register
-
-AVERAGING_MODES = ("paper", "code", "off")
-# Trainable tensors the reference code's epoch averaging leaves at their last value ("code").
-INTERVENTION_PARAMS = ("R", "W_s", "b_s", "W_a", "b_a", "W_b", "b_b", "A", "B")
-
-
-@dataclass
-class CILMPConfig(MethodConfig):
-    """CILMP settings (defaults: the paper's ViT-B/16 setting). ``knowledge_dir``: folder of
-    ``<class name>.safetensors`` states (e.g. an LLM's, any width); None: the description texts
-    through the frozen text tower (d_k = text width). ``knowledge_texts`` / ``knowledge_hash``
-    are filled in at build (the texts used and their hash); a given hash must match."""
-    class_names: Tuple[str, ...] = ("benign lesion", "malignant lesion")
-    visual_prompts: int = 4          # K_v tokens replaced before each vision block
-    text_context: int = 4            # K text context tokens per text layer
-    context_init: str = "a photo of a"
-    rank: int = 8                    # r
-    prefix_length: int = 4           # knowledge tokens through the prefix intervention
-    suffix_length: int = 4           # knowledge tokens through the suffix intervention
-    phi_dropout: float = 0.1
-    knowledge_dir: Optional[str] = None
-    knowledge_width: Optional[int] = None   # d_k; None: the source's width
-    knowledge_length: int = 16       # description tokens kept per class (description source)
-    fit_context: bool = True         # description source: cut knowledge_length (and prefix and
-                                     # suffix to half of it each) to what the text context holds;
-                                     # the values used are written back to the config
-    knowledge_texts: Optional[Dict[str, List[str]]] = None
-    knowledge_hash: Optional[str] = None
-    fast_path: bool = True           # rank-r path whenever dropout is inactive (exact)
-    averaging: str = "paper"         # Gaussian epoch averaging: paper | code | off
-    averaging_mean: float = 100.0
-    averaging_std: float = 30.0
-    backend: Optional[str] = None    # avpt_kernels backend of project_knowledge (None: process-wide)
+from ... import vit
+from ...text_tower import encode_embedded, eot_positions, prompt_length
+from ..base import Method, register
+from .config import AVERAGING_MODES, INTERVENTION_PARAMS, CILMPConfig
+from .descriptions import descriptions_for, texts_hash
+from .knowledge import description_states, load_knowledge_dir, pad_states, states_hash
 
 
 def project_knowledge(x: Tensor, A: Tensor, B: Tensor, backend: Optional[str] = None) -> Tensor:
@@ -467,4 +434,4 @@ class PromptAveraging:
         self.total, self.sums, self.latest = state["total"], dict(state["sums"]), dict(state["latest"])
 
 
-__all__ = ["CILMPConfig", "CILMP", "Intervention", "PromptAveraging", "project_knowledge"]
+__all__ = ["CILMP", "Intervention", "PromptAveraging", "project_knowledge"]

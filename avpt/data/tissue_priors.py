@@ -1,13 +1,19 @@
-"""Classical tissue priors: soft glandular / fatty / ductal maps of one grayscale image, computed
-with scikit-image on CPU (numpy, no gradients). What the dataset attaches to every sample and
-A-VPT's ``"prior"`` region source (``avpt.anatomy.tissue_prior_maps``) batches."""
+"""Classical tissue priors: soft glandular / fatty / ductal maps computed from the image with
+scikit-image on CPU numpy, outside autograd. The dataset computes them for images without
+tissue maps (``tissue_prior_single``); A-VPT's ``region_source="prior"`` computes them per batch
+(``tissue_prior_maps``)."""
 from __future__ import annotations
 
+from typing import Sequence, Union
+
 import numpy as np
+import torch
+from torch import Tensor
 
 from .modalities import MODALITIES
 
 
+# ----------------------------------------------------------------------------------------------
 def _normalize01(img: np.ndarray) -> np.ndarray:
     lo, hi = np.percentile(img, (1.0, 99.0))
     if hi - lo < 1e-8:
@@ -52,3 +58,23 @@ def tissue_prior_single(gray: np.ndarray, modality: str) -> np.ndarray:
     ductal = tube / max(tube.max(), 1e-8)
     maps = np.stack([glandular, fatty, ductal]).astype(np.float32)
     return np.clip(maps, 0.0, 1.0)
+
+
+def tissue_prior_maps(images: Union[Tensor, np.ndarray],
+                      modality: Union[str, Sequence[str]] = "MG") -> Tensor:
+    """Classical tissue-prior maps for a batch: images [B, C, H, W] (any normalisation; channels
+    are averaged to grayscale) -> maps [B, 3, H, W] float32 in [0, 1] (glandular, fatty, ductal),
+    on the images' device. ``modality``: one of ``MODALITIES`` or one per image."""
+    arr = images.detach().float().cpu().numpy() if isinstance(images, Tensor) else np.asarray(images)
+    if arr.ndim != 4:
+        raise ValueError(f"images must be [B, C, H, W], got shape {arr.shape}")
+    mods = [modality] * arr.shape[0] if isinstance(modality, str) else list(modality)
+    if len(mods) != arr.shape[0]:
+        raise ValueError(f"modality must be one name or {arr.shape[0]} names (one per image), "
+                         f"got {len(mods)}")
+    out = np.stack([tissue_prior_single(a.mean(axis=0), m) for a, m in zip(arr, mods)])
+    maps = torch.from_numpy(out)
+    return maps.to(images.device) if isinstance(images, Tensor) else maps
+
+
+__all__ = ["tissue_prior_maps", "tissue_prior_single"]

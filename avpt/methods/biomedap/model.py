@@ -11,8 +11,8 @@ paper "BiomedAP", code github tongdiedie/BiomedAP), on the shared frozen open_cl
   image's own tokens at those positions (``fusion_input="paper"``: vision-informed) or zeros
   (``"code"``: one constant for every image, computed once per step and broadcast).
 * Loss (``make_loss``): CE + l_h |t^ - a_high| + l_kl KL(p_zs || p)/(B C) + l_l |t^ - a_low|
-  + l_a (1 - cos(mean T_out, mean ctx)) (+ lambda_seg SEG), see ``biomedap_fusion.loss_terms``.
-  a_high: normalised mean of the per-class description features (``avpt.descriptions``);
+  + l_a (1 - cos(mean T_out, mean ctx)) (+ lambda_seg SEG), see ``loss.loss_terms``.
+  a_high: normalised mean of the per-class description features (``avpt.methods.cilmp.descriptions``);
   a_low: few-shot visual prototypes (``low_anchor="paper"``, the default, as the paper
   describes: per class the normalised mean of the frozen, normalised image features of that
   class's training images, computed by ``prepare`` before training at every start) or the bare
@@ -25,7 +25,6 @@ alignment term is this rank's own under DDP, never a value cached on a module.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import open_clip
@@ -35,69 +34,15 @@ from torch import Tensor, nn
 
 from avpt.recipes import dassl_recipe
 
-from .. import vit
-from ..descriptions import descriptions_for, texts_hash
-from ..text_tower import encode_embedded, eot_positions, prompt_length
-from .base import MethodOutput, register, unaugmented_batches
-from .base import frozen_encode as _frozen_encode
-from .coop import CoOp, CoOpConfig
-from .biomedap_fusion import GatedCrossModalFusion, loss_terms
-
-PAPER_FUSION_LAYERS, PAPER_DEPTH = (5, 8), 12
-FUSION_INPUTS = ("paper", "code")
-LOW_ANCHORS = ("paper", "code")
-
-
-@dataclass
-class BiomedAPConfig(CoOpConfig):
-    """BiomedAP settings (defaults: the paper / the reference code's BUSI config).
-
-    ``ctx_init``/``template``: ``{modality}`` is replaced by ``modality_word``; ``ctx_init=None``
-    starts the context at N(0, 0.02^2) like ``coop``. ``fusion_layers``: 0-based block indices
-    (fusion runs before that block); None = (5, 8) of 12 blocks scaled to the backbone's depth
-    (round(i * depth / 12)); () = no fusion. ``fusion_input``: "paper" (the image's tokens at
-    the prompt positions) or "code" (zeros). ``fusion_broadcast``: in "code" mode compute the
-    fusion once and broadcast (False: per image; equal results, kept for tests/benchmarks).
-    ``low_anchor``: "paper" (default: visual prototypes of the training images, set by
-    ``prepare``/``set_visual_prototypes``) or "code" (bare class-name text features).
-    ``descriptions_hash``: filled at build with the hash of the a_high texts; a different value
-    given is refused."""
-    num_context: int = 4
-    modality_word: str = "ultrasound"
-    ctx_init: Optional[str] = "a {modality} photo of a"
-    template: str = "a {modality} photo of a {class} in the breast."
-    num_visual_prompts: int = 4
-    fusion_layers: Optional[Tuple[int, ...]] = None
-    fusion_heads: int = 8
-    fusion_dropout: float = 0.1
-    fusion_input: str = "paper"
-    fusion_broadcast: bool = True
-    low_anchor: str = "paper"
-    lambda_high: float = 18.75
-    lambda_kl: float = 1.0
-    lambda_low: float = 1.0
-    lambda_align: float = 0.1
-    descriptions_hash: Optional[str] = None
-
-
-@dataclass
-class BiomedAPOutput(MethodOutput):
-    """``MethodOutput`` plus text_features [C, E] (normalised t^) and text_out [L_f, B, M, d_t]
-    (the text side of each fusion layer; None without fusion or with lambda_align = 0)."""
-    text_features: Optional[Tensor] = None
-    text_out: Optional[Tensor] = None
-
-
-def resolve_fusion_layers(layers: Optional[Tuple[int, ...]], depth: int) -> Tuple[int, ...]:
-    """The fusion block indices for a tower of ``depth`` blocks (see ``BiomedAPConfig``)."""
-    if layers is None:
-        return tuple(sorted({round(i * depth / PAPER_DEPTH) for i in PAPER_FUSION_LAYERS}))
-    layers = tuple(layers)
-    bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < depth]
-    if bad or len(set(layers)) != len(layers):
-        raise ValueError(f"fusion_layers must be distinct block indices in [0, {depth}) for this "
-                         f"{depth}-block backbone, got {list(layers)}")
-    return tuple(sorted(layers))
+from ... import vit
+from ...text_tower import encode_embedded, eot_positions, prompt_length
+from ..base import register, unaugmented_batches
+from ..base import frozen_encode as _frozen_encode
+from ..cilmp.descriptions import descriptions_for, texts_hash
+from ..coop import CoOp
+from .config import FUSION_INPUTS, LOW_ANCHORS, BiomedAPConfig, BiomedAPOutput, resolve_fusion_layers
+from .fusion import GatedCrossModalFusion
+from .loss import BiomedAPLoss
 
 
 def _check_config(c: BiomedAPConfig) -> Tuple[int, ...]:
@@ -348,39 +293,4 @@ class BiomedAP(CoOp):
         return BiomedAPLoss(self)
 
 
-class BiomedAPLoss(nn.Module):
-    """forward(out: BiomedAPOutput, labels [B] or None, masks [B, 1, H, W] or None, modality,
-    update_state) -> terms (cls, high, kl, low, align, seg) and their weighted total "loss".
-    Everything comes from ``out`` and the method's parameters/buffers: no state from an earlier
-    forward. The method is held by reference (not a submodule: no duplicated parameters)."""
-
-    def __init__(self, method: BiomedAP):
-        super().__init__()
-        self.method_ref = [method]
-
-    def forward(self, out, labels=None, masks=None, modality=None, update_state: bool = False):
-        from ..losses import seg_loss
-
-        m = self.method_ref[0]
-        c = m.config
-        if not isinstance(out, BiomedAPOutput):
-            raise TypeError(f"BiomedAPLoss needs the BiomedAPOutput of a BiomedAP forward, got "
-                            f"{type(out).__name__}")
-        if not m.prototypes_ready:
-            raise RuntimeError("low_anchor='paper' needs method.set_visual_prototypes("
-                               "features, labels) before the loss is used")
-        if c.lambda_align > 0 and m.fusion_layers and out.text_out is None:
-            raise ValueError("lambda_align > 0 with fusion layers needs out.text_out (the "
-                             "output of this forward), got None")
-        weights = dict(high=c.lambda_high, kl=c.lambda_kl, low=c.lambda_low, align=c.lambda_align)
-        terms = loss_terms(out.logits, out.features, out.text_features,
-                           m.backbone.logit_scale.exp(), m.anchor_high, m.anchor_low, labels,
-                           weights, out.text_out, m.context)
-        if c.seg and c.lambda_seg and masks is not None and out.seg_logits is not None:
-            terms["seg"] = seg_loss(out.seg_logits, masks, c.seg_bce_weight)
-            terms["loss"] = terms["loss"] + c.lambda_seg * terms["seg"]
-        return terms
-
-
-__all__ = ["BiomedAPConfig", "BiomedAP", "BiomedAPOutput", "BiomedAPLoss",
-           "resolve_fusion_layers"]
+__all__ = ["BiomedAP"]

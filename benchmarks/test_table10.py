@@ -26,51 +26,13 @@ from avpt.backbone import TINY_MODEL, VIT_B16
 from avpt.losses import method_loss
 from avpt.methods import build_method
 from avpt.params import parameter_report
-from avpt.frozen_weights import store_frozen_weights
 from benchmarks.harness import ON_GPU, measure, sync
+from benchmarks.model_setup import (AUTOCAST, BATCH, DEVICE, METHODS, MODEL, MethodLossStep,
+                                    graph_forward, make_batch, prepare_method, row_forward)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-DEVICE = "cuda" if ON_GPU else "cpu"
-MODEL, BATCH = (VIT_B16, 32) if ON_GPU else (TINY_MODEL, 2)
-AUTOCAST = dict(device_type=DEVICE, dtype=torch.bfloat16, enabled=ON_GPU)
 ROUNDS = 10 if ON_GPU else 2
-# (row name, method, config overrides)
-METHODS = [
-    ("backbone", "linear", {}),
-    ("full", "full", {}),
-    ("adapter", "adapter", {}),
-    ("lora", "lora", {}),
-    ("vpt", "vpt", {}),
-    ("avpt-eager", "avpt", {"backend": "torch"}),
-    ("avpt-fused", "avpt", {"backend": "triton"}),
-    ("cilmp", "cilmp", {}),
-    ("biomedap", "biomedap", {}),
-]
-
-
-def _prepare(method) -> dict:
-    """The method as a run prepares it (frozen weights in bf16 under bf16 autocast on a GPU);
-    the row fields that say so."""
-    cast = store_frozen_weights(method, AUTOCAST["dtype"] if ON_GPU else None, DEVICE)
-    return {"frozen_weights": "bf16" if cast else "fp32"}
-
-
-def _batch(method):
-    size = method.visual.image_size
-    size = size if isinstance(size, tuple) else (size, size)
-    g = torch.Generator().manual_seed(0)
-    images = torch.randn(BATCH, 3, *size, generator=g).to(DEVICE)
-    maps = torch.rand(BATCH, 3, *size, generator=g).to(DEVICE)
-    labels = torch.randint(0, 2, (BATCH,), generator=g).to(DEVICE)
-    masks = (torch.rand(BATCH, 1, *size, generator=g) > 0.5).float().to(DEVICE)
-    return images, maps, labels, masks
-
-
-def _forward(row_name, method, images, maps):
-    if row_name == "backbone":  # the frozen backbone alone: open_clip's encode_image
-        return method.backbone.encode_image(images)
-    return method(images, maps=method.forward_maps({"maps": maps}))
 
 
 def _time_train_step(row: dict, method, params, forward, labels, masks) -> None:
@@ -113,16 +75,16 @@ def test_table10_row(benchmark, results, row_name, method_name, overrides):
         warnings.simplefilter("ignore")
         method = build_method(method_name, model_name=MODEL, **overrides).to(DEVICE)
     report = parameter_report(method)
-    row.update(_prepare(method))
+    row.update(prepare_method(method))
     row.update(trainable=report.trainable if row_name != "backbone" else 0,
                visual_params=report.visual,
                trainable_percent=report.percent_of_visual if row_name != "backbone" else 0.0)
-    images, maps, labels, masks = _batch(method)
+    images, maps, labels, masks = make_batch(method)
 
     method.eval()
     with torch.no_grad(), torch.autocast(**AUTOCAST):
-        infer = measure(benchmark, lambda: _forward(row_name, method, images, maps), rounds=ROUNDS)
-        row.update(_launches(lambda: _forward(row_name, method, images, maps)))
+        infer = measure(benchmark, lambda: row_forward(row_name, method, images, maps), rounds=ROUNDS)
+        row.update(_launches(lambda: row_forward(row_name, method, images, maps)))
     row.update(infer_ms=infer["median_ms"], infer_iqr_ms=infer["iqr_ms"],
                infer_ms_per_image=infer["median_ms"] / BATCH if infer["median_ms"] else None,
                infer_peak_mem_bytes=infer["peak_mem_total_bytes"])
@@ -130,7 +92,7 @@ def test_table10_row(benchmark, results, row_name, method_name, overrides):
     if row_name != "backbone":
         method.train()
         params = [p for p in method.parameters() if p.requires_grad]
-        _time_train_step(row, method, params, lambda: _forward(row_name, method, images, maps),
+        _time_train_step(row, method, params, lambda: row_forward(row_name, method, images, maps),
                          labels, masks)
     results.add(**row, status="ok")
     del method
@@ -163,11 +125,11 @@ def test_injected_pim_row(benchmark, results, row_name, backend):
                   backend=backend)
     method = method.to(DEVICE)
     report = parameter_report(method)
-    row.update(_prepare(method))
+    row.update(prepare_method(method))
     added = sum(t.numel() for t in ak.pim_state_dict(method.visual).values())
     row.update(trainable=added, visual_params=report.visual,
                trainable_percent=100.0 * added / report.visual)
-    images, maps, labels, masks = _batch(method)
+    images, maps, labels, masks = make_batch(method)
 
     method.eval()
     encode = lambda: method.backbone.encode_image(images)  # noqa: E731
@@ -229,18 +191,6 @@ COMPILE_MODES = ("default", "reduce-overhead")
 COMPILE_METHODS = [m for m in METHODS if m[0] in ("vpt", "avpt-eager", "avpt-fused")]
 
 
-class _MethodLossStep(torch.nn.Module):
-    """TrainStep's interface (batch dict -> loss terms) around the benchmark's CLS + SEG step."""
-
-    def __init__(self, row_name, method):
-        super().__init__()
-        self.row_name, self.method = row_name, method
-
-    def forward(self, batch):
-        out = _forward(self.row_name, self.method, batch["image"], batch["maps"])
-        return method_loss(self.method, out, batch["label"], batch["mask"])
-
-
 @pytest.mark.parametrize("mode", COMPILE_MODES)
 @pytest.mark.parametrize("row_name,method_name,overrides", COMPILE_METHODS,
                          ids=[m[0] for m in COMPILE_METHODS])
@@ -259,12 +209,12 @@ def test_compiled_step_row(results, row_name, method_name, overrides, mode):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         method = build_method(method_name, model_name=MODEL, **overrides).to(DEVICE).train()
-    row.update(_prepare(method))
-    images, maps, labels, masks = _batch(method)
+    row.update(prepare_method(method))
+    images, maps, labels, masks = make_batch(method)
     batch = dict(image=images, maps=maps, label=labels, mask=masks)
     params = [p for p in method.parameters() if p.requires_grad]
     opt = make_optimizer(params, 1e-4, 1e-4, mode, DEVICE)
-    step = WholeStep(_MethodLossStep(row_name, method), opt, DEVICE,
+    step = WholeStep(MethodLossStep(row_name, method), opt, DEVICE,
                      torch.bfloat16 if ON_GPU else None, 0.0,
                      mode if ON_GPU else None, "inductor" if ON_GPU else "aot_eager")
     import time
@@ -290,17 +240,6 @@ def test_compiled_step_row(results, row_name, method_name, overrides, mode):
 # ----------------------------------------------------------------------------------------------
 GRAPHED_METHODS = [m for m in METHODS if m[0] in ("backbone", "full", "lora", "vpt", "avpt-eager",
                                                   "avpt-fused")]
-
-
-def graph_forward(row_name, method):
-    """``(images, maps) -> outputs`` (batch on dim 0) of a row, as GraphedInference takes it."""
-    if row_name == "backbone":
-        return lambda images, maps: (method.backbone.encode_image(images),)
-
-    def forward(images, maps):
-        out = _forward(row_name, method, images, maps)
-        return out.logits, out.seg_logits
-    return forward
 
 
 def gpu_busy_ms(fn) -> float:
@@ -332,8 +271,8 @@ def test_graphed_inference_row(benchmark, results, row_name, method_name, overri
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         method = build_method(method_name, model_name=MODEL, **overrides).to(DEVICE).eval()
-    row.update(_prepare(method))
-    images, maps, _, _ = _batch(method)
+    row.update(prepare_method(method))
+    images, maps, _, _ = make_batch(method)
     graphed = GraphedInference(graph_forward(row_name, method), DEVICE,
                                AUTOCAST["dtype"] if ON_GPU else None, batch_size=BATCH)
     call = lambda: graphed(images, maps)  # noqa: E731  (input copy + replay + output copy)

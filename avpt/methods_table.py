@@ -108,7 +108,7 @@ def comparison_html(rows: List[Dict], caption: str = "") -> str:
 def comparison_plot(rows: List[Dict], path: str, keys: Sequence[str] = ("auc", "f1", "dice")) -> Optional[str]:
     """Grouped bars (one panel per split, one group per metric) with the bootstrap intervals as
     error bars; the legend sits outside the axes. Returns ``path`` or None without rows."""
-    from .report import pyplot, save_figure
+    from .figures import pyplot, save_figure
 
     if not rows:
         return None

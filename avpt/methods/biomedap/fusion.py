@@ -1,5 +1,6 @@
-"""BiomedAP's gated cross-modal fusion block and its loss terms (the trainable arithmetic of
-``avpt.methods.biomedap``; the fidelity tests compare both with a literal fp64 re-implementation).
+"""BiomedAP's gated cross-modal fusion block (the trainable arithmetic of ``avpt.methods.biomedap``
+with its loss terms in ``loss.py``; the fidelity tests compare both with a literal fp64
+re-implementation).
 
 Fusion, with V [B, K, d_v] (visual prompt tokens) and T [B, M, d_t] (text context tokens), both
 projected to the unified width u = max(d_v, d_t) for attention and back to their own width after:
@@ -9,16 +10,12 @@ projected to the unified width u = max(d_v, d_t) for attention and back to their
     V_f = G_v * V + (1 - G_v) * V~  T_f = G_t * T + (1 - G_t) * T~
     V' = LN(V + V_f)                T' = LN(T + T_f)
     V_out = V' + FFN(V')            T_out = T' + FFN(T')      FFN: 4x, GELU, dropout
-
-Loss (``loss_terms``): CE + l_h mean|t^ - a_high| + l_kl KL(p_zs || p) / (B C)
-+ l_l mean|t^ - a_low| + l_a mean_l (1 - mean_b cos(mean_m T_out[l, b], mean_m ctx)).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -96,50 +93,4 @@ class GatedCrossModalFusion(nn.Module):
         return v_out, self.side_t(t, t_att)
 
 
-def _wide(x: Tensor) -> Tensor:
-    """At least fp32 (bf16/fp16 under autocast go up; fp64 stays fp64)."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def alignment_loss(text_out: Tensor, ctx: Tensor) -> Tensor:
-    """mean_l (1 - mean_b cos(mean_m T_out[l, b], mean_m ctx)): text_out [L, B, M, d_t] (the
-    text side of every fusion layer for this rank's images), ctx [M, d_t]."""
-    pooled = F.normalize(_wide(text_out).mean(dim=2), dim=-1)        # [L, B, d_t]
-    target = F.normalize(_wide(ctx).mean(dim=0), dim=-1)             # [d_t]
-    return (1 - (pooled * target).sum(-1).mean(dim=1)).mean()
-
-
-def loss_terms(logits: Tensor, features: Tensor, text: Tensor, scale: Tensor, a_high: Tensor,
-               a_low: Tensor, labels: Optional[Tensor], weights: Dict[str, float],
-               text_out: Optional[Tensor] = None, ctx: Optional[Tensor] = None) -> Dict[str, Tensor]:
-    """The BiomedAP terms, unweighted, and their weighted sum under ``"loss"``.
-
-    logits [B, C] = scale * cos(features, text); features [B, E] (image features, not
-    normalised); text [C, E] normalised class text features t^; a_high, a_low [C, E]
-    normalised anchors; labels [B] or None (no CE); weights: ``high``, ``kl``, ``low``,
-    ``align``. p_zs = softmax(scale * cos(features, a_high)) (zero-shot with the expert
-    descriptions, as the reference code does: the image features are the prompted ones).
-    ``text_out`` [L, B, M, d_t] and ``ctx`` [M, d_t] give the alignment term (absent with no
-    fusion layer)."""
-    text = _wide(text)
-    a_high, a_low = a_high.to(text.dtype), a_low.to(text.dtype)
-    logp = F.log_softmax(_wide(logits), dim=-1)
-    zs = _wide(scale) * F.normalize(_wide(features), dim=-1) @ a_high.t()
-    logp_zs = F.log_softmax(zs, dim=-1)
-    terms = {}
-    if labels is not None:
-        terms["cls"] = F.nll_loss(logp, labels)
-    terms["high"] = (text - a_high).abs().mean()
-    terms["kl"] = (logp_zs.exp() * (logp_zs - logp)).sum() / logits.numel()
-    terms["low"] = (text - a_low).abs().mean()
-    if text_out is not None:
-        terms["align"] = alignment_loss(text_out, ctx)
-    total = terms.get("cls", 0.0)
-    for name in ("high", "kl", "low", "align"):
-        if name in terms:
-            total = total + weights[name] * terms[name]
-    terms["loss"] = total
-    return terms
-
-
-__all__ = ["GatedCrossModalFusion", "alignment_loss", "loss_terms"]
+__all__ = ["GatedCrossModalFusion"]

@@ -3,7 +3,7 @@
 Two sources:
 
 * ``description_states``: the project's BI-RADS description texts of each class
-  (``avpt.descriptions``) through the frozen open_clip text tower; h_c is the ``ln_final`` token
+  (``descriptions.py``) through the frozen open_clip text tower; h_c is the ``ln_final`` token
   states (before the text projection, so d_k = text width) of each description's words and its
   end-of-text token, descriptions concatenated in their listed order, the first ``length`` kept.
   The paper uses an LLM's token states of a class description (d_k = 4096); none were published.
@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .text_tower import encode_embedded, eot_positions
+from ...text_tower import encode_embedded, eot_positions
 
 
 @torch.no_grad()

@@ -89,7 +89,8 @@ def compile_one(cfg: KernelConfig, target: str) -> Dict[str, Any]:
 
 
 def run(configs: List[KernelConfig], targets=tuple(TARGETS)) -> List[Dict[str, Any]]:
-    return [compile_one(cfg, t) for cfg in configs for t in targets]
+    return [compile_one(cfg, t) for cfg in configs for t in targets
+            if cfg.targets is None or t in cfg.targets]
 
 
 _COLLECTED: List[KernelConfig] = []
@@ -136,8 +137,10 @@ def run_collected(workers: int = 0, targets=tuple(TARGETS),
                   only: Optional[Sequence[int]] = None) -> List[Dict[str, Any]]:
     """Every collected configuration (or those at the indices ``only``) for every target, over
     ``workers`` processes (0: one per CPU); rows come back in the order of ``run(collect())``."""
-    indices = range(len(collect())) if only is None else only
-    jobs = [(i, t) for i in indices for t in targets]
+    configs = collect()
+    indices = range(len(configs)) if only is None else only
+    jobs = [(i, t) for i in indices for t in targets
+            if configs[i].targets is None or t in configs[i].targets]
     workers = workers or os.cpu_count() or 1
     if workers == 1 or len(jobs) < 2:
         return [_compile_collected(job) for job in jobs]

@@ -5,7 +5,7 @@ registry ``avpt_kernels.ops.OPS``), and nothing here imports an op."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,6 +18,8 @@ class KernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     maxnreg: Optional[int] = None  # the launch's register cap (PTX .maxnreg), if it sets one
+    # the compile targets ("sm_80", "sm_90a") whose launchers select it; None: every target
+    targets: Optional[Tuple[str, ...]] = None
 
     @property
     def kernel(self) -> str:

@@ -33,30 +33,38 @@ def _layouts():
     return list(seen.values())
 
 
-def aot_configs():
-    """Every (kernel, dtype, constexprs, warps, stages) the launchers can select."""
-    configs, keys = [], set()
+# The GPU targets ``make aot`` compiles for, by the compute capability whose tiles they take
+_ARCH_TARGETS = {80: "sm_80", 90: "sm_90a"}
 
-    def add(fn, meta, pointers):
+
+def aot_configs():
+    """Every (kernel, dtype, constexprs, warps, stages) the launchers can select, each for the
+    targets whose tiles select it (``launch._tiles``: sm_80 has its own)."""
+    found = {}  # key -> [fn, meta, pointers, warps, stages, targets], in first-seen order
+
+    def add(fn, meta, pointers, target=None):
         meta = dict(meta)
         warps, stages = meta.pop("num_warps"), meta.pop("num_stages")
         key = (fn, tuple(sorted(meta.items())), tuple(sorted(pointers.items())), warps, stages)
-        if key not in keys:
-            keys.add(key)
-            configs.append(KernelConfig(fn, signature(fn, pointers, _FLOATS), meta,
-                                        num_warps=warps, num_stages=stages))
+        entry = found.setdefault(key, [fn, meta, pointers, warps, stages, []])
+        if target is not None and target not in entry[5]:
+            entry[5].append(target)
 
-    for dtype in _DOT_MODE:
-        ptr = "*" + tl_type(dtype)
-        inputs = {n: ptr for n in _INPUT_POINTERS}
-        for h, dh in _layouts():
-            L = Layout(2, 17, 64, 6, h, dh, 16, dtype, "cuda")
-            for name in KERNELS:
-                if name == "wgrad":
-                    for const, exact_ptr in _WGRAD_USES:
-                        add(_kernel(name), dict(L.meta(name), **const), {exact_ptr: ptr})
-                else:
-                    add(_kernel(name), L.meta(name), inputs)
+    for arch, target in _ARCH_TARGETS.items():
+        for dtype in _DOT_MODE:
+            ptr = "*" + tl_type(dtype)
+            inputs = {n: ptr for n in _INPUT_POINTERS}
+            for h, dh in _layouts():
+                L = Layout(2, 17, 64, 6, h, dh, 16, dtype, "cuda", arch)
+                for name in KERNELS:
+                    if name == "wgrad":
+                        for const, exact_ptr in _WGRAD_USES:
+                            add(_kernel(name), dict(L.meta(name), **const), {exact_ptr: ptr}, target)
+                    else:
+                        add(_kernel(name), L.meta(name), inputs, target)
     add(backward._reduce_kernel, dict(BLOCK=REDUCE_BLOCK, CHUNKS=MAX_CHUNKS, num_warps=REDUCE_WARPS,
                                      num_stages=1), {})
-    return configs
+    return [KernelConfig(fn, signature(fn, pointers, _FLOATS), meta, num_warps=warps,
+                         num_stages=stages,
+                         targets=tuple(targets) if len(targets) < len(_ARCH_TARGETS) else None)
+            for fn, meta, pointers, warps, stages, targets in found.values()]

@@ -60,9 +60,46 @@ REDUCE_BLOCK = 128
 # Most row chunks of a weight gradient: the reduce kernel sums them as one [MAX_CHUNKS, BLOCK] tile
 MAX_CHUNKS = 32
 REDUCE_WARPS = 4
+# sm_80 (A100) has no warpgroup MMA: its dots hold more registers, and several tiles above
+# spill there. Ampere-class GPUs (compute capability < 9) take these instead (spill-free on
+# sm_80 under Triton 3.6 and 3.8).
+SM80 = dict(PROJ=dict(BM=32, BK=16, num_warps=8, num_stages=3),
+            OUTPUT=dict(BM=32, BN=32, BKA=32, num_warps=8, num_stages=1),
+            GRAD_Z=dict(BM=32, BN=32, BKA=32, num_warps=8, num_stages=1),
+            GRAD_O2=dict(BM=16, BK=64, num_warps=8, num_stages=3),
+            WGRAD=dict(BNA=64, BNB=64, BR=32, num_warps=8, num_stages=3),
+            PROMPT_WGRAD=dict(BD=16, BR=16, num_warps=8, num_stages=1))
+SM80["WGRAD_FP32"] = SM80["WGRAD"]
 # Programs the split-over-rows weight gradients aim for: two per SM of a 132-SM GPU.
 TARGET_PROGRAMS = 264
 SM_COUNT = 132
+
+
+def _tiles(arch: int) -> dict:
+    """The tile dicts for a GPU of compute capability ``arch`` (major * 10; read when a layout
+    is built, so that ``benchmarks/pim_sweep`` can set the module's dicts)."""
+    if arch < 90:
+        return SM80
+    return dict(PROJ=PROJ, OUTPUT=OUTPUT, GRAD_Z=GRAD_Z, GRAD_O2=GRAD_O2, WGRAD=WGRAD,
+                WGRAD_FP32=WGRAD_FP32, PROMPT_WGRAD=PROMPT_WGRAD)
+
+
+@functools.lru_cache(maxsize=16)
+def _device_arch(index: Optional[int]) -> int:
+    major, minor = torch.cuda.get_device_capability(index)
+    return 10 * major + minor
+
+
+def _arch(device: torch.device) -> int:
+    """Compute capability (major * 10 + minor) whose tiles a launch on ``device`` takes: the GPU's
+    own; 90 elsewhere (the interpreter on CPU, fake tensors), the configuration ``make aot``
+    checks as sm_90a."""
+    if device.type != "cuda":
+        return 90
+    try:
+        return _device_arch(device.index)
+    except (RuntimeError, AssertionError, AttributeError):  # fake CUDA tensors without a GPU
+        return 90
 
 
 def _chunks(rows: int, tiles: int, block: int) -> Tuple[int, int]:
@@ -78,17 +115,18 @@ def _Layout(z: Tensor, p: Tensor, num_heads: int, head_dim: int, gate_hidden: in
     b, t, d = z.shape
     k = p.shape[1]
     if not all(type(n) is int for n in (b, t, d, k)):  # symbolic sizes (tracing): not hashable
-        return Layout(b, t, d, k, num_heads, head_dim, gate_hidden, z.dtype, z.device.type)
+        return Layout(b, t, d, k, num_heads, head_dim, gate_hidden, z.dtype, z.device.type,
+                      _arch(z.device))
     # TARGET_PROGRAMS is part of the key: changing it (tests force chunk counts that way) is
     # never answered from the cache
     return _layout(b, t, d, k, num_heads, head_dim, gate_hidden, z.dtype, z.device.type,
-                   TARGET_PROGRAMS)
+                   _arch(z.device), TARGET_PROGRAMS)
 
 
 @functools.lru_cache(maxsize=256)
-def _layout(b, t, d, k, num_heads, head_dim, gate_hidden, dtype, device_type,
+def _layout(b, t, d, k, num_heads, head_dim, gate_hidden, dtype, device_type, arch,
             _target_programs) -> "Layout":
-    return Layout(b, t, d, k, num_heads, head_dim, gate_hidden, dtype, device_type)
+    return Layout(b, t, d, k, num_heads, head_dim, gate_hidden, dtype, device_type, arch)
 
 
 class Layout:
@@ -96,8 +134,10 @@ class Layout:
     the fake impls (read-only: instances are shared through ``_layout``'s cache)."""
 
     def __init__(self, b: int, t: int, d: int, k: int, num_heads: int, head_dim: int,
-                 gate_hidden: int, dtype: torch.dtype, device_type: str):
+                 gate_hidden: int, dtype: torch.dtype, device_type: str, arch: int = 90):
         self.b, self.t, self.d, self.k = b, t, d, k
+        self.arch = arch
+        self.tiles = tl_ = _tiles(arch)
         self.h, self.dh, self.gh = num_heads, head_dim, gate_hidden
         self.a = a = num_heads * head_dim
         self.mz, self.mp = b * t, b * k
@@ -109,16 +149,16 @@ class Layout:
         self.n_dtiles = triton.cdiv(d, PROMPT["BD"])
         self.proj_bn = min(64, self.ap)
         cdiv = triton.cdiv
-        self.grid_proj = ((cdiv(self.mz, PROJ["BM"]) + cdiv(self.mp, PROJ["BM"]))
+        self.grid_proj = ((cdiv(self.mz, tl_["PROJ"]["BM"]) + cdiv(self.mp, tl_["PROJ"]["BM"]))
                           * cdiv(a, self.proj_bn),)
         self.grid_heads = (b, num_heads)
         self.grid_prompt = (cdiv(self.mp, PROMPT["BMP"]), self.n_dtiles)
-        self.grid_output = (cdiv(self.mz, OUTPUT["BM"]), cdiv(d, OUTPUT["BN"]))
-        self.grid_grad_z = (cdiv(self.mz, GRAD_Z["BM"]), cdiv(d, GRAD_Z["BN"]))
-        self.grid_grad_o2 = (cdiv(self.mz, GRAD_O2["BM"]),)
-        self.grid_prompt_wgrad = (cdiv(d, PROMPT_WGRAD["BD"]), 6)
+        self.grid_output = (cdiv(self.mz, tl_["OUTPUT"]["BM"]), cdiv(d, tl_["OUTPUT"]["BN"]))
+        self.grid_grad_z = (cdiv(self.mz, tl_["GRAD_Z"]["BM"]), cdiv(d, tl_["GRAD_Z"]["BN"]))
+        self.grid_grad_o2 = (cdiv(self.mz, tl_["GRAD_O2"]["BM"]),)
+        self.grid_prompt_wgrad = (cdiv(d, tl_["PROMPT_WGRAD"]["BD"]), 6)
         # weight gradients over the token rows: dWz = dx^T z [3A, D], dW'o = y^T (alpha o2) [D, A]
-        self.wgrad = wg = WGRAD_FP32 if dtype == torch.float32 else WGRAD
+        self.wgrad = wg = tl_["WGRAD_FP32" if dtype == torch.float32 else "WGRAD"]
         self.wz_tiles = (cdiv(3 * a, wg["BNA"]), cdiv(d, wg["BNB"]))
         self.wo_tiles = (cdiv(d, wg["BNA"]), cdiv(a, wg["BNB"]))
         self.wz_chunks = _chunks(self.mz, math.prod(self.wz_tiles), wg["BR"])
@@ -144,18 +184,18 @@ class Layout:
         # kernels (< 1% of the FLOPs) use IEEE fp32 dots: exact fp32, whatever the input dtype
         mode = self.mode if kernel in GEMM_KERNELS else 0
         return dict(DOT_MODE=mode, **{
-            "project": dict(PROJ, BN=self.proj_bn),
+            "project": dict(self.tiles["PROJ"], BN=self.proj_bn),
             "t2p_attn": heads,
             "prompt": dict(PROMPT, AP=self.ap, GP=self.gp),
             "p2t_attn": dict(heads, GP=self.gp),
-            "output": dict(OUTPUT, BKA=min(OUTPUT["BKA"], self.ap)),
-            "grad_o2": dict(GRAD_O2, AP=self.ap),
+            "output": dict(self.tiles["OUTPUT"], BKA=min(self.tiles["OUTPUT"]["BKA"], self.ap)),
+            "grad_o2": dict(self.tiles["GRAD_O2"], AP=self.ap),
             "p2t_attn_bwd": dict(heads, BT=ATTN_BWD_BT[self.dhp], GP=self.gp, num_stages=2),
             "prompt_bwd": dict(PROMPT, AP=self.ap, GP=self.gp),
             "t2p_attn_bwd": heads,
-            "grad_z": dict(GRAD_Z, BKA=min(GRAD_Z["BKA"], self.ap)),
+            "grad_z": dict(self.tiles["GRAD_Z"], BKA=min(self.tiles["GRAD_Z"]["BKA"], self.ap)),
             "wgrad": dict(self.wgrad),
-            "prompt_wgrad": dict(PROMPT_WGRAD, AP=self.ap, GP=self.gp),
+            "prompt_wgrad": dict(self.tiles["PROMPT_WGRAD"], AP=self.ap, GP=self.gp),
         }[kernel])
 
     def o(self, *names: str) -> List[int]:

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-from .text_tower import encode_embedded, eot_positions
+from .text_tower import encode_embedded, eot_positions, token_embedding
 
 
 @torch.no_grad()
@@ -43,7 +43,7 @@ def description_states(clip: nn.Module, tokenizer, texts: Dict[str, Sequence[str
                              f"classes with texts: {sorted(texts)}")
         tokens = tokenizer(list(texts[name]))
         eot = eot_positions(tokens)
-        _, tok = encode_embedded(clip, clip.token_embedding(tokens), eot, return_tokens=True)
+        _, tok = encode_embedded(clip, token_embedding(clip)(tokens), eot, return_tokens=True)
         parts = [tok[i, 1:int(eot[i]) + 1] for i in range(tok.shape[0])]
         states.append(torch.cat(parts, dim=0)[:length].clone())
     return states

@@ -252,11 +252,13 @@ def _open_checkpoint(cfg: Dict, path: str, device, backbone: Dict, dist: Dist) -
 
 def _build_method(cfg: Dict, device, dist: Dist):
     """The method on its frozen backbone, drawn from the run's seed."""
+    from .local_backbone import has_folder_weights
+
     seed_everything(cfg["seed"], cfg["deterministic"])  # the backbone is drawn from this seed
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
         model = build_model(cfg).to(device)
-    if cfg["pretrained"] is None and dist.main:
+    if cfg["pretrained"] is None and not has_folder_weights(cfg["backbone"]) and dist.main:
         log.warning("backbone %s has random weights (no --pretrained): the numbers only show that "
                     "the pipeline runs", cfg["backbone"])
     return model

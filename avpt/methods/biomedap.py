@@ -35,7 +35,8 @@ from torch import Tensor, nn
 
 from .. import vit
 from ..descriptions import descriptions_for, texts_hash
-from ..text_tower import encode_embedded, eot_positions, prompt_length
+from ..local_backbone import get_tokenizer, is_local_dir, tower_sizes
+from ..text_tower import encode_embedded, eot_positions, prompt_length, text_width, token_embedding
 from .base import MethodOutput, register, unaugmented_batches
 from .base import frozen_encode as _frozen_encode
 from .coop import CoOp, CoOpConfig
@@ -116,11 +117,16 @@ def _check_config(c: BiomedAPConfig) -> Tuple[int, ...]:
             raise ValueError(f"{name} must be >= 0, got {getattr(c, name)}")
     if not 0 <= c.fusion_dropout < 1:
         raise ValueError(f"fusion_dropout must be in [0, 1), got {c.fusion_dropout}")
-    if c.model_name not in open_clip.list_models():
+    if is_local_dir(c.model_name):
+        sizes = tower_sizes(c.model_name)
+    elif c.model_name not in open_clip.list_models():
         return ()  # load_backbone names the problem
-    cfg = open_clip.get_model_config(c.model_name)
-    vis, txt = cfg["vision_cfg"], cfg["text_cfg"]
-    depth, grid = vis["layers"], (vis["image_size"] // vis["patch_size"]) ** 2
+    else:
+        cfg = open_clip.get_model_config(c.model_name)
+        vis, txt = cfg["vision_cfg"], cfg["text_cfg"]
+        sizes = dict(depth=vis["layers"], grid=(vis["image_size"] // vis["patch_size"]) ** 2,
+                     vision_width=vis["width"], text_width=txt["width"])
+    depth, grid = sizes["depth"], sizes["grid"]
     if not 0 <= c.num_visual_prompts <= grid:
         raise ValueError(f"num_visual_prompts must be in [0, {grid}] (the patch tokens it "
                          f"overwrites), got {c.num_visual_prompts}")
@@ -128,7 +134,7 @@ def _check_config(c: BiomedAPConfig) -> Tuple[int, ...]:
     if layers and c.num_visual_prompts == 0:
         raise ValueError(f"fusion_layers={list(layers)} needs num_visual_prompts >= 1 (the fused "
                          f"tokens go there); use fusion_layers=() for no fusion")
-    u = max(vis["width"], txt["width"])
+    u = max(sizes["vision_width"], sizes["text_width"])
     if layers and (c.fusion_heads < 1 or u % c.fusion_heads):
         raise ValueError(f"fusion_heads must divide the unified width {u}, got {c.fusion_heads}")
     return layers
@@ -154,18 +160,18 @@ class BiomedAP(CoOp):
         if config.descriptions_hash not in (None, digest):
             raise ValueError(f"descriptions_hash={config.descriptions_hash!r} does not match the "
                              f"description texts of {list(config.class_names)} ({digest})")
-        tokenizer = open_clip.get_tokenizer(config.model_name)
+        tokenizer = get_tokenizer(config.model_name)
         ctx_tokens = self._context_tokens(config, tokenizer)
         config = dataclasses.replace(config, fusion_layers=layers, descriptions_hash=digest)
         super().__init__(config)  # backbone, seg decoder, context ~ N(0, 0.02^2) as coop
         clip, m = self.backbone, config.num_context
         with torch.no_grad():
             if ctx_tokens is not None:
-                self.context.copy_(clip.token_embedding(ctx_tokens)[0, 1:1 + m])
+                self.context.copy_(token_embedding(clip)(ctx_tokens)[0, 1:1 + m])
             word = config.modality_word
             tokens = tokenizer([config.template.replace("{modality}", word).replace("{class}", n)
                                 for n in config.class_names])
-            embedded = clip.token_embedding(tokens)
+            embedded = token_embedding(clip)(tokens)
         self.register_buffer("tokens", tokens, persistent=False)
         self.register_buffer("prefix", embedded[:, :1].clone(), persistent=False)
         self.register_buffer("suffix", embedded[:, 1 + m:].clone(), persistent=False)
@@ -176,7 +182,7 @@ class BiomedAP(CoOp):
         self.register_buffer("anchor_high", F.normalize(high, dim=-1))
         self.register_buffer("anchor_low", low if config.low_anchor == "code" else torch.zeros_like(low))
         self.prototypes_ready = config.low_anchor == "code"
-        d_v, d_t = vit.width(self.visual), clip.ln_final.weight.shape[0]
+        d_v, d_t = vit.width(self.visual), text_width(clip)
         text_side = config.lambda_align > 0   # T_out feeds only the alignment loss
         self.fusion = nn.ModuleDict({str(i): GatedCrossModalFusion(
             d_v, d_t, config.fusion_heads, config.fusion_dropout, text_side) for i in layers})
@@ -202,7 +208,7 @@ class BiomedAP(CoOp):
     def _frozen_text(self, tokens: Tensor) -> Tensor:
         """Normalised frozen text features [N, E] of tokenised texts [N, S]."""
         clip = self.backbone
-        feats = encode_embedded(clip, clip.token_embedding(tokens), eot_positions(tokens),
+        feats = encode_embedded(clip, token_embedding(clip)(tokens), eot_positions(tokens),
                                 prompt_length(tokens))
         return F.normalize(feats.float(), dim=-1)
 

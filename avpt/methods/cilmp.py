@@ -26,7 +26,6 @@ import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -37,7 +36,9 @@ from avpt_kernels._autocast import autocast_dtype
 from .. import vit
 from ..descriptions import descriptions_for, texts_hash
 from ..knowledge import description_states, load_knowledge_dir, pad_states, states_hash
-from ..text_tower import encode_embedded, eot_positions, prompt_length
+from ..local_backbone import get_tokenizer
+from ..text_tower import encode_embedded, eot_positions, prompt_length, text_embed_dim, token_embedding
+from ..text_tower import text_layers as tower_text_layers, text_width as tower_text_width
 from .base import Method, MethodConfig, register
 
 AVERAGING_MODES = ("paper", "code", "off")
@@ -195,17 +196,15 @@ class CILMP(Method):
                                                             cfg.knowledge_width))
         super().__init__(config)
         clip = self.backbone
-        tokenizer = open_clip.get_tokenizer(cfg.model_name)
+        tokenizer = get_tokenizer(cfg.model_name)
         if states is None and cfg.fit_context:
             _fit_to_context(cfg, tokenizer)
-        text_width = clip.token_embedding.weight.shape[1]
-        embed = clip.text_projection.shape[1] if isinstance(clip.text_projection, Tensor) \
-            else clip.text_projection.out_features
+        text_width, embed = tower_text_width(clip), text_embed_dim(clip)
         states = _check_lengths(cfg, self._knowledge(clip, tokenizer, text_width, states))
         lengths = [int(h.shape[0]) for h in states]
         h, _ = pad_states(states)
         d_k = h.shape[-1]
-        text_layers = len(clip.transformer.resblocks)
+        text_layers = tower_text_layers(clip)
         k = cfg.text_context
         self.register_buffer("knowledge", h, persistent=False)             # [C, T, d_k]
         self.register_buffer("knowledge_mask", torch.arange(h.shape[1])[None] <
@@ -224,7 +223,7 @@ class CILMP(Method):
             raise ValueError(f"context_init={cfg.context_init!r} has {n_init} tokens; "
                              f"text_context={k} expected")
         with torch.no_grad():
-            context[0] = clip.token_embedding(init)[0, 1:1 + k]
+            context[0] = token_embedding(clip)(init)[0, 1:1 + k]
         self.text_context = nn.Parameter(context)
         # a side of length 0 has no parameters (none unused under DDP)
         self.prefix = Intervention(text_layers, d_k, cfg.rank, embed) if cfg.prefix_length else None
@@ -271,7 +270,7 @@ class CILMP(Method):
                              f"text tower has {context} (lower knowledge_length or shorten names)")
         tokens = full[:, :context]
         with torch.no_grad():
-            embedded = clip.token_embedding(tokens)
+            embedded = token_embedding(clip)(tokens)
         self.register_buffer("eot", eot_positions(tokens), persistent=False)          # [C]
         self.prompt_length = prompt_length(tokens)                                   # int, no sync
         self.register_buffer("embedded", embedded, persistent=False)                 # [C, S, W]

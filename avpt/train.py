@@ -474,6 +474,7 @@ def _finish(cfg: Dict, model, train_set, test_set, info: Dict, history: List[Dic
         "data": dict(info, train_samples=len(train_set), test_samples=len(test_set)),
         "params": {"trainable": rep.trainable, "visual": rep.visual,
                    "percent_of_visual": rep.percent_of_visual},
+        "method_label": model.row_label(),
         "history": history,
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "world_size": dist.world,

@@ -36,6 +36,7 @@ from avpt_kernels._autocast import autocast_dtype
 from .. import vit
 from ..descriptions import descriptions_for, texts_hash
 from ..knowledge import description_states, load_knowledge_dir, pad_states, states_hash
+from ..llm_knowledge import knowledge_source
 from ..local_backbone import get_tokenizer
 from ..text_tower import encode_embedded, eot_positions, prompt_length, text_embed_dim, token_embedding
 from ..text_tower import text_layers as tower_text_layers, text_width as tower_text_width
@@ -68,6 +69,7 @@ class CILMPConfig(MethodConfig):
                                      # the values used are written back to the config
     knowledge_texts: Optional[Dict[str, List[str]]] = None
     knowledge_hash: Optional[str] = None
+    knowledge_source: Optional[str] = None  # filled at build: "CLIP-text" or the LM's name
     fast_path: bool = True           # rank-r path whenever dropout is inactive (exact)
     averaging: str = "paper"         # Gaussian epoch averaging: paper | code | off
     averaging_mean: float = 100.0
@@ -195,6 +197,7 @@ class CILMP(Method):
             states = _check_lengths(cfg, load_knowledge_dir(cfg.knowledge_dir, cfg.class_names,
                                                             cfg.knowledge_width))
         super().__init__(config)
+        cfg.knowledge_source = knowledge_source(cfg.knowledge_dir)
         clip = self.backbone
         tokenizer = get_tokenizer(cfg.model_name)
         if states is None and cfg.fit_context:
@@ -355,6 +358,10 @@ class CILMP(Method):
         x = overwrite(0, self.embedded[:, :length].repeat(B, 1, 1))
         f = encode_embedded(clip, x, self.eot.repeat(B), length, layer_hook=overwrite)
         return F.normalize(f.view(B, C, -1), dim=-1)
+
+    def row_label(self) -> str:
+        """E.g. "CILMP, CLIP-text knowledge" or "CILMP, <LM name> knowledge"."""
+        return f"{self.display_name}, {self.config.knowledge_source} knowledge"
 
     def encode(self, images, maps=None, modality=None, return_attn=False):
         """Deep visual prompts: K_v tokens after the class token, replaced before every block

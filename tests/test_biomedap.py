@@ -166,14 +166,14 @@ def test_loss_terms_match_literal_equations_fp64():
 # ---------------------------------------------------------------- the method's wiring
 def manual_encode(m, images):
     """The ViT with the prompt positions overwritten before every block, fused (literally) before
-    the fusion blocks from the image's own tokens ("paper") or zeros ("code")."""
+    the fusion blocks from the image's own tokens ("image-tokens") or zeros ("code")."""
     k, visual = m.config.num_visual_prompts, m.visual
     z = vit.embed(visual, vit.patch_embed(visual, images))
     outs = []
     for i in range(vit.num_layers(visual)):
         prompt = torch.zeros_like(z[:, 1:1 + k])
         if i in m.fusion_layers:
-            src = z[:, 1:1 + k] if m.config.fusion_input == "paper" else prompt
+            src = z[:, 1:1 + k] if m.config.fusion_input == "image-tokens" else prompt
             ctx = m.context.unsqueeze(0).expand(z.shape[0], -1, -1)
             prompt, t_out = literal_fusion(m.fusion[str(i)], src, ctx)
             outs.append(t_out)
@@ -181,7 +181,7 @@ def manual_encode(m, images):
     return vit.pool(visual, z)[2], torch.stack(outs)
 
 
-@pytest.mark.parametrize("mode", ["paper", "code"])
+@pytest.mark.parametrize("mode", ["image-tokens", "code"])
 def test_method_wiring_and_gradients_match_literal_fp64(mode):
     m = tiny(fusion_input=mode, num_classes=3, seg=False, low_anchor="code",
              class_names=("normal", "benign", "malignant")).double().eval()
@@ -229,7 +229,7 @@ def test_anchors_are_open_clip_text_features():
 def test_initial_prompts_are_the_template():
     """Context from "a ultrasound photo of a" (its first 4 tokens) + the template's rest = the
     tokenised template."""
-    m = tiny(seg=False)
+    m = tiny(seg=False, modality_word="ultrasound")
     tok = open_clip.get_tokenizer(bb.TINY_MODEL)
     tokens = tok([f"a ultrasound photo of a {n} in the breast." for n in m.config.class_names])
     with torch.no_grad():
@@ -286,7 +286,7 @@ def expected_trainable(d_v, d_t, m, n_layers, align=True):
 
 def test_trainable_parameter_count_formula():
     m = tiny(seg=False)
-    assert m.fusion_layers == [2, 3]   # the paper's 5, 8 of 12 blocks on the 4-block tiny ViT
+    assert m.fusion_layers == [2, 3]   # the authors' code's 5, 8 of 12 blocks on the 4-block tiny ViT
     count = sum(p.numel() for p in m.parameters() if p.requires_grad)
     assert count == expected_trainable(64, 32, 4, 2) == 168768
     m0 = tiny(seg=False, lambda_align=0.0, fusion_layers=(1,))
@@ -300,7 +300,7 @@ BAD = [
     (dict(fusion_layers=(4,)), r"fusion_layers must be distinct block indices in \[0, 4\)"),
     (dict(fusion_layers=(1, 1)), r"fusion_layers must be distinct"),
     (dict(num_classes=3), r"class_names needs num_classes=3 names, got 2"),
-    (dict(fusion_input="zeros"), r"fusion_input must be one of \('paper', 'code'\)"),
+    (dict(fusion_input="zeros"), r"fusion_input must be one of \('code', 'image-tokens'\)"),
     (dict(low_anchor="visual"), r"low_anchor must be one of"),
     (dict(num_visual_prompts=0), r"needs num_visual_prompts >= 1"),
     (dict(num_visual_prompts=17), r"num_visual_prompts must be in \[0, 16\]"),
@@ -323,7 +323,7 @@ def test_argument_errors_before_any_work(overrides, message, monkeypatch):
 
 
 # ---------------------------------------------------------------- AMP, prototypes, training
-@pytest.mark.parametrize("mode", ["paper", "code"])
+@pytest.mark.parametrize("mode", ["image-tokens", "code"])
 def test_bf16_autocast_forward_loss_backward(mode):
     m = tiny(fusion_input=mode, low_anchor="code").train()
     images, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
@@ -340,7 +340,7 @@ def test_bf16_autocast_forward_loss_backward(mode):
 
 
 def test_visual_prototypes_low_anchor():
-    m = tiny(low_anchor="paper", seg=False)
+    m = tiny(low_anchor="visual-prototypes", seg=False)
     images, labels = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 1, 0])
     out = m(images)
     loss = m.make_loss()
@@ -371,7 +371,8 @@ def test_loss_refuses_an_output_without_its_fields():
 
 
 def test_a_few_steps_with_its_loss_change_the_prompts():
-    m = tiny(seg=False, low_anchor="code").train()
+    # image tokens in: with the code default (zeros in) the gate weight W_gv has no gradient
+    m = tiny(seg=False, low_anchor="code", fusion_input="image-tokens").train()
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.0025)
     loss = m.make_loss()
     images, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
@@ -398,7 +399,7 @@ def test_trains_through_the_trainer(tmp_path):
             assert all(math.isfinite(h[f"train_{term}"]) for h in res["history"]), term
 
 
-# ---------------------------------------------------------------- the paper's low anchor
+# ---------------------------------------------------------------- the low anchor (the visual-prototype reading)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -426,9 +427,11 @@ def class_means(encode_image, dataset, num_classes):
                                     for c in range(num_classes)]), dim=-1)
 
 
-def test_paper_is_the_default_and_prepare_sets_the_class_means():
-    m = tiny(seg=False, num_classes=3, class_names=("normal", "benign", "malignant")).to(DEVICE)
-    assert m.config.low_anchor == "paper" and not m.prototypes_ready
+def test_code_is_the_default_and_prepare_sets_the_class_means_in_the_prototype_reading():
+    assert tiny(seg=False).config.low_anchor == "code"  # the authors' code: class-name text
+    m = tiny(seg=False, num_classes=3, class_names=("normal", "benign", "malignant"),
+             low_anchor="visual-prototypes").to(DEVICE)
+    assert not m.prototypes_ready
     assert torch.equal(m.anchor_low, torch.zeros_like(m.anchor_low))
     g = torch.Generator().manual_seed(1)
     data = Items(torch.randn(7, 3, 64, 64, generator=g).to(DEVICE), [2, 0, 1, 1, 0, 2, 2])
@@ -443,7 +446,8 @@ def test_paper_is_the_default_and_prepare_sets_the_class_means():
     # persistent: in the state dict; loading it makes another model's prototypes ready
     state = m.state_dict()
     assert torch.equal(state["anchor_low"], m.anchor_low)
-    other = tiny(seg=False, num_classes=3, class_names=("normal", "benign", "malignant")).to(DEVICE)
+    other = tiny(seg=False, num_classes=3, class_names=("normal", "benign", "malignant"),
+                 low_anchor="visual-prototypes").to(DEVICE)
     other.load_state_dict(state)
     assert other.prototypes_ready and torch.equal(other.anchor_low, m.anchor_low)
     out = other(data.images[:2])
@@ -452,7 +456,8 @@ def test_paper_is_the_default_and_prepare_sets_the_class_means():
 
 
 def test_prepare_names_a_class_without_training_images():
-    m = tiny(seg=False, num_classes=3, class_names=("normal", "benign", "malignant"))
+    m = tiny(seg=False, num_classes=3, class_names=("normal", "benign", "malignant"),
+             low_anchor="visual-prototypes")
     data = Items(torch.randn(3, 3, 64, 64), [0, 2, 0])
     with pytest.raises(ValueError, match="class 'benign' has none") as err:
         m.prepare(data, "cpu")
@@ -471,7 +476,7 @@ def test_code_anchor_ignores_prepare():
 
 
 @pytest.mark.cpu_only  # pinned to --device cpu / device=cpu: not in the GPU tier
-def test_trainer_prepares_paper_anchors_and_resume_recomputes_them(tmp_path, monkeypatch):
+def test_trainer_prepares_prototype_anchors_and_resume_recomputes_them(tmp_path, monkeypatch):
     """Fresh run stopped after epoch 1, then resumed: ``prepare`` runs at both starts, on the
     un-augmented training set, and gives the same anchors = the independent class means."""
     from avpt.methods.biomedap import BiomedAP
@@ -485,10 +490,11 @@ def test_trainer_prepares_paper_anchors_and_resume_recomputes_them(tmp_path, mon
         prepare(self, train_set, device, dtype, batch_size)
         seen.append((self, train_set, self.anchor_low.detach().clone()))
     monkeypatch.setattr(BiomedAP, "prepare", recording)
-    cfg = dict(epochs=2, method="biomedap", sets={"model": {}}, device="cpu")
+    model_sets = {"low_anchor": "visual-prototypes"}
+    cfg = dict(epochs=2, method="biomedap", sets={"model": model_sets}, device="cpu")
     assert run(tiny_cfg(tmp_path, stop_after_epoch=1, **cfg)) == {"stopped_after_epoch": 1}
     res = run(tiny_cfg(tmp_path, **cfg))
-    assert len(seen) == 2 and res["config"]["model"] == {}
+    assert len(seen) == 2 and res["config"]["model"] == model_sets
     (model, train_set, fresh), (_, again, resumed) = seen
     assert not train_set.train and len(train_set) == res["data"]["train_samples"]
     assert torch.equal(fresh, resumed)
@@ -503,13 +509,13 @@ TINY_CLI = ["--dataset", "phantom", "--backbone", "tiny", "--device", "cpu", "--
 
 
 @pytest.mark.cpu_only  # pinned to --device cpu / device=cpu: not in the GPU tier
-@pytest.mark.parametrize("anchor", ["paper", "code"])
+@pytest.mark.parametrize("anchor", ["visual-prototypes", "code"])
 def test_cli_train_end_to_end(tmp_path, anchor):
     import json
 
     from avpt.cli import main
 
-    extra = [] if anchor == "paper" else ["--set", "model.low_anchor=code"]
+    extra = [] if anchor == "code" else ["--set", f"model.low_anchor={anchor}"]
     assert main(["train", "--method", "biomedap", *TINY_CLI, "--out", str(tmp_path), *extra]) == 0
     res = json.load(open(tmp_path / "metrics.json"))
     assert res["config"]["method"] == "biomedap" and res["test"]["n"] > 0
@@ -517,7 +523,7 @@ def test_cli_train_end_to_end(tmp_path, anchor):
                for h in res["history"])
     saved = json.load(open(tmp_path / "model" / "avpt_config.json"))["config"]
     assert saved["low_anchor"] == anchor
-    if anchor == "paper":   # the saved model evaluates to the run's numbers (anchors: loss only)
+    if anchor == "visual-prototypes":   # the saved model evaluates to the run's numbers (anchors: loss only)
         assert main(["eval", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "ev"),
                      "--device", "cpu"]) == 0
         again = json.load(open(tmp_path / "ev" / "metrics.json"))["test"]

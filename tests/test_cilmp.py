@@ -286,7 +286,7 @@ def test_gaussian_averaging_of_the_trainable_state_only(small):
     m = small
     frozen = {n: p.detach().clone() for n, p in m.named_parameters() if not p.requires_grad}
     start = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
-    avg = {mode: PromptAveraging(3, mean=2.0, std=1.0, mode=mode) for mode in ("paper", "code")}
+    avg = {mode: PromptAveraging(3, mean=2.0, std=1.0, mode=mode) for mode in ("all", "code")}
     states = []
     for epoch in (1, 2, 3):
         with torch.no_grad():
@@ -298,12 +298,12 @@ def test_gaussian_averaging_of_the_trainable_state_only(small):
             a.update(_data_parallel(m) if epoch == 2 else m, epoch)   # a wrapper is unwrapped
     w = [math.exp(-0.5 * (e - 2.0) ** 2) for e in (1, 2, 3)]
     mean = {n: sum(wi * s[n] for wi, s in zip(w, states)) / sum(w) for n in start}
-    paper, code = avg["paper"].state(), avg["code"].state()
+    every, code = avg["all"].state(), avg["code"].state()
     for n in start:
-        torch.testing.assert_close(paper[n], mean[n])
+        torch.testing.assert_close(every[n], mean[n])
         is_int = n.split(".")[-1] in ("R", "W_s", "b_s", "W_a", "b_a", "W_b", "b_b", "A", "B")
         torch.testing.assert_close(code[n], states[-1][n] if is_int else mean[n])
-    avg["paper"].load_into(m)
+    avg["all"].load_into(m)
     for n, p in m.named_parameters():
         torch.testing.assert_close(p.detach(), mean[n] if p.requires_grad else frozen[n])
     with torch.no_grad():

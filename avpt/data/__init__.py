@@ -13,6 +13,19 @@ from .records import DataError, RawSample, Record, check_unique_ids
 
 DATASETS = ("phantom", "busi", "inbreast", "duke")
 DATASET_MODALITY = {"busi": "US", "inbreast": "MG", "duke": "MRI"}
+# the word text prompts use for each modality (BiomedAP's "a {modality} photo of a ...")
+MODALITY_WORDS = {"MG": "mammography", "US": "ultrasound", "MRI": "MRI"}
+GENERIC_MODALITY_WORD = "medical"
+
+
+def modality_word(dataset: str, modalities: Optional[Sequence[str]]) -> str:
+    """The prompt word for a run's data: the data set's one modality (BUSI: "ultrasound"), the
+    phantom's single selected modality, or "medical" when the images mix modalities (a class
+    prompt is shared by every image)."""
+    chosen = [DATASET_MODALITY[dataset]] if dataset in DATASET_MODALITY \
+        else list(modalities or MODALITIES)
+    words = {MODALITY_WORDS[m] for m in chosen}
+    return words.pop() if len(words) == 1 else GENERIC_MODALITY_WORD
 
 
 def phantom_records(num_patients: int = 16, views: int = 2, modalities: Sequence[str] = MODALITIES,

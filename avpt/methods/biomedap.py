@@ -6,17 +6,19 @@ paper "BiomedAP", code github tongdiedie/BiomedAP), on the shared frozen open_cl
   template's first M tokens, as the reference code does), through the frozen text tower cut
   after the longest end-of-text (``avpt.text_tower.encode_embedded``).
 * Visual: K = 4 prompt tokens overwrite patch tokens 1..K before every block (zeros: not
-  trained). Before each fusion block i (default the paper's {5, 8} of 12 blocks, scaled to the
+  trained). Before each fusion block i (default the authors' code's {5, 8} of 12 blocks, scaled to the
   depth) the prompt positions get V_out of ``GatedCrossModalFusion(V, T = ctx)``. V is the
-  image's own tokens at those positions (``fusion_input="paper"``: vision-informed) or zeros
-  (``"code"``: one constant for every image, computed once per step and broadcast).
+  authors' code feeds zeros (``fusion_input="code"``, the default: one constant for every image,
+  computed once per step and broadcast); ``"image-tokens"`` is our reading of the abstract's
+  "vision-informed" (the image's own tokens at those positions).
 * Loss (``make_loss``): CE + l_h |t^ - a_high| + l_kl KL(p_zs || p)/(B C) + l_l |t^ - a_low|
   + l_a (1 - cos(mean T_out, mean ctx)) (+ lambda_seg SEG), see ``biomedap_fusion.loss_terms``.
   a_high: normalised mean of the per-class description features (``avpt.descriptions``);
-  a_low: few-shot visual prototypes (``low_anchor="paper"``, the default, as the paper
-  describes: per class the normalised mean of the frozen, normalised image features of that
-  class's training images, computed by ``prepare`` before training at every start) or the bare
-  class-name text (``"code"``, as the reference code does).
+  a_low: the bare class-name text (``low_anchor="code"``, the default, as the authors' code
+  does) or, our reading of the abstract's "few-shot visual evidence", visual prototypes
+  (``"visual-prototypes"``: per class the normalised mean of the frozen, normalised image
+  features of that class's training images, computed by ``prepare`` before training at every
+  start).
 
 The forward returns a ``BiomedAPOutput`` (a ``MethodOutput`` with ``text_features`` [C, E] and
 ``text_out`` [L_f, B, M, d_t]), so the loss reads everything from this forward's output: the
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import vit
+from ..data import GENERIC_MODALITY_WORD
 from ..descriptions import descriptions_for, texts_hash
 from ..local_backbone import get_tokenizer, is_local_dir, tower_sizes
 from ..text_tower import encode_embedded, eot_positions, prompt_length, text_width, token_embedding
@@ -43,35 +46,40 @@ from .coop import CoOp, CoOpConfig
 from .biomedap_fusion import GatedCrossModalFusion, loss_terms
 
 PAPER_FUSION_LAYERS, PAPER_DEPTH = (5, 8), 12
-FUSION_INPUTS = ("paper", "code")
-LOW_ANCHORS = ("paper", "code")
+FUSION_INPUTS = ("code", "image-tokens")
+LOW_ANCHORS = ("code", "visual-prototypes")
+# configs saved before issue 26 named the readings "paper" (the paper does not say them)
+_LEGACY = {"fusion_input": {"paper": "image-tokens"}, "low_anchor": {"paper": "visual-prototypes"}}
+
 
 
 @dataclass
 class BiomedAPConfig(CoOpConfig):
-    """BiomedAP settings (defaults: the paper / the reference code's BUSI config).
+    """BiomedAP settings (defaults: the authors' code, its BUSI config; docs/methods/biomedap.md).
 
-    ``ctx_init``/``template``: ``{modality}`` is replaced by ``modality_word``; ``ctx_init=None``
+    ``ctx_init``/``template``: ``{modality}`` is replaced by ``modality_word`` (None: the
+    trainer sets it from the data, ``avpt.data.modality_word``; "medical" without data); ``ctx_init=None``
     starts the context at N(0, 0.02^2) like ``coop``. ``fusion_layers``: 0-based block indices
     (fusion runs before that block); None = (5, 8) of 12 blocks scaled to the backbone's depth
-    (round(i * depth / 12)); () = no fusion. ``fusion_input``: "paper" (the image's tokens at
-    the prompt positions) or "code" (zeros). ``fusion_broadcast``: in "code" mode compute the
+    (round(i * depth / 12)); () = no fusion. ``fusion_input``: "code" (zeros, default) or
+    "image-tokens" (a reading: the image's tokens at the prompt positions). ``fusion_broadcast``: in "code" mode compute the
     fusion once and broadcast (False: per image; equal results, kept for tests/benchmarks).
-    ``low_anchor``: "paper" (default: visual prototypes of the training images, set by
-    ``prepare``/``set_visual_prototypes``) or "code" (bare class-name text features).
+    ``low_anchor``: "code" (default: bare class-name text features) or "visual-prototypes"
+    (a reading: visual prototypes of the training images, set by
+    ``prepare``/``set_visual_prototypes``).
     ``descriptions_hash``: filled at build with the hash of the a_high texts; a different value
     given is refused."""
     num_context: int = 4
-    modality_word: str = "ultrasound"
+    modality_word: Optional[str] = None
     ctx_init: Optional[str] = "a {modality} photo of a"
     template: str = "a {modality} photo of a {class} in the breast."
     num_visual_prompts: int = 4
     fusion_layers: Optional[Tuple[int, ...]] = None
     fusion_heads: int = 8
     fusion_dropout: float = 0.1
-    fusion_input: str = "paper"
+    fusion_input: str = "code"
     fusion_broadcast: bool = True
-    low_anchor: str = "paper"
+    low_anchor: str = "code"
     lambda_high: float = 18.75
     lambda_kl: float = 1.0
     lambda_low: float = 1.0
@@ -104,6 +112,8 @@ def _check_config(c: BiomedAPConfig) -> Tuple[int, ...]:
     if len(c.class_names) != c.num_classes:
         raise ValueError(f"class_names needs num_classes={c.num_classes} names, got "
                          f"{len(c.class_names)}")
+    for name, legacy in _LEGACY.items():
+        setattr(c, name, legacy.get(getattr(c, name), getattr(c, name)))
     if c.fusion_input not in FUSION_INPUTS:
         raise ValueError(f"fusion_input must be one of {FUSION_INPUTS}, got {c.fusion_input!r}")
     if c.low_anchor not in LOW_ANCHORS:
@@ -145,7 +155,7 @@ class BiomedAP(CoOp):
     """BiomedAP on CoOp: text context + zero visual prompts + gated fusion + dual anchors.
 
     Buffers: ``anchor_high`` [C, E], ``anchor_low`` [C, E] (normalised; persistent; in
-    ``low_anchor="paper"`` mode zero until ``prepare``/``set_visual_prototypes`` in this process,
+    ``low_anchor="visual-prototypes"`` mode zero until ``prepare``/``set_visual_prototypes`` in this process,
     which the loss checks with a Python flag: no host sync, nothing for torch.compile to break
     on)."""
     display_name = "BiomedAP"
@@ -168,7 +178,7 @@ class BiomedAP(CoOp):
         with torch.no_grad():
             if ctx_tokens is not None:
                 self.context.copy_(token_embedding(clip)(ctx_tokens)[0, 1:1 + m])
-            word = config.modality_word
+            word = config.modality_word or GENERIC_MODALITY_WORD
             tokens = tokenizer([config.template.replace("{modality}", word).replace("{class}", n)
                                 for n in config.class_names])
             embedded = token_embedding(clip)(tokens)
@@ -192,7 +202,7 @@ class BiomedAP(CoOp):
     def _context_tokens(config: BiomedAPConfig, tokenizer) -> Optional[Tensor]:
         """Tokens of ``ctx_init`` (None for a random start); checks the template leaves the
         class name after the M context tokens."""
-        m, word = config.num_context, config.modality_word
+        m, word = config.num_context, config.modality_word or GENERIC_MODALITY_WORD
         head = config.template.replace("{modality}", word).split("{class}")[0]
         if int(eot_positions(tokenizer([head]))[0]) - 1 < m:
             raise ValueError(f"template {config.template!r} needs >= num_context={m} tokens "
@@ -225,7 +235,7 @@ class BiomedAP(CoOp):
         b, k = z.shape[0], self.config.num_visual_prompts
         fusion = self.fusion[str(layer)]
         t = self.context.unsqueeze(0)                                   # [1, M, d_t]
-        if self.config.fusion_input == "paper":
+        if self.config.fusion_input == "image-tokens":
             return fusion(z[:, 1:1 + k], t.expand(b, -1, -1))
         if self.config.fusion_broadcast:   # image-independent inputs: once, then broadcast
             v_out, t_out = fusion(z.new_zeros(1, k, z.shape[-1]), t)
@@ -283,7 +293,7 @@ class BiomedAP(CoOp):
 
     @torch.no_grad()
     def set_visual_prototypes(self, features: Tensor, labels: Tensor) -> None:
-        """``low_anchor="paper"``: a_low[c] = normalise(mean of the normalised features of
+        """``low_anchor="visual-prototypes"``: a_low[c] = normalise(mean of the normalised features of
         class c). features [N, E] (``frozen_image_features`` of the few-shot training images),
         labels [N]. Call it before training, at every start (resume included: the trainer's
         checkpoints hold trainable parameters only; the prototypes are deterministic)."""
@@ -301,13 +311,13 @@ class BiomedAP(CoOp):
 
     @torch.no_grad()
     def prepare(self, train_set, device, dtype=None, batch_size: int = 64) -> None:
-        """``low_anchor="paper"``: a_low [C, E] = the visual prototypes of ``train_set`` (the
+        """``low_anchor="visual-prototypes"``: a_low [C, E] = the visual prototypes of ``train_set`` (the
         whole un-augmented training set, in order: ``frozen_image_features`` of every image
         [N, E] under autocast ``dtype``, ``batch_size`` at a time, then
         ``set_visual_prototypes`` with the labels [N]). Deterministic, so a resume recomputes the
         same anchors. A class without a training image is a one-line ValueError naming it.
         ``low_anchor="code"``: nothing (the class-name text anchor is set at build)."""
-        if self.config.low_anchor != "paper":
+        if self.config.low_anchor != "visual-prototypes":
             return
         if hasattr(train_set, "labels"):   # a data set's labels: refuse before any image is read
             self._check_every_class(torch.as_tensor(train_set.labels, dtype=torch.long))
@@ -331,7 +341,7 @@ class BiomedAP(CoOp):
         present = set(labels.tolist())
         missing = [n for i, n in enumerate(self.config.class_names) if i not in present]
         if missing:
-            raise ValueError(f"low_anchor='paper' needs >= 1 training image of every class; class "
+            raise ValueError(f"low_anchor='visual-prototypes' needs >= 1 training image of every class; class "
                              f"{missing[0]!r} has none in the {len(labels)} training images (use "
                              f"low_anchor='code' for the class-name text anchor)")
 
@@ -367,7 +377,7 @@ class BiomedAPLoss(nn.Module):
             raise TypeError(f"BiomedAPLoss needs the BiomedAPOutput of a BiomedAP forward, got "
                             f"{type(out).__name__}")
         if not m.prototypes_ready:
-            raise RuntimeError("low_anchor='paper' needs method.set_visual_prototypes("
+            raise RuntimeError("low_anchor='visual-prototypes' needs method.set_visual_prototypes("
                                "features, labels) before the loss is used")
         if c.lambda_align > 0 and m.fusion_layers and out.text_out is None:
             raise ValueError("lambda_align > 0 with fusion layers needs out.text_out (the "

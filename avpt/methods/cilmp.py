@@ -42,7 +42,12 @@ from ..text_tower import encode_embedded, eot_positions, prompt_length, text_emb
 from ..text_tower import text_layers as tower_text_layers, text_width as tower_text_width
 from .base import Method, MethodConfig, register
 
-AVERAGING_MODES = ("paper", "code", "off")
+AVERAGING_MODES = ("code", "all", "off")
+# configs saved before issue 26 called the "all" reading "paper" (the abstract says no more than
+# "Gaussian averaging of prompts")
+_LEGACY_AVERAGING = {"paper": "all"}
+# the authors' run: N(100, 30) over 100 epochs; scaled to the run's epochs when not given
+AVERAGING_MEAN_SHARE, AVERAGING_STD_SHARE = 1.0, 0.3
 # Trainable tensors the reference code's epoch averaging leaves at their last value ("code").
 INTERVENTION_PARAMS = ("R", "W_s", "b_s", "W_a", "b_a", "W_b", "b_b", "A", "B")
 
@@ -71,9 +76,9 @@ class CILMPConfig(MethodConfig):
     knowledge_hash: Optional[str] = None
     knowledge_source: Optional[str] = None  # filled at build: "CLIP-text" or the LM's name
     fast_path: bool = True           # rank-r path whenever dropout is inactive (exact)
-    averaging: str = "paper"         # Gaussian epoch averaging: paper | code | off
-    averaging_mean: float = 100.0
-    averaging_std: float = 30.0
+    averaging: str = "code"          # Gaussian epoch averaging: code | all | off
+    averaging_mean: Optional[float] = None  # in epochs; None: the run's epochs (authors: 100 of 100)
+    averaging_std: Optional[float] = None   # None: 0.3 x the run's epochs (authors: 30 of 100)
     backend: Optional[str] = None    # avpt_kernels backend of project_knowledge (None: process-wide)
 
 
@@ -188,6 +193,7 @@ class CILMP(Method):
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if not 0.0 <= cfg.phi_dropout < 1.0:
             raise ValueError(f"phi_dropout must be in [0, 1), got {cfg.phi_dropout!r}")
+        cfg.averaging = _LEGACY_AVERAGING.get(cfg.averaging, cfg.averaging)
         if cfg.averaging not in AVERAGING_MODES:
             raise ValueError(f"averaging must be one of {AVERAGING_MODES}, got {cfg.averaging!r}")
         if cfg.knowledge_width is not None and cfg.knowledge_width < 1:
@@ -389,8 +395,8 @@ class CILMP(Method):
         return self.make_averager(epochs)
 
     def make_averager(self, epochs: int) -> "PromptAveraging":
-        """The Gaussian epoch averaging of this config (``averaging``, mean, std) for a run of
-        ``epochs`` epochs."""
+        """The Gaussian epoch averaging of this config (``averaging``, mean, std; None: scaled
+        to ``epochs`` as the authors' N(100, 30) is to their 100) for a run of ``epochs``."""
         cfg = self.config
         return PromptAveraging(epochs, cfg.averaging_mean, cfg.averaging_std, cfg.averaging)
 
@@ -410,14 +416,20 @@ class PromptAveraging:
     only. Epoch e (1-based) gets weight N(e; mean, std); the average is the weight-normalised sum
     over the epochs seen so far (at the last epoch the reference code's sum over all epochs).
 
-    mode "paper": every trainable tensor is averaged. "code": as the reference code, the
-    intervention and projection tensors (``INTERVENTION_PARAMS``) keep their latest value, the
-    prompts (and any other trainable tensor) are averaged -- without the code's defect of scaling
-    the frozen CLIP weights. "off": the latest state. Holds no module: the trainer calls
+    mode "code" (default): as the authors' code, the intervention and projection tensors
+    (``INTERVENTION_PARAMS``) keep their latest value, the prompts (and any other trainable
+    tensor) are averaged (the code also runs the frozen CLIP weights through the average, which
+    returns them unchanged: the weights sum to 1; here they are left out). "all": every
+    trainable tensor averaged (a reading of the abstract). "off": the latest state. ``mean``,
+    ``std`` None: ``epochs`` and 0.3 ``epochs`` (the authors' N(100, 30) in 100 epochs). Holds no module: the trainer calls
     ``update(model, epoch)`` after each epoch and ``load_into(model)`` at the end; a
     DataParallel/DDP wrapper is unwrapped."""
 
-    def __init__(self, epochs: int, mean: float = 100.0, std: float = 30.0, mode: str = "paper"):
+    def __init__(self, epochs: int, mean: Optional[float] = None, std: Optional[float] = None,
+                 mode: str = "code"):
+        mode = _LEGACY_AVERAGING.get(mode, mode)
+        mean = AVERAGING_MEAN_SHARE * epochs if mean is None else mean
+        std = AVERAGING_STD_SHARE * epochs if std is None else std
         if mode not in AVERAGING_MODES:
             raise ValueError(f"averaging mode must be one of {AVERAGING_MODES}, got {mode!r}")
         if not std > 0:
@@ -438,7 +450,7 @@ class PromptAveraging:
     def _averaged(self, name: str) -> bool:
         if self.mode == "off":
             return False
-        return self.mode == "paper" or name.split(".")[-1] not in INTERVENTION_PARAMS
+        return self.mode == "all" or name.split(".")[-1] not in INTERVENTION_PARAMS
 
     def update(self, model: nn.Module, epoch: int) -> None:
         w = self.weight(epoch)

@@ -32,10 +32,16 @@ def is_hf_text(clip: nn.Module) -> bool:
     return text is not None and hasattr(text, "transformer") and hasattr(text, "pooler")
 
 
+def _own_text(clip: nn.Module) -> nn.Module:
+    """Where open_clip's own text tower keeps its parts: the CLIP model itself, or
+    ``clip.text`` (a TextTransformer) in a CustomTextCLIP."""
+    return clip.text if hasattr(getattr(clip, "text", None), "token_embedding") else clip
+
+
 def token_embedding(clip: nn.Module) -> nn.Embedding:
     """The text tower's token embedding (ids -> [.., W]), for either kind of text tower."""
     return clip.text.transformer.get_input_embeddings() if is_hf_text(clip) \
-        else clip.token_embedding
+        else _own_text(clip).token_embedding
 
 
 def text_width(clip: nn.Module) -> int:
@@ -47,7 +53,7 @@ def text_embed_dim(clip: nn.Module) -> int:
     """E, the width of the projected text features (the joint image-text space)."""
     if is_hf_text(clip):
         return int(clip.text.output_dim)
-    proj = clip.text_projection
+    proj = _own_text(clip).text_projection
     return proj.shape[1] if isinstance(proj, Tensor) else proj.out_features
 
 
@@ -63,7 +69,8 @@ def _hf_layers(text: nn.Module) -> nn.ModuleList:
 
 def text_layers(clip: nn.Module) -> int:
     """Number of blocks of the text tower."""
-    return len(_hf_layers(clip.text)) if is_hf_text(clip) else len(clip.transformer.resblocks)
+    return len(_hf_layers(clip.text)) if is_hf_text(clip) \
+        else len(_own_text(clip).transformer.resblocks)
 
 
 def prompt_length(tokens: Tensor) -> int:
@@ -100,6 +107,7 @@ def encode_embedded(clip: nn.Module, embedded: Tensor, eot: Tensor, length: Opti
     if is_hf_text(clip):
         features, tokens = _encode_embedded_hf(clip.text, embedded[:, :length], eot, layer_hook)
         return (features, tokens) if return_tokens else features
+    clip = _own_text(clip)
     x = embedded[:, :length] + clip.positional_embedding[:length].to(embedded.dtype)
     mask = clip.attn_mask
     mask = mask[:length, :length] if mask is not None else None

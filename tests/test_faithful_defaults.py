@@ -63,3 +63,18 @@ def test_biomedap_prompts_say_the_data_modality_and_legacy_names_load():
     tok = open_clip.get_tokenizer(bb.TINY_MODEL)
     want = tok([f"a mammography photo of a {n} in the breast." for n in m.config.class_names])
     assert torch.equal(m.tokens, want)
+
+
+def test_presets_name_the_authors_busi_run_and_the_readings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", bb.RandomWeightsWarning)
+        m = build_method("biomedap", model_name=bb.TINY_MODEL, seg=False, preset="authors-busi",
+                         modality_word="ultrasound")
+    assert (m.config.num_context, m.config.ctx_init) == (5, None) and m.context.shape[0] == 5
+    tok = open_clip.get_tokenizer(bb.TINY_MODEL)
+    want = tok([f"a ultrasound photo of a {n} in the breast." for n in m.config.class_names])
+    # the 5 context vectors overwrite the template's first 5 tokens, as the authors' code does
+    assert torch.equal(m.tokens, want) and m.suffix.shape[1] == want.shape[1] - 1 - 5
+    reading = get_config_class("biomedap")(preset="abstract-reading")
+    assert (reading.fusion_input, reading.low_anchor) == ("image-tokens", "visual-prototypes")
+    assert get_config_class("cilmp")(preset="abstract-reading").averaging == "all"

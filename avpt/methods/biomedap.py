@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 import open_clip
 import torch
@@ -85,6 +85,12 @@ class BiomedAPConfig(CoOpConfig):
     lambda_low: float = 1.0
     lambda_align: float = 0.1
     descriptions_hash: Optional[str] = None
+    # "authors-busi": the authors' BUSI config as their code runs it (N_CTX 5 with a random
+    # start: their prompt learner reads CTX_INIT only when N_CTX <= 4); "abstract-reading":
+    # both readings of the abstract
+    PRESETS: ClassVar[Dict[str, Dict[str, Any]]] = {
+        "authors-busi": {"num_context": 5, "ctx_init": None, "context_init": ""},
+        "abstract-reading": {"fusion_input": "image-tokens", "low_anchor": "visual-prototypes"}}
 
 
 @dataclass

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +79,8 @@ class CILMPConfig(MethodConfig):
     averaging: str = "code"          # Gaussian epoch averaging: code | all | off
     averaging_mean: Optional[float] = None  # in epochs; None: the run's epochs (authors: 100 of 100)
     averaging_std: Optional[float] = None   # None: 0.3 x the run's epochs (authors: 30 of 100)
+    # "abstract-reading": every trainable tensor averaged (the abstract's "averaging of prompts")
+    PRESETS: ClassVar[Dict[str, Dict[str, Any]]] = {"abstract-reading": {"averaging": "all"}}
     backend: Optional[str] = None    # avpt_kernels backend of project_knowledge (None: process-wide)
 
 

@@ -120,8 +120,9 @@ def _texts(path: Optional[str], class_names: Sequence[str]) -> Dict[str, List[st
             texts = json.load(f)
     except (OSError, ValueError) as exc:
         raise ValueError(f"--texts {path!r} is not a readable JSON file ({exc})") from None
-    if not isinstance(texts, dict) or not all(
-            isinstance(v, list) and v and all(isinstance(t, str) for t in v) for v in texts.values()):
+    def is_texts(v) -> bool:
+        return isinstance(v, list) and bool(v) and all(isinstance(t, str) for t in v)
+    if not isinstance(texts, dict) or not all(is_texts(v) for v in texts.values()):
         raise ValueError(f"--texts {path!r}: expected {{class name: [text, ...]}}")
     return texts
 

@@ -187,9 +187,10 @@ class TimmViTTower(nn.Module):
             problem = (f"its config's image_size {self.image_size} differs from the trunk's "
                        f"{native}")
         if adapter.name != "timm" or tower is not trunk or problem:
-            raise ValueError(f"--backbone {name!r}: its timm vision trunk "
-                             f"{type(trunk).__name__} is not supported ({problem or 'not a timm ViT'}); "
-                             f"a plain class-token timm ViT with a linear projection is")
+            why = problem or "not a timm ViT"
+            raise ValueError(f"--backbone {name!r}: its timm vision trunk {type(trunk).__name__} "
+                             f"is not supported ({why}); a plain class-token timm ViT with a "
+                             f"linear projection is")
         self._adapter = adapter  # a dataclass, not a module: the blocks stay named trunk.blocks
         # the head's Linear is read as a matrix (``proj``) outside autocast-cast ops:
         # avpt.frozen_weights keeps it fp32
@@ -264,5 +265,5 @@ class TimmViTTower(nn.Module):
         return x[:, 0], x[:, 1:]
 
 
-__all__ = ["LOCAL_DIR_PREFIX", "is_local_dir", "check_local_dir", "weights_file", "has_folder_weights", "hf_offline",
-           "get_tokenizer", "create_local_model", "tower_sizes", "TimmViTTower"]
+__all__ = ["LOCAL_DIR_PREFIX", "is_local_dir", "check_local_dir", "weights_file",
+           "has_folder_weights", "hf_offline", "get_tokenizer", "create_local_model", "tower_sizes", "TimmViTTower"]

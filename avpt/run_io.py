@@ -196,7 +196,8 @@ def backbone_record(cfg: Dict) -> Dict:
     rec = {"model_name": cfg["backbone"], "pretrained": None, "sha256": None, "init_seed": None}
     folder_weights = weights_file(cfg["backbone"]) if is_local_dir(cfg["backbone"]) else None
     if folder_weights is not None:  # local-dir: the weights are the folder's
-        rec.update(pretrained=str(folder_weights.resolve()), sha256=file_sha256(str(folder_weights)))
+        rec.update(pretrained=str(folder_weights.resolve()),
+                   sha256=file_sha256(str(folder_weights)))
     elif cfg["pretrained"] is not None:
         rec.update(pretrained=os.path.abspath(cfg["pretrained"]),
                    sha256=file_sha256(cfg["pretrained"]))

@@ -70,20 +70,36 @@ def load_backbone(model_name: str = VIT_B16, pretrained: Optional[str] = None,
 
     ``quick_gelu=True`` for checkpoints trained with QuickGELU (the OpenAI ones).
     """
-    global _warned_random
+    from .local_backbone import create_local_model, is_local_dir, weights_file
+
+    if is_local_dir(model_name):  # open_clip's folder layout (BiomedCLIP): weights from the folder
+        if pretrained is not None:
+            raise ValueError(f"pretrained={pretrained!r}: a local-dir: backbone takes its weights "
+                             f"from its folder; leave --pretrained out")
+        model = create_local_model(model_name, quick_gelu=quick_gelu, device=device)
+        if weights_file(model_name) is None:
+            _warn_random(model_name)
+        return freeze(model)
     if model_name not in open_clip.list_models():
         raise ValueError(f"model_name={model_name!r} is not an open_clip config; expected one of "
                          f"{VIT_B16!r}, {TINY_MODEL!r}, {TINY_P8_MODEL!r} or another name in open_clip.list_models()")
     path = _check_pretrained(pretrained) if pretrained is not None else None
     model = open_clip.create_model(model_name, pretrained=path, force_quick_gelu=quick_gelu,
                                    device=device)
-    if path is None and not _warned_random:
-        _warned_random = True
-        warnings.warn(
-            f"open_clip {model_name!r} has RANDOM weights (no pretrained path given): results are "
-            f"meaningless without pretrained weights. Pass pretrained='/path/to/open_clip_model."
-            f"safetensors' (nothing is downloaded).", RandomWeightsWarning, stacklevel=2)
+    if path is None:
+        _warn_random(model_name)
     return freeze(model)
+
+
+def _warn_random(model_name: str) -> None:
+    global _warned_random
+    if _warned_random:
+        return
+    _warned_random = True
+    warnings.warn(
+        f"open_clip {model_name!r} has RANDOM weights (no pretrained path given): results are "
+        f"meaningless without pretrained weights. Pass pretrained='/path/to/open_clip_model."
+        f"safetensors' (nothing is downloaded).", RandomWeightsWarning, stacklevel=3)
 
 
 def visual_param_count(clip_model: nn.Module) -> int:

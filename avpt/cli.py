@@ -359,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "cilmp, biomedap, ...)")
     from .pretrain import add_parser as add_pretrain_parser
     add_pretrain_parser(sub)
+    from .llm_knowledge import add_parser as add_knowledge_parser
+    add_knowledge_parser(sub)
     _run_command(sub, "train", cmd_train, "train and evaluate one run",
                  "avpt train: train and evaluate one run")
     p = _run_command(sub, "eval", cmd_eval, "evaluate a saved model",

@@ -171,7 +171,7 @@ def run(out: str = "runs/demo", config: Optional[str] = None, pretrained: Option
             arrays = C.per_image(pred, cfg.get("metrics"))
             ci = C.bootstrap_ci(arrays, n_resamples=n_resamples, seed=cfg["seed"])
             label = res["data"]["split"] if split == "fold" else f"transfer {transfer[0]}->{transfer[1]}"
-            rows.append(dict(method=name, split=label, n=int(len(arrays["labels"])), metrics=ci,
+            rows.append(dict(method=res.get("method_label", name), split=label, n=int(len(arrays["labels"])), metrics=ci,
                              hd95_unit=arrays["unit"],
                              trainable_pct=res["params"]["percent_of_visual"],
                              time_s=res.get("time_s")))

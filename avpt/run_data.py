@@ -126,16 +126,22 @@ def unaugmented(train_set):
 def class_settings(cfg: Dict, given: Dict) -> Dict:
     """Method settings from the data's classes (``avpt.validate.data_classes``) that ``given``
     (the user's model settings) leaves open: with C > 2 classes ``num_classes`` = C and, for a
-    method whose config has ``class_names`` (text prompts), the data's class names. Two classes
-    change nothing (the configs' defaults)."""
+    method whose config has ``class_names`` (text prompts), the data's class names; for one with
+    ``modality_word`` (BiomedAP) the data's (``avpt.data.modality_word``)."""
     from .methods import get_config_class
     from .validate import data_classes
 
     classes = data_classes(cfg["dataset"], cfg["data"])
+    out: Dict[str, Any] = {}
+    fields = get_config_class(cfg["method"]).__dataclass_fields__
+    if "modality_word" in fields and given.get("modality_word") is None:  # BiomedAP's prompts
+        from .data import modality_word
+
+        out["modality_word"] = modality_word(cfg["dataset"], cfg["modality"])
     if len(classes) == 2:
-        return {}
-    out: Dict[str, Any] = {"num_classes": len(classes)}
-    if "class_names" in get_config_class(cfg["method"]).__dataclass_fields__:
+        return out
+    out["num_classes"] = len(classes)
+    if "class_names" in fields:
         out["class_names"] = tuple(classes)
     return {k: v for k, v in out.items() if k not in given}
 

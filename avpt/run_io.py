@@ -201,8 +201,14 @@ def check_resume(ckpt: Dict, cfg: Dict, path: str, backbone: Dict) -> None:
 def backbone_record(cfg: Dict) -> Dict:
     """What rebuilds the frozen backbone exactly: the open_clip config, the weights file and
     its sha256, or (random weights) the seed the backbone was drawn from."""
+    from .local_backbone import is_local_dir, weights_file
+
     rec = {"model_name": cfg["backbone"], "pretrained": None, "sha256": None, "init_seed": None}
-    if cfg["pretrained"] is not None:
+    folder_weights = weights_file(cfg["backbone"]) if is_local_dir(cfg["backbone"]) else None
+    if folder_weights is not None:  # local-dir: the weights are the folder's
+        rec.update(pretrained=str(folder_weights.resolve()),
+                   sha256=file_sha256(str(folder_weights)))
+    elif cfg["pretrained"] is not None:
         rec.update(pretrained=os.path.abspath(cfg["pretrained"]),
                    sha256=file_sha256(cfg["pretrained"]))
     else:

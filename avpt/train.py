@@ -151,11 +151,13 @@ def _open_checkpoint(cfg: Dict, path: str, device, backbone: Dict, dist: Dist) -
 
 def _build_method(cfg: Dict, device, dist: Dist):
     """The method on its frozen backbone, drawn from the run's seed."""
+    from .local_backbone import has_folder_weights
+
     seed_everything(cfg["seed"], cfg["deterministic"])  # the backbone is drawn from this seed
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
         model = build_model(cfg).to(device)
-    if cfg["pretrained"] is None and dist.main:
+    if cfg["pretrained"] is None and not has_folder_weights(cfg["backbone"]) and dist.main:
         log.warning("backbone %s has random weights (no --pretrained): the numbers only show that "
                     "the pipeline runs", cfg["backbone"])
     return model
@@ -373,6 +375,7 @@ def _finish(cfg: Dict, model, train_set, test_set, info: Dict, history: List[Dic
         "data": dict(info, train_samples=len(train_set), test_samples=len(test_set)),
         "params": {"trainable": rep.trainable, "visual": rep.visual,
                    "percent_of_visual": rep.percent_of_visual},
+        "method_label": model.row_label(),
         "history": history,
         "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
         "world_size": dist.world,

@@ -132,10 +132,18 @@ def check_backbone(name) -> None:
     import open_clip
 
     from . import backbone  # noqa: F401  registers avpt-tiny
+    from .local_backbone import check_local_dir, is_local_dir
 
+    if is_local_dir(name):  # open_clip's folder layout (BiomedCLIP)
+        try:
+            check_local_dir(name)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return
     if not isinstance(name, str) or name not in open_clip.list_models():
-        raise ConfigError(f"backbone must be tiny, ViT-B-16 or another open_clip config name "
-                          f"(open_clip.list_models()), got {name!r}")
+        raise ConfigError(f"backbone must be tiny, ViT-B-16, another open_clip config name "
+                          f"(open_clip.list_models()) or local-dir:PATH (an open_clip model "
+                          f"folder), got {name!r}")
 
 
 # method settings that are run settings: the top-level key (or flag) that sets them

@@ -68,6 +68,17 @@ def pool(visual: nn.Module, x: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
     return pooled, tokens, features
 
 
+def residual_branches(blk: nn.Module):
+    """(attention branch, MLP branch) of a pre-norm block, each x -> branch(x) before its
+    residual add: open_clip ResidualAttentionBlock (ln_1, attention, ls_1 / ln_2, mlp, ls_2)
+    or timm Block (norm1, attn, ls1, drop_path1 / norm2, mlp, ls2, drop_path2)."""
+    if hasattr(blk, "ln_1"):
+        return (lambda x: blk.ls_1(blk.attention(q_x=blk.ln_1(x))),
+                lambda x: blk.ls_2(blk.mlp(blk.ln_2(x))))
+    return (lambda x: blk.drop_path1(blk.ls1(blk.attn(blk.norm1(x)))),
+            lambda x: blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x)))))
+
+
 def num_layers(visual: nn.Module) -> int:
     return len(visual.transformer.resblocks)
 

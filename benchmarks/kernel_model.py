@@ -175,8 +175,15 @@ def _aot_rows() -> Dict[tuple, dict]:
     return rows
 
 
+# The interpreter's stand-ins for the 16-bit dot modes (``ops.pim.dots``): bf16 3 -> 2, fp16 4 -> 1
+_COMPILED_DOT_MODE = {3: 2, 4: 1}
+
+
 def _label(l: Launch) -> str:
+    """The AOT row label of the configuration a GPU launch would compile (recorded on CPU)."""
     meta = dict(l.meta)
+    if "DOT_MODE" in meta:
+        meta["DOT_MODE"] = _COMPILED_DOT_MODE.get(meta["DOT_MODE"], meta["DOT_MODE"])
     warps, stages = meta.pop("num_warps", 4), meta.pop("num_stages", 2)
     maxnreg = meta.pop("maxnreg", None)
     parts = [f"{k}={v}" for k, v in sorted(meta.items())]

@@ -166,14 +166,14 @@ def test_loss_terms_match_literal_equations_fp64():
 # ---------------------------------------------------------------- the method's wiring
 def manual_encode(m, images):
     """The ViT with the prompt positions overwritten before every block, fused (literally) before
-    the fusion blocks from the image's own tokens ("paper") or zeros ("code")."""
+    the fusion blocks from the image's own tokens ("image-tokens") or zeros ("code")."""
     k, visual = m.config.num_visual_prompts, m.visual
     z = vit.embed(visual, vit.patch_embed(visual, images))
     outs = []
     for i in range(vit.num_layers(visual)):
         prompt = torch.zeros_like(z[:, 1:1 + k])
         if i in m.fusion_layers:
-            src = z[:, 1:1 + k] if m.config.fusion_input == "paper" else prompt
+            src = z[:, 1:1 + k] if m.config.fusion_input == "image-tokens" else prompt
             ctx = m.context.unsqueeze(0).expand(z.shape[0], -1, -1)
             prompt, t_out = literal_fusion(m.fusion[str(i)], src, ctx)
             outs.append(t_out)
@@ -181,7 +181,7 @@ def manual_encode(m, images):
     return vit.pool(visual, z)[2], torch.stack(outs)
 
 
-@pytest.mark.parametrize("mode", ["paper", "code"])
+@pytest.mark.parametrize("mode", ["image-tokens", "code"])
 def test_method_wiring_and_gradients_match_literal_fp64(mode):
     m = tiny(fusion_input=mode, num_classes=3, seg=False, low_anchor="code",
              class_names=("normal", "benign", "malignant")).double().eval()
@@ -229,7 +229,7 @@ def test_anchors_are_open_clip_text_features():
 def test_initial_prompts_are_the_template():
     """Context from "a ultrasound photo of a" (its first 4 tokens) + the template's rest = the
     tokenised template."""
-    m = tiny(seg=False)
+    m = tiny(seg=False, modality_word="ultrasound")
     tok = open_clip.get_tokenizer(bb.TINY_MODEL)
     tokens = tok([f"a ultrasound photo of a {n} in the breast." for n in m.config.class_names])
     with torch.no_grad():
@@ -286,7 +286,7 @@ def expected_trainable(d_v, d_t, m, n_layers, align=True):
 
 def test_trainable_parameter_count_formula():
     m = tiny(seg=False)
-    assert m.fusion_layers == [2, 3]   # the paper's 5, 8 of 12 blocks on the 4-block tiny ViT
+    assert m.fusion_layers == [2, 3]   # the authors' code's 5, 8 of 12 blocks on the 4-block tiny ViT
     count = sum(p.numel() for p in m.parameters() if p.requires_grad)
     assert count == expected_trainable(64, 32, 4, 2) == 168768
     m0 = tiny(seg=False, lambda_align=0.0, fusion_layers=(1,))
@@ -300,7 +300,7 @@ BAD = [
     (dict(fusion_layers=(4,)), r"fusion_layers must be distinct block indices in \[0, 4\)"),
     (dict(fusion_layers=(1, 1)), r"fusion_layers must be distinct"),
     (dict(num_classes=3), r"class_names needs num_classes=3 names, got 2"),
-    (dict(fusion_input="zeros"), r"fusion_input must be one of \('paper', 'code'\)"),
+    (dict(fusion_input="zeros"), r"fusion_input must be one of \('code', 'image-tokens'\)"),
     (dict(low_anchor="visual"), r"low_anchor must be one of"),
     (dict(num_visual_prompts=0), r"needs num_visual_prompts >= 1"),
     (dict(num_visual_prompts=17), r"num_visual_prompts must be in \[0, 16\]"),

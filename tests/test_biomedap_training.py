@@ -16,7 +16,7 @@ from .test_biomedap import close, tiny
 
 
 # ---------------------------------------------------------------- AMP, prototypes, training
-@pytest.mark.parametrize("mode", ["paper", "code"])
+@pytest.mark.parametrize("mode", ["image-tokens", "code"])
 def test_bf16_autocast_forward_loss_backward(mode):
     m = tiny(fusion_input=mode, low_anchor="code").train()
     images, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
@@ -33,7 +33,7 @@ def test_bf16_autocast_forward_loss_backward(mode):
 
 
 def test_visual_prototypes_low_anchor():
-    m = tiny(low_anchor="paper", seg=False)
+    m = tiny(low_anchor="visual-prototypes", seg=False)
     images, labels = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 1, 0])
     out = m(images)
     loss = m.make_loss()
@@ -64,7 +64,8 @@ def test_loss_refuses_an_output_without_its_fields():
 
 
 def test_a_few_steps_with_its_loss_change_the_prompts():
-    m = tiny(seg=False, low_anchor="code").train()
+    # image tokens in: with the code default (zeros in) the gate weight W_gv has no gradient
+    m = tiny(seg=False, low_anchor="code", fusion_input="image-tokens").train()
     opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.0025)
     loss = m.make_loss()
     images, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
@@ -91,7 +92,7 @@ def test_trains_through_the_trainer(tmp_path):
             assert all(math.isfinite(h[f"train_{term}"]) for h in res["history"]), term
 
 
-# ---------------------------------------------------------------- the paper's low anchor
+# ---------------------------------------------------------------- the low anchor (the visual-prototype reading)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -119,9 +120,11 @@ def class_means(encode_image, dataset, num_classes):
                                     for c in range(num_classes)]), dim=-1)
 
 
-def test_paper_is_the_default_and_prepare_sets_the_class_means():
-    m = tiny(seg=False, num_classes=3, class_names=("normal", "benign", "malignant")).to(DEVICE)
-    assert m.config.low_anchor == "paper" and not m.prototypes_ready
+def test_code_is_the_default_and_prepare_sets_the_class_means_in_the_prototype_reading():
+    assert tiny(seg=False).config.low_anchor == "code"  # the authors' code: class-name text
+    m = tiny(seg=False, num_classes=3, class_names=("normal", "benign", "malignant"),
+             low_anchor="visual-prototypes").to(DEVICE)
+    assert not m.prototypes_ready
     assert torch.equal(m.anchor_low, torch.zeros_like(m.anchor_low))
     g = torch.Generator().manual_seed(1)
     data = Items(torch.randn(7, 3, 64, 64, generator=g).to(DEVICE), [2, 0, 1, 1, 0, 2, 2])
@@ -136,7 +139,8 @@ def test_paper_is_the_default_and_prepare_sets_the_class_means():
     # persistent: in the state dict; loading it makes another model's prototypes ready
     state = m.state_dict()
     assert torch.equal(state["anchor_low"], m.anchor_low)
-    other = tiny(seg=False, num_classes=3, class_names=("normal", "benign", "malignant")).to(DEVICE)
+    other = tiny(seg=False, num_classes=3, class_names=("normal", "benign", "malignant"),
+                 low_anchor="visual-prototypes").to(DEVICE)
     other.load_state_dict(state)
     assert other.prototypes_ready and torch.equal(other.anchor_low, m.anchor_low)
     out = other(data.images[:2])
@@ -145,7 +149,8 @@ def test_paper_is_the_default_and_prepare_sets_the_class_means():
 
 
 def test_prepare_names_a_class_without_training_images():
-    m = tiny(seg=False, num_classes=3, class_names=("normal", "benign", "malignant"))
+    m = tiny(seg=False, num_classes=3, class_names=("normal", "benign", "malignant"),
+             low_anchor="visual-prototypes")
     data = Items(torch.randn(3, 3, 64, 64), [0, 2, 0])
     with pytest.raises(ValueError, match="class 'benign' has none") as err:
         m.prepare(data, "cpu")
@@ -164,7 +169,7 @@ def test_code_anchor_ignores_prepare():
 
 
 @pytest.mark.cpu_only  # pinned to --device cpu / device=cpu: not in the GPU tier
-def test_trainer_prepares_paper_anchors_and_resume_recomputes_them(tmp_path, monkeypatch):
+def test_trainer_prepares_prototype_anchors_and_resume_recomputes_them(tmp_path, monkeypatch):
     """Fresh run stopped after epoch 1, then resumed: ``prepare`` runs at both starts, on the
     un-augmented training set, and gives the same anchors = the independent class means."""
     from avpt.methods.biomedap import BiomedAP
@@ -178,10 +183,11 @@ def test_trainer_prepares_paper_anchors_and_resume_recomputes_them(tmp_path, mon
         prepare(self, train_set, device, dtype, batch_size)
         seen.append((self, train_set, self.anchor_low.detach().clone()))
     monkeypatch.setattr(BiomedAP, "prepare", recording)
-    cfg = dict(epochs=2, method="biomedap", sets={"model": {}}, device="cpu")
+    model_sets = {"low_anchor": "visual-prototypes"}
+    cfg = dict(epochs=2, method="biomedap", sets={"model": model_sets}, device="cpu")
     assert run(tiny_cfg(tmp_path, stop_after_epoch=1, **cfg)) == {"stopped_after_epoch": 1}
     res = run(tiny_cfg(tmp_path, **cfg))
-    assert len(seen) == 2 and res["config"]["model"] == {}
+    assert len(seen) == 2 and res["config"]["model"] == model_sets
     (model, train_set, fresh), (_, again, resumed) = seen
     assert not train_set.train and len(train_set) == res["data"]["train_samples"]
     assert torch.equal(fresh, resumed)
@@ -196,13 +202,13 @@ TINY_CLI = ["--dataset", "phantom", "--backbone", "tiny", "--device", "cpu", "--
 
 
 @pytest.mark.cpu_only  # pinned to --device cpu / device=cpu: not in the GPU tier
-@pytest.mark.parametrize("anchor", ["paper", "code"])
+@pytest.mark.parametrize("anchor", ["visual-prototypes", "code"])
 def test_cli_train_end_to_end(tmp_path, anchor):
     import json
 
     from avpt.cli import main
 
-    extra = [] if anchor == "paper" else ["--set", "model.low_anchor=code"]
+    extra = [] if anchor == "code" else ["--set", f"model.low_anchor={anchor}"]
     assert main(["train", "--method", "biomedap", *TINY_CLI, "--out", str(tmp_path), *extra]) == 0
     res = json.load(open(tmp_path / "metrics.json"))
     assert res["config"]["method"] == "biomedap" and res["test"]["n"] > 0
@@ -210,7 +216,7 @@ def test_cli_train_end_to_end(tmp_path, anchor):
                for h in res["history"])
     saved = json.load(open(tmp_path / "model" / "avpt_config.json"))["config"]
     assert saved["low_anchor"] == anchor
-    if anchor == "paper":   # the saved model evaluates to the run's numbers (anchors: loss only)
+    if anchor == "visual-prototypes":   # the saved model evaluates to the run's numbers (anchors: loss only)
         assert main(["eval", "--checkpoint", str(tmp_path), "--out", str(tmp_path / "ev"),
                      "--device", "cpu"]) == 0
         again = json.load(open(tmp_path / "ev" / "metrics.json"))["test"]

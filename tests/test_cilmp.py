@@ -3,6 +3,7 @@
 R = W_s = b_s = 0 gives e = B A h, the cut text tower, the parameter count, the knowledge
 states, the epoch averaging, AMP, the errors, and training on the phantom and 3-class BUSI."""
 import math
+import sys
 
 import open_clip
 import pytest
@@ -121,6 +122,61 @@ def test_matches_the_literal_equations_outputs_and_all_gradients(small, fast):
     for n in g_want:
         torch.testing.assert_close(g_got[n], g_want[n], rtol=0, atol=1e-10, msg=n)
     m.config.fast_path = True
+
+
+def test_matches_the_literal_equations_with_dropout_on_fixed_masks(small, monkeypatch):
+    """Phi dropout on (p = 0.5, training): the dropout masks are fixed (drawn from seeded
+    generators and recorded), and the literal equations with those masks applied to Phi give
+    the same logits and gradients (fp64, 1e-10)."""
+    m = small.train()
+    m.config.phi_dropout = 0.5
+    masks = []
+    real_dropout = F.dropout
+
+    def fixed_dropout(x, p=0.5, training=True, inplace=False):
+        if not training or p == 0:
+            return real_dropout(x, p, training, inplace)
+        g = torch.Generator().manual_seed(100 + len(masks))
+        masks.append((torch.rand(x.shape, generator=g) >= p).to(x.dtype) / (1 - p))
+        return x * masks[-1]
+    try:
+        monkeypatch.setattr(F, "dropout", fixed_dropout)
+        images = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+        weights = torch.randn(2, 3, dtype=torch.float64)
+        got = m(images).logits
+        g_got = _grads(m, got, weights)
+        assert len(masks) == 2   # one Phi per side: prefix [L, B, C, P, d_k], suffix [L, B, C, S, d_k]
+        prefix_mask, suffix_mask = masks
+        b_now = {}
+
+        def masked_token(mm, layer, v, c, t):
+            n, P, S = LENGTHS[NAMES[c]], mm.config.prefix_length, mm.config.suffix_length
+            b = b_now["b"]
+            mask = prefix_mask[layer, b, c, t] if t < P else (
+                suffix_mask[layer, b, c, t - (n - S)] if t >= n - S else None)
+            h = mm.knowledge[c, t]
+            x = h
+            if mask is not None:
+                side = mm.prefix if t < P else mm.suffix
+                u = side.W_a[layer] @ v + side.b_a[layer]
+                g = side.W_b[layer] @ u + side.b_b[layer]
+                s = side.W_s[layer] @ torch.cat([h, g * h]) + side.b_s[layer]
+                R = side.R[layer]
+                x = (h + R @ (s - R.t() @ h)) * mask                  # Dropout(Phi), fixed mask
+            return mm.B[layer] @ (mm.A[layer] @ x)
+
+        want = torch.empty_like(got)
+        for b in range(2):   # ref_logits one image at a time, so the token knows its image
+            b_now["b"] = b
+            monkeypatch.setattr(sys.modules[__name__], "ref_knowledge_token", masked_token)
+            want[b] = ref_logits(m, images[b:b + 1])[0]
+        g_want = _grads(m, want, weights)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+        assert all(bool((mk == 0).any()) for mk in masks)   # the masks do drop entries
+        for n in g_want:
+            torch.testing.assert_close(g_got[n], g_want[n], rtol=0, atol=1e-10, msg=n)
+    finally:
+        m.config.phi_dropout = 0.0
 
 
 class _Prompts(nn.Module):
@@ -286,7 +342,7 @@ def test_gaussian_averaging_of_the_trainable_state_only(small):
     m = small
     frozen = {n: p.detach().clone() for n, p in m.named_parameters() if not p.requires_grad}
     start = {n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad}
-    avg = {mode: PromptAveraging(3, mean=2.0, std=1.0, mode=mode) for mode in ("paper", "code")}
+    avg = {mode: PromptAveraging(3, mean=2.0, std=1.0, mode=mode) for mode in ("all", "code")}
     states = []
     for epoch in (1, 2, 3):
         with torch.no_grad():
@@ -298,12 +354,12 @@ def test_gaussian_averaging_of_the_trainable_state_only(small):
             a.update(_data_parallel(m) if epoch == 2 else m, epoch)   # a wrapper is unwrapped
     w = [math.exp(-0.5 * (e - 2.0) ** 2) for e in (1, 2, 3)]
     mean = {n: sum(wi * s[n] for wi, s in zip(w, states)) / sum(w) for n in start}
-    paper, code = avg["paper"].state(), avg["code"].state()
+    every, code = avg["all"].state(), avg["code"].state()
     for n in start:
-        torch.testing.assert_close(paper[n], mean[n])
+        torch.testing.assert_close(every[n], mean[n])
         is_int = n.split(".")[-1] in ("R", "W_s", "b_s", "W_a", "b_a", "W_b", "b_b", "A", "B")
         torch.testing.assert_close(code[n], states[-1][n] if is_int else mean[n])
-    avg["paper"].load_into(m)
+    avg["all"].load_into(m)
     for n, p in m.named_parameters():
         torch.testing.assert_close(p.detach(), mean[n] if p.requires_grad else frozen[n])
     with torch.no_grad():

@@ -77,14 +77,15 @@ def test_demo_table_has_cilmp_and_biomedap_rows(tmp_path, monkeypatch):
                  "--set", "data.views=1", "--set", "batch_size=4", "--set", "eval_batch_size=8",
                  "--set", "progress=false", "--set", "threads=1"]) == 0
     rows = json.load(open(tmp_path / "comparison.json"))["rows"]
+    cilmp = "CILMP, CLIP-text knowledge"   # the rows name CILMP's knowledge source
     assert [(r["method"], r["split"].split()[0]) for r in rows] == [
-        ("CILMP", "fold"), ("CILMP", "transfer"), ("BiomedAP", "fold"), ("BiomedAP", "transfer")]
+        (cilmp, "fold"), (cilmp, "transfer"), ("BiomedAP", "fold"), ("BiomedAP", "transfer")]
     assert all(r["n"] > 0 and r["metrics"]["auc"][0] == r["metrics"]["auc"][0] for r in rows)
     html = open(tmp_path / "report.html").read()
     table = html[html.index("Methods side by side"):]
-    assert re.findall(r"<tr><td>([^<]+)</td>", table)[:4] == ["CILMP", "CILMP", "BiomedAP", "BiomedAP"]
+    assert re.findall(r"<tr><td>([^<]+)</td>", table)[:4] == [cilmp, cilmp, "BiomedAP", "BiomedAP"]
     low = json.load(open(tmp_path / "biomedap" / "metrics.json"))["config"]["model"]
-    assert low.get("low_anchor", "paper") == "paper"   # the demo trains the paper's anchor
+    assert low.get("low_anchor", "code") == "code"   # the demo trains the authors' code's anchor
 
 
 def test_demo_keeps_one_shared_recipe(tmp_path, capsys):

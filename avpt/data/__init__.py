@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import Dict, List, Optional, Sequence
 
 from .dataset import BreastDataset, ModalityBatchSampler, Subset
-from .modalities import DATASET_MODALITY, DATASETS, MODALITIES
+from .modalities import (DATASET_MODALITY, DATASETS, GENERIC_MODALITY_WORD, MODALITIES,
+                         MODALITY_WORDS, modality_word)
 from .phantom import make_phantom
 from .records import DataError, RawSample, Record, check_unique_ids
 
@@ -81,4 +82,5 @@ def load_records(dataset: str, root: Optional[str] = None, modalities: Optional[
 
 
 __all__ = ["BreastDataset", "ModalityBatchSampler", "Subset", "DataError", "Record", "RawSample",
-           "DATASETS", "DATASET_MODALITY", "load_records", "phantom_records", "make_phantom", "MODALITIES"]
+           "DATASETS", "DATASET_MODALITY", "load_records", "phantom_records", "make_phantom", "MODALITIES",
+           "MODALITY_WORDS", "GENERIC_MODALITY_WORD", "modality_word"]

@@ -53,6 +53,7 @@ class AdapterTuning(Method):
         z = vit.embed(visual, vit.patch_embed(visual, images))
         x = z if batch_first else z.transpose(0, 1)
         for i, blk in enumerate(visual.transformer.resblocks):
-            x = x + self.attn_adapters[i](blk.ls_1(blk.attention(q_x=blk.ln_1(x))))
-            x = x + self.mlp_adapters[i](blk.ls_2(blk.mlp(blk.ln_2(x))))
+            attn, mlp = vit.residual_branches(blk)
+            x = x + self.attn_adapters[i](attn(x))
+            x = x + self.mlp_adapters[i](mlp(x))
         return dict(z=x if batch_first else x.transpose(0, 1))

@@ -136,6 +136,11 @@ class Method(nn.Module):
     def visual(self) -> nn.Module:
         return self.backbone.visual
 
+    def row_label(self) -> str:
+        """How this run's rows are named: ``display_name``, plus what a method's configuration
+        makes worth naming (CILMP: its knowledge source)."""
+        return self.display_name
+
     def train(self, mode: bool = True):
         """The backbone always stays in eval mode (dropout off), trainable or not."""
         super().train(mode)

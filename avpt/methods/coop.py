@@ -4,14 +4,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Tuple
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from avpt.recipes import dassl_recipe
 
-from ..text_tower import encode_embedded, eot_positions, prompt_length
+from ..local_backbone import get_tokenizer
+from ..text_tower import encode_embedded, eot_positions, prompt_length, token_embedding
 from .base import Method, MethodConfig, frozen_encode, register
 
 
@@ -44,11 +44,11 @@ class CoOp(Method):
             raise ValueError(f"class_names needs num_classes={config.num_classes} names, got "
                              f"{len(config.class_names)}")
         clip = self.backbone
-        tokenizer = open_clip.get_tokenizer(config.model_name)
+        tokenizer = get_tokenizer(config.model_name)
         placeholder = " ".join(["X"] * config.num_context)
         tokens = tokenizer([f"{placeholder} {name}." for name in config.class_names])
         with torch.no_grad():
-            embedded = clip.token_embedding(tokens)
+            embedded = token_embedding(clip)(tokens)
         m = config.num_context
         self.register_buffer("tokens", tokens, persistent=False)
         self.register_buffer("eot", eot_positions(tokens), persistent=False)
@@ -64,12 +64,12 @@ class CoOp(Method):
         if not init:
             return torch.randn(m, width) * 0.02
         tokens = tokenizer([init])
-        n = int(tokens[0].argmax()) - 1  # tokens between start- and end-of-text
+        n = int(eot_positions(tokens)[0]) - 1  # tokens between start- and end-of-text
         if n != m:
             raise ValueError(f"context_init={init!r} is {n} tokens; num_context={m} expected "
                              f"(or context_init='' for random context)")
         with torch.no_grad():
-            return self.backbone.token_embedding(tokens)[0, 1:1 + m].clone()
+            return token_embedding(self.backbone)(tokens)[0, 1:1 + m].clone()
 
     def text_features(self) -> Tensor:
         """Class text features [C, E], normalised."""

@@ -78,6 +78,45 @@ class LoRAMultiheadAttention(nn.Module):
         return out, None
 
 
+class LoRAFusedLinear(nn.Module):
+    """Wraps a frozen ``nn.Linear`` whose output stacks ``parts`` equal slices (timm's fused
+    ``qkv``: parts "qkv"; its ``proj``: "o"): W + (alpha / r) B_x A_x on the slices in
+    ``targets``; B starts at zero."""
+
+    reads_frozen_weights = True  # W + B A in fp32, as LoRAMultiheadAttention
+
+    def __init__(self, linear: nn.Linear, parts: str, rank: int, alpha: float, targets):
+        super().__init__()
+        self.linear, self.parts, self.scaling = linear, parts, alpha / rank
+        self.targets = tuple(t for t in parts if t in targets)
+        d_in, d_out = linear.in_features, linear.out_features // len(parts)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        for t in self.targets:
+            a = torch.empty(rank, d_in)
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+            self.lora_A[t] = nn.Parameter(a)
+            self.lora_B[t] = nn.Parameter(torch.zeros(d_out, rank))
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.linear.weight
+        d_out = w.shape[0] // len(self.parts)
+        deltas = [(self.lora_B[t] @ self.lora_A[t]) * self.scaling if t in self.targets
+                  else w.new_zeros(d_out, w.shape[1]) for t in self.parts]
+        return F.linear(x, w + torch.cat(deltas), self.linear.bias)
+
+
+def _wrap_timm_attention(attn: nn.Module, rank: int, alpha: float, targets) -> None:
+    """LoRA on a timm ``Attention`` (fused ``qkv`` Linear, ``proj`` Linear), in place."""
+    bad = set(targets) - set("qkvo")
+    if bad or not targets:
+        raise ValueError(f"LoRA targets must be a non-empty subset of q, k, v, o, got {targets!r}")
+    if set(targets) & set("qkv"):
+        attn.qkv = LoRAFusedLinear(attn.qkv, "qkv", rank, alpha, targets)
+    if "o" in targets:
+        attn.proj = LoRAFusedLinear(attn.proj, "o", rank, alpha, targets)
+
+
 @register("lora")
 class LoRA(Method):
     """LoRA (Hu et al. 2022) of rank r on the attention projections of every block."""
@@ -87,7 +126,11 @@ class LoRA(Method):
     def __init__(self, config):
         super().__init__(config)
         for blk in self.visual.transformer.resblocks:
-            blk.attn = LoRAMultiheadAttention(blk.attn, config.rank, config.alpha, config.targets)
+            if isinstance(blk.attn, nn.MultiheadAttention):
+                blk.attn = LoRAMultiheadAttention(blk.attn, config.rank, config.alpha,
+                                                  config.targets)
+            else:  # a timm block (a local-dir: backbone's timm trunk)
+                _wrap_timm_attention(blk.attn, config.rank, config.alpha, config.targets)
 
     def encode(self, images, maps=None, modality=None, return_attn=False):
         return frozen_encode(self, images)

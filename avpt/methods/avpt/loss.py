@@ -216,7 +216,7 @@ class AVPTLoss(nn.Module):
 
     def __init__(self, model, text_tokenizer=None, rcl_positives: str = "cross_modal"):
         super().__init__()
-        import open_clip
+        from ...local_backbone import get_tokenizer
         if rcl_positives not in RCL_POSITIVES:
             raise ValueError(f"rcl_positives must be one of {RCL_POSITIVES}, got {rcl_positives!r}")
         self.rcl_positives = rcl_positives
@@ -231,7 +231,7 @@ class AVPTLoss(nn.Module):
                              if c.num_regions == 3 else 1 - torch.eye(c.num_regions))
         text = torch.zeros(0)
         if c.lambda_txt:
-            tokenizer = text_tokenizer or open_clip.get_tokenizer(c.model_name)
+            tokenizer = text_tokenizer or get_tokenizer(c.model_name)
             # the tokens on the backbone's device: the trainer moves the model before make_loss
             tokens = tokenizer(list(c.text_phrases)).to(next(model.backbone.parameters()).device)
             with torch.no_grad():

@@ -80,7 +80,7 @@ class BiomedAPLoss(nn.Module):
             raise TypeError(f"BiomedAPLoss needs the BiomedAPOutput of a BiomedAP forward, got "
                             f"{type(out).__name__}")
         if not m.prototypes_ready:
-            raise RuntimeError("low_anchor='paper' needs method.set_visual_prototypes("
+            raise RuntimeError("low_anchor='visual-prototypes' needs method.set_visual_prototypes("
                                "features, labels) before the loss is used")
         if c.lambda_align > 0 and m.fusion_layers and out.text_out is None:
             raise ValueError("lambda_align > 0 with fusion layers needs out.text_out (the "

@@ -6,17 +6,19 @@ paper "BiomedAP", code github tongdiedie/BiomedAP), on the shared frozen open_cl
   template's first M tokens, as the reference code does), through the frozen text tower cut
   after the longest end-of-text (``avpt.text_tower.encode_embedded``).
 * Visual: K = 4 prompt tokens overwrite patch tokens 1..K before every block (zeros: not
-  trained). Before each fusion block i (default the paper's {5, 8} of 12 blocks, scaled to the
+  trained). Before each fusion block i (default the authors' code's {5, 8} of 12 blocks, scaled to the
   depth) the prompt positions get V_out of ``GatedCrossModalFusion(V, T = ctx)``. V is the
-  image's own tokens at those positions (``fusion_input="paper"``: vision-informed) or zeros
-  (``"code"``: one constant for every image, computed once per step and broadcast).
+  authors' code feeds zeros (``fusion_input="code"``, the default: one constant for every image,
+  computed once per step and broadcast); ``"image-tokens"`` is our reading of the abstract's
+  "vision-informed" (the image's own tokens at those positions).
 * Loss (``make_loss``): CE + l_h |t^ - a_high| + l_kl KL(p_zs || p)/(B C) + l_l |t^ - a_low|
   + l_a (1 - cos(mean T_out, mean ctx)) (+ lambda_seg SEG), see ``loss.loss_terms``.
   a_high: normalised mean of the per-class description features (``avpt.methods.cilmp.descriptions``);
-  a_low: few-shot visual prototypes (``low_anchor="paper"``, the default, as the paper
-  describes: per class the normalised mean of the frozen, normalised image features of that
-  class's training images, computed by ``prepare`` before training at every start) or the bare
-  class-name text (``"code"``, as the reference code does).
+  a_low: the bare class-name text (``low_anchor="code"``, the default, as the authors' code
+  does) or, our reading of the abstract's "few-shot visual evidence", visual prototypes
+  (``"visual-prototypes"``: per class the normalised mean of the frozen, normalised image
+  features of that class's training images, computed by ``prepare`` before training at every
+  start).
 
 The forward returns a ``BiomedAPOutput`` (a ``MethodOutput`` with ``text_features`` [C, E] and
 ``text_out`` [L_f, B, M, d_t]), so the loss reads everything from this forward's output: the
@@ -35,12 +37,15 @@ from torch import Tensor, nn
 from avpt.recipes import dassl_recipe
 
 from ... import vit
-from ...text_tower import encode_embedded, eot_positions, prompt_length
+from ...data import GENERIC_MODALITY_WORD
+from ...local_backbone import get_tokenizer, is_local_dir, tower_sizes
+from ...text_tower import encode_embedded, eot_positions, prompt_length, text_width, token_embedding
 from ..base import register, unaugmented_batches
 from ..base import frozen_encode as _frozen_encode
 from ..cilmp.descriptions import descriptions_for, texts_hash
 from ..coop import CoOp
-from .config import FUSION_INPUTS, LOW_ANCHORS, BiomedAPConfig, BiomedAPOutput, resolve_fusion_layers
+from .config import (_LEGACY, FUSION_INPUTS, LOW_ANCHORS, BiomedAPConfig, BiomedAPOutput,
+                     resolve_fusion_layers)
 from .fusion import GatedCrossModalFusion
 from .loss import BiomedAPLoss
 
@@ -50,6 +55,8 @@ def _check_config(c: BiomedAPConfig) -> Tuple[int, ...]:
     if len(c.class_names) != c.num_classes:
         raise ValueError(f"class_names needs num_classes={c.num_classes} names, got "
                          f"{len(c.class_names)}")
+    for name, legacy in _LEGACY.items():
+        setattr(c, name, legacy.get(getattr(c, name), getattr(c, name)))
     if c.fusion_input not in FUSION_INPUTS:
         raise ValueError(f"fusion_input must be one of {FUSION_INPUTS}, got {c.fusion_input!r}")
     if c.low_anchor not in LOW_ANCHORS:
@@ -63,11 +70,16 @@ def _check_config(c: BiomedAPConfig) -> Tuple[int, ...]:
             raise ValueError(f"{name} must be >= 0, got {getattr(c, name)}")
     if not 0 <= c.fusion_dropout < 1:
         raise ValueError(f"fusion_dropout must be in [0, 1), got {c.fusion_dropout}")
-    if c.model_name not in open_clip.list_models():
+    if is_local_dir(c.model_name):
+        sizes = tower_sizes(c.model_name)
+    elif c.model_name not in open_clip.list_models():
         return ()  # load_backbone names the problem
-    cfg = open_clip.get_model_config(c.model_name)
-    vis, txt = cfg["vision_cfg"], cfg["text_cfg"]
-    depth, grid = vis["layers"], (vis["image_size"] // vis["patch_size"]) ** 2
+    else:
+        cfg = open_clip.get_model_config(c.model_name)
+        vis, txt = cfg["vision_cfg"], cfg["text_cfg"]
+        sizes = dict(depth=vis["layers"], grid=(vis["image_size"] // vis["patch_size"]) ** 2,
+                     vision_width=vis["width"], text_width=txt["width"])
+    depth, grid = sizes["depth"], sizes["grid"]
     if not 0 <= c.num_visual_prompts <= grid:
         raise ValueError(f"num_visual_prompts must be in [0, {grid}] (the patch tokens it "
                          f"overwrites), got {c.num_visual_prompts}")
@@ -75,7 +87,7 @@ def _check_config(c: BiomedAPConfig) -> Tuple[int, ...]:
     if layers and c.num_visual_prompts == 0:
         raise ValueError(f"fusion_layers={list(layers)} needs num_visual_prompts >= 1 (the fused "
                          f"tokens go there); use fusion_layers=() for no fusion")
-    u = max(vis["width"], txt["width"])
+    u = max(sizes["vision_width"], sizes["text_width"])
     if layers and (c.fusion_heads < 1 or u % c.fusion_heads):
         raise ValueError(f"fusion_heads must divide the unified width {u}, got {c.fusion_heads}")
     return layers
@@ -86,7 +98,7 @@ class BiomedAP(CoOp):
     """BiomedAP on CoOp: text context + zero visual prompts + gated fusion + dual anchors.
 
     Buffers: ``anchor_high`` [C, E], ``anchor_low`` [C, E] (normalised; persistent; in
-    ``low_anchor="paper"`` mode zero until ``prepare``/``set_visual_prototypes`` in this process,
+    ``low_anchor="visual-prototypes"`` mode zero until ``prepare``/``set_visual_prototypes`` in this process,
     which the loss checks with a Python flag: no host sync, nothing for torch.compile to break
     on)."""
     display_name = "BiomedAP"
@@ -105,18 +117,18 @@ class BiomedAP(CoOp):
         if config.descriptions_hash not in (None, digest):
             raise ValueError(f"descriptions_hash={config.descriptions_hash!r} does not match the "
                              f"description texts of {list(config.class_names)} ({digest})")
-        tokenizer = open_clip.get_tokenizer(config.model_name)
+        tokenizer = get_tokenizer(config.model_name)
         ctx_tokens = self._context_tokens(config, tokenizer)
         config = dataclasses.replace(config, fusion_layers=layers, descriptions_hash=digest)
         super().__init__(config)  # backbone, seg decoder, context ~ N(0, 0.02^2) as coop
         clip, m = self.backbone, config.num_context
         with torch.no_grad():
             if ctx_tokens is not None:
-                self.context.copy_(clip.token_embedding(ctx_tokens)[0, 1:1 + m])
-            word = config.modality_word
+                self.context.copy_(token_embedding(clip)(ctx_tokens)[0, 1:1 + m])
+            word = config.modality_word or GENERIC_MODALITY_WORD
             tokens = tokenizer([config.template.replace("{modality}", word).replace("{class}", n)
                                 for n in config.class_names])
-            embedded = clip.token_embedding(tokens)
+            embedded = token_embedding(clip)(tokens)
         self.register_buffer("tokens", tokens, persistent=False)
         self.register_buffer("prefix", embedded[:, :1].clone(), persistent=False)
         self.register_buffer("suffix", embedded[:, 1 + m:].clone(), persistent=False)
@@ -127,7 +139,7 @@ class BiomedAP(CoOp):
         self.register_buffer("anchor_high", F.normalize(high, dim=-1))
         self.register_buffer("anchor_low", low if config.low_anchor == "code" else torch.zeros_like(low))
         self.prototypes_ready = config.low_anchor == "code"
-        d_v, d_t = vit.width(self.visual), clip.ln_final.weight.shape[0]
+        d_v, d_t = vit.width(self.visual), text_width(clip)
         text_side = config.lambda_align > 0   # T_out feeds only the alignment loss
         self.fusion = nn.ModuleDict({str(i): GatedCrossModalFusion(
             d_v, d_t, config.fusion_heads, config.fusion_dropout, text_side) for i in layers})
@@ -137,7 +149,7 @@ class BiomedAP(CoOp):
     def _context_tokens(config: BiomedAPConfig, tokenizer) -> Optional[Tensor]:
         """Tokens of ``ctx_init`` (None for a random start); checks the template leaves the
         class name after the M context tokens."""
-        m, word = config.num_context, config.modality_word
+        m, word = config.num_context, config.modality_word or GENERIC_MODALITY_WORD
         head = config.template.replace("{modality}", word).split("{class}")[0]
         if int(eot_positions(tokenizer([head]))[0]) - 1 < m:
             raise ValueError(f"template {config.template!r} needs >= num_context={m} tokens "
@@ -153,7 +165,7 @@ class BiomedAP(CoOp):
     def _frozen_text(self, tokens: Tensor) -> Tensor:
         """Normalised frozen text features [N, E] of tokenised texts [N, S]."""
         clip = self.backbone
-        feats = encode_embedded(clip, clip.token_embedding(tokens), eot_positions(tokens),
+        feats = encode_embedded(clip, token_embedding(clip)(tokens), eot_positions(tokens),
                                 prompt_length(tokens))
         return F.normalize(feats.float(), dim=-1)
 
@@ -170,7 +182,7 @@ class BiomedAP(CoOp):
         b, k = z.shape[0], self.config.num_visual_prompts
         fusion = self.fusion[str(layer)]
         t = self.context.unsqueeze(0)                                   # [1, M, d_t]
-        if self.config.fusion_input == "paper":
+        if self.config.fusion_input == "image-tokens":
             return fusion(z[:, 1:1 + k], t.expand(b, -1, -1))
         if self.config.fusion_broadcast:   # image-independent inputs: once, then broadcast
             v_out, t_out = fusion(z.new_zeros(1, k, z.shape[-1]), t)
@@ -228,7 +240,7 @@ class BiomedAP(CoOp):
 
     @torch.no_grad()
     def set_visual_prototypes(self, features: Tensor, labels: Tensor) -> None:
-        """``low_anchor="paper"``: a_low[c] = normalise(mean of the normalised features of
+        """``low_anchor="visual-prototypes"``: a_low[c] = normalise(mean of the normalised features of
         class c). features [N, E] (``frozen_image_features`` of the few-shot training images),
         labels [N]. Call it before training, at every start (resume included: the trainer's
         checkpoints hold trainable parameters only; the prototypes are deterministic)."""
@@ -246,13 +258,13 @@ class BiomedAP(CoOp):
 
     @torch.no_grad()
     def prepare(self, train_set, device, dtype=None, batch_size: int = 64) -> None:
-        """``low_anchor="paper"``: a_low [C, E] = the visual prototypes of ``train_set`` (the
+        """``low_anchor="visual-prototypes"``: a_low [C, E] = the visual prototypes of ``train_set`` (the
         whole un-augmented training set, in order: ``frozen_image_features`` of every image
         [N, E] under autocast ``dtype``, ``batch_size`` at a time, then
         ``set_visual_prototypes`` with the labels [N]). Deterministic, so a resume recomputes the
         same anchors. A class without a training image is a one-line ValueError naming it.
         ``low_anchor="code"``: nothing (the class-name text anchor is set at build)."""
-        if self.config.low_anchor != "paper":
+        if self.config.low_anchor != "visual-prototypes":
             return
         if hasattr(train_set, "labels"):   # a data set's labels: refuse before any image is read
             self._check_every_class(torch.as_tensor(train_set.labels, dtype=torch.long))
@@ -276,7 +288,7 @@ class BiomedAP(CoOp):
         present = set(labels.tolist())
         missing = [n for i, n in enumerate(self.config.class_names) if i not in present]
         if missing:
-            raise ValueError(f"low_anchor='paper' needs >= 1 training image of every class; class "
+            raise ValueError(f"low_anchor='visual-prototypes' needs >= 1 training image of every class; class "
                              f"{missing[0]!r} has none in the {len(labels)} training images (use "
                              f"low_anchor='code' for the class-name text anchor)")
 

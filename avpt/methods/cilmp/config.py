@@ -3,11 +3,16 @@ take."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Any, ClassVar, Dict, List, Optional, Tuple
 
 from ..base import MethodConfig
 
-AVERAGING_MODES = ("paper", "code", "off")
+AVERAGING_MODES = ("code", "all", "off")
+# configs saved before the defaults followed the authors' code called the "all" reading "paper"
+# (the abstract says no more than "Gaussian averaging of prompts")
+_LEGACY_AVERAGING = {"paper": "all"}
+# the authors' run: N(100, 30) over 100 epochs; scaled to the run's epochs when not given
+AVERAGING_MEAN_SHARE, AVERAGING_STD_SHARE = 1.0, 0.3
 # Trainable tensors the reference code's epoch averaging leaves at their last value ("code").
 INTERVENTION_PARAMS = ("R", "W_s", "b_s", "W_a", "b_a", "W_b", "b_b", "A", "B")
 
@@ -34,11 +39,15 @@ class CILMPConfig(MethodConfig):
                                      # the values used are written back to the config
     knowledge_texts: Optional[Dict[str, List[str]]] = None
     knowledge_hash: Optional[str] = None
+    knowledge_source: Optional[str] = None  # filled at build: "CLIP-text" or the LM's name
     fast_path: bool = True           # rank-r path whenever dropout is inactive (exact)
-    averaging: str = "paper"         # Gaussian epoch averaging: paper | code | off
-    averaging_mean: float = 100.0
-    averaging_std: float = 30.0
+    averaging: str = "code"          # Gaussian epoch averaging: code | all | off
+    averaging_mean: Optional[float] = None  # in epochs; None: the run's epochs (authors: 100 of 100)
+    averaging_std: Optional[float] = None   # None: 0.3 x the run's epochs (authors: 30 of 100)
+    # "abstract-reading": every trainable tensor averaged (the abstract's "averaging of prompts")
+    PRESETS: ClassVar[Dict[str, Dict[str, Any]]] = {"abstract-reading": {"averaging": "all"}}
     backend: Optional[str] = None    # avpt_kernels backend of project_knowledge (None: process-wide)
 
 
-__all__ = ["AVERAGING_MODES", "CILMPConfig", "INTERVENTION_PARAMS"]
+__all__ = ["AVERAGING_MODES", "AVERAGING_MEAN_SHARE", "AVERAGING_STD_SHARE", "CILMPConfig",
+           "INTERVENTION_PARAMS"]

@@ -16,13 +16,19 @@ Two sources:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from ...text_tower import encode_embedded, eot_positions
+from ...text_tower import encode_embedded, eot_positions, token_embedding
+
+# the folder record ``avpt knowledge`` writes beside the states, and the source name of the
+# default states (description texts through the frozen CLIP text tower)
+META_FILE = "knowledge.json"
+CLIP_TEXT_SOURCE = "CLIP-text"
 
 
 @torch.no_grad()
@@ -43,7 +49,7 @@ def description_states(clip: nn.Module, tokenizer, texts: Dict[str, Sequence[str
                              f"classes with texts: {sorted(texts)}")
         tokens = tokenizer(list(texts[name]))
         eot = eot_positions(tokens)
-        _, tok = encode_embedded(clip, clip.token_embedding(tokens), eot, return_tokens=True)
+        _, tok = encode_embedded(clip, token_embedding(clip)(tokens), eot, return_tokens=True)
         parts = [tok[i, 1:int(eot[i]) + 1] for i in range(tok.shape[0])]
         states.append(torch.cat(parts, dim=0)[:length].clone())
     return states
@@ -101,4 +107,18 @@ def pad_states(states: Sequence[Tensor]) -> Tuple[Tensor, List[int]]:
     return out, lengths
 
 
-__all__ = ["description_states", "load_knowledge_dir", "pad_states", "states_hash"]
+def knowledge_source(knowledge_dir: Optional[str]) -> str:
+    """What CILMP's knowledge came from: "CLIP-text" (the description texts through the
+    frozen CLIP text tower), the LM's name from ``knowledge.json``, or the folder's name."""
+    if knowledge_dir is None:
+        return CLIP_TEXT_SOURCE
+    try:
+        with open(os.path.join(knowledge_dir, META_FILE)) as f:
+            return str(json.load(f)["model"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return os.path.basename(os.path.normpath(knowledge_dir))
+
+
+
+__all__ = ["description_states", "knowledge_source", "load_knowledge_dir", "pad_states", "states_hash",
+           "CLIP_TEXT_SOURCE", "META_FILE"]

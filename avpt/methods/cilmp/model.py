@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional
 
-import open_clip
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -35,11 +34,16 @@ from avpt.recipes import dassl_recipe
 from avpt_kernels._autocast import autocast_dtype
 
 from ... import vit
-from ...text_tower import encode_embedded, eot_positions, prompt_length
+from ...local_backbone import get_tokenizer
+from ...text_tower import (encode_embedded, eot_positions, prompt_length, text_embed_dim,
+                           token_embedding)
+from ...text_tower import text_layers as tower_text_layers, text_width as tower_text_width
 from ..base import Method, register
-from .config import AVERAGING_MODES, INTERVENTION_PARAMS, CILMPConfig
+from .config import (_LEGACY_AVERAGING, AVERAGING_MEAN_SHARE, AVERAGING_MODES, AVERAGING_STD_SHARE,
+                     INTERVENTION_PARAMS, CILMPConfig)
 from .descriptions import descriptions_for, texts_hash
-from .knowledge import description_states, load_knowledge_dir, pad_states, states_hash
+from .knowledge import (description_states, knowledge_source, load_knowledge_dir, pad_states,
+                        states_hash)
 
 
 def project_knowledge(x: Tensor, A: Tensor, B: Tensor, backend: Optional[str] = None) -> Tensor:
@@ -156,6 +160,7 @@ class CILMP(Method):
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if not 0.0 <= cfg.phi_dropout < 1.0:
             raise ValueError(f"phi_dropout must be in [0, 1), got {cfg.phi_dropout!r}")
+        cfg.averaging = _LEGACY_AVERAGING.get(cfg.averaging, cfg.averaging)
         if cfg.averaging not in AVERAGING_MODES:
             raise ValueError(f"averaging must be one of {AVERAGING_MODES}, got {cfg.averaging!r}")
         if cfg.knowledge_width is not None and cfg.knowledge_width < 1:
@@ -165,18 +170,17 @@ class CILMP(Method):
             states = _check_lengths(cfg, load_knowledge_dir(cfg.knowledge_dir, cfg.class_names,
                                                             cfg.knowledge_width))
         super().__init__(config)
+        cfg.knowledge_source = knowledge_source(cfg.knowledge_dir)
         clip = self.backbone
-        tokenizer = open_clip.get_tokenizer(cfg.model_name)
+        tokenizer = get_tokenizer(cfg.model_name)
         if states is None and cfg.fit_context:
             _fit_to_context(cfg, tokenizer)
-        text_width = clip.token_embedding.weight.shape[1]
-        embed = clip.text_projection.shape[1] if isinstance(clip.text_projection, Tensor) \
-            else clip.text_projection.out_features
+        text_width, embed = tower_text_width(clip), text_embed_dim(clip)
         states = _check_lengths(cfg, self._knowledge(clip, tokenizer, text_width, states))
         lengths = [int(h.shape[0]) for h in states]
         h, _ = pad_states(states)
         d_k = h.shape[-1]
-        text_layers = len(clip.transformer.resblocks)
+        text_layers = tower_text_layers(clip)
         k = cfg.text_context
         self.register_buffer("knowledge", h, persistent=False)             # [C, T, d_k]
         self.register_buffer("knowledge_mask", torch.arange(h.shape[1])[None] <
@@ -195,7 +199,7 @@ class CILMP(Method):
             raise ValueError(f"context_init={cfg.context_init!r} has {n_init} tokens; "
                              f"text_context={k} expected")
         with torch.no_grad():
-            context[0] = clip.token_embedding(init)[0, 1:1 + k]
+            context[0] = token_embedding(clip)(init)[0, 1:1 + k]
         self.text_context = nn.Parameter(context)
         # a side of length 0 has no parameters (none unused under DDP)
         self.prefix = Intervention(text_layers, d_k, cfg.rank, embed) if cfg.prefix_length else None
@@ -242,7 +246,7 @@ class CILMP(Method):
                              f"text tower has {context} (lower knowledge_length or shorten names)")
         tokens = full[:, :context]
         with torch.no_grad():
-            embedded = clip.token_embedding(tokens)
+            embedded = token_embedding(clip)(tokens)
         self.register_buffer("eot", eot_positions(tokens), persistent=False)          # [C]
         self.prompt_length = prompt_length(tokens)                                   # int, no sync
         self.register_buffer("embedded", embedded, persistent=False)                 # [C, S, W]
@@ -328,6 +332,10 @@ class CILMP(Method):
         f = encode_embedded(clip, x, self.eot.repeat(B), length, layer_hook=overwrite)
         return F.normalize(f.view(B, C, -1), dim=-1)
 
+    def row_label(self) -> str:
+        """E.g. "CILMP, CLIP-text knowledge" or "CILMP, <LM name> knowledge"."""
+        return f"{self.display_name}, {self.config.knowledge_source} knowledge"
+
     def encode(self, images, maps=None, modality=None, return_attn=False):
         """Deep visual prompts: K_v tokens after the class token, replaced before every block
         (block 0's through ln_pre, like the class and patch tokens), removed before pooling."""
@@ -354,8 +362,8 @@ class CILMP(Method):
         return self.make_averager(epochs)
 
     def make_averager(self, epochs: int) -> "PromptAveraging":
-        """The Gaussian epoch averaging of this config (``averaging``, mean, std) for a run of
-        ``epochs`` epochs."""
+        """The Gaussian epoch averaging of this config (``averaging``, mean, std; None: scaled
+        to ``epochs`` as the authors' N(100, 30) is to their 100) for a run of ``epochs``."""
         cfg = self.config
         return PromptAveraging(epochs, cfg.averaging_mean, cfg.averaging_std, cfg.averaging)
 
@@ -375,14 +383,20 @@ class PromptAveraging:
     only. Epoch e (1-based) gets weight N(e; mean, std); the average is the weight-normalised sum
     over the epochs seen so far (at the last epoch the reference code's sum over all epochs).
 
-    mode "paper": every trainable tensor is averaged. "code": as the reference code, the
-    intervention and projection tensors (``INTERVENTION_PARAMS``) keep their latest value, the
-    prompts (and any other trainable tensor) are averaged -- without the code's defect of scaling
-    the frozen CLIP weights. "off": the latest state. Holds no module: the trainer calls
+    mode "code" (default): as the authors' code, the intervention and projection tensors
+    (``INTERVENTION_PARAMS``) keep their latest value, the prompts (and any other trainable
+    tensor) are averaged (the code also runs the frozen CLIP weights through the average, which
+    returns them unchanged: the weights sum to 1; here they are left out). "all": every
+    trainable tensor averaged (a reading of the abstract). "off": the latest state. ``mean``,
+    ``std`` None: ``epochs`` and 0.3 ``epochs`` (the authors' N(100, 30) in 100 epochs). Holds no module: the trainer calls
     ``update(model, epoch)`` after each epoch and ``load_into(model)`` at the end; a
     DataParallel/DDP wrapper is unwrapped."""
 
-    def __init__(self, epochs: int, mean: float = 100.0, std: float = 30.0, mode: str = "paper"):
+    def __init__(self, epochs: int, mean: Optional[float] = None, std: Optional[float] = None,
+                 mode: str = "code"):
+        mode = _LEGACY_AVERAGING.get(mode, mode)
+        mean = AVERAGING_MEAN_SHARE * epochs if mean is None else mean
+        std = AVERAGING_STD_SHARE * epochs if std is None else std
         if mode not in AVERAGING_MODES:
             raise ValueError(f"averaging mode must be one of {AVERAGING_MODES}, got {mode!r}")
         if not std > 0:
@@ -403,7 +417,7 @@ class PromptAveraging:
     def _averaged(self, name: str) -> bool:
         if self.mode == "off":
             return False
-        return self.mode == "paper" or name.split(".")[-1] not in INTERVENTION_PARAMS
+        return self.mode == "all" or name.split(".")[-1] not in INTERVENTION_PARAMS
 
     def update(self, model: nn.Module, epoch: int) -> None:
         w = self.weight(epoch)

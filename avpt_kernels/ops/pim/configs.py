@@ -66,5 +66,5 @@ def aot_configs():
                                      num_stages=1), {})
     return [KernelConfig(fn, signature(fn, pointers, _FLOATS), meta, num_warps=warps,
                          num_stages=stages,
-                         targets=tuple(targets) if len(targets) < len(_ARCH_TARGETS) else None)
+                         targets=tuple(targets) if 0 < len(targets) < len(_ARCH_TARGETS) else None)
             for fn, meta, pointers, warps, stages, targets in found.values()]

@@ -1,6 +1,6 @@
 """Launch-parameter sweep of the fused PIM on a GPU, one axis at a time from the defaults: the
 token-row GEMM tiles with their warps and pipeline stages (``PROJ``, ``OUTPUT``, ``GRAD_Z``,
-``GRAD_O2``), the head kernels' token block (``ATTN_BT``), and the programs the weight gradients aim for
+``GRAD_O2``, ``WGRAD``; the sm_90 tiles: run it on an H100/H200), the head kernels' token block (``ATTN_BT``), and the programs the weight gradients aim for
 (``TARGET_PROGRAMS``: each value changes the chunk count at B=32), at the model's shape (B=32,
 T=197, D=768, K=6, 4 heads x 16, gate 16, bf16). Each configuration is checked against the
 default one (outputs and gradients, relative to their size) before it is timed
@@ -34,12 +34,13 @@ SHAPE = (32, 197, 768, 6) if ON_GPU else (2, 17, 64, 3)  # B, T, D, K
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 DEVICE = "cuda" if ON_GPU else "cpu"
 AXES = dict(
-    PROJ=(dict(BM=64, BK=32, num_warps=8, num_stages=2), dict(BM=32, BK=32, num_warps=8, num_stages=3)),
-    OUTPUT=(dict(BM=64, BN=128, BKA=32, num_warps=8, num_stages=1),
-            dict(BM=32, BN=64, BKA=32, num_warps=8, num_stages=1)),
-    GRAD_Z=(dict(BM=64, BN=64, BKA=64, num_warps=8, num_stages=1),
-            dict(BM=32, BN=64, BKA=32, num_warps=8, num_stages=1)),
-    GRAD_O2=(dict(BM=64, BK=64, num_warps=8, num_stages=3), dict(BM=16, BK=64, num_warps=8, num_stages=3)),
+    PROJ=(dict(BM=32, BK=32, num_warps=8, num_stages=3), dict(BM=16, BK=64, num_warps=4, num_stages=2)),
+    OUTPUT=(dict(BM=64, BN=128, BKA=32, num_warps=8, num_stages=2),
+            dict(BM=32, BN=32, BKA=32, num_warps=8, num_stages=1)),
+    GRAD_Z=(dict(BM=64, BN=64, BKA=32, num_warps=8, num_stages=1),
+            dict(BM=32, BN=32, BKA=32, num_warps=8, num_stages=1)),
+    GRAD_O2=(dict(BM=16, BK=32, num_warps=4, num_stages=3), dict(BM=32, BK=64, num_warps=8, num_stages=3)),
+    WGRAD=(dict(BNA=64, BNB=64, BR=32, num_warps=8, num_stages=3),),
     ATTN_BT=({16: 128, 32: 64, 64: 32}, {16: 64, 32: 64, 64: 32}),
     TARGET_PROGRAMS=(132, 528),
 )

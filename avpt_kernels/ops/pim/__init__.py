@@ -15,11 +15,12 @@ Triton path: project first, attend in the A-space. Every pass is GEMM-shaped ove
 the batch (token rows MZ = B*T, prompt rows MP = B*K) or one program per (image, head) over
 [T, head width] fp32 tiles; no atomics, no zero-fills, no host syncs. With A = H*dh:
 
-Forward, 5 launches (grid and traffic at the model shape B=32, T=197, D=768, K=6, H=4, dh=16,
+Forward, 5 launches (grids with the sm_90 tiles, ``launch.PROJ`` etc.; Ampere-class GPUs take
+narrower ones, ``launch.SM80``; grid and traffic at the model shape B=32, T=197, D=768, K=6, H=4, dh=16,
 G=16 in bf16; "row" = one fp32 [B*T, A] stream, 1.6 MB):
   1. ``_project_kernel``  X = Z [Wq; Wv; W'k]^T + [bq; bv; 0] -> [MZ, 3A] fp32 and
      K1 = P Wk^T + bk [MP, A]: 1-D grid over (BM-row tile, 64-column tile), each program all
-     three weights from one read of its Z tile, 204 programs; reads Z (9.7 MB), writes X
+     three weights from one read of its Z tile, 203 programs; reads Z (9.7 MB), writes X
      (4.8 MB); 2*MZ*D*3A*3 = 5.6 GFLOP (three-part dots).
      b'k drops out: it shifts a prompt->token softmax row (over T) by one constant.
   2. ``_t2p_attn_kernel`` per (image, head), 128 programs: S1 = softmax over K of scale Q1 K1^T,
@@ -31,7 +32,7 @@ G=16 in bf16; "row" = one fp32 [B*T, A] stream, 1.6 MB):
      fixed order), the gate alpha (head 0), S2 = softmax over T of scale q2 K2^T (two passes:
      max and sum, then probabilities) and o2 = S2^T v2 -> [MZ, A] fp32; reads K2 (1.6 MB),
      writes o2 (1.6 MB), the softmax statistics, and S2 when ``return_attn``.
-  5. ``_output_kernel``   per (32 token rows, 64 D columns), 2364 programs:
+  5. ``_output_kernel``   per (64 token rows, 64 D columns), 1188 programs:
      z_out = Z + alpha (o2 W'o^T + b'o); reads Z, o2, writes z_out (21 MB).
   => 3 Z-sized streams + 8 rows: ~42 MB, 13 us at the H100's 3.35 TB/s.
 
@@ -46,7 +47,7 @@ Backward, 9 launches, every weight gradient a fixed-order sum (deterministic on 
      W'v + dpre W1[:, :D] / K, the class token's gate gradient dz0, partial dmsg = dp_tilde Wo.
   4. ``_t2p_attn_bwd_kernel`` per (image, head): dV1 = S1 dM, dL1 = S1 (V1 dM^T - rowsum), dQ1 =
      scale dL1 K1 (-> dX), dK1 = scale dL1^T Q1.
-  5. ``_grad_z_kernel``    (32 x 64 tiles, 2364 programs): dZ = dY + dX [Wq; Wv; W'k] (+ dz0).
+  5. ``_grad_z_kernel``    (64 x 64 tiles, 1188 programs): dZ = dY + dX [Wq; Wv; W'k] (+ dz0).
   6-7. ``_wgrad_kernel``: dWz = dX^T Z [3A, D], then dW'o = dY^T (alpha o2) [D, A], each over
      row chunks (one program a (tile, chunk)).
   8. ``_reduce_kernel``: both gradients' chunks added in order into the flat dW, one launch.

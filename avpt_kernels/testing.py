@@ -63,29 +63,6 @@ def assert_close(actual: Tensor, expected: Tensor, dtype: Optional[torch.dtype] 
             f"max |diff|/|expected| {rel:.3g} (over expected != 0)")
 
 
-def random_pim_params(dim: int, width: int, gate_hidden: int, dtype=torch.float32,
-                      device="cpu", requires_grad: bool = True,
-                      generator: Optional[torch.Generator] = None):
-    """PIMParams with weights ~ N(0, 1/fan_in) and biases ~ N(0, 0.1^2): attention logits of
-    order one, so softmaxes are neither uniform nor one-hot and every gradient is exercised."""
-    from .ops.pim.weights import PIMParams
-
-    shapes = {}
-    for side in ("t2p", "p2t"):
-        for proj in "qkv":
-            shapes[f"{side}_{proj}_w"], shapes[f"{side}_{proj}_b"] = (width, dim), (width,)
-        shapes[f"{side}_o_w"], shapes[f"{side}_o_b"] = (dim, width), (dim,)
-    shapes.update(gate_w1=(gate_hidden, 2 * dim), gate_b1=(gate_hidden,),
-                  gate_w2=(1, gate_hidden), gate_b2=(1,))
-    tensors = []
-    for name in PIMParams._fields:
-        shape = shapes[name]
-        std = shape[1] ** -0.5 if len(shape) == 2 else 0.1
-        t = torch.randn(shape, generator=generator, dtype=torch.float64) * std
-        tensors.append(t.to(dtype=dtype, device=device).requires_grad_(requires_grad))
-    return PIMParams(*tensors)
-
-
 # The key biases of both PIM attentions add the same q.b to every logit along the softmax axis,
 # so their gradients are exactly zero; both sides only hold rounding noise there, which is
 # checked against the scale of the matching key weight's gradient instead.

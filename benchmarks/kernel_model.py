@@ -235,7 +235,7 @@ def model_launches(shape: Optional[dict] = None, dtype=torch.bfloat16) -> List[L
     pooling and the prompt bank once, PIM once per layer (the recorded layer is repeated L
     times), each forward then backward, with phase "forward" / "backward"."""
     import avpt_kernels as ak
-    from avpt_kernels.testing import random_pim_params
+    from avpt_kernels.ops.pim.weights import random_pim_params
 
     s = dict(MODEL, **(shape or {}))
     b, t, d, k, r, rank, nl = s["B"], s["T"], s["D"], s["K"], s["R"], s["r"], s["L"]

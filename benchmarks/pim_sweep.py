@@ -27,7 +27,7 @@ if not ON_GPU:
 import avpt_kernels as ak  # noqa: E402
 from avpt_kernels.ops.pim import launch  # noqa: E402
 from avpt_kernels.ops.pim import pack_weights  # noqa: E402
-from avpt_kernels.testing import random_pim_params  # noqa: E402
+from avpt_kernels.ops.pim.weights import random_pim_params  # noqa: E402
 
 HEADS, HEAD_DIM, GATE = 4, 16, 16
 SHAPE = (32, 197, 768, 6) if ON_GPU else (2, 17, 64, 3)  # B, T, D, K

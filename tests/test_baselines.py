@@ -7,7 +7,7 @@ import torch
 from avpt_kernels.ops.pim import PIMParams
 from avpt_kernels.ops.pim import reference as pim_ref
 from avpt_kernels.baselines import fuse_pim_weights, pim_expert
-from avpt_kernels.testing import random_pim_params
+from avpt_kernels.ops.pim.weights import random_pim_params
 
 B, T, K, D, HEADS, HEAD_DIM, GATE = 2, 9, 6, 24, 2, 8, 16
 

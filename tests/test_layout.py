@@ -157,13 +157,6 @@ def test_no_import_cycle_in_avpt_or_avpt_kernels():
         " <-> ".join(c) for c in cycles)
 
 
-# Imports inside functions that still close a cycle (strict: once they are gone this fails until
-# the mark goes too). The run config's (config <-> validate, cli <-> params) are broken; left:
-# avpt_kernels.testing.random_pim_params imports PIMParams (ops.pim.weights) when called, and
-# ops.opspec imports testing for the PIM spec's weights, through the ops package.
-@pytest.mark.xfail(strict=True, reason="a cycle through an import inside a function: "
-                   "avpt_kernels.testing -> ops.pim.weights (-> ops -> op specs -> ops.opspec) -> "
-                   "avpt_kernels.testing")
 def test_no_import_cycle_counting_imports_inside_functions():
     cycles = find_cycles(import_graph(_python_files(*PACKAGES), inside_functions=True))
     assert not cycles, "import cycles (imports inside functions included): " + "; ".join(

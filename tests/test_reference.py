@@ -12,7 +12,8 @@ from avpt_kernels.ops.pim import PIMParams
 from avpt_kernels.ops.pim import reference as pim_ref
 from avpt_kernels.ops.prompt_bank import reference as prompt_bank_ref
 from avpt_kernels.ops.region_pool import reference as region_pool_ref
-from avpt_kernels.testing import assert_close, assert_grads_close, random_pim_params
+from avpt_kernels.ops.pim.weights import random_pim_params
+from avpt_kernels.testing import assert_close, assert_grads_close
 
 from . import independent
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import avpt_kernels as ak
-from avpt_kernels.testing import random_pim_params
+from avpt_kernels.ops.pim.weights import random_pim_params
 
 # The GPU tier leaves these out: not a device path (argument errors raised before any work).
 pytestmark = pytest.mark.cpu_only

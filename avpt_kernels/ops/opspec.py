@@ -17,7 +17,6 @@ from typing import Any, Callable, Tuple
 import torch
 from torch import Tensor
 
-from ..testing import random_pim_params
 from .common import contiguous_stages
 
 
@@ -54,7 +53,7 @@ class Shape:
 @dataclasses.dataclass(frozen=True)
 class OpSpec:
     name: str
-    make: Callable[..., Tuple[Tensor, ...]]  # (shape, leaf, pim_params) -> inputs
+    make: Callable[..., Tuple[Tensor, ...]]  # (shape, leaf, weight options) -> inputs
     reference: Callable[[Shape], Callable[..., Any]]
     op: Callable[[Shape], Callable[..., Any]]
     min_bytes: Callable[[Shape, torch.dtype, bool], int]
@@ -68,9 +67,10 @@ class OpSpec:
             x = torch.rand(*size, generator=g) if unit else torch.randn(*size, generator=g)
             return x.to(device=device, dtype=dtype).requires_grad_(requires_grad)
 
-        params = functools.partial(random_pim_params, dtype=dtype, device=device,
-                                   requires_grad=requires_grad, generator=g)
-        return self.make(shape, leaf, params)
+        # what an op with weights of its own (PIM) draws them with: the same generator, dtype
+        # and device as the leaves
+        options = dict(dtype=dtype, device=device, requires_grad=requires_grad, generator=g)
+        return self.make(shape, leaf, options)
 
     def fused(self, shape: Shape) -> Callable[..., Any]:
         """The public op on the Triton kernels (raises where they cannot run)."""

@@ -9,7 +9,8 @@ import torch
 
 import avpt_kernels as ak
 from avpt_kernels.ops.pim import PIMParams, reference
-from avpt_kernels.testing import assert_close, assert_grads_close, random_pim_params, relative_error
+from avpt_kernels.ops.pim.weights import random_pim_params
+from avpt_kernels.testing import assert_close, assert_grads_close, relative_error
 
 from avpt_kernels.ops.pim import configs as pim_configs
 from avpt_kernels.ops.pim import launch as pim_mod

@@ -13,8 +13,8 @@ import torch
 
 import avpt_kernels as ak
 from avpt_kernels.ops.pim import PIMParams, reference
-from avpt_kernels.testing import (FP32_RESULT_FLOOR, ZERO_GRAD_PARAMS, assert_bounded_error,
-                                  random_pim_params)
+from avpt_kernels.ops.pim.weights import random_pim_params
+from avpt_kernels.testing import FP32_RESULT_FLOOR, ZERO_GRAD_PARAMS, assert_bounded_error
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 INPUT_NAMES = ("z", "p", *PIMParams._fields)

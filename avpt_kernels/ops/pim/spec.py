@@ -11,7 +11,7 @@ from torch import Tensor
 from ..opspec import OpSpec, Shape
 from . import reference
 from .op import pim
-from .weights import PIMParams
+from .weights import PIMParams, random_pim_params
 
 
 def pim_min_bytes(B: int, T: int, D: int, K: int, A: int, dtype: torch.dtype,
@@ -44,9 +44,9 @@ def pim_achieved_bytes(B: int, T: int, D: int, K: int, A: int, dtype: torch.dtyp
     return 3 * big + (3 + 3 + 2) * row + small
 
 
-def _make(s: Shape, leaf, pim_params) -> Tuple[Tensor, ...]:
+def _make(s: Shape, leaf, options) -> Tuple[Tensor, ...]:
     z, p = leaf(s.B, s.T, s.D), leaf(s.B, s.K, s.D)
-    return (z, p, *pim_params(s.D, s.heads * s.head_dim, s.gate))
+    return (z, p, *random_pim_params(s.D, s.heads * s.head_dim, s.gate, **options))
 
 
 SPEC = OpSpec(

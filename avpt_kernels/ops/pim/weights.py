@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Dict, List, NamedTuple, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -106,3 +106,24 @@ def load_linear_layout(module, state_dict, prefix, *args) -> None:
     keys = [f"{prefix}{n}.{part}" for n in LINEAR_NAMES for part in ("weight", "bias")]
     if prefix + "packed" not in state_dict and all(k in state_dict for k in keys):
         state_dict[prefix + "packed"] = torch.cat([state_dict.pop(k).reshape(-1) for k in keys])
+
+
+def random_pim_params(dim: int, width: int, gate_hidden: int, dtype=torch.float32,
+                      device="cpu", requires_grad: bool = True,
+                      generator: Optional[torch.Generator] = None):
+    """PIMParams with weights ~ N(0, 1/fan_in) and biases ~ N(0, 0.1^2): attention logits of
+    order one, so softmaxes are neither uniform nor one-hot and every gradient is exercised."""
+    shapes = {}
+    for side in ("t2p", "p2t"):
+        for proj in "qkv":
+            shapes[f"{side}_{proj}_w"], shapes[f"{side}_{proj}_b"] = (width, dim), (width,)
+        shapes[f"{side}_o_w"], shapes[f"{side}_o_b"] = (dim, width), (dim,)
+    shapes.update(gate_w1=(gate_hidden, 2 * dim), gate_b1=(gate_hidden,),
+                  gate_w2=(1, gate_hidden), gate_b2=(1,))
+    tensors = []
+    for name in PIMParams._fields:
+        shape = shapes[name]
+        std = shape[1] ** -0.5 if len(shape) == 2 else 0.1
+        t = torch.randn(shape, generator=generator, dtype=torch.float64) * std
+        tensors.append(t.to(dtype=dtype, device=device).requires_grad_(requires_grad))
+    return PIMParams(*tensors)

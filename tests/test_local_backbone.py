@@ -70,7 +70,7 @@ def test_a_bad_folder_is_one_line_naming_backbone(tmp_path, capsys):
     ("lora", []),
     ("cilmp", ["--set", "model.prefix_length=2", "--set", "model.suffix_length=2",
                "--set", "model.knowledge_length=4"]),
-    ("biomedap", [])])
+    ("biomedap", []), ("linear", []), ("full", []), ("adapter", []), ("coop", [])])
 def test_every_method_trains_and_evaluates_on_a_biomedclip_layout_folder(
         folder, tmp_path, method, extra):
     root = tmp_path / "busi"

@@ -1,4 +1,4 @@
-"""Kernel launches and host syncs per method, counted without a GPU (issue 11).
+"""Kernel launches and host syncs per method, counted without a GPU.
 
 ``count_method(row, method, overrides, model_name, batch)`` builds the method with random
 weights on the CPU, turns every parameter and buffer into a fake CUDA tensor

@@ -150,7 +150,7 @@ def launch_section(data: dict) -> List[str]:
     rows = [r for r in data["rows"] if r.get("kind") == "launches"]
     if not rows:
         return []
-    lines = ["", "## Kernel launches and host syncs (issue 11)", "",
+    lines = ["", "## Kernel launches and host syncs", "",
              "Counted on fake CUDA tensors (FakeTensorMode, no GPU), bf16 autocast (frozen "
              "weights stored in bf16 where a row's `frozen_weights` says so): aten ops "
              "that launch a kernel (views, allocations and host-only ops excluded; `_foreach_*` "
@@ -195,7 +195,7 @@ def compiled_step_section(data: dict) -> List[str]:
         return []
     eager = {r.get("method"): r for r in data["rows"] if r.get("kind") == "model"
              and r.get("train_step_ms") is not None}
-    lines = ["", "## Whole training step compiled (issue 11)", "",
+    lines = ["", "## Whole training step compiled", "",
              "The CLS + SEG training step with AdamW compiled as one graph "
              "(`avpt.compiled_step.WholeStep`, `torch.compile(fullgraph=True)`; mode `reduce-overhead` "
              "captures CUDA graphs) beside the uncompiled step of the table above.", "",

@@ -170,3 +170,20 @@ def test_method_help_names_every_registered_method(command, capsys):
     help_line = text.rsplit("--method METHOD", 1)[1].split("--", 1)[0]  # the options list
     for name in method_names():
         assert name in help_line.replace(",", " ").split(), (command, name)
+
+
+def test_cli_choices_come_from_their_owners():
+    """No literal lists in the CLI: --dataset/--modality/--backend/--amp/--compile offer what the
+    owners define."""
+    from avpt_kernels.backend import BACKENDS
+
+    from avpt.cli import build_parser
+    from avpt.compiled_step import COMPILE_MODES
+    from avpt.recipes import RECIPE_NAMES
+    from avpt.data import DATASETS, MODALITIES
+    from avpt.runtime import AMP_MODES
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    choices = {a.dest: tuple(a.choices) for a in train._actions if a.choices}
+    assert choices == {"dataset": DATASETS, "modality": MODALITIES, "backend": BACKENDS,
+                       "amp": AMP_MODES, "compile": COMPILE_MODES, "recipe": RECIPE_NAMES}

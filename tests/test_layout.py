@@ -4,6 +4,7 @@ functions), and no source file over 500 lines.
 """
 import ast
 import os
+import sys
 from typing import Dict, Iterator, List, Set
 
 import pytest
@@ -149,6 +150,21 @@ def test_the_import_graph_reads_relative_imports_and_runs_the_packages_first():
     assert "avpt.methods.avpt" in graph["avpt.methods"]                    # from . import avpt
     # a module never depends on its own packages (they are mid-import when it runs)
     assert "avpt.methods" not in graph["avpt.methods.avpt.model"]
+
+
+def test_the_import_graph_sees_a_cycle_through_an_import_inside_a_function(tmp_path, monkeypatch):
+    """A loop made of one top-level and one in-function import is found with
+    ``inside_functions`` (the walker is not blind to deferred imports), and only then."""
+    pkg = tmp_path / "loopy"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from .b import g\n")
+    (pkg / "b.py").write_text("def g():\n    from . import a\n    return a\n")
+    (pkg / "c.py").write_text("from . import a\n")
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", str(tmp_path))
+    files = _python_files("loopy")
+    assert find_cycles(import_graph(files, inside_functions=True)) == [["loopy.a", "loopy.b"]]
+    assert find_cycles(import_graph(files)) == []
 
 
 def test_no_import_cycle_in_avpt_or_avpt_kernels():

@@ -1,9 +1,8 @@
 """The op registry ``avpt_kernels.ops.OPS`` is the one list of ops, and each op's files are found
 by its name: the package ``avpt_kernels/ops/<op>/`` (kernels, launchers, custom op), its
 ``reference.py`` and ``spec.py``, ``tests/ops/test_<op>.py`` and ``benchmarks/ops/test_<op>.py``
-(docs/adding-an-op.md). Nothing loads a module by a name string, and ``avpt_kernels`` has no
-import cycle."""
-import ast
+(docs/adding-an-op.md). Nothing loads a module by a name string (import cycles:
+``tests/test_layout.py``)."""
 import os
 
 import pytest
@@ -48,58 +47,3 @@ def test_no_module_is_loaded_by_a_name_string():
     found = [os.path.relpath(p, ROOT) for p in _python_files(*SOURCE_DIRS)
              if needle in open(p, encoding="utf-8").read()]
     assert not found, f"{needle} in {found}: go through avpt_kernels.ops.OPS"
-
-
-def _module_name(path):
-    rel = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
-    return rel[:-len(".__init__")] if rel.endswith(".__init__") else rel
-
-
-def _top_level_imports(path, name, modules):
-    """Modules of ``modules`` that ``path`` (module ``name``) imports when it is imported: its
-    import statements outside functions (those inside run later, at call time). A package's
-    own parents, which Python imports first anyway, are not counted as edges."""
-    is_package = path.endswith("__init__.py")
-    package = name if is_package else name.rpartition(".")[0]
-    found = set()
-
-    def visit(node):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-            return
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                parts = package.split(".")
-                parts = parts[:len(parts) - node.level + 1]
-                base = ".".join(parts + ([node.module] if node.module else []))
-            found.add(base)
-            found.update(f"{base}.{a.name}" for a in node.names)
-        for child in ast.iter_child_nodes(node):
-            visit(child)
-
-    visit(ast.parse(open(path, encoding="utf-8").read()))
-    return {m for m in found if m in modules and m != name and not name.startswith(m + ".")}
-
-
-def test_avpt_kernels_has_no_import_cycle():
-    paths = {_module_name(p): p for p in _python_files("avpt_kernels")}
-    graph = {name: _top_level_imports(path, name, paths) for name, path in paths.items()}
-    state, stack = {}, []
-
-    def walk(name):
-        state[name] = "open"
-        stack.append(name)
-        for dep in sorted(graph[name]):
-            if state.get(dep) == "open":
-                cycle = stack[stack.index(dep):] + [dep]
-                raise AssertionError("import cycle: " + " -> ".join(cycle))
-            if dep not in state:
-                walk(dep)
-        stack.pop()
-        state[name] = "done"
-
-    for name in sorted(graph):
-        if name not in state:
-            walk(name)

@@ -22,6 +22,7 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Dict, Iterator, Optional, Tuple
+from unittest import mock
 
 import torch
 from torch import Tensor, nn
@@ -83,16 +84,8 @@ def has_folder_weights(name) -> bool:
 @contextlib.contextmanager
 def hf_offline() -> Iterator[None]:
     """Hugging Face hub and transformers offline for the block (restored after)."""
-    old = {k: os.environ.get(k) for k in _OFFLINE_ENV}
-    os.environ.update(_OFFLINE_ENV)
-    try:
+    with mock.patch.dict(os.environ, _OFFLINE_ENV):
         yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def get_tokenizer(name: str):

@@ -11,6 +11,7 @@ import os
 import types
 from collections import Counter
 from typing import Any, Dict, Iterator, List, Optional, Tuple
+from unittest import mock
 
 import torch
 from torch import nn
@@ -289,16 +290,8 @@ def tensor_ctor_copies_dispatched():
 
 @contextlib.contextmanager
 def _env(**values: str) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
+    with mock.patch.dict(os.environ, values):
         yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def autocast_for(device_type: str, dtype: Optional[torch.dtype]):

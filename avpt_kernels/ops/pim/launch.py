@@ -137,7 +137,7 @@ class Layout:
                  gate_hidden: int, dtype: torch.dtype, device_type: str, arch: int = 90):
         self.b, self.t, self.d, self.k = b, t, d, k
         self.arch = arch
-        self.tiles = tl_ = _tiles(arch)
+        self.tiles = tiles = _tiles(arch)
         self.h, self.dh, self.gh = num_heads, head_dim, gate_hidden
         self.a = a = num_heads * head_dim
         self.mz, self.mp = b * t, b * k
@@ -151,16 +151,16 @@ class Layout:
         # (Triton 3.6), and A <= 32 is far below the model's projection cost anyway
         self.proj_bn = 64
         cdiv = triton.cdiv
-        self.grid_proj = ((cdiv(self.mz, tl_["PROJ"]["BM"]) + cdiv(self.mp, tl_["PROJ"]["BM"]))
+        self.grid_proj = ((cdiv(self.mz, tiles["PROJ"]["BM"]) + cdiv(self.mp, tiles["PROJ"]["BM"]))
                           * cdiv(a, self.proj_bn),)
         self.grid_heads = (b, num_heads)
         self.grid_prompt = (cdiv(self.mp, PROMPT["BMP"]), self.n_dtiles)
-        self.grid_output = (cdiv(self.mz, tl_["OUTPUT"]["BM"]), cdiv(d, tl_["OUTPUT"]["BN"]))
-        self.grid_grad_z = (cdiv(self.mz, tl_["GRAD_Z"]["BM"]), cdiv(d, tl_["GRAD_Z"]["BN"]))
-        self.grid_grad_o2 = (cdiv(self.mz, tl_["GRAD_O2"]["BM"]),)
-        self.grid_prompt_wgrad = (cdiv(d, tl_["PROMPT_WGRAD"]["BD"]), 6)
+        self.grid_output = (cdiv(self.mz, tiles["OUTPUT"]["BM"]), cdiv(d, tiles["OUTPUT"]["BN"]))
+        self.grid_grad_z = (cdiv(self.mz, tiles["GRAD_Z"]["BM"]), cdiv(d, tiles["GRAD_Z"]["BN"]))
+        self.grid_grad_o2 = (cdiv(self.mz, tiles["GRAD_O2"]["BM"]),)
+        self.grid_prompt_wgrad = (cdiv(d, tiles["PROMPT_WGRAD"]["BD"]), 6)
         # weight gradients over the token rows: dWz = dx^T z [3A, D], dW'o = y^T (alpha o2) [D, A]
-        self.wgrad = wg = tl_["WGRAD_FP32" if dtype == torch.float32 else "WGRAD"]
+        self.wgrad = wg = tiles["WGRAD_FP32" if dtype == torch.float32 else "WGRAD"]
         self.wz_tiles = (cdiv(3 * a, wg["BNA"]), cdiv(d, wg["BNB"]))
         self.wo_tiles = (cdiv(d, wg["BNA"]), cdiv(a, wg["BNB"]))
         self.wz_chunks = _chunks(self.mz, math.prod(self.wz_tiles), wg["BR"])

@@ -73,7 +73,8 @@ def compile_one(cfg: KernelConfig, target: str) -> Dict[str, Any]:
     cc, smem_limit = TARGETS[target]
     row = {"kernel": cfg.kernel, "config": cfg.label, "target": target}
     try:
-        src = ASTSource(cfg.fn, cfg.signature, constexprs=cfg.constexprs)
+        signature, constexprs, attrs = cfg.compile_inputs()
+        src = ASTSource(cfg.fn, signature, constexprs=constexprs, attrs=attrs)
         compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                                   options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
                                            **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {})})

@@ -157,6 +157,7 @@ def _pim_costs() -> Dict[str, Callable[[Launch], tuple]]:
 
 
 COSTS = _pim_costs()
+PIM_KERNELS = frozenset(k for k in COSTS)
 
 
 def _generic_cost(l: Launch) -> tuple:
@@ -179,6 +180,37 @@ def _aot_rows() -> Dict[tuple, dict]:
 _COMPILED_DOT_MODE = {3: 2, 4: 1}
 
 
+def launch_specialization(l: Launch) -> tuple:
+    """(names of the pointer and int arguments that are not multiples of 16, names of the int
+    arguments equal to 1): what the JIT specializes a launch with these arguments on
+    (``triton.runtime.jit``'s own rule), as ``KernelConfig.divisible`` / ``ones`` compile it."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
+
+    odd, ones = set(), set()
+    for name, value in l.args.items():
+        if isinstance(value, bool) or not isinstance(value, (int, torch.Tensor)):
+            continue
+        kind, attr = native_specialize_impl(BaseBackend, value, False, True, True)
+        if kind == "constexpr":
+            ones.add(name)
+        elif attr != "D":
+            odd.add(name)
+    return odd, ones
+
+
+def is_aligned(l: Launch) -> bool:
+    """Whether the launch compiles as a PIM kernel's ``aligned`` AOT configuration (every
+    argument but ``MODEL_SHAPE_ODD`` a multiple of 16, ``MODEL_SHAPE_ONES`` equal to 1)."""
+    from avpt_kernels.ops.pim import configs
+
+    if l.kernel not in PIM_KERNELS:
+        return False
+    odd, ones = launch_specialization(l)
+    return odd <= set(configs.MODEL_SHAPE_ODD) and \
+        ones == set(configs.MODEL_SHAPE_ONES) & set(l.args)
+
+
 def _label(l: Launch) -> str:
     """The AOT row label of the configuration a GPU launch would compile (recorded on CPU)."""
     meta = dict(l.meta)
@@ -188,6 +220,8 @@ def _label(l: Launch) -> str:
     maxnreg = meta.pop("maxnreg", None)
     parts = [f"{k}={v}" for k, v in sorted(meta.items())]
     extra = [f"maxnreg={maxnreg}"] if maxnreg else []
+    if is_aligned(l):
+        extra.append("spec=aligned")
     return ",".join(parts + [f"num_warps={warps}", f"num_stages={stages}"] + extra)
 
 

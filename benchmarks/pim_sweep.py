@@ -37,9 +37,10 @@ AXES = dict(
     PROJ=(dict(BM=32, BK=32, num_warps=8, num_stages=3), dict(BM=16, BK=64, num_warps=4, num_stages=2)),
     OUTPUT=(dict(BM=64, BN=128, BKA=32, num_warps=8, num_stages=2),
             dict(BM=32, BN=32, BKA=32, num_warps=8, num_stages=1)),
-    GRAD_Z=(dict(BM=64, BN=64, BKA=32, num_warps=8, num_stages=1),
-            dict(BM=32, BN=32, BKA=32, num_warps=8, num_stages=1)),
-    GRAD_O2=(dict(BM=16, BK=32, num_warps=4, num_stages=3), dict(BM=32, BK=64, num_warps=8, num_stages=3)),
+    # 64x64: dx re-read from L2 by half as many column tiles as the default's 64x32
+    GRAD_Z=(dict(BM=64, BN=64, BKA=32, num_warps=8, num_stages=2),
+            dict(BM=64, BN=64, BKA=16, num_warps=4, num_stages=3)),
+    GRAD_O2=(dict(BM=16, BK=128, num_warps=8, num_stages=2), dict(BM=16, BK=32, num_warps=4, num_stages=3)),
     WGRAD=(dict(BNA=64, BNB=64, BR=32, num_warps=8, num_stages=3),),
     ATTN_BT=({16: 128, 32: 64, 64: 32}, {16: 64, 32: 64, 64: 32}),
     TARGET_PROGRAMS=(132, 528),

@@ -20,6 +20,18 @@ class KernelConfig:
     maxnreg: Optional[int] = None  # the launch's register cap (PTX .maxnreg), if it sets one
     # the compile targets ("sm_80", "sm_90a") whose launchers select it; None: every target
     targets: Optional[Tuple[str, ...]] = None
+    # The launch-time specialization: a launch tells the compiler which pointer and int
+    # arguments are multiples of 16 (``tt.divisibility``: vectorized loads, pipelined copies)
+    # and turns an int argument equal to 1 into a constant. ``divisible`` names the parameters
+    # compiled with that hint, ``ones`` those compiled as the constant 1; both empty: the generic
+    # compile (no hint), the one an unaligned shape gets.
+    divisible: Tuple[str, ...] = ()
+    ones: Tuple[str, ...] = ()
+
+    @property
+    def spec(self) -> str:
+        """"aligned" (compiled with launch-time hints) or "generic"."""
+        return "aligned" if self.divisible or self.ones else "generic"
 
     @property
     def kernel(self) -> str:
@@ -29,8 +41,23 @@ class KernelConfig:
     def label(self) -> str:
         parts = [f"{k}={v}" for k, v in sorted(self.constexprs.items())]
         extra = [f"maxnreg={self.maxnreg}"] if self.maxnreg else []
+        if self.spec == "aligned":
+            extra.append("spec=aligned")
         return ",".join(parts + [f"num_warps={self.num_warps}", f"num_stages={self.num_stages}"]
                         + extra)
+
+    def compile_inputs(self) -> Tuple[Dict[str, str], Dict[Any, Any], Dict[tuple, list]]:
+        """(signature, constexprs, attrs) for ``triton.compiler.ASTSource``: ``ones`` become
+        constexprs equal to 1, ``divisible`` parameters get ``tt.divisibility`` 16 (what a launch
+        with such arguments compiles)."""
+        signature = dict(self.signature)
+        constexprs = dict(self.constexprs)
+        for name in self.ones:
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+        index = {name: i for i, (name, _) in enumerate(parameters(self.fn))}
+        attrs = {(index[name],): [["tt.divisibility", 16]] for name in self.divisible}
+        return signature, constexprs, attrs
 
 
 def parameters(fn) -> List[tuple]:

@@ -185,26 +185,13 @@ def _t2p_attn_bwd_kernel(x_ptr, k1_ptr, part_ptr, dx_ptr, dk1_ptr, T, K, A, dh, 
 
 
 @triton.jit
-def _acc_dx_w(acc, dx_ptr, w_ptr, w_off, col0, rows64, r_ok, cols, c_ok, D, A,
-              BKA: tl.constexpr, DOT_MODE: tl.constexpr):
-    """acc + dx[:, col0:col0+A] W for one [A, D] weight W (both fp32: split dots)."""
-    for a0 in range(0, A, BKA):
-        aa = a0 + tl.arange(0, BKA)
-        a_ok = aa < A
-        dxt = tl.load(dx_ptr + rows64[:, None] * 3 * A + col0 + aa[None, :],
-                      mask=r_ok[:, None] & a_ok[None, :], other=0.0)
-        w = tl.load(w_ptr + w_off + aa[:, None] * D + cols[None, :],
-                    mask=a_ok[:, None] & c_ok[None, :], other=0.0)
-        acc += _mm_split(dxt, w, 0, DOT_MODE)
-    return acc
-
-
-@triton.jit
 def _grad_z_kernel(y_ptr, dx_ptr, w_ptr, dz0_ptr, dz_ptr, MZ, T, D, A, off_wq, off_wv, off_wk2,
                    BM: tl.constexpr, BN: tl.constexpr, BKA: tl.constexpr,
                    DOT_MODE: tl.constexpr):
     """Grid (cdiv(MZ, BM), cdiv(D, BN)): dz = y + dx [Wq; Wv; W'k] (+ dz0 on each image's class
-    token, which the gate reads) on a [BM, BN] tile; one rounding to the output dtype."""
+    token, which the gate reads) on a [BM, BN] tile; one rounding to the output dtype. One loop
+    over the 3A columns of dx (pipelined: a step's weight rows may straddle two of the three
+    weights, each row read from its own field); both operands fp32: split dots."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     r_ok = rows < MZ
     rows64 = rows.to(tl.int64)
@@ -213,10 +200,17 @@ def _grad_z_kernel(y_ptr, dx_ptr, w_ptr, dz0_ptr, dz_ptr, MZ, T, D, A, off_wq, o
     tile = rows64[:, None] * D + cols[None, :]
     mask = r_ok[:, None] & c_ok[None, :]
     acc = tl.load(y_ptr + tile, mask=mask, other=0.0).to(tl.float32)
-    acc = _acc_dx_w(acc, dx_ptr, w_ptr, off_wq, 0, rows64, r_ok, cols, c_ok, D, A, BKA, DOT_MODE)
-    acc = _acc_dx_w(acc, dx_ptr, w_ptr, off_wv, A, rows64, r_ok, cols, c_ok, D, A, BKA, DOT_MODE)
-    acc = _acc_dx_w(acc, dx_ptr, w_ptr, off_wk2, 2 * A, rows64, r_ok, cols, c_ok, D, A, BKA,
-                    DOT_MODE)
+    for k0 in range(0, 3 * A, BKA):
+        kk = k0 + tl.arange(0, BKA)
+        k_ok = kk < 3 * A
+        dxt = tl.load(dx_ptr + rows64[:, None] * 3 * A + kk[None, :],
+                      mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        field = kk // A
+        w_row = tl.where(field == 0, off_wq, tl.where(field == 1, off_wv, off_wk2)) + \
+            (kk - field * A) * D
+        w = tl.load(w_ptr + w_row[:, None] + cols[None, :], mask=k_ok[:, None] & c_ok[None, :],
+                    other=0.0)
+        acc += _mm_split(dxt, w, 0, DOT_MODE)
     first = r_ok & (rows % T == 0)
     acc += tl.load(dz0_ptr + (rows // T).to(tl.int64)[:, None] * D + cols[None, :],
                    mask=first[:, None] & c_ok[None, :], other=0.0)

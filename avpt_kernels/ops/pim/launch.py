@@ -43,18 +43,21 @@ def _pow2(n: int) -> int:
 # --------------------------------------------------------------------------------------------
 PROJ = dict(BM=32, BK=32, num_warps=4, num_stages=3)       # + BN = 64
 OUTPUT = dict(BM=64, BN=64, BKA=32, num_warps=4, num_stages=2)  # BKA capped at AP
-GRAD_Z = dict(BM=64, BN=64, BKA=64, num_warps=8, num_stages=1)
-GRAD_O2 = dict(BM=16, BK=64, num_warps=4, num_stages=2)
+GRAD_Z = dict(BM=64, BN=32, BKA=32, num_warps=4, num_stages=3)
+GRAD_O2 = dict(BM=16, BK=64, num_warps=4, num_stages=3)
 WGRAD = dict(BNA=128, BNB=64, BR=64, num_warps=8, num_stages=2)
 # fp32 inputs: the dW'o tiles' IEEE fp32 dots spill at 64-row blocks (Triton 3.6, sm_90a)
 WGRAD_FP32 = dict(WGRAD, BR=32)
 PROMPT = dict(BMP=16, BD=32, num_warps=8, num_stages=1)
 PROMPT_WGRAD = dict(BD=32, BR=16, num_warps=4, num_stages=2)
+# attention widths padded below 64: 4 warps spill a few bytes there (Triton 3.8, aligned compile)
+PROMPT_WGRAD_NARROW = dict(PROMPT_WGRAD, num_warps=8)
 # The per-(image, head) attention kernels: token blocks by padded head width, a [BT, DHP] fp32
 # tile of 16K elements at most (T=197 in one block a pass at the model's head width 16); the
-# prompt->token backward holds the most [KP, BT] tiles: half the block, its loads pipelined.
+# prompt->token backward holds the most [KP, BT] tiles: smaller blocks, its loads pipelined (at
+# head width 32 only 16-token blocks compile spill-free under both Tritons and both specs).
 ATTN_BT = {16: 256, 32: 128, 64: 64}
-ATTN_BWD_BT = {16: 128, 32: 32, 64: 32}
+ATTN_BWD_BT = {16: 128, 32: 16, 64: 32}
 ATTN_WARPS = 8
 REDUCE_BLOCK = 128
 # Most row chunks of a weight gradient: the reduce kernel sums them as one [MAX_CHUNKS, BLOCK] tile
@@ -81,7 +84,8 @@ def _tiles(arch: int) -> dict:
     if arch < 90:
         return SM80
     return dict(PROJ=PROJ, OUTPUT=OUTPUT, GRAD_Z=GRAD_Z, GRAD_O2=GRAD_O2, WGRAD=WGRAD,
-                WGRAD_FP32=WGRAD_FP32, PROMPT_WGRAD=PROMPT_WGRAD)
+                WGRAD_FP32=WGRAD_FP32, PROMPT_WGRAD=PROMPT_WGRAD,
+                PROMPT_WGRAD_NARROW=PROMPT_WGRAD_NARROW)
 
 
 @functools.lru_cache(maxsize=16)
@@ -197,7 +201,9 @@ class Layout:
             "t2p_attn_bwd": heads,
             "grad_z": dict(self.tiles["GRAD_Z"], BKA=min(self.tiles["GRAD_Z"]["BKA"], self.ap)),
             "wgrad": dict(self.wgrad),
-            "prompt_wgrad": dict(self.tiles["PROMPT_WGRAD"], AP=self.ap, GP=self.gp),
+            "prompt_wgrad": dict(self.tiles.get("PROMPT_WGRAD_NARROW" if self.ap < 64 else
+                                                "PROMPT_WGRAD", self.tiles["PROMPT_WGRAD"]),
+                                 AP=self.ap, GP=self.gp),
         }[kernel])
 
     def o(self, *names: str) -> List[int]:
@@ -319,7 +325,8 @@ def _backward(grad_out: Tensor, grad_p_tilde: Optional[Tensor], z: Tensor, p: Te
     _reduce_kernel[(wz_blocks + triton.cdiv(d * a + d, REDUCE_BLOCK),)](
         dw, g["wz_part"], nz, 3 * a, d, a, *L.o("t2p_q_w", "t2p_v_w", "p2t_k_w"),
         *L.o("t2p_q_b", "t2p_v_b", "p2t_k_b"), wz_blocks, g["wo_part"], no,
-        *L.o("p2t_o_w", "p2t_o_b"), BLOCK=REDUCE_BLOCK, CHUNKS=MAX_CHUNKS, num_warps=REDUCE_WARPS)
+        *L.o("p2t_o_w", "p2t_o_b"), BLOCK=REDUCE_BLOCK, CHUNKS=MAX_CHUNKS, num_warps=REDUCE_WARPS,
+        num_stages=1)
     dp = torch.empty_like(p)
     _prompt_wgrad_kernel[L.grid_prompt_wgrad](
         p, z, w, st["msg"], st["pt32"], g["dpt"], g["dqv2"], g["dk1"], g["dpre"], g["dlogit"],

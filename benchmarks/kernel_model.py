@@ -1,6 +1,7 @@
 """A kernel model of the fused A-VPT path on CPU: every Triton launch of the fused ops at the
 model's shape (ViT-B/16, B=32, T=197, D=768, K=6, R=3, r=8, 12 PIM layers, bf16), with its grid
-(programs), CTAs per SM (from the AOT registers and shared memory, sm_90a), waves on 132 SMs,
+(programs), CTAs per SM (from the AOT registers and shared memory, sm_90a, of the compile the
+launch gets: a PIM launch at this shape compiles its ``spec=aligned`` row), waves on 132 SMs,
 serial loop iterations per program, bytes and FLOPs, and an estimated time.
 
 The launches are the real ones: each public op runs on CPU tensors at the model shape with the

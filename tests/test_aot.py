@@ -93,6 +93,47 @@ def test_harness_reports_a_probe_kernel_in_a_subprocess():
     assert "_probe_kernel" in run.stdout
 
 
+def test_aligned_configs_compile_with_the_launch_time_hints():
+    """An ``aligned`` configuration compiles what a launch with 16-aligned pointers and sizes
+    compiles: its ``divisible`` parameters carry ``tt.divisibility`` 16 and its ``ones`` become
+    the constant 1; the generic one carries no hint."""
+    from avpt_kernels.ops.kernel_config import KernelConfig
+
+    sig = {"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "BLOCK": "constexpr"}
+    generic = KernelConfig(_probe_kernel, sig, {"BLOCK": 128})
+    aligned = KernelConfig(_probe_kernel, sig, {"BLOCK": 128}, divisible=("x_ptr", "y_ptr"),
+                           ones=("n",))
+    assert generic.spec == "generic" and generic.compile_inputs()[2] == {}
+    assert aligned.spec == "aligned" and aligned.label.endswith(",spec=aligned")
+    signature, constexprs, attrs = aligned.compile_inputs()
+    assert attrs == {(0,): [["tt.divisibility", 16]], (1,): [["tt.divisibility", 16]]}
+    assert signature["n"] == "constexpr" and constexprs == {"BLOCK": 128, "n": 1}
+
+
+def test_the_hints_reach_the_compiler_in_a_subprocess():
+    """Compiled for sm_90a, the aligned probe loads 4 floats an instruction and the generic one
+    1 (the difference between the two compiles' registers in the PIM tables)."""
+    code = (
+        "import triton\n"
+        "from triton.backends.compiler import GPUTarget\n"
+        "from triton.compiler import ASTSource\n"
+        "from avpt_kernels.ops.kernel_config import KernelConfig\n"
+        "from tests.test_aot import _probe_kernel\n"
+        "sig = {'x_ptr': '*fp32', 'y_ptr': '*fp32', 'n': 'i32', 'BLOCK': 'constexpr'}\n"
+        "for name, hinted in (('generic', ()), ('aligned', ('x_ptr', 'y_ptr', 'n'))):\n"
+        "    cfg = KernelConfig(_probe_kernel, sig, {'BLOCK': 512}, divisible=hinted)\n"
+        "    s, c, a = cfg.compile_inputs()\n"
+        "    k = triton.compile(ASTSource(cfg.fn, s, constexprs=c, attrs=a),\n"
+        "                       target=GPUTarget('cuda', 90, 32), options={'num_warps': 4})\n"
+        "    print(name, k.asm['ptx'].count('ld.global.v4'))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(__file__)), timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    counts = dict(line.split() for line in run.stdout.split("\n") if line.strip())
+    assert int(counts["generic"]) == 0 and int(counts["aligned"]) > 0, run.stdout
+
+
 def test_for_triton_picks_the_newest_entry_not_newer_than_the_running_version():
     choices = {(3, 0): "old", (3, 7): "new"}
     assert for_triton(choices, "3.6.0") == "old"

@@ -37,8 +37,8 @@ G=16 in bf16; "row" = one fp32 [B*T, A] stream, 1.6 MB):
   => 3 Z-sized streams + 8 rows: ~42 MB, 13 us at the H100's 3.35 TB/s.
 
 Backward, 9 launches, every weight gradient a fixed-order sum (deterministic on a GPU):
-  1. ``_grad_o2_kernel``   (16 token rows) 394 programs: dO2 = alpha dY W'o, and per row the
-     gate's dalpha = o2 . dY W'o + dY . b'o.
+  1. ``_grad_o2_kernel``   (16 token rows, 64-column steps) 394 programs: dO2 = alpha dY W'o,
+     and per row the gate's dalpha = o2 . dY W'o + dY . b'o.
   2. ``_p2t_attn_bwd_kernel`` per (image, head), two passes over T: dS2 = v2 dO2^T, dv2 = S2 dO2,
      delta = rowsum(S2 dS2) (from the same dS2 values as dL2, so a saturated row gives exactly
      0, as torch's softmax backward does), then dL2 = S2 (dS2 - delta), dq2 = scale dL2 K2,
@@ -47,7 +47,8 @@ Backward, 9 launches, every weight gradient a fixed-order sum (deterministic on 
      W'v + dpre W1[:, :D] / K, the class token's gate gradient dz0, partial dmsg = dp_tilde Wo.
   4. ``_t2p_attn_bwd_kernel`` per (image, head): dV1 = S1 dM, dL1 = S1 (V1 dM^T - rowsum), dQ1 =
      scale dL1 K1 (-> dX), dK1 = scale dL1^T Q1.
-  5. ``_grad_z_kernel``    (64 x 64 tiles, 1188 programs): dZ = dY + dX [Wq; Wv; W'k] (+ dz0).
+  5. ``_grad_z_kernel``    (64 x 32 tiles, 2376 programs, 6 CTAs an SM): dZ = dY + dX [Wq; Wv;
+     W'k] (+ dz0), one pipelined loop over dX's 3A columns; 2*MZ*D*3A*3 = 5.6 GFLOP.
   6-7. ``_wgrad_kernel``: dWz = dX^T Z [3A, D], then dW'o = dY^T (alpha o2) [D, A], each over
      row chunks (one program a (tile, chunk)).
   8. ``_reduce_kernel``: both gradients' chunks added in order into the flat dW, one launch.

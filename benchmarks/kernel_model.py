@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
@@ -158,7 +159,6 @@ def _pim_costs() -> Dict[str, Callable[[Launch], tuple]]:
 
 
 COSTS = _pim_costs()
-PIM_KERNELS = frozenset(k for k in COSTS)
 
 
 def _generic_cost(l: Launch) -> tuple:
@@ -200,20 +200,29 @@ def launch_specialization(l: Launch) -> tuple:
     return odd, ones
 
 
+@functools.lru_cache(maxsize=1)
+def _aligned_hints() -> Dict[tuple, tuple]:
+    """(kernel, generic label) -> (divisible, ones) of its ``aligned`` AOT twin."""
+    from avpt_kernels import aot
+
+    return {(c.kernel, c.label.replace(",spec=aligned", "")): (frozenset(c.divisible),
+                                                              frozenset(c.ones))
+            for c in aot.collect() if c.spec == "aligned"}
+
+
 def is_aligned(l: Launch) -> bool:
-    """Whether the launch compiles as a PIM kernel's ``aligned`` AOT configuration (every
-    argument but ``MODEL_SHAPE_ODD`` a multiple of 16, ``MODEL_SHAPE_ONES`` equal to 1)."""
-    from avpt_kernels.ops.pim import configs
-
-    if l.kernel not in PIM_KERNELS:
+    """Whether the launch compiles as its configuration's ``aligned`` AOT twin: no argument
+    hinted there is off a multiple of 16 here, and the ints equal to 1 are the same ones."""
+    hints = _aligned_hints().get((l.kernel, _base_label(l)))
+    if hints is None:
         return False
-    odd, ones = launch_specialization(l)
-    return odd <= set(configs.MODEL_SHAPE_ODD) and \
-        ones == set(configs.MODEL_SHAPE_ONES) & set(l.args)
+    divisible, ones = hints
+    odd, launch_ones = launch_specialization(l)
+    return not (odd & divisible) and launch_ones == ones
 
 
-def _label(l: Launch) -> str:
-    """The AOT row label of the configuration a GPU launch would compile (recorded on CPU)."""
+def _base_label(l: Launch) -> str:
+    """The generic AOT row label of the configuration a GPU launch would compile."""
     meta = dict(l.meta)
     if "DOT_MODE" in meta:
         meta["DOT_MODE"] = _COMPILED_DOT_MODE.get(meta["DOT_MODE"], meta["DOT_MODE"])
@@ -221,9 +230,13 @@ def _label(l: Launch) -> str:
     maxnreg = meta.pop("maxnreg", None)
     parts = [f"{k}={v}" for k, v in sorted(meta.items())]
     extra = [f"maxnreg={maxnreg}"] if maxnreg else []
-    if is_aligned(l):
-        extra.append("spec=aligned")
     return ",".join(parts + [f"num_warps={warps}", f"num_stages={stages}"] + extra)
+
+
+def _label(l: Launch) -> str:
+    """The AOT row label of the compile a GPU launch gets (recorded on CPU): its aligned twin's
+    where the arguments give the same hints."""
+    return _base_label(l) + (",spec=aligned" if is_aligned(l) else "")
 
 
 def estimate(l: Launch, aot: Dict[tuple, dict]) -> Launch:

@@ -46,16 +46,40 @@ def test_pim_layer_backward_within_the_issue_target(launches):
     assert us <= 80.0, f"PIM backward estimated at {us:.1f} us a layer"
 
 
-def test_pim_launches_are_costed_by_the_compile_they_get(launches):
-    """At the model's shape a GPU launch of every PIM kernel is specialized by its arguments
-    (pointers and sizes that are multiples of 16 get divisibility hints): exactly what the
-    ``aligned`` AOT configurations assume, so the model reads their registers (recorded for
-    every PIM launch), not the generic compile's."""
-    pim = [l for l in launches if l.phase.startswith("pim")]
-    assert all(km.is_aligned(l) for l in pim), sorted(
-        {(l.kernel, tuple(sorted(km.launch_specialization(l)[0]))) for l in pim
+def test_launches_are_costed_by_the_compile_they_get(launches):
+    """At the model's shape a GPU launch is specialized by its arguments (pointers and sizes that
+    are multiples of 16 get divisibility hints, ints equal to 1 become constants): exactly what
+    each op's ``aligned`` AOT configurations assume, so the model reads their registers
+    (recorded for every launch), not the generic compile's."""
+    assert all(km.is_aligned(l) for l in launches), sorted(
+        {(l.kernel, tuple(sorted(km.launch_specialization(l)[0])),
+          tuple(sorted(km.launch_specialization(l)[1]))) for l in launches
          if not km.is_aligned(l)})
-    assert all(l.registers for l in pim), sorted({l.kernel for l in pim if not l.registers})
+    assert all(l.registers for l in launches), sorted({l.kernel for l in launches
+                                                       if not l.registers})
+
+
+@pytest.mark.parametrize("op,map_side,count", [("low_rank_project", 0, 3),
+                                               ("region_pool", 224, 2)])
+def test_other_launches_are_costed_by_the_compile_they_get(op, map_side, count):
+    """The same where the A-VPT path above does not go: the low-rank projection (CILMP's) and
+    region pooling on 224x224 pixel maps, forward and backward at the ops' model ``Shape``."""
+    import torch
+
+    from avpt_kernels.ops import OPS
+    from avpt_kernels.ops.opspec import Shape
+
+    spec = OPS[op].SPEC
+    shape = Shape(B=32, T=197, D=768, map_side=map_side)
+    gen = torch.Generator().manual_seed(0)
+    inputs = spec.make(shape, lambda *s, **_: torch.rand(*s, generator=gen).requires_grad_(True),
+                       None)
+    log = []
+    with km.record_launches(log):
+        out = spec.op(shape)(*inputs, backend="triton")
+        torch.autograd.grad(out, inputs, torch.ones_like(out))
+    assert len(log) == count and all(km.is_aligned(l) for l in log), [
+        (l.kernel, km.launch_specialization(l)) for l in log]
 
 
 def test_grids_are_the_launchers_own(launches):

@@ -60,6 +60,26 @@ class KernelConfig:
         return signature, constexprs, attrs
 
 
+def aligned(cfg: KernelConfig, odd: Sequence[str], ones: Sequence[str] = ()) -> KernelConfig:
+    """``cfg`` as a launch at the model's shape compiles it: divisibility hints on every pointer
+    and int parameter but those in ``odd`` (sizes that are no multiple of 16 there), the int
+    parameters in ``ones`` (equal to 1 there: unit strides, flags) compiled as the constant 1.
+    ``make aot`` checks both compiles: the generic one bounds registers from above, this one
+    shared memory (the hints enable vectorized, pipelined copies); the kernel model costs a
+    launch by the compile it gets (``benchmarks/kernel_model.py`` checks the launches against
+    ``odd`` and ``ones``)."""
+    ones = tuple(n for n in ones if n in cfg.signature)
+    hinted = tuple(n for n, t in cfg.signature.items()
+                   if (t.startswith("*") or t == "i32") and n not in odd and n not in ones)
+    return dataclasses.replace(cfg, divisible=hinted, ones=ones)
+
+
+def with_aligned(configs: Sequence[KernelConfig], odd: Sequence[str],
+                 ones: Sequence[str] = ()) -> List[KernelConfig]:
+    """Each configuration followed by its ``aligned`` twin."""
+    return [c for cfg in configs for c in (cfg, aligned(cfg, odd, ones))]
+
+
 def parameters(fn) -> List[tuple]:
     """(name, is_constexpr) of each parameter of kernel ``fn``, in order: from the jitted
     function's own record, or (under TRITON_INTERPRET=1, where ``@triton.jit`` gives an

@@ -54,7 +54,7 @@ from torch import Tensor
 from ... import _checks
 from ...backend import resolve
 from ..common import stage_index
-from ..kernel_config import KernelConfig, signature, tl_type
+from ..kernel_config import KernelConfig, signature, tl_type, with_aligned
 from . import reference
 
 # Dtypes the kernels take (float64 runs on the torch backend: see ``low_rank_project``).
@@ -400,4 +400,11 @@ def aot_configs() -> List:
                 consts["BLOCK_ROWS"] = _BLOCK_ROWS
             sig = signature(fn, pointers, pointer=f"*{ty}")
             configs.append(KernelConfig(fn, sig, consts, num_warps=_WARPS))
-    return configs
+    return with_aligned(configs, _MODEL_SHAPE_ODD, _MODEL_SHAPE_ONES)
+
+
+# At the model's shape (B*K = 192 rows, D = 768, rank 8, 12 layers over 3 stages): the sizes,
+# strides and job counts that are no multiple of 16, and the unit strides:
+# ``kernel_config.aligned``.
+_MODEL_SHAPE_ODD = ("RANK", "L", "su_d", "sdu_d", "n_out_chunks", "n_row_tiles", "n_dx_jobs")
+_MODEL_SHAPE_ONES = ("su_r", "sv_o", "sdv_o", "sdu_r")

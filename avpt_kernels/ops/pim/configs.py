@@ -4,12 +4,10 @@ parameter lists (``kernel_config.signature``); the constexprs and launch options
 ``Layout.meta``, the launchers' own source, over every padded size the limits allow."""
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from . import backward, forward
-from ..kernel_config import KernelConfig, signature, tl_type
+from ..kernel_config import KernelConfig, signature, tl_type, with_aligned
 from .launch import _DOT_MODE, KERNELS, MAX_CHUNKS, REDUCE_BLOCK, REDUCE_WARPS, Layout, _pow2
 from .weights import HEAD_WIDTHS, MAX_WIDTH
 
@@ -66,30 +64,16 @@ def aot_configs():
                         add(_kernel(name), L.meta(name), inputs, target)
     add(backward._reduce_kernel, dict(BLOCK=REDUCE_BLOCK, CHUNKS=MAX_CHUNKS, num_warps=REDUCE_WARPS,
                                      num_stages=1), {})
-    out = []
-    for fn, meta, pointers, warps, stages, targets in found.values():
-        generic = KernelConfig(fn, signature(fn, pointers, _FLOATS), meta, num_warps=warps,
-                               num_stages=stages, targets=tuple(targets)
-                               if 0 < len(targets) < len(_ARCH_TARGETS) else None)
-        out += [generic, aligned(generic)]
-    return out
+    return with_aligned([
+        KernelConfig(fn, signature(fn, pointers, _FLOATS), meta, num_warps=warps,
+                     num_stages=stages, targets=tuple(targets)
+                     if 0 < len(targets) < len(_ARCH_TARGETS) else None)
+        for fn, meta, pointers, warps, stages, targets in found.values()],
+        MODEL_SHAPE_ODD, MODEL_SHAPE_ONES)
 
 
 # Int parameters that are not multiples of 16 at the model's shape (ViT-B/16 at B=32: T=197,
 # K=6, H=4, 24 prompt D tiles, the reduce's chunk and block counts), and those equal to 1 there
-# (p_tilde has a gradient). Every other pointer and int argument of a launch at that shape is a
-# multiple of 16 (tests/test_kernel_model.py checks this against the launches themselves).
+# (p_tilde has a gradient): ``kernel_config.aligned``.
 MODEL_SHAPE_ODD = ("T", "K", "H", "n_dtiles", "wz_chunks", "wz_blocks", "wo_chunks")
 MODEL_SHAPE_ONES = ("has_gpt",)
-
-
-def aligned(cfg: KernelConfig) -> KernelConfig:
-    """``cfg`` as a launch at the model's shape compiles it: divisibility hints on every pointer
-    and int parameter but ``MODEL_SHAPE_ODD``, ``MODEL_SHAPE_ONES`` constant. The generic
-    compile (no hints) bounds registers from above, this one shared memory (hints enable
-    vectorized, pipelined copies): ``make aot`` checks both."""
-    hinted = tuple(n for n, t in cfg.signature.items()
-                   if (t.startswith("*") or t == "i32") and n not in MODEL_SHAPE_ODD
-                   and n not in MODEL_SHAPE_ONES)
-    ones = tuple(n for n in MODEL_SHAPE_ONES if n in cfg.signature)
-    return dataclasses.replace(cfg, divisible=hinted, ones=ones)

@@ -61,7 +61,7 @@ from torch import Tensor
 from ... import _checks
 from ...backend import resolve
 from ..common import stage_index
-from ..kernel_config import KernelConfig, signature, tl_type
+from ..kernel_config import KernelConfig, signature, tl_type, with_aligned
 from . import reference
 from .kernels import (_prompt_bank_bwd_inputs_kernel, _prompt_bank_bwd_rows_kernel,
                       _prompt_bank_fwd_kernel)
@@ -120,7 +120,7 @@ _BLOCK_T = 16
 _BLOCK_RANK = MAX_RANK
 _BLOCK_D = 64
 _WARPS = 4
-_INPUTS_WARPS = 8  # fp32 bwd_inputs spills at 4 warps on sm_80 (see aot_configs)
+_INPUTS_WARPS = 16  # 4 warps spill (fp32, sm_80); 8 spill a few bytes as launched (Triton 3.8)
 # images / tokens summed per load; dU rows per step; row tiles of partials summed per load
 _INPUTS_BLOCKS = dict(BLOCK_INNER=32, BLOCK_ROWS=64, BLOCK_TILES=16)
 
@@ -315,4 +315,10 @@ def aot_configs() -> List:
                 warps = _INPUTS_WARPS
             sig = signature(fn, pointers, ("eps",), pointer=f"*{wty}")
             configs.append(KernelConfig(fn, sig, consts, num_warps=warps))
-    return configs
+    return with_aligned(configs, _MODEL_SHAPE_ODD, _MODEL_SHAPE_ONES)
+
+
+# At the model's shape (K=6 prompts, R=3 regions, rank 8, 12 layers): the sizes and tile counts
+# that are no multiple of 16, and the ints equal to 1: ``kernel_config.aligned``.
+_MODEL_SHAPE_ODD = ("K", "M", "R", "RANK", "L", "n_group_tiles", "n_row_tiles")
+_MODEL_SHAPE_ONES = ("S", "n_token_tiles")

@@ -62,7 +62,7 @@ from torch import Tensor
 from ... import _checks
 from ..._compat import for_triton
 from ...backend import resolve
-from ..kernel_config import KernelConfig, signature, tl_type
+from ..kernel_config import KernelConfig, aligned, signature, tl_type
 from . import reference
 from .kernels import _region_pool_bwd_kernel, _region_pool_fwd_kernel
 
@@ -127,13 +127,13 @@ _BLOCK_P = 16
 _BWD_BLOCK_D = 64
 _TOKEN_FWD_BLOCK_D = 128
 # Pixel-map forward: (BLOCK_D, num_warps) for D <= 256 and above, per Triton version (ptxas
-# allocates differently). Triton 3.6 (the GPU machines'): BLOCK_D=256 at 8 warps spills 120 B on
-# sm_90a and BLOCK_D=1024 spills 56-68 B on sm_80 at any warp count tried, so D > 256 takes
-# 512-wide blocks at 16 warps and reads the maps once per block. Triton 3.8: since the split
-# programs also finish the sum (the last ticket), 1024 at 8 warps spills 16 B on sm_80, 512 at 8
-# warps 8 B on sm_90a and 16 warps caps registers at 64 (spills), so every D takes 256-wide
-# blocks. Checked by `make aot` for 3.6 and 3.8.
-_PIXEL_FWD = for_triton({(3, 0): ((256, 2), (512, 16)), (3, 8): ((256, 8), (256, 8))})
+# allocates differently). Triton 3.6 (the GPU machines'): of 256/512/1024-wide blocks at 2 to 16
+# warps only 256 at 2 warps compiles spill-free both generic and as launched (divisibility
+# hints: 512 at 16 warps, the earlier choice, spills 24-96 B on sm_80 then). Triton 3.8: of
+# 64- to 1024-wide blocks at 2 to 16 warps only 512 at 4 warps compiles clean both ways (256 at
+# 8, the earlier choice, spills 12-24 B as launched). The maps are read once per block. Checked
+# by `make aot` for 3.6 and 3.8.
+_PIXEL_FWD = for_triton({(3, 0): ((256, 2), (256, 2)), (3, 8): ((512, 4), (512, 4))})
 _PIXEL_FWD_BLOCK_D = tuple(block_d for block_d, _ in _PIXEL_FWD)
 _PIXEL_BLOCK_PIX = 128  # pixels of one patch box per step (a 16 x 16 box in two steps)
 
@@ -389,4 +389,16 @@ def aot_configs() -> List:
                     dict(PIXEL_MAPS=pixel, COMPUTE_DFEAT=need_f, COMPUTE_DMAPS=need_m,
                          BLOCK_P=_BLOCK_P, BLOCK_R=_BLOCK_R, BLOCK_D=_BWD_BLOCK_D,
                          BLOCK_PIX=_block_pix(pixel)), num_warps=_BWD_WARPS))
-    return configs
+    return [c for cfg in configs for c in (cfg, aligned(cfg, *_MODEL_SHAPE_HINTS[
+        cfg.constexprs["PIXEL_MAPS"]]))]
+
+
+# At the model's shape (196 patch tokens, R=3 regions; maps on the tokens, or 224x224 pixel
+# maps): the sizes and map strides that are no multiple of 16, and the ints equal to 1 (unit
+# strides, the class-token offset, the token maps' grid width and factor), by PIXEL_MAPS:
+# ``kernel_config.aligned``.
+_MODEL_SHAPE_HINTS = {
+    False: (("N", "R", "stride_mb", "stride_m1"),
+            ("cls_offset", "grid_w", "factor", "stride_fd", "stride_m2", "stride_od", "stride_gd")),
+    True: (("N", "R", "grid_w"), ("cls_offset", "stride_fd", "stride_m3", "stride_od", "stride_gd")),
+}

@@ -5,7 +5,9 @@ Each op of the registry ``avpt_kernels.ops.OPS`` defines ``aot_configs() -> list
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` for sm_80 and sm_90a, runs
 the ``ptxas -v`` bundled with triton over the PTX, and records registers, spill bytes and shared
 memory. That catches what the interpreter forgives (dot shapes < 16, non-power-of-2 ranges,
-shared-memory overflow).
+shared-memory overflow). Each configuration comes twice: generic, and as a launch at the model's
+shape compiles it (``KernelConfig.divisible`` / ``ones``: the divisibility hints and constant 1s
+the JIT specializes on; label suffix ``spec=aligned``).
 
 ``python -m avpt_kernels.aot [--out benchmarks/results/aot.json]`` writes the table and exits
 non-zero if any configuration fails to compile, spills, or overflows shared memory. It must run

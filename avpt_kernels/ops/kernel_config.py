@@ -64,10 +64,10 @@ def aligned(cfg: KernelConfig, odd: Sequence[str], ones: Sequence[str] = ()) -> 
     """``cfg`` as a launch at the model's shape compiles it: divisibility hints on every pointer
     and int parameter but those in ``odd`` (sizes that are no multiple of 16 there), the int
     parameters in ``ones`` (equal to 1 there: unit strides, flags) compiled as the constant 1.
-    ``make aot`` checks both compiles: the generic one bounds registers from above, this one
-    shared memory (the hints enable vectorized, pipelined copies); the kernel model costs a
-    launch by the compile it gets (``benchmarks/kernel_model.py`` checks the launches against
-    ``odd`` and ``ones``)."""
+    ``make aot`` checks both compiles: the generic one is what an unaligned shape gets, this one
+    what the model's shape gets (the hints enable vectorized loads and pipelined copies: other
+    registers, more shared memory); the kernel model costs a launch by the compile it gets
+    (``benchmarks/kernel_model.py`` checks the launches against ``odd`` and ``ones``)."""
     ones = tuple(n for n in ones if n in cfg.signature)
     hinted = tuple(n for n, t in cfg.signature.items()
                    if (t.startswith("*") or t == "i32") and n not in odd and n not in ones)

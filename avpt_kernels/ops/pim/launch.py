@@ -37,9 +37,10 @@ def _pow2(n: int) -> int:
 
 # --------------------------------------------------------------------------------------------
 # Launch configuration: tile constexprs, num_warps and num_stages per kernel, chosen by the kernel
-# model (``benchmarks/kernel_model.py``: fewest waves x serial iterations at the model shape)
-# among the tiles that compile without spills on sm_80 and sm_90a under Triton 3.6 and 3.8 in
-# every dtype (``make aot``). Every entry is compiled by ``configs.aot_configs``.
+# model (``benchmarks/kernel_model.py``: fewest waves x serial iterations at the model shape, on
+# the registers of the compile a launch there gets) among the tiles that compile without spills
+# on sm_80 and sm_90a under Triton 3.6 and 3.8 in every dtype, generic and as launched (``make
+# aot``). Every entry is compiled by ``configs.aot_configs``.
 # --------------------------------------------------------------------------------------------
 PROJ = dict(BM=32, BK=32, num_warps=4, num_stages=3)       # + BN = 64
 OUTPUT = dict(BM=64, BN=64, BKA=32, num_warps=4, num_stages=2)  # BKA capped at AP

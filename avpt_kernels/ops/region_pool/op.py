@@ -400,5 +400,6 @@ def aot_configs() -> List:
 _MODEL_SHAPE_HINTS = {
     False: (("N", "R", "stride_mb", "stride_m1"),
             ("cls_offset", "grid_w", "factor", "stride_fd", "stride_m2", "stride_od", "stride_gd")),
-    True: (("N", "R", "grid_w"), ("cls_offset", "stride_fd", "stride_m3", "stride_od", "stride_gd")),
+    True: (("N", "R", "grid_w"),
+           ("cls_offset", "stride_fd", "stride_m3", "stride_od", "stride_gd")),
 }

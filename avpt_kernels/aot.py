@@ -67,19 +67,24 @@ def _ptxas(ptx: str, arch: str) -> Dict[str, int]:
             "spill_bytes": sum(int(a) + int(b) for a, b in spills)}
 
 
-def compile_one(cfg: KernelConfig, target: str) -> Dict[str, Any]:
+def compile_config(cfg: KernelConfig, target: str):
+    """``cfg`` compiled for ``target`` (Triton's compiled kernel: ``.asm["ptx"]``, ``.metadata``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    cc, smem_limit = TARGETS[target]
+    signature, constexprs, attrs = cfg.compile_inputs()
+    src = ASTSource(cfg.fn, signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", TARGETS[target][0], 32),
+                          options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
+                                   **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {})})
+
+
+def compile_one(cfg: KernelConfig, target: str) -> Dict[str, Any]:
+    smem_limit = TARGETS[target][1]
     row = {"kernel": cfg.kernel, "config": cfg.label, "target": target}
     try:
-        signature, constexprs, attrs = cfg.compile_inputs()
-        src = ASTSource(cfg.fn, signature, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
-                                  options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages,
-                                           **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {})})
+        compiled = compile_config(cfg, target)
         row.update(_ptxas(compiled.asm["ptx"], target))
         row["shared_bytes"] = int(compiled.metadata.shared)
         row["ok"] = row["spill_bytes"] == 0 and row["shared_bytes"] <= smem_limit

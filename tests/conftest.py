@@ -35,6 +35,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def hf_offline_env():
+    """Any attempt to reach the Hugging Face hub fails the test (``avpt.local_backbone.hf_offline``:
+    the variables the CLI itself sets); modules use it with ``pytest.mark.usefixtures``."""
+    from avpt.local_backbone import hf_offline
+
+    with hf_offline():
+        yield
+
+
 # The run's log as it happens (failure tracebacks, per-test results, the time of each test
 # file): tests/run_log.py, whose hooks these names make this conftest's.
 from tests.run_log import (pytest_collection_finish, pytest_configure,  # noqa: E402,F401

@@ -24,12 +24,19 @@ def _probe_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=mask) * 2, mask=mask)
 
 
+def _compiler_run(*args: str, timeout: int = 300) -> str:
+    """``python *args`` in a subprocess without TRITON_INTERPRET (the interpreter cannot compile),
+    from the repository root; asserts it succeeds and returns its stdout."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(__file__)), timeout=timeout)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    return run.stdout
+
+
 def _compile_all(tmp_path, *flags):
     out = tmp_path / "aot.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "avpt_kernels.aot", "--out", str(out), *flags],
-                         capture_output=True, text=True, env=env, timeout=900)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    _compiler_run("-m", "avpt_kernels.aot", "--out", str(out), *flags, timeout=900)
     data = json.loads(out.read_text())
     assert list(data["by_triton"]) == [triton.__version__]
     rows = aot.load_rows(str(out))
@@ -86,11 +93,7 @@ def test_harness_reports_a_probe_kernel_in_a_subprocess():
         "assert len(rows) == 2 and all(r['ok'] for r in rows), rows\n"
         "assert all(r['registers'] > 0 for r in rows), rows\n"
         "print(aot.format_table(rows))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         cwd=os.path.dirname(os.path.dirname(__file__)), timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "_probe_kernel" in run.stdout
+    assert "_probe_kernel" in _compiler_run("-c", code)
 
 
 def test_aligned_configs_compile_with_the_launch_time_hints():
@@ -114,24 +117,17 @@ def test_the_hints_reach_the_compiler_in_a_subprocess():
     """Compiled for sm_90a, the aligned probe loads 4 floats an instruction and the generic one
     1 (the difference between the two compiles' registers in the PIM tables)."""
     code = (
-        "import triton\n"
-        "from triton.backends.compiler import GPUTarget\n"
-        "from triton.compiler import ASTSource\n"
+        "from avpt_kernels import aot\n"
         "from avpt_kernels.ops.kernel_config import KernelConfig\n"
         "from tests.test_aot import _probe_kernel\n"
         "sig = {'x_ptr': '*fp32', 'y_ptr': '*fp32', 'n': 'i32', 'BLOCK': 'constexpr'}\n"
         "for name, hinted in (('generic', ()), ('aligned', ('x_ptr', 'y_ptr', 'n'))):\n"
         "    cfg = KernelConfig(_probe_kernel, sig, {'BLOCK': 512}, divisible=hinted)\n"
-        "    s, c, a = cfg.compile_inputs()\n"
-        "    k = triton.compile(ASTSource(cfg.fn, s, constexprs=c, attrs=a),\n"
-        "                       target=GPUTarget('cuda', 90, 32), options={'num_warps': 4})\n"
-        "    print(name, k.asm['ptx'].count('ld.global.v4'))\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         cwd=os.path.dirname(os.path.dirname(__file__)), timeout=300)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    counts = dict(line.split() for line in run.stdout.split("\n") if line.strip())
-    assert int(counts["generic"]) == 0 and int(counts["aligned"]) > 0, run.stdout
+        "    ptx = aot.compile_config(cfg, 'sm_90a').asm['ptx']\n"
+        "    print(name, ptx.count('ld.global.v4'))\n")
+    out = _compiler_run("-c", code)
+    counts = dict(line.split() for line in out.split("\n") if line.strip())
+    assert int(counts["generic"]) == 0 and int(counts["aligned"]) > 0, out
 
 
 def test_for_triton_picks_the_newest_entry_not_newer_than_the_running_version():

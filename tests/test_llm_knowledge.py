@@ -23,10 +23,7 @@ def lm(tmp_path_factory):
     return make_causal_lm_folder(tmp_path_factory.mktemp("lm") / "tiny-gpt2")
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("hf_offline_env")
 
 
 def test_states_are_the_last_layer_of_every_description_token_without_bos(lm, tmp_path):

@@ -25,11 +25,7 @@ def folder(tmp_path_factory):
     return make_biomedclip_folder(tmp_path_factory.mktemp("biomedclip") / "model")
 
 
-@pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    """Any attempt to reach the Hugging Face hub fails the test."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+pytestmark = pytest.mark.usefixtures("hf_offline_env")
 
 
 def test_the_folder_loads_with_its_weights_and_both_towers_run_piece_by_piece_exactly(folder):

@@ -26,6 +26,18 @@ class LoRAConfig(MethodConfig):
         "table10": {"rank": 33, "alpha": 33.0, "targets": ("q", "k", "v", "o")}}
 
 
+def _lora_factors(targets, rank: int, d_in: int, d_out: int):
+    """(A, B) ParameterDicts keyed by target: A [rank, d_in] Kaiming-uniform (PEFT's init), B
+    [d_out, rank] zeros, so that B A starts at zero."""
+    lora_a, lora_b = nn.ParameterDict(), nn.ParameterDict()
+    for t in targets:
+        a = torch.empty(rank, d_in)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        lora_a[t] = nn.Parameter(a)
+        lora_b[t] = nn.Parameter(torch.zeros(d_out, rank))
+    return lora_a, lora_b
+
+
 class LoRAMultiheadAttention(nn.Module):
     """Wraps a frozen ``nn.MultiheadAttention``: W_x + (alpha / r) B_x A_x for each target
     projection x in (q, k, v, o); B starts at zero, so the wrapped layer starts unchanged."""
@@ -41,13 +53,7 @@ class LoRAMultiheadAttention(nn.Module):
             raise ValueError(f"LoRA targets must be a non-empty subset of q, k, v, o, got {targets!r}")
         self.mha, self.targets, self.scaling = mha, tuple(targets), alpha / rank
         d = mha.embed_dim
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
-        for t in self.targets:
-            a = torch.empty(rank, d)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            self.lora_A[t] = nn.Parameter(a)
-            self.lora_B[t] = nn.Parameter(torch.zeros(d, rank))
+        self.lora_A, self.lora_B = _lora_factors(self.targets, rank, d, d)
 
     @property
     def batch_first(self):
@@ -90,13 +96,7 @@ class LoRAFusedLinear(nn.Module):
         self.linear, self.parts, self.scaling = linear, parts, alpha / rank
         self.targets = tuple(t for t in parts if t in targets)
         d_in, d_out = linear.in_features, linear.out_features // len(parts)
-        self.lora_A = nn.ParameterDict()
-        self.lora_B = nn.ParameterDict()
-        for t in self.targets:
-            a = torch.empty(rank, d_in)
-            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
-            self.lora_A[t] = nn.Parameter(a)
-            self.lora_B[t] = nn.Parameter(torch.zeros(d_out, rank))
+        self.lora_A, self.lora_B = _lora_factors(self.targets, rank, d_in, d_out)
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.linear.weight

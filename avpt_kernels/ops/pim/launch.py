@@ -74,6 +74,7 @@ SM80 = dict(PROJ=dict(BM=32, BK=16, num_warps=8, num_stages=3),
             WGRAD=dict(BNA=64, BNB=64, BR=32, num_warps=8, num_stages=3),
             PROMPT_WGRAD=dict(BD=16, BR=16, num_warps=8, num_stages=1))
 SM80["WGRAD_FP32"] = SM80["WGRAD"]
+SM80["PROMPT_WGRAD_NARROW"] = SM80["PROMPT_WGRAD"]
 # Programs the split-over-rows weight gradients aim for: two per SM of a 132-SM GPU.
 TARGET_PROGRAMS = 264
 SM_COUNT = 132
@@ -202,9 +203,8 @@ class Layout:
             "t2p_attn_bwd": heads,
             "grad_z": dict(self.tiles["GRAD_Z"], BKA=min(self.tiles["GRAD_Z"]["BKA"], self.ap)),
             "wgrad": dict(self.wgrad),
-            "prompt_wgrad": dict(self.tiles.get("PROMPT_WGRAD_NARROW" if self.ap < 64 else
-                                                "PROMPT_WGRAD", self.tiles["PROMPT_WGRAD"]),
-                                 AP=self.ap, GP=self.gp),
+            "prompt_wgrad": dict(self.tiles["PROMPT_WGRAD_NARROW" if self.ap < 64 else
+                                            "PROMPT_WGRAD"], AP=self.ap, GP=self.gp),
         }[kernel])
 
     def o(self, *names: str) -> List[int]:
